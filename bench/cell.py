@@ -1,0 +1,148 @@
+"""What runs inside one cell's process: load the variant, measure, write the record.
+
+Usage (by the runner only): ``python -m bench.cell CELL.json RESULT.json``. A build job
+(``--build``) only builds the variant's stored artifact, in a process of its own so that
+build memory never shows in a cell's figures.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+from bench.results import new_record, write_json_atomic
+from optimize.errors import InputError, NotApplicable
+
+
+def error_tail(exc: BaseException, lines: int = 12) -> str:
+    text = "".join(traceback.format_exception(exc)).rstrip().splitlines()
+    return "\n".join(text[-lines:])
+
+
+def _seed(seed: int) -> None:
+    import random
+
+    import torch
+
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def build(job: dict[str, Any]) -> dict[str, Any]:
+    """Build the stored artifact of ``job``'s recipe; returns the build outcome."""
+    from optimize.models import resolve_model
+    from optimize.recipe import recipe_from_dict
+    from optimize.store import VariantStore
+
+    t0 = time.perf_counter()
+    try:
+        ref = resolve_model(job["model"], _cache(job))
+        recipe = recipe_from_dict(job["variant"])
+        artifact = VariantStore(_cache(job)).get_or_build(ref, recipe, job["device"], job["trust_remote_code"])
+        return {"status": "ok", "reused": artifact.reused, "path": str(artifact.path),
+                "build_s": time.perf_counter() - t0, "manifest": artifact.manifest}
+    except NotApplicable as exc:
+        return {"status": "skipped", "error": str(exc), "build_s": time.perf_counter() - t0}
+    except InputError as exc:
+        return {"status": "failed", "error": str(exc), "build_s": time.perf_counter() - t0}
+
+
+def _cache(job: dict[str, Any]) -> Path | None:
+    return Path(job["cache_dir"]) if job.get("cache_dir") else None
+
+
+def measure(cell: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell and return its record (status ok, skipped or failed)."""
+    from bench.metrics import memory
+
+    t_start = time.perf_counter()
+    baseline_rss = memory.rss_bytes()
+    record = new_record(cell)
+    try:
+        record.update(_measure(cell, record, baseline_rss, t_start))
+    except NotApplicable as exc:
+        record.update(status="skipped", error=str(exc))
+    except Exception as exc:  # any failure of the measured code becomes a failed record
+        record.update(status="failed", error=error_tail(exc))
+    record["timing_s"]["total"] = time.perf_counter() - t_start
+    return record
+
+
+def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_start: float) -> dict[str, Any]:
+    import torch
+
+    from bench.metrics import memory
+    from bench.metrics.timing import RepeatConfig
+    from bench.prompts import prompt_ids
+    from bench.scenarios.generate import GenerateScenario, run_generate
+    from optimize.models import resolve_model
+    from optimize.recipe import recipe_from_dict
+    from optimize.store import VariantStore, load_variant
+
+    m = cell["measure"]
+    device = cell["device"]
+    _seed(m["seed"])
+    ref = resolve_model(cell["model"], _cache(cell))
+    record["model_info"] = ref.to_dict()
+    recipe = recipe_from_dict(cell["variant"])
+    if device == "cuda":
+        memory.reset_cuda_peaks()
+    t0 = time.perf_counter()
+    state, artifact = load_variant(ref, recipe, device, VariantStore(_cache(cell)), cell["trust_remote_code"])
+    load_s = time.perf_counter() - t0
+    scenario = GenerateScenario(**{k: v for k, v in cell["scenario"].items() if k != "name"})
+    scenario.validate()
+    vocab = state.model.config.vocab_size
+    prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
+                                        cell.get("eval_text"), cell["trust_remote_code"])
+    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s")})
+    metrics, samples, method = run_generate(state, scenario, prompts, repeat)
+    metrics["weights_bytes"] = memory.weights_bytes(state)
+    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
+    metrics["kv_cache_bytes_per_token"] = memory.kv_bytes_per_token(state.model.config, kv_elem)
+    metrics["rss_baseline_bytes"] = baseline_rss
+    if device == "cuda":
+        metrics.update(memory.cuda_memory())
+        metrics["peak_memory_bytes"] = metrics["cuda_max_allocated_bytes"]
+        metrics["host_peak_rss_bytes"] = memory.peak_rss_bytes()
+    else:
+        metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
+        metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
+    method.update(prompt_source=prompt_source, memory="cuda max_memory_allocated after reset; NVML per process"
+                  if device == "cuda" else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
+                  torch_threads=torch.get_num_threads())
+    warmup = sum(samples["warmup_wall_s"])
+    return {
+        "status": "ok",
+        "metrics": metrics,
+        "samples": samples,
+        "method": method,
+        "labels": state.labels,
+        "build": {"reused": artifact.reused, "manifest_build_s": artifact.manifest.get("build_s"),
+                  "reports": state.reports},
+        "timing_s": {"load": load_s, "warmup": warmup, "measure": metrics["measured_wall_s"],
+                     "overhead": time.perf_counter() - t_start - warmup - metrics["measured_wall_s"]},
+    }
+
+
+def _elem_bytes(state) -> float:
+    if state.backend == "onnxruntime":
+        return 2.0 if "float16" in str(getattr(state.model.config, "torch_dtype", "")) else 4.0
+    return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
+
+
+def main(argv: list[str]) -> int:
+    build_only = argv[:1] == ["--build"]
+    spec_path, out_path = (argv[1:] if build_only else argv)[:2]
+    job = json.loads(Path(spec_path).read_text())
+    result = build(job) if build_only else measure(job)
+    write_json_atomic(Path(out_path), result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

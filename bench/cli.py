@@ -1,0 +1,51 @@
+"""The ``infermatrix`` command: subcommands are thin add_arguments()/main() pairs.
+
+Exit codes: 0 success, 1 a check failed (a cell failed, a gate tripped), 2 bad usage or
+input. Heavy libraries are imported by the subcommand that needs them, never here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from optimize.errors import InputError
+
+# name: (module, one-line help)
+COMMANDS = {
+    "run": ("bench.commands.run", "run a benchmark matrix (the built-in default with no argument)"),
+    "build": ("bench.commands.build", "build variants into the store without benchmarking them"),
+    "variants": ("bench.commands.variants", "list the built-in variants, what each does and where it applies"),
+    "env": ("bench.commands.env", "print the environment record"),
+    "train-reference": ("bench.commands.train_reference", "re-create the built-in reference model from scratch"),
+}
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infermatrix", description="LLM inference optimization and benchmarking harness.")
+    from bench import __version__
+
+    p.add_argument("--version", action="version", version=f"infermatrix {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        sp.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(sp)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except InputError as exc:
+        print(f"infermatrix {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("infermatrix: interrupted; finished cells are in the run directory", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

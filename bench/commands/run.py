@@ -1,0 +1,81 @@
+"""``infermatrix run``: run a benchmark matrix and record every cell.
+
+Flags narrow or replace parts of the matrix (comma lists, as llama-bench takes them);
+flags left out keep the matrix file's values, whose defaults live in the config classes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from optimize.errors import InputError
+
+
+def _list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _ints(flag: str):
+    def parse(text: str) -> list[int]:
+        try:
+            values = [int(x) for x in _list(text)]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} takes comma-separated integers, got {text!r}") from None
+        if not values or min(values) < 1:
+            raise argparse.ArgumentTypeError(f"{flag} values must be >= 1, got {text!r}")
+        return values
+    return parse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("matrix", nargs="?", help="matrix TOML file (default: the built-in default matrix)")
+    p.add_argument("--model", type=_list, help="model spec(s), comma-separated: builtin:pycode, synthetic:llama-134m, "
+                                               "a local HF directory or a hub id")
+    p.add_argument("--variants", type=_list, help="variant names, comma-separated (see 'infermatrix variants')")
+    p.add_argument("--batch-size", type=_ints("--batch-size"), help="batch sizes, e.g. 1,8")
+    p.add_argument("--prompt-tokens", type=_ints("--prompt-tokens"), help="prompt lengths in tokens, e.g. 128")
+    p.add_argument("--new-tokens", type=_ints("--new-tokens"), help="generated tokens per request, e.g. 32")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the matrix's, usually auto)")
+    p.add_argument("--out", type=Path, help="run directory to create (default: reports/runs/TIMESTAMP-NAME)")
+    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR: skip cells recorded ok")
+    p.add_argument("--warmup", type=int, help="warm-up runs per cell")
+    p.add_argument("--min-reps", type=int, help="minimum measured repetitions per cell")
+    p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
+    p.add_argument("--budget-s", type=float, help="time budget of the repetitions per cell, seconds")
+    p.add_argument("--timeout-s", type=float, help="per-cell timeout, seconds (the cell's process is killed)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
+    p.add_argument("--cache-dir", help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.env import environment
+    from bench.launchers.local import LocalLauncher
+    from bench.matrix import load_matrix, narrow
+    from bench.orchestrate import execute, finish_run, new_run_dir, resume_run, start_run
+    from bench.progress import Progress
+    from bench.summary import print_summary
+
+    if args.resume:
+        if args.matrix:
+            raise InputError("give either a matrix file or --resume DIR, not both")
+        matrix, _ = resume_run(args.resume)
+        run_dir = args.resume
+    else:
+        repeat = {k: v for k, v in (("warmup", args.warmup), ("min_reps", args.min_reps), ("max_reps", args.max_reps),
+                                    ("budget_s", args.budget_s)) if v is not None}
+        matrix = narrow(load_matrix(args.matrix), models=args.model, variants=args.variants,
+                        devices=[args.device] if args.device else None, batch_size=args.batch_size,
+                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
+                        timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code)
+        run_dir = new_run_dir(args.out, matrix)
+        start_run(matrix, run_dir, shard=None, launcher="local", environment=environment())
+    print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
+    with Progress(quiet=args.quiet) as progress:
+        records = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), on_event=progress.event,
+                          cache_dir=args.cache_dir)
+    finish_run(run_dir)
+    print_summary(records, run_dir)
+    return 1 if any(r["status"] == "failed" for r in records) else 0

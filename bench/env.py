@@ -1,0 +1,95 @@
+"""The environment record: machine, accelerator, libraries and source revision."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from optimize.store import library_versions
+
+LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
+             "bitsandbytes", "torchao", "optimum-quanto", "tokenizers", "safetensors", "numpy", "scipy", "ray",
+             "nvidia-ml-py", "infermatrix")
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_info() -> dict[str, Any]:
+    """Commit and dirty flag of the source tree this package runs from, when it is a checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip() != ""
+        return {"commit": commit, "dirty": dirty}
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+
+
+def gpu_info() -> list[dict[str, Any]]:
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:
+        return []
+    try:
+        driver = pynvml.nvmlSystemGetDriverVersion()
+        cuda = pynvml.nvmlSystemGetCudaDriverVersion()
+        gpus = []
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            gpus.append({
+                "index": i,
+                "name": pynvml.nvmlDeviceGetName(h),
+                "memory_bytes": int(pynvml.nvmlDeviceGetMemoryInfo(h).total),
+                "driver": driver,
+                "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
+            })
+        return gpus
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def environment(with_torch: bool = True) -> dict[str, Any]:
+    import psutil
+
+    env = {
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "cpu_model": cpu_model(),
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_physical_cores": psutil.cpu_count(logical=False),
+        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "ram_bytes": psutil.virtual_memory().total,
+        "gpus": gpu_info(),
+        "libraries": library_versions(LIBRARIES),
+        "git": git_info(),
+        "env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
+                                                "HF_HUB_OFFLINE") if k in os.environ},
+    }
+    if with_torch:
+        import torch
+
+        env["torch"] = {
+            "version": torch.__version__,
+            "cuda": torch.version.cuda,
+            "cuda_available": torch.cuda.is_available(),
+            "num_threads": torch.get_num_threads(),
+            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        }
+    return env

@@ -1,0 +1,258 @@
+"""Matrix files: parse and validate TOML, expand cells, narrow with CLI flags, shard.
+
+A matrix is models x variants x devices x scenario grids, minus explicit exclusions.
+Every error names the file, the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import itertools
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.metrics.timing import RepeatConfig
+from bench.scenarios.generate import GenerateScenario
+from optimize.errors import InputError, RecipeError
+from optimize.recipe import Recipe, recipe_from_dict
+
+DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
+TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "recipe", "exclude",
+            "trust_remote_code", "eval_text"}
+SCENARIO_KINDS = {"generate": GenerateScenario}
+DEVICES = ("auto", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MeasureConfig:
+    """How each cell is measured; the defaults every entry point shares."""
+
+    repeat: RepeatConfig = RepeatConfig()
+    timeout_s: float = 900.0  # per cell, process killed past it
+    seed: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str
+    models: tuple[str, ...]
+    variants: tuple[str, ...]
+    devices: tuple[str, ...]
+    scenarios: tuple[dict[str, Any], ...]  # each: {"name": kind, key: [values]}
+    measure: MeasureConfig = MeasureConfig()
+    recipes: dict[str, Recipe] = field(default_factory=dict)  # inline variants by name
+    exclude: tuple[dict[str, Any], ...] = ()
+    trust_remote_code: bool = False
+    eval_text: str | None = None
+    source: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "models": list(self.models), "variants": list(self.variants),
+            "devices": list(self.devices), "scenarios": [dict(s) for s in self.scenarios],
+            "measure": self.measure.to_dict(), "recipe": [r.to_dict() for r in self.recipes.values()],
+            "exclude": [dict(e) for e in self.exclude], "trust_remote_code": self.trust_remote_code,
+            "eval_text": self.eval_text, "source": self.source,
+        }
+
+    def recipe(self, name: str) -> Recipe:
+        from optimize.registry import builtin_variant
+
+        return self.recipes[name] if name in self.recipes else builtin_variant(name)
+
+
+def _err(where: str, key: str, msg: str) -> InputError:
+    return InputError(f"{where}: '{key}' {msg}")
+
+
+def _str_list(data: dict, key: str, where: str, default=None) -> tuple[str, ...]:
+    value = data.get(key, default)
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise _err(where, key, f"must be a non-empty list of strings, got {value!r}")
+    return tuple(value)
+
+
+def _int_list(value: Any, where: str, key: str) -> list[int]:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+                                                           for v in value):
+        raise _err(where, key, f"must be a positive integer or a list of them, got {value!r}")
+    return value
+
+
+def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
+    if not isinstance(raw, list) or not raw:
+        raise _err(where, "scenarios", "must be a non-empty array of tables ([[scenarios]])")
+    out = []
+    for i, table in enumerate(raw):
+        kind = table.get("name", "generate")
+        if kind not in SCENARIO_KINDS:
+            raise _err(f"{where} scenarios[{i}]", "name", f"must be one of {sorted(SCENARIO_KINDS)}, got {kind!r}")
+        fields = {f.name for f in dataclasses.fields(SCENARIO_KINDS[kind])} - {"name"}
+        unknown = sorted(set(table) - fields - {"name"})
+        if unknown:
+            raise _err(f"{where} scenarios[{i}]", unknown[0], f"is not a {kind} setting; allowed: {sorted(fields)}")
+        grid = {"name": kind}
+        for key in sorted(fields):
+            default = getattr(SCENARIO_KINDS[kind](), key)
+            grid[key] = _int_list(table.get(key, default), f"{where} scenarios[{i}]", key)
+        out.append(grid)
+    return tuple(out)
+
+
+def _parse_measure(raw: Any, where: str) -> MeasureConfig:
+    if not isinstance(raw, dict):
+        raise _err(where, "measure", f"must be a table, got {raw!r}")
+    repeat_fields = {f.name for f in dataclasses.fields(RepeatConfig)}
+    allowed = repeat_fields | {"timeout_s", "seed"}
+    unknown = sorted(set(raw) - allowed)
+    if unknown:
+        raise _err(f"{where} [measure]", unknown[0], f"is not a measure setting; allowed: {sorted(allowed)}")
+    for key, value in raw.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+            raise _err(f"{where} [measure]", key, f"must be a non-negative number, got {value!r}")
+    base = MeasureConfig()
+    repeat = dataclasses.replace(base.repeat, **{k: type(getattr(base.repeat, k))(v) for k, v in raw.items()
+                                                  if k in repeat_fields})
+    try:
+        repeat.validate()
+    except InputError as exc:
+        raise InputError(f"{where} [measure]: {exc}") from None
+    return MeasureConfig(repeat=repeat, timeout_s=float(raw.get("timeout_s", base.timeout_s)),
+                         seed=int(raw.get("seed", base.seed)))
+
+
+def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
+    """Validate a matrix given as parsed TOML."""
+    from optimize.registry import did_you_mean, variant_names
+
+    unknown = sorted(set(data) - TOP_KEYS)
+    if unknown:
+        raise _err(where, unknown[0], f"is not a matrix key{did_you_mean(unknown[0], TOP_KEYS)}; "
+                                      f"allowed: {', '.join(sorted(TOP_KEYS))}")
+    recipes: dict[str, Recipe] = {}
+    for i, table in enumerate(data.get("recipe", [])):
+        try:
+            recipe = recipe_from_dict(table, f"{where} recipe[{i}]")
+        except RecipeError as exc:
+            raise InputError(str(exc)) from None
+        recipes[recipe.name] = recipe
+    variants = _str_list(data, "variants", where, ["fp32"])
+    known = set(variant_names()) | set(recipes)
+    for name in variants:
+        if name not in known:
+            raise _err(where, "variants", f"names unknown variant {name!r}{did_you_mean(name, known)}; "
+                                          "see 'infermatrix variants' or add a [[recipe]]")
+    devices = _str_list(data, "devices", where, ["auto"])
+    for d in devices:
+        if d not in DEVICES:
+            raise _err(where, "devices", f"must be among {list(DEVICES)}, got {d!r}")
+    exclude = data.get("exclude", [])
+    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
+        raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
+    return Matrix(
+        name=str(data.get("name", Path(where).stem)),
+        models=_str_list(data, "models", where, ["builtin:pycode"]),
+        variants=variants,
+        devices=devices,
+        scenarios=_parse_scenarios(data.get("scenarios", [{"name": "generate"}]), where),
+        measure=_parse_measure(data.get("measure", {}), where),
+        recipes=recipes,
+        exclude=tuple(exclude),
+        trust_remote_code=bool(data.get("trust_remote_code", False)),
+        eval_text=data.get("eval_text"),
+        source=where,
+    )
+
+
+def load_matrix(path: str | Path | None = None) -> Matrix:
+    """Read a matrix file; the built-in default when ``path`` is None."""
+    path = Path(path) if path else DEFAULT_MATRIX
+    if not path.is_file():
+        raise InputError(f"matrix file {str(path)!r} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise InputError(f"{path}: not valid TOML: {exc}") from None
+    return parse_matrix(data, str(path))
+
+
+def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_size=None, prompt_tokens=None,
+           new_tokens=None, repeat: dict | None = None, timeout_s=None, trust_remote_code=None) -> Matrix:
+    """Override parts of a matrix from CLI flags (comma lists replace the file's lists)."""
+    changes: dict[str, Any] = {}
+    if models:
+        changes["models"] = tuple(models)
+    if variants:
+        changes["variants"] = tuple(variants)
+    if devices:
+        changes["devices"] = tuple(devices)
+    grid = {k: v for k, v in (("batch_size", batch_size), ("prompt_tokens", prompt_tokens),
+                              ("new_tokens", new_tokens)) if v}
+    if grid:
+        changes["scenarios"] = tuple({**s, **{k: list(v) for k, v in grid.items() if k in s}} for s in matrix.scenarios)
+    if repeat or timeout_s is not None:
+        rep = dataclasses.replace(matrix.measure.repeat, **(repeat or {}))
+        rep.validate()
+        changes["measure"] = dataclasses.replace(matrix.measure, repeat=rep,
+                                                 timeout_s=matrix.measure.timeout_s if timeout_s is None else timeout_s)
+    if trust_remote_code:
+        changes["trust_remote_code"] = True
+    narrowed = dataclasses.replace(matrix, **changes)
+    return parse_matrix(_as_toml_dict(narrowed), matrix.source)  # re-validate the result
+
+
+def _as_toml_dict(m: Matrix) -> dict[str, Any]:
+    d = m.to_dict()
+    d.pop("source")
+    if d["eval_text"] is None:
+        d.pop("eval_text")
+    d["scenarios"] = [dict(s) for s in d["scenarios"]]
+    return d
+
+
+def cell_id(model: str, recipe: Recipe, device: str, scenario: dict[str, Any]) -> str:
+    payload = {"model": model, "recipe": recipe.to_dict(), "device": device, "scenario": scenario}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _excluded(cell: dict[str, Any], rules) -> bool:
+    flat = {"model": cell["model"], "variant": cell["variant"]["name"], "device": cell["device"], **cell["scenario"]}
+    return any(all(flat.get(k) == v for k, v in rule.items()) for rule in rules)
+
+
+def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
+    """All cells of the matrix, in a stable order, as self-contained dicts."""
+    if resolve_device is None:
+        from optimize.models import resolve_device
+    cells, seen = [], set()
+    devices = []
+    for d in matrix.devices:
+        r = resolve_device(d)
+        if r not in devices:
+            devices.append(r)
+    for model, variant, device, grid in itertools.product(matrix.models, matrix.variants, devices, matrix.scenarios):
+        recipe = matrix.recipe(variant)
+        keys = [k for k in grid if k != "name"]
+        for values in itertools.product(*(grid[k] for k in keys)):
+            scenario = {"name": grid["name"], **dict(zip(keys, values))}
+            cid = cell_id(model, recipe, device, scenario)
+            if cid in seen:
+                continue
+            seen.add(cid)
+            cell = {"cell_id": cid, "model": model, "variant": recipe.to_dict(), "device": device,
+                    "scenario": scenario, "measure": matrix.measure.to_dict(),
+                    "trust_remote_code": matrix.trust_remote_code, "eval_text": matrix.eval_text}
+            if not _excluded(cell, matrix.exclude):
+                cells.append(cell)
+    return cells

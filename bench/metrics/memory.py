@@ -1,0 +1,114 @@
+"""Memory figures: process RSS on the CPU, allocator peaks and NVML on CUDA, weight bytes."""
+
+from __future__ import annotations
+
+import os
+import resource
+from pathlib import Path
+from typing import Any
+
+
+def rss_bytes() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process over its whole life (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def reset_cuda_peaks() -> None:
+    import torch
+
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def cuda_memory() -> dict[str, int | None]:
+    """Allocator peaks since the last reset, and this process's device memory from NVML."""
+    import torch
+
+    torch.cuda.synchronize()
+    return {
+        "cuda_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+        "cuda_max_reserved_bytes": int(torch.cuda.max_memory_reserved()),
+        "nvml_process_bytes": nvml_process_bytes(),
+    }
+
+
+def nvml_process_bytes() -> int | None:
+    """Device memory NVML attributes to this process (includes the CUDA context); None if unknown."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            import torch
+
+            index = torch.cuda.current_device()
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if visible:
+                index = int(visible.split(",")[index])
+            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
+            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
+                if proc.pid == os.getpid():
+                    return int(proc.usedGpuMemory) if proc.usedGpuMemory is not None else None
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # NVML missing or not permitted (containers often hide PIDs)
+        return None
+    return None
+
+
+def tensor_bytes(t) -> int:
+    """Storage bytes of a tensor, recursing into wrapper subclasses (torchao) that hold inner tensors."""
+    if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+        names, _ = t.__tensor_flatten__()
+        return sum(tensor_bytes(getattr(t, n)) for n in names)
+    return t.numel() * t.element_size()
+
+
+def _state_items(obj: Any):
+    """Tensors in a state dict value; packed int8 params come as tuples of tensors."""
+    import torch
+
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (tuple, list)):
+        for item in obj:
+            yield from _state_items(item)
+
+
+def torch_weights_bytes(model) -> int:
+    """Bytes of every distinct tensor in the model's state dict (tied weights counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for value in model.state_dict().values():
+        for t in _state_items(value):
+            key = id(t) if t.is_quantized or hasattr(t, "__tensor_flatten__") else t.untyped_storage().data_ptr()
+            if key in seen:
+                continue
+            seen.add(key)
+            total += tensor_bytes(t)
+    return total
+
+
+def onnx_weights_bytes(onnx_dir: Path) -> int:
+    """Bytes of the ONNX graph files (the weights are their bulk)."""
+    return sum(f.stat().st_size for f in Path(onnx_dir).iterdir()
+               if f.suffix == ".onnx" or f.name.endswith(".onnx_data") or f.suffix == ".data")
+
+
+def weights_bytes(state) -> int:
+    if state.backend == "onnxruntime":
+        return onnx_weights_bytes(state.onnx_dir)
+    return torch_weights_bytes(state.model)
+
+
+def kv_bytes_per_token(config, element_bytes: float) -> float:
+    """KV cache bytes per token of context: 2 (K and V) x layers x KV heads x head dim x element bytes."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * element_bytes

@@ -1,0 +1,131 @@
+"""The one place that owns clocks, warm-up, repetition and per-token timestamps.
+
+CPU timing uses ``time.perf_counter_ns``. CUDA timing records CUDA events on the current
+stream and reads them after one synchronisation, so stamping a token never stalls the
+GPU. Token times come from a logits processor called once per generated token, right
+after that step's forward pass: the first stamp is the time to first token.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class CpuClock:
+    name = "perf_counter_ns"
+
+    def mark(self) -> int:
+        return time.perf_counter_ns()
+
+    def elapsed_ms(self, start: int, marks: list[int]) -> list[float]:
+        return [(m - start) / 1e6 for m in marks]
+
+
+class CudaClock:
+    name = "cuda_event"
+
+    def __init__(self) -> None:
+        import torch
+
+        self._torch = torch
+
+    def mark(self):
+        event = self._torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def elapsed_ms(self, start, marks) -> list[float]:
+        self._torch.cuda.synchronize()
+        return [start.elapsed_time(m) for m in marks]
+
+
+def clock_for(device: str):
+    return CudaClock() if device == "cuda" else CpuClock()
+
+
+class TokenStamper:
+    """A ``transformers`` logits processor that stamps the clock at every generated token."""
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.marks: list[Any] = []
+
+    def __call__(self, input_ids, scores):
+        self.marks.append(self.clock.mark())
+        return scores
+
+
+@dataclass
+class GenerateSample:
+    """One timed generate call; times in milliseconds from the call's start."""
+
+    token_ms: list[float]  # when each token's logits were ready; token_ms[0] is TTFT
+    e2e_ms: float
+
+    @property
+    def ttft_ms(self) -> float:
+        return self.token_ms[0]
+
+    @property
+    def tpot_ms(self) -> float:
+        """(end-to-end - TTFT) / (tokens - 1), as vLLM and the field define it."""
+        n = len(self.token_ms)
+        return (self.e2e_ms - self.ttft_ms) / (n - 1) if n > 1 else float("nan")
+
+    @property
+    def itl_ms(self) -> list[float]:
+        return [b - a for a, b in zip(self.token_ms, self.token_ms[1:])]
+
+
+def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSample:
+    """Run ``generate(stamper)`` once and read its per-token timestamps."""
+    stamper = TokenStamper(clock)
+    start = clock.mark()
+    generate(stamper)
+    end = clock.mark()
+    times = clock.elapsed_ms(start, [*stamper.marks, end])
+    assert len(times) >= 2, "the generate call produced no token"
+    return GenerateSample(token_ms=times[:-1], e2e_ms=times[-1])
+
+
+@dataclass(frozen=True)
+class RepeatConfig:
+    """Warm-up and repetition policy (llama-bench: 1 warm-up, 5 repetitions by default)."""
+
+    warmup: int = 1
+    min_reps: int = 5
+    max_reps: int = 20
+    budget_s: float = 5.0  # stop once min_reps are done and this much time has passed
+
+    def validate(self) -> None:
+        from optimize.errors import InputError
+
+        if self.warmup < 0 or self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0:
+            raise InputError(f"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0; got {self}")
+
+
+@dataclass
+class Repeated:
+    samples: list[Any] = field(default_factory=list)
+    warmup_wall_s: list[float] = field(default_factory=list)
+    measured_wall_s: float = 0.0
+
+
+def repeat(fn: Callable[[], Any], cfg: RepeatConfig) -> Repeated:
+    """Warm up, then call ``fn`` until ``min_reps`` and the time budget, or ``max_reps``, are reached."""
+    out = Repeated()
+    for _ in range(cfg.warmup):
+        t0 = time.perf_counter()
+        fn()
+        out.warmup_wall_s.append(time.perf_counter() - t0)
+    t_start = time.perf_counter()
+    while len(out.samples) < cfg.max_reps:
+        out.samples.append(fn())
+        elapsed = time.perf_counter() - t_start
+        if len(out.samples) >= cfg.min_reps and elapsed >= cfg.budget_s:
+            break
+    out.measured_wall_s = time.perf_counter() - t_start
+    return out

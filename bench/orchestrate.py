@@ -1,0 +1,152 @@
+"""Run a matrix: create or resume the run directory, build variants once, run cells, record."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench import __version__
+from bench.matrix import Matrix, expand, parse_matrix
+from bench.results import RUN, append_record, failed_record, read_records, read_run, write_json_atomic
+from bench.runner import cell_result_to_record
+from optimize.errors import InputError
+from optimize.recipe import recipe_from_dict
+
+RUN_SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int  # 1-based
+    count: int
+
+    @classmethod
+    def parse(cls, text: str) -> Shard:
+        try:
+            i, n = (int(x) for x in text.split("/"))
+        except ValueError:
+            raise InputError(f"--shard must look like i/n (e.g. 1/2), got {text!r}") from None
+        if not 1 <= i <= n:
+            raise InputError(f"--shard {text}: need 1 <= i <= n")
+        return cls(i, n)
+
+    def select(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Round-robin over the stable cell order: sizes differ by at most one, same on every machine."""
+        return [c for k, c in enumerate(cells) if k % self.count == self.index - 1]
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
+def matrix_hash(matrix: Matrix) -> str:
+    d = matrix.to_dict()
+    d.pop("source", None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_id(cell: dict[str, Any]) -> str | None:
+    """Identity of the stored artifact a cell needs; None when the recipe saves nothing."""
+    recipe = recipe_from_dict(cell["variant"])
+    if not recipe.saved_steps:
+        return None
+    payload = [cell["model"], recipe.content_hash(recipe.saved_steps), cell["device"]]
+    return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
+
+
+def new_run_dir(out: Path | None, matrix: Matrix) -> Path:
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = Path(out) if out else Path("reports") / "runs"
+    run_dir = base / f"{stamp}-{matrix.name}" if out is None else base
+    if (run_dir / RUN).exists():
+        raise InputError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def start_run(matrix: Matrix, run_dir: Path, *, shard: Shard | None, launcher: str,
+              environment: dict[str, Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    run = {
+        "schema_version": RUN_SCHEMA_VERSION,
+        "infermatrix_version": __version__,
+        "matrix": matrix.to_dict(),
+        "matrix_hash": matrix_hash(matrix),
+        "shard": str(shard) if shard else None,
+        "launcher": launcher,
+        "environment": environment,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "ended": None,
+        **(extra or {}),
+    }
+    write_json_atomic(run_dir / RUN, run)
+    return run
+
+
+def resume_run(run_dir: Path) -> tuple[Matrix, dict[str, Any]]:
+    if not (Path(run_dir) / RUN).exists():
+        raise InputError(f"--resume {run_dir}: no {RUN} there, not a run directory")
+    run = read_run(run_dir)
+    m = dict(run["matrix"])
+    source = m.pop("source", str(run_dir))
+    if m.get("eval_text") is None:
+        m.pop("eval_text", None)
+    matrix = parse_matrix(m, source)
+    return matrix, run
+
+
+def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = None,
+            on_event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None,
+            cache_dir: str | None = None, resolve_device=None) -> list[dict[str, Any]]:
+    """Run every cell of ``matrix`` not yet recorded ``ok`` in ``run_dir``; returns the final records.
+
+    Variants are built first, once each, in build jobs of their own; a cell whose build
+    failed or was skipped gets that outcome without running.
+    """
+    cells = expand(matrix, resolve_device)
+    if shard:
+        cells = shard.select(cells)
+    done = {r["cell_id"] for r in read_records(run_dir) if r["status"] == "ok"}
+    todo = [c for c in cells if c["cell_id"] not in done]
+    for c in todo:
+        c["cache_dir"] = cache_dir
+    builds: dict[str, dict[str, Any]] = {}
+    for c in todo:
+        bid = build_id(c)
+        if bid and bid not in builds:
+            builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
+                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir}
+    on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo), "builds": len(builds)})
+    timeout = matrix.measure.timeout_s
+    outcomes: dict[str, dict[str, Any]] = {}
+    for spec, result in launcher.run([("build", b, timeout) for b in builds.values()]):
+        outcomes[spec["build_id"]] = result
+        on_event("build", {"variant": spec["variant"]["name"], "status": result["status"],
+                           "reused": result.get("reused"), "build_s": result.get("build_s")})
+    runnable = []
+    for c in todo:
+        outcome = outcomes.get(build_id(c) or "")
+        if outcome and outcome["status"] != "ok":
+            record = failed_record(c, f"build: {outcome['error']}")
+            record["status"] = outcome["status"]
+            append_record(run_dir, record)
+            on_event("cell", record)
+        else:
+            runnable.append(c)
+    for spec, result in launcher.run([("cell", c, timeout) for c in runnable]):
+        record = cell_result_to_record(spec, result)
+        if outcome := outcomes.get(build_id(spec) or ""):
+            record.setdefault("build", {}).update(build_job_s=outcome.get("build_s"), built_now=not outcome["reused"])
+        append_record(run_dir, record)
+        on_event("cell", record)
+    ids = {c["cell_id"] for c in cells}
+    return [r for r in read_records(run_dir) if r["cell_id"] in ids]
+
+
+def finish_run(run_dir: Path) -> None:
+    run = read_run(run_dir)
+    run["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    write_json_atomic(run_dir / RUN, run)

@@ -1,0 +1,57 @@
+"""Progress for long runs: a rich bar with ETA, or plain lines with ``--quiet``.
+
+The bar redraws only when a job finishes (no refresh thread), so the parent stays idle
+while a cell is being measured.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+
+class Progress:
+    def __init__(self, quiet: bool = False):
+        self.quiet = quiet
+        self._bar = None
+        self._task = None
+
+    def __enter__(self) -> Progress:
+        if not self.quiet:
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+                                     auto_refresh=False, transient=False)
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._bar:
+            self._bar.stop()
+
+    def _say(self, text: str) -> None:
+        if self._bar:
+            self._bar.console.print(text)
+        else:
+            print(text, file=sys.stderr, flush=True)
+
+    def event(self, kind: str, info: dict[str, Any]) -> None:
+        if kind == "plan":
+            self._say(f"{info['cells']} cells ({info['done']} already done), {info['builds']} variant builds")
+            if self._bar:
+                self._task = self._bar.add_task("cells", total=info["todo"] + info["builds"])
+        elif kind == "build":
+            how = "reused" if info.get("reused") else f"built in {info.get('build_s') or 0:.1f} s"
+            self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
+        elif kind == "cell":
+            s = info["scenario"]
+            tps = info.get("metrics", {}).get("decode_tokens_per_s")
+            extra = f" decode {tps:.1f} tok/s" if tps else ""
+            first = (info.get("error") or "").splitlines()[:1]
+            self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
+                      f"{info['device']}: {info['status']}{extra}" + (f" ({first[0][:120]})" if first else ""))
+        if self._bar and self._task is not None and kind in ("build", "cell"):
+            self._bar.advance(self._task)
+            self._bar.refresh()

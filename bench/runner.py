@@ -1,0 +1,102 @@
+"""Run cells and variant builds in isolated processes, and a matrix through a launcher.
+
+The parent never polls: it blocks in ``waitpid`` while the child runs (a timer thread
+kills the child's process group at the timeout), so the measured process has every core
+to itself. Children die with the parent (PR_SET_PDEATHSIG), so a killed run leaves no
+orphan competing with the next one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.results import failed_record
+
+LOG_TAIL_LINES = 15
+
+
+def _die_with_parent() -> None:
+    """preexec_fn: SIGKILL this child when the parent dies (Linux), in its own process group."""
+    os.setsid()
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
+    except OSError:
+        pass
+
+
+def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
+    try:
+        text = path.read_text(errors="replace").rstrip().splitlines()
+    except OSError:
+        return ""
+    return "\n".join(text[-lines:])
+
+
+def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -> dict[str, Any]:
+    """Run ``python -m bench.cell`` for one job in a fresh process and return its output.
+
+    ``kind`` is "cell" or "build". On a crash, signal or timeout the result is
+    ``{"status": "failed", "error": ...}`` with the cause and the log's last lines.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    name = spec["cell_id"] if kind == "cell" else spec["build_id"]
+    spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
+    spec_path.write_text(json.dumps(spec))
+    out_path.unlink(missing_ok=True)
+    args = [sys.executable, "-m", "bench.cell", *(["--build"] if kind == "build" else []), str(spec_path), str(out_path)]
+    timed_out = threading.Event()
+    t0 = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                preexec_fn=_die_with_parent, cwd=os.getcwd())
+
+        def kill() -> None:
+            timed_out.set()
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            returncode = proc.wait()  # blocking waitpid: no CPU taken from the child
+        finally:
+            timer.cancel()
+    wall_s = time.perf_counter() - t0
+    if timed_out.is_set():
+        error = f"timed out after {timeout_s:g} s (process group killed)"
+    elif out_path.exists() and returncode == 0:
+        result = json.loads(out_path.read_text())
+        result.setdefault("timing_s", {})["process_wall"] = wall_s
+        return result
+    elif returncode < 0:
+        error = f"cell process died with signal {signal.Signals(-returncode).name}"
+    else:
+        error = f"cell process exited with code {returncode} and no result"
+    tail = _tail(log_path)
+    return {"status": "failed", "error": error + (f"\n{tail}" if tail else ""), "timing_s": {"process_wall": wall_s}}
+
+
+def cell_result_to_record(cell: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+    """A cell's record from its job output: the child's own record, or a failed one from the parent."""
+    if "cell_id" in result:
+        record = result
+    else:
+        record = failed_record(cell, result["error"])
+        record["timing_s"].update(result.get("timing_s", {}))
+    timing = record["timing_s"]
+    if "process_wall" in timing and "measure" in timing:
+        # Harness overhead: everything the cell process did besides the measured repetitions.
+        timing["harness_overhead"] = timing["process_wall"] - timing["measure"]
+    return record

@@ -1,0 +1,91 @@
+"""The generate scenario: batch x prompt x new tokens, greedy, every token generated."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
+from bench.stats import summarize
+from optimize.errors import InputError
+
+
+@dataclass(frozen=True)
+class GenerateScenario:
+    """One generate workload."""
+
+    batch_size: int = 1
+    prompt_tokens: int = 128
+    new_tokens: int = 32
+    name: str = "generate"
+
+    def validate(self) -> None:
+        for key in ("batch_size", "prompt_tokens", "new_tokens"):
+            if getattr(self, key) < 1:
+                raise InputError(f"scenario {key} must be >= 1, got {getattr(self, key)}")
+        if self.new_tokens < 2:
+            raise InputError(f"new_tokens must be >= 2 so decode can be timed, got {self.new_tokens}")
+
+
+def generate_kwargs(state, new_tokens: int) -> dict[str, Any]:
+    """Greedy decoding that always produces ``new_tokens`` tokens (optimum-benchmark's rule)."""
+    config = state.model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+            "pad_token_id": pad, **state.generate_kwargs}
+
+
+def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
+    """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    model = state.model
+    input_ids = input_ids.to(state.device)
+    kwargs = generate_kwargs(state, new_tokens)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             logits_processor=LogitsProcessorList(logits_processor or []), **kwargs)
+    assert out.shape == (input_ids.shape[0], input_ids.shape[1] + new_tokens), out.shape
+    return out
+
+
+def run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:
+    """Time ``scenario`` on a loaded variant.
+
+    Returns:
+        (metrics, samples, method): summaries, raw per-repetition values, and how they were taken.
+    """
+    clock = clock_for(state.device)
+
+    def once() -> GenerateSample:
+        return time_generate(lambda stamper: greedy_generate(state, prompts, scenario.new_tokens, [stamper]), clock)
+
+    result = repeat(once, repeat_cfg)
+    runs: list[GenerateSample] = result.samples
+    b, p, n = scenario.batch_size, scenario.prompt_tokens, scenario.new_tokens
+    prefill_rates = [b * p / (s.ttft_ms / 1e3) for s in runs]
+    decode_rates = [b * (n - 1) / ((s.e2e_ms - s.ttft_ms) / 1e3) for s in runs]
+    samples = {
+        "ttft_ms": [s.ttft_ms for s in runs],
+        "tpot_ms": [s.tpot_ms for s in runs],
+        "e2e_ms": [s.e2e_ms for s in runs],
+        "itl_ms": [s.itl_ms for s in runs],
+        "prefill_tokens_per_s": prefill_rates,
+        "decode_tokens_per_s": decode_rates,
+        "warmup_wall_s": result.warmup_wall_s,
+    }
+    metrics = {
+        "ttft_ms": summarize(samples["ttft_ms"]),
+        "tpot_ms": summarize(samples["tpot_ms"]),
+        "e2e_ms": summarize(samples["e2e_ms"]),
+        "itl_ms": summarize([x for rep in samples["itl_ms"] for x in rep]),
+        "prefill_tokens_per_s": summarize(prefill_rates)["p50"],
+        "decode_tokens_per_s": summarize(decode_rates)["p50"],
+        "decode_tokens_per_s_summary": summarize(decode_rates),
+        "measured_wall_s": result.measured_wall_s,
+    }
+    method = {"clock": clock.name, "repeat": repeat_cfg.__dict__,
+              "token_timestamps": "logits processor, once per generated token",
+              "tpot": "(e2e - ttft) / (new_tokens - 1)", "rates": "median over repetitions"}
+    return metrics, samples, method

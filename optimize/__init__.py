@@ -1,0 +1,1 @@
+"""Variant building: a reference model plus an ordered recipe of techniques."""

@@ -1,0 +1,17 @@
+"""Project exceptions. The CLI turns ``InputError`` into one line and exit code 2."""
+
+
+class InputError(ValueError):
+    """Bad user input: names the parameter, the value and what is allowed."""
+
+
+class RecipeError(InputError):
+    """A recipe or technique configuration is invalid."""
+
+
+class NotApplicable(Exception):
+    """A technique cannot run on this device or model; the reason is one line.
+
+    Cells that hit it are recorded as ``status: "skipped"`` with the reason, never as a
+    silent fallback.
+    """

@@ -1,0 +1,1 @@
+"""export techniques; each module registers its step configs with ``optimize.registry.register``."""

@@ -1,0 +1,219 @@
+"""Reference models: the built-in trained model, synthetic architectures, or any HF causal LM.
+
+Model specs:
+- ``builtin:pycode``: the trained reference model shipped in the package;
+- ``synthetic:NAME``: a Llama architecture from ``SYNTHETIC`` with random weights (fixed
+  seed), for speed-only runs; saved once to the cache so other tools can load it;
+- anything else: a local model directory or a hub id, loaded with ``from_pretrained``
+  (offline when ``HF_HUB_OFFLINE=1``; ``trust_remote_code`` only when asked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import InputError
+from optimize.reference import BUILTIN_DIR, EVAL_TEXT
+
+BUILTIN_MODELS = {"pycode": BUILTIN_DIR}
+
+
+@dataclass(frozen=True)
+class SyntheticArch:
+    """A Llama architecture with random weights."""
+
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    vocab_size: int = 32000
+    num_kv_heads: int = 0  # 0: same as num_heads (no GQA)
+    max_position_embeddings: int = 2048
+    seed: int = 0
+
+
+SYNTHETIC = {
+    # For tests: every technique applies (widths multiples of 64, GQA, NF4-friendly shapes).
+    "llama-tiny": SyntheticArch(hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=256,
+                                vocab_size=8192, max_position_embeddings=512),
+    "llama-134m": SyntheticArch(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048),
+    "llama-1b": SyntheticArch(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+}
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("INFERMATRIX_CACHE") or Path.home() / ".cache" / "infermatrix")
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model spec: where its HF directory is and what identifies its weights."""
+
+    spec: str
+    kind: str  # "builtin" | "synthetic" | "pretrained"
+    path: str  # HF model directory (synthetic ones are materialised in the cache)
+    fingerprint: str
+    has_tokenizer: bool
+    trained: bool  # False for random weights: drift figures are not meaningful
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _dir_fingerprint(path: Path) -> str:
+    """sha256 over config.json and each weight file's name, size, head and tail.
+
+    Hashing head and tail (1 MiB each) keeps multi-GB checkpoints cheap to identify while
+    any retraining or re-quantization changes the digest.
+    """
+    h = hashlib.sha256()
+    config = path / "config.json"
+    h.update(config.read_bytes() if config.exists() else b"")
+    for f in sorted(path.iterdir()):
+        if f.suffix in {".safetensors", ".bin", ".onnx", ".pt"} or f.name.endswith(".onnx_data"):
+            size = f.stat().st_size
+            h.update(f"{f.name}:{size}".encode())
+            with f.open("rb") as fh:
+                h.update(fh.read(1 << 20))
+                if size > 2 << 20:
+                    fh.seek(-(1 << 20), os.SEEK_END)
+                    h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+def synthetic_config(arch: SyntheticArch):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
+        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
+        num_key_value_heads=arch.num_kv_heads or arch.num_heads,
+        max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=False,
+        bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32",
+    )
+
+
+def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
+    """Save the random-weight model once, so every variant and tool loads the same weights."""
+    digest = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:16]
+    out = cache / "models" / f"synthetic-{name}-{digest}"
+    if (out / "config.json").exists():
+        return out
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(arch.seed)
+    model = LlamaForCausalLM(synthetic_config(arch))
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    model.save_pretrained(str(tmp), safe_serialization=True)
+    tmp.rename(out) if not out.exists() else None
+    return out
+
+
+def resolve_model(spec: str, cache: Path | None = None) -> ModelRef:
+    """Turn a model spec into a ``ModelRef``; raises ``InputError`` for unknown specs."""
+    cache = cache or default_cache_dir()
+    if spec.startswith("builtin:"):
+        name = spec.split(":", 1)[1]
+        if name not in BUILTIN_MODELS:
+            raise InputError(f"unknown built-in model {spec!r}; available: " +
+                             ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+        path = BUILTIN_MODELS[name]
+        if not (path / "config.json").exists():
+            raise InputError(f"built-in model {spec!r} is missing from {path}; reinstall the package")
+        return ModelRef(spec, "builtin", str(path), _dir_fingerprint(path), True, True)
+    if spec.startswith("synthetic:"):
+        name = spec.split(":", 1)[1]
+        if name not in SYNTHETIC:
+            from optimize.registry import did_you_mean
+
+            raise InputError(f"unknown synthetic model {spec!r}{did_you_mean(name, SYNTHETIC)}; available: " +
+                             ", ".join(f"synthetic:{n}" for n in SYNTHETIC))
+        path = _materialise_synthetic(name, SYNTHETIC[name], cache)
+        return ModelRef(spec, "synthetic", str(path), _dir_fingerprint(path), False, False)
+    local = Path(spec).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").exists():
+            raise InputError(f"model directory {spec!r} has no config.json")
+        return ModelRef(spec, "pretrained", str(local.resolve()), _dir_fingerprint(local),
+                        (local / "tokenizer.json").exists() or (local / "tokenizer_config.json").exists(), True)
+    return _resolve_hub(spec)
+
+
+def _resolve_hub(spec: str) -> ModelRef:
+    """Download (or, with HF_HUB_OFFLINE=1, find in the local hub cache) a hub model."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+    except Exception as exc:  # network errors, missing repos, offline cache misses
+        raise InputError(f"model {spec!r} is neither a built-in, a synthetic, a local directory nor a reachable "
+                         f"hub id ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+    return ModelRef(spec, "pretrained", str(path), _dir_fingerprint(path),
+                    (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists(), True)
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when a CUDA device exists, else ``cpu``."""
+    if device not in {"auto", "cpu", "cuda"}:
+        raise InputError(f"--device must be auto, cpu or cuda, got {device!r}")
+    if device == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if device == "cuda":
+        raise InputError("--device cuda asked for, but torch sees no CUDA device")
+    return "cpu"
+
+
+def load_torch_model(path: str, device: str, dtype: str = "float32", trust_remote_code: bool = False, **kwargs):
+    """``AutoModelForCausalLM.from_pretrained`` in eval mode on ``device``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), trust_remote_code=trust_remote_code, **kwargs
+    )
+    if "quantization_config" not in kwargs:
+        model.to(device)
+    return model.eval()
+
+
+def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
+    """The model's own tokenizer; the built-in one for models that have none (synthetic)."""
+    from transformers import AutoTokenizer
+
+    path = ref.path if ref.has_tokenizer else str(BUILTIN_DIR)
+    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+
+
+def eval_text_path(text: str | None = None) -> Path:
+    """The evaluation text: a user file, or the frozen held-out text shipped with the model."""
+    path = Path(text) if text else EVAL_TEXT
+    if not path.is_file():
+        raise InputError(f"evaluation text {str(path)!r} is not a file")
+    return path
+
+
+def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trust_remote_code: bool = False):
+    """Token ids of the evaluation text for this model (a 1-D int64 tensor).
+
+    Models without a tokenizer (synthetic) use the built-in tokenizer's ids, which are
+    valid for any vocabulary at least as large as its 8192 entries.
+    """
+    import torch
+
+    tok = load_tokenizer(ref, trust_remote_code)
+    ids = tok(eval_text_path(text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    ids = torch.tensor(ids, dtype=torch.long)
+    if int(ids.max()) >= vocab_size:
+        raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the evaluation tokens; "
+                         "give it a tokenizer")
+    return ids

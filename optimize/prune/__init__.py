@@ -1,0 +1,1 @@
+"""prune techniques; each module registers its step configs with ``optimize.registry.register``."""

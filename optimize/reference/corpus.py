@@ -1,0 +1,107 @@
+"""Deterministic corpus of CPython standard-library source, split by file.
+
+The split is a stable hash of each file's path relative to the stdlib root, so the same
+file always lands on the same side whatever else the interpreter ships.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sysconfig
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Directories that are not Python source worth learning from, or not part of CPython.
+EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages", "__pycache__", "idle_test"})
+MAX_FILE_BYTES = 400_000  # a few generated tables are huge and repetitive
+FILE_SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class CorpusConfig:
+    """How the stdlib is read and split."""
+
+    root: str = ""  # empty means the running interpreter's stdlib
+    eval_fraction: float = 0.05  # share of files held out, by path hash
+    eval_text_bytes: int = 320_000  # size cap of the frozen evaluation text
+    version: int = 1
+
+
+@dataclass
+class Corpus:
+    """Train and held-out texts plus the manifest that identifies them."""
+
+    train_text: str
+    eval_text: str
+    manifest: dict = field(default_factory=dict)
+
+
+def stdlib_root(config: CorpusConfig) -> Path:
+    return Path(config.root or sysconfig.get_paths()["stdlib"]).resolve()
+
+
+def is_held_out(relative_path: str, eval_fraction: float) -> bool:
+    """Stable split: the first 8 bytes of sha256(path) as a fraction of 2**64."""
+    digest = hashlib.sha256(relative_path.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
+
+
+def _is_test_file(relative_path: str) -> bool:
+    parts = relative_path.split("/")
+    return parts[0] == "test" or "tests" in parts or parts[-1].startswith("test_")
+
+
+def list_files(root: Path) -> list[tuple[str, Path]]:
+    """All readable ``*.py`` files under ``root``, sorted by relative path."""
+    files = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if EXCLUDED_PARTS.intersection(rel.split("/")):
+            continue
+        if path.is_symlink() or path.stat().st_size > MAX_FILE_BYTES:
+            continue
+        files.append((rel, path))
+    return files
+
+
+def build_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
+    """Read the stdlib and split it into training text and a frozen evaluation text."""
+    root = stdlib_root(config)
+    train_parts: list[str] = []
+    eval_parts: list[str] = []
+    eval_bytes = 0
+    listing = []
+    for rel, path in list_files(root):
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError:
+            continue
+        held_out = is_held_out(rel, config.eval_fraction)
+        listing.append({"path": rel, "bytes": len(text.encode()), "split": "eval" if held_out else "train"})
+        if not held_out:
+            train_parts.append(text)
+        elif not _is_test_file(rel) and eval_bytes + len(text) <= config.eval_text_bytes:
+            # Evaluation text is library code only: whole files, in path order.
+            eval_parts.append(text)
+            eval_bytes += len(text)
+    train_text = FILE_SEPARATOR.join(train_parts)
+    eval_text = FILE_SEPARATOR.join(eval_parts)
+    manifest = {
+        "python_version": platform.python_version(),
+        "stdlib_root": str(root),
+        "config": {"eval_fraction": config.eval_fraction, "eval_text_bytes": config.eval_text_bytes},
+        "files": listing,
+        "train_files": sum(1 for f in listing if f["split"] == "train"),
+        "eval_files": sum(1 for f in listing if f["split"] == "eval"),
+        "train_bytes": len(train_text.encode()),
+        "eval_text_bytes": len(eval_text.encode()),
+        "train_sha256": hashlib.sha256(train_text.encode()).hexdigest(),
+        "eval_sha256": hashlib.sha256(eval_text.encode()).hexdigest(),
+    }
+    return Corpus(train_text=train_text, eval_text=eval_text, manifest=manifest)
+
+
+def write_manifest(corpus: Corpus, path: Path) -> None:
+    path.write_text(json.dumps(corpus.manifest, indent=1) + "\n")

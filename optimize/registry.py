@@ -1,0 +1,108 @@
+"""The one registry of techniques and named variants.
+
+Technique modules register their step class with ``@register``; they are imported on the
+first lookup, and none of them imports a heavy library at module level. Named variants
+are recipes built from those steps, declared once in ``_VARIANTS`` below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from dataclasses import dataclass
+
+from optimize.errors import InputError, RecipeError
+from optimize.recipe import Recipe, Step, step_from_dict
+
+# Modules whose import registers techniques. Order is irrelevant.
+TECHNIQUE_MODULES = (
+    "optimize.quantize.cast",
+    "optimize.quantize.torch_int8",
+    "optimize.prune.magnitude",
+    "optimize.kvcache",
+)
+
+_TECHNIQUES: dict[str, type[Step]] = {}
+_loaded = False
+
+
+def register(cls: type[Step]) -> type[Step]:
+    """Class decorator: make ``cls`` available under ``cls.technique``."""
+    if not cls.technique or cls.technique in _TECHNIQUES:
+        raise AssertionError(f"technique name missing or registered twice: {cls.technique!r}")
+    _TECHNIQUES[cls.technique] = cls
+    return cls
+
+
+def _load() -> None:
+    global _loaded
+    if not _loaded:
+        _loaded = True
+        for module in TECHNIQUE_MODULES:
+            importlib.import_module(module)
+
+
+def did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def techniques() -> dict[str, type[Step]]:
+    _load()
+    return dict(_TECHNIQUES)
+
+
+def technique_class(name: str) -> type[Step]:
+    _load()
+    try:
+        return _TECHNIQUES[name]
+    except KeyError:
+        raise RecipeError(
+            f"unknown technique {name!r}{did_you_mean(name, _TECHNIQUES)}; known: {', '.join(sorted(_TECHNIQUES))}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class VariantInfo:
+    """A built-in variant: its recipe, what it does and where it applies."""
+
+    recipe: Recipe
+    applies: str
+
+
+# name: (steps as dicts, description, where it applies)
+_VARIANTS: dict[str, tuple[list[dict], str, str]] = {
+    "fp32": ([], "reference weights in fp32, eager PyTorch, default dynamic KV cache", "everywhere"),
+    "fp16": ([{"technique": "cast", "dtype": "float16"}], "weights and compute cast to fp16", "CUDA"),
+    "bf16": ([{"technique": "cast", "dtype": "bfloat16"}], "weights and compute cast to bf16", "CPU, CUDA"),
+    "torch-int8-dynamic": ([{"technique": "torch-int8-dynamic"}],
+                           "dynamic int8 linear layers (per-tensor int8 weights, activations quantized per call)", "CPU"),
+    "prune-50": ([{"technique": "prune-magnitude", "sparsity": 0.5}],
+                 "50% unstructured magnitude pruning of linear weights (per layer)", "everywhere (dense kernels)"),
+    "no-kv-cache": ([{"technique": "kv-cache", "mode": "none"}], "no KV cache: every step recomputes the prefix",
+                    "everywhere"),
+    "static-kv": ([{"technique": "kv-cache", "mode": "static", "compile": True}],
+                  "static KV cache with torch.compile", "CPU, CUDA"),
+    "kv-int4": ([{"technique": "kv-cache", "mode": "quantized", "nbits": 4}],
+                "KV cache quantized to 4 bits (optimum-quanto backend)", "CPU, CUDA"),
+}
+
+
+def variants() -> dict[str, VariantInfo]:
+    """All built-in variants, in declaration order."""
+    out = {}
+    for name, (steps, description, applies) in _VARIANTS.items():
+        recipe = Recipe(name=name, steps=tuple(step_from_dict(s, f"variant {name!r}") for s in steps),
+                        description=description)
+        out[name] = VariantInfo(recipe=recipe, applies=applies)
+    return out
+
+
+def builtin_variant(name: str) -> Recipe:
+    if name not in _VARIANTS:
+        raise InputError(f"unknown variant {name!r}{did_you_mean(name, _VARIANTS)}; see 'infermatrix variants'")
+    return variants()[name].recipe
+
+
+def variant_names() -> list[str]:
+    return list(_VARIANTS)

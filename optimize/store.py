@@ -1,0 +1,155 @@
+"""Content-addressed variant store.
+
+An artifact is keyed by sha256(model fingerprint, the recipe's saved steps, device,
+versions of the libraries that produce it). It is built in a temporary directory and
+renamed into place, so a crashed build never leaves a half artifact, and concurrent
+builders (Ray tasks) end with one copy. Only safetensors and ONNX files are written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import NotApplicable
+from optimize.models import ModelRef, default_cache_dir
+from optimize.recipe import Recipe
+from optimize.state import VariantState
+
+MANIFEST = "manifest.json"
+KEY_LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu")
+
+
+def library_versions(names=KEY_LIBRARIES) -> dict[str, str]:
+    out = {}
+    for name in names:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A stored build: the directory the runtime loads and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool
+
+
+class VariantStore:
+    """Builds the saved part of a recipe once, then hands out the stored artifact."""
+
+    def __init__(self, root: Path | None = None):
+        self.root = Path(root or default_cache_dir()) / "variants"
+
+    def key(self, ref: ModelRef, recipe: Recipe, device: str) -> str:
+        payload = {
+            "model": ref.fingerprint,
+            "steps": recipe.content_hash(recipe.saved_steps),
+            "device": device,
+            "versions": library_versions(),
+        }
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+    def get_or_build(self, ref: ModelRef, recipe: Recipe, device: str, trust_remote_code: bool = False) -> Artifact:
+        """The artifact for ``recipe``'s saved steps; the reference directory when there are none."""
+        if not recipe.saved_steps:
+            return Artifact(Path(ref.path), {"recipe": recipe.to_dict(), "saved_steps": []}, reused=True)
+        final = self.root / self.key(ref, recipe, device)
+        if (final / MANIFEST).exists():
+            return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=True)
+        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            manifest = self._build(ref, recipe, device, tmp, trust_remote_code)
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
+            try:
+                tmp.rename(final)
+            except OSError:  # another builder finished first: keep theirs
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=False)
+
+    def _build(self, ref: ModelRef, recipe: Recipe, device: str, out: Path, trust_remote_code: bool) -> dict:
+        t0 = time.perf_counter()
+        state = VariantState(ref=ref, device=device, source_dir=Path(ref.path), work_dir=out,
+                             trust_remote_code=trust_remote_code)
+        reference_params = None
+        for step in recipe.saved_steps:
+            if step.stage == "weights" and reference_params is None:
+                reference_params = sum(p.numel() for p in state.model.parameters())
+            if step.stage == "export" and state.loaded:
+                # Later stages read weights from disk: save what the weight steps produced.
+                weights_dir = out / "weights"
+                state.model.save_pretrained(str(weights_dir), safe_serialization=True)
+                _copy_tokenizer(Path(ref.path), weights_dir)
+                state.source_dir, state.model = weights_dir, None
+            state.reports.append({"technique": step.technique, **(_apply(step, state) or {})})
+        if state.backend == "torch":
+            params = sum(p.numel() for p in state.model.parameters())
+            state.model.save_pretrained(str(out), safe_serialization=True)
+            _copy_tokenizer(Path(ref.path), out)
+        else:
+            params = None
+        return {
+            "recipe": recipe.to_dict(),
+            "saved_steps": [s.to_dict() for s in recipe.saved_steps],
+            "model": ref.to_dict(),
+            "device": device,
+            "backend": state.backend,
+            "reports": state.reports,
+            "labels": state.labels,
+            "parameters": params,
+            "reference_parameters": reference_params,
+            "artifact_bytes": dir_bytes(out),
+            "build_s": round(time.perf_counter() - t0, 3),
+            "versions": library_versions(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+
+
+def _apply(step, state: VariantState) -> dict | None:
+    if step.backend not in ("any", state.backend):
+        raise NotApplicable(f"{step.technique} needs the {step.backend} backend, the recipe has {state.backend} here")
+    return step.apply(state)
+
+
+def _copy_tokenizer(src: Path, dst: Path) -> None:
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model"):
+        if (src / name).exists():
+            shutil.copy2(src / name, dst / name)
+
+
+def load_variant(ref: ModelRef, recipe: Recipe, device: str, store: VariantStore,
+                 trust_remote_code: bool = False) -> tuple[VariantState, Artifact]:
+    """Build (or reuse) the saved part of ``recipe`` and apply its runtime steps on ``device``."""
+    artifact = store.get_or_build(ref, recipe, device, trust_remote_code)
+    state = VariantState(ref=ref, device=device, source_dir=artifact.path, trust_remote_code=trust_remote_code,
+                         labels=list(artifact.manifest.get("labels", [])))
+    if recipe.backend == "onnxruntime":
+        from optimize.export.onnx import load_ort_model
+
+        export = next(s for s in recipe.steps if s.stage == "export")
+        state.backend, state.onnx_dir = "onnxruntime", artifact.path
+        state.model = load_ort_model(artifact.path, device, export)
+    for step in recipe.runtime_steps:
+        state.reports.append({"technique": step.technique, **(_apply(step, state) or {})})
+    state.model  # noqa: B018 - load now, so load time is not charged to the first measurement
+    return state, artifact

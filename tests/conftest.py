@@ -1,0 +1,37 @@
+"""Shared fixtures: an isolated cache for the variant store and tiny models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Set before any test imports the project, so every code path (and every cell process)
+# uses the session's own store rather than the user's cache.
+_CACHE = Path(os.environ.get("INFERMATRIX_TEST_CACHE", "")) if os.environ.get("INFERMATRIX_TEST_CACHE") else None
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    path = _CACHE or tmp_path_factory.mktemp("infermatrix-cache")
+    os.environ["INFERMATRIX_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_ref(cache_dir):
+    """The tiny synthetic Llama (hidden 128, 2 layers, GQA 4/2 heads, FFN 256, vocab 8192)."""
+    from optimize.models import resolve_model
+
+    return resolve_model("synthetic:llama-tiny", cache_dir)
+
+
+@pytest.fixture
+def tiny_prompts(tiny_ref):
+    """(2, 16) prompt ids from the evaluation text."""
+    from bench.prompts import prompt_ids
+
+    ids, source = prompt_ids(tiny_ref, 8192, batch_size=2, prompt_tokens=16)
+    assert source == "eval-text"
+    return ids
