@@ -10,14 +10,16 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import tomllib
+
 from bench.metrics.timing import RepeatConfig
 from bench.scenarios.generate import GenerateScenario
 from optimize.errors import InputError, RecipeError
+from optimize.models import check_model_spec
 from optimize.recipe import Recipe, recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
@@ -157,12 +159,18 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     for d in devices:
         if d not in DEVICES:
             raise _err(where, "devices", f"must be among {list(DEVICES)}, got {d!r}")
+    models = _str_list(data, "models", where, ["builtin:pycode"])
+    for spec in models:
+        try:
+            check_model_spec(spec)
+        except InputError as exc:
+            raise _err(where, "models", str(exc)) from None
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
     return Matrix(
         name=str(data.get("name", Path(where).stem)),
-        models=_str_list(data, "models", where, ["builtin:pycode"]),
+        models=models,
         variants=variants,
         devices=devices,
         scenarios=_parse_scenarios(data.get("scenarios", [{"name": "generate"}]), where),
@@ -245,7 +253,7 @@ def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
         recipe = matrix.recipe(variant)
         keys = [k for k in grid if k != "name"]
         for values in itertools.product(*(grid[k] for k in keys)):
-            scenario = {"name": grid["name"], **dict(zip(keys, values))}
+            scenario = {"name": grid["name"], **dict(zip(keys, values, strict=True))}
             cid = cell_id(model, recipe, device, scenario)
             if cid in seen:
                 continue

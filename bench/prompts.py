@@ -10,6 +10,7 @@ def prompt_ids(ref, vocab_size: int, batch_size: int, prompt_tokens: int, seed: 
     Returns:
         (ids, source): source is "eval-text" or, for models whose vocabulary cannot hold
         the evaluation tokens, "random" (seeded uniform ids, for speed-only runs).
+
     """
     import torch
 

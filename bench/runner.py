@@ -52,7 +52,8 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    args = [sys.executable, "-m", "bench.cell", *(["--build"] if kind == "build" else []), str(spec_path), str(out_path)]
+    flags = ["--build"] if kind == "build" else []
+    args = [sys.executable, "-m", "bench.cell", *flags, str(spec_path), str(out_path)]
     timed_out = threading.Event()
     t0 = time.perf_counter()
     with log_path.open("wb") as log:

@@ -16,6 +16,7 @@ def median_ci(sorted_values: Sequence[float], level: float = 0.95) -> tuple[floa
 
     Returns:
         (low, high, coverage).
+
     """
     from scipy.stats import binom
 

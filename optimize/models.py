@@ -115,6 +115,28 @@ def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     return out
 
 
+def check_model_spec(spec: str) -> None:
+    """Reject a spec that cannot name a model, without loading anything."""
+    from optimize.registry import did_you_mean
+
+    kind, _, name = spec.partition(":")
+    if kind == "builtin" and name not in BUILTIN_MODELS:
+        raise InputError(f"unknown built-in model {spec!r}{did_you_mean(name, BUILTIN_MODELS)}; available: "
+                         + ", ".join(f"builtin:{n}" for n in BUILTIN_MODELS))
+    if kind == "synthetic" and name not in SYNTHETIC:
+        raise InputError(f"unknown synthetic model {spec!r}{did_you_mean(name, SYNTHETIC)}; available: "
+                         + ", ".join(f"synthetic:{n}" for n in SYNTHETIC))
+    if kind in ("builtin", "synthetic"):
+        return
+    path = Path(spec).expanduser()
+    looks_local = spec.startswith((".", "/", "~")) or path.exists()
+    if looks_local and not (path / "config.json").is_file():
+        raise InputError(f"model directory {spec!r} does not exist or has no config.json")
+    if not looks_local and spec.count("/") != 1:
+        raise InputError(f"model {spec!r} is not builtin:NAME, synthetic:NAME, a local directory or a hub id "
+                         "like org/name")
+
+
 def resolve_model(spec: str, cache: Path | None = None) -> ModelRef:
     """Turn a model spec into a ``ModelRef``; raises ``InputError`` for unknown specs."""
     cache = cache or default_cache_dir()

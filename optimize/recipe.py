@@ -99,11 +99,15 @@ def step_from_dict(data: dict[str, Any], where: str = "step") -> Step:
     if not isinstance(data, dict) or "technique" not in data:
         raise RecipeError(f"{where}: each step needs a 'technique' key, got {data!r}")
     params = dict(data)
-    cls = technique_class(str(params.pop("technique")))
+    try:
+        cls = technique_class(str(params.pop("technique")))
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise RecipeError(f"{where}: technique {cls.technique!r} has no parameter {unknown[0]!r}; allowed: {', '.join(sorted(known))}")
+        raise RecipeError(f"{where}: technique {cls.technique!r} has no parameter {unknown[0]!r}; "
+                          f"allowed: {', '.join(sorted(known))}")
     for key, value in params.items():
         default = known[key].default
         if isinstance(default, tuple) and isinstance(value, list):
@@ -122,8 +126,8 @@ def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:
     steps = data.get("steps", [])
     if not isinstance(steps, list):
         raise RecipeError(f"{where}: 'steps' must be a list of tables, got {steps!r}")
-    return Recipe(
-        name=name,
-        steps=tuple(step_from_dict(s, f"{where} {name!r} step {i}") for i, s in enumerate(steps)),
-        description=str(data.get("description", "")),
-    )
+    built = tuple(step_from_dict(s, f"{where} {name!r} step {i}") for i, s in enumerate(steps))
+    try:
+        return Recipe(name=name, steps=built, description=str(data.get("description", "")))
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None

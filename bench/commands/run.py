@@ -46,7 +46,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--budget-s", type=float, help="time budget of the repetitions per cell, seconds")
     p.add_argument("--timeout-s", type=float, help="per-cell timeout, seconds (the cell's process is killed)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
-    p.add_argument("--cache-dir", help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
+    p.add_argument("--cache-dir",
+                   help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
 
 

@@ -77,7 +77,7 @@ class GenerateSample:
 
     @property
     def itl_ms(self) -> list[float]:
-        return [b - a for a, b in zip(self.token_ms, self.token_ms[1:])]
+        return [b - a for a, b in zip(self.token_ms, self.token_ms[1:], strict=False)]
 
 
 def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSample:
@@ -104,7 +104,8 @@ class RepeatConfig:
         from optimize.errors import InputError
 
         if self.warmup < 0 or self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0:
-            raise InputError(f"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0; got {self}")
+            raise InputError("repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0; "
+                             f"got {self}")
 
 
 @dataclass

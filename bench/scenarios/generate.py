@@ -55,6 +55,7 @@ def run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: RepeatC
 
     Returns:
         (metrics, samples, method): summaries, raw per-repetition values, and how they were taken.
+
     """
     clock = clock_for(state.device)
 

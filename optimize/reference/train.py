@@ -114,8 +114,8 @@ def unigram_nll(train_ids, eval_ids, vocab_size: int, context: int) -> float:
     return float(-logp[scored].mean())
 
 
-def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(), corpus_cfg: CorpusConfig = CorpusConfig(),
-                    progress=print) -> dict:
+def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
+                    corpus_cfg: CorpusConfig = CorpusConfig(), progress=print) -> dict:
     """Build corpus, tokenizer and model from scratch and save a Hugging Face model directory."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
@@ -158,7 +158,8 @@ def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(), corpus_cfg:
         opt.step()
         if step % cfg.log_every == 0 or step == cfg.steps - 1:
             elapsed = time.perf_counter() - t_train
-            log.append({"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step, cfg), "elapsed_s": round(elapsed, 1)})
+            log.append({"step": step, "loss": round(loss.item(), 4), "lr": lr_at(step, cfg),
+                        "elapsed_s": round(elapsed, 1)})
             progress(f"step {step}/{cfg.steps} loss {loss.item():.3f} elapsed {elapsed:.0f}s")
     train_s = time.perf_counter() - t_train
 
@@ -220,7 +221,8 @@ sorted path order; a file is held out when the first 8 bytes of sha256(relative 
 below {manifest['config']['eval_fraction']} of 2**64. `corpus-manifest.json` lists every file.
 
 - training text: {manifest['train_files']} files, {manifest['train_bytes']:,} bytes, sha256 `{manifest['train_sha256']}`
-- evaluation text (`eval.txt`, frozen): held-out non-test files, {manifest['eval_text_bytes']:,} bytes, sha256 `{manifest['eval_sha256']}`
+- evaluation text (`eval.txt`, frozen): held-out non-test files, {manifest['eval_text_bytes']:,} bytes,
+  sha256 `{manifest['eval_sha256']}`
 
 ## Training
 `infermatrix train-reference --out DIR` (defaults of `optimize.reference.train.TrainConfig`):

@@ -1,0 +1,457 @@
+"""Accuracy drift of a variant against the fp32 reference, as llama.cpp's perplexity tool reports it.
+
+The evaluation text is tokenized as one stream and cut into non-overlapping windows of
+``context`` tokens; the first ``max_tokens // context`` windows are used. Each window is an
+independent sequence (no BOS, no overlap) and every token but its first is scored given
+all earlier tokens of its window.
+
+The fp32 reference runs once per (model, text, settings) and its full log-softmax at every
+scored position is cached, so each variant needs one pass of its own. Cache layout::
+
+    <cache>/drift/<key>/reference.safetensors
+        windows            (W, T)       int64    the scored token windows
+        logprobs           (W, T-1, V)  float32  reference log-softmax; row t predicts token t+1
+        gen_prompts        (P, Lp)      int64    fixed prompts for generation agreement
+        gen_continuations  (P, N)       int64    the reference's greedy continuations
+    <cache>/drift/<key>/reference.json  method, key, sizes, reference perplexity
+
+``logprobs`` dominates: W x (T-1) x V x 4 bytes, about 255 MiB at the defaults for an
+8192-token vocabulary (the built-in and tiny models), 1 GiB for 32k, 4 GiB for 128k.
+It is written and read a few windows at a time, never held whole in memory.
+
+KL divergence is in nats; percentiles use numpy's linear interpolation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import InputError
+
+METHOD_VERSION = 1
+REFERENCE_TENSORS = "reference.safetensors"
+REFERENCE_JSON = "reference.json"
+SCORING = ("non-overlapping windows of `context` tokens from the start of the evaluation text, each an "
+           "independent sequence (no BOS); every token but the first of each window is scored")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@dataclass(frozen=True)
+class DriftConfig:
+    """How drift is measured; the one place for its defaults."""
+
+    context: int = 256  # window length in tokens
+    max_tokens: int = 8192  # cap on evaluation tokens: the first max_tokens // context full windows
+    batch_windows: int = 8  # windows per forward pass (memory: batch x context x vocab x 4 bytes)
+    gen_prompts: int = 8  # fixed prompts for generation agreement
+    gen_prompt_tokens: int = 32
+    gen_new_tokens: int = 32
+    enabled: bool = True
+
+    def validate(self) -> None:
+        for key in ("context", "max_tokens", "batch_windows", "gen_prompts", "gen_prompt_tokens", "gen_new_tokens"):
+            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
+                raise InputError(f"drift {key} must be a positive integer, got {getattr(self, key)!r}")
+        if self.context < 2:
+            raise InputError(f"drift context must be >= 2 so a window has a token to score, got {self.context}")
+        if self.max_tokens < self.context:
+            raise InputError(f"drift max_tokens must be >= context ({self.context}), got {self.max_tokens}")
+        if not isinstance(self.enabled, bool):
+            raise InputError(f"drift enabled must be true or false, got {self.enabled!r}")
+
+    @property
+    def windows(self) -> int:
+        return self.max_tokens // self.context
+
+    def reference_settings(self) -> dict[str, int]:
+        """The settings that determine the reference's contents (not batching, not ``enabled``)."""
+        return {k: getattr(self, k) for k in ("context", "max_tokens", "gen_prompts", "gen_prompt_tokens",
+                                              "gen_new_tokens")}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> DriftConfig:
+        """Parse a ``[drift]`` table; unknown keys and bad values raise ``InputError`` naming them."""
+        _reject_unknown(cls, data, where, "drift setting")
+        cfg = cls(**data)
+        try:
+            cfg.validate()
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        return cfg
+
+
+def _reject_unknown(cls, data: Any, where: str, what: str) -> None:
+    from optimize.registry import did_you_mean
+
+    if not isinstance(data, dict):
+        raise InputError(f"{where}: must be a table, got {data!r}")
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(allowed))
+    if unknown:
+        key = unknown[0]
+        raise InputError(f"{where}: '{key}' is not a {what}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
+
+
+@dataclass(frozen=True)
+class DriftBudget:
+    """Limits on drift metrics; None means no limit. ``max_X``/``min_X`` bound the metric ``X``."""
+
+    max_kld_mean: float | None = None
+    max_kld_p99: float | None = None
+    max_ppl_ratio: float | None = None
+    min_top1_agreement: float | None = None
+    min_gen_exact_match: float | None = None
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            fraction = f.name.startswith("min_")
+            if not _is_number(value) or value < 0 or (fraction and value > 1) or not math.isfinite(value):
+                allowed = "a fraction in [0, 1]" if fraction else "a non-negative number"
+                raise InputError(f"drift budget {f.name} must be {allowed}, got {value!r}")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str) -> DriftBudget:
+        """Parse a budget table; unknown keys and bad values raise ``InputError`` naming them."""
+        _reject_unknown(cls, data, where, "drift budget limit")
+        budget = cls(**data)
+        try:
+            budget.validate()
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        return budget
+
+    def check(self, metrics: dict[str, Any]) -> list[str]:
+        """Human-readable violations of this budget by drift ``metrics``; empty when within it."""
+        out = []
+        for f in dataclasses.fields(self):
+            limit = getattr(self, f.name)
+            if limit is None:
+                continue
+            bound, metric = f.name.split("_", 1)
+            value = metrics.get(metric)
+            if not _is_number(value) or math.isnan(value):
+                out.append(f"{metric} was not measured (budget {f.name} = {limit:g})")
+            elif bound == "max" and value > limit:
+                out.append(f"{metric} {value:.6g} > {f.name} {limit:g}")
+            elif bound == "min" and value < limit:
+                out.append(f"{metric} {value:.6g} < {f.name} {limit:g}")
+        return out
+
+
+# --- the reference pass ---------------------------------------------------------------
+
+
+def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", eval_text: str | None = None) -> Path:
+    """Where the reference for these settings lives (it may not exist yet)."""
+    from optimize.models import eval_text_path
+    from optimize.store import library_versions
+
+    payload = {
+        "model": ref.fingerprint,
+        "text_sha256": hashlib.sha256(eval_text_path(eval_text).read_bytes()).hexdigest(),
+        **cfg.reference_settings(),
+        "device": device,  # fp32 kernels differ between CPU and CUDA in the last bits
+        "versions": library_versions(("torch", "transformers")),
+        "method_version": METHOD_VERSION,
+    }
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    return Path(cache_dir) / "drift" / key
+
+
+def ensure_reference(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", eval_text: str | None = None,
+                     trust_remote_code: bool = False) -> Path:
+    """Run the fp32 reference over the evaluation windows once; later calls return the cached directory.
+
+    Built in a temporary directory and renamed into place, so a crash leaves no half
+    reference and concurrent cells end with one copy. ``reference.json`` records
+    ``reference_wall_s``, the time the pass took when it ran.
+    """
+    cfg.validate()
+    final = reference_path(ref, cfg, cache_dir, device, eval_text)
+    if (final / REFERENCE_JSON).exists():
+        return final
+    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        _compute_reference(ref, cfg, device, eval_text, trust_remote_code, tmp, final.name)
+        try:
+            tmp.rename(final)
+        except OSError:  # another cell finished first: keep theirs
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def token_windows(stream, cfg: DriftConfig):
+    """(W, context) windows from the start of ``stream``: the first ``max_tokens // context`` full ones."""
+    count = min(cfg.windows, len(stream) // cfg.context)
+    if count < 1:
+        raise InputError(f"evaluation text has {len(stream)} tokens, fewer than drift context {cfg.context}")
+    return stream[: count * cfg.context].reshape(count, cfg.context)
+
+
+def gen_prompt_offsets(stream_tokens: int, cfg: DriftConfig) -> list[int]:
+    """Evenly spaced, fixed start offsets of the generation prompts in the token stream."""
+    span = stream_tokens - cfg.gen_prompt_tokens
+    if span < 0:
+        raise InputError(f"evaluation text has {stream_tokens} tokens, fewer than drift gen_prompt_tokens "
+                         f"{cfg.gen_prompt_tokens}")
+    return [i * span // cfg.gen_prompts for i in range(cfg.gen_prompts)]
+
+
+def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None, trust_remote_code: bool,
+                       out: Path, key: str) -> None:
+    import torch
+
+    from bench.scenarios.generate import greedy_generate
+    from optimize import models
+    from optimize.state import VariantState
+    from optimize.store import library_versions
+
+    t0 = time.perf_counter()
+    model = models.load_torch_model(ref.path, device, "float32", trust_remote_code)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    limit = getattr(model.config, "max_position_embeddings", None)
+    longest = max(cfg.context, cfg.gen_prompt_tokens + cfg.gen_new_tokens)
+    if limit is not None and longest > limit:
+        raise InputError(f"drift needs sequences of {longest} tokens; model {ref.spec!r} takes at most {limit}")
+    stream = models.eval_token_ids(ref, vocab, eval_text, trust_remote_code)
+    windows = token_windows(stream, cfg)
+    offsets = gen_prompt_offsets(len(stream), cfg)
+    prompts = torch.stack([stream[s : s + cfg.gen_prompt_tokens] for s in offsets])  # (P, Lp)
+    state = VariantState(ref=ref, device=device, source_dir=Path(ref.path), trust_remote_code=trust_remote_code)
+    state.model = model
+    continuations = greedy_generate(state, prompts, cfg.gen_new_tokens)[:, cfg.gen_prompt_tokens :].cpu()
+
+    nll_sum = 0.0
+
+    def logprob_rows():
+        nonlocal nll_sum
+        for start, lp in _logprob_batches(model, windows, cfg.batch_windows, device, "torch"):
+            targets = windows[start : start + lp.shape[0], 1:].to(lp.device)
+            nll_sum -= float(lp.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64))
+            yield lp
+
+    shape = (len(windows), cfg.context - 1, vocab)
+    small = {"windows": windows, "gen_prompts": prompts, "gen_continuations": continuations}
+    _write_safetensors(out / REFERENCE_TENSORS, small, ("logprobs", shape, logprob_rows()),
+                       {"format": "pt", "key": key})
+    scored = shape[0] * shape[1]
+    info = {
+        "key": key,
+        "model": ref.to_dict(),
+        "eval_text": str(models.eval_text_path(eval_text)),
+        "eval_text_tokens": len(stream),
+        "settings": cfg.reference_settings(),
+        "device": device,
+        "method": {"version": METHOD_VERSION, "scoring": SCORING, "windows": shape[0], "context": cfg.context,
+                   "vocab": vocab, "scored_tokens": scored, "gen_prompt_offsets": offsets,
+                   "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary"},
+        "reference_perplexity": math.exp(nll_sum / scored),
+        "file_bytes": (out / REFERENCE_TENSORS).stat().st_size,
+        "reference_wall_s": round(time.perf_counter() - t0, 3),
+        "versions": library_versions(("torch", "transformers")),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    (out / REFERENCE_JSON).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def _logprob_batches(model, windows, batch_windows: int, device: str, backend: str):
+    """Yield ``(start, logprobs)`` per batch of windows; logprobs (b, T-1, V) float32, row t predicts token t+1."""
+    import torch
+
+    extra = {"use_cache": False} if backend == "torch" else {}  # a full-window pass needs no KV cache
+    for start in range(0, len(windows), batch_windows):
+        ids = windows[start : start + batch_windows].to(device)  # (b, T)
+        with torch.inference_mode():
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), **extra).logits[:, :-1].float()
+            bad = int((~torch.isfinite(logits)).any(-1).sum())
+            if bad:
+                positions = logits.shape[0] * logits.shape[1]
+                raise RuntimeError(f"the model produced non-finite logits at {bad} of {positions} positions "
+                                   f"(windows {start}..{start + len(ids) - 1})")
+            lp = torch.log_softmax(logits, dim=-1)
+        yield start, lp  # outside inference_mode: a suspended generator must not leave it switched on
+
+
+_ST_DTYPES = {"torch.int64": "I64", "torch.float32": "F32"}
+
+
+def _write_safetensors(path: Path, tensors: dict, streamed: tuple, metadata: dict[str, str]) -> None:
+    """Write a safetensors file whose last tensor arrives in chunks along its first dimension.
+
+    ``safetensors.torch.save_file`` needs every tensor in memory at once, and the log-probs
+    can be gigabytes, so this writes the format directly: an 8-byte little-endian header
+    length, the JSON header (padded to 8 bytes), then each tensor's raw little-endian bytes.
+    """
+    import torch
+
+    assert sys.byteorder == "little"
+    name, shape, chunks = streamed
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for key, t in [*tensors.items(), (name, None)]:
+        nbytes = math.prod(shape) * 4 if t is None else t.numel() * t.element_size()
+        dtype = "F32" if t is None else _ST_DTYPES[str(t.dtype)]
+        header[key] = {"dtype": dtype, "shape": list(shape if t is None else t.shape),
+                       "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    written = 0
+    with path.open("wb") as fh:
+        fh.write(struct.pack("<Q", len(raw)) + raw)
+        for t in tensors.values():
+            fh.write(t.detach().cpu().contiguous().numpy().tobytes())
+        for chunk in chunks:
+            assert chunk.dtype == torch.float32 and tuple(chunk.shape[1:]) == tuple(shape[1:]), chunk.shape
+            data = chunk.detach().cpu().contiguous().numpy().tobytes()
+            fh.write(data)
+            written += len(data)
+    assert written == math.prod(shape) * 4, (written, shape)
+
+
+# --- measuring a variant --------------------------------------------------------------
+
+
+def kl_divergence(ref_logprobs, var_logprobs):
+    """KL(reference || variant) in nats over the last dimension: (..., V) -> (...)."""
+    import torch
+
+    p = ref_logprobs.exp()
+    terms = torch.where(p > 0, p * (ref_logprobs - var_logprobs), torch.zeros_like(p))
+    return terms.sum(-1).clamp_min(0.0)  # tiny negative values are rounding
+
+
+def token_drift(ref_logprobs, var_logprobs, targets) -> dict:
+    """Per-token drift figures for (b, T-1, V) log-probs and (b, T-1) next tokens, flattened to (b*(T-1),)."""
+    idx = targets.unsqueeze(-1)
+    top_ref = ref_logprobs.argmax(-1, keepdim=True)  # (b, T-1, 1)
+    out = {
+        "kld": kl_divergence(ref_logprobs, var_logprobs),
+        "nll_ref": -ref_logprobs.gather(-1, idx).squeeze(-1),
+        "nll_var": -var_logprobs.gather(-1, idx).squeeze(-1),
+        "top1": (var_logprobs.argmax(-1, keepdim=True) == top_ref).squeeze(-1),
+        "delta_p": (var_logprobs.gather(-1, top_ref).exp() - ref_logprobs.gather(-1, top_ref).exp()).squeeze(-1),
+    }
+    return {k: v.reshape(-1).double().cpu() for k, v in out.items()}
+
+
+def _stderr(x) -> float:
+    return float(x.std(ddof=1) / math.sqrt(x.size)) if x.size > 1 else 0.0
+
+
+def summarize_drift(tokens: dict) -> dict[str, float]:
+    """The reported figures from per-token arrays (``token_drift``'s keys, concatenated)."""
+    import numpy as np
+
+    t = {k: np.asarray(v, dtype=np.float64) for k, v in tokens.items()}
+    n = t["kld"].size
+    ln_ratio = t["nll_var"] - t["nll_ref"]
+    ppl = math.exp(t["nll_var"].mean())
+    kld_q = np.percentile(t["kld"], [50, 90, 95, 99, 99.9])
+    dp_q = np.percentile(t["delta_p"], [1, 50, 99])
+    agree = float(t["top1"].mean())
+    return {
+        "perplexity": ppl,
+        "perplexity_stderr": ppl * _stderr(t["nll_var"]),  # delta method
+        "reference_perplexity": math.exp(t["nll_ref"].mean()),
+        "ppl_ratio": math.exp(ln_ratio.mean()),
+        "ln_ppl_ratio": float(ln_ratio.mean()),
+        "ln_ppl_ratio_stderr": _stderr(ln_ratio),
+        "kld_mean": float(t["kld"].mean()),
+        "kld_mean_stderr": _stderr(t["kld"]),
+        "kld_median": float(kld_q[0]),
+        "kld_p90": float(kld_q[1]),
+        "kld_p95": float(kld_q[2]),
+        "kld_p99": float(kld_q[3]),
+        "kld_p999": float(kld_q[4]),
+        "kld_min": float(t["kld"].min()),
+        "kld_max": float(t["kld"].max()),
+        "top1_agreement": agree,
+        "top1_agreement_stderr": math.sqrt(agree * (1 - agree) / n),
+        "delta_p_mean": float(t["delta_p"].mean()),
+        "delta_p_rms": float(np.sqrt((t["delta_p"] ** 2).mean())),
+        "delta_p_p01": float(dp_q[0]),
+        "delta_p_median": float(dp_q[1]),
+        "delta_p_p99": float(dp_q[2]),
+        "scored_tokens": n,
+    }
+
+
+def generation_agreement(ref_tokens, var_tokens) -> dict[str, float]:
+    """Exact-match fraction and mean common-prefix length (tokens) of (P, N) greedy continuations."""
+    same = (ref_tokens == var_tokens).long()
+    prefix = same.cumprod(dim=1).sum(dim=1).double()  # (P,) leading tokens that agree
+    return {"gen_exact_match": float((prefix == ref_tokens.shape[1]).double().mean()),
+            "gen_common_prefix_mean": float(prefix.mean())}
+
+
+def measure_drift(state, reference: Path, cfg: DriftConfig) -> dict[str, Any]:
+    """Drift of the loaded variant ``state`` against the reference at ``reference`` (from ``ensure_reference``).
+
+    Windows go through the variant's own forward ``cfg.batch_windows`` at a time; only
+    that many windows of variant logits and reference log-probs are in memory at once.
+    """
+    import torch
+    from safetensors import safe_open
+
+    from bench.scenarios.generate import greedy_generate
+
+    t0 = time.perf_counter()
+    reference = Path(reference)
+    info = json.loads((reference / REFERENCE_JSON).read_text())
+    if info["settings"] != cfg.reference_settings():
+        raise InputError(f"drift settings {cfg.reference_settings()} differ from those of the reference at "
+                         f"{reference} ({info['settings']}); call ensure_reference with the same config")
+    if info["model"]["fingerprint"] != state.ref.fingerprint:
+        raise InputError(f"the reference at {reference} is for model {info['model']['spec']!r}, "
+                         f"not {state.ref.spec!r}")
+    parts: list[dict] = []
+    with safe_open(str(reference / REFERENCE_TENSORS), framework="pt", device="cpu") as f:
+        windows = f.get_tensor("windows")  # (W, T)
+        ref_lp = f.get_slice("logprobs")  # (W, T-1, V), read lazily per batch
+        for start, var_lp in _logprob_batches(state.model, windows, cfg.batch_windows, state.device, state.backend):
+            stop = start + var_lp.shape[0]
+            lp = ref_lp[start:stop].to(var_lp.device)
+            if lp.shape != var_lp.shape:
+                raise InputError(f"variant log-probs {tuple(var_lp.shape)} do not match the reference's "
+                                 f"{tuple(lp.shape)}: different vocabulary?")
+            parts.append(token_drift(lp, var_lp, windows[start:stop, 1:].to(var_lp.device)))
+            del lp, var_lp
+        prompts, ref_cont = f.get_tensor("gen_prompts"), f.get_tensor("gen_continuations")
+    metrics: dict[str, Any] = summarize_drift({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    var_cont = greedy_generate(state, prompts, cfg.gen_new_tokens)[:, prompts.shape[1] :].cpu()
+    metrics.update(generation_agreement(ref_cont, var_cont))
+    metrics["drift_method"] = {
+        **info["method"], "reference_key": info["key"], "reference_device": info["device"],
+        "batch_windows": cfg.batch_windows, "kld": "KL(reference || variant), nats, full vocabulary",
+        "gen": f"greedy, {cfg.gen_new_tokens} new tokens from {cfg.gen_prompts} prompts of {cfg.gen_prompt_tokens}",
+        "percentiles": "numpy linear interpolation",
+    }
+    metrics["drift_wall_s"] = round(time.perf_counter() - t0, 3)
+    return metrics

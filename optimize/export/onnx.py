@@ -1,0 +1,172 @@
+"""ONNX export of a causal LM with past key/values, and loading it in ONNX Runtime.
+
+The export goes through optimum's ``main_export`` with the ``text-generation-with-past``
+task: one ``model.onnx`` whose inputs are ``input_ids``, ``attention_mask``,
+``position_ids`` and ``past_key_values.{layer}.{key,value}`` (B, kv_heads, past, head_dim),
+and whose outputs are ``logits`` and the ``present.*`` cache. The same graph serves the
+prefill (past of length 0) and every decode step, so ``ORTModelForCausalLM.generate``
+decodes with a KV cache.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from optimize.errors import NotApplicable, RecipeError
+from optimize.recipe import Step
+from optimize.registry import register
+
+DTYPES = ("float32", "float16")
+OPTIMIZATION_LEVELS = ("disable", "basic", "extended", "all")
+ONNX_FILE = "model.onnx"  # the name main_export writes and ORTModelForCausalLM looks for
+TASK = "text-generation-with-past"
+MIN_OPSET = 14  # optimum refuses to export decoder LMs below this
+PAST_PREFIX = "past_key_values."
+INSTALL_HINT = "pip install 'infermatrix[cpu]' or 'infermatrix[gpu]'"
+
+
+def require_onnxruntime():
+    """The ``onnxruntime`` module, or ``NotApplicable`` saying how to install it."""
+    try:
+        import onnxruntime
+    except ImportError:
+        raise NotApplicable(f"ONNX Runtime is not installed: {INSTALL_HINT}") from None
+    return onnxruntime
+
+
+def execution_provider(device: str) -> str:
+    """The ORT execution provider for ``device``; ``NotApplicable`` when it is missing."""
+    ort = require_onnxruntime()
+    if device != "cuda":
+        return "CPUExecutionProvider"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise NotApplicable("ONNX Runtime has no CUDAExecutionProvider here: pip install 'infermatrix[gpu]' "
+                            "(onnxruntime-gpu) in place of onnxruntime")
+    return "CUDAExecutionProvider"
+
+
+def onnx_files(onnx_dir: Path) -> list[Path]:
+    """The model file and its external-data files (written beside it for graphs over 2 GB)."""
+    return sorted(f for f in Path(onnx_dir).iterdir()
+                  if f.is_file() and (f.suffix == ".onnx" or f.name.endswith((".onnx_data", ".onnx.data"))))
+
+
+def onnx_bytes(onnx_dir: Path) -> int:
+    return sum(f.stat().st_size for f in onnx_files(onnx_dir))
+
+
+def graph_io(onnx_path: Path) -> tuple[list[str], list[str]]:
+    """Names of the graph's inputs and outputs (reads the graph only, not the weights)."""
+    import onnx
+
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    return [i.name for i in graph.input], [o.name for o in graph.output]
+
+
+def _opset(onnx_path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+
+@register
+@dataclass(frozen=True)
+class OnnxExport(Step):
+    """Export to ONNX (with past key/values) and run the variant in ONNX Runtime."""
+
+    technique = "onnx-export"
+    stage = "export"
+    backend = "any"
+    summary = "ONNX export with KV cache (optimum), run in ONNX Runtime"
+    dtype: str = "float32"
+    optimization_level: str = "all"  # ORT GraphOptimizationLevel applied when the session is created
+    opset: int = 0  # 0: the exporter's default for the architecture
+
+    def validate(self) -> None:
+        if self.dtype not in DTYPES:
+            raise RecipeError(f"onnx-export.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.optimization_level not in OPTIMIZATION_LEVELS:
+            raise RecipeError(f"onnx-export.optimization_level must be one of {OPTIMIZATION_LEVELS}, "
+                              f"got {self.optimization_level!r}")
+        if self.opset != 0 and self.opset < MIN_OPSET:
+            raise RecipeError(f"onnx-export.opset must be 0 (exporter default) or >= {MIN_OPSET}, got {self.opset}")
+
+    def apply(self, state) -> dict:
+        if self.dtype == "float16" and state.device != "cuda":
+            raise NotApplicable("fp16 ONNX export needs CUDA: the exporter traces the model in fp16 on the GPU, "
+                                "and ORT's CPU provider has no fast fp16 kernels")
+        execution_provider(state.device)  # fail before exporting a graph this machine cannot run
+        import onnx
+        from optimum.exporters.onnx import main_export
+
+        if self.opset > onnx.defs.onnx_opset_version():
+            raise RecipeError(f"onnx-export.opset {self.opset} is newer than this onnx package supports "
+                              f"({onnx.defs.onnx_opset_version()})")
+        out = Path(state.work_dir)
+        t0 = time.perf_counter()
+        main_export(
+            str(state.source_dir), output=str(out), task=TASK, opset=self.opset or None,
+            # fp32 traces on the CPU (same graph, no GPU memory); fp16 needs the GPU.
+            device="cuda" if self.dtype == "float16" else "cpu", dtype="fp16" if self.dtype == "float16" else "fp32",
+            # optimum's check runs random inputs at a loose tolerance and doubles peak memory; the
+            # bench's drift metrics compare the variant with the reference on real text instead.
+            do_validation=False, trust_remote_code=state.trust_remote_code, library_name="transformers",
+        )
+        export_s = time.perf_counter() - t0
+        shutil.rmtree(out / "weights", ignore_errors=True)  # the store's copy of the weights-stage model
+        state.backend, state.onnx_dir = "onnxruntime", out
+        inputs, outputs = graph_io(out / ONNX_FILE)
+        return {
+            "exporter": "optimum.exporters.onnx.main_export",
+            "task": TASK,
+            "dtype": self.dtype,
+            "opset": _opset(out / ONNX_FILE),
+            "inputs": [n for n in inputs if not n.startswith(PAST_PREFIX)],
+            "past_key_value_inputs": sum(n.startswith(PAST_PREFIX) for n in inputs),
+            "outputs": [n for n in outputs if not n.startswith("present.")],
+            "onnx_bytes": onnx_bytes(out),
+            "export_s": round(export_s, 3),
+        }
+
+
+def session_options(step: OnnxExport):
+    """ORT session options carrying ``step``'s graph optimisation level."""
+    ort = require_onnxruntime()
+    level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[step.optimization_level]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = level
+    return options
+
+
+def load_ort_model(path: Path, device: str, step: OnnxExport):
+    """An ``ORTModelForCausalLM`` over the artifact at ``path``, decoding with its KV cache.
+
+    Raises:
+        NotApplicable: ONNX Runtime (or its CUDA provider, on ``cuda``) is missing, or the
+            session did not get the provider asked for (no silent fallback to the CPU).
+
+    """
+    provider = execution_provider(device)
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    model = ORTModelForCausalLM.from_pretrained(str(path), file_name=ONNX_FILE, provider=provider,
+                                                session_options=session_options(step), use_cache=True)
+    if model.providers[0] != provider:
+        raise NotApplicable(f"ONNX Runtime could not start {provider} (the session got {model.providers}); "
+                            "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
+    return model
+
+
+def ort_label(model) -> str:
+    """A one-line note for reports: ONNX Runtime's version and the provider actually running."""
+    ort = require_onnxruntime()
+    return f"ONNX Runtime {ort.__version__}, {model.providers[0]}"

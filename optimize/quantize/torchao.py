@@ -1,0 +1,125 @@
+"""torchao weight quantization of linear layers through its one verb, ``quantize_(model, config)``.
+
+Schemes, and where torchao 0.18 runs them:
+
+- ``int8-weight-only`` (``Int8WeightOnlyConfig``): int8 weights with one scale per output
+  row; activations and compute stay in the model's dtype. CPU and CUDA.
+- ``int8-dynamic`` (``Int8DynamicActivationInt8WeightConfig``): int8 weights per row, and
+  activations quantized to int8 per token at every call. CPU and CUDA.
+- ``int4-weight-only`` (``Int4WeightOnlyConfig``): 4-bit weights with a scale and zero
+  point per ``group_size`` inputs, packed for the tinygemm kernel
+  (``tile_packed_to_4d``), which computes in bf16 on CUDA GPUs of compute capability
+  8.0 or more. torchao 0.18 has no CPU kernel for any of its int4 weight-only layouts:
+  the default ``plain`` layout calls mslk's CUDA ops, ``plain_int32`` supports CUDA and
+  XPU only, and tinygemm is CUDA-only.
+
+The output projection (``lm_head``) stays in full precision, as transformers' quantizers
+leave it. The configs keep torchao's default of setting its recommended inductor flags,
+which only matter if a later step compiles the model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from optimize.errors import NotApplicable, RecipeError
+from optimize.recipe import Step
+from optimize.registry import register
+
+SCHEMES = ("int8-weight-only", "int4-weight-only", "int8-dynamic")
+GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm int4 kernel supports
+
+
+@register
+@dataclass(frozen=True)
+class TorchAO(Step):
+    """Quantize every linear layer but ``lm_head`` with one torchao scheme."""
+
+    technique = "torchao"
+    stage = "runtime"
+    backend = "torch"
+    summary = "torchao quantize_: int8 weight-only, int8 dynamic, or int4 weight-only (CUDA) linear layers"
+    scheme: str = "int8-weight-only"
+    group_size: int = 128  # int4 only: inputs sharing one scale and zero point
+
+    def validate(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise RecipeError(f"torchao.scheme must be one of {SCHEMES}, got {self.scheme!r}")
+        if self.group_size not in GROUP_SIZES:
+            raise RecipeError(f"torchao.group_size must be one of {GROUP_SIZES}, got {self.group_size!r}")
+
+    def apply(self, state) -> dict:
+        if self.scheme == "int4-weight-only":
+            _require_int4_device(state.device)
+            _load_bf16(state)
+        import torch
+        from torchao.quantization import quantize_
+        from torchao.utils import TorchAOBaseTensor
+
+        model = state.model
+        head = model.get_output_embeddings()
+
+        def is_target(module, fqn: str = "") -> bool:
+            return isinstance(module, torch.nn.Linear) and module is not head
+
+        targets = {name: m for name, m in model.named_modules() if is_target(m)}
+        if not targets:
+            raise NotApplicable("torchao: this model has no linear layer besides lm_head")
+        quantize_(model, self._config(), filter_fn=is_target)
+        # torchao leaves a layer as it was when its shape does not fit the scheme (int4:
+        # in_features not a multiple of group_size), so count what really changed.
+        left = sorted(name for name, m in targets.items() if not isinstance(m.weight, TorchAOBaseTensor))
+        if left:
+            note = (f"torchao {self.scheme}: {len(left)} of {len(targets)} linear layers left unquantized, e.g. "
+                    f"{left[0]} with (out, in) = {tuple(targets[left[0]].weight.shape)}")
+            if self.scheme == "int4-weight-only":
+                note += f" (in not a multiple of group_size {self.group_size})"
+            if len(left) == len(targets):
+                raise NotApplicable(note)
+            state.labels.append(note)
+        report = {"scheme": self.scheme, "quantized_linears": len(targets) - len(left),
+                  "unquantized_linears": len(left), "lm_head": "not quantized"}
+        if self.scheme == "int4-weight-only":
+            report.update(group_size=self.group_size, layout="tile_packed_to_4d (tinygemm)")
+        return report
+
+    def _config(self):
+        """The torchao config object for ``scheme``."""
+        from torchao.quantization import (
+            Int4WeightOnlyConfig,
+            Int8DynamicActivationInt8WeightConfig,
+            Int8WeightOnlyConfig,
+        )
+
+        if self.scheme == "int8-weight-only":
+            return Int8WeightOnlyConfig()
+        if self.scheme == "int8-dynamic":
+            return Int8DynamicActivationInt8WeightConfig()
+        return Int4WeightOnlyConfig(group_size=self.group_size, int4_packing_format="tile_packed_to_4d")
+
+
+def _require_int4_device(device: str) -> None:
+    """Raise ``NotApplicable`` unless ``device`` can run tinygemm's int4 kernel."""
+    if device != "cuda":
+        raise NotApplicable("torchao int4 weight-only needs CUDA: torchao 0.18 has no CPU kernel for it "
+                            "(tile-packed layout: tinygemm, CUDA only; plain: mslk CUDA ops; plain_int32: CUDA/XPU)")
+    import torch
+
+    major, minor = torch.cuda.get_device_capability()
+    if major < 8:
+        raise NotApplicable(f"torchao int4 weight-only needs compute capability >= 8.0 for tinygemm, "
+                            f"this GPU has {major}.{minor}")
+
+
+def _load_bf16(state) -> None:
+    """Load the model in bf16, the only dtype the tinygemm layout takes."""
+    if not state.loaded:
+        state.load(dtype="bfloat16")
+    else:
+        import torch
+
+        dtype = next(state.model.parameters()).dtype
+        if dtype != torch.bfloat16:
+            raise RecipeError(f"torchao int4 weight-only needs bf16 weights, an earlier runtime step loaded {dtype}: "
+                              "put it first among runtime steps, or after a bf16 cast")
+    state.labels.append("torchao int4 weight-only: activations, compute and unquantized layers in bf16")

@@ -1,0 +1,43 @@
+"""Build tiny model directories whose own modelling code misbehaves on purpose.
+
+They are loaded with ``trust_remote_code`` like any model that ships its own code, so the
+runner's handling of a raising, aborting or hanging cell is tested end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+MODELING = '''
+import os
+import time
+
+from transformers import LlamaConfig, LlamaForCausalLM
+
+
+class FaultyForCausalLM(LlamaForCausalLM):
+    config_class = LlamaConfig
+
+    def forward(self, *args, **kwargs):
+        fault = self.config.fault
+        if fault == "raise":
+            raise RuntimeError("faulty model: forward raised on purpose")
+        if fault == "abort":
+            os.abort()
+        if fault == "hang":
+            time.sleep(3600)
+        return super().forward(*args, **kwargs)
+'''
+
+
+def make_faulty(base: Path, out: Path, fault: str) -> Path:
+    """Copy the model at ``base`` to ``out`` with a forward that does ``fault``."""
+    shutil.copytree(base, out)
+    config = json.loads((out / "config.json").read_text())
+    config["fault"] = fault
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_faulty.FaultyForCausalLM"}
+    (out / "config.json").write_text(json.dumps(config))
+    (out / "modeling_faulty.py").write_text(MODELING)
+    return out

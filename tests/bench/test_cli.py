@@ -1,0 +1,79 @@
+"""The command line: help everywhere, one-line errors with exit code 2, lean imports."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from bench.cli import COMMANDS, main
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("command", [None, *COMMANDS])
+def test_help_is_available_for_every_subcommand(command, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([command, "--help"] if command else ["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage: infermatrix" in out
+
+
+def test_unknown_variant_is_one_line_exit_2_with_suggestion():
+    proc = _cli("run", "--variants", "fp23", "--device", "cpu")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "unknown variant 'fp23'" in lines[0] and "did you mean 'fp32'" in lines[0]
+
+
+def test_bad_matrix_file_names_file_and_key(tmp_path):
+    bad = tmp_path / "m.toml"
+    bad.write_text('variants = ["fp32"]\nmodles = ["x"]\n')
+    proc = _cli("run", str(bad))
+    assert proc.returncode == 2
+    assert str(bad) in proc.stderr and "'modles'" in proc.stderr and "did you mean 'models'" in proc.stderr
+
+
+def test_bad_flag_value_exits_2():
+    proc = _cli("run", "--batch-size", "one")
+    assert proc.returncode == 2
+    assert "--batch-size takes comma-separated integers" in proc.stderr
+
+
+def test_unknown_model_exits_2(tmp_path):
+    proc = _cli("run", "--model", "synthetic:llama-999", "--device", "cpu", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert "unknown synthetic model" in proc.stderr
+
+
+def test_variants_lists_builtins():
+    proc = _cli("variants", "--json")
+    assert proc.returncode == 0
+    import json
+
+    listing = json.loads(proc.stdout)
+    assert listing["fp32"]["recipe"]["steps"] == []
+    assert all(v["applies"] for v in listing.values())
+
+
+def test_env_prints_environment_record():
+    proc = _cli("env", "--no-torch")
+    assert proc.returncode == 0
+    import json
+
+    env = json.loads(proc.stdout)
+    assert env["cpu_logical_cores"] >= 1 and env["ram_bytes"] > 0 and "git" in env
+
+
+def test_import_bench_and_help_stay_lean():
+    code = ("import sys, bench, bench.cli; bench.cli.parser(); "
+            "heavy = [m for m in ('onnxruntime', 'bitsandbytes', 'optimum', 'ray', 'torch', 'transformers') "
+            "if m in sys.modules]; print(heavy)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

@@ -1,0 +1,228 @@
+"""Accuracy drift against the fp32 reference, on the tiny model with small windows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from bench.metrics.drift import (
+    REFERENCE_JSON,
+    REFERENCE_TENSORS,
+    DriftBudget,
+    DriftConfig,
+    ensure_reference,
+    generation_agreement,
+    kl_divergence,
+    measure_drift,
+    reference_path,
+    summarize_drift,
+    token_drift,
+)
+from optimize.errors import InputError
+
+# 16 windows of 64 tokens: each test takes seconds on two CPU cores.
+SMALL = DriftConfig(context=64, max_tokens=1024, batch_windows=4, gen_prompts=2, gen_prompt_tokens=16,
+                    gen_new_tokens=8)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ref, cache_dir):
+    return ensure_reference(tiny_ref, SMALL, cache_dir)
+
+
+@pytest.fixture(scope="module")
+def drift_of(tiny_ref, cache_dir, reference):
+    """Drift metrics of a recipe (steps given as a tuple), each measured once per module."""
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    done: dict = {}
+
+    def measure(*steps):
+        if steps not in done:
+            state, _ = load_variant(tiny_ref, Recipe(name="under-test", steps=steps), "cpu", VariantStore(cache_dir))
+            done[steps] = measure_drift(state, reference, SMALL)
+        return done[steps]
+
+    return measure
+
+
+def _independent_windows():
+    """The evaluation windows, tokenized and cut here without the project's helpers."""
+    from transformers import AutoTokenizer
+
+    from optimize.reference import BUILTIN_DIR, EVAL_TEXT
+
+    tok = AutoTokenizer.from_pretrained(str(BUILTIN_DIR))
+    ids = tok(EVAL_TEXT.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    count = SMALL.max_tokens // SMALL.context
+    return torch.tensor(ids[: count * SMALL.context]).reshape(count, SMALL.context)
+
+
+def test_reference_perplexity_matches_plain_transformers_forward(tiny_ref, reference, drift_of):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    windows = _independent_windows()
+    model = AutoModelForCausalLM.from_pretrained(tiny_ref.path, dtype=torch.float32).eval()
+    nll_sum, count = 0.0, 0
+    with torch.no_grad():
+        for w in windows:
+            out = model(input_ids=w[None], labels=w[None])  # HF shifts labels: mean NLL of tokens 2..T
+            nll_sum += float(out.loss) * (len(w) - 1)
+            count += len(w) - 1
+        first_logprobs = torch.log_softmax(model(input_ids=windows[:1]).logits[0, :-1].float(), dim=-1)
+    expected = math.exp(nll_sum / count)
+
+    measured = drift_of()["reference_perplexity"]
+    stored = json.loads((reference / REFERENCE_JSON).read_text())["reference_perplexity"]
+    assert measured == pytest.approx(expected, rel=1e-3)
+    assert stored == pytest.approx(expected, rel=1e-3)
+    assert drift_of()["scored_tokens"] == count
+    with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
+        assert torch.equal(f.get_tensor("windows"), windows)
+        torch.testing.assert_close(f.get_slice("logprobs")[0:1][0], first_logprobs, atol=1e-5, rtol=1e-5)
+
+
+def test_reference_pass_is_cached_and_not_recomputed(tiny_ref, cache_dir, reference, monkeypatch):
+    import optimize.models
+
+    files = [reference / REFERENCE_TENSORS, reference / REFERENCE_JSON]
+    stamps = [f.stat().st_mtime_ns for f in files]
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the reference model was loaded again")
+
+    monkeypatch.setattr(optimize.models, "load_torch_model", no_load)
+    assert ensure_reference(tiny_ref, SMALL, cache_dir) == reference
+    assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    info = json.loads(files[1].read_text())
+    windows, scored = SMALL.max_tokens // SMALL.context, SMALL.max_tokens // SMALL.context * (SMALL.context - 1)
+    assert info["method"]["windows"] == windows and info["method"]["scored_tokens"] == scored
+    assert info["file_bytes"] >= scored * 8192 * 4  # float32 log-probs over the full vocabulary
+
+
+def test_reference_key_ignores_batching_but_not_window_settings(tiny_ref, cache_dir, reference):
+    from dataclasses import replace
+
+    assert reference_path(tiny_ref, replace(SMALL, batch_windows=1), cache_dir) == reference
+    assert reference_path(tiny_ref, replace(SMALL, context=32), cache_dir) != reference
+    assert reference_path(tiny_ref, replace(SMALL, gen_new_tokens=4), cache_dir) != reference
+    assert reference_path(tiny_ref, SMALL, cache_dir, device="cuda") != reference
+
+
+def test_measure_rejects_a_reference_built_with_other_settings(tiny_ref, cache_dir, reference):
+    from dataclasses import replace
+
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
+    with pytest.raises(InputError, match="differ from those of the reference"):
+        measure_drift(state, reference, replace(SMALL, context=32))
+
+
+def test_reference_against_itself_has_no_drift(drift_of):
+    m = drift_of()
+    assert m["kld_mean"] < 1e-6 and m["kld_max"] < 1e-6
+    assert m["top1_agreement"] == 1.0
+    assert m["gen_exact_match"] == 1.0 and m["gen_common_prefix_mean"] == SMALL.gen_new_tokens
+    assert m["ppl_ratio"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_no_kv_cache_variant_scores_like_the_reference(drift_of):
+    from optimize.kvcache import KVCache
+
+    m = drift_of(KVCache(mode="none"))
+    assert m["kld_mean"] < 1e-4
+    assert m["top1_agreement"] >= 0.999
+
+
+def test_pruning_drifts_more_than_bf16(drift_of):
+    from optimize.prune.magnitude import MagnitudePrune
+    from optimize.quantize.cast import Cast
+
+    bf16, pruned = drift_of(Cast(dtype="bfloat16")), drift_of(MagnitudePrune(sparsity=0.5))
+    assert 0 < bf16["kld_mean"] < pruned["kld_mean"]
+    assert pruned["top1_agreement"] < 1.0
+    assert pruned["kld_p99"] >= pruned["kld_median"] >= pruned["kld_min"] >= 0
+    assert pruned["drift_method"]["context"] == SMALL.context
+
+
+def test_kl_divergence_matches_scipy_rel_entr():
+    from scipy.special import rel_entr
+
+    p = torch.tensor([[0.5, 0.25, 0.25, 0.0], [0.1, 0.2, 0.3, 0.4]], dtype=torch.float64)
+    q = torch.tensor([[0.25, 0.25, 0.25, 0.25], [0.4, 0.3, 0.2, 0.1]], dtype=torch.float64)
+    expected = rel_entr(p.numpy(), q.numpy()).sum(-1)
+    got = kl_divergence(p.log(), q.log())  # log(0) = -inf for p's empty bin contributes 0
+    torch.testing.assert_close(got, torch.from_numpy(expected))
+
+    gen = torch.Generator().manual_seed(0)
+    lp = torch.log_softmax(torch.randn(2, 3, 50, generator=gen), -1)
+    lq = torch.log_softmax(torch.randn(2, 3, 50, generator=gen), -1)
+    reference = torch.nn.functional.kl_div(lq, lp, log_target=True, reduction="none").sum(-1)
+    torch.testing.assert_close(kl_divergence(lp, lq), reference)
+    assert torch.equal(kl_divergence(lp, lp), torch.zeros(2, 3))
+
+
+def test_token_drift_and_summary_follow_the_definitions():
+    lp = torch.log(torch.tensor([[[0.7, 0.2, 0.1], [0.2, 0.5, 0.3]]]))  # (1, 2, 3)
+    lq = torch.log(torch.tensor([[[0.6, 0.3, 0.1], [0.6, 0.3, 0.1]]]))
+    targets = torch.tensor([[0, 2]])
+    t = token_drift(lp, lq, targets)
+    assert t["top1"].tolist() == [1.0, 0.0]
+    torch.testing.assert_close(t["delta_p"], torch.tensor([-0.1, -0.2], dtype=torch.float64))
+    m = summarize_drift(t)
+    nll_ref = -(math.log(0.7) + math.log(0.3)) / 2
+    nll_var = -(math.log(0.6) + math.log(0.1)) / 2
+    assert m["reference_perplexity"] == pytest.approx(math.exp(nll_ref))
+    assert m["ppl_ratio"] == pytest.approx(math.exp(nll_var - nll_ref))
+    assert m["top1_agreement"] == 0.5 and m["top1_agreement_stderr"] == pytest.approx(math.sqrt(0.25 / 2))
+    assert m["delta_p_rms"] == pytest.approx(math.sqrt((0.01 + 0.04) / 2))
+
+
+def test_generation_agreement_counts_exact_matches_and_common_prefixes():
+    ref = torch.tensor([[1, 2, 3, 4], [5, 6, 7, 8]])
+    var = torch.tensor([[1, 2, 3, 4], [5, 6, 0, 8]])
+    assert generation_agreement(ref, var) == {"gen_exact_match": 0.5, "gen_common_prefix_mean": 3.0}
+
+
+def test_drift_budget_flags_violations_and_passes_within_limits():
+    metrics = {"kld_mean": 0.02, "kld_p99": 0.3, "ppl_ratio": 1.01, "top1_agreement": 0.93, "gen_exact_match": 1.0}
+    strict = DriftBudget.from_dict({"max_kld_mean": 0.01, "min_top1_agreement": 0.95}, "matrix.toml [drift.budget]")
+    violations = strict.check(metrics)
+    assert len(violations) == 2
+    assert any("kld_mean" in v and "max_kld_mean" in v for v in violations)
+    assert any("top1_agreement" in v for v in violations)
+
+    loose = DriftBudget(max_kld_mean=0.05, max_kld_p99=0.5, max_ppl_ratio=1.05, min_top1_agreement=0.9,
+                        min_gen_exact_match=1.0)
+    assert loose.check(metrics) == []
+    assert DriftBudget().check({}) == []
+    assert DriftBudget(max_kld_p99=0.1).check({}) == ["kld_p99 was not measured (budget max_kld_p99 = 0.1)"]
+
+
+def test_drift_budget_rejects_unknown_keys_and_bad_limits():
+    with pytest.raises(InputError, match=r"budget\]: 'max_kld' is not a drift budget limit \(did you mean"):
+        DriftBudget.from_dict({"max_kld": 0.1}, "m.toml [drift.budget]")
+    with pytest.raises(InputError, match="min_top1_agreement must be a fraction"):
+        DriftBudget.from_dict({"min_top1_agreement": 95}, "m.toml [drift.budget]")
+    with pytest.raises(InputError, match="max_ppl_ratio must be a non-negative number"):
+        DriftBudget.from_dict({"max_ppl_ratio": "1.1"}, "m.toml [drift.budget]")
+
+
+def test_drift_config_validation_names_the_field():
+    with pytest.raises(InputError, match="context"):
+        DriftConfig(context=1).validate()
+    with pytest.raises(InputError, match="max_tokens"):
+        DriftConfig(context=256, max_tokens=100).validate()
+    with pytest.raises(InputError, match="gen_new_tokens"):
+        DriftConfig(gen_new_tokens=0).validate()
+    with pytest.raises(InputError, match="'windows' is not a drift setting"):
+        DriftConfig.from_dict({"windows": 4}, "m.toml [drift]")
+    assert DriftConfig.from_dict({"context": 128}, "m.toml [drift]").windows == 8192 // 128

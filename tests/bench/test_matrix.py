@@ -1,0 +1,75 @@
+"""Matrix files: validation, narrowing with flags, expansion and exclusion."""
+
+from __future__ import annotations
+
+import pytest
+
+from bench.matrix import cell_id, expand, load_matrix, narrow, parse_matrix
+from optimize.errors import InputError
+
+
+def cpu(_: str) -> str:
+    return "cpu"
+
+
+def test_default_matrix_is_valid_and_uses_builtin_model():
+    m = load_matrix()
+    assert m.models == ("builtin:pycode",)
+    assert "fp32" in m.variants
+
+
+def test_cells_are_the_cross_product_minus_exclusions():
+    m = parse_matrix({
+        "models": ["synthetic:llama-tiny"], "variants": ["fp32", "bf16"],
+        "scenarios": [{"name": "generate", "batch_size": [1, 4], "prompt_tokens": 32, "new_tokens": 8}],
+        "exclude": [{"variant": "bf16", "batch_size": 4}],
+    }, "m.toml")
+    cells = expand(m, cpu)
+    got = {(c["variant"]["name"], c["scenario"]["batch_size"]) for c in cells}
+    assert got == {("fp32", 1), ("fp32", 4), ("bf16", 1)}
+    assert len({c["cell_id"] for c in cells}) == 3
+
+
+def test_cell_id_is_stable_and_depends_on_content():
+    from optimize.registry import builtin_variant
+
+    s = {"name": "generate", "batch_size": 1, "prompt_tokens": 8, "new_tokens": 4}
+    a = cell_id("m", builtin_variant("fp32"), "cpu", s)
+    assert a == cell_id("m", builtin_variant("fp32"), "cpu", dict(s))
+    assert a != cell_id("m", builtin_variant("bf16"), "cpu", s)
+
+
+def test_inline_recipe_is_usable_as_variant():
+    m = parse_matrix({"variants": ["mine"], "recipe": [
+        {"name": "mine", "steps": [{"technique": "prune-magnitude", "sparsity": 0.3}, {"technique": "cast"}]}]}, "m")
+    assert [s.technique for s in m.recipe("mine").steps] == ["prune-magnitude", "cast"]
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"variants": ["fp32"], "devices": ["tpu"]}, "'devices' must be among"),
+    ({"scenarios": [{"name": "generate", "batch_size": [0]}]}, "'batch_size' must be a positive integer"),
+    ({"scenarios": [{"name": "nope"}]}, "'name' must be one of"),
+    ({"measure": {"min_reps": 5, "max_reps": 2}}, "min_reps <= max_reps"),
+    ({"measure": {"warmups": 1}}, "'warmups' is not a measure setting"),
+    ({"variants": ["x"], "recipe": [{"name": "x", "steps": [{"technique": "prune-magnitude", "sparsity": 2.0}]}]},
+     "sparsity must be in (0, 1)"),
+    ({"variants": ["x"], "recipe": [{"name": "x", "steps": [{"technique": "prune-magnitud"}]}]},
+     "did you mean 'prune-magnitude'"),
+    ({"variants": ["x"], "recipe": [{"name": "x", "steps": [{"technique": "cast", "dtype": "float16"},
+                                                            {"technique": "prune-magnitude"}]}]},
+     "steps must go weights -> export -> graph -> runtime"),
+])
+def test_invalid_matrices_name_file_and_key(data, message):
+    with pytest.raises(InputError) as exc:
+        parse_matrix(data, "file.toml")
+    assert message in str(exc.value)
+    assert "file.toml" in str(exc.value) or "variant" in str(exc.value)
+
+
+def test_flags_narrow_the_matrix():
+    m = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["bf16"], batch_size=[1, 8],
+               new_tokens=[4], repeat={"min_reps": 2})
+    cells = expand(m, cpu)
+    assert {c["scenario"]["batch_size"] for c in cells} == {1, 8}
+    assert all(c["scenario"]["new_tokens"] == 4 and c["model"] == "synthetic:llama-tiny" for c in cells)
+    assert m.measure.repeat.min_reps == 2
