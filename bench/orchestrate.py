@@ -43,6 +43,19 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def make_launcher(name: str, run_dir: Path, ray_address: str | None = None):
+    """The launcher called ``name``; Ray is imported only when asked for."""
+    if name == "ray":
+        from bench.launchers.ray import RayLauncher
+
+        return RayLauncher(ray_address)
+    if ray_address:
+        raise InputError("--ray-address needs --launcher ray")
+    from bench.launchers.local import LocalLauncher
+
+    return LocalLauncher(run_dir / "logs")
+
+
 def matrix_hash(matrix: Matrix) -> str:
     d = matrix.to_dict()
     d.pop("source", None)

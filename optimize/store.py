@@ -144,11 +144,12 @@ def load_variant(ref: ModelRef, recipe: Recipe, device: str, store: VariantStore
     state = VariantState(ref=ref, device=device, source_dir=artifact.path, trust_remote_code=trust_remote_code,
                          labels=list(artifact.manifest.get("labels", [])))
     if recipe.backend == "onnxruntime":
-        from optimize.export.onnx import load_ort_model
+        from optimize.export.onnx import load_ort_model, ort_label
 
         export = next(s for s in recipe.steps if s.stage == "export")
         state.backend, state.onnx_dir = "onnxruntime", artifact.path
         state.model = load_ort_model(artifact.path, device, export)
+        state.labels.append(ort_label(state.model))
     for step in recipe.runtime_steps:
         state.reports.append({"technique": step.technique, **(_apply(step, state) or {})})
     state.model  # noqa: B018 - load now, so load time is not charged to the first measurement

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the matrix's, usually auto)")
     p.add_argument("--out", type=Path, help="run directory to create (default: reports/runs/TIMESTAMP-NAME)")
     p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR: skip cells recorded ok")
+    p.add_argument("--shard", metavar="I/N", help="run only shard I of N (deterministic, balanced; see 'merge')")
+    p.add_argument("--launcher", choices=("local", "ray"), default="local",
+                   help="local: cells one after another here; ray: each cell a Ray task (pip install '.[ray]')")
+    p.add_argument("--ray-address", help="existing Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--warmup", type=int, help="warm-up runs per cell")
     p.add_argument("--min-reps", type=int, help="minimum measured repetitions per cell")
     p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
@@ -53,17 +57,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.env import environment
-    from bench.launchers.local import LocalLauncher
     from bench.matrix import load_matrix, narrow
-    from bench.orchestrate import execute, finish_run, new_run_dir, resume_run, start_run
+    from bench.orchestrate import Shard, execute, finish_run, make_launcher, new_run_dir, resume_run, start_run
     from bench.progress import Progress
     from bench.summary import print_summary
 
+    shard = Shard.parse(args.shard) if args.shard else None
     if args.resume:
         if args.matrix:
             raise InputError("give either a matrix file or --resume DIR, not both")
-        matrix, _ = resume_run(args.resume)
+        matrix, run = resume_run(args.resume)
         run_dir = args.resume
+        if run.get("shard") and not shard:
+            shard = Shard.parse(run["shard"])
     else:
         repeat = {k: v for k, v in (("warmup", args.warmup), ("min_reps", args.min_reps), ("max_reps", args.max_reps),
                                     ("budget_s", args.budget_s)) if v is not None}
@@ -72,11 +78,15 @@ def main(args: argparse.Namespace) -> int:
                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
                         timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code)
         run_dir = new_run_dir(args.out, matrix)
-        start_run(matrix, run_dir, shard=None, launcher="local", environment=environment())
+        start_run(matrix, run_dir, shard=shard, launcher=args.launcher, environment=environment())
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
-    with Progress(quiet=args.quiet) as progress:
-        records = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), on_event=progress.event,
-                          cache_dir=args.cache_dir)
+    launcher = make_launcher(args.launcher, run_dir, args.ray_address)
+    try:
+        with Progress(quiet=args.quiet) as progress:
+            records = execute(matrix, run_dir, launcher, shard=shard, on_event=progress.event,
+                              cache_dir=args.cache_dir)
+    finally:
+        launcher.close()
     finish_run(run_dir)
     print_summary(records, run_dir)
     return 1 if any(r["status"] == "failed" for r in records) else 0

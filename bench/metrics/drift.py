@@ -340,10 +340,9 @@ def _write_safetensors(path: Path, tensors: dict, streamed: tuple, metadata: dic
 
 def kl_divergence(ref_logprobs, var_logprobs):
     """KL(reference || variant) in nats over the last dimension: (..., V) -> (...)."""
-    import torch
-
     p = ref_logprobs.exp()
-    terms = torch.where(p > 0, p * (ref_logprobs - var_logprobs), torch.zeros_like(p))
+    terms = (ref_logprobs - var_logprobs).mul_(p)  # in place: one full-vocabulary temporary fewer
+    terms.masked_fill_(p == 0, 0.0)  # 0 * log(0 / q) = 0, where the subtraction gave nan or -inf
     return terms.sum(-1).clamp_min(0.0)  # tiny negative values are rounding
 
 
@@ -449,6 +448,7 @@ def measure_drift(state, reference: Path, cfg: DriftConfig) -> dict[str, Any]:
     metrics.update(generation_agreement(ref_cont, var_cont))
     metrics["drift_method"] = {
         **info["method"], "reference_key": info["key"], "reference_device": info["device"],
+        "reference_trained": info["model"]["trained"],  # False: random weights, figures show mechanics only
         "batch_windows": cfg.batch_windows, "kld": "KL(reference || variant), nats, full vocabulary",
         "gen": f"greedy, {cfg.gen_new_tokens} new tokens from {cfg.gen_prompts} prompts of {cfg.gen_prompt_tokens}",
         "percentiles": "numpy linear interpolation",

@@ -2,11 +2,11 @@
 
 Both go through transformers' ``BitsAndBytesConfig``, so these steps load the model
 themselves and must come first among a recipe's runtime steps. ``lm_head`` stays in full
-precision (transformers' default); every other layer keeps the fp32 of the reference.
+precision (transformers' default), as do the embeddings and norms: fp32, as in the reference.
 bitsandbytes >= 0.43 runs on the CPU as well as on CUDA; transformers needs accelerate to
 load with a quantization config.
 
-Two things the CPU path does that a reader of the results should know:
+Two behaviours a reader of the results should know:
 
 - LLM.int8 quantizes activations from fp16: bitsandbytes casts fp32 inputs to fp16 first
   (on CUDA too), and logs that on every call; we note it once in the labels instead.
@@ -48,10 +48,12 @@ class BnbInt8(Step):
 
     def apply(self, state) -> dict:
         _require_libraries(self.technique)
+        import bitsandbytes as bnb
+
         model = _load_quantized(state, self.technique, load_in_8bit=True, llm_int8_threshold=self.threshold)
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_fp16_cast_notice)
         state.labels.append("LLM.int8: activations cast to fp16 before int8 quantization")
-        return {"threshold": self.threshold, "quantized_linears": _count(model, "Linear8bitLt"),
+        return {"threshold": self.threshold, "quantized_linears": _count(model, bnb.nn.Linear8bitLt),
                 "lm_head": "not quantized"}
 
 
@@ -79,6 +81,7 @@ class BnbNF4(Step):
             raise NotApplicable("bnb-nf4 with fp16 compute needs CUDA: CPU matmuls have no fast fp16 kernels here "
                                 "(use bfloat16)")
         _require_libraries(self.technique)
+        import bitsandbytes as bnb
         import torch
 
         model = _load_quantized(state, self.technique, load_in_4bit=True,
@@ -87,7 +90,7 @@ class BnbNF4(Step):
         if state.device == "cpu" and _cpu_repacks_4bit():
             _require_cpu_4bit_shapes(model)
         return {"quant_type": self.quant_type, "compute_dtype": self.compute_dtype, "double_quant": self.double_quant,
-                "quantized_linears": _count(model, "Linear4bit"), "lm_head": "not quantized"}
+                "quantized_linears": _count(model, bnb.nn.Linear4bit), "lm_head": "not quantized"}
 
 
 def _require_libraries(technique: str) -> None:
@@ -111,8 +114,8 @@ def _load_quantized(state, technique: str, **bnb_config):
     return state.load(quantization_config=BitsAndBytesConfig(**bnb_config), device_map=device_map)
 
 
-def _count(model, class_name: str) -> int:
-    return sum(1 for m in model.modules() if type(m).__name__ == class_name)
+def _count(model, layer_class) -> int:
+    return sum(1 for m in model.modules() if isinstance(m, layer_class))
 
 
 def _cpu_repacks_4bit() -> bool:

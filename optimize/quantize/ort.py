@@ -1,7 +1,8 @@
 """ONNX Runtime int8 quantization of an exported decoder graph, in place.
 
 Both steps quantize the same weights: every ``MatMul`` whose second input is a weight
-initializer (q/k/v/o, gate/up/down, LM head) and the token-embedding ``Gather``. The
+initializer (q/k/v/o, gate/up/down, LM head) and the token-embedding ``Gather``, whose
+table ORT stores in uint8 (it quantizes ``Gather`` data with the activation type). The
 attention matmuls (activation x activation) and the KV cache stay in float, so the
 quantized graph keeps the export's inputs and outputs and ``ORTModelForCausalLM`` loads it
 like the float one.
@@ -13,7 +14,7 @@ like the float one.
   float: quantizing them would put the logits and the K/V on a uint8 grid.
 
 ``quant_pre_process`` (symbolic shape inference and an ORT pre-optimisation) is not run:
-weight MatMuls need no inferred shapes, the quantized graphs came out the same on the tiny
+weight MatMuls need no inferred shapes, the quantized graphs gave the same logits on the tiny
 Llama, and it costs a full extra copy of the model for large ones.
 """
 

@@ -1,0 +1,71 @@
+"""Run jobs as Ray tasks: on a local Ray instance by default, or an existing cluster.
+
+Each task runs the same isolated job as the local launcher (a fresh process per cell) on
+whichever node Ray places it, and returns the record to the driver, which appends it to
+the run directory as it arrives, so resume guarantees are the same. CUDA cells ask for
+one GPU; CPU cells ask for every CPU of a node, so two measured cells never share a
+machine's cores.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from optimize.errors import InputError
+
+
+def _run_remote(kind: str, spec: dict[str, Any], timeout_s: float, cwd: str) -> dict[str, Any]:
+    from bench.runner import run_job
+
+    if os.path.isdir(cwd):
+        os.chdir(cwd)  # same relative paths as the driver when the node shares its filesystem
+    with tempfile.TemporaryDirectory(prefix="infermatrix-") as tmp:
+        return run_job(kind, spec, Path(tmp), timeout_s)
+
+
+class RayLauncher:
+    name = "ray"
+
+    def __init__(self, address: str | None = None, cpus_per_cell: int | None = None):
+        try:
+            import ray
+        except ImportError:
+            raise InputError("--launcher ray needs Ray: pip install 'infermatrix[ray]'") from None
+        self._ray = ray
+        if not ray.is_initialized():
+            if address:
+                ray.init(address=address, log_to_driver=False)
+            else:
+                ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
+        self.cpus_per_cell = cpus_per_cell or max(1, int(ray.available_resources().get("CPU", 1)))
+        self._task = ray.remote(_run_remote)
+
+    def _options(self, spec: dict[str, Any]) -> dict[str, Any]:
+        if spec.get("device") == "cuda":
+            return {"num_gpus": 1, "num_cpus": 1}
+        return {"num_cpus": self.cpus_per_cell}
+
+    def run(self, jobs: list[tuple[str, dict[str, Any], float]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
+        """Submit every job, then yield ``(spec, result)`` in completion order (``ray.wait`` blocks)."""
+        ray = self._ray
+        pending = {}
+        for kind, spec, timeout_s in jobs:
+            ref = self._task.options(**self._options(spec)).remote(kind, spec, timeout_s, os.getcwd())
+            pending[ref] = spec
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            for ref in ready:
+                spec = pending.pop(ref)
+                try:
+                    result = ray.get(ref)
+                except Exception as exc:  # the task itself died (node lost, worker crash)
+                    result = {"status": "failed", "error": f"ray task failed: {type(exc).__name__}: {exc}"}
+                yield spec, result
+
+    def close(self) -> None:
+        if self._ray.is_initialized():
+            self._ray.shutdown()

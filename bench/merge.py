@@ -1,0 +1,66 @@
+"""Combine shard runs of one matrix into a single run directory."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.results import RUN, append_record, read_records, read_run, write_json_atomic
+from optimize.errors import InputError
+
+# Environment facts that must agree for shard figures to be comparable.
+COMPATIBLE_KEYS = ("cpu_model", "cpu_logical_cores")
+COMPATIBLE_LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao")
+
+
+def _fingerprint(env: dict[str, Any]) -> dict[str, Any]:
+    libs = env.get("libraries", {})
+    return {
+        **{k: env.get(k) for k in COMPATIBLE_KEYS},
+        "gpus": sorted(g.get("name", "") for g in env.get("gpus", [])),
+        **{f"lib:{k}": libs.get(k) for k in COMPATIBLE_LIBRARIES},
+    }
+
+
+def merge_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
+    """Merge shard runs; refuses different matrices or incompatible environments."""
+    if not run_dirs:
+        raise InputError("merge needs at least one run directory")
+    runs = []
+    for d in run_dirs:
+        if not (Path(d) / RUN).exists():
+            raise InputError(f"{d}: no {RUN}, not a run directory")
+        runs.append(read_run(d))
+    first = runs[0]
+    for d, run in zip(run_dirs[1:], runs[1:], strict=True):
+        if run["matrix_hash"] != first["matrix_hash"]:
+            raise InputError(f"{d} ran a different matrix ({run['matrix_hash']}) than {run_dirs[0]} "
+                             f"({first['matrix_hash']}): refusing to merge")
+        a, b = _fingerprint(first["environment"]), _fingerprint(run["environment"])
+        diff = sorted(k for k in a if a[k] != b[k])
+        if diff:
+            k = diff[0]
+            raise InputError(f"{d} ran in an incompatible environment: {k} is {b[k]!r} there, {a[k]!r} in "
+                             f"{run_dirs[0]}: refusing to merge")
+    if (out / RUN).exists():
+        raise InputError(f"--out {out} already holds a run")
+    out.mkdir(parents=True, exist_ok=True)
+    seen: dict[str, Path] = {}
+    count = 0
+    for d in run_dirs:
+        for record in read_records(d):
+            cid = record["cell_id"]
+            if cid in seen:
+                if record["status"] == "ok":
+                    raise InputError(f"cell {cid} is in both {seen[cid]} and {d}: shards overlap")
+                continue
+            seen[cid] = d
+            append_record(out, record)
+            count += 1
+    merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
+              "shards": [r.get("shard") for r in runs],
+              "started": min(r["started"] for r in runs), "ended": max((r.get("ended") or "") for r in runs) or None,
+              "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    write_json_atomic(out / RUN, merged)
+    return {"cells": count, "out": str(out)}

@@ -1,0 +1,204 @@
+"""ONNX export (with KV cache) and ONNX Runtime int8 quantization on the tiny Llama."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install 'infermatrix[cpu]')")
+
+from optimize.errors import NotApplicable, RecipeError  # noqa: E402
+from optimize.export.onnx import ONNX_FILE, OnnxExport, graph_io, onnx_bytes  # noqa: E402
+from optimize.quantize.ort import OrtInt8Dynamic, OrtInt8Static  # noqa: E402
+from optimize.recipe import Recipe  # noqa: E402
+from optimize.state import VariantState  # noqa: E402
+from optimize.store import VariantStore, load_variant  # noqa: E402
+
+NEW_TOKENS = 8
+FP32 = Recipe(name="onnx-fp32", steps=(OnnxExport(),))
+INT8 = {
+    "dynamic": Recipe(name="onnx-int8-dynamic", steps=(OnnxExport(), OrtInt8Dynamic())),
+    "static": Recipe(name="onnx-int8-static", steps=(OnnxExport(), OrtInt8Static())),
+}
+
+
+@pytest.fixture(scope="module")
+def variant(tiny_ref, cache_dir):
+    """Load (building once) a recipe's variant on the CPU from the session's store."""
+    loaded = {}
+
+    def get(recipe: Recipe):
+        if recipe.name not in loaded:
+            loaded[recipe.name] = load_variant(tiny_ref, recipe, "cpu", VariantStore(cache_dir))
+        return loaded[recipe.name]
+
+    return get
+
+
+def _graph(artifact_path: Path):
+    import onnx
+
+    return onnx.load(str(artifact_path / ONNX_FILE))
+
+
+def test_export_graph_takes_and_returns_past_key_values(variant):
+    state, artifact = variant(FP32)
+    inputs, outputs = graph_io(artifact.path / ONNX_FILE)
+    past = [f"past_key_values.{layer}.{kv}" for layer in range(2) for kv in ("key", "value")]
+    assert inputs == ["input_ids", "attention_mask", "position_ids", *past]
+    assert outputs == ["logits", *(p.replace("past_key_values", "present") for p in past)]
+    assert state.backend == "onnxruntime" and state.onnx_dir == artifact.path
+    assert not (artifact.path / "weights").exists()
+    assert artifact.manifest["reports"][0]["past_key_value_inputs"] == 4
+
+
+def test_onnx_fp32_greedy_tokens_equal_torch_reference(variant, tiny_prompts):
+    import torch
+
+    from bench.scenarios.generate import greedy_generate
+
+    reference, _ = variant(Recipe(name="fp32"))
+    onnx_state, _ = variant(FP32)
+    assert torch.equal(greedy_generate(onnx_state, tiny_prompts, NEW_TOKENS),
+                       greedy_generate(reference, tiny_prompts, NEW_TOKENS))
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_int8_graph_holds_int8_weights_and_is_smaller(variant, kind):
+    import onnx
+
+    _, fp32 = variant(FP32)
+    _, artifact = variant(INT8[kind])
+    graph = _graph(artifact.path).graph
+    ops = {n.op_type for n in graph.node}
+    expected_ops = {"DynamicQuantizeLinear", "MatMulInteger"} if kind == "dynamic" else {"QuantizeLinear",
+                                                                                         "DequantizeLinear"}
+    assert expected_ops <= ops
+    weights = {i.name: i.data_type for i in graph.initializer if len(i.dims) == 2}
+    # 7 linears x 2 layers and the LM head in int8; the embedding table in uint8 (ORT quantizes
+    # Gather data with the activation type).
+    assert sum(t == onnx.TensorProto.INT8 for t in weights.values()) == 15
+    assert weights["model.embed_tokens.weight_quantized"] == onnx.TensorProto.UINT8
+    assert not any(i.data_type == onnx.TensorProto.FLOAT and len(i.dims) == 2 for i in graph.initializer)
+    assert onnx_bytes(artifact.path) < onnx_bytes(fp32.path) / 3
+    report = artifact.manifest["reports"][1]
+    assert report["quantized_weights"] == 16 and report["bytes_after"] < report["bytes_before"]
+
+
+@pytest.mark.parametrize("kind", ["dynamic", "static"])
+def test_int8_variant_generates_requested_tokens(variant, tiny_prompts, kind):
+    from bench.scenarios.generate import greedy_generate
+
+    state, _ = variant(INT8[kind])
+    out = greedy_generate(state, tiny_prompts, NEW_TOKENS)
+    assert out.shape == (2, tiny_prompts.shape[1] + NEW_TOKENS)
+    assert (out[:, : tiny_prompts.shape[1]] == tiny_prompts).all()
+
+
+def test_static_calibration_feeds_eval_text_windows(variant, tiny_ref):
+    import torch
+
+    from optimize.models import eval_token_ids
+
+    _, artifact = variant(FP32)
+    state = VariantState(ref=tiny_ref, device="cpu", source_dir=artifact.path, backend="onnxruntime",
+                         onnx_dir=artifact.path)
+    reader = OrtInt8Static(calibration_samples=4, calibration_tokens=32).reader(state)
+    ids = eval_token_ids(tiny_ref, 8192)
+    feeds = list(iter(reader.get_next, None))
+    assert len(feeds) == 4
+    assert reader.starts[0] == 0 and reader.starts[-1] == len(ids) - 32  # spread over the whole text
+    for start, feed in zip(reader.starts, feeds, strict=True):
+        assert torch.equal(torch.from_numpy(feed["input_ids"][0]), ids[start : start + 32])
+        assert feed["attention_mask"].shape == (1, 32) and feed["attention_mask"].all()
+        assert feed["position_ids"].tolist() == [list(range(32))]
+        assert feed["past_key_values.0.key"].shape == (1, 2, 0, 32)  # (B, kv_heads, past, head_dim)
+    reader.rewind()
+    assert reader.get_next()["input_ids"].tolist() == feeds[0]["input_ids"].tolist()
+
+
+def test_static_report_counts_calibration_tokens(variant):
+    _, artifact = variant(INT8["static"])
+    report = artifact.manifest["reports"][1]
+    assert report["calibration_tokens"] == 16 * 128 and report["format"] == "QDQ"
+    assert any("evaluation text" in label for label in artifact.manifest["labels"])
+
+
+def test_fp16_export_on_cpu_is_not_applicable(tiny_ref, tmp_path):
+    store = VariantStore(tmp_path)
+    with pytest.raises(NotApplicable, match="fp16 ONNX export needs CUDA"):
+        store.get_or_build(tiny_ref, Recipe(name="onnx-fp16", steps=(OnnxExport(dtype="float16"),)), "cpu")
+    assert not any(store.root.iterdir())  # no half-built artifact left behind
+
+
+def test_second_get_or_build_reuses_artifact(tiny_ref, tmp_path):
+    store = VariantStore(tmp_path)
+    first = store.get_or_build(tiny_ref, FP32, "cpu")
+    second = store.get_or_build(tiny_ref, FP32, "cpu")
+    assert not first.reused and second.reused
+    assert second.path == first.path and second.manifest == first.manifest
+
+
+@pytest.mark.parametrize("step", [
+    OnnxExport(dtype="bfloat16"),
+    OnnxExport(optimization_level="max"),
+    OnnxExport(opset=11),
+    OrtInt8Dynamic(weight_type="int4"),
+    OrtInt8Static(method="mse"),
+    OrtInt8Static(calibration_samples=0),
+], ids=repr)
+def test_bad_config_raises_recipe_error(step):
+    with pytest.raises(RecipeError, match=step.technique):
+        step.validate()
+
+
+@pytest.mark.parametrize("level, ort_level", [("disable", "ORT_DISABLE_ALL"), ("basic", "ORT_ENABLE_BASIC"),
+                                               ("extended", "ORT_ENABLE_EXTENDED"), ("all", "ORT_ENABLE_ALL")])
+def test_session_options_carry_the_export_optimization_level(level, ort_level):
+    import onnxruntime
+
+    from optimize.export.onnx import session_options
+
+    options = session_options(OnnxExport(optimization_level=level))
+    assert options.graph_optimization_level == getattr(onnxruntime.GraphOptimizationLevel, ort_level)
+
+
+def test_cuda_device_without_cuda_provider_is_not_applicable():
+    import onnxruntime
+
+    from optimize.export.onnx import execution_provider
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("onnxruntime-gpu is installed: the CUDA provider exists")
+    with pytest.raises(NotApplicable, match="infermatrix\\[gpu\\]"):
+        execution_provider("cuda")
+
+
+def test_importing_modules_loads_no_heavy_library():
+    code = ("import sys, optimize.export.onnx, optimize.quantize.ort; "
+            "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'optimum', 'transformers') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _require_cuda_provider():
+    import onnxruntime
+    import torch
+
+    if not torch.cuda.is_available() or "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        pytest.skip("needs a CUDA device and onnxruntime-gpu's CUDAExecutionProvider")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cuda_export_generates_on_cuda_provider(tiny_ref, cache_dir, tiny_prompts, dtype):
+    _require_cuda_provider()
+    from bench.scenarios.generate import greedy_generate
+
+    recipe = Recipe(name=f"onnx-{dtype}", steps=(OnnxExport(dtype=dtype),))
+    state, _ = load_variant(tiny_ref, recipe, "cuda", VariantStore(cache_dir))
+    assert state.model.providers[0] == "CUDAExecutionProvider"
+    assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, tiny_prompts.shape[1] + NEW_TOKENS)

@@ -1,0 +1,153 @@
+"""torchao step on the tiny Llama: int8 schemes on the CPU, int4 weight-only on CUDA only."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from optimize.errors import NotApplicable, RecipeError
+from optimize.quantize.torchao import TorchAO  # importing registers "torchao"
+from optimize.recipe import Recipe
+
+INT8_SCHEMES = ("int8-weight-only", "int8-dynamic")
+NEW_TOKENS = 4
+TINY_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is left alone
+
+
+def _load(ref, cache_dir, step, device="cpu"):
+    from optimize.store import VariantStore, load_variant
+
+    state, _ = load_variant(ref, Recipe(name="under-test", steps=(step,) if step else ()), device,
+                            VariantStore(cache_dir))
+    return state
+
+
+def _logits(state, ids):
+    import torch
+
+    with torch.inference_mode():
+        return state.model(ids.to(state.device)).logits.float().cpu()  # (B, T, V)
+
+
+def _agreement(logits, reference) -> tuple[float, float]:
+    """(Pearson correlation of all logits, fraction of positions with the same top-1 token)."""
+    import torch
+
+    corr = torch.corrcoef(torch.stack([logits.flatten(), reference.flatten()]))[0, 1].item()
+    return corr, (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
+
+
+def _linear_fp32_bytes(model) -> int:
+    """fp32 bytes of the linear weights a quantizer targets (all but lm_head)."""
+    import torch
+
+    head = model.get_output_embeddings()
+    return sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_ref, cache_dir):
+    return _load(tiny_ref, cache_dir, None)
+
+
+@pytest.fixture(scope="module")
+def int8_states(tiny_ref, cache_dir):
+    return {scheme: _load(tiny_ref, cache_dir, TorchAO(scheme=scheme)) for scheme in INT8_SCHEMES}
+
+
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"scheme": "int3"}, "torchao.scheme must be one of"),
+    ({"scheme": "int4-weight-only", "group_size": 100}, "torchao.group_size must be one of"),
+])
+def test_validate_rejects_unknown_scheme_and_group_size(fields, message):
+    with pytest.raises(RecipeError, match=message):
+        TorchAO(**fields).validate()
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_int8_schemes_replace_every_linear_but_lm_head_with_int8_tensors(int8_states, scheme):
+    import torch
+    from torchao.quantization import Int8Tensor
+
+    state = int8_states[scheme]
+    model = state.model
+    assert state.reports == [{"technique": "torchao", "scheme": scheme, "quantized_linears": TINY_LINEARS,
+                               "unquantized_linears": 0, "lm_head": "not quantized"}]
+    up = model.model.layers[0].mlp.up_proj.weight
+    assert isinstance(up, Int8Tensor) and up.qdata.dtype == torch.int8 and up.qdata.shape == (256, 128)
+    assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.dtype == torch.float32
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_int8_schemes_cut_linear_weight_bytes_by_about_three_quarters(reference, int8_states, scheme):
+    from bench.metrics.memory import torch_weights_bytes
+
+    saved = torch_weights_bytes(reference.model) - torch_weights_bytes(int8_states[scheme].model)
+    ideal = 0.75 * _linear_fp32_bytes(reference.model)  # 4 -> 1 byte per weight, before per-row scales
+    assert 0.95 * ideal < saved <= ideal
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_int8_schemes_generate_requested_tokens_close_to_reference(reference, int8_states, tiny_prompts, scheme):
+    from bench.scenarios.generate import greedy_generate
+
+    state = int8_states[scheme]
+    out = greedy_generate(state, tiny_prompts, NEW_TOKENS)
+    assert out.shape == (2, 16 + NEW_TOKENS)
+    corr, top1 = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    assert corr > 0.999 and top1 >= 0.9, (corr, top1)
+
+
+def test_int4_weight_only_is_not_applicable_on_cpu(tiny_ref, cache_dir):
+    with pytest.raises(NotApplicable, match="torchao int4 weight-only needs CUDA: torchao 0.18 has no CPU kernel"):
+        _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"))
+
+
+def test_module_import_does_not_import_torchao():
+    code = "import sys, optimize.quantize.torchao; print(sorted({'torch', 'torchao'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+@pytest.fixture
+def cuda_only():
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_int8_schemes_on_cuda_generate_close_to_reference(cuda_only, tiny_ref, cache_dir, tiny_prompts, scheme):
+    from bench.scenarios.generate import greedy_generate
+
+    state = _load(tiny_ref, cache_dir, TorchAO(scheme=scheme), device="cuda")
+    assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
+    reference = _load(tiny_ref, cache_dir, None, device="cuda")
+    corr, _ = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    assert corr > 0.999, corr
+
+
+@pytest.mark.cuda
+def test_int4_weight_only_on_cuda_packs_tinygemm_weights_in_bf16(cuda_only, tiny_ref, cache_dir, tiny_prompts):
+    import torch
+    from torchao.quantization import Int4TilePackedTo4dTensor
+
+    from bench.scenarios.generate import greedy_generate
+
+    if torch.cuda.get_device_capability()[0] < 8:
+        with pytest.raises(NotApplicable, match="compute capability >= 8.0"):
+            _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"), device="cuda")
+        pytest.skip("tinygemm int4 needs compute capability >= 8.0 (NotApplicable checked)")
+    state = _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only", group_size=64), device="cuda")
+    assert state.reports[0]["quantized_linears"] == TINY_LINEARS
+    assert isinstance(state.model.model.layers[0].mlp.up_proj.weight, Int4TilePackedTo4dTensor)
+    assert state.model.lm_head.weight.dtype == torch.bfloat16
+    assert any("bf16" in label for label in state.labels)
+    assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
+    reference = _load(tiny_ref, cache_dir, None, device="cuda")
+    corr, _ = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    assert corr > 0.97, corr
