@@ -28,6 +28,7 @@ class TorchInt8Dynamic(Step):
     backend = "torch"
     summary = "dynamic int8 linear layers (torch.ao quantize_dynamic or torchao)"
     api: str = "torch.ao"
+    include_lm_head: bool = True  # the LM head is the largest matrix of a small model: worth quantizing
 
     def validate(self) -> None:
         if self.api not in APIS:
@@ -39,8 +40,10 @@ class TorchInt8Dynamic(Step):
         if self.api == "torchao":
             from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
-            quantize_(state.model, Int8DynamicActivationInt8WeightConfig())
-            return {"api": "torchao.quantize_(Int8DynamicActivationInt8WeightConfig)"}
+            keep_head = None if self.include_lm_head else (lambda m, fqn: "lm_head" not in fqn and _is_linear(m))
+            quantize_(state.model, Int8DynamicActivationInt8WeightConfig(), filter_fn=keep_head)
+            return {"api": "torchao.quantize_(Int8DynamicActivationInt8WeightConfig)",
+                    "lm_head": "int8" if self.include_lm_head else "not quantized"}
         if state.device != "cpu":
             raise NotApplicable("torch.ao dynamic int8 kernels (fbgemm/qnnpack) run on the CPU only; "
                                 "use torchao-int8-wo on CUDA")
@@ -48,6 +51,15 @@ class TorchInt8Dynamic(Step):
         torch.backends.quantized.engine = engine
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", DeprecationWarning)
-            state.model = torch.ao.quantization.quantize_dynamic(state.model, {torch.nn.Linear}, dtype=torch.qint8)
+            spec = {torch.nn.Linear} if self.include_lm_head else {
+                name for name, m in state.model.named_modules() if _is_linear(m) and not name.endswith("lm_head")}
+            state.model = torch.ao.quantization.quantize_dynamic(state.model, spec, dtype=torch.qint8)
         n = sum(1 for m in state.model.modules() if type(m).__name__ == "Linear" and "quantized" in type(m).__module__)
-        return {"api": "torch.ao.quantization.quantize_dynamic", "engine": engine, "quantized_linears": n}
+        return {"api": "torch.ao.quantization.quantize_dynamic", "engine": engine, "quantized_linears": n,
+                "lm_head": "int8" if self.include_lm_head else "not quantized"}
+
+
+def _is_linear(module) -> bool:
+    import torch
+
+    return isinstance(module, torch.nn.Linear)
