@@ -51,6 +51,23 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         return {"status": "failed", "error": str(exc), "build_s": time.perf_counter() - t0}
 
 
+def reference(job: dict[str, Any]) -> dict[str, Any]:
+    """Run the fp32 reference pass that drift compares against (cached on disk)."""
+    from bench.metrics.drift import DriftConfig, ensure_reference
+    from optimize.models import default_cache_dir, resolve_model
+
+    t0 = time.perf_counter()
+    try:
+        ref = resolve_model(job["model"], _cache(job))
+        path = ensure_reference(ref, DriftConfig(**job["drift"]), _cache(job) or default_cache_dir(), job["device"],
+                                job.get("eval_text"), job["trust_remote_code"])
+        info = json.loads((path / "reference.json").read_text())
+        return {"status": "ok", "path": str(path), "reference_s": time.perf_counter() - t0,
+                "reference_perplexity": info.get("reference_perplexity")}
+    except Exception as exc:
+        return {"status": "failed", "error": error_tail(exc), "reference_s": time.perf_counter() - t0}
+
+
 def _cache(job: dict[str, Any]) -> Path | None:
     return Path(job["cache_dir"]) if job.get("cache_dir") else None
 
@@ -105,6 +122,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
     metrics["kv_cache_bytes_per_token"] = memory.kv_bytes_per_token(state.model.config, kv_elem)
     metrics["rss_baseline_bytes"] = baseline_rss
+    # Memory figures are read before drift runs: drift's own buffers must not count.
     if device == "cuda":
         metrics.update(memory.cuda_memory())
         metrics["peak_memory_bytes"] = metrics["cuda_max_allocated_bytes"]
@@ -112,6 +130,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     else:
         metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
         metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
+    drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
     method.update(prompt_source=prompt_source, memory="cuda max_memory_allocated after reset; NVML per process"
                   if device == "cuda" else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
                   torch_threads=torch.get_num_threads())
@@ -124,9 +143,31 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
         "labels": state.labels,
         "build": {"reused": artifact.reused, "manifest_build_s": artifact.manifest.get("build_s"),
                   "reports": state.reports},
-        "timing_s": {"load": load_s, "warmup": warmup, "measure": metrics["measured_wall_s"],
-                     "overhead": time.perf_counter() - t_start - warmup - metrics["measured_wall_s"]},
+        "timing_s": {"load": load_s, "warmup": warmup, "measure": metrics["measured_wall_s"], "drift": drift_s,
+                     "overhead": time.perf_counter() - t_start - warmup - metrics["measured_wall_s"] - drift_s},
     }
+
+
+def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
+    """Accuracy drift after the speed and memory figures are taken, so it cannot disturb them."""
+    if not cell.get("drift"):
+        return 0.0
+    from bench.metrics.drift_cell import cell_drift
+
+    t0 = time.perf_counter()
+    try:
+        drift = cell_drift(state, cell, artifact_path)
+    except NotApplicable:
+        raise
+    except Exception as exc:  # timing figures stay valid; the drift failure is recorded, not hidden
+        record["drift_ok"] = False
+        record["drift_error"] = error_tail(exc)
+        return time.perf_counter() - t0
+    metrics.update(drift["metrics"])
+    method["drift"] = drift["method"]
+    record["drift_ok"] = drift["drift_ok"]
+    record["drift_violations"] = drift["violations"]
+    return time.perf_counter() - t0
 
 
 def _elem_bytes(state) -> float:
@@ -135,11 +176,14 @@ def _elem_bytes(state) -> float:
     return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 
+JOBS = {"--build": build, "--reference": reference}
+
+
 def main(argv: list[str]) -> int:
-    build_only = argv[:1] == ["--build"]
-    spec_path, out_path = (argv[1:] if build_only else argv)[:2]
+    run = JOBS.get(argv[0], measure) if argv else measure
+    spec_path, out_path = (argv[1:] if argv[0] in JOBS else argv)[:2]
     job = json.loads(Path(spec_path).read_text())
-    result = build(job) if build_only else measure(job)
+    result = run(job)
     write_json_atomic(Path(out_path), result)
     return 0
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import tomllib
 
+from bench.metrics.drift import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
 from bench.scenarios.generate import GenerateScenario
 from optimize.errors import InputError, RecipeError
@@ -23,8 +24,8 @@ from optimize.models import check_model_spec
 from optimize.recipe import Recipe, recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
-TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "recipe", "exclude",
-            "trust_remote_code", "eval_text"}
+TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
+            "exclude", "trust_remote_code", "eval_text"}
 SCENARIO_KINDS = {"generate": GenerateScenario}
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -49,6 +50,9 @@ class Matrix:
     devices: tuple[str, ...]
     scenarios: tuple[dict[str, Any], ...]  # each: {"name": kind, key: [values]}
     measure: MeasureConfig = MeasureConfig()
+    drift: DriftConfig = DriftConfig()
+    drift_budget: DriftBudget = DriftBudget()
+    description: str = ""
     recipes: dict[str, Recipe] = field(default_factory=dict)  # inline variants by name
     exclude: tuple[dict[str, Any], ...] = ()
     trust_remote_code: bool = False
@@ -59,7 +63,10 @@ class Matrix:
         return {
             "name": self.name, "models": list(self.models), "variants": list(self.variants),
             "devices": list(self.devices), "scenarios": [dict(s) for s in self.scenarios],
-            "measure": self.measure.to_dict(), "recipe": [r.to_dict() for r in self.recipes.values()],
+            "measure": self.measure.to_dict(),
+            "drift": {**dataclasses.asdict(self.drift), "budget": {k: v for k, v in dataclasses.asdict(
+                self.drift_budget).items() if v is not None}},
+            "description": self.description, "recipe": [r.to_dict() for r in self.recipes.values()],
             "exclude": [dict(e) for e in self.exclude], "trust_remote_code": self.trust_remote_code,
             "eval_text": self.eval_text, "source": self.source,
         }
@@ -168,8 +175,13 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     exclude = data.get("exclude", [])
     if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
         raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
+    drift_table = dict(data.get("drift", {})) if isinstance(data.get("drift", {}), dict) else data["drift"]
+    budget = drift_table.pop("budget", {}) if isinstance(drift_table, dict) else {}
     return Matrix(
         name=str(data.get("name", Path(where).stem)),
+        description=str(data.get("description", "")),
+        drift=DriftConfig.from_dict(drift_table, f"{where} [drift]"),
+        drift_budget=DriftBudget.from_dict(budget, f"{where} [drift.budget]"),
         models=models,
         variants=variants,
         devices=devices,
@@ -196,7 +208,8 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
 
 
 def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_size=None, prompt_tokens=None,
-           new_tokens=None, repeat: dict | None = None, timeout_s=None, trust_remote_code=None) -> Matrix:
+           new_tokens=None, repeat: dict | None = None, timeout_s=None, trust_remote_code=None,
+           drift: bool | None = None) -> Matrix:
     """Override parts of a matrix from CLI flags (comma lists replace the file's lists)."""
     changes: dict[str, Any] = {}
     if models:
@@ -216,6 +229,8 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
                                                  timeout_s=matrix.measure.timeout_s if timeout_s is None else timeout_s)
     if trust_remote_code:
         changes["trust_remote_code"] = True
+    if drift is not None:
+        changes["drift"] = dataclasses.replace(matrix.drift, enabled=drift)
     narrowed = dataclasses.replace(matrix, **changes)
     return parse_matrix(_as_toml_dict(narrowed), matrix.source)  # re-validate the result
 
@@ -260,6 +275,8 @@ def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
             seen.add(cid)
             cell = {"cell_id": cid, "model": model, "variant": recipe.to_dict(), "device": device,
                     "scenario": scenario, "measure": matrix.measure.to_dict(),
+                    "drift": dataclasses.asdict(matrix.drift) if matrix.drift.enabled else None,
+                    "drift_budget": dataclasses.asdict(matrix.drift_budget),
                     "trust_remote_code": matrix.trust_remote_code, "eval_text": matrix.eval_text}
             if not _excluded(cell, matrix.exclude):
                 cells.append(cell)

@@ -132,8 +132,19 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
         if bid and bid not in builds:
             builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
                            "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir}
-    on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo), "builds": len(builds)})
+    references: dict[str, dict[str, Any]] = {}
+    for c in todo:
+        if c.get("drift"):
+            rid = hashlib.sha256(json.dumps([c["model"], c["device"], c["drift"]]).encode()).hexdigest()[:16]
+            references.setdefault(rid, {"reference_id": rid, "model": c["model"], "device": c["device"],
+                                        "drift": c["drift"], "eval_text": c.get("eval_text"),
+                                        "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir})
+    on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo),
+                      "builds": len(builds) + len(references)})
     timeout = matrix.measure.timeout_s
+    for spec, result in launcher.run([("reference", r, timeout) for r in references.values()]):
+        on_event("reference", {"model": spec["model"], "status": result["status"], "error": result.get("error"),
+                               "reference_s": result.get("reference_s")})
     outcomes: dict[str, dict[str, Any]] = {}
     for spec, result in launcher.run([("build", b, timeout) for b in builds.values()]):
         outcomes[spec["build_id"]] = result

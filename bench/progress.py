@@ -45,6 +45,10 @@ class Progress:
         elif kind == "build":
             how = "reused" if info.get("reused") else f"built in {info.get('build_s') or 0:.1f} s"
             self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
+        elif kind == "reference":
+            ok = info["status"] == "ok"
+            detail = f"{info.get('reference_s') or 0:.1f} s" if ok else (info.get("error") or "")[-200:]
+            self._say(f"drift reference pass {info['model']}: {info['status']} ({detail})")
         elif kind == "cell":
             s = info["scenario"]
             tps = info.get("metrics", {}).get("decode_tokens_per_s")
@@ -52,6 +56,6 @@ class Progress:
             first = (info.get("error") or "").splitlines()[:1]
             self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
                       f"{info['device']}: {info['status']}{extra}" + (f" ({first[0][:120]})" if first else ""))
-        if self._bar and self._task is not None and kind in ("build", "cell"):
+        if self._bar and self._task is not None and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)
             self._bar.refresh()

@@ -44,15 +44,16 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -> dict[str, Any]:
     """Run ``python -m bench.cell`` for one job in a fresh process and return its output.
 
-    ``kind`` is "cell" or "build". On a crash, signal or timeout the result is
+    ``kind`` is "cell", "build" (a variant's stored artifact) or "reference" (drift's fp32
+    pass). On a crash, signal or timeout the result is
     ``{"status": "failed", "error": ...}`` with the cause and the log's last lines.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    name = spec["cell_id"] if kind == "cell" else spec["build_id"]
+    name = spec[{"cell": "cell_id", "build": "build_id", "reference": "reference_id"}[kind]]
     spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
-    flags = ["--build"] if kind == "build" else []
+    flags = [] if kind == "cell" else [f"--{kind}"]
     args = [sys.executable, "-m", "bench.cell", *flags, str(spec_path), str(out_path)]
     timed_out = threading.Event()
     t0 = time.perf_counter()

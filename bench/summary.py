@@ -23,12 +23,20 @@ def summary_rows(records: list[dict[str, Any]]) -> list[list[str]]:
             r["status"], _num(m.get("ttft_ms", {}).get("p50")), _num(m.get("tpot_ms", {}).get("p50"), "{:.2f}"),
             _num(m.get("prefill_tokens_per_s")), _num(m.get("decode_tokens_per_s")),
             _mib(m.get("peak_memory_bytes")), _mib(m.get("weights_bytes")),
+            _num(m.get("perplexity"), "{:.2f}"), _num(m.get("kld_mean"), "{:.2e}"),
+            _num(m.get("top1_agreement"), "{:.3f}"), _drift_flag(r),
         ])
     return rows
 
 
+def _drift_flag(r: dict[str, Any]) -> str:
+    if "drift_ok" not in r:
+        return "-"
+    return "ok" if r["drift_ok"] else "OVER" if r.get("drift_violations") else "error"
+
+
 HEADER = ["model", "variant", "device", "b/p/n", "status", "TTFT ms", "TPOT ms", "prefill tok/s", "decode tok/s",
-          "peak MiB", "weights MiB"]
+          "peak MiB", "weights MiB", "ppl", "KLD mean", "top-1", "drift"]
 
 
 def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:

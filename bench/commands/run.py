@@ -49,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
     p.add_argument("--budget-s", type=float, help="time budget of the repetitions per cell, seconds")
     p.add_argument("--timeout-s", type=float, help="per-cell timeout, seconds (the cell's process is killed)")
+    p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
     p.add_argument("--cache-dir",
                    help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
@@ -76,7 +77,8 @@ def main(args: argparse.Namespace) -> int:
         matrix = narrow(load_matrix(args.matrix), models=args.model, variants=args.variants,
                         devices=[args.device] if args.device else None, batch_size=args.batch_size,
                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
-                        timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code)
+                        timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
+                        drift=False if args.no_drift else None)
         run_dir = new_run_dir(args.out, matrix)
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher, environment=environment())
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
@@ -89,4 +91,5 @@ def main(args: argparse.Namespace) -> int:
         launcher.close()
     finish_run(run_dir)
     print_summary(records, run_dir)
-    return 1 if any(r["status"] == "failed" for r in records) else 0
+    # Exit 1 when a check failed: a cell failed, or a variant drifted past the matrix's budget.
+    return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0

@@ -1,0 +1,62 @@
+"""Drift inside a cell: one measurement per variant, shared by that variant's cells.
+
+Drift depends on the model, the recipe, the device and the library versions, not on the
+timing scenario, so the result is stored beside the reference under a key of those and
+reused by the variant's other cells (and by later runs with the same artifact). Records
+say whether a figure was computed or reused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from bench.metrics.drift import DriftBudget, DriftConfig, ensure_reference, measure_drift
+from optimize.models import default_cache_dir
+from optimize.recipe import recipe_from_dict
+
+# Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
+DRIFT_METHOD_KEY = "drift_method"
+
+
+def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
+    from optimize.store import library_versions
+
+    recipe = recipe_from_dict(cell["variant"])
+    payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": artifact_path.name,
+               "device": cell["device"], "batch_windows": batch_windows,
+               "versions": library_versions(("torch", "transformers", "onnxruntime", "onnxruntime-gpu",
+                                             "bitsandbytes", "torchao", "optimum-quanto"))}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def cell_drift(state, cell: dict[str, Any], artifact_path: Path) -> dict[str, Any]:
+    """Drift metrics for the cell's loaded variant, computed once per variant.
+
+    Returns:
+        {"metrics": {...}, "method": {...}, "drift_ok": bool, "violations": [...], "reused": bool}.
+
+    """
+    cfg = DriftConfig(**cell["drift"])
+    cache = Path(cell["cache_dir"]) if cell.get("cache_dir") else default_cache_dir()
+    reference = ensure_reference(state.ref, cfg, cache, cell["device"], cell.get("eval_text"),
+                                 cell["trust_remote_code"])
+    stored = reference / "variants" / f"{_variant_key(reference, cell, Path(artifact_path), cfg.batch_windows)}.json"
+    reused = stored.exists()
+    if reused:
+        result = json.loads(stored.read_text())
+    else:
+        result = measure_drift(state, reference, cfg)
+        stored.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stored.with_name(f"{stored.name}.tmp{os.getpid()}")
+        tmp.write_text(json.dumps(result, sort_keys=True))
+        os.replace(tmp, stored)
+    method = dict(result.pop(DRIFT_METHOD_KEY))
+    method["computed_in_this_cell"] = not reused
+    result["drift_meaningful"] = bool(state.ref.trained)  # random weights: mechanics only
+    violations = DriftBudget(**cell["drift_budget"]).check(result)
+    return {"metrics": result, "method": method, "drift_ok": not violations, "violations": violations,
+            "reused": reused}
