@@ -130,6 +130,10 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     else:
         metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
         metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
+    if cell.get("ceilings"):
+        metrics.update(_roofline(state, cell, metrics))
+        method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
+                              "KV bytes/token; prefill FLOPs = 2 x matmul params x tokens + causal attention")
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
     method.update(prompt_source=prompt_source, memory="cuda max_memory_allocated after reset; NVML per process"
                   if device == "cuda" else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
@@ -170,13 +174,38 @@ def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
     return time.perf_counter() - t0
 
 
+def _roofline(state, cell, metrics) -> dict:
+    from bench.metrics.memory import untied_embedding_bytes
+    from bench.metrics.roofline import cell_roofline, model_shape
+
+    embed = untied_embedding_bytes(state)
+    read = {**metrics, "weights_bytes": metrics["weights_bytes"] - embed}
+    dtype = "float32"
+    if state.backend == "torch":
+        param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
+        dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
+    out = cell_roofline(read, cell["scenario"], model_shape(state.model.config), cell["ceilings"], dtype)
+    out["embedding_bytes_not_read"] = embed
+    return out
+
+
 def _elem_bytes(state) -> float:
     if state.backend == "onnxruntime":
         return 2.0 if "float16" in str(getattr(state.model.config, "torch_dtype", "")) else 4.0
     return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 
-JOBS = {"--build": build, "--reference": reference}
+def roofline(job: dict[str, Any]) -> dict[str, Any]:
+    """Measure the device's bandwidth and matmul ceilings in a process of their own."""
+    from bench.metrics.roofline import measure_ceilings
+
+    try:
+        return {"status": "ok", "ceilings": measure_ceilings(job["device"])}
+    except Exception as exc:
+        return {"status": "failed", "error": error_tail(exc)}
+
+
+JOBS = {"--build": build, "--reference": reference, "--roofline": roofline}
 
 
 def main(argv: list[str]) -> int:

@@ -37,9 +37,11 @@ class MeasureConfig:
     repeat: RepeatConfig = RepeatConfig()
     timeout_s: float = 900.0  # per cell, process killed past it
     seed: int = 0
+    roofline: bool = True  # measure bandwidth and matmul ceilings at the start of the run
 
     def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed}
+        return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed,
+                "roofline": self.roofline}
 
 
 @dataclass(frozen=True)
@@ -123,11 +125,16 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     if not isinstance(raw, dict):
         raise _err(where, "measure", f"must be a table, got {raw!r}")
     repeat_fields = {f.name for f in dataclasses.fields(RepeatConfig)}
-    allowed = repeat_fields | {"timeout_s", "seed"}
+    allowed = repeat_fields | {"timeout_s", "seed", "roofline"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _err(f"{where} [measure]", unknown[0], f"is not a measure setting; allowed: {sorted(allowed)}")
+    roofline = raw.get("roofline", True)
+    if not isinstance(roofline, bool):
+        raise _err(f"{where} [measure]", "roofline", f"must be true or false, got {roofline!r}")
     for key, value in raw.items():
+        if key == "roofline":
+            continue
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise _err(f"{where} [measure]", key, f"must be a non-negative number, got {value!r}")
     base = MeasureConfig()
@@ -138,7 +145,7 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     except InputError as exc:
         raise InputError(f"{where} [measure]: {exc}") from None
     return MeasureConfig(repeat=repeat, timeout_s=float(raw.get("timeout_s", base.timeout_s)),
-                         seed=int(raw.get("seed", base.seed)))
+                         seed=int(raw.get("seed", base.seed)), roofline=roofline)
 
 
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:

@@ -142,6 +142,10 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo),
                       "builds": len(builds) + len(references)})
     timeout = matrix.measure.timeout_s
+    devices = sorted({c["device"] for c in todo}) if matrix.measure.roofline else []
+    ceilings = _ceilings(run_dir, launcher, devices, on_event)
+    for c in todo:
+        c["ceilings"] = ceilings.get(c["device"])
     for spec, result in launcher.run([("reference", r, timeout) for r in references.values()]):
         on_event("reference", {"model": spec["model"], "status": result["status"], "error": result.get("error"),
                                "reference_s": result.get("reference_s")})
@@ -168,6 +172,26 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
         on_event("cell", record)
     ids = {c["cell_id"] for c in cells}
     return [r for r in read_records(run_dir) if r["cell_id"] in ids]
+
+
+def _ceilings(run_dir: Path, launcher, devices: list[str], on_event) -> dict[str, Any]:
+    """Measured roofline ceilings per device, stored in run.json (kept from the first attempt on resume)."""
+    run = read_run(run_dir)
+    known = dict(run.get("roofline") or {})
+    missing = [d for d in devices if d not in known]
+    for spec, result in launcher.run([("roofline", {"device": d}, 600.0) for d in missing]):
+        if result["status"] == "ok":
+            known[spec["device"]] = result["ceilings"]
+            c = result["ceilings"]
+            on_event("roofline", {"device": spec["device"], "bandwidth_gbps": c["memory"]["bandwidth_gbps"],
+                                  "tflops": c["matmul"]["float32"]["tflops"]})
+        else:
+            on_event("roofline", {"device": spec["device"], "error": result["error"]})
+    if missing:
+        run = read_run(run_dir)
+        run["roofline"] = known
+        write_json_atomic(run_dir / RUN, run)
+    return known
 
 
 def finish_run(run_dir: Path) -> None:

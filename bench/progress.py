@@ -45,6 +45,12 @@ class Progress:
         elif kind == "build":
             how = "reused" if info.get("reused") else f"built in {info.get('build_s') or 0:.1f} s"
             self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
+        elif kind == "roofline":
+            if "error" in info:
+                self._say(f"roofline {info['device']}: failed ({info['error'][-200:]})")
+            else:
+                self._say(f"roofline {info['device']}: copy {info['bandwidth_gbps']:.1f} GB/s, "
+                          f"fp32 matmul {info['tflops'] * 1e3:.0f} GFLOP/s")
         elif kind == "reference":
             ok = info["status"] == "ok"
             detail = f"{info.get('reference_s') or 0:.1f} s" if ok else (info.get("error") or "")[-200:]

@@ -49,7 +49,7 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     ``{"status": "failed", "error": ...}`` with the cause and the log's last lines.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    name = spec[{"cell": "cell_id", "build": "build_id", "reference": "reference_id"}[kind]]
+    name = spec[{"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device"}[kind]]
     spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)

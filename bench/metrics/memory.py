@@ -112,3 +112,29 @@ def kv_bytes_per_token(config, element_bytes: float) -> float:
     heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return 2 * config.num_hidden_layers * heads * head_dim * element_bytes
+
+
+def untied_embedding_bytes(state) -> int:
+    """Bytes of an input embedding table that is not also the LM head.
+
+    Decode reads one row of it per token, not the whole table, so bandwidth estimates
+    subtract it from the weight bytes. Tied tables are read in full by the LM head.
+    """
+    config = state.model.config
+    if getattr(config, "tie_word_embeddings", False):
+        return 0
+    if state.backend != "onnxruntime":
+        return tensor_bytes(state.model.get_input_embeddings().weight)
+    import onnx
+
+    graph = onnx.load(str(Path(state.onnx_dir) / "model.onnx"), load_external_data=False).graph
+    inits = {init.name: init for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in inits:
+            init = inits[node.input[0]]
+            elem = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            count = 1
+            for d in init.dims:
+                count *= d
+            return count * elem
+    return 0

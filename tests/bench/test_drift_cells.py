@@ -12,7 +12,8 @@ from bench.results import validate_record
 MATRIX = {
     "models": ["synthetic:llama-tiny"], "variants": ["fp32", "prune-50"], "devices": ["cpu"],
     "scenarios": [{"name": "generate", "batch_size": [1, 2], "prompt_tokens": [16], "new_tokens": [4]}],
-    "measure": {"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0, "timeout_s": 300},
+    "measure": {"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0, "timeout_s": 300,
+                "roofline": False},
     "drift": {"context": 64, "max_tokens": 512, "gen_prompts": 2, "gen_prompt_tokens": 16, "gen_new_tokens": 8,
               "budget": {"max_kld_mean": 1e-3}},
 }

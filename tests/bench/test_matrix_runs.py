@@ -33,6 +33,7 @@ min_reps = 1
 max_reps = 2
 budget_s = 0
 timeout_s = 120
+roofline = false
 
 [drift]
 enabled = false

@@ -59,6 +59,7 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     validate_record(record)
     prompts, _ = prompt_ids(tiny_ref, 8192, 1, PROMPT)
     ttft_ms, decode_tps = _independent_measurement(tiny_ref, prompts)
+    assert 0 < record["metrics"]["roofline_fraction"] <= 1.1  # measurement sanity: never far above the ceiling
     harness_ttft = record["metrics"]["ttft_ms"]["p50"]
     harness_tps = record["metrics"]["decode_tokens_per_s"]
     assert harness_tps == pytest.approx(decode_tps, rel=0.15), (harness_tps, decode_tps)

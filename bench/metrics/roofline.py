@@ -1,0 +1,127 @@
+"""Hardware ceilings measured on the machine itself, and how close each cell gets to them.
+
+Decode at small batch is bound by memory bandwidth: every step reads all weights plus the
+KV cache of every sequence. Prefill is bound by arithmetic: about 2 FLOPs per parameter
+per token in the matrix products, plus attention. Ceilings are measured, not taken from
+datasheets: a large tensor copy (bytes read + bytes written) and a large matmul.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RooflineConfig:
+    copy_bytes_cpu: int = 512 * 2**20  # well past any last-level cache
+    copy_bytes_cuda: int = 2 * 2**30
+    matmul_n_cpu: int = 2048
+    matmul_n_cuda: int = 8192
+    reps: int = 7
+
+
+def _timed(fn, device: str, reps: int) -> list[float]:
+    import torch
+
+    fn()  # warm-up
+    times = []
+    for _ in range(reps):
+        if device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def measure_bandwidth(device: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
+    """Copy bandwidth: 2 x bytes (read + write) per copy over the median copy time."""
+    import torch
+
+    n_bytes = cfg.copy_bytes_cuda if device == "cuda" else cfg.copy_bytes_cpu
+    src = torch.ones(n_bytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    times = _timed(lambda: dst.copy_(src), device, cfg.reps)
+    best, median = min(times), statistics.median(times)
+    return {"copy_bytes": n_bytes, "bandwidth_gbps": 2 * n_bytes / median / 1e9,
+            "bandwidth_best_gbps": 2 * n_bytes / best / 1e9, "method": "tensor.copy_, (read + write) / median time"}
+
+
+def measure_matmul(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
+    """Dense matmul rate: 2 n^3 FLOPs over the median time."""
+    import torch
+
+    n = cfg.matmul_n_cuda if device == "cuda" else cfg.matmul_n_cpu
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    times = _timed(lambda: a @ b, device, cfg.reps)
+    return {"n": n, "tflops": 2 * n**3 / statistics.median(times) / 1e12,
+            "tflops_best": 2 * n**3 / min(times) / 1e12}
+
+
+def measure_ceilings(device: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
+    """Bandwidth and matmul rates (fp32; bf16 and fp16 where the device has fast kernels)."""
+    import torch
+
+    dtypes = ["float32", "bfloat16"]
+    if device == "cuda":
+        dtypes.append("float16")
+    out: dict[str, Any] = {"device": device, "memory": measure_bandwidth(device, cfg), "matmul": {}}
+    for dtype in dtypes:
+        out["matmul"][dtype] = measure_matmul(device, dtype, cfg)
+    out["torch_threads"] = torch.get_num_threads()
+    return out
+
+
+def model_shape(config) -> dict[str, int]:
+    """Sizes the FLOP and byte estimates need, from a (possibly pruned) HF config."""
+    layers = config.num_hidden_layers
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    h, ffn = config.hidden_size, config.intermediate_size
+    per_layer = h * heads * head_dim * 2 + h * kv_heads * head_dim * 2 + 3 * h * ffn  # q, o, k, v, gate/up/down
+    return {"layers": layers, "heads": heads, "head_dim": head_dim,
+            "matmul_params": layers * per_layer + h * config.vocab_size}
+
+
+def prefill_flops(shape: dict[str, int], batch: int, prompt: int) -> float:
+    """2 FLOPs per matmul parameter per token, plus causal attention (QK^T and PV: 2 x 2 x P^2/2 per head-dim)."""
+    linear = 2 * shape["matmul_params"] * batch * prompt
+    attention = 2 * shape["layers"] * batch * shape["heads"] * shape["head_dim"] * prompt * prompt
+    return float(linear + attention)
+
+
+def cell_roofline(metrics: dict[str, Any], scenario: dict[str, Any], shape: dict[str, int],
+                  ceilings: dict[str, Any], compute_dtype: str) -> dict[str, Any]:
+    """Achieved decode bandwidth and prefill FLOP/s, and their fractions of the measured ceilings.
+
+    Bytes per decode step = weight bytes + batch x mean context x KV bytes per token, where
+    the mean context over the decode is prompt + new_tokens / 2; steps per second =
+    decode tokens/s / batch.
+    """
+    b, p, n = scenario["batch_size"], scenario["prompt_tokens"], scenario["new_tokens"]
+    kv_per_token = metrics.get("kv_cache_bytes_per_token", 0.0)
+    step_bytes = metrics["weights_bytes"] + b * (p + n / 2) * kv_per_token
+    achieved = step_bytes * metrics["decode_tokens_per_s"] / b / 1e9
+    peak_bw = ceilings["memory"]["bandwidth_gbps"]
+    flops = prefill_flops(shape, b, p) * metrics["prefill_tokens_per_s"] / (b * p)
+    peak_flops = ceilings["matmul"].get(compute_dtype, ceilings["matmul"]["float32"])["tflops"] * 1e12
+    return {
+        "decode_bytes_per_step": step_bytes,
+        "decode_bandwidth_gbps": achieved,
+        "roofline_fraction": achieved / peak_bw,
+        "prefill_tflops": flops / 1e12,
+        "prefill_flops_fraction": flops / peak_flops,
+        "roofline_ceilings": {"bandwidth_gbps": peak_bw, "matmul_tflops": peak_flops / 1e12,
+                              "matmul_dtype": compute_dtype if compute_dtype in ceilings["matmul"] else "float32"},
+    }
