@@ -95,7 +95,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     from bench.metrics import memory
     from bench.metrics.timing import RepeatConfig
     from bench.prompts import prompt_ids
-    from bench.scenarios.generate import GenerateScenario, run_generate
+    from bench.scenarios import SCENARIOS
     from optimize.models import resolve_model
     from optimize.recipe import recipe_from_dict
     from optimize.store import VariantStore, load_variant
@@ -111,16 +111,20 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     t0 = time.perf_counter()
     state, artifact = load_variant(ref, recipe, device, VariantStore(_cache(cell)), cell["trust_remote_code"])
     load_s = time.perf_counter() - t0
-    scenario = GenerateScenario(**{k: v for k, v in cell["scenario"].items() if k != "name"})
+    kind = SCENARIOS[cell["scenario"]["name"]]
+    fields = set(kind.__dataclass_fields__) - {"name"}
+    scenario = kind(**{k: v for k, v in cell["scenario"].items() if k in fields})
     scenario.validate()
     vocab = state.model.config.vocab_size
     prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
                                         cell.get("eval_text"), cell["trust_remote_code"])
     repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s")})
-    metrics, samples, method = run_generate(state, scenario, prompts, repeat)
-    metrics["weights_bytes"] = memory.weights_bytes(state)
+    weights_bytes = memory.weights_bytes(state)
     kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    metrics["kv_cache_bytes_per_token"] = memory.kv_bytes_per_token(state.model.config, kv_elem)
+    kv_per_token = memory.kv_bytes_per_token(state.model.config, kv_elem)
+    metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+    metrics["weights_bytes"] = weights_bytes
+    metrics["kv_cache_bytes_per_token"] = kv_per_token
     metrics["rss_baseline_bytes"] = baseline_rss
     # Memory figures are read before drift runs: drift's own buffers must not count.
     if device == "cuda":
@@ -130,7 +134,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     else:
         metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
         metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
-    if cell.get("ceilings"):
+    if cell.get("ceilings") and "decode_tokens_per_s" in metrics:
         metrics.update(_roofline(state, cell, metrics))
         method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
                               "KV bytes/token; prefill FLOPs = 2 x matmul params x tokens + causal attention")
@@ -172,6 +176,17 @@ def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
     record["drift_ok"] = drift["drift_ok"]
     record["drift_violations"] = drift["violations"]
     return time.perf_counter() - t0
+
+
+def _run_scenario(state, scenario, prompts, repeat, weights_bytes: int, kv_per_token: float):
+    from bench.scenarios.generate import run_generate
+    from bench.scenarios.sweeps import run_decode, run_prefill
+
+    if scenario.name == "prefill":
+        return run_prefill(state, scenario, prompts, repeat)
+    if scenario.name == "decode":
+        return run_decode(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+    return run_generate(state, scenario, prompts, repeat)
 
 
 def _roofline(state, cell, metrics) -> dict:

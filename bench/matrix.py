@@ -18,7 +18,7 @@ import tomllib
 
 from bench.metrics.drift import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
-from bench.scenarios.generate import GenerateScenario
+from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
 from optimize.recipe import Recipe, recipe_from_dict
@@ -26,7 +26,7 @@ from optimize.recipe import Recipe, recipe_from_dict
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
             "exclude", "trust_remote_code", "eval_text"}
-SCENARIO_KINDS = {"generate": GenerateScenario}
+SCENARIO_KINDS = SCENARIOS
 DEVICES = ("auto", "cpu", "cuda")
 
 
@@ -117,6 +117,11 @@ def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
         for key in sorted(fields):
             default = getattr(SCENARIO_KINDS[kind](), key)
             grid[key] = _int_list(table.get(key, default), f"{where} scenarios[{i}]", key)
+        try:  # each point of the grid must be a valid scenario
+            for values in itertools.product(*(grid[k] for k in sorted(fields))):
+                SCENARIO_KINDS[kind](**dict(zip(sorted(fields), values, strict=True))).validate()
+        except InputError as exc:
+            raise InputError(f"{where} scenarios[{i}]: {exc}") from None
         out.append(grid)
     return tuple(out)
 
@@ -276,6 +281,7 @@ def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
         keys = [k for k in grid if k != "name"]
         for values in itertools.product(*(grid[k] for k in keys)):
             scenario = {"name": grid["name"], **dict(zip(keys, values, strict=True))}
+            scenario.setdefault("new_tokens", 1)  # prefill generates exactly one token
             cid = cell_id(model, recipe, device, scenario)
             if cid in seen:
                 continue

@@ -73,3 +73,16 @@ def test_flags_narrow_the_matrix():
     assert {c["scenario"]["batch_size"] for c in cells} == {1, 8}
     assert all(c["scenario"]["new_tokens"] == 4 and c["model"] == "synthetic:llama-tiny" for c in cells)
     assert m.measure.repeat.min_reps == 2
+
+
+def test_prefill_and_decode_sweeps_expand_over_their_axes():
+    m = parse_matrix({"models": ["synthetic:llama-tiny"], "variants": ["fp32"], "scenarios": [
+        {"name": "prefill", "prompt_tokens": [32, 64, 128]},
+        {"name": "decode", "batch_size": [1, 2, 4], "prompt_tokens": 16, "new_tokens": 8, "memory_percent": 50}]},
+        "sweep.toml")
+    cells = expand(m, cpu)
+    prefill = sorted(c["scenario"]["prompt_tokens"] for c in cells if c["scenario"]["name"] == "prefill")
+    decode = sorted(c["scenario"]["batch_size"] for c in cells if c["scenario"]["name"] == "decode")
+    assert prefill == [32, 64, 128] and decode == [1, 2, 4]
+    assert all(c["scenario"]["new_tokens"] == 1 for c in cells if c["scenario"]["name"] == "prefill")
+    assert all(c["scenario"]["memory_percent"] == 50 for c in cells if c["scenario"]["name"] == "decode")
