@@ -1,0 +1,68 @@
+"""Recipes serialise and hash stably; the store builds once, reuses, and writes safe formats only."""
+
+from __future__ import annotations
+
+import json
+import tomllib
+
+import pytest
+
+from optimize.errors import RecipeError
+from optimize.prune.magnitude import MagnitudePrune
+from optimize.quantize.cast import Cast
+from optimize.recipe import Recipe, recipe_from_dict
+from optimize.registry import builtin_variant, techniques, variants
+from optimize.store import VariantStore
+
+
+def test_recipe_round_trips_through_toml():
+    recipe = Recipe(name="mine", steps=(MagnitudePrune(sparsity=0.3, scope="global"), Cast(dtype="bfloat16")))
+    steps = ", ".join("{" + ", ".join(f"{k} = {json.dumps(v)}" for k, v in s.to_dict().items()) + "}"
+                      for s in recipe.steps)
+    data = tomllib.loads(f'name = "mine"\nsteps = [{steps}]\n')
+    again = recipe_from_dict(data)
+    assert again == recipe and again.content_hash() == recipe.content_hash()
+
+
+def test_content_hash_depends_on_steps_not_name():
+    a = Recipe(name="a", steps=(MagnitudePrune(sparsity=0.5),))
+    assert a.content_hash() == Recipe(name="b", steps=(MagnitudePrune(sparsity=0.5),)).content_hash()
+    assert a.content_hash() != Recipe(name="a", steps=(MagnitudePrune(sparsity=0.4),)).content_hash()
+
+
+def test_steps_out_of_stage_order_are_rejected():
+    with pytest.raises(RecipeError, match="weights -> export -> graph -> runtime"):
+        Recipe(name="x", steps=(Cast(), MagnitudePrune()))
+
+
+def test_every_builtin_variant_uses_registered_techniques():
+    known = techniques()
+    for name, info in variants().items():
+        assert info.applies and info.recipe.description, name
+        assert all(s.technique in known for s in info.recipe.steps), name
+
+
+def test_store_builds_once_and_reuses(tiny_ref, cache_dir):
+    store = VariantStore(cache_dir)
+    recipe = builtin_variant("prune-50")
+    first = store.get_or_build(tiny_ref, recipe, "cpu")
+    second = store.get_or_build(tiny_ref, recipe, "cpu")
+    assert second.reused and second.path == first.path
+    m = second.manifest
+    assert m["recipe"]["name"] == "prune-50" and m["artifact_bytes"] > 0 and m["build_s"] >= 0
+    assert m["reports"][0]["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert {"torch", "transformers"} <= set(m["versions"])
+    suffixes = {p.suffix for p in first.path.rglob("*") if p.is_file()}
+    assert ".safetensors" in suffixes and not suffixes & {".bin", ".pt", ".pkl", ".pickle"}
+
+
+def test_store_key_changes_with_the_recipe(tiny_ref, cache_dir):
+    store = VariantStore(cache_dir)
+    a = store.key(tiny_ref, Recipe(name="a", steps=(MagnitudePrune(sparsity=0.5),)), "cpu")
+    b = store.key(tiny_ref, Recipe(name="a", steps=(MagnitudePrune(sparsity=0.6),)), "cpu")
+    assert a != b
+
+
+def test_runtime_only_recipes_need_no_artifact(tiny_ref, cache_dir):
+    art = VariantStore(cache_dir).get_or_build(tiny_ref, builtin_variant("bf16"), "cpu")
+    assert str(art.path) == tiny_ref.path
