@@ -42,13 +42,52 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     try:
         ref = resolve_model(job["model"], _cache(job))
         recipe = recipe_from_dict(job["variant"])
-        artifact = VariantStore(_cache(job)).get_or_build(ref, recipe, job["device"], job["trust_remote_code"])
-        return {"status": "ok", "reused": artifact.reused, "path": str(artifact.path),
+        store = VariantStore(_cache(job))
+        artifact = store.get_or_build(ref, recipe, job["device"], job["trust_remote_code"])
+        validation = None if artifact.reused else validate_build(ref, recipe, job["device"], store, job)
+        return {"status": "ok", "reused": artifact.reused, "path": str(artifact.path), "validation": validation,
                 "build_s": time.perf_counter() - t0, "manifest": artifact.manifest}
     except NotApplicable as exc:
         return {"status": "skipped", "error": str(exc), "build_s": time.perf_counter() - t0}
     except InputError as exc:
         return {"status": "failed", "error": str(exc), "build_s": time.perf_counter() - t0}
+    except Exception as exc:  # a technique that crashed: recorded for every cell of the variant
+        return {"status": "failed", "error": error_tail(exc), "build_s": time.perf_counter() - t0}
+
+
+VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS, VALIDATION_NEW_TOKENS = 2, 16, 8
+
+
+def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict[str, Any]:
+    """A newly built variant must generate; a lossless one must reproduce the reference's greedy tokens.
+
+    On failure the artifact is removed (so the next run rebuilds and re-checks it) and the
+    build fails with the reason.
+    """
+    import shutil
+
+    import torch
+
+    from bench.prompts import prompt_ids
+    from bench.scenarios.generate import greedy_generate
+    from optimize.errors import RecipeError
+    from optimize.recipe import Recipe
+    from optimize.store import load_variant
+
+    state, artifact = load_variant(ref, recipe, device, store, job["trust_remote_code"])
+    prompts, _ = prompt_ids(ref, state.model.config.vocab_size, VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS,
+                            eval_text=job.get("eval_text"), trust_remote_code=job["trust_remote_code"])
+    tokens = greedy_generate(state, prompts, VALIDATION_NEW_TOKENS).cpu()
+    result = {"generates": True, "lossless": recipe.lossless}
+    if recipe.lossless:
+        reference, _ = load_variant(ref, Recipe(name="fp32"), device, store, job["trust_remote_code"])
+        same = torch.equal(tokens, greedy_generate(reference, prompts, VALIDATION_NEW_TOKENS).cpu())
+        result["matches_reference_tokens"] = same
+        if not same:
+            shutil.rmtree(artifact.path, ignore_errors=True)
+            raise RecipeError(f"variant {recipe.name!r} is lossless by construction but its greedy tokens differ "
+                              "from the reference's on the validation prompts")
+    return result
 
 
 def reference(job: dict[str, Any]) -> dict[str, Any]:

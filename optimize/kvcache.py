@@ -41,6 +41,9 @@ class KVCache(Step):
         if self.compile and self.mode != "static":
             raise RecipeError("kv-cache.compile needs mode = 'static' (dynamic shapes would recompile every step)")
 
+    def is_lossless(self) -> bool:
+        return self.mode != "quantized"
+
     def apply(self, state) -> dict:
         if self.mode == "none":
             state.generate_kwargs["use_cache"] = False

@@ -42,6 +42,10 @@ class Step:
     def validate(self) -> None:
         """Raise ``RecipeError`` for out-of-range fields. Subclasses extend."""
 
+    def is_lossless(self) -> bool:
+        """True when the step must not change greedy outputs (checked when a variant is built)."""
+        return False
+
     def to_dict(self) -> dict[str, Any]:
         data = {"technique": self.technique}
         data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -74,6 +78,10 @@ class Recipe:
     def backend(self) -> str:
         """``onnxruntime`` once an export step is present, else ``torch``."""
         return "onnxruntime" if any(s.stage == "export" for s in self.steps) else "torch"
+
+    @property
+    def lossless(self) -> bool:
+        return all(s.is_lossless() for s in self.steps)
 
     @property
     def saved_steps(self) -> tuple[Step, ...]:

@@ -1,4 +1,4 @@
-"""``infermatrix build``: build variants into the store, without benchmarking them."""
+"""``infermatrix build``: build variants into the store and validate them, without benchmarking."""
 
 from __future__ import annotations
 
@@ -17,31 +17,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from optimize.errors import NotApplicable
-    from optimize.models import resolve_device, resolve_model
+    from bench.cell import build
+    from optimize.models import check_model_spec, resolve_device
     from optimize.registry import builtin_variant
-    from optimize.store import VariantStore
 
+    check_model_spec(args.model)
     recipes = [builtin_variant(v) for v in args.variants]
     device = resolve_device(args.device)
-    cache = Path(args.cache_dir) if args.cache_dir else None
-    ref = resolve_model(args.model, cache)
-    store = VariantStore(cache)
     failed = False
     for recipe in recipes:
-        try:
-            art = store.get_or_build(ref, recipe, device, args.trust_remote_code)
-        except NotApplicable as exc:
-            print(json.dumps({"variant": recipe.name, "status": "skipped", "reason": str(exc)}))
-            continue
-        except Exception as exc:  # report and go on with the other variants
-            failed = True
-            print(json.dumps({"variant": recipe.name, "status": "failed", "error": f"{type(exc).__name__}: {exc}"}))
-            continue
-        print(json.dumps({"variant": recipe.name, "status": "ok", "path": str(art.path), "reused": art.reused,
-                          "runtime_steps": [s.technique for s in recipe.runtime_steps],
-                          "artifact_bytes": art.manifest.get("artifact_bytes"),
-                          "reports": art.manifest.get("reports", [])}))
+        result = build({"model": args.model, "variant": recipe.to_dict(), "device": device,
+                        "trust_remote_code": args.trust_remote_code, "cache_dir": args.cache_dir})
+        manifest = result.pop("manifest", {}) or {}
+        result.update(variant=recipe.name, runtime_steps=[s.technique for s in recipe.runtime_steps],
+                      artifact_bytes=manifest.get("artifact_bytes"), reports=manifest.get("reports", []))
+        failed |= result["status"] == "failed"
+        print(json.dumps(result, default=str))
     return 1 if failed else 0

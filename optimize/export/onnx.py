@@ -95,6 +95,9 @@ class OnnxExport(Step):
         if self.opset != 0 and self.opset < MIN_OPSET:
             raise RecipeError(f"onnx-export.opset must be 0 (exporter default) or >= {MIN_OPSET}, got {self.opset}")
 
+    def is_lossless(self) -> bool:
+        return self.dtype == "float32"
+
     def apply(self, state) -> dict:
         if self.dtype == "float16" and state.device != "cuda":
             raise NotApplicable("fp16 ONNX export needs CUDA: the exporter traces the model in fp16 on the GPU, "
