@@ -89,13 +89,18 @@ class DriftConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> DriftConfig:
         """Parse a ``[drift]`` table; unknown keys and bad values raise ``InputError`` naming them."""
-        _reject_unknown(cls, data, where, "drift setting")
-        cfg = cls(**data)
-        try:
-            cfg.validate()
-        except InputError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        return cfg
+        return _parse(cls, data, where, "drift setting")
+
+
+def _parse(cls, data: Any, where: str, what: str):
+    """``cls(**data)``, validated; unknown keys and bad values raise ``InputError`` naming them."""
+    _reject_unknown(cls, data, where, what)
+    obj = cls(**data)
+    try:
+        obj.validate()
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return obj
 
 
 def _reject_unknown(cls, data: Any, where: str, what: str) -> None:
@@ -133,13 +138,7 @@ class DriftBudget:
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> DriftBudget:
         """Parse a budget table; unknown keys and bad values raise ``InputError`` naming them."""
-        _reject_unknown(cls, data, where, "drift budget limit")
-        budget = cls(**data)
-        try:
-            budget.validate()
-        except InputError as exc:
-            raise InputError(f"{where}: {exc}") from None
-        return budget
+        return _parse(cls, data, where, "drift budget limit")
 
     def check(self, metrics: dict[str, Any]) -> list[str]:
         """Human-readable violations of this budget by drift ``metrics``; empty when within it."""

@@ -12,7 +12,7 @@ import pytest
 from optimize.errors import NotApplicable, RecipeError
 from optimize.quantize import bnb as bnb_step  # importing registers "bnb-int8" and "bnb-nf4"
 from optimize.quantize.bnb import BnbInt8, BnbNF4
-from optimize.recipe import Recipe
+from tests.optimize.helpers import agreement, linear_fp32_bytes, load_step, logits_of
 
 NEW_TOKENS = 4
 TINY_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is left alone
@@ -27,45 +27,14 @@ def bnb_installed():
             pytest.skip(f"needs {name} (transformers loads bitsandbytes weights through accelerate)")
 
 
-def _load(ref, cache_dir, step, device="cpu"):
-    from optimize.store import VariantStore, load_variant
-
-    state, _ = load_variant(ref, Recipe(name="under-test", steps=(step,) if step else ()), device,
-                            VariantStore(cache_dir))
-    return state
-
-
-def _logits(state, ids):
-    import torch
-
-    with torch.inference_mode():
-        return state.model(ids.to(state.device)).logits.float().cpu()  # (B, T, V)
-
-
-def _agreement(logits, reference) -> tuple[float, float]:
-    """(Pearson correlation of all logits, fraction of positions with the same top-1 token)."""
-    import torch
-
-    corr = torch.corrcoef(torch.stack([logits.flatten(), reference.flatten()]))[0, 1].item()
-    return corr, (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-
-
-def _linear_fp32_bytes(model) -> int:
-    """fp32 bytes of the linear weights bitsandbytes quantizes (all but lm_head)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    return sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_ref, cache_dir):
-    return _load(tiny_ref, cache_dir, None)
+    return load_step(tiny_ref, cache_dir, None)
 
 
 @pytest.fixture(scope="module")
 def states(bnb_installed, tiny_ref, cache_dir):
-    return {kind: _load(tiny_ref, cache_dir, step) for kind, step in STEPS.items()}
+    return {kind: load_step(tiny_ref, cache_dir, step) for kind, step in STEPS.items()}
 
 
 @pytest.mark.parametrize(("step", "message"), [
@@ -113,7 +82,7 @@ def test_quantized_linear_weights_shrink_as_their_bit_width_says(reference, stat
     from bench.metrics.memory import torch_weights_bytes
 
     saved = torch_weights_bytes(reference.model) - torch_weights_bytes(states[kind].model)
-    ideal = fraction_saved * _linear_fp32_bytes(reference.model)  # before scales and quantization maps
+    ideal = fraction_saved * linear_fp32_bytes(reference.model)  # before scales and quantization maps
     assert 0.95 * ideal < saved <= ideal
 
 
@@ -123,7 +92,7 @@ def test_variant_generates_requested_tokens_close_to_reference(reference, states
 
     state = states[kind]
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
-    corr, top1 = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    corr, top1 = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > MIN_CORRELATION[kind], corr
     if kind == "int8":  # 4-bit flips near-ties of the random model's flat logits too often for a top-1 bound
         assert top1 >= 0.9, top1
@@ -131,7 +100,7 @@ def test_variant_generates_requested_tokens_close_to_reference(reference, states
 
 def test_nf4_with_fp16_compute_is_not_applicable_on_cpu(tiny_ref, cache_dir):
     with pytest.raises(NotApplicable, match="bnb-nf4 with fp16 compute needs CUDA"):
-        _load(tiny_ref, cache_dir, BnbNF4(compute_dtype="float16"))
+        load_step(tiny_ref, cache_dir, BnbNF4(compute_dtype="float16"))
 
 
 @pytest.mark.parametrize(("missing", "hint"), [("bitsandbytes", "pip install 'bitsandbytes"),
@@ -141,7 +110,7 @@ def test_missing_library_is_not_applicable_with_install_hint(tiny_ref, cache_dir
         pytest.skip("needs bitsandbytes, to reach the accelerate check")
     monkeypatch.setitem(sys.modules, missing, None)  # makes import fail and find_spec answer None
     with pytest.raises(NotApplicable, match=f"bnb-int8 needs {missing} .*{hint}"):
-        _load(tiny_ref, cache_dir, BnbInt8())
+        load_step(tiny_ref, cache_dir, BnbInt8())
 
 
 def test_loading_after_another_step_loaded_the_model_is_a_recipe_error(bnb_installed, tiny_ref):
@@ -196,10 +165,10 @@ def test_variant_on_cuda_generates_close_to_reference(cuda_only, bnb_installed, 
                                                       step):
     from bench.scenarios.generate import greedy_generate
 
-    state = _load(tiny_ref, cache_dir, step, device="cuda")
+    state = load_step(tiny_ref, cache_dir, step, device="cuda")
     assert state.model.model.layers[0].mlp.up_proj.weight.device.type == "cuda"
     assert state.reports[0]["quantized_linears"] == TINY_LINEARS
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
-    reference = _load(tiny_ref, cache_dir, None, device="cuda")
-    corr, _ = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    reference = load_step(tiny_ref, cache_dir, None, device="cuda")
+    corr, _ = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > MIN_CORRELATION["int8" if isinstance(step, BnbInt8) else "nf4"], corr

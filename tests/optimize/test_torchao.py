@@ -9,52 +9,21 @@ import pytest
 
 from optimize.errors import NotApplicable, RecipeError
 from optimize.quantize.torchao import TorchAO  # importing registers "torchao"
-from optimize.recipe import Recipe
+from tests.optimize.helpers import agreement, linear_fp32_bytes, load_step, logits_of
 
 INT8_SCHEMES = ("int8-weight-only", "int8-dynamic")
 NEW_TOKENS = 4
 TINY_LINEARS = 14  # 2 layers x (q, k, v, o, gate, up, down); lm_head is left alone
 
 
-def _load(ref, cache_dir, step, device="cpu"):
-    from optimize.store import VariantStore, load_variant
-
-    state, _ = load_variant(ref, Recipe(name="under-test", steps=(step,) if step else ()), device,
-                            VariantStore(cache_dir))
-    return state
-
-
-def _logits(state, ids):
-    import torch
-
-    with torch.inference_mode():
-        return state.model(ids.to(state.device)).logits.float().cpu()  # (B, T, V)
-
-
-def _agreement(logits, reference) -> tuple[float, float]:
-    """(Pearson correlation of all logits, fraction of positions with the same top-1 token)."""
-    import torch
-
-    corr = torch.corrcoef(torch.stack([logits.flatten(), reference.flatten()]))[0, 1].item()
-    return corr, (logits.argmax(-1) == reference.argmax(-1)).float().mean().item()
-
-
-def _linear_fp32_bytes(model) -> int:
-    """fp32 bytes of the linear weights a quantizer targets (all but lm_head)."""
-    import torch
-
-    head = model.get_output_embeddings()
-    return sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_ref, cache_dir):
-    return _load(tiny_ref, cache_dir, None)
+    return load_step(tiny_ref, cache_dir, None)
 
 
 @pytest.fixture(scope="module")
 def int8_states(tiny_ref, cache_dir):
-    return {scheme: _load(tiny_ref, cache_dir, TorchAO(scheme=scheme)) for scheme in INT8_SCHEMES}
+    return {scheme: load_step(tiny_ref, cache_dir, TorchAO(scheme=scheme)) for scheme in INT8_SCHEMES}
 
 
 @pytest.mark.parametrize(("fields", "message"), [
@@ -85,7 +54,7 @@ def test_int8_schemes_cut_linear_weight_bytes_by_about_three_quarters(reference,
     from bench.metrics.memory import torch_weights_bytes
 
     saved = torch_weights_bytes(reference.model) - torch_weights_bytes(int8_states[scheme].model)
-    ideal = 0.75 * _linear_fp32_bytes(reference.model)  # 4 -> 1 byte per weight, before per-row scales
+    ideal = 0.75 * linear_fp32_bytes(reference.model)  # 4 -> 1 byte per weight, before per-row scales
     assert 0.95 * ideal < saved <= ideal
 
 
@@ -96,13 +65,13 @@ def test_int8_schemes_generate_requested_tokens_close_to_reference(reference, in
     state = int8_states[scheme]
     out = greedy_generate(state, tiny_prompts, NEW_TOKENS)
     assert out.shape == (2, 16 + NEW_TOKENS)
-    corr, top1 = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    corr, top1 = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > 0.999 and top1 >= 0.9, (corr, top1)
 
 
 def test_int4_weight_only_is_not_applicable_on_cpu(tiny_ref, cache_dir):
     with pytest.raises(NotApplicable, match="torchao int4 weight-only needs CUDA: torchao 0.18 has no CPU kernel"):
-        _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"))
+        load_step(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"))
 
 
 def test_module_import_does_not_import_torchao():
@@ -124,10 +93,10 @@ def cuda_only():
 def test_int8_schemes_on_cuda_generate_close_to_reference(cuda_only, tiny_ref, cache_dir, tiny_prompts, scheme):
     from bench.scenarios.generate import greedy_generate
 
-    state = _load(tiny_ref, cache_dir, TorchAO(scheme=scheme), device="cuda")
+    state = load_step(tiny_ref, cache_dir, TorchAO(scheme=scheme), device="cuda")
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
-    reference = _load(tiny_ref, cache_dir, None, device="cuda")
-    corr, _ = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    reference = load_step(tiny_ref, cache_dir, None, device="cuda")
+    corr, _ = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > 0.999, corr
 
 
@@ -140,14 +109,14 @@ def test_int4_weight_only_on_cuda_packs_tinygemm_weights_in_bf16(cuda_only, tiny
 
     if torch.cuda.get_device_capability()[0] < 8:
         with pytest.raises(NotApplicable, match="compute capability >= 8.0"):
-            _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"), device="cuda")
+            load_step(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only"), device="cuda")
         pytest.skip("tinygemm int4 needs compute capability >= 8.0 (NotApplicable checked)")
-    state = _load(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only", group_size=64), device="cuda")
+    state = load_step(tiny_ref, cache_dir, TorchAO(scheme="int4-weight-only", group_size=64), device="cuda")
     assert state.reports[0]["quantized_linears"] == TINY_LINEARS
     assert isinstance(state.model.model.layers[0].mlp.up_proj.weight, Int4TilePackedTo4dTensor)
     assert state.model.lm_head.weight.dtype == torch.bfloat16
     assert any("bf16" in label for label in state.labels)
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, 16 + NEW_TOKENS)
-    reference = _load(tiny_ref, cache_dir, None, device="cuda")
-    corr, _ = _agreement(_logits(state, tiny_prompts), _logits(reference, tiny_prompts))
+    reference = load_step(tiny_ref, cache_dir, None, device="cuda")
+    corr, _ = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > 0.97, corr
