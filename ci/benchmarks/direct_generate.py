@@ -1,0 +1,59 @@
+"""An independent timing of one generate call, to check the harness against.
+
+Loads the model with plain transformers in this process and times ``generate`` from the
+outside with ``time.perf_counter``: TTFT is the wall time of a one-token call; the decode
+rate is (N - 1) tokens over the extra time an N-token call takes. Same prompt source as
+the harness (the evaluation text at the same seeded offset).
+
+    python ci/benchmarks/direct_generate.py --model synthetic:llama-134m --prompt-tokens 128 --new-tokens 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="synthetic:llama-134m")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--prompt-tokens", type=int, default=128)
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--reps", type=int, default=10)
+    args = p.parse_args()
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.prompts import prompt_ids
+    from optimize.models import resolve_model
+
+    ref = resolve_model(args.model)
+    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32).eval()
+    ids, _ = prompt_ids(ref, model.config.vocab_size, args.batch_size, args.prompt_tokens)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+
+    def timed(n: int) -> float:
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                           do_sample=False, pad_token_id=pad)
+        return time.perf_counter() - t0
+
+    timed(args.new_tokens)  # warm-up
+    one = [timed(1) for _ in range(args.reps)]
+    full = [timed(args.new_tokens) for _ in range(args.reps)]
+    ttft_s, e2e_s = statistics.median(one), statistics.median(full)
+    print(json.dumps({
+        "model": args.model, "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
+        "new_tokens": args.new_tokens, "reps": args.reps, "torch_threads": torch.get_num_threads(),
+        "ttft_ms": round(ttft_s * 1e3, 2), "e2e_ms": round(e2e_s * 1e3, 2),
+        "decode_tokens_per_s": round(args.batch_size * (args.new_tokens - 1) / (e2e_s - ttft_s), 2),
+    }))
+
+
+if __name__ == "__main__":
+    main()
