@@ -95,15 +95,11 @@ def torch_weights_bytes(model) -> int:
     return total
 
 
-def onnx_weights_bytes(onnx_dir: Path) -> int:
-    """Bytes of the ONNX graph files (the weights are their bulk)."""
-    return sum(f.stat().st_size for f in Path(onnx_dir).iterdir()
-               if f.suffix == ".onnx" or f.name.endswith(".onnx_data") or f.suffix == ".data")
-
-
 def weights_bytes(state) -> int:
     if state.backend == "onnxruntime":
-        return onnx_weights_bytes(state.onnx_dir)
+        from optimize.export.onnx import onnx_bytes
+
+        return onnx_bytes(state.onnx_dir)  # the graph files: the weights are their bulk
     return torch_weights_bytes(state.model)
 
 
