@@ -91,8 +91,19 @@ class VariantStore:
         t0 = time.perf_counter()
         state = VariantState(ref=ref, device=device, source_dir=Path(ref.path), work_dir=out,
                              trust_remote_code=trust_remote_code)
-        reference_params = None
-        for step in recipe.saved_steps:
+        reference_params, steps, prefix = None, recipe.saved_steps, None
+        if len(steps) > 1 and steps[-1].stage == "graph":
+            # Graph steps transform an exported model: start from the stored prefix artifact
+            # (one export serves fp32, dynamic int8 and static int8) instead of exporting again.
+            prefix = self.get_or_build(ref, Recipe(name=f"{recipe.name}:prefix", steps=steps[:-1]), device,
+                                       trust_remote_code)
+            for f in prefix.path.iterdir():
+                if f.name != MANIFEST:
+                    (shutil.copytree if f.is_dir() else shutil.copy2)(f, out / f.name)
+            state.backend, state.onnx_dir = prefix.manifest["backend"], out
+            state.reports, state.labels = list(prefix.manifest["reports"]), list(prefix.manifest["labels"])
+            reference_params, steps = prefix.manifest.get("reference_parameters"), steps[-1:]
+        for step in steps:
             if step.stage == "weights" and reference_params is None:
                 reference_params = sum(p.numel() for p in state.model.parameters())
             if step.stage == "export" and state.loaded:
@@ -119,6 +130,7 @@ class VariantStore:
             "parameters": params,
             "reference_parameters": reference_params,
             "artifact_bytes": dir_bytes(out),
+            "built_from_prefix": str(prefix.path) if prefix else None,
             "build_s": round(time.perf_counter() - t0, 3),
             "versions": library_versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -66,3 +66,13 @@ def test_store_key_changes_with_the_recipe(tiny_ref, cache_dir):
 def test_runtime_only_recipes_need_no_artifact(tiny_ref, cache_dir):
     art = VariantStore(cache_dir).get_or_build(tiny_ref, builtin_variant("bf16"), "cpu")
     assert str(art.path) == tiny_ref.path
+
+
+def test_graph_steps_start_from_the_stored_export(tiny_ref, cache_dir):
+    store = VariantStore(cache_dir)
+    export = store.get_or_build(tiny_ref, builtin_variant("onnx-fp32"), "cpu")
+    quantized = store.get_or_build(tiny_ref, builtin_variant("onnx-int8-dynamic"), "cpu")
+    if not quantized.reused:
+        assert quantized.manifest["built_from_prefix"] == str(export.path)
+    assert [r["technique"] for r in quantized.manifest["reports"]] == ["onnx-export", "ort-int8-dynamic"]
+    assert quantized.manifest["artifact_bytes"] < export.manifest["artifact_bytes"]
