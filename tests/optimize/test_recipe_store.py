@@ -72,7 +72,6 @@ def test_graph_steps_start_from_the_stored_export(tiny_ref, cache_dir):
     store = VariantStore(cache_dir)
     export = store.get_or_build(tiny_ref, builtin_variant("onnx-fp32"), "cpu")
     quantized = store.get_or_build(tiny_ref, builtin_variant("onnx-int8-dynamic"), "cpu")
-    if not quantized.reused:
-        assert quantized.manifest["built_from_prefix"] == str(export.path)
+    assert quantized.manifest["built_from_prefix"] == str(export.path)
     assert [r["technique"] for r in quantized.manifest["reports"]] == ["onnx-export", "ort-int8-dynamic"]
     assert quantized.manifest["artifact_bytes"] < export.manifest["artifact_bytes"]
