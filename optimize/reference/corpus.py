@@ -16,6 +16,10 @@ from pathlib import Path
 # Directories that are not Python source worth learning from, or not part of CPython.
 EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages", "__pycache__", "idle_test"})
 MAX_FILE_BYTES = 400_000  # a few generated tables are huge and repetitive
+# Held-out files from these directories stay out of the evaluation text: they are generated
+# tables (codec maps, pydoc topics) whose siblings in training make them trivially easy,
+# which would flatter perplexity and hide drift.
+EVAL_EXCLUDED_DIRS = frozenset({"encodings", "pydoc_data"})
 FILE_SEPARATOR = "\n\n"
 
 
@@ -26,7 +30,7 @@ class CorpusConfig:
     root: str = ""  # empty means the running interpreter's stdlib
     eval_fraction: float = 0.05  # share of files held out, by path hash
     eval_text_bytes: int = 320_000  # size cap of the frozen evaluation text
-    version: int = 1
+    version: int = 2
 
 
 @dataclass
@@ -48,9 +52,11 @@ def is_held_out(relative_path: str, eval_fraction: float) -> bool:
     return int.from_bytes(digest[:8], "big") / 2**64 < eval_fraction
 
 
-def _is_test_file(relative_path: str) -> bool:
+def _eval_candidate(relative_path: str) -> bool:
+    """Hand-written library code: no tests, no generated tables."""
     parts = relative_path.split("/")
-    return parts[0] == "test" or "tests" in parts or parts[-1].startswith("test_")
+    is_test = parts[0] == "test" or "tests" in parts or parts[-1].startswith("test_")
+    return not is_test and parts[0] not in EVAL_EXCLUDED_DIRS
 
 
 def list_files(root: Path) -> list[tuple[str, Path]]:
@@ -82,7 +88,7 @@ def build_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
         listing.append({"path": rel, "bytes": len(text.encode()), "split": "eval" if held_out else "train"})
         if not held_out:
             train_parts.append(text)
-        elif not _is_test_file(rel) and eval_bytes + len(text) <= config.eval_text_bytes:
+        elif _eval_candidate(rel) and eval_bytes + len(text) <= config.eval_text_bytes:
             # Evaluation text is library code only: whole files, in path order.
             eval_parts.append(text)
             eval_bytes += len(text)

@@ -173,6 +173,7 @@ def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
     )
     model.save_pretrained(str(out_dir), safe_serialization=True)
     summary = {
+        "samples": greedy_samples(model, tokenizer),
         "parameters": n_params,
         "train_tokens": len(train_ids),
         "eval_tokens": len(eval_ids),
@@ -194,6 +195,24 @@ def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
     (out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
     (out_dir / "README.md").write_text(model_card(summary, corpus.manifest))
     return summary
+
+
+SAMPLE_PROMPTS = ("def fibonacci(n):", "import os\n\ndef read_file(path):", "class Stack:\n    def push(self, item):")
+SAMPLE_TOKENS = 48
+
+
+def greedy_samples(model, tokenizer) -> list[dict]:
+    """Greedy continuations of fixed prompts, for the model card."""
+    import torch
+
+    out = []
+    for prompt in SAMPLE_PROMPTS:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids
+        with torch.inference_mode():
+            gen = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=SAMPLE_TOKENS,
+                                 do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        out.append({"prompt": prompt, "continuation": tokenizer.decode(gen[0, ids.shape[1]:])})
+    return out
 
 
 def model_card(s: dict, manifest: dict) -> str:
@@ -221,7 +240,8 @@ sorted path order; a file is held out when the first 8 bytes of sha256(relative 
 below {manifest['config']['eval_fraction']} of 2**64. `corpus-manifest.json` lists every file.
 
 - training text: {manifest['train_files']} files, {manifest['train_bytes']:,} bytes, sha256 `{manifest['train_sha256']}`
-- evaluation text (`eval.txt`, frozen): held-out non-test files, {manifest['eval_text_bytes']:,} bytes,
+- evaluation text (`eval.txt`, frozen): held-out library files (no tests, no generated codec or
+  pydoc tables), whole files in path order, {manifest['eval_text_bytes']:,} bytes,
   sha256 `{manifest['eval_sha256']}`
 
 ## Training
@@ -237,4 +257,10 @@ windows of {c['eval_context']} tokens, every token but each window's first score
 
 - **held-out perplexity: {s['eval_perplexity']}**
 - unigram baseline on the same tokens (training-set token frequencies): {s['unigram_perplexity']}
-"""
+
+## Greedy samples
+The byte-level BPE merges a newline with the next line's indentation (`"\\n    "` is one
+token), so a prompt that ends in a bare newline sits on a token boundary the model rarely
+saw in training; end prompts before the newline, as below.
+
+""" + "\n".join(f"```python\n{x['prompt']}{x['continuation']}\n```" for x in s.get("samples", [])) + "\n"
