@@ -259,7 +259,13 @@ def roofline(job: dict[str, Any]) -> dict[str, Any]:
         return {"status": "failed", "error": error_tail(exc)}
 
 
-JOBS = {"--build": build, "--reference": reference, "--roofline": roofline}
+def probe(job: dict[str, Any]) -> dict[str, Any]:
+    from bench.env import torch_info
+
+    return {"status": "ok", "torch": torch_info()}
+
+
+JOBS = {"--build": build, "--reference": reference, "--roofline": roofline, "--probe": probe}
 
 
 def main(argv: list[str]) -> int:

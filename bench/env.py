@@ -83,13 +83,40 @@ def environment(with_torch: bool = True) -> dict[str, Any]:
                                                 "HF_HUB_OFFLINE") if k in os.environ},
     }
     if with_torch:
-        import torch
-
-        env["torch"] = {
-            "version": torch.__version__,
-            "cuda": torch.version.cuda,
-            "cuda_available": torch.cuda.is_available(),
-            "num_threads": torch.get_num_threads(),
-            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        }
+        env["torch"] = torch_info()
     return env
+
+
+def torch_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "version": torch.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "num_threads": torch.get_num_threads(),
+        "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def probe_torch(work_dir) -> dict[str, Any]:
+    """Torch's view of the machine, asked in a job process so the parent never imports torch."""
+    from bench.runner import run_job
+    from optimize.errors import InputError
+
+    result = run_job("probe", {"probe_id": "torch"}, work_dir, 300.0)
+    if result.get("status") != "ok":
+        raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
+    return result["torch"]
+
+
+def device_resolver(torch_env: dict[str, Any]):
+    """``resolve_device`` for the parent, from a probe's answer: auto -> cuda when torch sees a GPU."""
+    from optimize.errors import InputError
+
+    def resolve(device: str) -> str:
+        if device == "cuda" and not torch_env["cuda_available"]:
+            raise InputError("--device cuda asked for, but torch sees no CUDA device")
+        return "cuda" if device == "auto" and torch_env["cuda_available"] else ("cpu" if device == "auto" else device)
+
+    return resolve

@@ -139,18 +139,24 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
             references.setdefault(rid, {"reference_id": rid, "model": c["model"], "device": c["device"],
                                         "drift": c["drift"], "eval_text": c.get("eval_text"),
                                         "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir})
+    outcomes: dict[str, dict[str, Any]] = _already_stored(builds, references, cache_dir)
     on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo),
-                      "builds": len(builds) + len(references)})
+                      "builds": len(builds) + len(references) - len(outcomes)})
+    for bid in outcomes:
+        if bid in builds:
+            on_event("build", {"variant": builds[bid]["variant"]["name"], "status": "ok", "reused": True,
+                               "counted": False})
     timeout = matrix.measure.timeout_s
     devices = sorted({c["device"] for c in todo}) if matrix.measure.roofline else []
     ceilings = _ceilings(run_dir, launcher, devices, on_event)
     for c in todo:
         c["ceilings"] = ceilings.get(c["device"])
-    for spec, result in launcher.run([("reference", r, timeout) for r in references.values()]):
+    pending_refs = [r for rid, r in references.items() if rid not in outcomes]
+    for spec, result in launcher.run([("reference", r, timeout) for r in pending_refs]):
         on_event("reference", {"model": spec["model"], "status": result["status"], "error": result.get("error"),
                                "reference_s": result.get("reference_s")})
-    outcomes: dict[str, dict[str, Any]] = {}
-    for spec, result in launcher.run([("build", b, timeout) for b in builds.values()]):
+    pending_builds = [b for bid, b in builds.items() if bid not in outcomes]
+    for spec, result in launcher.run([("build", b, timeout) for b in pending_builds]):
         outcomes[spec["build_id"]] = result
         on_event("build", {"variant": spec["variant"]["name"], "status": result["status"],
                            "reused": result.get("reused"), "build_s": result.get("build_s")})
@@ -192,6 +198,30 @@ def _ceilings(run_dir: Path, launcher, devices: list[str], on_event) -> dict[str
         run["roofline"] = known
         write_json_atomic(run_dir / RUN, run)
     return known
+
+
+def _already_stored(builds: dict[str, dict], references: dict[str, dict], cache_dir: str | None) -> dict[str, dict]:
+    """Outcomes of the build and reference jobs whose results are already stored (no process needed)."""
+    from bench.metrics.drift import REFERENCE_JSON, DriftConfig, reference_path
+    from optimize.models import default_cache_dir, peek_model
+    from optimize.store import MANIFEST, VariantStore
+
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    store = VariantStore(cache)
+    found: dict[str, dict] = {}
+    for bid, job in builds.items():
+        ref = peek_model(job["model"], cache)
+        if ref is not None:
+            path = store.root / store.key(ref, recipe_from_dict(job["variant"]), job["device"])
+            if (path / MANIFEST).exists():
+                found[bid] = {"status": "ok", "reused": True, "path": str(path), "build_s": 0.0}
+    for rid, job in references.items():
+        ref = peek_model(job["model"], cache)
+        if ref is not None:
+            path = reference_path(ref, DriftConfig(**job["drift"]), cache, job["device"], job.get("eval_text"))
+            if (path / REFERENCE_JSON).exists():
+                found[rid] = {"status": "ok", "path": str(path)}
+    return found
 
 
 def finish_run(run_dir: Path) -> None:

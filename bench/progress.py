@@ -62,6 +62,7 @@ class Progress:
             first = (info.get("error") or "").splitlines()[:1]
             self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
                       f"{info['device']}: {info['status']}{extra}" + (f" ({first[0][:120]})" if first else ""))
-        if self._bar and self._task is not None and kind in ("build", "reference", "cell"):
+        counted = info.get("counted", True)
+        if self._bar and self._task is not None and counted and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)
             self._bar.refresh()

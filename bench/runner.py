@@ -12,7 +12,6 @@ import ctypes
 import json
 import os
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -24,13 +23,38 @@ from bench.results import failed_record
 LOG_TAIL_LINES = 15
 
 
-def _die_with_parent() -> None:
-    """preexec_fn: SIGKILL this child when the parent dies (Linux), in its own process group."""
+_CONTEXT = None
+
+
+def _context():
+    """A fork server that has imported torch and transformers once (see ``bench.preload``)."""
+    global _CONTEXT
+    if _CONTEXT is None:
+        import multiprocessing
+
+        _CONTEXT = multiprocessing.get_context("forkserver")
+        _CONTEXT.set_forkserver_preload(["bench.preload"])
+    return _CONTEXT
+
+
+def _child(argv: list[str], log_path: str) -> None:
+    """Entry point of a job's process: own process group, dies with its parent, output to the log."""
     os.setsid()
     try:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
     except OSError:
         pass
+    fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    from bench.cell import main
+
+    code = main(argv)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code:
+        sys.exit(code)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -42,39 +66,44 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
 
 
 def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -> dict[str, Any]:
-    """Run ``python -m bench.cell`` for one job in a fresh process and return its output.
+    """Run one job of ``bench.cell`` in a fresh process and return its output.
+
+    The process is forked from a server that has imported torch and transformers and done
+    nothing else, so each job starts clean and fast.
 
     ``kind`` is "cell", "build" (a variant's stored artifact) or "reference" (drift's fp32
     pass). On a crash, signal or timeout the result is
     ``{"status": "failed", "error": ...}`` with the cause and the log's last lines.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
-    name = spec[{"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device"}[kind]]
+    keys = {"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device",
+            "probe": "probe_id"}
+    name = spec[keys[kind]]
     spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
     spec_path.write_text(json.dumps(spec))
     out_path.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
-    args = [sys.executable, "-m", "bench.cell", *flags, str(spec_path), str(out_path)]
     timed_out = threading.Event()
     t0 = time.perf_counter()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                preexec_fn=_die_with_parent, cwd=os.getcwd())
+    proc = _context().Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path)),
+                              name=f"infermatrix-{kind}-{name}")
+    proc.start()
 
-        def kill() -> None:
-            timed_out.set()
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-        timer = threading.Timer(timeout_s, kill)
-        timer.daemon = True
-        timer.start()
+    def kill() -> None:
+        timed_out.set()
         try:
-            returncode = proc.wait()  # blocking waitpid: no CPU taken from the child
-        finally:
-            timer.cancel()
+            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own group: take its helpers too
+        except ProcessLookupError:
+            pass
+
+    timer = threading.Timer(timeout_s, kill)
+    timer.daemon = True
+    timer.start()
+    try:
+        proc.join()  # blocks on the child's sentinel: no CPU taken from the child
+    finally:
+        timer.cancel()
+    returncode = proc.exitcode
     wall_s = time.perf_counter() - t0
     if timed_out.is_set():
         error = f"timed out after {timeout_s:g} s (process group killed)"

@@ -98,10 +98,14 @@ def synthetic_config(arch: SyntheticArch):
     )
 
 
+def _synthetic_dir(name: str, arch: SyntheticArch, cache: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:16]
+    return cache / "models" / f"synthetic-{name}-{digest}"
+
+
 def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     """Save the random-weight model once, so every variant and tool loads the same weights."""
-    digest = hashlib.sha256(json.dumps(asdict(arch), sort_keys=True).encode()).hexdigest()[:16]
-    out = cache / "models" / f"synthetic-{name}-{digest}"
+    out = _synthetic_dir(name, arch, cache)
     if (out / "config.json").exists():
         return out
     import torch
@@ -113,6 +117,22 @@ def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     model.save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(out) if not out.exists() else None
     return out
+
+
+def peek_model(spec: str, cache: Path | None = None) -> ModelRef | None:
+    """The ``ModelRef`` when it can be had without loading or downloading anything, else None.
+
+    Lets the orchestrator see that a variant or reference is already stored without
+    starting a process (and importing torch) to find out.
+    """
+    cache = cache or default_cache_dir()
+    kind, _, name = spec.partition(":")
+    if kind == "synthetic" and name in SYNTHETIC:
+        path = _synthetic_dir(name, SYNTHETIC[name], cache)
+        return resolve_model(spec, cache) if (path / "config.json").exists() else None
+    if kind == "builtin" or Path(spec).expanduser().is_dir():
+        return resolve_model(spec, cache)
+    return None
 
 
 def check_model_spec(spec: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 from pathlib import Path
 
 from optimize.errors import InputError
@@ -57,10 +58,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.env import environment
+    from bench.env import device_resolver, environment, probe_torch
     from bench.matrix import load_matrix, narrow
     from bench.orchestrate import Shard, execute, finish_run, make_launcher, new_run_dir, resume_run, start_run
     from bench.progress import Progress
+    from bench.results import read_run
     from bench.summary import print_summary
 
     shard = Shard.parse(args.shard) if args.shard else None
@@ -79,14 +81,21 @@ def main(args: argparse.Namespace) -> int:
                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
                         timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
                         drift=False if args.no_drift else None)
+        with tempfile.TemporaryDirectory(prefix="infermatrix-probe-") as tmp:
+            torch_env = probe_torch(Path(tmp))
+        resolve = device_resolver(torch_env)
+        for device in matrix.devices:
+            resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
         run_dir = new_run_dir(args.out, matrix)
-        start_run(matrix, run_dir, shard=shard, launcher=args.launcher, environment=environment())
+        start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
+                  environment={**environment(with_torch=False), "torch": torch_env})
+    resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address)
     try:
         with Progress(quiet=args.quiet) as progress:
             records = execute(matrix, run_dir, launcher, shard=shard, on_event=progress.event,
-                              cache_dir=args.cache_dir)
+                              cache_dir=args.cache_dir, resolve_device=resolve)
     finally:
         launcher.close()
     finish_run(run_dir)

@@ -68,13 +68,24 @@ def measure_matmul(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig
             "tflops_best": 2 * n**3 / min(times) / 1e12}
 
 
+def cpu_has_bf16() -> bool:
+    """Native bf16 arithmetic on this CPU (AVX512-BF16 or AMX); without it bf16 matmuls are emulated."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split()
+    except (OSError, StopIteration):
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
 def measure_ceilings(device: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
-    """Bandwidth and matmul rates (fp32; bf16 and fp16 where the device has fast kernels)."""
+    """Bandwidth and matmul rates: fp32 always; bf16 and fp16 on CUDA; bf16 on CPUs with native bf16."""
     import torch
 
-    dtypes = ["float32", "bfloat16"]
+    dtypes = ["float32"]
     if device == "cuda":
-        dtypes.append("float16")
+        dtypes += ["bfloat16", "float16"]
+    elif cpu_has_bf16():
+        dtypes.append("bfloat16")
     out: dict[str, Any] = {"device": device, "memory": measure_bandwidth(device, cfg), "matmul": {}}
     for dtype in dtypes:
         out["matmul"][dtype] = measure_matmul(device, dtype, cfg)
