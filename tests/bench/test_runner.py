@@ -48,7 +48,7 @@ def _independent_measurement(ref, prompts, reps: int = 7) -> tuple[float, float]
 def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir):
     from bench.prompts import prompt_ids
 
-    matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], devices=["cpu"], batch_size=[1],
+    matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["fp32"], devices=["cpu"], batch_size=[1],
                     prompt_tokens=[PROMPT], new_tokens=[NEW], repeat={"warmup": 2, "min_reps": 7, "budget_s": 0},
                     drift=False)
     run_dir = tmp_path / "run"
@@ -69,7 +69,8 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
 def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, cache_dir):
     base = Path(tiny_ref.path)
     models = [make_faulty(base, tmp_path / f"faulty-{f}", f) for f in ("raise", "abort", "hang")]
-    matrix = narrow(load_matrix(), models=[str(m) for m in models] + ["synthetic:llama-tiny"], devices=["cpu"],
+    matrix = narrow(load_matrix(), models=[str(m) for m in models] + ["synthetic:llama-tiny"], variants=["fp32"],
+                    devices=["cpu"],
                     batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
                     repeat={"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0}, timeout_s=45,
                     drift=False)
