@@ -15,7 +15,7 @@ from bench.orchestrate import execute, start_run
 from bench.results import read_records, validate_record
 from tests.bench.faulty import make_faulty
 
-PROMPT, NEW = 64, 24
+PROMPT, NEW = 256, 24  # a long prompt keeps TTFT well above generate()'s fixed ~0.5 ms of Python
 
 
 def _independent_measurement(ref, prompts, reps: int = 7) -> tuple[float, float]:
