@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from optimize.atomic import build_dir_atomically
 from optimize.errors import NotApplicable
 from optimize.models import ModelRef, default_cache_dir
 from optimize.recipe import Recipe
@@ -72,19 +72,12 @@ class VariantStore:
         final = self.root / self.key(ref, recipe, device)
         if (final / MANIFEST).exists():
             return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=True)
-        tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+
+        def fill(tmp: Path) -> None:
             manifest = self._build(ref, recipe, device, tmp, trust_remote_code)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
-            try:
-                tmp.rename(final)
-            except OSError:  # another builder finished first: keep theirs
-                shutil.rmtree(tmp, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        build_dir_atomically(final, fill)
         return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=False)
 
     def _build(self, ref: ModelRef, recipe: Recipe, device: str, out: Path, trust_remote_code: bool) -> dict:

@@ -12,6 +12,15 @@ import pytest
 _CACHE = Path(os.environ.get("INFERMATRIX_TEST_CACHE", "")) if os.environ.get("INFERMATRIX_TEST_CACHE") else None
 
 
+@pytest.fixture
+def cuda_only():
+    """Skip the test where torch sees no CUDA device."""
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     path = _CACHE or tmp_path_factory.mktemp("infermatrix-cache")

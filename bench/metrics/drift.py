@@ -28,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import shutil
 import struct
 import sys
 import time
@@ -37,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
 
 METHOD_VERSION = 1
@@ -190,18 +189,8 @@ def ensure_reference(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu"
     final = reference_path(ref, cfg, cache_dir, device, eval_text)
     if (final / REFERENCE_JSON).exists():
         return final
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        _compute_reference(ref, cfg, device, eval_text, trust_remote_code, tmp, final.name)
-        try:
-            tmp.rename(final)
-        except OSError:  # another cell finished first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    build_dir_atomically(final, lambda tmp: _compute_reference(ref, cfg, device, eval_text, trust_remote_code, tmp,
+                                                               final.name))
     return final
 
 

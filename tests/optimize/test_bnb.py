@@ -150,14 +150,6 @@ def test_module_import_does_not_import_bitsandbytes():
     assert out.strip() == "[]"
 
 
-@pytest.fixture
-def cuda_only():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("step", [BnbInt8(), BnbNF4(compute_dtype="bfloat16"), BnbNF4(compute_dtype="float16")],
                          ids=["int8", "nf4-bf16", "nf4-fp16"])

@@ -80,14 +80,6 @@ def test_module_import_does_not_import_torchao():
     assert out.strip() == "[]"
 
 
-@pytest.fixture
-def cuda_only():
-    import torch
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
-
-
 @pytest.mark.cuda
 @pytest.mark.parametrize("scheme", INT8_SCHEMES)
 def test_int8_schemes_on_cuda_generate_close_to_reference(cuda_only, tiny_ref, cache_dir, tiny_prompts, scheme):
