@@ -125,9 +125,12 @@ def untied_embedding_bytes(state) -> int:
 
     graph = onnx.load(str(Path(state.onnx_dir) / "model.onnx"), load_external_data=False).graph
     inits = {init.name: init for init in graph.initializer}
+    # A static-int8 graph dequantizes the table first: follow DequantizeLinear back to its initializer.
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
     for node in graph.node:
-        if node.op_type == "Gather" and node.input[1] == "input_ids" and node.input[0] in inits:
-            init = inits[node.input[0]]
+        table = dequantized.get(node.input[0], node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and node.input[1] == "input_ids" and table in inits:
+            init = inits[table]
             elem = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
             count = 1
             for d in init.dims:
