@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,52 +19,47 @@ from tests.bench.faulty import make_faulty
 PROMPT, NEW = 256, 24  # a long prompt keeps TTFT well above generate()'s fixed ~0.5 ms of Python
 
 
-def _independent_measurement(ref, prompts, reps: int = 7) -> tuple[float, float]:
-    """TTFT and decode tokens/s of the same generate call, timed from outside with perf_counter.
+def _independent_measurement(reps: int = 15) -> tuple[float, float]:
+    """TTFT and decode tokens/s of the same generate call, timed from outside in a clean process.
 
-    TTFT is the wall time of a one-token generate call; decode rate is (N - 1) tokens over
-    the extra time an N-token call takes.
+    ``ci/benchmarks/direct_generate.py`` loads the model with plain transformers and times
+    ``generate`` with perf_counter: TTFT is the wall time of a one-token call, the decode
+    rate (N - 1) tokens over the extra time an N-token call takes. A fresh process, like
+    the harness's cell, so neither side carries the test process's garbage.
     """
-    import torch
-
-    from optimize.models import load_torch_model
-
-    model = load_torch_model(ref.path, "cpu")
-    ids = prompts[:1]
-    kwargs = dict(attention_mask=torch.ones_like(ids), do_sample=False, pad_token_id=0)
-
-    def timed(n: int) -> float:
-        t0 = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, **kwargs)
-        assert out.shape[1] == ids.shape[1] + n
-        return time.perf_counter() - t0
-
-    timed(NEW)  # warm-up
-    one = statistics.median(timed(1) for _ in range(reps))
-    full = statistics.median(timed(NEW) for _ in range(reps))
-    return one * 1e3, (NEW - 1) / (full - one)
+    script = Path(__file__).resolve().parents[2] / "ci" / "benchmarks" / "direct_generate.py"
+    out = subprocess.run([sys.executable, str(script), "--model", "synthetic:llama-tiny", "--prompt-tokens",
+                          str(PROMPT), "--new-tokens", str(NEW), "--reps", str(reps)],
+                         capture_output=True, text=True, timeout=600, check=True).stdout
+    result = json.loads(out.strip().splitlines()[-1])
+    return result["ttft_ms"], result["decode_tokens_per_s"]
 
 
 def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir):
-    from bench.prompts import prompt_ids
+    """Harness and independent timing, alternated three times: medians of each side must agree.
 
+    Millisecond figures on a shared 2-core machine vary from process to process by more
+    than the tolerance now and then; alternating and taking medians compares the methods,
+    not one process's luck.
+    """
     matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["fp32"], devices=["cpu"], batch_size=[1],
-                    prompt_tokens=[PROMPT], new_tokens=[NEW], repeat={"warmup": 2, "min_reps": 7, "budget_s": 0},
+                    prompt_tokens=[PROMPT], new_tokens=[NEW], repeat={"warmup": 2, "min_reps": 9, "budget_s": 0},
                     drift=False)
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
-    [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir))
-    assert record["status"] == "ok", record["error"]
-    validate_record(record)
-    prompts, _ = prompt_ids(tiny_ref, 8192, 1, PROMPT)
-    ttft_ms, decode_tps = _independent_measurement(tiny_ref, prompts)
-    assert 0 < record["metrics"]["roofline_fraction"] <= 1.1  # measurement sanity: never far above the ceiling
-    harness_ttft = record["metrics"]["ttft_ms"]["p50"]
-    harness_tps = record["metrics"]["decode_tokens_per_s"]
-    assert harness_tps == pytest.approx(decode_tps, rel=0.15), (harness_tps, decode_tps)
-    assert harness_ttft == pytest.approx(ttft_ms, rel=0.15), (harness_ttft, ttft_ms)
+    harness, independent = [], []
+    for i in range(3):
+        run_dir = tmp_path / f"run{i}"
+        run_dir.mkdir()
+        start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+        [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir))
+        assert record["status"] == "ok", record["error"]
+        validate_record(record)
+        assert 0 < record["metrics"]["roofline_fraction"] <= 1.1  # measurement sanity: never far above the ceiling
+        harness.append((record["metrics"]["ttft_ms"]["p50"], record["metrics"]["decode_tokens_per_s"]))
+        independent.append(_independent_measurement())
+    (h_ttft, h_tps), (i_ttft, i_tps) = ([statistics.median(x) for x in zip(*side, strict=True)]
+                                        for side in (harness, independent))
+    assert h_tps == pytest.approx(i_tps, rel=0.15), (harness, independent)
+    assert h_ttft == pytest.approx(i_ttft, rel=0.15), (harness, independent)
 
 
 def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, cache_dir):
