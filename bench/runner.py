@@ -1,8 +1,9 @@
 """Run cells and variant builds in isolated processes, and a matrix through a launcher.
 
-The parent never polls: it blocks in ``waitpid`` while the child runs (a timer thread
+Each job is forked from a server that has only imported torch and transformers. The
+parent never polls: it blocks on the child's exit while the child runs (a timer thread
 kills the child's process group at the timeout), so the measured process has every core
-to itself. Children die with the parent (PR_SET_PDEATHSIG), so a killed run leaves no
+to itself. Children die with their parent (PR_SET_PDEATHSIG), so a killed run leaves no
 orphan competing with the next one.
 """
 

@@ -53,7 +53,6 @@ class KVCache(Step):
                 import torch
 
                 state.model.forward = torch.compile(state.model.forward, mode=self.compile_mode, fullgraph=False)
-                state.compile_wrapped = True
                 state.labels.append(f"torch.compile({self.compile_mode}); compile time is in warm-up")
         elif self.mode == "quantized":
             try:

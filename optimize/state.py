@@ -26,7 +26,6 @@ class VariantState:
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     labels: list[str] = field(default_factory=list)  # honest notes for reports, e.g. "masked dense"
     reports: list[dict[str, Any]] = field(default_factory=list)  # one per applied step
-    compile_wrapped: bool = False  # the forward is wrapped by torch.compile: first calls compile
     trust_remote_code: bool = False
     _model: Any = None
 

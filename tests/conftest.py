@@ -7,10 +7,6 @@ from pathlib import Path
 
 import pytest
 
-# Set before any test imports the project, so every code path (and every cell process)
-# uses the session's own store rather than the user's cache.
-_CACHE = Path(os.environ.get("INFERMATRIX_TEST_CACHE", "")) if os.environ.get("INFERMATRIX_TEST_CACHE") else None
-
 
 @pytest.fixture
 def cuda_only():
@@ -23,7 +19,8 @@ def cuda_only():
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    path = _CACHE or tmp_path_factory.mktemp("infermatrix-cache")
+    """The session's own store; exported so CLI subprocesses and cell processes use it too."""
+    path = tmp_path_factory.mktemp("infermatrix-cache")
     os.environ["INFERMATRIX_CACHE"] = str(path)
     return path
 
