@@ -1,56 +1,132 @@
-"""A Markdown report of one run: environment, ceilings, one row per cell, notes."""
+"""A GitHub-flavoured Markdown report of one run: environment, ceilings, per-scenario tables,
+the recommended variant, the Pareto front and notes. Renders in a PR comment or a job summary."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
+from bench.catalogue import METRICS, metric
+from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_text
 from bench.results import read_records, read_run
-from bench.summary import HEADER, summary_rows
+from bench.select import DEFAULT_OBJECTIVE, decide
+
+LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao", "optimum")
+
+# (header, catalogue key or a special column); latencies carry their CI and n.
+MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpot_ms"), ("n", "n"),
+              ("speedup", "speedup"), ("decode tok/s [95% CI]", "decode_tokens_per_s"),
+              ("prefill tok/s", "prefill_tokens_per_s"), ("roofline", "roofline_fraction"),
+              ("peak MiB", "peak_memory_bytes"), ("weights MiB", "weights_bytes"), ("ppl ratio", "ppl_ratio"),
+              ("KLD mean", "kld_mean"), ("top-1", "top1_agreement"), ("gen match", "gen_exact_match"),
+              ("gen prefix", "gen_common_prefix_mean"), ("status", "status")]
 
 
-def _fmt(value: Any, spec: str) -> str:
-    return format(value, spec) if isinstance(value, (int, float)) else "-"
+def md_escape(text: Any) -> str:
+    """Text safe inside a GFM table cell: no pipes, no HTML, one line."""
+    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return " ".join(s.split())
+
+
+def environment_lines(run: dict[str, Any]) -> list[str]:
+    env = run.get("environment", {})
+    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
+    libs = env.get("libraries", {})
+    git = env.get("git") or {}
+    lines = [
+        f"- started {run.get('started')}, ended {run.get('ended')}; launcher {run.get('launcher')}"
+        + (f", shard {run['shard']}" if run.get("shard") else ""),
+        f"- CPU {md_escape(env.get('cpu_model'))} ({env.get('cpu_logical_cores')} logical cores), "
+        f"RAM {(env.get('ram_bytes') or 0) / 2**30:.1f} GiB, GPUs: {md_escape(gpus)}",
+        "- " + ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
+        f"- git {(git.get('commit') or '?')[:12]}" + (" (dirty)" if git.get("dirty") else ""),
+    ]
+    lines += [f"- {d} ceilings (measured): {t}" for d, t in ceiling_texts(run).items()]
+    return lines
+
+
+def ceiling_texts(run: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for device, c in (run.get("roofline") or {}).items():
+        rates = ", ".join(f"{d} {m['tflops'] * 1e3:.0f} GFLOP/s" for d, m in c.get("matmul", {}).items())
+        out[device] = f"copy {c['memory']['bandwidth_gbps']:.1f} GB/s; matmul {rates}"
+    return out
+
+
+def cell_text(row: Row, key: str) -> str:
+    if key == "speedup":
+        return speedup_text(row)
+    if key == "status":
+        drift = row.drift_text()
+        return row.status + ("" if drift in ("-", "ok") else f", {drift}")
+    if key == "n":
+        n = row.figures["ttft_ms"].n
+        return str(n) if n else "-"
+    fig = row.figures[key]
+    return fig.text(with_ci=METRICS[key].shape == "summary" or METRICS[key].ci_key is not None)
+
+
+def group_table(group: Group) -> list[str]:
+    lines = ["| variant | " + " | ".join(h for h, _ in MD_COLUMNS) + " |",
+             "|---|" + "".join("---:|" if k not in ("status",) else "---|" for _, k in MD_COLUMNS)]
+    for row in group.rows:
+        cells = [md_escape(row.variant)] + [md_escape(cell_text(row, k)) for _, k in MD_COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def recommendation_lines(group: Group) -> list[str]:
+    d = decide(group, metric(DEFAULT_OBJECTIVE), [])
+    if not d.chosen:
+        return ["- nothing to recommend: no variant has every figure the choice needs"]
+    lines = [f"- **recommended: {md_escape(d.chosen)}**: {md_escape(d.verdicts[d.chosen].reason)} "
+             "(`infermatrix select` with no constraints; add `--max-kld` etc. for yours)"]
+    lines.append(f"- Pareto front ({d.objective.label} against KLD): "
+                 + (", ".join(md_escape(v) for v in d.front) or "none"))
+    dominated = [v for v in d.verdicts.values() if v.reason.startswith("dominated by")]
+    if dominated:
+        lines.append("- dominated (slower and less accurate, or equal on one and worse on the other): "
+                     + "; ".join(f"{md_escape(v.variant)} ({md_escape(v.reason.split(' (')[0])})" for v in dominated))
+    return lines
+
+
+def notes(records: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for r in records:
+        name = md_escape(f"{r['model']} / {r['variant']} / {r['device']}")
+        if r["status"] != "ok":
+            first = (r.get("error") or "").strip().splitlines()
+            out.append(f"- {name}: **{r['status']}**: {md_escape(first[0][:300] if first else '')}")
+        for label in r.get("labels", []):
+            out.append(f"- {name}: {md_escape(label)}")
+        if r.get("drift_violations"):
+            out.append(f"- {name}: drift over budget: {md_escape('; '.join(r['drift_violations']))}")
+        if r.get("drift_error"):
+            out.append(f"- {name}: drift failed: {md_escape(r['drift_error'].strip().splitlines()[-1][:300])}")
+    return list(dict.fromkeys(out))
 
 
 def markdown_report(run_dir: Path) -> str:
+    """The Markdown report of ``run_dir``."""
     run = read_run(run_dir)
     records = read_records(run_dir)
-    env = run.get("environment", {})
-    gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "none"
-    libs = env.get("libraries", {})
-    lines = [
-        f"# infermatrix run `{run['matrix']['name']}`",
-        "",
-        f"- started {run.get('started')}, ended {run.get('ended')}; launcher {run.get('launcher')}"
-        + (f", shard {run['shard']}" if run.get("shard") else ""),
-        f"- CPU {env.get('cpu_model')} ({env.get('cpu_logical_cores')} logical cores), "
-        f"RAM {_fmt((env.get('ram_bytes') or 0) / 2**30, '.1f')} GiB, GPUs: {gpus}",
-        "- " + ", ".join(f"{k} {libs[k]}" for k in ("torch", "transformers", "onnxruntime", "onnxruntime-gpu",
-                                                   "bitsandbytes", "torchao") if k in libs),
-        f"- git {((env.get('git') or {}).get('commit') or '?')[:12]}"
-        + (" (dirty)" if (env.get("git") or {}).get("dirty") else ""),
-    ]
-    for device, c in (run.get("roofline") or {}).items():
-        rates = ", ".join(f"{d} {m['tflops'] * 1e3:.0f} GFLOP/s" for d, m in c["matmul"].items())
-        lines.append(f"- {device} ceilings: copy {c['memory']['bandwidth_gbps']:.1f} GB/s; matmul {rates}")
-    lines += ["", "| " + " | ".join(HEADER + ["BW GB/s", "roofline"]) + " |",
-              "|" + "---|" * (len(HEADER) + 2)]
-    for r, row in zip(records, summary_rows(records), strict=True):
-        m = r.get("metrics", {})
-        row += [_fmt(m.get("decode_bandwidth_gbps"), ".2f"), _fmt(m.get("roofline_fraction"), ".2f")]
-        lines.append("| " + " | ".join(row) + " |")
-    notes = []
-    for r in records:
-        name = f"{r['model']} / {r['variant']} / {r['device']}"
-        if r["status"] != "ok":
-            notes.append(f"- {name}: **{r['status']}**: {(r.get('error') or '').splitlines()[0][:300]}")
-        for label in r.get("labels", []):
-            notes.append(f"- {name}: {label}")
-        if r.get("drift_violations"):
-            notes.append(f"- {name}: drift over budget: {'; '.join(r['drift_violations'])}")
-        if r.get("drift_error"):
-            notes.append(f"- {name}: drift failed: {r['drift_error'].splitlines()[-1][:300]}")
-    if notes:
-        lines += ["", "## Notes", "", *dict.fromkeys(notes)]
+    lines = [f"# infermatrix run `{md_escape(run['matrix']['name'])}`", "", *environment_lines(run)]
+    groups = group_records(records)
+    for g in groups:
+        lines += ["", f"## {md_escape(g.title)}", ""]
+        lines += group_table(g)
+        ref = md_escape(g.reference) if g.reference else "none (no ok reference variant)"
+        lines += ["", f"Speedup: {ref} p50 {g.speedup_metric} / the variant's, with a bootstrap 95% interval.", ""]
+        lines += recommendation_lines(g)
+    lines += ["", "## How to read this", "",
+              "- Latencies are the median (p50) over n repetitions, with the distribution-free 95% confidence "
+              "interval of the median in brackets; rates are medians too.",
+              f"- `~` marks a noisy figure: its 95% interval is wider than {NOISY_REL_CI:.0%} of its value "
+              "(something else ran, or too few repetitions). Differences inside overlapping intervals are ties.",
+              "- Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
+              "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
+              "the mean tokens shared before they diverge (through the KV cache)."]
+    extra = notes(records)
+    if extra:
+        lines += ["", "## Notes", "", *extra]
     return "\n".join(lines) + "\n"

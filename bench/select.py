@@ -1,0 +1,280 @@
+"""Choosing a deployment variant under constraints, with the reason every other one lost.
+
+Per group (one model, device and scenario; see ``bench.report.table``):
+
+1. cells that failed or were skipped lose with their error; cells missing a metric that a
+   constraint or the objective needs lose with "not measured";
+2. constraints are bounds on point values (the p50 of latencies, drift means): a cell over
+   a bound loses with the figure and the bound;
+3. among the rest, the best objective value wins, but every cell whose objective interval
+   (95% CI of the median) overlaps the best one's is *tied* with it: differences inside the
+   noise are not wins. Ties are broken by lower KLD, then lower peak memory, and the report
+   says so;
+4. the Pareto front is taken over the objective and KLD (speed against drift): a cell is
+   dominated when another is at least as good on both (within noise) and clearly better
+   (intervals apart) on one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bench.catalogue import MIB, Metric, comparable, interval, metric, point
+from bench.report.table import Group, group_records
+from optimize.errors import InputError
+
+DRIFT_AXIS = "kld_mean"
+DEFAULT_OBJECTIVE = "decode_tokens_per_s"
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A bound on one catalogue metric's point value: ``value <= bound`` (max) or ``>= bound`` (min)."""
+
+    key: str
+    bound: float
+    side: Literal["max", "min"]
+    flag: str = ""
+
+    def violation(self, record: dict[str, Any]) -> str | None:
+        """Why ``record`` breaks this constraint, or None when it satisfies it."""
+        m = metric(self.key)
+        value = point(record, self.key)
+        if value is None:
+            return f"no {m.label} measured ({self.flag or self.key} needs it)"
+        over = value > self.bound if self.side == "max" else value < self.bound
+        if not over:
+            return None
+        op = ">" if self.side == "max" else "<"
+        return f"{m.label} {m.format(value)} {op} {m.format(self.bound)} ({self.flag or self.key})"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag}
+
+
+# flag: (metric, side, multiplier from the flag's unit to the stored unit)
+CONSTRAINT_FLAGS = {
+    "max_kld": ("kld_mean", "max", 1.0),
+    "max_ppl_ratio": ("ppl_ratio", "max", 1.0),
+    "min_top1": ("top1_agreement", "min", 1.0),
+    "max_memory_mib": ("peak_memory_bytes", "max", float(MIB)),
+    "max_ttft_ms": ("ttft_ms", "max", 1.0),
+    "max_tpot_ms": ("tpot_ms", "max", 1.0),
+}
+
+
+def constraints_from(values: dict[str, float | None]) -> list[Constraint]:
+    """Constraints from flag values (``{"max_kld": 0.05, ...}``); None means unset. Bad values raise InputError."""
+    out = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name not in CONSTRAINT_FLAGS:
+            raise InputError(f"unknown constraint {name!r}; known: {', '.join(CONSTRAINT_FLAGS)}")
+        key, side, scale = CONSTRAINT_FLAGS[name]
+        flag = "--" + name.replace("_", "-")
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            raise InputError(f"{flag} must be a finite number >= 0, got {value!r}")
+        if name == "min_top1" and value > 1:
+            raise InputError(f"{flag} is a fraction in [0, 1], got {value!r}")
+        out.append(Constraint(key, float(value) * scale, side, flag))
+    return out
+
+
+@dataclass
+class Verdict:
+    variant: str
+    outcome: Literal["chosen", "tie", "lost", "violates", "missing", "failed", "skipped"]
+    reason: str = ""
+    objective: float | None = None
+    objective_ci: tuple[float, float] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"variant": self.variant, "outcome": self.outcome, "reason": self.reason,
+                "objective": self.objective, "objective_ci": list(self.objective_ci) if self.objective_ci else None}
+
+
+@dataclass
+class Decision:
+    """The answer for one group: chosen variant (None when nothing satisfies), ties, verdicts, Pareto front."""
+
+    group: Group
+    objective: Metric
+    constraints: list[Constraint]
+    chosen: str | None = None
+    ties: list[str] = field(default_factory=list)
+    front: list[str] = field(default_factory=list)
+    verdicts: dict[str, Verdict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        g = self.group
+        return {"model": g.model, "device": g.device, "scenario": g.scenario, "objective": self.objective.key,
+                "direction": self.objective.direction, "constraints": [c.to_dict() for c in self.constraints],
+                "chosen": self.chosen, "ties": self.ties, "pareto_front": self.front,
+                "pareto_axes": [self.objective.key, DRIFT_AXIS],
+                "variants": [v.to_dict() for v in self.verdicts.values()]}
+
+
+def overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
+    """True when two intervals overlap (no interval: only equal points count as a tie, handled by callers)."""
+    return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
+
+
+def _compare(record_a, record_b, m: Metric) -> int:
+    """+1 when a is clearly better than b, -1 clearly worse, 0 tied within noise (intervals overlap) or equal."""
+    va, vb = point(record_a, m.key), point(record_b, m.key)
+    if va == vb or overlap(interval(record_a, m.key), interval(record_b, m.key)):
+        return 0
+    return 1 if m.better(va, vb) else -1
+
+
+def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
+    """a is at least as good as b on every axis (within noise) and clearly better on one."""
+    results = [_compare(a, b, m) for m in axes]
+    return all(r >= 0 for r in results) and any(r > 0 for r in results)
+
+
+def pareto_front(records: list[dict[str, Any]], axes: list[Metric]) -> list[dict[str, Any]]:
+    """Records no other record dominates (all must hold every axis)."""
+    return [r for r in records if not any(dominates(o, r, axes) for o in records if o is not r)]
+
+
+def _describe(record, m: Metric) -> str:
+    ci = interval(record, m.key)
+    text = m.format(point(record, m.key))
+    return text + (f" [{m.format(ci[0])}, {m.format(ci[1])}]" if ci and m.kind != "drift" else "")
+
+
+def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> Decision:
+    """The decision for one group of records (see the module docstring for the rules)."""
+    d = Decision(group, objective, constraints)
+    feasible = []
+    for r in group.records():
+        name = r["variant"]
+        if r["status"] != "ok":
+            first = (r.get("error") or "").strip().splitlines()
+            d.verdicts[name] = Verdict(name, r["status"], f"{r['status']}: {first[0][:200] if first else '(no error)'}")
+            continue
+        broken = [v for v in (c.violation(r) for c in constraints) if v]
+        missing = [v for v in broken if v.startswith("no ")]
+        if point(r, objective.key) is None:
+            missing.insert(0, f"no {objective.label} measured (the objective)")
+        if missing:
+            drift_err = (r.get("drift_error") or "").strip().splitlines()
+            extra = f"; drift failed: {drift_err[-1][:160]}" if drift_err else ""
+            d.verdicts[name] = Verdict(name, "missing", "; ".join(missing) + extra)
+        elif broken:
+            d.verdicts[name] = Verdict(name, "violates", "; ".join(broken))
+        else:
+            feasible.append(r)
+    if not feasible:
+        return d
+    drift = metric(DRIFT_AXIS)
+    axes = [objective] + ([drift] if objective.key != DRIFT_AXIS else [])
+    on_axes = [r for r in feasible if all(point(r, m.key) is not None for m in axes)]
+    front = pareto_front(on_axes, axes) if on_axes else []
+    d.front = [r["variant"] for r in front]
+    best = max(feasible, key=lambda r: point(r, objective.key) * (1 if objective.direction == "higher" else -1))
+    tied = [r for r in feasible if r is best or _compare(r, best, objective) == 0]
+    winner = min(tied, key=lambda r: _tie_key(r, d.front, objective))
+    d.chosen = winner["variant"]
+    d.ties = [r["variant"] for r in tied if r is not winner]
+    for r in feasible:
+        name = r["variant"]
+        v = Verdict(name, "lost", objective=point(r, objective.key), objective_ci=interval(r, objective.key))
+        if r is winner:
+            v.outcome = "chosen"
+            v.reason = f"best {objective.label}: {_describe(r, objective)}" + (
+                f"; tied within noise with {', '.join(d.ties)}, chosen by {_tie_reason(winner, tied)}" if d.ties else "")
+        elif r in tied:
+            v.outcome = "tie"
+            v.reason = (f"tied with {d.chosen} within noise on {objective.label} ({_describe(r, objective)} vs "
+                        f"{_describe(winner, objective)}); lost the tie-break on {_tie_reason(winner, tied)}")
+        else:
+            dom = next((o for o in on_axes if dominates(o, r, axes)), None) if r in on_axes else None
+            if dom is not None:
+                v.reason = "dominated by " + dom["variant"] + " (" + ", ".join(
+                    f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}" for m in axes) + ")"
+            else:
+                v.reason = (f"{objective.label} {_describe(r, objective)} vs {d.chosen}'s {_describe(winner, objective)}"
+                            + (" (on the Pareto front: less drift)" if name in d.front else ""))
+        d.verdicts[name] = v
+    order = {r["variant"]: i for i, r in enumerate(group.records())}
+    d.verdicts = dict(sorted(d.verdicts.items(), key=lambda kv: (_RANK[kv[1].outcome], order[kv[0]])))
+    return d
+
+
+_RANK = {"chosen": 0, "tie": 1, "lost": 2, "violates": 3, "missing": 4, "skipped": 5, "failed": 6}
+
+
+def _tie_key(r, front: list[str], objective: Metric) -> tuple:
+    kld, mem = point(r, DRIFT_AXIS), point(r, "peak_memory_bytes")
+    obj = point(r, objective.key) * (-1 if objective.direction == "higher" else 1)
+    return (r["variant"] not in front, math.inf if kld is None else kld, math.inf if mem is None else mem, obj)
+
+
+def _tie_reason(winner, tied) -> str:
+    others = [r for r in tied if r is not winner]
+    klds = [point(r, DRIFT_AXIS) for r in tied]
+    if all(k is not None for k in klds) and any(point(r, DRIFT_AXIS) != point(winner, DRIFT_AXIS) for r in others):
+        return "lower KLD"
+    mems = [point(r, "peak_memory_bytes") for r in others]
+    if all(m is not None for m in mems) and any(m != point(winner, "peak_memory_bytes") for m in mems):
+        return "lower peak memory"
+    return "the better objective point value"
+
+
+def filter_records(records: list[dict[str, Any]], device: str | None = None,
+                   scenario: str | None = None) -> list[dict[str, Any]]:
+    """Records of ``device`` and ``scenario`` ("generate", or "generate:B/P/N"); InputError when none match."""
+    out = records
+    if device:
+        out = [r for r in out if r["device"] == device]
+        if not out:
+            have = sorted({r["device"] for r in records})
+            raise InputError(f"--device {device!r} matches no cell; the run has: {', '.join(have) or 'none'}")
+    if scenario:
+        name, _, shape = scenario.partition(":")
+
+        def matches(r) -> bool:
+            s = r["scenario"]
+            return s["name"] == name and (not shape or shape == f"{s['batch_size']}/{s['prompt_tokens']}/"
+                                          f"{s['new_tokens']}")
+        before, out = out, [r for r in out if matches(r)]
+        if not out:
+            have = sorted({f"{r['scenario']['name']}:{r['scenario']['batch_size']}/{r['scenario']['prompt_tokens']}/"
+                           f"{r['scenario']['new_tokens']}" for r in before})
+            raise InputError(f"--scenario {scenario!r} matches no cell; the run has: {', '.join(have) or 'none'}")
+    return out
+
+
+def select(records: list[dict[str, Any]], objective: str = DEFAULT_OBJECTIVE, constraints: list[Constraint] = (),
+           device: str | None = None, scenario: str | None = None) -> list[Decision]:
+    """One decision per (model, device, scenario) group of ``records``."""
+    obj = comparable(objective)
+    if not records:
+        raise InputError("the run has no cell records")
+    return [decide(g, obj, list(constraints)) for g in group_records(filter_records(records, device, scenario))]
+
+
+def format_decisions(decisions: list[Decision]) -> str:
+    """Plain text: chosen variant, why each other lost, the Pareto front."""
+    lines = []
+    for d in decisions:
+        g = d.group
+        lines.append(f"{g.title}")
+        lines.append(f"  objective: {d.objective.label} ({d.objective.direction} is better)"
+                     + (f"; constraints: {', '.join(c.flag + ' ' + format(c.bound, 'g') for c in d.constraints)}"
+                        if d.constraints else ""))
+        if d.chosen:
+            lines.append(f"  chosen: {d.chosen}: {d.verdicts[d.chosen].reason}")
+        else:
+            lines.append("  chosen: none: no variant satisfies the constraints")
+        for v in d.verdicts.values():
+            if v.outcome != "chosen":
+                lines.append(f"  - {v.variant} [{v.outcome}]: {v.reason}")
+        lines.append(f"  Pareto front ({d.objective.label} vs KLD): {', '.join(d.front) or 'none'}")
+        lines.append("")
+    return "\n".join(lines)
