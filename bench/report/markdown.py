@@ -90,19 +90,20 @@ def recommendation_lines(group: Group) -> list[str]:
     return lines
 
 
-def notes(records: list[dict[str, Any]]) -> list[str]:
+def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """(cell, note) pairs, raw text: failures and skips first line, labels, drift problems."""
     out = []
     for r in records:
-        name = md_escape(f"{r['model']} / {r['variant']} / {r['device']}")
+        name = f"{r['model']} / {r['variant']} / {r['device']}"
         if r["status"] != "ok":
             first = (r.get("error") or "").strip().splitlines()
-            out.append(f"- {name}: **{r['status']}**: {md_escape(first[0][:300] if first else '')}")
+            out.append((name, f"{r['status']}: {first[0][:300] if first else ''}"))
         for label in r.get("labels", []):
-            out.append(f"- {name}: {md_escape(label)}")
+            out.append((name, label))
         if r.get("drift_violations"):
-            out.append(f"- {name}: drift over budget: {md_escape('; '.join(r['drift_violations']))}")
+            out.append((name, f"drift over budget: {'; '.join(r['drift_violations'])}"))
         if r.get("drift_error"):
-            out.append(f"- {name}: drift failed: {md_escape(r['drift_error'].strip().splitlines()[-1][:300])}")
+            out.append((name, f"drift failed: {r['drift_error'].strip().splitlines()[-1][:300]}"))
     return list(dict.fromkeys(out))
 
 
@@ -126,7 +127,7 @@ def markdown_report(run_dir: Path) -> str:
               "- Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
               "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
               "the mean tokens shared before they diverge (through the KV cache)."]
-    extra = notes(records)
+    extra = note_items(records)
     if extra:
-        lines += ["", "## Notes", "", *extra]
+        lines += ["", "## Notes", "", *(f"- {md_escape(name)}: {md_escape(text)}" for name, text in extra)]
     return "\n".join(lines) + "\n"
