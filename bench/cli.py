@@ -16,7 +16,9 @@ from optimize.errors import InputError
 COMMANDS = {
     "run": ("bench.commands.run", "run a benchmark matrix (the built-in default with no argument)"),
     "build": ("bench.commands.build", "build variants into the store without benchmarking them"),
-    "report": ("bench.commands.report", "write a Markdown report of a run directory"),
+    "report": ("bench.commands.report", "comparison reports of a run directory: Markdown, HTML, CSV, JSON"),
+    "select": ("bench.commands.select", "choose the variant to deploy under constraints, with reasons"),
+    "export": ("bench.commands.export", "export a run for pytest-benchmark or github-action-benchmark"),
     "merge": ("bench.commands.merge", "combine shard runs of one matrix into one run directory"),
     "variants": ("bench.commands.variants", "list the built-in variants, what each does and where it applies"),
     "env": ("bench.commands.env", "print the environment record"),

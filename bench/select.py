@@ -37,6 +37,7 @@ class Constraint:
     bound: float
     side: Literal["max", "min"]
     flag: str = ""
+    given: float | None = None  # the flag's value in its own unit (MiB for --max-memory-mib)
 
     def violation(self, record: dict[str, Any]) -> str | None:
         """Why ``record`` breaks this constraint, or None when it satisfies it."""
@@ -51,7 +52,7 @@ class Constraint:
         return f"{m.label} {m.format(value)} {op} {m.format(self.bound)} ({self.flag or self.key})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag}
+        return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag, "given": self.given}
 
 
 # flag: (metric, side, multiplier from the flag's unit to the stored unit)
@@ -79,7 +80,7 @@ def constraints_from(values: dict[str, float | None]) -> list[Constraint]:
             raise InputError(f"{flag} must be a finite number >= 0, got {value!r}")
         if name == "min_top1" and value > 1:
             raise InputError(f"{flag} is a fraction in [0, 1], got {value!r}")
-        out.append(Constraint(key, float(value) * scale, side, flag))
+        out.append(Constraint(key, float(value) * scale, side, flag, float(value)))
     return out
 
 
@@ -131,7 +132,7 @@ def _compare(record_a, record_b, m: Metric) -> int:
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
-    """a is at least as good as b on every axis (within noise) and clearly better on one."""
+    """Record a is at least as good as b on every axis (within noise) and clearly better on one."""
     results = [_compare(a, b, m) for m in axes]
     return all(r >= 0 for r in results) and any(r > 0 for r in results)
 
@@ -187,18 +188,21 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
         if r is winner:
             v.outcome = "chosen"
             v.reason = f"best {objective.label}: {_describe(r, objective)}" + (
-                f"; tied within noise with {', '.join(d.ties)}, chosen by {_tie_reason(winner, tied)}" if d.ties else "")
+                f"; tied within noise with {', '.join(d.ties)}; tie-break: "
+                + ", ".join(f"{_tie_reason(winner, o)} than {o['variant']}" for o in tied if o is not winner)
+                if d.ties else "")
         elif r in tied:
             v.outcome = "tie"
             v.reason = (f"tied with {d.chosen} within noise on {objective.label} ({_describe(r, objective)} vs "
-                        f"{_describe(winner, objective)}); lost the tie-break on {_tie_reason(winner, tied)}")
+                        f"{_describe(winner, objective)}); {d.chosen} won the tie-break: {_tie_reason(winner, r)}")
         else:
             dom = next((o for o in on_axes if dominates(o, r, axes)), None) if r in on_axes else None
             if dom is not None:
                 v.reason = "dominated by " + dom["variant"] + " (" + ", ".join(
                     f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}" for m in axes) + ")"
             else:
-                v.reason = (f"{objective.label} {_describe(r, objective)} vs {d.chosen}'s {_describe(winner, objective)}"
+                v.reason = (f"{objective.label} {_describe(r, objective)} vs {d.chosen}'s "
+                            f"{_describe(winner, objective)}"
                             + (" (on the Pareto front: less drift)" if name in d.front else ""))
         d.verdicts[name] = v
     order = {r["variant"]: i for i, r in enumerate(group.records())}
@@ -215,15 +219,13 @@ def _tie_key(r, front: list[str], objective: Metric) -> tuple:
     return (r["variant"] not in front, math.inf if kld is None else kld, math.inf if mem is None else mem, obj)
 
 
-def _tie_reason(winner, tied) -> str:
-    others = [r for r in tied if r is not winner]
-    klds = [point(r, DRIFT_AXIS) for r in tied]
-    if all(k is not None for k in klds) and any(point(r, DRIFT_AXIS) != point(winner, DRIFT_AXIS) for r in others):
-        return "lower KLD"
-    mems = [point(r, "peak_memory_bytes") for r in others]
-    if all(m is not None for m in mems) and any(m != point(winner, "peak_memory_bytes") for m in mems):
-        return "lower peak memory"
-    return "the better objective point value"
+def _tie_reason(winner, loser) -> str:
+    """Why ``winner`` ranks before ``loser`` in ``_tie_key`` order (both tied on the objective)."""
+    for key, label in ((DRIFT_AXIS, "lower KLD"), ("peak_memory_bytes", "lower peak memory")):
+        a, b = point(winner, key), point(loser, key)
+        if a != b:
+            return label if b is None or (a is not None and a < b) else f"on the Pareto front (despite {key})"
+    return "better objective point value"
 
 
 def filter_records(records: list[dict[str, Any]], device: str | None = None,
@@ -265,9 +267,9 @@ def format_decisions(decisions: list[Decision]) -> str:
     for d in decisions:
         g = d.group
         lines.append(f"{g.title}")
+        bounds = ", ".join(f"{c.flag} {c.bound if c.given is None else c.given:g}" for c in d.constraints)
         lines.append(f"  objective: {d.objective.label} ({d.objective.direction} is better)"
-                     + (f"; constraints: {', '.join(c.flag + ' ' + format(c.bound, 'g') for c in d.constraints)}"
-                        if d.constraints else ""))
+                     + (f"; constraints: {bounds}" if bounds else ""))
         if d.chosen:
             lines.append(f"  chosen: {d.chosen}: {d.verdicts[d.chosen].reason}")
         else:

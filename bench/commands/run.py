@@ -55,6 +55,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir",
                    help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
+    p.add_argument("--no-report", action="store_true",
+                   help="do not write report.md, report.html and results.csv into the run directory at the end")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -100,5 +102,20 @@ def main(args: argparse.Namespace) -> int:
         launcher.close()
     finish_run(run_dir)
     print_summary(records, run_dir)
+    if not args.no_report:
+        _write_reports(run_dir)
     # Exit 1 when a check failed: a cell failed, or a variant drifted past the matrix's budget.
     return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0
+
+
+def _write_reports(run_dir: Path) -> None:
+    """Reports at the end of a run; a report that fails to render never costs the recorded results."""
+    from bench.report.write import RUN_END_FORMATS, write_reports
+
+    try:
+        paths = write_reports(run_dir, list(RUN_END_FORMATS))
+    except Exception as exc:  # the records are safe on disk; say so and carry on
+        print(f"infermatrix run: reports not written ({type(exc).__name__}: {exc}); "
+              f"retry with 'infermatrix report {run_dir} --format md,html,csv'", file=sys.stderr)
+        return
+    print("reports: " + ", ".join(str(p) for p in paths), file=sys.stderr)

@@ -41,8 +41,8 @@ dl.env dt { color: var(--muted); } dl.env dd { margin: 0; }
 .table-wrap { overflow-x: auto; border: 1px solid var(--line); border-radius: 6px; }
 table { border-collapse: collapse; font-size: 12.5px; width: 100%; }
 th, td { padding: 4px 7px; border-bottom: 1px solid var(--line); white-space: nowrap; }
-th { background: var(--bg); text-align: left; font-weight: 600; white-space: normal; vertical-align: bottom; cursor: pointer; user-select: none;
-     position: sticky; top: 0; }
+th { background: var(--bg); text-align: left; font-weight: 600; white-space: normal; vertical-align: bottom;
+     cursor: pointer; user-select: none; position: sticky; top: 0; }
 th.num, td.num { text-align: right; font-variant-numeric: tabular-nums; }
 th[aria-sort="ascending"]::after { content: " \\25B2"; font-size: 9px; }
 th[aria-sort="descending"]::after { content: " \\25BC"; font-size: 9px; }

@@ -1,5 +1,6 @@
 """A GitHub-flavoured Markdown report of one run: environment, ceilings, per-scenario tables,
-the recommended variant, the Pareto front and notes. Renders in a PR comment or a job summary."""
+the recommended variant, the Pareto front and notes. Renders in a PR comment or a job summary.
+"""
 
 from __future__ import annotations
 

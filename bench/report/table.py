@@ -159,7 +159,8 @@ def _add_speedups(group: Group) -> None:
 
 def speedup_interval(ref_samples, var_samples, ref_record, var_record, key) -> tuple[float, float]:
     """95% interval of the ratio of medians: percentile bootstrap on the raw samples when both sides have
-    at least 3, else the ratio of the medians' interval ends (wider, never narrower)."""
+    at least 3, else the ratio of the medians' interval ends (wider, never narrower).
+    """
     import numpy as np
 
     if ref_record is var_record:
@@ -195,7 +196,8 @@ def speedup_text(row: Row) -> str:
 
 def sweeps(records: list[dict[str, Any]]) -> dict[str, dict[tuple, list[tuple[int, dict[str, Any]]]]]:
     """Series over swept scenario axes: {"batch_size": {(model, device, name, variant, p, n): [(b, rec)]},
-    "prompt_tokens": {(model, device, name, variant, b, n): [(p, rec)]}}; only series with 2+ points."""
+    "prompt_tokens": {(model, device, name, variant, b, n): [(p, rec)]}}; only series with 2+ points.
+    """
     out: dict[str, dict[tuple, list]] = {"batch_size": {}, "prompt_tokens": {}}
     for r in records:
         if r["status"] != "ok":

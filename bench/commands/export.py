@@ -1,0 +1,37 @@
+"""``infermatrix export``: a run in pytest-benchmark or github-action-benchmark format."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--to", required=True, choices=("pytest-benchmark", "github-action-benchmark"),
+                   help="pytest-benchmark: JSON that 'pytest-benchmark compare' loads; github-action-benchmark: "
+                        "the customSmallerIsBetter / customBiggerIsBetter list (see --direction)")
+    p.add_argument("--direction", choices=("smaller", "bigger"), default="smaller",
+                   help="github-action-benchmark only: smaller (latency, memory, drift: customSmallerIsBetter) "
+                        "or bigger (tokens/s, top-1: customBiggerIsBetter) (default: smaller)")
+    p.add_argument("--out", type=Path, help="write here (default: print)")
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.export import github_action_benchmark, pytest_benchmark_json
+    from bench.results import RUN
+    from optimize.errors import InputError
+
+    if not (args.run / RUN).exists():
+        raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
+            else github_action_benchmark(args.run, args.direction))
+    text = json.dumps(data, indent=2, allow_nan=False) + "\n"
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text)
+    else:
+        sys.stdout.write(text)
+    return 0

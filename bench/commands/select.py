@@ -1,0 +1,47 @@
+"""``infermatrix select``: the variant to deploy under constraints, with why each other one lost.
+
+Exit codes: 0 a variant was chosen (in every group), 1 nothing satisfies the constraints
+(in some group), 2 bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("--objective", default="decode_tokens_per_s",
+                   help="catalogue metric to optimise; its direction comes from the catalogue "
+                        "(default: decode_tokens_per_s; e.g. ttft_ms, tpot_ms, peak_memory_bytes, kld_mean)")
+    p.add_argument("--max-kld", type=float, help="largest mean KL divergence (nats/token) against the reference")
+    p.add_argument("--max-ppl-ratio", type=float, help="largest perplexity ratio against the reference")
+    p.add_argument("--min-top1", type=float, help="smallest top-1 agreement with the reference (0-1)")
+    p.add_argument("--max-memory-mib", type=float, help="largest peak memory, MiB")
+    p.add_argument("--max-ttft-ms", type=float, help="largest p50 time to first token, ms")
+    p.add_argument("--max-tpot-ms", type=float, help="largest p50 time per output token, ms")
+    p.add_argument("--device", help="only cells on this device (cpu, cuda)")
+    p.add_argument("--scenario", help="only this scenario: a name (generate) or name:BATCH/PROMPT/NEW")
+    p.add_argument("--json", action="store_true", help="print the decision as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.results import RUN, read_records
+    from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, select
+    from optimize.errors import InputError
+
+    if not (args.run / RUN).exists():
+        raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
+    decisions = select(read_records(args.run), args.objective, constraints, args.device, args.scenario)
+    satisfied = all(d.chosen for d in decisions)
+    if args.json:
+        json.dump({"satisfied": satisfied, "groups": [d.to_dict() for d in decisions]}, sys.stdout, indent=1,
+                  allow_nan=False)
+        print()
+    else:
+        print(format_decisions(decisions), end="")
+    return 0 if satisfied else 1

@@ -1,0 +1,36 @@
+"""report.json: the comparison as data (for pipelines): groups, rows with intervals, the default choice."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.catalogue import METRICS, metric
+from bench.report.table import NOISY_REL_CI, group_records
+from bench.results import read_records, read_run
+from bench.select import DEFAULT_OBJECTIVE, decide
+
+
+def _clean(value: Any) -> Any:
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
+def json_report(run_dir: Path) -> str:
+    run = read_run(run_dir)
+    groups = []
+    for g in group_records(read_records(run_dir)):
+        rows = []
+        for row in g.rows:
+            figs = {k: {"value": f.value, "ci95": list(f.ci) if f.ci else None, "n": f.n, "noisy": f.noisy,
+                        "unit": METRICS[k].unit, "direction": METRICS[k].direction}
+                    for k, f in row.figures.items() if f.value is not None}
+            rows.append({"variant": row.variant, "cell_id": row.record["cell_id"], "status": row.status,
+                         "error": row.record.get("error"), "drift_ok": row.record.get("drift_ok"),
+                         "speedup": [_clean(x) for x in row.speedup] if row.speedup else None, "metrics": figs})
+        groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,
+                       "speedup_metric": g.speedup_metric, "rows": rows,
+                       "selection": decide(g, metric(DEFAULT_OBJECTIVE), []).to_dict()})
+    return json.dumps({"run": run["matrix"]["name"], "started": run.get("started"), "ended": run.get("ended"),
+                       "noisy_rel_ci": NOISY_REL_CI, "groups": groups}, indent=1, allow_nan=False) + "\n"
