@@ -181,6 +181,9 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
     tied = [r for r in feasible if r is best or _compare(r, best, objective) == 0]
     winner = min(tied, key=lambda r: _tie_key(r, d.front, objective))
     d.chosen = winner["variant"]
+    dominated = {id(r) for r in on_axes if any(dominates(o, r, axes) for o in on_axes if o is not r)}
+    # A variant tied on the objective but clearly worse on drift is dominated, not tied.
+    tied = [r for r in tied if r is winner or id(r) not in dominated]
     d.ties = [r["variant"] for r in tied if r is not winner]
     for r in feasible:
         name = r["variant"]

@@ -1,0 +1,128 @@
+"""select on hand-made records with known answers: ties inside the noise, dominance, constraints, failures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import main
+from bench.select import constraints_from, select
+from optimize.errors import InputError
+from tests.bench.records import record, write_run
+
+
+def _one(records, **kw):
+    (decision,) = select(records, **kw)
+    return decision
+
+
+def test_a_clearly_faster_variant_wins_and_the_slower_one_is_told_why():
+    d = _one([record("fp32", decode=100, kld=0.0, steps=0), record("fast", decode=200, kld=0.001)])
+    assert d.chosen == "fast" and not d.ties
+    assert d.verdicts["fp32"].outcome == "lost" and "decode tok/s 100.0" in d.verdicts["fp32"].reason
+    assert d.front == ["fp32", "fast"]  # fp32 is more accurate, fast is faster: neither dominates
+
+
+def test_differences_inside_the_noise_are_ties_broken_by_drift_then_memory():
+    # 105 vs 100 with +-10% spread: the medians' intervals overlap, so b is not faster than a.
+    a = record("a", decode=100, noise=0.1, kld=0.001, peak_mib=300)
+    b = record("b", decode=105, noise=0.1, kld=0.001, peak_mib=500)
+    d = _one([a, b])
+    assert d.chosen == "a" and d.ties == ["b"]
+    assert d.verdicts["b"].outcome == "tie" and "a won the tie-break: lower peak memory" in d.verdicts["b"].reason
+    assert "tied within noise with b" in d.verdicts["a"].reason
+    c = record("c", decode=103, noise=0.1, kld=0.0005, peak_mib=900)
+    d = _one([a, b, c])
+    assert d.chosen == "c" and not d.ties  # tied on speed, clearly less drift: a and b are dominated
+    assert d.verdicts["a"].reason.startswith("dominated by c") and d.verdicts["b"].reason.startswith("dominated by c")
+    # The same medians measured tightly are a clear win for b.
+    d = _one([record("a", decode=100, noise=0.01, kld=0.001), record("b", decode=105, noise=0.01, kld=0.001)])
+    assert d.chosen == "b" and not d.ties and d.verdicts["a"].reason.startswith("dominated by b")
+
+
+def test_a_slower_and_less_accurate_variant_is_dominated():
+    d = _one([record("good", decode=200, kld=0.001), record("bad", decode=100, kld=0.05),
+              record("same-speed-worse-drift", decode=201, noise=0.05, kld=0.1)])
+    assert d.chosen == "good"
+    assert d.verdicts["bad"].reason.startswith("dominated by good")
+    # Tied on speed (within noise) and clearly worse on drift: dominated too.
+    assert d.verdicts["same-speed-worse-drift"].reason.startswith("dominated by good")
+    assert d.front == ["good"]
+
+
+def test_every_variant_violating_chooses_nothing_and_exits_1(tmp_path, capsys):
+    recs = [record("a", kld=0.02), record("b", kld=0.05, peak_mib=900)]
+    d = _one(recs, constraints=constraints_from({"max_kld": 0.01, "max_memory_mib": 800}))
+    assert d.chosen is None
+    assert d.verdicts["a"].outcome == "violates" and "KLD mean 2.00e-02 > 1.00e-02 (--max-kld)" in d.verdicts["a"].reason
+    assert "--max-memory-mib" in d.verdicts["b"].reason and "--max-kld" in d.verdicts["b"].reason
+    run = write_run(tmp_path / "run", recs)
+    assert main(["select", str(run), "--max-kld", "0.01"]) == 1
+    assert "no variant satisfies the constraints" in capsys.readouterr().out
+
+
+def test_missing_metrics_lose_as_not_measured_not_as_zero():
+    recs = [record("no-drift", decode=500, kld=None), record("measured", decode=100, kld=0.001)]
+    d = _one(recs, constraints=constraints_from({"max_kld": 0.01}))
+    assert d.chosen == "measured"
+    assert d.verdicts["no-drift"].outcome == "missing" and "no KLD mean measured" in d.verdicts["no-drift"].reason
+    # Without a drift constraint the fast one wins; it is simply not on the speed-against-drift front.
+    d = _one(recs)
+    assert d.chosen == "no-drift" and d.front == ["measured"]
+    # A missing objective is named as such.
+    d = _one([record("x", decode=None), record("y", decode=10)], objective="ttft_ms")
+    assert d.chosen == "y" and "the objective" in d.verdicts["x"].reason
+
+
+def test_failed_and_skipped_cells_lose_with_their_error():
+    d = _one([record("ok", decode=50), record("boom", status="failed", error="Traceback\nRuntimeError: kaput"),
+              record("nope", status="skipped", error="needs CUDA")])
+    assert d.chosen == "ok"
+    assert d.verdicts["boom"].outcome == "failed" and "Traceback" in d.verdicts["boom"].reason
+    assert d.verdicts["nope"].outcome == "skipped" and "needs CUDA" in d.verdicts["nope"].reason
+
+
+def test_objective_direction_comes_from_the_catalogue():
+    recs = [record("small", decode=100, peak_mib=300), record("big", decode=300, peak_mib=900)]
+    assert _one(recs, objective="peak_memory_bytes").chosen == "small"  # lower is better
+    assert _one(recs, objective="decode_tokens_per_s").chosen == "big"
+    assert _one(recs, objective="tpot_ms").chosen == "big"  # lower TPOT = the faster decoder
+
+
+def test_groups_are_decided_separately_and_filters_apply():
+    cuda = [record("a", device="cuda", decode=900), record("b", device="cuda", decode=100)]
+    cpu = [record("a", decode=10), record("b", decode=90)]
+    decisions = select(cpu + cuda)
+    assert [(d.group.device, d.chosen) for d in decisions] == [("cpu", "b"), ("cuda", "a")]
+    assert [d.chosen for d in select(cpu + cuda, device="cuda")] == ["a"]
+    with pytest.raises(InputError, match="--device 'tpu' matches no cell; the run has: cpu, cuda"):
+        select(cpu + cuda, device="tpu")
+    with pytest.raises(InputError, match="generate:1/128/32"):
+        select(cpu, scenario="prefill")
+    assert select(cpu, scenario="generate:1/128/32")[0].chosen == "b"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--max-kld", "-1"], "--max-kld must be a finite number >= 0"),
+    (["--min-top1", "2"], "--min-top1 is a fraction in [0, 1]"),
+    (["--objective", "decode_tokens_per_sec"], "did you mean decode_tokens_per_s"),
+    (["--objective", "measured_wall_s"], "informational"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, capsys, argv, message):
+    run = write_run(tmp_path / "run", [record("a")])
+    assert main(["select", str(run), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_json_output_lists_every_variant_with_its_outcome(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [record("fp32", decode=100, kld=0.0, steps=0), record("q", decode=300),
+                                       record("f", status="failed")])
+    assert main(["select", str(run), "--json", "--max-tpot-ms", "50"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    (g,) = out["groups"]
+    assert out["satisfied"] and g["chosen"] == "q" and g["objective"] == "decode_tokens_per_s"
+    assert {v["variant"]: v["outcome"] for v in g["variants"]} == {"q": "chosen", "fp32": "lost", "f": "failed"}
+    assert g["constraints"] == [{"metric": "tpot_ms", "side": "max", "bound": 50.0, "flag": "--max-tpot-ms",
+                                 "given": 50.0}]
