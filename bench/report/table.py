@@ -9,6 +9,7 @@ variant and a noisy flag per figure. Markdown, HTML, CSV and JSON all render thi
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,7 +103,8 @@ class Group:
     @property
     def slug(self) -> str:
         s = self.scenario
-        return f"{self.device}-{s['name']}-b{s['batch_size']}-p{s['prompt_tokens']}-n{s['new_tokens']}"
+        model = re.sub(r"[^A-Za-z0-9._]+", "-", self.model).strip("-.") or "model"
+        return f"{model}-{self.device}-{s['name']}-b{s['batch_size']}-p{s['prompt_tokens']}-n{s['new_tokens']}"
 
     def records(self) -> list[dict[str, Any]]:
         return [r.record for r in self.rows]

@@ -43,12 +43,14 @@ def render(run_dir: Path, fmt: str) -> str | dict[str, bytes]:
     from bench.report.table import group_records
     from bench.results import read_records
 
-    groups = [g for g in group_records(read_records(run_dir))]
+    groups = group_records(read_records(run_dir))
     figures = {}
     for g in groups:
         fig = plots.speed_vs_drift(g)
         if fig is not None:
             name = FORMATS["png"] if len(groups) == 1 else f"speed-vs-drift-{g.slug}.png"
+            if name in figures:  # two models whose names differ only in punctuation
+                name = name.removesuffix(".png") + f"-{len(figures)}.png"
             figures[name] = plots.png(fig)
     return figures
 

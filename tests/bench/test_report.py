@@ -1,0 +1,99 @@
+"""Markdown, CSV and JSON reports of hand-made runs: tables, intervals, noise marks, escaping."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+
+import pytest
+
+from bench.cli import main
+from bench.report.markdown import markdown_report
+from bench.report.table import NOISY_REL_CI
+from tests.bench.records import record, write_run
+
+EVIL = "<script>alert(1)</script>"
+
+
+@pytest.fixture
+def run(tmp_path):
+    sweep = {"name": "decode", "prompt_tokens": 64, "new_tokens": 16}
+    return write_run(tmp_path / "run", [
+        record("fp32", decode=100, kld=0.0, steps=0),
+        record("q8", decode=180, noise=0.2, kld=0.002),
+        record("q4|odd", decode=150, kld=0.05),
+        record("broken", status="failed", error="Traceback (most recent call last):\nRuntimeError: kaput"),
+        record("cuda-only", status="skipped", error="needs CUDA"),
+        record("fp32", model=EVIL, decode=50, kld=0.0, steps=0),
+        *[record("fp32", decode=100 * b, scenario={**sweep, "batch_size": b}, steps=0) for b in (1, 2, 4)],
+    ])
+
+
+def test_markdown_has_a_table_per_scenario_with_intervals_speedups_and_noise_marks(run):
+    text = markdown_report(run)
+    assert text.count("\n## ") >= 4  # three scenario groups + how to read
+    q8 = next(line for line in text.splitlines() if line.startswith("| q8 |"))
+    cells = [c.strip() for c in q8.strip("|").split("|")]
+    assert cells[2].startswith("5.56 [") and cells[2].endswith("~")  # TPOT p50 [CI], noisy at +-20%
+    assert cells[3] == "5"  # n
+    assert cells[4].startswith("1.") and "[" in cells[4]  # speedup vs fp32 with its interval
+    assert cells[5].startswith("180.0 [")
+    fp32 = next(line for line in text.splitlines() if line.startswith("| fp32 |"))
+    assert "1.00x (ref)" in fp32 and "~" not in fp32  # +-2% spread is under the threshold
+    assert NOISY_REL_CI == 0.10 and "wider than 10% of its value" in text
+    assert "| q4\\|odd |" in text  # a pipe in a name cannot break the table
+    assert "**recommended: q8**" in text and "Pareto front (decode tok/s against KLD): fp32, q8" in text
+    assert "broken / cpu: failed: Traceback" in text and "needs CUDA" in text
+    assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
+
+
+def test_csv_has_one_row_per_cell_and_unit_named_columns(run):
+    from bench.report.csv import csv_report
+    from bench.results import read_records
+
+    rows = list(csv.DictReader(io.StringIO(csv_report(read_records(run)))))
+    assert len(rows) == 9
+    header = rows[0].keys()
+    for col in ("ttft_ms_p50", "ttft_ms_ci95_low", "ttft_ms_ci95_high", "ttft_ms_n", "decode_tokens_per_s",
+                "peak_memory_bytes", "kld_mean", "speedup_vs_reference", "status", "error"):
+        assert col in header
+    q8 = next(r for r in rows if r["variant"] == "q8")
+    assert float(q8["decode_tokens_per_s"]) == pytest.approx(180.0)
+    assert float(q8["ttft_ms_ci95_low"]) < float(q8["ttft_ms_p50"]) < float(q8["ttft_ms_ci95_high"])
+    broken = next(r for r in rows if r["variant"] == "broken")
+    assert broken["status"] == "failed" and broken["error"] == "Traceback (most recent call last):"
+    assert broken["ttft_ms_p50"] == ""  # a failure is not a zero
+
+
+def test_report_command_writes_each_format(run, tmp_path, capsys):
+    assert main(["report", str(run)]) == 0
+    assert capsys.readouterr().out.startswith("# infermatrix run `handmade`")
+    out = tmp_path / "out"
+    assert main(["report", str(run), "--format", "md,html,csv,json,png", "--out", str(out)]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names[:4] == ["report.html", "report.json", "report.md", "results.csv"]
+    pngs = [n for n in names if n.endswith(".png")]
+    assert len(pngs) == 5 and all((out / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in pngs)
+    data = json.loads((out / "report.json").read_text())
+    first = data["groups"][0]
+    assert first["reference"] == "fp32" and first["selection"]["chosen"] == "q8"
+    assert first["rows"][1]["metrics"]["tpot_ms"]["noisy"] is True
+    assert main(["report", str(run), "--format", "pdf"]) == 2
+    assert "allowed formats are md, html, csv, json, png" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+
+
+def test_html_escapes_input_and_fetches_nothing(run):
+    from bench.report.html import html_report
+
+    page = html_report(run)
+    assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert page.count("<script>") == 1  # only the report's own inline script
+    # Nothing that loads: no src/href to another document, no CSS import or url(); SVG namespaces are names only.
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:|//|file:|data:text/html)""", page)
+    assert not re.search(r"@import|url\(\s*['\"]?(https?:|//)", page)
+    assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg",
+                                                         "http://www.w3.org/1999/xlink"}
+    assert page.count("<svg") >= 5 and page.count("<table class=\"sortable\">") == 5  # one per scenario group
