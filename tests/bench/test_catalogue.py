@@ -1,0 +1,84 @@
+"""The metric catalogue is complete: every metric a real run writes has an entry and a schema property."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench.catalogue import METRICS, comparable, interval, metric, point
+from bench.results import SCHEMA_PATH
+from optimize.errors import InputError
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "reports" / "example" / "results.jsonl"
+SCHEMA_METRICS = json.loads(SCHEMA_PATH.read_text())["properties"]["metrics"]["properties"]
+
+
+def assert_catalogued(keys, where: str) -> None:
+    missing = sorted(set(keys) - set(METRICS))
+    assert not missing, f"metrics written by {where} are not in bench/catalogue.py: {missing}"
+    unschema = sorted(set(keys) - set(SCHEMA_METRICS))
+    assert not unschema, f"metrics written by {where} are not in the record schema: {unschema}"
+
+
+def test_catalogue_and_schema_list_the_same_metrics_with_matching_shapes():
+    assert set(METRICS) == set(SCHEMA_METRICS)
+    for key, m in METRICS.items():
+        prop = SCHEMA_METRICS[key]
+        assert (prop.get("$ref") == "#/$defs/summary") == (m.shape == "summary"), key
+        assert m.direction in ("lower", "higher", None) and m.kind in ("speed", "memory", "size", "drift", "info")
+        assert m.unit or m.shape in ("object", "boolean"), f"{key} has no unit"
+        assert format(1.5 * m.scale, m.fmt) if m.shape in ("scalar", "summary") and m.fmt != "d" else True
+
+
+def test_every_metric_of_the_committed_default_run_is_catalogued():
+    records = [json.loads(line) for line in EXAMPLE.read_text().splitlines()]
+    assert_catalogued({k for r in records for k in r["metrics"]}, "the default run (reports/example)")
+
+
+def test_every_metric_of_prefill_decode_and_generate_scenarios_is_catalogued(tiny_ref, cache_dir, tiny_prompts):
+    from bench.metrics.timing import RepeatConfig
+    from bench.scenarios.generate import GenerateScenario, run_generate
+    from bench.scenarios.sweeps import DecodeScenario, PrefillScenario, run_decode, run_prefill
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
+    repeat = RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0)
+    written = set(run_generate(state, GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=3), tiny_prompts,
+                               repeat)[0])
+    written |= set(run_prefill(state, PrefillScenario(batch_size=1, prompt_tokens=8), tiny_prompts, repeat)[0])
+    written |= set(run_decode(state, DecodeScenario(batch_size=1, prompt_tokens=8, new_tokens=3), tiny_prompts,
+                              repeat, weights_bytes=10**6, kv_bytes_per_token=64)[0])
+    assert_catalogued(written, "the scenarios")
+
+
+def test_every_cuda_memory_metric_is_catalogued(monkeypatch):
+    """The CUDA cell's memory keys, with torch made to report a device (no GPU needed)."""
+    import torch
+
+    from bench.metrics import memory
+
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2)
+    monkeypatch.setattr(memory, "nvml_process_bytes", lambda: None)
+    assert_catalogued({*memory.cuda_memory(), "host_peak_rss_bytes"}, "a CUDA cell")
+
+
+def test_lookups_give_direction_kind_and_intervals():
+    assert metric("tpot_ms").direction == "lower" and metric("tpot_ms").kind == "speed"
+    assert metric("decode_tokens_per_s").better(2.0, 1.0) and not metric("kld_mean").better(2.0, 1.0)
+    assert metric("peak_memory_bytes").format(2**20 * 3) == "3.0"
+    with pytest.raises(InputError, match="did you mean ttft_ms"):
+        metric("ttft_msec")
+    with pytest.raises(InputError, match="informational"):
+        comparable("scored_tokens")
+    rec = {"metrics": {"ttft_ms": {"p50": 2.0, "n": 5, "ci95_p50": [1.0, 3.0]}, "decode_tokens_per_s": 9.0,
+                       "decode_tokens_per_s_summary": {"p50": 9.0, "ci95_p50": [8.0, 10.0]},
+                       "kld_mean": 0.5, "kld_mean_stderr": 0.1}}
+    assert point(rec, "ttft_ms") == 2.0 and interval(rec, "ttft_ms") == (1.0, 3.0)
+    assert interval(rec, "decode_tokens_per_s") == (8.0, 10.0)
+    assert interval(rec, "kld_mean") == pytest.approx((0.5 - 0.196, 0.5 + 0.196))
+    assert point(rec, "weights_bytes") is None and interval(rec, "weights_bytes") is None
