@@ -55,7 +55,8 @@ def test_every_variant_violating_chooses_nothing_and_exits_1(tmp_path, capsys):
     recs = [record("a", kld=0.02), record("b", kld=0.05, peak_mib=900)]
     d = _one(recs, constraints=constraints_from({"max_kld": 0.01, "max_memory_mib": 800}))
     assert d.chosen is None
-    assert d.verdicts["a"].outcome == "violates" and "KLD mean 2.00e-02 > 1.00e-02 (--max-kld)" in d.verdicts["a"].reason
+    assert d.verdicts["a"].outcome == "violates"
+    assert "KLD mean 2.00e-02 > 1.00e-02 (--max-kld)" in d.verdicts["a"].reason
     assert "--max-memory-mib" in d.verdicts["b"].reason and "--max-kld" in d.verdicts["b"].reason
     run = write_run(tmp_path / "run", recs)
     assert main(["select", str(run), "--max-kld", "0.01"]) == 1
