@@ -83,3 +83,17 @@ def test_lookups_give_direction_kind_and_intervals():
     assert interval(rec, "decode_tokens_per_s") == (8.0, 10.0)
     assert interval(rec, "kld_mean") == pytest.approx((0.5 - 0.196, 0.5 + 0.196))
     assert point(rec, "weights_bytes") is None and interval(rec, "weights_bytes") is None
+
+
+def test_a_metric_added_to_the_catalogue_reaches_the_csv_and_select(monkeypatch):
+    from bench.catalogue import Metric
+    from bench.report.csv import csv_report
+    from bench.select import select
+    from tests.bench.records import record
+
+    monkeypatch.setitem(METRICS, "joules_per_token_j", Metric("joules_per_token_j", "J", "lower", "J/token", ".3f",
+                                                              "speed"))
+    recs = [record("a", joules_per_token_j=0.5), record("b", joules_per_token_j=0.2)]
+    header = csv_report(recs).splitlines()[0].split(",")
+    assert "joules_per_token_j" in header
+    assert select(recs, objective="joules_per_token_j")[0].chosen == "b"
