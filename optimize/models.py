@@ -2,8 +2,10 @@
 
 Model specs:
 - ``builtin:pycode``: the trained reference model shipped in the package;
-- ``synthetic:NAME``: a Llama architecture from ``SYNTHETIC`` with random weights (fixed
-  seed), for speed-only runs; saved once to the cache so other tools can load it;
+- ``synthetic:NAME``: an architecture from ``SYNTHETIC`` (Llama, GPT-2, OPT, GPT-NeoX, Qwen2,
+  Mistral, Phi) with random weights (fixed seed), for speed-only runs and the architecture
+  tests; saved once to the cache so other tools can load it; its prompts come from the
+  built-in tokenizer, whose 8192 ids every synthetic vocabulary holds;
 - anything else: a local model directory or a hub id, loaded with ``from_pretrained``
   (offline when ``HF_HUB_OFFLINE=1``; ``trust_remote_code`` only when asked).
 """
@@ -13,28 +15,39 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import InputError
+from optimize.errors import InputError, NotApplicable
 from optimize.reference import BUILTIN_DIR, EVAL_TEXT
 
 BUILTIN_MODELS = {"pycode": BUILTIN_DIR}
 
 
+FAMILIES = ("llama", "gpt2", "opt", "gpt_neox", "qwen2", "mistral", "phi")
+
+
 @dataclass(frozen=True)
 class SyntheticArch:
-    """A Llama architecture with random weights."""
+    """A decoder architecture of one Hugging Face family, with random weights."""
 
     hidden_size: int
     num_layers: int
     num_heads: int
     intermediate_size: int
     vocab_size: int = 32000
-    num_kv_heads: int = 0  # 0: same as num_heads (no GQA)
+    num_kv_heads: int = 0  # 0: same as num_heads (no GQA); families without GQA ignore it
     max_position_embeddings: int = 2048
     seed: int = 0
+    family: str = "llama"  # one of FAMILIES
+    tie_word_embeddings: bool = False  # GPT-2 and OPT always tie theirs
+
+
+def _tiny(family: str, **kw) -> SyntheticArch:
+    """Tiny test models: widths multiples of 64 so every technique's shape rules hold (NF4, 2:4, prune-ffn)."""
+    return SyntheticArch(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, vocab_size=8192,
+                         max_position_embeddings=512, family=family, **kw)
 
 
 SYNTHETIC = {
@@ -43,6 +56,14 @@ SYNTHETIC = {
                                 vocab_size=8192, max_position_embeddings=512),
     "llama-134m": SyntheticArch(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=2048),
     "llama-1b": SyntheticArch(hidden_size=2048, num_layers=16, num_heads=32, num_kv_heads=8, intermediate_size=8192),
+    # The architecture matrix: one tiny model per family the harness is tested on.
+    "llama-tied-tiny": _tiny("llama", tie_word_embeddings=True),
+    "gpt2-tiny": _tiny("gpt2"),
+    "opt-tiny": _tiny("opt"),
+    "gpt-neox-tiny": _tiny("gpt_neox"),
+    "qwen2-tiny": _tiny("qwen2", num_kv_heads=2),
+    "mistral-tiny": _tiny("mistral", num_kv_heads=2),
+    "phi-tiny": _tiny("phi"),
 }
 
 
@@ -58,8 +79,9 @@ class ModelRef:
     kind: str  # "builtin" | "synthetic" | "pretrained"
     path: str  # HF model directory (synthetic ones are materialised in the cache)
     fingerprint: str
-    has_tokenizer: bool
+    has_tokenizer: bool  # the model directory holds its own tokenizer
     trained: bool  # False for random weights: drift figures are not meaningful
+    tokenizer: str | None = None  # directory of the tokenizer text is encoded with; None: prompts are random ids
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -87,15 +109,31 @@ def _dir_fingerprint(path: Path) -> str:
 
 
 def synthetic_config(arch: SyntheticArch):
-    from transformers import LlamaConfig
+    """The transformers config of ``arch``'s family (ids 1/2/0 for BOS/EOS/PAD, as the built-in tokenizer)."""
+    import transformers
 
-    return LlamaConfig(
-        vocab_size=arch.vocab_size, hidden_size=arch.hidden_size, intermediate_size=arch.intermediate_size,
-        num_hidden_layers=arch.num_layers, num_attention_heads=arch.num_heads,
-        num_key_value_heads=arch.num_kv_heads or arch.num_heads,
-        max_position_embeddings=arch.max_position_embeddings, tie_word_embeddings=False,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32",
-    )
+    common = dict(vocab_size=arch.vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=0, torch_dtype="float32")
+    h, layers, heads, ffn = arch.hidden_size, arch.num_layers, arch.num_heads, arch.intermediate_size
+    kv_heads, positions = arch.num_kv_heads or heads, arch.max_position_embeddings
+    if arch.family == "gpt2":
+        return transformers.GPT2Config(n_embd=h, n_layer=layers, n_head=heads, n_inner=ffn, n_positions=positions,
+                                       **common)
+    if arch.family == "opt":
+        return transformers.OPTConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads, ffn_dim=ffn,
+                                      word_embed_proj_dim=h, max_position_embeddings=positions, **common)
+    if arch.family == "gpt_neox":
+        return transformers.GPTNeoXConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                          intermediate_size=ffn, max_position_embeddings=positions,
+                                          tie_word_embeddings=arch.tie_word_embeddings, **common)
+    if arch.family == "phi":
+        return transformers.PhiConfig(hidden_size=h, num_hidden_layers=layers, num_attention_heads=heads,
+                                      intermediate_size=ffn, max_position_embeddings=positions,
+                                      tie_word_embeddings=arch.tie_word_embeddings, **common)
+    cls = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config,
+           "mistral": transformers.MistralConfig}[arch.family]
+    return cls(hidden_size=h, intermediate_size=ffn, num_hidden_layers=layers, num_attention_heads=heads,
+               num_key_value_heads=kv_heads, max_position_embeddings=positions,
+               tie_word_embeddings=arch.tie_word_embeddings, **common)
 
 
 def _synthetic_dir(name: str, arch: SyntheticArch, cache: Path) -> Path:
@@ -109,17 +147,17 @@ def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     if (out / "config.json").exists():
         return out
     import torch
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(arch.seed)
-    model = LlamaForCausalLM(synthetic_config(arch))
+    model = AutoModelForCausalLM.from_config(synthetic_config(arch))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     model.save_pretrained(str(tmp), safe_serialization=True)
     tmp.rename(out) if not out.exists() else None
     return out
 
 
-def peek_model(spec: str, cache: Path | None = None) -> ModelRef | None:
+def peek_model(spec: str, cache: Path | None = None, tokenizer: str | None = None) -> ModelRef | None:
     """The ``ModelRef`` when it can be had without loading or downloading anything, else None.
 
     Lets the orchestrator see that a variant or reference is already stored without
@@ -129,9 +167,9 @@ def peek_model(spec: str, cache: Path | None = None) -> ModelRef | None:
     kind, _, name = spec.partition(":")
     if kind == "synthetic" and name in SYNTHETIC:
         path = _synthetic_dir(name, SYNTHETIC[name], cache)
-        return resolve_model(spec, cache) if (path / "config.json").exists() else None
+        return resolve_model(spec, cache, tokenizer) if (path / "config.json").exists() else None
     if kind == "builtin" or Path(spec).expanduser().is_dir():
-        return resolve_model(spec, cache)
+        return resolve_model(spec, cache, tokenizer)
     return None
 
 
@@ -157,9 +195,35 @@ def check_model_spec(spec: str) -> None:
                          "like org/name")
 
 
-def resolve_model(spec: str, cache: Path | None = None) -> ModelRef:
-    """Turn a model spec into a ``ModelRef``; raises ``InputError`` for unknown specs."""
-    cache = cache or default_cache_dir()
+def has_tokenizer_files(path: Path) -> bool:
+    return (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists()
+
+
+def check_tokenizer_dir(tokenizer: str) -> str:
+    """The resolved ``--tokenizer`` directory; ``InputError`` unless it holds a Hugging Face tokenizer."""
+    path = Path(tokenizer).expanduser()
+    if not has_tokenizer_files(path):
+        raise InputError(f"--tokenizer {tokenizer!r} is not a directory with tokenizer.json or tokenizer_config.json")
+    return str(path.resolve())
+
+
+def resolve_model(spec: str, cache: Path | None = None, tokenizer: str | None = None) -> ModelRef:
+    """Turn a model spec into a ``ModelRef``; raises ``InputError`` for unknown specs.
+
+    Args:
+        spec: ``builtin:NAME``, ``synthetic:NAME``, a local directory or a hub id.
+        cache: the store's root (default ``$INFERMATRIX_CACHE``).
+        tokenizer: a tokenizer directory to encode text with, in place of the model's own
+            (for models saved without one).
+
+    """
+    ref = _resolve(spec, cache or default_cache_dir())
+    if tokenizer:
+        return replace(ref, tokenizer=check_tokenizer_dir(tokenizer))
+    return ref
+
+
+def _resolve(spec: str, cache: Path) -> ModelRef:
     if spec.startswith("builtin:"):
         name = spec.split(":", 1)[1]
         if name not in BUILTIN_MODELS:
@@ -168,7 +232,7 @@ def resolve_model(spec: str, cache: Path | None = None) -> ModelRef:
         path = BUILTIN_MODELS[name]
         if not (path / "config.json").exists():
             raise InputError(f"built-in model {spec!r} is missing from {path}; reinstall the package")
-        return ModelRef(spec, "builtin", str(path), _dir_fingerprint(path), True, True)
+        return ModelRef(spec, "builtin", str(path), _dir_fingerprint(path), True, True, str(path))
     if spec.startswith("synthetic:"):
         name = spec.split(":", 1)[1]
         if name not in SYNTHETIC:
@@ -177,13 +241,15 @@ def resolve_model(spec: str, cache: Path | None = None) -> ModelRef:
             raise InputError(f"unknown synthetic model {spec!r}{did_you_mean(name, SYNTHETIC)}; available: " +
                              ", ".join(f"synthetic:{n}" for n in SYNTHETIC))
         path = _materialise_synthetic(name, SYNTHETIC[name], cache)
-        return ModelRef(spec, "synthetic", str(path), _dir_fingerprint(path), False, False)
+        # Synthetic vocabularies hold the built-in tokenizer's 8192 ids: prompts are real text.
+        return ModelRef(spec, "synthetic", str(path), _dir_fingerprint(path), False, False, str(BUILTIN_DIR))
     local = Path(spec).expanduser()
     if local.is_dir():
         if not (local / "config.json").exists():
             raise InputError(f"model directory {spec!r} has no config.json")
-        return ModelRef(spec, "pretrained", str(local.resolve()), _dir_fingerprint(local),
-                        (local / "tokenizer.json").exists() or (local / "tokenizer_config.json").exists(), True)
+        own = has_tokenizer_files(local)
+        return ModelRef(spec, "pretrained", str(local.resolve()), _dir_fingerprint(local), own, True,
+                        str(local.resolve()) if own else None)
     return _resolve_hub(spec)
 
 
@@ -196,8 +262,8 @@ def _resolve_hub(spec: str) -> ModelRef:
     except Exception as exc:  # network errors, missing repos, offline cache misses
         raise InputError(f"model {spec!r} is neither a built-in, a synthetic, a local directory nor a reachable "
                          f"hub id ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
-    return ModelRef(spec, "pretrained", str(path), _dir_fingerprint(path),
-                    (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists(), True)
+    own = has_tokenizer_files(path)
+    return ModelRef(spec, "pretrained", str(path), _dir_fingerprint(path), own, True, str(path) if own else None)
 
 
 def resolve_device(device: str) -> str:
@@ -228,12 +294,23 @@ def load_torch_model(path: str, device: str, dtype: str = "float32", trust_remot
     return model.eval()
 
 
+def no_tokenizer_reason(ref: ModelRef) -> str:
+    return (f"model {ref.spec!r} has no tokenizer: text-based steps need one (give a tokenizer directory with "
+            "--tokenizer DIR)")
+
+
 def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
-    """The model's own tokenizer; the built-in one for models that have none (synthetic)."""
+    """The tokenizer ``ref`` names (its own, ``--tokenizer``, or the built-in one for synthetic models).
+
+    Raises:
+        NotApplicable: the model has none; what needs text is skipped with that reason.
+
+    """
     from transformers import AutoTokenizer
 
-    path = ref.path if ref.has_tokenizer else str(BUILTIN_DIR)
-    return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if ref.tokenizer is None:
+        raise NotApplicable(no_tokenizer_reason(ref))
+    return AutoTokenizer.from_pretrained(ref.tokenizer, trust_remote_code=trust_remote_code)
 
 
 def eval_text_path(text: str | None = None) -> Path:
@@ -247,8 +324,13 @@ def eval_text_path(text: str | None = None) -> Path:
 def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trust_remote_code: bool = False):
     """Token ids of the evaluation text for this model (a 1-D int64 tensor).
 
-    Models without a tokenizer (synthetic) use the built-in tokenizer's ids, which are
-    valid for any vocabulary at least as large as its 8192 entries.
+    Synthetic models use the built-in tokenizer's ids, which are valid for any vocabulary
+    at least as large as its 8192 entries.
+
+    Raises:
+        NotApplicable: the model has no tokenizer.
+        InputError: the tokenizer's ids do not fit the model's vocabulary.
+
     """
     import torch
 
@@ -256,6 +338,6 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
     ids = tok(eval_text_path(text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if int(ids.max()) >= vocab_size:
-        raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the evaluation tokens; "
-                         "give it a tokenizer")
+        raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the ids of tokenizer "
+                         f"{ref.tokenizer}; give its own tokenizer with --tokenizer DIR")
     return ids

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from optimize.errors import RecipeError
+from optimize.errors import NotApplicable, RecipeError
 from optimize.recipe import Step
 from optimize.registry import register
 
@@ -12,12 +12,11 @@ SCOPES = ("layer", "global")
 
 
 def prunable_linears(model, include_lm_head: bool = False):
-    """``(name, module)`` for the decoder's ``nn.Linear`` layers (the LM head only if asked)."""
-    import torch
+    """``(name, module)`` of the linear-like layers (``nn.Linear``, ``Conv1D``); the LM head only if asked."""
+    from optimize.introspect import linear_layers
 
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and (include_lm_head or not name.endswith("lm_head")):
-            yield name, module
+    for layer in linear_layers(model, include_lm_head):
+        yield layer.name, layer.module
 
 
 def sparsity_report(model, include_lm_head: bool = False) -> dict:
@@ -60,5 +59,7 @@ class MagnitudePrune(Step):
         with torch.no_grad():
             for module, name in layers:
                 prune.remove(module, name)  # bake the mask into the weight: permanent, plain tensors
-        return {"sparsity_target": self.sparsity, "scope": self.scope, **sparsity_report(state.model,
-                                                                                          self.include_lm_head)}
+        report = sparsity_report(state.model, self.include_lm_head)
+        if not report["pruned_weights"]:
+            raise NotApplicable(f"prune-magnitude found no linear-like layer to prune in {type(state.model).__name__}")
+        return {"sparsity_target": self.sparsity, "scope": self.scope, "modules_touched": len(layers), **report}

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from optimize.errors import NotApplicable, RecipeError
-from optimize.prune.magnitude import prunable_linears, sparsity_report
+from optimize.prune.magnitude import sparsity_report
 from optimize.recipe import Step
 from optimize.registry import register
 
@@ -58,15 +58,21 @@ class SemiStructured24(Step):
     def apply(self, state) -> dict:
         import torch
 
-        layers = list(prunable_linears(state.model))
-        odd = next(((name, m.in_features) for name, m in layers if m.in_features % GROUP), None)
+        from optimize.introspect import linear_layers
+
+        layers = linear_layers(state.model)  # Conv1D weights are (in, out): work on their (out, in) view
+        if not layers:
+            raise NotApplicable(f"prune-2of4 found no linear-like layer in {type(state.model).__name__}")
+        odd = next(((layer.name, layer.in_features) for layer in layers if layer.in_features % GROUP), None)
         if odd:
             raise NotApplicable(f"prune-2of4 needs input widths divisible by {GROUP}; {odd[0]} has {odd[1]}")
         with torch.no_grad():
-            for _, module in layers:
-                module.weight.mul_(mask_2of4(module.weight))
-        return {"pattern": f"{KEEP}:{GROUP}", "layers": len(layers),
-                "pattern_holds": all(holds_2of4(m.weight) for _, m in layers), **sparsity_report(state.model)}
+            for layer in layers:
+                weight = layer.weight_out_in()
+                weight.mul_(mask_2of4(weight))
+        return {"pattern": f"{KEEP}:{GROUP}", "layers": len(layers), "modules_touched": len(layers),
+                "pattern_holds": all(holds_2of4(layer.weight_out_in()) for layer in layers),
+                **sparsity_report(state.model)}
 
 
 def _sparse_class():
@@ -103,8 +109,10 @@ class SparseKernels24(Step):
     summary = "semi-structured (2:4) sparse matmul kernels; masked dense where there are none"
 
     def apply(self, state) -> dict:
-        linears = list(prunable_linears(state.model))
-        layers = [(name, m) for name, m in linears if holds_2of4(m.weight)]
+        from optimize.introspect import linear_layers
+
+        linears = linear_layers(state.model)
+        layers = [(layer.name, layer.module) for layer in linears if holds_2of4(layer.weight_out_in())]
         if not layers:
             raise RecipeError("sparse-2of4-kernels: no decoder linear holds the 2:4 pattern; "
                               "put prune-2of4 before it in the recipe")
@@ -131,7 +139,9 @@ def _convert(state, layers) -> dict:
         weight = module.weight
         limits = cls._DTYPE_SHAPE_CONSTRAINTS.get(weight.dtype)
         rows, cols = weight.shape
-        if limits is None:
+        if type(module).__name__ == "Conv1D":  # x @ W with W (in, out): the sparse kernels take F.linear weights
+            skipped[name] = "Conv1D layer: the sparse kernels need an nn.Linear (out, in) weight"
+        elif limits is None:
             skipped[name] = f"dtype {weight.dtype} unsupported by {kernel}"
         elif rows % limits.sparse_min_rows or cols % limits.sparse_min_cols:
             skipped[name] = (f"shape {rows}x{cols} not a multiple of "

@@ -51,10 +51,11 @@ class BnbInt8(Step):
         import bitsandbytes as bnb
 
         model = _load_quantized(state, self.technique, load_in_8bit=True, llm_int8_threshold=self.threshold)
+        change = _change(self.technique, state, model, bnb.nn.Linear8bitLt)
         logging.getLogger("bitsandbytes.autograd._functions").addFilter(_drop_fp16_cast_notice)
         state.labels.append("LLM.int8: activations cast to fp16 before int8 quantization")
-        return {"threshold": self.threshold, "quantized_linears": _count(model, bnb.nn.Linear8bitLt),
-                "lm_head": "not quantized"}
+        return {"threshold": self.threshold, "quantized_linears": change["modules_touched"],
+                "lm_head": "not quantized", **change}
 
 
 @register
@@ -87,10 +88,11 @@ class BnbNF4(Step):
         model = _load_quantized(state, self.technique, load_in_4bit=True,
                                 bnb_4bit_compute_dtype=getattr(torch, self.compute_dtype),
                                 bnb_4bit_use_double_quant=self.double_quant, bnb_4bit_quant_type=self.quant_type)
+        change = _change(self.technique, state, model, bnb.nn.Linear4bit)
         if state.device == "cpu" and _cpu_repacks_4bit():
             _require_cpu_4bit_shapes(model)
         return {"quant_type": self.quant_type, "compute_dtype": self.compute_dtype, "double_quant": self.double_quant,
-                "quantized_linears": _count(model, bnb.nn.Linear4bit), "lm_head": "not quantized"}
+                "quantized_linears": change["modules_touched"], "lm_head": "not quantized", **change}
 
 
 def _require_libraries(technique: str) -> None:
@@ -114,8 +116,20 @@ def _load_quantized(state, technique: str, **bnb_config):
     return state.load(quantization_config=BitsAndBytesConfig(**bnb_config), device_map=device_map)
 
 
-def _count(model, layer_class) -> int:
-    return sum(1 for m in model.modules() if isinstance(m, layer_class))
+def _change(technique: str, state, model, layer_class) -> dict:
+    """What loading through bitsandbytes changed: its layers against every linear-like layer, bytes vs the checkpoint.
+
+    Raises ``NotApplicable`` when no layer was replaced or the weights did not shrink.
+    """
+    from optimize import introspect
+
+    touched = sum(1 for m in model.modules() if isinstance(m, layer_class))
+    # bitsandbytes layers subclass nn.Linear: linear_layers counts them as well as the ones left alone.
+    eligible = len(introspect.linear_layers(model))
+    change = introspect.change_report(touched, eligible, introspect.checkpoint_bytes(state.source_dir),
+                                      introspect.weights_bytes(model))
+    introspect.require_effect(technique, change, shrinks=True)
+    return change
 
 
 def _cpu_repacks_4bit() -> bool:

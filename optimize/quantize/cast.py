@@ -31,8 +31,20 @@ class Cast(Step):
             raise NotApplicable("fp16 needs CUDA: CPU matmuls have no fast fp16 kernels here (use bf16)")
         import torch
 
+        from optimize import introspect
+
         if state.loaded:
+            before = introspect.weights_bytes(state.model)
             state.model.to(getattr(torch, self.dtype))
         else:
+            # Loading straight in the target dtype never holds the source copy: its size is the checkpoint's.
+            before = introspect.checkpoint_bytes(state.source_dir)
             state.load(dtype=self.dtype)
-        return {"dtype": self.dtype}
+        after = introspect.weights_bytes(state.model)
+        floats = [p for p in state.model.parameters() if p.is_floating_point()]
+        cast = sum(1 for p in floats if p.dtype == getattr(torch, self.dtype))
+        report = introspect.change_report(cast, len(floats), before, after,
+                                          parameters_touched=sum(p.numel() for p in floats
+                                                                 if p.dtype == getattr(torch, self.dtype)))
+        introspect.require_effect(f"cast to {self.dtype}", report, shrinks=True)
+        return {"dtype": self.dtype, **report}

@@ -52,20 +52,19 @@ class TorchAO(Step):
         if self.scheme == "int4-weight-only":
             _require_int4_device(state.device)
             _load_bf16(state)
-        import torch
         from torchao.quantization import quantize_
         from torchao.utils import TorchAOBaseTensor
 
+        from optimize import introspect
+
         model = state.model
-        head = model.get_output_embeddings()
-
-        def is_target(module, fqn: str = "") -> bool:
-            return isinstance(module, torch.nn.Linear) and module is not head
-
-        targets = {name: m for name, m in model.named_modules() if is_target(m)}
+        before = introspect.weights_bytes(model)
+        # quantize_ matches nn.Linear only: GPT-2-style Conv1D layers become equivalent Linears first.
+        conv1d = introspect.linearize_conv1d(model)
+        targets = {layer.name: layer.module for layer in introspect.linear_layers(model)}  # all but the LM head
         if not targets:
-            raise NotApplicable("torchao: this model has no linear layer besides lm_head")
-        quantize_(model, self._config(), filter_fn=is_target)
+            raise NotApplicable(f"torchao: {type(model).__name__} has no linear layer besides the LM head")
+        quantize_(model, self._config(), filter_fn=lambda module, fqn="": fqn in targets and module is targets[fqn])
         # torchao leaves a layer as it was when its shape does not fit the scheme (int4:
         # in_features not a multiple of group_size), so count what really changed.
         left = sorted(name for name, m in targets.items() if not isinstance(m.weight, TorchAOBaseTensor))
@@ -77,8 +76,13 @@ class TorchAO(Step):
             if len(left) == len(targets):
                 raise NotApplicable(note)
             state.labels.append(note)
+        change = introspect.change_report(len(targets) - len(left), len(targets), before,
+                                          introspect.weights_bytes(model))
+        introspect.require_effect(f"torchao {self.scheme}", change, shrinks=True)
+        if conv1d:
+            state.labels.append(f"torchao: {conv1d} Conv1D layers converted to equivalent Linear first")
         report = {"scheme": self.scheme, "quantized_linears": len(targets) - len(left),
-                  "unquantized_linears": len(left), "lm_head": "not quantized"}
+                  "unquantized_linears": len(left), "conv1d_converted": conv1d, "lm_head": "not quantized", **change}
         if self.scheme == "int4-weight-only":
             report.update(group_size=self.group_size, layout="tile_packed_to_4d (tinygemm)")
         return report
