@@ -40,7 +40,7 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     try:
-        ref = resolve_model(job["model"], _cache(job))
+        ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
         recipe = recipe_from_dict(job["variant"])
         store = VariantStore(_cache(job))
         artifact = store.get_or_build(ref, recipe, job["device"], job["trust_remote_code"])
@@ -76,7 +76,8 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
 
     state, artifact = load_variant(ref, recipe, device, store, job["trust_remote_code"])
     prompts, _ = prompt_ids(ref, state.model.config.vocab_size, VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS,
-                            eval_text=job.get("eval_text"), trust_remote_code=job["trust_remote_code"])
+                            eval_text=job.get("eval_text"), trust_remote_code=job["trust_remote_code"],
+                            source=job.get("prompt_source", "auto"))
     tokens = greedy_generate(state, prompts, VALIDATION_NEW_TOKENS).cpu()
     result = {"generates": True, "lossless": recipe.lossless}
     if recipe.lossless:
@@ -97,12 +98,14 @@ def reference(job: dict[str, Any]) -> dict[str, Any]:
 
     t0 = time.perf_counter()
     try:
-        ref = resolve_model(job["model"], _cache(job))
+        ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
         path = ensure_reference(ref, DriftConfig(**job["drift"]), _cache(job) or default_cache_dir(), job["device"],
                                 job.get("eval_text"), job["trust_remote_code"])
         info = json.loads((path / "reference.json").read_text())
         return {"status": "ok", "path": str(path), "reference_s": time.perf_counter() - t0,
                 "reference_perplexity": info.get("reference_perplexity")}
+    except NotApplicable as exc:  # e.g. no tokenizer: the cells record why drift was skipped
+        return {"status": "skipped", "error": str(exc), "reference_s": time.perf_counter() - t0}
     except Exception as exc:
         return {"status": "failed", "error": error_tail(exc), "reference_s": time.perf_counter() - t0}
 
@@ -142,7 +145,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     m = cell["measure"]
     device = cell["device"]
     _seed(m["seed"])
-    ref = resolve_model(cell["model"], _cache(cell))
+    ref = resolve_model(cell["model"], _cache(cell), cell.get("tokenizer"))
     record["model_info"] = ref.to_dict()
     recipe = recipe_from_dict(cell["variant"])
     if device == "cuda":
@@ -156,11 +159,12 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     scenario.validate()
     vocab = state.model.config.vocab_size
     prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
-                                        cell.get("eval_text"), cell["trust_remote_code"])
+                                        cell.get("eval_text"), cell["trust_remote_code"],
+                                        cell.get("prompt_source", "auto"))
     repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s")})
     weights_bytes = memory.weights_bytes(state)
     kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    kv_per_token = memory.kv_bytes_per_token(state.model.config, kv_elem)
+    kv_per_token = _kv_geometry(state).bytes_per_token(kv_elem)
     metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
     metrics["weights_bytes"] = weights_bytes
     metrics["kv_cache_bytes_per_token"] = kv_per_token
@@ -174,9 +178,14 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
         metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
         metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
     if cell.get("ceilings") and "decode_tokens_per_s" in metrics:
-        metrics.update(_roofline(state, cell, metrics))
-        method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
-                              "KV bytes/token; prefill FLOPs = 2 x matmul params x tokens + causal attention")
+        try:  # optional: a failure here is a note in the record, never the loss of the timings above
+            metrics.update(_roofline(state, cell, metrics))
+            method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean "
+                                  "context x KV bytes/token (KV shape read off a real cache); prefill FLOPs counted "
+                                  "by torch.utils.flop_counter on the architecture")
+        except Exception as exc:
+            method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            state.labels.append(method["roofline_error"])
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
     method.update(prompt_source=prompt_source, memory="cuda max_memory_allocated after reset; NVML per process"
                   if device == "cuda" else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
@@ -200,6 +209,12 @@ def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
     if not cell.get("drift"):
         return 0.0
     from bench.metrics.drift_cell import cell_drift
+    from optimize.models import no_tokenizer_reason
+
+    if state.ref.tokenizer is None:  # drift scores text: without a tokenizer it is skipped, timings stay
+        record["drift_skipped"] = no_tokenizer_reason(state.ref)
+        method["drift"] = {"skipped": record["drift_skipped"]}
+        return 0.0
 
     t0 = time.perf_counter()
     try:
@@ -228,9 +243,21 @@ def _run_scenario(state, scenario, prompts, repeat, weights_bytes: int, kv_per_t
     return run_generate(state, scenario, prompts, repeat)
 
 
+def _kv_geometry(state):
+    """KV-cache shape: off the graph's past inputs (ONNX) or a real one-token cache (torch)."""
+    from optimize import introspect
+
+    if state.backend == "onnxruntime":
+        from optimize.export.onnx import onnx_kv_geometry
+
+        return onnx_kv_geometry(state.onnx_dir)
+    return introspect.kv_geometry(state.model)
+
+
 def _roofline(state, cell, metrics) -> dict:
     from bench.metrics.memory import untied_embedding_bytes
-    from bench.metrics.roofline import cell_roofline, model_shape
+    from bench.metrics.roofline import cell_roofline
+    from optimize.introspect import prefill_flops
 
     embed = untied_embedding_bytes(state)
     read = {**metrics, "weights_bytes": metrics["weights_bytes"] - embed}
@@ -238,7 +265,9 @@ def _roofline(state, cell, metrics) -> dict:
     if state.backend == "torch":
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
-    out = cell_roofline(read, cell["scenario"], model_shape(state.model.config), cell["ceilings"], dtype)
+    scenario = cell["scenario"]
+    shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"])}
+    out = cell_roofline(read, scenario, shape, cell["ceilings"], dtype)
     out["embedding_bytes_not_read"] = embed
     return out
 

@@ -14,7 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import tomllib
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 from bench.metrics.drift import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
@@ -25,7 +28,7 @@ from optimize.recipe import Recipe, recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
-            "exclude", "trust_remote_code", "eval_text"}
+            "exclude", "trust_remote_code", "eval_text", "tokenizer", "prompt_source"}
 SCENARIO_KINDS = SCENARIOS
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -59,6 +62,8 @@ class Matrix:
     exclude: tuple[dict[str, Any], ...] = ()
     trust_remote_code: bool = False
     eval_text: str | None = None
+    tokenizer: str | None = None  # tokenizer directory for models saved without one
+    prompt_source: str = "auto"  # auto | eval-text | random (bench.prompts)
     source: str = ""
 
     def to_dict(self) -> dict[str, Any]:
@@ -70,7 +75,8 @@ class Matrix:
                 self.drift_budget).items() if v is not None}},
             "description": self.description, "recipe": [r.to_dict() for r in self.recipes.values()],
             "exclude": [dict(e) for e in self.exclude], "trust_remote_code": self.trust_remote_code,
-            "eval_text": self.eval_text, "source": self.source,
+            "eval_text": self.eval_text, "tokenizer": self.tokenizer, "prompt_source": self.prompt_source,
+            "source": self.source,
         }
 
     def recipe(self, name: str) -> Recipe:
@@ -203,8 +209,18 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         exclude=tuple(exclude),
         trust_remote_code=bool(data.get("trust_remote_code", False)),
         eval_text=data.get("eval_text"),
+        tokenizer=data.get("tokenizer"),
+        prompt_source=_prompt_source(data.get("prompt_source", "auto"), where),
         source=where,
     )
+
+
+def _prompt_source(value, where: str) -> str:
+    from bench.prompts import PROMPT_SOURCES
+
+    if value not in PROMPT_SOURCES:
+        raise InputError(f"{where}: prompt_source must be one of {', '.join(PROMPT_SOURCES)}, got {value!r}")
+    return value
 
 
 def load_matrix(path: str | Path | None = None) -> Matrix:
@@ -221,7 +237,7 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
 
 def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_size=None, prompt_tokens=None,
            new_tokens=None, repeat: dict | None = None, timeout_s=None, trust_remote_code=None,
-           drift: bool | None = None) -> Matrix:
+           drift: bool | None = None, tokenizer: str | None = None, prompt_source: str | None = None) -> Matrix:
     """Override parts of a matrix from CLI flags (comma lists replace the file's lists)."""
     changes: dict[str, Any] = {}
     if models:
@@ -243,6 +259,12 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
         changes["trust_remote_code"] = True
     if drift is not None:
         changes["drift"] = dataclasses.replace(matrix.drift, enabled=drift)
+    if tokenizer:
+        from optimize.models import check_tokenizer_dir
+
+        changes["tokenizer"] = check_tokenizer_dir(tokenizer)
+    if prompt_source:
+        changes["prompt_source"] = prompt_source
     narrowed = dataclasses.replace(matrix, **changes)
     return parse_matrix(_as_toml_dict(narrowed), matrix.source)  # re-validate the result
 
@@ -250,8 +272,9 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
 def _as_toml_dict(m: Matrix) -> dict[str, Any]:
     d = m.to_dict()
     d.pop("source")
-    if d["eval_text"] is None:
-        d.pop("eval_text")
+    for key in ("eval_text", "tokenizer"):
+        if d[key] is None:
+            d.pop(key)
     d["scenarios"] = [dict(s) for s in d["scenarios"]]
     return d
 
@@ -290,7 +313,8 @@ def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
                     "scenario": scenario, "measure": matrix.measure.to_dict(),
                     "drift": dataclasses.asdict(matrix.drift) if matrix.drift.enabled else None,
                     "drift_budget": dataclasses.asdict(matrix.drift_budget),
-                    "trust_remote_code": matrix.trust_remote_code, "eval_text": matrix.eval_text}
+                    "trust_remote_code": matrix.trust_remote_code, "eval_text": matrix.eval_text,
+                    "tokenizer": matrix.tokenizer, "prompt_source": matrix.prompt_source}
             if not _excluded(cell, matrix.exclude):
                 cells.append(cell)
     return cells

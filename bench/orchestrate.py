@@ -105,8 +105,9 @@ def resume_run(run_dir: Path) -> tuple[Matrix, dict[str, Any]]:
     run = read_run(run_dir)
     m = dict(run["matrix"])
     source = m.pop("source", str(run_dir))
-    if m.get("eval_text") is None:
-        m.pop("eval_text", None)
+    for key in ("eval_text", "tokenizer"):
+        if m.get(key) is None:
+            m.pop(key, None)
     matrix = parse_matrix(m, source)
     return matrix, run
 
@@ -131,14 +132,16 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
         bid = build_id(c)
         if bid and bid not in builds:
             builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
-                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir}
+                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir,
+                           "tokenizer": c.get("tokenizer"), "prompt_source": c.get("prompt_source", "auto")}
     references: dict[str, dict[str, Any]] = {}
     for c in todo:
         if c.get("drift"):
             rid = hashlib.sha256(json.dumps([c["model"], c["device"], c["drift"]]).encode()).hexdigest()[:16]
             references.setdefault(rid, {"reference_id": rid, "model": c["model"], "device": c["device"],
                                         "drift": c["drift"], "eval_text": c.get("eval_text"),
-                                        "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir})
+                                        "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir,
+                           "tokenizer": c.get("tokenizer"), "prompt_source": c.get("prompt_source", "auto")})
     outcomes: dict[str, dict[str, Any]] = _already_stored(builds, references, cache_dir)
     on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo),
                       "builds": len(builds) + len(references) - len(outcomes)})

@@ -9,6 +9,7 @@ cache per token (read off a real cache), bytes of the weights, and what a techni
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,7 +116,7 @@ class KVGeometry:
     layers: int
     kv_heads: int
     head_dim: int
-    source: str  # "cache" (read from a real forward's cache) or "config"
+    source: str  # "cache" (read from a real forward's cache), "onnx graph" or "config"
 
     def bytes_per_token(self, element_bytes: float) -> float:
         """2 (K and V) x layers x KV heads x head dim x element bytes."""
@@ -137,10 +138,13 @@ def kv_geometry(model) -> KVGeometry:
     """
     import torch
 
+    # A forward compiled by a static-cache step would compile again for this shape: call the original.
+    forward = getattr(model.forward, "_torchdynamo_orig_callable", model.forward)
     try:
         device = next(model.parameters()).device
         with torch.no_grad():
-            cache = model(torch.zeros(1, 1, dtype=torch.long, device=device), use_cache=True).past_key_values
+            ids = torch.ones(1, 1, dtype=torch.long, device=device)
+            cache = forward(input_ids=ids, attention_mask=torch.ones_like(ids), use_cache=True).past_key_values
         keys = [layer.keys for layer in cache.layers]
     except Exception:  # a cache class without .layers, or a model that needs more inputs
         return kv_geometry_from_config(model.config)
@@ -238,3 +242,38 @@ def require_effect(technique: str, report: dict[str, int], shrinks: bool) -> Non
     if shrinks and report["bytes_after"] >= report["bytes_before"]:
         raise NotApplicable(f"{technique} did not shrink the weights ({report['bytes_before']} -> "
                             f"{report['bytes_after']} bytes over {report['modules_touched']} modules)")
+
+
+def prefill_flops(config, batch: int, prompt: int) -> int:
+    """FLOPs of one prefill of ``batch`` x ``prompt`` tokens, counted by ``torch.utils.flop_counter``.
+
+    The model is rebuilt from ``config`` under a fake-tensor mode (CPU-typed tensors with
+    no storage), so nothing is computed or allocated, whatever the model's size; the count
+    covers every matmul and attention the architecture really runs
+    (sdpa counted as torch's flop formulas do). Cached per config and shape.
+    """
+    return _prefill_flops(config.to_json_string(use_diff=False), batch, prompt)
+
+
+@functools.lru_cache(maxsize=16)
+def _prefill_flops(config_json: str, batch: int, prompt: int) -> int:
+    import json
+
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    data = json.loads(config_json)
+    # No pad id and no attention mask: the padding checks read tensor values, which fake tensors have not.
+    data["pad_token_id"] = None
+    config = AutoConfig.for_model(data.pop("model_type"), **data)
+    counter = FlopCounterMode(display=False)
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        # Eager attention: its masks are built without reading values; its matmuls count the same
+        # FLOPs torch's formula gives sdpa (full QK^T and PV, causal or not).
+        model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+        ids = torch.zeros(batch, prompt, dtype=torch.long)
+        with torch.no_grad(), counter:
+            model(input_ids=ids, use_cache=False)
+    return int(counter.get_total_flops())

@@ -52,6 +52,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=float, help="per-cell timeout, seconds (the cell's process is killed)")
     p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
+    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for models saved without one")
+    p.add_argument("--prompt-source", choices=("auto", "eval-text", "random"),
+                   help="prompts from the evaluation text, or seeded random ids within the vocabulary "
+                        "(default auto: random only where the model has no tokenizer)")
     p.add_argument("--cache-dir",
                    help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
@@ -82,7 +86,8 @@ def main(args: argparse.Namespace) -> int:
                         devices=[args.device] if args.device else None, batch_size=args.batch_size,
                         prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
                         timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
-                        drift=False if args.no_drift else None)
+                        drift=False if args.no_drift else None, tokenizer=args.tokenizer,
+                        prompt_source=args.prompt_source)
         with tempfile.TemporaryDirectory(prefix="infermatrix-probe-") as tmp:
             torch_env = probe_torch(Path(tmp))
         resolve = device_resolver(torch_env)

@@ -125,7 +125,9 @@ def cell_roofline(metrics: dict[str, Any], scenario: dict[str, Any], shape: dict
     step_bytes = metrics["weights_bytes"] + b * (p + n / 2) * kv_per_token
     achieved = step_bytes * metrics["decode_tokens_per_s"] / b / 1e9
     peak_bw = ceilings["memory"]["bandwidth_gbps"]
-    flops = prefill_flops(shape, b, p) * metrics["prefill_tokens_per_s"] / (b * p)
+    # A counted figure ("prefill_flops", for this batch x prompt) wins over the Llama formula.
+    total = shape["prefill_flops"] if "prefill_flops" in shape else prefill_flops(shape, b, p)
+    flops = total * metrics["prefill_tokens_per_s"] / (b * p)
     peak_flops = ceilings["matmul"].get(compute_dtype, ceilings["matmul"]["float32"])["tflops"] * 1e12
     return {
         "decode_bytes_per_step": step_bytes,

@@ -66,6 +66,48 @@ def graph_io(onnx_path: Path) -> tuple[list[str], list[str]]:
     return [i.name for i in graph.input], [o.name for o in graph.output]
 
 
+def require_exportable(model_dir: Path) -> str:
+    """The model type, or ``NotApplicable`` when optimum has no ONNX config for it with past key/values."""
+    import json
+
+    import optimum.exporters.onnx.model_configs  # noqa: F401 - registers the ONNX configs with TasksManager
+    from optimum.exporters.tasks import TasksManager
+
+    model_type = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type", "?")
+    try:
+        tasks = TasksManager.get_supported_tasks_for_model_type(model_type, exporter="onnx",
+                                                                library_name="transformers")
+    except KeyError:
+        tasks = {}
+    if TASK not in tasks:
+        raise NotApplicable(f"optimum-onnx {_version('optimum-onnx')} has no ONNX export with past key/values "
+                            f"({TASK}) for model type {model_type!r}")
+    return model_type
+
+
+def _version(package: str) -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "?"
+
+
+def onnx_kv_geometry(onnx_dir: Path):
+    """The KV-cache shape from the graph's ``past_key_values.{i}.key`` inputs (B, kv_heads, past, head_dim)."""
+    import onnx
+
+    from optimize.introspect import KVGeometry
+
+    graph = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False).graph
+    keys = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
+    if not keys:
+        raise NotApplicable(f"the ONNX graph in {onnx_dir} has no {PAST_PREFIX}*.key inputs")
+    dims = [d.dim_value for d in keys[0].type.tensor_type.shape.dim]
+    return KVGeometry(len(keys), dims[1], dims[3], "onnx graph")
+
+
 def _opset(onnx_path: Path) -> int:
     import onnx
 
@@ -103,6 +145,7 @@ class OnnxExport(Step):
             raise NotApplicable("fp16 ONNX export needs CUDA: the exporter traces the model in fp16 on the GPU, "
                                 "and ORT's CPU provider has no fast fp16 kernels")
         execution_provider(state.device)  # fail before exporting a graph this machine cannot run
+        model_type = require_exportable(state.source_dir)
         import onnx
         from optimum.exporters.onnx import main_export
 
@@ -126,6 +169,7 @@ class OnnxExport(Step):
         return {
             "exporter": "optimum.exporters.onnx.main_export",
             "task": TASK,
+            "model_type": model_type,
             "dtype": self.dtype,
             "opset": _opset(out / ONNX_FILE),
             "inputs": [n for n in inputs if not n.startswith(PAST_PREFIX)],

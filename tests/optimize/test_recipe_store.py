@@ -5,7 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import tomllib
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
+    import tomli as tomllib
 
 from optimize.errors import RecipeError
 from optimize.prune.magnitude import MagnitudePrune

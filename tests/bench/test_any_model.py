@@ -1,0 +1,116 @@
+"""A user's own model through the command line: GPT-2 saved without a tokenizer, small vocabulary.
+
+The path a new user takes (issue: every GPT-2 cell failed in the optional roofline step,
+prune-50 pruned nothing and was ``ok``, int8 grew the weights, a model without a tokenizer
+could not get prompts). Cells run in their own processes, as ``infermatrix run`` runs them.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory):
+    """A random GPT-2 (Conv1D layers, tied head) with vocabulary 1000 and no tokenizer files."""
+    import dataclasses
+
+    from transformers import AutoModelForCausalLM
+
+    from optimize.models import SYNTHETIC, synthetic_config
+
+    arch = dataclasses.replace(SYNTHETIC["gpt2-tiny"], vocab_size=1000)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(synthetic_config(arch))
+    path = tmp_path_factory.mktemp("my-gpt2")
+    model.save_pretrained(str(path), safe_serialization=True)
+    return path
+
+
+def _run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", "run", *args], capture_output=True, text=True,
+                          timeout=900)
+
+
+def _records(out) -> dict[str, dict]:
+    lines = (out / "results.jsonl").read_text().splitlines()
+    return {r["variant"]: r for r in map(json.loads, lines)}
+
+
+@pytest.mark.slow
+def test_gpt2_without_tokenizer_runs_every_cell_with_random_prompts(gpt2_dir, tmp_path, cache_dir):
+    from bench.results import validate_record
+
+    out = tmp_path / "run"
+    proc = _run("--model", str(gpt2_dir), "--variants", "fp32,prune-50,torch-int8-dynamic", "--device", "cpu",
+                "--batch-size", "1", "--prompt-tokens", "16", "--new-tokens", "4", "--min-reps", "2",
+                "--max-reps", "2", "--warmup", "0", "--budget-s", "0", "--out", str(out), "--quiet")
+    records = _records(out)
+    assert set(records) == {"fp32", "prune-50", "torch-int8-dynamic"}, proc.stderr[-2000:]
+    for name, record in records.items():
+        assert record["status"] == "ok", (name, record["error"])
+        validate_record(record)
+        assert record["method"]["prompt_source"] == "random"
+        assert "no tokenizer" in record["drift_skipped"] and "--tokenizer DIR" in record["drift_skipped"]
+        metrics = record["metrics"]
+        assert metrics["prefill_tflops"] > 0 and metrics["decode_bandwidth_gbps"] > 0  # roofline on GPT-2
+        # 2 layers x 4 heads x 16 head dims x K and V x 4 bytes, read off the real cache
+        assert metrics["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+    manifests = [json.loads(p.read_text()) for p in (cache_dir / "variants").glob("*/manifest.json")]
+    [manifest] = [m for m in manifests if m["recipe"]["name"] == "prune-50"
+                  and m["model"]["path"] == str(gpt2_dir.resolve())]
+    magnitude = next(r for r in manifest["reports"] if r["technique"] == "prune-magnitude")
+    assert magnitude["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert magnitude["modules_touched"] == 8  # the Conv1D layers: c_attn, c_proj, c_fc, mlp.c_proj per block
+    int8 = next(r for r in records["torch-int8-dynamic"]["build"]["reports"] if r["technique"] == "torch-int8-dynamic")
+    assert int8["modules_touched"] == 8 and int8["conv1d_converted"] == 8
+    assert int8["bytes_after"] < int8["bytes_before"]
+    assert int8["lm_head"].startswith("not quantized (tied")
+    assert records["torch-int8-dynamic"]["metrics"]["weights_bytes"] < records["fp32"]["metrics"]["weights_bytes"]
+
+
+def test_eval_text_prompts_without_a_tokenizer_is_one_line_exit_2(gpt2_dir, tmp_path):
+    proc = _run("--model", str(gpt2_dir), "--variants", "fp32", "--device", "cpu", "--prompt-source", "eval-text",
+                "--no-drift", "--out", str(tmp_path / "r"), "--quiet")
+    records = _records(tmp_path / "r")
+    assert records["fp32"]["status"] == "failed"
+    assert "prompt_source 'eval-text'" in records["fp32"]["error"] and "no tokenizer" in records["fp32"]["error"]
+    assert proc.returncode == 1
+
+
+def test_tokenizer_flag_must_name_a_tokenizer_directory(tmp_path):
+    proc = _run("--tokenizer", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "r"))
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("infermatrix run: error: --tokenizer")
+
+
+def test_prompt_source_random_is_seeded_and_within_the_vocabulary(tiny_ref):
+    from bench.prompts import prompt_ids
+
+    a, source = prompt_ids(tiny_ref, 50, 3, 20, seed=4, source="random")
+    b, _ = prompt_ids(tiny_ref, 50, 3, 20, seed=4, source="random")
+    assert source == "random" and a.shape == (3, 20) and torch.equal(a, b)
+    assert int(a.min()) >= 0 and int(a.max()) < 50
+
+
+def test_tokenizer_dir_gives_a_tokenizerless_model_text_prompts(gpt2_dir):
+    from bench.prompts import prompt_ids
+    from optimize.models import BUILTIN_DIR, resolve_model
+
+    bare = resolve_model(str(gpt2_dir))
+    assert bare.tokenizer is None
+    assert prompt_ids(bare, 1000, 1, 8)[1] == "random"
+    with_tok = resolve_model(str(gpt2_dir), tokenizer=str(BUILTIN_DIR))
+    # The built-in tokenizer's ids go up to 8192: too many for this vocabulary, said in one line.
+    from optimize.errors import InputError
+
+    with pytest.raises(InputError, match="vocabulary 1000, too small"):
+        prompt_ids(with_tok, 1000, 1, 8, source="eval-text")
+    ids, source = prompt_ids(with_tok, 8192, 1, 8)
+    assert source == "eval-text" and ids.shape == (1, 8)
