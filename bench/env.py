@@ -26,9 +26,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def git_info() -> dict[str, Any]:
-    """Commit and dirty flag of the source tree this package runs from, when it is a checkout."""
-    root = Path(__file__).resolve().parent.parent
+def cpu_flags() -> list[str]:
+    """The CPU's feature flags (avx2, avx512_bf16, amx_tile, ...) as /proc/cpuinfo lists them; [] elsewhere."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):  # x86 / ARM
+                return sorted(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return []
+
+
+def git_info(path: Path | None = None) -> dict[str, Any]:
+    """Commit and dirty flag of the git checkout holding ``path`` (default: this package's source tree)."""
+    root = Path(path).resolve() if path else Path(__file__).resolve().parent.parent
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
                                 timeout=10, check=True).stdout.strip()
@@ -64,7 +75,21 @@ def gpu_info() -> list[dict[str, Any]]:
         pynvml.nvmlShutdown()
 
 
-def environment(with_torch: bool = True) -> dict[str, Any]:
+def user_repository(where: Path | None = None) -> dict[str, Any]:
+    """Provenance of what is benchmarked: the git checkout of the matrix file, or of the working directory."""
+    where = Path(where).resolve() if where else Path.cwd()
+    folder = where if where.is_dir() else where.parent
+    return {"path": str(folder), **git_info(folder)}
+
+
+def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[str, Any]:
+    """The machine, libraries and both revisions: the harness's own and the user's repository's.
+
+    Args:
+        with_torch: ask torch about devices here (imports torch).
+        user_path: the matrix file or directory whose repository the run belongs to (default: cwd).
+
+    """
     import psutil
 
     env = {
@@ -72,13 +97,16 @@ def environment(with_torch: bool = True) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": sys.version.split()[0],
         "cpu_model": cpu_model(),
+        "cpu_flags": cpu_flags(),
         "cpu_logical_cores": os.cpu_count(),
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_bytes": psutil.virtual_memory().total,
         "gpus": gpu_info(),
         "libraries": library_versions(LIBRARIES),
-        "git": git_info(),
+        "git": git_info(),  # the harness's own checkout (None for an installed package)
+        "harness_version": library_versions(("infermatrix",)).get("infermatrix"),
+        "user_repository": user_repository(user_path),
         "env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
                                                 "HF_HUB_OFFLINE") if k in os.environ},
     }

@@ -95,7 +95,8 @@ def main(args: argparse.Namespace) -> int:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
         run_dir = new_run_dir(args.out, matrix)
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
-                  environment={**environment(with_torch=False), "torch": torch_env})
+                  environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
+                               "torch": torch_env})
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address)
