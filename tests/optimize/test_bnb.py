@@ -54,8 +54,11 @@ def test_int8_loads_linear8bitlt_layers_with_int8_weights(states):
 
     state = states["int8"]
     model = state.model
-    assert state.reports == [{"technique": "bnb-int8", "threshold": 6.0, "quantized_linears": TINY_LINEARS,
-                              "lm_head": "not quantized"}]
+    [report] = state.reports
+    expected = {"technique": "bnb-int8", "threshold": 6.0, "quantized_linears": TINY_LINEARS,
+                "lm_head": "not quantized", "modules_touched": TINY_LINEARS, "modules_eligible": TINY_LINEARS}
+    assert {k: report[k] for k in expected} == expected
+    assert report["bytes_after"] < report["bytes_before"]
     up = model.model.layers[0].mlp.up_proj
     assert isinstance(up, bnb.nn.Linear8bitLt) and up.weight.dtype == torch.int8 and up.weight.shape == (256, 128)
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32

@@ -42,8 +42,12 @@ def test_int8_schemes_replace_every_linear_but_lm_head_with_int8_tensors(int8_st
 
     state = int8_states[scheme]
     model = state.model
-    assert state.reports == [{"technique": "torchao", "scheme": scheme, "quantized_linears": TINY_LINEARS,
-                               "unquantized_linears": 0, "lm_head": "not quantized"}]
+    [report] = state.reports
+    expected = {"technique": "torchao", "scheme": scheme, "quantized_linears": TINY_LINEARS,
+                "unquantized_linears": 0, "lm_head": "not quantized", "modules_touched": TINY_LINEARS,
+                "modules_eligible": TINY_LINEARS}
+    assert {k: report[k] for k in expected} == expected
+    assert report["bytes_after"] < report["bytes_before"]
     up = model.model.layers[0].mlp.up_proj.weight
     assert isinstance(up, Int8Tensor) and up.qdata.dtype == torch.int8 and up.qdata.shape == (256, 128)
     assert type(model.lm_head.weight) is torch.nn.Parameter and model.lm_head.weight.dtype == torch.float32
