@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install -q -e '.[gpu,ray,test]'; \
 	else \
 		echo "no GPU: CPU torch 2.13.0 and onnxruntime"; \
-		$(PY) -m pip install -q torch==2.13.0 --extra-index-url https://download.pytorch.org/whl/cpu && $(PY) -m pip install -q -e '.[cpu,ray,test]'; \
+		$(PY) -m pip install -q torch==2.13.0 && $(PY) -m pip install -q -e '.[cpu,ray,test]'; \
 	fi
 	touch $(STAMP)
 
