@@ -1,10 +1,16 @@
 """Run cells and variant builds in isolated processes, and a matrix through a launcher.
 
-Each job is forked from a server that has only imported torch and transformers. The
-parent never polls: it blocks on the child's exit while the child runs (a timer thread
-kills the child's process group at the timeout), so the measured process has every core
-to itself. Children die with their parent (PR_SET_PDEATHSIG), so a killed run leaves no
-orphan competing with the next one.
+Each job is forked from a server that has only imported torch and transformers (and never
+initialised CUDA: see ``bench.preload``). The parent never polls: it blocks on the child's
+exit while the child runs (a timer thread kills the child's process group at the timeout),
+so the measured process has every core to itself. Children die with their parent
+(PR_SET_PDEATHSIG), so a killed run leaves no orphan competing with the next one; where
+that cannot be set, the record says so.
+
+If a CUDA job finds that the server had initialised CUDA after all (a library touched the
+device while being imported), it runs no code and asks to be started again: that job and
+every later CUDA job are spawned (a fresh interpreter, slower to start), and their records
+say so in ``method.process_start``.
 """
 
 from __future__ import annotations
@@ -22,40 +28,99 @@ from typing import Any
 from bench.results import failed_record
 
 LOG_TAIL_LINES = 15
+PRELOAD = ["bench.preload"]  # modules the fork server imports once
+PRELOAD_LOG = "preload.log"  # what the server's imports print, in the cache directory
+FORKSERVER = "forkserver"
+SPAWN_AFTER_CUDA = "spawn (the fork server had initialised CUDA)"
+
+_CONTEXTS: dict[str, Any] = {}
+_SERVER_HAS_CUDA: list[bool] = []  # set once a CUDA child reported a poisoned fork server
 
 
-_CONTEXT = None
+def preload_log_path() -> Path:
+    """Where the fork server's import output goes (the variant cache's directory)."""
+    from optimize.models import default_cache_dir
+
+    return default_cache_dir() / PRELOAD_LOG
 
 
-def _context():
-    """A fork server that has imported torch and transformers once (see ``bench.preload``)."""
-    global _CONTEXT
-    if _CONTEXT is None:
+def _context(method: str = FORKSERVER):
+    """A fork server that has imported torch and transformers once, or the spawn context."""
+    if method not in _CONTEXTS:
         import multiprocessing
 
-        _CONTEXT = multiprocessing.get_context("forkserver")
-        _CONTEXT.set_forkserver_preload(["bench.preload"])
-    return _CONTEXT
+        ctx = multiprocessing.get_context("forkserver" if method == FORKSERVER else "spawn")
+        if method == FORKSERVER:
+            # The server is started on first use and inherits this environment: its imports print to the log.
+            os.environ.setdefault("INFERMATRIX_PRELOAD_LOG", str(preload_log_path()))
+            ctx.set_forkserver_preload(list(PRELOAD))
+        _CONTEXTS[method] = ctx
+    return _CONTEXTS[method]
+
+
+def _die_with_parent() -> str | None:
+    """Ask the kernel to kill this process when its parent dies; a note when that cannot be done."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+    except OSError as exc:
+        return f"process does not die with its parent: no libc.so.6 for PR_SET_PDEATHSIG ({exc})"
+    if libc.prctl(1, signal.SIGKILL) != 0:  # PR_SET_PDEATHSIG = 1
+        err = ctypes.get_errno()
+        return f"process does not die with its parent: PR_SET_PDEATHSIG failed ({os.strerror(err)})"
+    return None
+
+
+def _restore_environment() -> None:
+    """Undo what the fork server set for its own imports, so the job sees the user's environment."""
+    preload = sys.modules.get("bench.preload")
+    if preload is not None:
+        if preload.USER_NVML_CHECK is None:
+            os.environ.pop(preload.NVML_CHECK, None)
+        else:
+            os.environ[preload.NVML_CHECK] = preload.USER_NVML_CHECK
+    os.environ.pop("INFERMATRIX_PRELOAD_LOG", None)
+
+
+def _cuda_unusable_here() -> bool:
+    """True in a process forked after CUDA was initialised (torch then refuses CUDA here)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and bool(torch.cuda._is_in_bad_fork())
 
 
 def _child(argv: list[str], log_path: str) -> None:
     """Entry point of a job's process: own process group, dies with its parent, output to the log."""
     os.setsid()
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-    except OSError:
-        pass
+    note = _die_with_parent()
+    _restore_environment()
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    spec_path, out_path = Path(argv[-2]), Path(argv[-1])
+    if json.loads(spec_path.read_text()).get("device") == "cuda" and _cuda_unusable_here():
+        out_path.write_text(json.dumps({"respawn": "the fork server had initialised CUDA"}))
+        return
     from bench.cell import main
 
     code = main(argv)
+    if note:
+        _add_note(out_path, note)
     sys.stdout.flush()
     sys.stderr.flush()
     if code:
         sys.exit(code)
+
+
+def _add_note(out_path: Path, note: str) -> None:
+    """Put a process-level note into the job's result (a cell record's ``labels``)."""
+    from bench.results import write_json_atomic
+
+    try:
+        result = json.loads(out_path.read_text())
+    except (OSError, ValueError):
+        return
+    result.setdefault("labels", []).append(note)
+    write_json_atomic(out_path, result)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -70,24 +135,40 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     """Run one job of ``bench.cell`` in a fresh process and return its output.
 
     The process is forked from a server that has imported torch and transformers and done
-    nothing else, so each job starts clean and fast.
+    nothing else, so each job starts clean and fast; a CUDA job is spawned instead once the
+    server turned out to have initialised CUDA (see the module docstring).
 
     ``kind`` is "cell", "build" (a variant's stored artifact) or "reference" (drift's fp32
     pass). On a crash, signal or timeout the result is
-    ``{"status": "failed", "error": ...}`` with the cause and the log's last lines.
+    ``{"status": "failed", "error": ...}`` with the cause and the log's last lines. The
+    result's ``method.process_start`` says how the process was started.
     """
     work_dir.mkdir(parents=True, exist_ok=True)
     keys = {"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device",
             "probe": "probe_id"}
     name = spec[keys[kind]]
-    spec_path, out_path, log_path = (work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
-    spec_path.write_text(json.dumps(spec))
+    paths = tuple(work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
+    paths[0].write_text(json.dumps(spec))
+    cuda = spec.get("device") == "cuda"
+    method = SPAWN_AFTER_CUDA if cuda and _SERVER_HAS_CUDA else FORKSERVER
+    result = _run_process(kind, name, paths, timeout_s, method)
+    if result.get("respawn"):
+        _SERVER_HAS_CUDA[:] = [True]
+        method = SPAWN_AFTER_CUDA
+        result = _run_process(kind, name, paths, timeout_s, method)
+    result.setdefault("method", {})["process_start"] = method
+    return result
+
+
+def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float,
+                 method: str) -> dict[str, Any]:
+    spec_path, out_path, log_path = paths
     out_path.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
     timed_out = threading.Event()
     t0 = time.perf_counter()
-    proc = _context().Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path)),
-                              name=f"infermatrix-{kind}-{name}")
+    proc = _context(method).Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path)),
+                                    name=f"infermatrix-{kind}-{name}")
     proc.start()
 
     def kill() -> None:
@@ -127,6 +208,7 @@ def cell_result_to_record(cell: dict[str, Any], result: dict[str, Any]) -> dict[
     else:
         record = failed_record(cell, result["error"])
         record["timing_s"].update(result.get("timing_s", {}))
+        record["method"].update(result.get("method", {}))
     timing = record["timing_s"]
     if "process_wall" in timing and "measure" in timing:
         # Harness overhead: everything the cell process did besides the measured repetitions.
