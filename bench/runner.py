@@ -87,7 +87,7 @@ def _cuda_unusable_here() -> bool:
     return torch is not None and bool(torch.cuda._is_in_bad_fork())
 
 
-def _child(argv: list[str], log_path: str) -> None:
+def _child(argv: list[str], log_path: str, uses_cuda: bool = False) -> None:
     """Entry point of a job's process: own process group, dies with its parent, output to the log."""
     os.setsid()
     note = _die_with_parent()
@@ -96,8 +96,8 @@ def _child(argv: list[str], log_path: str) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
-    spec_path, out_path = Path(argv[-2]), Path(argv[-1])
-    if json.loads(spec_path.read_text()).get("device") == "cuda" and _cuda_unusable_here():
+    out_path = Path(argv[-1])
+    if uses_cuda and _cuda_unusable_here():
         out_path.write_text(json.dumps({"respawn": "the fork server had initialised CUDA"}))
         return
     from bench.cell import main
@@ -149,25 +149,25 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     name = spec[keys[kind]]
     paths = tuple(work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
     paths[0].write_text(json.dumps(spec))
-    cuda = spec.get("device") == "cuda"
-    method = SPAWN_AFTER_CUDA if cuda and _SERVER_HAS_CUDA else FORKSERVER
-    result = _run_process(kind, name, paths, timeout_s, method)
+    uses_cuda = spec.get("device") == "cuda" or kind == "probe"  # the probe asks torch about the device
+    method = SPAWN_AFTER_CUDA if uses_cuda and _SERVER_HAS_CUDA else FORKSERVER
+    result = _run_process(kind, name, paths, timeout_s, method, uses_cuda)
     if result.get("respawn"):
         _SERVER_HAS_CUDA[:] = [True]
         method = SPAWN_AFTER_CUDA
-        result = _run_process(kind, name, paths, timeout_s, method)
+        result = _run_process(kind, name, paths, timeout_s, method, uses_cuda)
     result.setdefault("method", {})["process_start"] = method
     return result
 
 
-def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float,
-                 method: str) -> dict[str, Any]:
+def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float, method: str,
+                 uses_cuda: bool) -> dict[str, Any]:
     spec_path, out_path, log_path = paths
     out_path.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
     timed_out = threading.Event()
     t0 = time.perf_counter()
-    proc = _context(method).Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path)),
+    proc = _context(method).Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path), uses_cuda),
                                     name=f"infermatrix-{kind}-{name}")
     proc.start()
 

@@ -1,8 +1,8 @@
 """Make a CPU build of torch look like a CUDA host, and record whatever would initialise CUDA.
 
-Importing this module (before anything else imports torch's CUDA users) installs the
-emulation in the current process; ``tests/bench/test_cuda_emulated.py`` imports it in fresh
-interpreters and in fork-server preloads. What it emulates, as torch 2.x on a GPU host:
+Importing ``tests.bench.emulate_cuda`` (before anything else imports torch's CUDA users)
+installs the emulation in the current process; ``tests/bench/test_cuda_emulated.py`` does so
+in fresh interpreters and in fork-server preloads. What it emulates, as torch 2.x on a GPU host:
 
 - ``torch.version.cuda`` is set and ``torch.cuda.is_available()`` is true; availability is
   answered by torch's own code, so it goes through ``torch._C._cuda_getDeviceCount`` (the
@@ -15,6 +15,9 @@ interpreters and in fork-server preloads. What it emulates, as torch 2.x on a GP
 - ``torch._C._cuda_*`` symbols a CPU build lacks (``_cuda_getCurrentRawStream``, imported by
   ``torch._dynamo``, ...) are stood in for by functions that record the call (any of them
   would talk to the driver).
+
+With ``INFERMATRIX_TEST_CUDA_POISON=1`` that import also initialises CUDA when imported, as
+a library that queries the device at import time does (torchao 0.18).
 
 Each recorded call is appended as one JSON line (pid, name, stack) to the file named by
 ``INFERMATRIX_TEST_CUDA_LOG`` when that is set (so forked and spawned children report
@@ -113,5 +116,3 @@ def install() -> None:
     # get_device_capability / get_device_name stay torch's own: they call get_device_properties.
     cuda._infermatrix_emulated = True
 
-
-install()
