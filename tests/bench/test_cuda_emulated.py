@@ -47,15 +47,15 @@ import bench.preload, bench.runner, bench.cell, bench.scenarios.generate, optimi
 import optimize.kvcache, bench.metrics.timing, bench.metrics.memory
 calls = list(emu.CALLS)
 capability = torch.cuda.get_device_capability()  # proves the recorder is live in this process
-print(json.dumps({"available": available, "version": version, "visible": bench.preload.CUDA_DEVICE_VISIBLE,
+print(json.dumps({"available": available, "version": version, "visible": getattr(bench.preload, "CUDA_DEVICE_VISIBLE", None),
                   "calls": calls, "capability": capability, "after": [c["name"] for c in emu.CALLS[len(calls):]]}))
 """
     result = json.loads(_python(code))
     assert result["available"] and result["version"], "the emulation did not make torch report a CUDA device"
-    assert result["visible"], "the preload did not see the emulated device (NVML count)"
+    assert result["calls"] == [], "CUDA touched while preloading:\n" + "\n".join(map(_where, result["calls"]))
     assert result["capability"] == [9, 0]
     assert "torch.cuda._lazy_init" in result["after"], "the recorder missed a capability query"
-    assert result["calls"] == [], "CUDA touched while preloading:\n" + "\n".join(map(_where, result["calls"]))
+    assert result["visible"], "the preload did not see the emulated device (NVML count)"
 
 
 def test_emulation_records_device_queries_through_transformers_and_torchao():
@@ -72,12 +72,16 @@ print(json.dumps([c["name"] for c in emu.CALLS]))
     assert "torch.cuda._lazy_init" in calls, calls
 
 
-def _runner_script(preload: list[str], body: str) -> str:
+def _runner_script(body: str) -> str:
+    """A script that runs ``body`` with the emulation imported first by the real runner's fork server."""
     return f"""
 import json, sys
+import multiprocessing.context
 from pathlib import Path
 from bench import runner
-runner.PRELOAD[:] = {preload!r}
+_set = multiprocessing.context.ForkServerContext.set_forkserver_preload
+multiprocessing.context.ForkServerContext.set_forkserver_preload = (
+    lambda self, names: _set(self, ["tests.bench.emulate_cuda", *names]))
 {body}
 """
 
@@ -101,15 +105,15 @@ result = runner.run_job("cell", cell, Path({str(tmp_path / "logs")!r}), 300)
 record = runner.cell_result_to_record(cell, result)
 print(json.dumps(record))
 """
-    record = json.loads(_python(_runner_script(["tests.bench.emulate_cuda", "bench.preload"], body),
+    record = json.loads(_python(_runner_script(body),
                                 env={LOG_ENV: str(log)}))
     calls = read_log(log)
-    assert calls, "the cell never reached CUDA: the emulation was not inherited from the server"
-    assert record["method"]["process_start"] == runner.FORKSERVER
-    assert record["device"] == "cuda"
     early = [c for c in calls if "in _measure" not in c["stack"]]
     assert not early, "CUDA touched before the cell chose its device:\n" + "\n".join(map(_where, early))
+    assert calls, "the cell never reached CUDA: the emulation was not inherited from the server"
     assert len({c["pid"] for c in calls}) == 1  # one process: the cell's, never the server
+    assert record["method"]["process_start"] == runner.FORKSERVER
+    assert record["device"] == "cuda"
 
 
 def test_cuda_jobs_are_spawned_when_the_fork_server_initialised_cuda(tmp_path):
@@ -126,7 +130,7 @@ out.append(runner.run_job("build", {{"build_id": "b", "model": "/nonexistent/mod
                                      "device": "cpu", "trust_remote_code": False, "cache_dir": None}}, work, 300))
 print(json.dumps(out))
 """
-    results = json.loads(_python(_runner_script(["tests.bench.emulate_cuda", "bench.preload"], body),
+    results = json.loads(_python(_runner_script(body),
                                  env={LOG_ENV: str(log), "INFERMATRIX_TEST_CUDA_POISON": "1"}))
     assert [r["status"] for r in results] == ["ok", "ok", "failed"], results
     assert "/nonexistent/model" in results[2]["error"]
