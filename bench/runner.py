@@ -167,7 +167,8 @@ def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s
     flags = [] if kind == "cell" else [f"--{kind}"]
     timed_out = threading.Event()
     t0 = time.perf_counter()
-    proc = _context(method).Process(target=_child, args=([*flags, str(spec_path), str(out_path)], str(log_path), uses_cuda),
+    argv = [*flags, str(spec_path), str(out_path)]
+    proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda),
                                     name=f"infermatrix-{kind}-{name}")
     proc.start()
 

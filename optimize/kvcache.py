@@ -17,10 +17,13 @@ class KVCache(Step):
     """How generation caches keys and values.
 
     ``none`` recomputes the whole prefix at every step (what caching buys); ``static``
-    preallocates the cache so shapes never change, which lets ``torch.compile`` specialise
-    the decode step (the first calls compile: that time is reported as warm-up, apart from
-    steady-state latency); ``quantized`` stores keys and values in ``nbits`` through
-    transformers' quantized cache (optimum-quanto backend).
+    preallocates the cache so shapes never change; with ``compile`` only the one-token
+    decode step is compiled (gpt-fast's split: the prefill stays eager), with
+    ``fullgraph=True`` so a graph break is an error rather than a silent slow path, and with
+    ``compile_mode="reduce-overhead"`` that step is replayed as a CUDA graph on a GPU. The
+    generate scenario times the compiling call apart (``timing_s.compile_and_capture``).
+    ``quantized`` stores keys and values in ``nbits`` through transformers' quantized cache
+    (optimum-quanto backend).
     """
 
     technique = "kv-cache"
@@ -29,7 +32,7 @@ class KVCache(Step):
     summary = "choose the KV cache: none, dynamic, static (+compile) or quantized"
     mode: str = "dynamic"
     compile: bool = False
-    compile_mode: str = "default"  # torch.compile mode; "reduce-overhead" uses CUDA graphs on GPU
+    compile_mode: str = "default"  # torch.compile mode of the decode step; "reduce-overhead" uses CUDA graphs on GPU
     nbits: int = 4
     residual_length: int = 128  # most recent tokens kept in full precision by the quantized cache
 
@@ -50,10 +53,12 @@ class KVCache(Step):
         elif self.mode == "static":
             state.generate_kwargs["cache_implementation"] = "static"
             if self.compile:
-                import torch
-
-                state.model.forward = torch.compile(state.model.forward, mode=self.compile_mode, fullgraph=False)
-                state.labels.append(f"torch.compile({self.compile_mode}); compile time is in warm-up")
+                state.generate_kwargs["compile_config"] = decode_step_compile_config(self.compile_mode)
+                state.labels.append(f"decode step compiled (torch.compile mode={self.compile_mode}, fullgraph); "
+                                    "prefill eager; compile and capture timed apart")
+            else:
+                # transformers would compile a static cache's decode step on CUDA by itself: eager means eager.
+                state.generate_kwargs["disable_compile"] = True
         elif self.mode == "quantized":
             try:
                 import optimum.quanto  # noqa: F401
@@ -64,3 +69,17 @@ class KVCache(Step):
                                                      "residual_length": self.residual_length}
             state.labels.append(f"KV cache int{self.nbits} (quanto), last {self.residual_length} tokens full precision")
         return {"mode": self.mode}
+
+
+def decode_step_compile_config(mode: str):
+    """Transformers' compile settings for the one-token decode step (``generate`` compiles it, not the prefill).
+
+    Compiling the whole forward instead (prefill shapes included, with CUDA graphs) is what
+    crashed with SIGSEGV on an H200; transformers' own split calls the compiled step only
+    for decode, where every call has the same shapes against the static cache.
+    """
+    from transformers import CompileConfig
+
+    config = CompileConfig(fullgraph=True, dynamic=False, mode=mode)
+    config._compile_all_devices = True  # transformers compiles only on CUDA unless told otherwise (CPU tests)
+    return config

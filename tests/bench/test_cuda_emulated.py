@@ -47,7 +47,8 @@ import bench.preload, bench.runner, bench.cell, bench.scenarios.generate, optimi
 import optimize.kvcache, bench.metrics.timing, bench.metrics.memory
 calls = list(emu.CALLS)
 capability = torch.cuda.get_device_capability()  # proves the recorder is live in this process
-print(json.dumps({"available": available, "version": version, "visible": getattr(bench.preload, "CUDA_DEVICE_VISIBLE", None),
+visible = getattr(bench.preload, "CUDA_DEVICE_VISIBLE", None)
+print(json.dumps({"available": available, "version": version, "visible": visible,
                   "calls": calls, "capability": capability, "after": [c["name"] for c in emu.CALLS[len(calls):]]}))
 """
     result = json.loads(_python(code))

@@ -1,0 +1,84 @@
+"""Static KV cache with a compiled one-token decode step (gpt-fast's split), on the CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench.metrics.timing import RepeatConfig
+from bench.scenarios.generate import GenerateScenario, greedy_generate, run_generate
+from optimize.kvcache import KVCache, decode_step_compile_config
+from optimize.recipe import Recipe
+from optimize.registry import builtin_variant
+from optimize.store import VariantStore, load_variant
+
+NEW = 8
+
+
+@pytest.fixture(scope="module")
+def prompts(tiny_ref):
+    from bench.prompts import prompt_ids
+
+    ids, _ = prompt_ids(tiny_ref, 8192, 2, 16)
+    return ids
+
+
+@pytest.fixture(scope="module")
+def eager_tokens(tiny_ref, cache_dir, prompts):
+    state, _ = load_variant(tiny_ref, builtin_variant("fp32"), "cpu", VariantStore(cache_dir))
+    return greedy_generate(state, prompts, NEW)
+
+
+def test_only_the_one_token_decode_step_is_compiled_as_one_graph(tiny_ref, cache_dir, prompts, eager_tokens):
+    """A recording backend sees what transformers hands torch.compile: one graph, one-token inputs, no break."""
+    from torch._dynamo.utils import counters
+
+    seen: list[tuple[int, ...]] = []
+
+    def recording_backend(gm, example_inputs):
+        seen.extend(tuple(t.shape) for t in example_inputs if isinstance(t, torch.Tensor) and t.dtype == torch.long
+                    and t.dim() == 2)
+        return gm.forward
+
+    torch._dynamo.reset()
+    counters.clear()
+    state, _ = load_variant(tiny_ref, Recipe(name="static-compiled", steps=(KVCache(mode="static", compile=True),)),
+                            "cpu", VariantStore(cache_dir))
+    config = state.generate_kwargs["compile_config"]
+    assert config.fullgraph and config.dynamic is False
+    config.backend = recording_backend
+    tokens = greedy_generate(state, prompts, NEW)
+    assert torch.equal(tokens, eager_tokens)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert seen and all(shape == (2, 1) for shape in seen), seen  # decode tokens only: the prefill (2, 16) ran eager
+    greedy_generate(state, prompts, NEW)
+    assert counters["stats"]["unique_graphs"] == 1  # same shapes against the static cache: no recompilation
+
+
+@pytest.mark.slow
+def test_inductor_compiled_decode_step_reproduces_eager_tokens_and_times_compile_apart(tiny_ref, cache_dir, prompts,
+                                                                                        eager_tokens):
+    torch._dynamo.reset()
+    state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
+    assert any("decode step compiled" in label for label in state.labels)
+    scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=NEW)
+    metrics, samples, method = run_generate(state, scenario, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2,
+                                                                                   budget_s=0))
+    compiled = method["compiled_decode_step"]
+    assert compiled["compile_call_wall_s"] > metrics["e2e_ms"]["p50"] / 1e3  # the compiling call is not measured
+    assert compiled["compile_and_capture_s"] == pytest.approx(
+        compiled["compile_call_wall_s"] - metrics["e2e_ms"]["p50"] / 1e3)
+    assert samples["warmup_wall_s"] == [] and len(samples["e2e_ms"]) == 2
+    assert torch.equal(greedy_generate(state, prompts, NEW), eager_tokens)
+
+
+def test_static_cache_without_compile_stays_eager(tiny_ref, cache_dir):
+    state, _ = load_variant(tiny_ref, Recipe(name="static", steps=(KVCache(mode="static"),)), "cpu",
+                            VariantStore(cache_dir))
+    assert state.generate_kwargs == {"cache_implementation": "static", "disable_compile": True}
+
+
+def test_decode_step_config_uses_cuda_graphs_in_reduce_overhead_mode():
+    config = decode_step_compile_config("reduce-overhead")
+    assert config.mode == "reduce-overhead" and config.fullgraph and config._compile_all_devices
