@@ -1,13 +1,39 @@
 """Progress for long runs: a rich bar with ETA, or plain lines with ``--quiet``.
 
 The bar redraws only when a job finishes (no refresh thread), so the parent stays idle
-while a cell is being measured.
+while a cell is being measured. Lines are printed without rich markup: they carry error
+text, paths and package names (``pip install 'infermatrix[gpu]'``), whose brackets rich
+would otherwise take for style tags and drop.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 from typing import Any
+
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Fault)\b")
+PARENT_MESSAGES = ("timed out after", "cell process died", "cell process exited")
+
+
+def error_cause(error: str | None) -> str:
+    """The line of an error that says what went wrong.
+
+    A traceback (or the last lines of one: cells keep a tail) ends with the exception's own
+    line; the parent's messages ("cell process died with signal ...", followed by the log's
+    tail) say it in their first line. A "build: " prefix is kept.
+    """
+    lines = [line.strip() for line in (error or "").splitlines() if line.strip()]
+    if not lines:
+        return ""
+    prefix = "build: " if lines[0].startswith("build: ") else ""
+    head = lines[0].removeprefix(prefix)
+    if head.startswith(PARENT_MESSAGES):
+        return lines[0]
+    traceback = any(line.startswith(('File "', "Traceback (most recent call last)")) for line in lines)
+    if traceback or "Traceback" in head or EXCEPTION_LINE.match(lines[-1]):
+        return prefix + lines[-1]
+    return lines[0]
 
 
 class Progress:
@@ -33,7 +59,7 @@ class Progress:
 
     def _say(self, text: str) -> None:
         if self._bar:
-            self._bar.console.print(text)
+            self._bar.console.print(text, markup=False, highlight=False)
         else:
             print(text, file=sys.stderr, flush=True)
 
@@ -47,21 +73,21 @@ class Progress:
             self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
         elif kind == "roofline":
             if "error" in info:
-                self._say(f"roofline {info['device']}: failed ({info['error'][-200:]})")
+                self._say(f"roofline {info['device']}: failed ({error_cause(info['error'])[:200]})")
             else:
                 self._say(f"roofline {info['device']}: copy {info['bandwidth_gbps']:.1f} GB/s, "
                           f"fp32 matmul {info['tflops'] * 1e3:.0f} GFLOP/s")
         elif kind == "reference":
             ok = info["status"] == "ok"
-            detail = f"{info.get('reference_s') or 0:.1f} s" if ok else (info.get("error") or "")[-200:]
+            detail = f"{info.get('reference_s') or 0:.1f} s" if ok else error_cause(info.get("error"))[:200]
             self._say(f"drift reference pass {info['model']}: {info['status']} ({detail})")
         elif kind == "cell":
             s = info["scenario"]
             tps = info.get("metrics", {}).get("decode_tokens_per_s")
             extra = f" decode {tps:.1f} tok/s" if tps else ""
-            first = (info.get("error") or "").splitlines()[:1]
+            cause = error_cause(info.get("error"))
             self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
-                      f"{info['device']}: {info['status']}{extra}" + (f" ({first[0][:120]})" if first else ""))
+                      f"{info['device']}: {info['status']}{extra}" + (f" ({cause[:160]})" if cause else ""))
         counted = info.get("counted", True)
         if self._bar and self._task is not None and counted and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)

@@ -30,16 +30,19 @@ def _drift_flag(r: dict[str, Any]) -> str:
 
 def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
-    table = Table(title=f"{run_dir} (p50 over repetitions)")
+    from bench.progress import error_cause
+
+    table = Table(title=escape(f"{run_dir} (p50 over repetitions)"))
     for h in HEADER:
         table.add_column(h, justify="right" if h not in ("model", "variant", "status") else "left")
     for row in summary_rows(records):
-        table.add_row(*row)
+        table.add_row(*(escape(str(cell)) for cell in row))  # paths and names may hold [brackets]
     console = Console(width=200)
     console.print(table)
     for r in records:
         if r["status"] != "ok" and r.get("error"):
-            console.print(f"{r['variant']} ({r['status']}): {r['error'].splitlines()[0][:200]}", markup=False)
+            console.print(f"{r['variant']} ({r['status']}): {error_cause(r['error'])[:200]}", markup=False)
     print(f"results: {run_dir / 'results.jsonl'}")

@@ -19,6 +19,7 @@ def main(args: argparse.Namespace) -> int:
                               "applies": v.applies} for n, v in infos.items()}, indent=1))
         return 0
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     table = Table(title="built-in variants")
@@ -26,6 +27,6 @@ def main(args: argparse.Namespace) -> int:
         table.add_column(col)
     for name, info in infos.items():
         steps = " -> ".join(s.technique for s in info.recipe.steps) or "(reference)"
-        table.add_row(name, steps, info.recipe.description, info.applies)
+        table.add_row(*(escape(text) for text in (name, steps, info.recipe.description, info.applies)))
     Console(width=160).print(table)
     return 0

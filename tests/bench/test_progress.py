@@ -1,0 +1,59 @@
+"""Progress lines and the run summary: causes, not traceback headers; brackets survive rich."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from bench.progress import Progress, error_cause
+from bench.summary import print_summary
+
+SKIP = "bnb-nf4 needs bitsandbytes with CUDA kernels (pip install 'infermatrix[gpu]')"
+TRACE = ("Traceback (most recent call last):\n  File \"/x/bench/cell.py\", line 120, in measure\n"
+         "    record.update(_measure(cell, record, baseline_rss, t_start))\n"
+         "RuntimeError: CUDA error: an illegal memory access was encountered")
+
+
+def _cell(status: str, error: str | None, model: str = "synthetic:llama-tiny") -> dict:
+    return {"cell_id": "0" * 16, "model": model, "variant": "bnb-nf4", "device": "cuda", "status": status,
+            "error": error, "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 8, "new_tokens": 4},
+            "metrics": {}}
+
+
+def test_error_cause_is_the_exception_line_of_a_traceback():
+    assert error_cause(TRACE) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+    assert error_cause("build: " + TRACE) == "build: RuntimeError: CUDA error: an illegal memory access was encountered"
+    tail_only = "\n".join(TRACE.splitlines()[2:])  # cells keep a tail: the header may be cut off
+    assert error_cause(tail_only) == "RuntimeError: CUDA error: an illegal memory access was encountered"
+
+
+def test_error_cause_keeps_the_parents_own_message_first():
+    assert error_cause("cell process died with signal SIGSEGV\n" + TRACE) == "cell process died with signal SIGSEGV"
+    assert error_cause(SKIP) == SKIP
+    assert error_cause(None) == ""
+
+
+def test_progress_bar_lines_show_brackets_and_the_cause(capsys):
+    with Progress(quiet=False) as progress:
+        progress.event("plan", {"cells": 2, "done": 0, "todo": 2, "builds": 0})
+        progress.event("cell", _cell("skipped", SKIP))
+        progress.event("cell", _cell("failed", TRACE))
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal width
+    assert "pip install 'infermatrix[gpu]'" in out
+    assert "failed (RuntimeError: CUDA error: an illegal memory access was encountered)" in out
+    assert "Traceback (most recent call last)" not in out
+
+
+def test_quiet_progress_lines_show_the_cause(capsys):
+    with Progress(quiet=True) as progress:
+        progress.event("cell", _cell("failed", TRACE))
+        progress.event("roofline", {"device": "cuda", "error": TRACE})
+    err = capsys.readouterr().err
+    assert "failed (RuntimeError: CUDA error" in err and "roofline cuda: failed (RuntimeError" in err
+
+
+def test_summary_keeps_brackets_of_paths_and_errors(capsys, tmp_path):
+    run_dir = tmp_path / "[gpu]-run"
+    print_summary([_cell("skipped", SKIP, model="/models/[exp]/llama")], Path(run_dir))
+    out = capsys.readouterr().out
+    assert "[gpu]-run" in out and "/models/[exp]/llama" in out
+    assert "pip install 'infermatrix[gpu]'" in out
