@@ -43,7 +43,7 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
-def make_launcher(name: str, run_dir: Path, ray_address: str | None = None):
+def make_launcher(name: str, run_dir: Path, ray_address: str | None = None, logs_dir: Path | None = None):
     """The launcher called ``name``; Ray is imported only when asked for."""
     if name == "ray":
         from bench.launchers.ray import RayLauncher
@@ -53,7 +53,7 @@ def make_launcher(name: str, run_dir: Path, ray_address: str | None = None):
         raise InputError("--ray-address needs --launcher ray")
     from bench.launchers.local import LocalLauncher
 
-    return LocalLauncher(run_dir / "logs")
+    return LocalLauncher(logs_dir or run_dir / "logs")
 
 
 def matrix_hash(matrix: Matrix) -> str:

@@ -61,6 +61,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.md, report.html and results.csv into the run directory at the end")
+    p.add_argument("--logs-dir", type=Path, metavar="DIR",
+                   help="where each job's spec, output and log go (default: the run directory's logs/)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -99,7 +101,7 @@ def main(args: argparse.Namespace) -> int:
                                "torch": torch_env})
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
-    launcher = make_launcher(args.launcher, run_dir, args.ray_address)
+    launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)
     try:
         with Progress(quiet=args.quiet) as progress:
             records = execute(matrix, run_dir, launcher, shard=shard, on_event=progress.event,
