@@ -13,18 +13,20 @@ CUDA device is visible ``transformers.modeling_utils`` (and the model classes th
 is left to the children. Where is_available() is called anyway while importing, torch
 answers from NVML (``PYTORCH_NVML_BASED_CUDA_CHECK``), which creates no CUDA context.
 What the imports print (torchao's "Failed to load ..." lines, torch's warnings) goes to the
-server's log file (``INFERMATRIX_PRELOAD_LOG``, set by the runner), never to the console.
+server's log file (``preload.log`` in the cache directory), never to the console.
 """
 
 import os
 
+PRELOAD_LOG = "preload.log"
+
 
 def _quiet_imports() -> None:
     """Send this process's stdout and stderr to the preload log (children redirect to their own)."""
-    path = os.environ.get("INFERMATRIX_PRELOAD_LOG")
-    if not path:
-        return
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    from optimize.models import default_cache_dir
+
+    path = str(default_cache_dir() / PRELOAD_LOG)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)

@@ -29,19 +29,11 @@ from bench.results import failed_record
 
 LOG_TAIL_LINES = 15
 PRELOAD = ["bench.preload"]  # modules the fork server imports once
-PRELOAD_LOG = "preload.log"  # what the server's imports print, in the cache directory
 FORKSERVER = "forkserver"
 SPAWN_AFTER_CUDA = "spawn (the fork server had initialised CUDA)"
 
 _CONTEXTS: dict[str, Any] = {}
 _SERVER_HAS_CUDA: list[bool] = []  # set once a CUDA child reported a poisoned fork server
-
-
-def preload_log_path() -> Path:
-    """Where the fork server's import output goes (the variant cache's directory)."""
-    from optimize.models import default_cache_dir
-
-    return default_cache_dir() / PRELOAD_LOG
 
 
 def _context(method: str = FORKSERVER):
@@ -51,8 +43,6 @@ def _context(method: str = FORKSERVER):
 
         ctx = multiprocessing.get_context("forkserver" if method == FORKSERVER else "spawn")
         if method == FORKSERVER:
-            # The server is started on first use and inherits this environment: its imports print to the log.
-            os.environ.setdefault("INFERMATRIX_PRELOAD_LOG", str(preload_log_path()))
             ctx.set_forkserver_preload(list(PRELOAD))
         _CONTEXTS[method] = ctx
     return _CONTEXTS[method]
@@ -78,7 +68,6 @@ def _restore_environment() -> None:
             os.environ.pop(preload.NVML_CHECK, None)
         else:
             os.environ[preload.NVML_CHECK] = preload.USER_NVML_CHECK
-    os.environ.pop("INFERMATRIX_PRELOAD_LOG", None)
 
 
 def _cuda_unusable_here() -> bool:

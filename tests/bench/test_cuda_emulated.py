@@ -38,7 +38,8 @@ def _where(call: dict) -> str:
 def test_fork_server_preload_initialises_no_cuda_on_an_emulated_gpu_host():
     """Everything the server preloads and a job imports before choosing its device, on a 'GPU host'."""
     code = """
-import json
+import json, os
+console = os.dup(1)  # the preload sends this process's output to its log
 import tests.bench.emulate_cuda as emu
 import torch
 available, version = torch.cuda.is_available(), torch.version.cuda
@@ -48,8 +49,9 @@ import optimize.kvcache, bench.metrics.timing, bench.metrics.memory
 calls = list(emu.CALLS)
 capability = torch.cuda.get_device_capability()  # proves the recorder is live in this process
 visible = getattr(bench.preload, "CUDA_DEVICE_VISIBLE", None)
-print(json.dumps({"available": available, "version": version, "visible": visible,
-                  "calls": calls, "capability": capability, "after": [c["name"] for c in emu.CALLS[len(calls):]]}))
+result = {"available": available, "version": version, "visible": visible,
+          "calls": calls, "capability": capability, "after": [c["name"] for c in emu.CALLS[len(calls):]]}
+print(json.dumps(result), file=os.fdopen(console, "w"), flush=True)
 """
     result = json.loads(_python(code))
     assert result["available"] and result["version"], "the emulation did not make torch report a CUDA device"
@@ -63,11 +65,12 @@ def test_emulation_records_device_queries_through_transformers_and_torchao():
     """The emulation is what catches the H200 failure: importing modeling_utils with torchao installed queries."""
     pytest.importorskip("torchao", reason="the failure this guards against comes through torchao (pip install torchao)")
     code = """
-import json
+import json, os
+console = os.dup(1)  # the preload sends this process's output to its log
 import tests.bench.emulate_cuda as emu
 import bench.preload
 import transformers.modeling_utils
-print(json.dumps([c["name"] for c in emu.CALLS]))
+print(json.dumps([c["name"] for c in emu.CALLS]), file=os.fdopen(console, "w"), flush=True)
 """
     calls = json.loads(_python(code))
     assert "torch.cuda._lazy_init" in calls, calls
