@@ -28,8 +28,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import struct
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -215,6 +213,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
                        out: Path, key: str) -> None:
     import torch
 
+    from bench.metrics.safetensors_stream import write_safetensors_streamed
     from bench.scenarios.generate import greedy_generate
     from optimize import models
     from optimize.state import VariantState
@@ -246,7 +245,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
 
     shape = (len(windows), cfg.context - 1, vocab)
     small = {"windows": windows, "gen_prompts": prompts, "gen_continuations": continuations}
-    _write_safetensors(out / REFERENCE_TENSORS, small, ("logprobs", shape, logprob_rows()),
+    write_safetensors_streamed(out / REFERENCE_TENSORS, small, ("logprobs", shape, logprob_rows()),
                        {"format": "pt", "key": key})
     scored = shape[0] * shape[1]
     info = {
@@ -284,43 +283,6 @@ def _logprob_batches(model, windows, batch_windows: int, device: str, backend: s
                                    f"(windows {start}..{start + len(ids) - 1})")
             lp = torch.log_softmax(logits, dim=-1)
         yield start, lp  # outside inference_mode: a suspended generator must not leave it switched on
-
-
-_ST_DTYPES = {"torch.int64": "I64", "torch.float32": "F32"}
-
-
-def _write_safetensors(path: Path, tensors: dict, streamed: tuple, metadata: dict[str, str]) -> None:
-    """Write a safetensors file whose last tensor arrives in chunks along its first dimension.
-
-    ``safetensors.torch.save_file`` needs every tensor in memory at once, and the log-probs
-    can be gigabytes, so this writes the format directly: an 8-byte little-endian header
-    length, the JSON header (padded to 8 bytes), then each tensor's raw little-endian bytes.
-    """
-    import torch
-
-    assert sys.byteorder == "little"
-    name, shape, chunks = streamed
-    header: dict[str, Any] = {"__metadata__": metadata}
-    offset = 0
-    for key, t in [*tensors.items(), (name, None)]:
-        nbytes = math.prod(shape) * 4 if t is None else t.numel() * t.element_size()
-        dtype = "F32" if t is None else _ST_DTYPES[str(t.dtype)]
-        header[key] = {"dtype": dtype, "shape": list(shape if t is None else t.shape),
-                       "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)
-    written = 0
-    with path.open("wb") as fh:
-        fh.write(struct.pack("<Q", len(raw)) + raw)
-        for t in tensors.values():
-            fh.write(t.detach().cpu().contiguous().numpy().tobytes())
-        for chunk in chunks:
-            assert chunk.dtype == torch.float32 and tuple(chunk.shape[1:]) == tuple(shape[1:]), chunk.shape
-            data = chunk.detach().cpu().contiguous().numpy().tobytes()
-            fh.write(data)
-            written += len(data)
-    assert written == math.prod(shape) * 4, (written, shape)
 
 
 # --- measuring a variant --------------------------------------------------------------
