@@ -14,13 +14,10 @@ from bench.metrics.drift import (
     DriftBudget,
     DriftConfig,
     ensure_reference,
-    generation_agreement,
-    kl_divergence,
     measure_drift,
     reference_path,
-    summarize_drift,
-    token_drift,
 )
+from bench.metrics.drift_figures import generation_agreement, kl_divergence, summarize_drift, token_drift
 from optimize.errors import InputError
 
 # 16 windows of 64 tokens: each test takes seconds on two CPU cores.
