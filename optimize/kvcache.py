@@ -30,6 +30,7 @@ class KVCache(Step):
     stage = "runtime"
     backend = "torch"
     summary = "choose the KV cache: none, dynamic, static (+compile) or quantized"
+    changes_kv_cache = True
     mode: str = "dynamic"
     compile: bool = False
     compile_mode: str = "default"  # torch.compile mode of the decode step; "reduce-overhead" uses CUDA graphs on GPU

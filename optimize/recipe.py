@@ -37,6 +37,7 @@ class Step:
     stage: ClassVar[str] = "runtime"
     backend: ClassVar[str] = "any"  # "torch", "onnxruntime" or "any": what the step needs to run on
     summary: ClassVar[str] = ""
+    changes_kv_cache: ClassVar[bool] = False  # True: drift is scored through the variant's cache
     version: int = 1
 
     def validate(self) -> None:

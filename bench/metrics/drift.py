@@ -40,7 +40,8 @@ from optimize.errors import InputError
 METHOD_VERSION = 1
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"
-SCORING = ("non-overlapping windows of `context` tokens from the start of the evaluation text, each an "
+SCORINGS = ("auto", "full-window", "through-cache")
+PROTOCOL = ("non-overlapping windows of `context` tokens from the start of the evaluation text, each an "
            "independent sequence (no BOS); every token but the first of each window is scored")
 
 
@@ -63,6 +64,10 @@ class DriftConfig:
     gen_prompt_tokens: int = 32
     gen_new_tokens: int = 32
     enabled: bool = True
+    # "full-window": one forward pass per window, no KV cache read; "through-cache": teacher-forced
+    # decoding through the variant's own cache (bench/metrics/drift_incremental.py); "auto": through
+    # the cache for variants with a step that changes the KV cache and keeps one.
+    scoring: str = "auto"
 
     def validate(self) -> None:
         for key in ("context", "max_tokens", "batch_windows", "gen_prompts", "gen_prompt_tokens", "gen_new_tokens"):
@@ -74,13 +79,15 @@ class DriftConfig:
             raise InputError(f"drift max_tokens must be >= context ({self.context}), got {self.max_tokens}")
         if not isinstance(self.enabled, bool):
             raise InputError(f"drift enabled must be true or false, got {self.enabled!r}")
+        if self.scoring not in SCORINGS:
+            raise InputError(f"drift scoring must be one of {', '.join(map(repr, SCORINGS))}, got {self.scoring!r}")
 
     @property
     def windows(self) -> int:
         return self.max_tokens // self.context
 
     def reference_settings(self) -> dict[str, int]:
-        """The settings that determine the reference's contents (not batching, not ``enabled``)."""
+        """The settings that determine the reference's contents (not batching, ``enabled`` or ``scoring``)."""
         return {k: getattr(self, k) for k in ("context", "max_tokens", "gen_prompts", "gen_prompt_tokens",
                                               "gen_new_tokens")}
 
@@ -256,7 +263,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         "eval_text_tokens": len(stream),
         "settings": cfg.reference_settings(),
         "device": device,
-        "method": {"version": METHOD_VERSION, "scoring": SCORING, "windows": shape[0], "context": cfg.context,
+        "method": {"version": METHOD_VERSION, "scoring": PROTOCOL, "windows": shape[0], "context": cfg.context,
                    "vocab": vocab, "scored_tokens": scored, "gen_prompt_offsets": offsets,
                    "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary"},
         "reference_perplexity": math.exp(nll_sum / scored),
@@ -289,15 +296,19 @@ def _logprob_batches(model, windows, batch_windows: int, device: str, backend: s
 # --- measuring a variant --------------------------------------------------------------
 
 
-def measure_drift(state, reference: Path, cfg: DriftConfig) -> dict[str, Any]:
+def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) -> dict[str, Any]:
     """Drift of the loaded variant ``state`` against the reference at ``reference`` (from ``ensure_reference``).
 
-    Windows go through the variant's own forward ``cfg.batch_windows`` at a time; only
-    that many windows of variant logits and reference log-probs are in memory at once.
+    ``cfg.scoring`` chooses the path (``drift_incremental.resolve_scoring``): full-window
+    passes through the variant's forward ``cfg.batch_windows`` windows at a time, or
+    teacher-forced decoding through the variant's KV cache. Only one batch of variant
+    logits and reference log-probs is in memory at once. ``cache_factory`` (through the
+    cache only) builds the cache for each batch instead of the variant's generate kwargs.
     """
     import torch
     from safetensors import safe_open
 
+    from bench.metrics.drift_incremental import CacheScorer, resolve_scoring
     from bench.scenarios.generate import greedy_generate
 
     t0 = time.perf_counter()
@@ -309,11 +320,15 @@ def measure_drift(state, reference: Path, cfg: DriftConfig) -> dict[str, Any]:
     if info["model"]["fingerprint"] != state.ref.fingerprint:
         raise InputError(f"the reference at {reference} is for model {info['model']['spec']!r}, "
                          f"not {state.ref.spec!r}")
+    scoring, reason = resolve_scoring(cfg.scoring, state)
+    scorer = CacheScorer(state, cache_factory) if scoring == "through-cache" else None
     parts: list[dict] = []
     with safe_open(str(reference / REFERENCE_TENSORS), framework="pt", device="cpu") as f:
         windows = f.get_tensor("windows")  # (W, T)
         ref_lp = f.get_slice("logprobs")  # (W, T-1, V), read lazily per batch
-        for start, var_lp in _logprob_batches(state.model, windows, cfg.batch_windows, state.device, state.backend):
+        batches = scorer.logprob_batches(windows) if scorer else _logprob_batches(
+            state.model, windows, cfg.batch_windows, state.device, state.backend)
+        for start, var_lp in batches:
             stop = start + var_lp.shape[0]
             lp = ref_lp[start:stop].to(var_lp.device)
             if lp.shape != var_lp.shape:
@@ -323,14 +338,22 @@ def measure_drift(state, reference: Path, cfg: DriftConfig) -> dict[str, Any]:
             del lp, var_lp
         prompts, ref_cont = f.get_tensor("gen_prompts"), f.get_tensor("gen_continuations")
     metrics: dict[str, Any] = summarize_drift({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
+    metrics["drift_scoring"] = scoring
     var_cont = greedy_generate(state, prompts, cfg.gen_new_tokens)[:, prompts.shape[1] :].cpu()
     metrics.update(generation_agreement(ref_cont, var_cont))
+    method = dict(info["method"])
+    method["protocol"] = method.pop("scoring")  # reference.json names the window protocol "scoring"
     metrics["drift_method"] = {
-        **info["method"], "reference_key": info["key"], "reference_device": info["device"],
+        **method, "scoring": scoring, "scoring_reason": reason, "reference_key": info["key"],
+        "reference_device": info["device"],
         "reference_trained": info["model"]["trained"],  # False: random weights, figures show mechanics only
-        "batch_windows": cfg.batch_windows, "kld": "KL(reference || variant), nats, full vocabulary",
+        "batch_windows": scorer.batch if scorer else cfg.batch_windows,
+        "kld": "KL(reference || variant), nats, full vocabulary",
         "gen": f"greedy, {cfg.gen_new_tokens} new tokens from {cfg.gen_prompts} prompts of {cfg.gen_prompt_tokens}",
         "percentiles": "numpy linear interpolation",
     }
+    if scorer:
+        metrics["drift_method"]["through_cache"] = through = scorer.method(len(windows))
+        metrics["drift_kv_quantized_scored_tokens"] = through["scored_tokens_reading_quantized"]
     metrics["drift_wall_s"] = round(time.perf_counter() - t0, 3)
     return metrics

@@ -20,6 +20,8 @@ from optimize.recipe import recipe_from_dict
 
 # Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
 DRIFT_METHOD_KEY = "drift_method"
+# Bumped when a variant's figures change meaning: 2 = KV-cache variants scored through their cache.
+SCORING_VERSION = 2
 
 
 def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
@@ -28,6 +30,7 @@ def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, bat
     recipe = recipe_from_dict(cell["variant"])
     payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": artifact_path.name,
                "device": cell["device"], "batch_windows": batch_windows,
+               "scoring": [cell["drift"].get("scoring", "auto"), SCORING_VERSION],
                "versions": library_versions(("torch", "transformers", "onnxruntime", "onnxruntime-gpu",
                                              "bitsandbytes", "torchao", "optimum-quanto"))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
