@@ -43,3 +43,31 @@ def test_drift_lands_in_every_record_once_per_variant_and_budget_is_flagged(tmp_
     assert fp32["drift_ok"] is True and fp32["drift_violations"] == []
     assert pruned["metrics"]["kld_mean"] > 1e-3
     assert pruned["drift_ok"] is False and "max_kld_mean" in pruned["drift_violations"][0]
+
+
+def test_kv_cache_variant_is_scored_through_its_cache_in_the_cell_record(tmp_path, cache_dir):
+    """The user's path: a named cache variant in a matrix gets drift read through its cache, said in the record."""
+    pytest.importorskip("optimum.quanto", reason="kv-int4 needs optimum-quanto")
+    matrix = parse_matrix({**MATRIX, "variants": ["fp32", "kv-int4"],
+                           "scenarios": [{"name": "generate", "batch_size": [1], "prompt_tokens": [16],
+                                          "new_tokens": [4]}],
+                           "drift": {k: v for k, v in MATRIX["drift"].items() if k != "budget"}}, "drift.toml")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+    records = {r["variant"]: r for r in execute(matrix, run_dir, LocalLauncher(run_dir / "logs"),
+                                                cache_dir=str(cache_dir))}
+    for r in records.values():
+        validate_record(r)
+        assert r["status"] == "ok", r["error"]
+    fp32, kv = records["fp32"], records["kv-int4"]
+    assert fp32["metrics"]["drift_scoring"] == fp32["method"]["drift"]["scoring"] == "full-window"
+    assert "drift_kv_quantized_scored_tokens" not in fp32["metrics"]
+    assert kv["metrics"]["drift_scoring"] == kv["method"]["drift"]["scoring"] == "through-cache"
+    through = kv["method"]["drift"]["through_cache"]
+    assert through["cache"]["layer_class"] == "QuantoQuantizedLayer" and through["cache"]["residual_length"] == 128
+    windows, scored = 512 // 64, kv["metrics"]["scored_tokens"]
+    assert scored == windows * 63
+    # the one-token prefill is quantized at once, so every later step reads quantized entries
+    assert kv["metrics"]["drift_kv_quantized_scored_tokens"] == windows * 62
+    assert kv["metrics"]["kld_mean"] > 0 and "gen_exact_match" in kv["metrics"]
