@@ -153,6 +153,10 @@ _METRICS = [
     _m("scored_tokens", "tokens", None, "scored tokens", "d", "info"),
     _m("drift_meaningful", "", None, "drift meaningful", "", "info", shape="boolean",
        description="false when the reference has random weights (figures show mechanics only)"),
+    _m("drift_through_cache", "", None, "drift via cache", "", "info", shape="boolean",
+       description="true when drift was scored through the variant's own KV cache (teacher-forced decoding)"),
+    _m("drift_kv_quantized_scored_tokens", "tokens", None, "tokens read quantized KV", "d", "info",
+       description="scored tokens predicted by a step that read quantized KV-cache entries"),
     _m("drift_wall_s", "s", None, "drift s", ".2f", "info"),
 ]
 

@@ -338,7 +338,7 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
             del lp, var_lp
         prompts, ref_cont = f.get_tensor("gen_prompts"), f.get_tensor("gen_continuations")
     metrics: dict[str, Any] = summarize_drift({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
-    metrics["drift_scoring"] = scoring
+    metrics["drift_through_cache"] = scorer is not None
     var_cont = greedy_generate(state, prompts, cfg.gen_new_tokens)[:, prompts.shape[1] :].cpu()
     metrics.update(generation_agreement(ref_cont, var_cont))
     method = dict(info["method"])

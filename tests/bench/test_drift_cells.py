@@ -61,9 +61,9 @@ def test_kv_cache_variant_is_scored_through_its_cache_in_the_cell_record(tmp_pat
         validate_record(r)
         assert r["status"] == "ok", r["error"]
     fp32, kv = records["fp32"], records["kv-int4"]
-    assert fp32["metrics"]["drift_scoring"] == fp32["method"]["drift"]["scoring"] == "full-window"
+    assert fp32["metrics"]["drift_through_cache"] is False and fp32["method"]["drift"]["scoring"] == "full-window"
     assert "drift_kv_quantized_scored_tokens" not in fp32["metrics"]
-    assert kv["metrics"]["drift_scoring"] == kv["method"]["drift"]["scoring"] == "through-cache"
+    assert kv["metrics"]["drift_through_cache"] is True and kv["method"]["drift"]["scoring"] == "through-cache"
     through = kv["method"]["drift"]["through_cache"]
     assert through["cache"]["layer_class"] == "QuantoQuantizedLayer" and through["cache"]["residual_length"] == 128
     windows, scored = 512 // 64, kv["metrics"]["scored_tokens"]

@@ -83,7 +83,8 @@ def _forgetful_cache_class(keep: int):
 def test_full_window_and_through_cache_agree_on_fp32(load, reference):
     state = load()
     full, through = measure_drift(state, reference, SMALL), measure_drift(state, reference, THROUGH)
-    assert full["drift_scoring"] == "full-window" and through["drift_scoring"] == "through-cache"
+    assert full["drift_method"]["scoring"] == "full-window" and through["drift_method"]["scoring"] == "through-cache"
+    assert full["drift_through_cache"] is False and through["drift_through_cache"] is True
     assert through["scored_tokens"] == full["scored_tokens"] == 8 * 63
     assert through["kld_mean"] < 1e-6 and through["kld_max"] < 1e-5
     assert through["top1_agreement"] >= 0.999
@@ -128,7 +129,7 @@ def test_damaged_cache_shows_through_the_cache_and_not_in_full_windows(builtin, 
 @pytest.mark.slow
 def test_quantized_cache_drift_is_seen_and_counted(quantized_kv):
     m = quantized_kv
-    assert m["drift_scoring"] == "through-cache"
+    assert m["drift_through_cache"] is True
     assert m["drift_method"]["scoring_reason"] == "step 'kv-cache' changes the KV cache"
     assert m["kld_mean"] > 1e-4 and m["top1_agreement"] < 1.0
     method = m["drift_method"]["through_cache"]
@@ -171,7 +172,7 @@ def test_static_cache_scores_near_the_reference(load, reference):
     from optimize.kvcache import KVCache
 
     m = measure_drift(load(KVCache(mode="static")), reference, SMALL)
-    assert m["drift_scoring"] == "through-cache"
+    assert m["drift_through_cache"] is True
     assert m["drift_method"]["through_cache"]["cache"]["class"] == "StaticCache"
     assert m["kld_mean"] < 1e-5 and m["top1_agreement"] >= 0.99
 
