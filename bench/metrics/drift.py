@@ -354,6 +354,7 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
     }
     if scorer:
         metrics["drift_method"]["through_cache"] = through = scorer.method(len(windows))
-        metrics["drift_kv_quantized_scored_tokens"] = through["scored_tokens_reading_quantized"]
+        if through["quantized_positions_observed"]:
+            metrics["drift_kv_quantized_scored_tokens"] = through["scored_tokens_reading_quantized"]
     metrics["drift_wall_s"] = round(time.perf_counter() - t0, 3)
     return metrics

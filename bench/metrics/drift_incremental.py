@@ -137,6 +137,7 @@ class CacheScorer:
         self.probe = _CacheProbe()
         self.batch = 0
         self.steps_per_window = 0
+        self.observed = False
 
     def logprob_batches(self, windows) -> Iterator[tuple[int, Any]]:
         """Yield ``(start, logprobs)``: (b, T-1, V) float32, row t predicts token t+1, like the full-window pass."""
@@ -146,8 +147,10 @@ class CacheScorer:
         vocab = model.config.vocab_size
         self.batch = batch_windows(len(windows), windows.shape[1], vocab)
         self.steps_per_window = windows.shape[1] - PREFILL_TOKENS
-        hook = model.register_forward_pre_hook(self.probe, with_kwargs=True) if isinstance(
-            model, torch.nn.Module) else None
+        # A compiled decode step (compile_config) would trace the hook into its graph and recompile
+        # every step: the quantized positions are then not observed, and the record says so.
+        self.observed = isinstance(model, torch.nn.Module) and "compile_config" not in self.state.generate_kwargs
+        hook = model.register_forward_pre_hook(self.probe, with_kwargs=True) if self.observed else None
         try:
             for start in range(0, len(windows), self.batch):
                 ids = windows[start : start + self.batch]
@@ -184,6 +187,8 @@ class CacheScorer:
                                  **kwargs)
             if not torch.equal(out.sequences, ids):
                 raise RuntimeError("teacher forcing failed: generate did not follow the evaluation window")
+            if self.probe.settings is None and out.past_key_values is not None:
+                self.probe.settings = cache_settings(out.past_key_values)  # the cache generate used
             return torch.stack(out.logits, dim=1).float()
 
     def method(self, windows: int) -> dict[str, Any]:
@@ -202,9 +207,11 @@ class CacheScorer:
             "cache": self.probe.settings or {"class": "unknown (the model is not a torch module)"},
             "generate_kwargs": {k: v for k, v in self.state.generate_kwargs.items()
                                 if isinstance(v, (int, float, str, bool))} | _cache_config(self.state),
-            "scored_tokens_reading_quantized": sum(w for w, n in zip(weights, q, strict=True) if n > 0),
-            "quantized_positions_read_mean": sum(w * n for w, n in zip(weights, q, strict=True)) / scored if scored
-            else 0.0,
+            "scored_tokens_reading_quantized": sum(w for w, n in zip(weights, q, strict=True) if n > 0)
+            if self.observed else None,
+            "quantized_positions_read_mean": (sum(w * n for w, n in zip(weights, q, strict=True)) / scored
+                                              if scored else 0.0) if self.observed else None,
+            "quantized_positions_observed": self.observed,
             "cpu_threads": 1 if self.state.device == "cpu" else None,
         }
 
