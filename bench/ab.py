@@ -75,16 +75,18 @@ def side_matrix(worktree: Path, matrix: str | None) -> Matrix:
 def schedule(keys: list[str], rounds: int, seed: int = 0) -> list[tuple[str, str]]:
     """(cell key, side) in run order: per round a shuffled cell order, each cell's pair A B or B A.
 
-    Which side goes first alternates with the cell's position and the round, so each side
-    goes first equally often and a steady drift of load cancels out.
+    Which side goes first alternates from round to round for each cell (and between
+    neighbouring cells), so over an even number of rounds each side goes first equally often
+    and a steady drift of load cancels out.
     """
     rng = random.Random(seed)
+    index = {key: i for i, key in enumerate(keys)}
     order: list[tuple[str, str]] = []
     for r in range(rounds):
         cells = list(keys)
         rng.shuffle(cells)
-        for i, key in enumerate(cells):
-            first, second = ("base", "head") if (i + r) % 2 == 0 else ("head", "base")
+        for key in cells:
+            first, second = ("base", "head") if (index[key] + r) % 2 == 0 else ("head", "base")
             order += [(key, first), (key, second)]
     return order
 
