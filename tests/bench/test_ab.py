@@ -86,7 +86,8 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     for side in ("base", "head"):
         records = [json.loads(line) for line in (out / side / "results.jsonl").read_text().splitlines()]
         assert Counter(r["variant"] for r in records) == {"serve": 2, "fp32": 2}
-        assert json.loads((out / side / "run.json").read_text())["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
+        run = json.loads((out / side / "run.json").read_text())
+        assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
     head_serve = next(json.loads(line) for line in (out / "head" / "results.jsonl").read_text().splitlines()
                       if '"serve"' in line)
     assert head_serve["recipe"]["steps"][0]["mode"] == "none"  # the head's recipe came from the head's worktree
