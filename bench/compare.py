@@ -184,6 +184,9 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
     """All verdicts for two loaded runs; raises InputError on unmatched cells or missing samples."""
     cfg.validate()
     diffs = environment_diffs(base.run.get("environment", {}), head.run.get("environment", {}))
+    for name, s in (("base", base), ("head", head)):
+        diffs += [f"{name} merges shards from differing environments: {d}" for d in
+                  s.run.get("environment_differences", [])]
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
                     [f"{k} (only in head)" for k in sorted(head.keys - base.keys)]

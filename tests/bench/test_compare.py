@@ -185,3 +185,17 @@ def test_cell_failing_in_head_is_a_regression(tmp_path, capsys):
     head = write_run(tmp_path / "head", [record("fp32", {}, status="failed")])
     assert cli(["compare", str(base), str(head)]) == 1
     assert "ok in base, failed in head" in capsys.readouterr().out
+
+
+def test_shards_from_differing_cpus_merge_when_allowed_and_compare_says_so(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    a = write_run(tmp_path / "a", [record("fp32", timing_samples(rng, 5, 0.02))])
+    b = write_run(tmp_path / "b", [record("bf16", timing_samples(rng, 5, 0.02))], env={**ENV, "cpu_model": "Other"})
+    assert cli(["merge", str(a), str(b), "--out", str(tmp_path / "m0")]) == 2
+    assert "incompatible environment: cpu_model" in capsys.readouterr().err
+    assert cli(["merge", str(a), str(b), "--out", str(tmp_path / "m"), "--allow-env-mismatch"]) == 0
+    merged = json.loads((tmp_path / "m" / "run.json").read_text())
+    assert "cpu_model is 'Other'" in merged["environment_differences"][0]
+    capsys.readouterr()
+    assert cli(["compare", str(tmp_path / "m"), str(tmp_path / "m")]) == 0
+    assert "base merges shards from differing environments" in capsys.readouterr().out
