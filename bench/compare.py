@@ -159,6 +159,7 @@ class Comparison:
     env_mismatch_allowed: bool
     rows: list[Row] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
+    load: dict[str, float | None] = field(default_factory=dict)  # median share of CPU other processes used
 
     @property
     def regressed(self) -> list[Row]:
@@ -188,6 +189,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         diffs += [f"{name} merges shards from differing environments: {d}" for d in
                   s.run.get("environment_differences", [])]
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
+    out.load = {name: _other_cpu(s) for name, s in (("base", base), ("head", head))}
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
                     [f"{k} (only in head)" for k in sorted(head.keys - base.keys)]
     if out.unmatched and not allow_unmatched:
@@ -227,6 +229,14 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
             row.note = f"{row.verdict} withheld: environments differ"
             row.verdict = "inconclusive"
     return out
+
+
+def _other_cpu(side: Side) -> float | None:
+    import statistics
+
+    shares = [r["load"]["other_cpu_fraction"] for recs in side.ok.values() for r in recs
+              if isinstance((r.get("load") or {}).get("other_cpu_fraction"), (int, float))]
+    return statistics.median(shares) if shares else None
 
 
 def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[float]], cfg: gs.GateConfig) -> Row:

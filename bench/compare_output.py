@@ -56,6 +56,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   f"±{cfg['memory_threshold']:.0%} memory. MDE: smallest change detectable at {cfg['power']:.0%} "
                   "power with the observed noise (a threshold below it reports noise, so such changes stay "
                   "inconclusive).", ""]
+    if any(v is not None for v in c.load.values()):
+        lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
+                  ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]
     rows = c.rows if show_all else [r for r in c.rows if r.verdict != "unchanged"]
     if rows:
         lines += ["| cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |",
