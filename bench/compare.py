@@ -43,6 +43,10 @@ def gated_metrics() -> tuple[GatedMetric, ...]:
     )
 
 
+# A verdict is withheld when the side it blames ran while other processes used this much more
+# of the machine's CPUs than during the other side's run of the same cell.
+LOAD_MARGIN = 0.25
+
 # Environment facts that make speed figures incomparable when they differ.
 ENV_KEYS = ("cpu_model", "cpu_logical_cores", "cpu_affinity")
 ENV_LIBRARIES = ("torch", "transformers", "optimum", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao",
@@ -228,7 +232,22 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         if row.verdict in ("regressed", "improved") and diffs and not allow_env_mismatch:
             row.note = f"{row.verdict} withheld: environments differ"
             row.verdict = "inconclusive"
+        elif row.verdict in ("regressed", "improved"):
+            _check_load(row, base, head)
     return out
+
+
+def _check_load(row: Row, base: Side, head: Side) -> None:
+    """Withhold a verdict that the two sides' machine load explains (recorded load only)."""
+    b, h = (_other_cpu(Side(s.run_dir, s.run, {row.cell: s.ok[row.cell]}, {})) for s in (base, head))
+    if b is None or h is None:
+        return
+    # The side that measured worse: head for a regression, base for an improvement.
+    name, blamed, other = ("head", h, b) if row.verdict == "regressed" else ("base", b, h)
+    if blamed - other > LOAD_MARGIN:
+        row.note = (f"{row.verdict} withheld: the {name} side ran while other processes used {blamed:.0%} of the "
+                    f"CPUs ({other:.0%} for the other side)")
+        row.verdict = "inconclusive"
 
 
 def _other_cpu(side: Side) -> float | None:

@@ -30,14 +30,18 @@ def _value(x: float | None, unit: str) -> str:
 
 def _row(r: Row) -> str:
     if r.kind == "status":
-        return f"| {r.cell} | status | | | | | {ICON[r.verdict]} | | {r.note} |"
+        return f"| {r.cell} | status | | | | | {ICON[r.verdict]} | | {_esc(r.note)} |"
     interval = f"[{_change(r.low)}, {_change(r.high)}]"
     q = "range" if r.q is None else f"{r.q:.2g}"
     better = "↓" if r.direction == "lower" else "↑"
     return (f"| {r.cell} | {r.label} ({better}) | {_value(r.base_median, r.unit)} → {_value(r.head_median, r.unit)} "
             f"| {_change(r.ratio)} | {interval} | {q} | {ICON[r.verdict]} | {_pct(r.mde)} (±{_pct(r.threshold)}) "
             f"| n={r.n_base}/{r.n_head} in {r.blocks_base}/{r.blocks_head} processes"
-            f"{'; ' + r.note if r.note else ''} |")
+            f"{'; ' + _esc(r.note) if r.note else ''} |")
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_summary(c: Comparison, show_all: bool = False) -> str:
@@ -56,6 +60,11 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   f"±{cfg['memory_threshold']:.0%} memory. MDE: smallest change detectable at {cfg['power']:.0%} "
                   "power with the observed noise (a threshold below it reports noise, so such changes stay "
                   "inconclusive).", ""]
+    single = sum(1 for r in c.rows if r.kind == "speed" and (r.blocks_base == 1 or r.blocks_head == 1))
+    if single:
+        lines += [f"{single} comparisons have one process on a side: noise between processes (a neighbour's burst "
+                  "of load) is not seen in their intervals; `[measure] rounds >= 2` or `infermatrix ab` measure it.",
+                  ""]
     if any(v is not None for v in c.load.values()):
         lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]

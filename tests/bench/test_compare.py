@@ -199,3 +199,21 @@ def test_shards_from_differing_cpus_merge_when_allowed_and_compare_says_so(tmp_p
     capsys.readouterr()
     assert cli(["compare", str(tmp_path / "m"), str(tmp_path / "m")]) == 0
     assert "base merges shards from differing environments" in capsys.readouterr().out
+
+
+def test_a_regression_measured_under_heavier_load_is_withheld(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+
+    def run(path, slowdown, busy):
+        recs = [record("fp32", timing_samples(rng, 10, 0.02, slowdown)) for _ in range(2)]
+        for r in recs:
+            r["load"] = {"other_cpu_fraction": busy}
+        return str(write_run(path, recs))
+
+    base = run(tmp_path / "base", 1.0, 0.05)
+    assert cli(["compare", base, run(tmp_path / "quiet", 1.3, 0.10)]) == 1  # similar load: the regression stands
+    capsys.readouterr()
+    assert cli(["compare", base, run(tmp_path / "busy", 1.3, 0.60)]) == 0
+    out = capsys.readouterr().out
+    assert "regressed withheld: the head side ran while other processes used 60% of the CPUs (5%" in out
+    assert "Machine load while measuring" in out
