@@ -232,6 +232,11 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         if row.verdict in ("regressed", "improved") and diffs and not allow_env_mismatch:
             row.note = f"{row.verdict} withheld: environments differ"
             row.verdict = "inconclusive"
+        elif row.verdict in ("regressed", "improved") and row.kind == "speed" and \
+                min(row.blocks_base, row.blocks_head) < cfg.min_processes:
+            row.note = (f"{row.verdict} withheld: {min(row.blocks_base, row.blocks_head)} process(es) on a side, "
+                        f"{cfg.min_processes} needed to see noise between processes")
+            row.verdict = "inconclusive"
         elif row.verdict in ("regressed", "improved"):
             _check_load(row, base, head)
     return out

@@ -62,9 +62,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   "inconclusive).", ""]
     single = sum(1 for r in c.rows if r.kind == "speed" and (r.blocks_base == 1 or r.blocks_head == 1))
     if single:
-        lines += [f"{single} comparisons have one process on a side: noise between processes (a neighbour's burst "
-                  "of load) is not seen in their intervals; `[measure] rounds >= 2` or `infermatrix ab` measure it.",
-                  ""]
+        lines += [f"{single} speed comparisons have one process on a side: noise between processes (a "
+                  "neighbour's burst of load) is not seen in their intervals, so they give no verdict unless "
+                  "--min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` measure it.", ""]
     if any(v is not None for v in c.load.values()):
         lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]

@@ -30,6 +30,9 @@ class GateConfig:
     level: float = 0.99  # confidence level of the bootstrap interval of the ratio
     n_resamples: int = 2000
     power: float = 0.8  # power at which the minimum detectable effect is stated
+    # Speed verdicts need this many processes per side: one process shows only the noise within
+    # it, and on a shared machine whole processes shift (seen here: 2-3x between two runs).
+    min_processes: int = 2
     seed: int = 0
 
     def validate(self) -> None:
@@ -41,6 +44,8 @@ class GateConfig:
         for name in ("fdr", "level", "power"):
             if not 0 < getattr(self, name) < 1:
                 raise InputError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.min_processes < 1:
+            raise InputError(f"--min-processes must be >= 1, got {self.min_processes}")
         if self.n_resamples < 100:
             raise InputError(f"--n-resamples must be >= 100, got {self.n_resamples}")
 

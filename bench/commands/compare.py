@@ -24,6 +24,9 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"Benjamini-Hochberg false discovery rate (default {d.fdr})")
     p.add_argument("--level", type=float, default=d.level, help=f"bootstrap interval level (default {d.level})")
     p.add_argument("--n-resamples", type=int, default=d.n_resamples, help="bootstrap resamples")
+    p.add_argument("--min-processes", type=int, default=d.min_processes,
+                   help=f"processes per side a speed verdict needs (default {d.min_processes}; "
+                        "runs with [measure] rounds >= 2 or ab have them; 1 for a quiet dedicated machine)")
     p.add_argument("--allow-env-mismatch", action="store_true",
                    help="call regressions even when the two runs' environments differ")
     p.add_argument("--allow-unmatched", action="store_true", help="skip cells present in only one run (listed)")
@@ -37,7 +40,7 @@ def gate_config(args: argparse.Namespace):
     from bench.gate_stats import GateConfig
 
     return GateConfig(speed_threshold=args.speed_threshold, memory_threshold=args.memory_threshold, fdr=args.fdr,
-                      level=args.level, n_resamples=args.n_resamples)
+                      level=args.level, n_resamples=args.n_resamples, min_processes=args.min_processes)
 
 
 def emit(comparison, args: argparse.Namespace) -> int:

@@ -15,7 +15,8 @@ from bench.cli import main as cli
 from bench.compare import Side, cell_key, compare_sides
 from tests.bench.gate_helpers import ENV, lognormal, record, synthetic_run, timing_samples, write_run
 
-FAST = gs.GateConfig(n_resamples=1000)
+# min_processes=1: the statistics alone decide, so one-process comparisons are tested too (stricter).
+FAST = gs.GateConfig(n_resamples=1000, min_processes=1)
 
 
 def side(records: list[dict], env: dict | None = None, name: str = "run") -> Side:
@@ -54,7 +55,7 @@ def test_twenty_percent_slowdown_is_regressed(cv, rounds, reps, min_fraction):
     for seed in range(40):
         base = side(processes(rng, rounds, reps, cv))
         head = side(processes(rng, rounds, reps, cv, slowdown=1.2))
-        c = compare_sides(base, head, gs.GateConfig(n_resamples=1000, seed=seed))
+        c = compare_sides(base, head, gs.GateConfig(n_resamples=1000, seed=seed, min_processes=1))
         v = verdicts(c)
         hits += v["fp32:tpot_ms"] == "regressed" and v["fp32:decode_tokens_per_s"] == "regressed"
         assert "improved" not in v.values()
@@ -217,3 +218,13 @@ def test_a_regression_measured_under_heavier_load_is_withheld(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "regressed withheld: the head side ran while other processes used 60% of the CPUs (5%" in out
     assert "Machine load while measuring" in out
+
+
+def test_one_process_per_side_gives_no_speed_verdict_by_default(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    base = synthetic_run(tmp_path / "base", rng, cells=1, cv=0.02, reps=20)
+    head = synthetic_run(tmp_path / "head", rng, cells=1, cv=0.02, reps=20, slowdown={"v0": 1.3})
+    assert cli(["compare", str(base), str(head)]) == 0
+    out = capsys.readouterr().out
+    assert "regressed withheld: 1 process(es) on a side, 2 needed" in out
+    assert cli(["compare", str(base), str(head), "--min-processes", "1"]) == 1
