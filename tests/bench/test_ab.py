@@ -71,10 +71,12 @@ def test_schedule_interleaves_and_alternates_who_goes_first():
 
 
 @pytest.mark.slow
-def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_dir, monkeypatch, capsys):
-    monkeypatch.chdir(repo)
+def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_dir, capsys):
+    # --repo rather than a chdir: cell processes fork from a server that resolves imports against the
+    # working directory it started in, and this checkout's code must be the one measured.
     out = tmp_path / "ab"
-    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--out", str(out), "--quiet", "--json", str(tmp_path / "c.json")])
+    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--quiet",
+              "--json", str(tmp_path / "c.json")])
     captured = capsys.readouterr()
     assert rc == 1, captured.out + captured.err
     regressed = [line for line in captured.err.splitlines() if line.startswith("regressed:")]
@@ -99,10 +101,9 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     assert len(_git(repo, "worktree", "list").splitlines()) == 1  # the temporary worktrees are gone
 
 
-def test_ab_bad_revision_and_not_a_repository(repo, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(repo)
-    assert cli(["ab", "no-such-rev", "HEAD", "bench.toml", "--out", str(tmp_path / "x")]) == 2
+def test_ab_bad_revision_and_not_a_repository(repo, tmp_path, capsys):
+    assert cli(["ab", "no-such-rev", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(tmp_path / "x")]) == 2
     assert "revision 'no-such-rev' is not a commit" in capsys.readouterr().err
-    monkeypatch.chdir(tmp_path)
-    assert cli(["ab", "HEAD~1", "--out", str(tmp_path / "y")]) == 2
+    (tmp_path / "plain").mkdir()
+    assert cli(["ab", "HEAD~1", "--repo", str(tmp_path / "plain"), "--out", str(tmp_path / "y")]) == 2
     assert "not inside a git repository" in capsys.readouterr().err
