@@ -63,8 +63,10 @@ def test_gate_workflows_run_ab_against_the_merge_base_and_post_the_summary(name,
     assert runner in job["runs-on"] if isinstance(job["runs-on"], list) else job["runs-on"] == runner
     checkout = next(s for s in steps(job) if s.get("uses", "").startswith("actions/checkout"))
     assert checkout["with"]["fetch-depth"] == 0  # both revisions must be there
+    assert checkout["with"]["ref"] == "${{ github.event.pull_request.head.sha }}"
     gate = next(s for s in steps(job) if s.get("id") == "gate")
-    assert gate["env"]["GATE_BASE"] == "${{ github.event.pull_request.base.sha }}" and "ci/gate.sh" in gate["run"]
+    assert gate["env"]["GATE_BRANCH"] == "${{ github.base_ref }}" and "ci/gate.sh" in gate["run"]
+    assert "GATE_BASE" not in gate["env"]  # so the script takes the merge base
     comment = next(s for s in steps(job) if "gh pr comment" in s.get("run", ""))
     assert "always()" in comment["if"] and "gate/summary.md" in comment["run"]
     assert steps(job)[-1]["run"].startswith("exit") and steps(job)[-1]["if"] == "always()"
@@ -98,3 +100,23 @@ def test_gate_script_reports_bad_input_in_its_summary(tmp_path):
 def test_gate_script_help_lists_its_settings(tmp_path):
     done = subprocess.run(["bash", str(ROOT / "ci" / "gate.sh"), "--help"], capture_output=True, text=True)
     assert done.returncode == 0 and "GATE_BASE" in done.stdout and "GATE_MATRIX" in done.stdout
+
+
+def test_gate_script_takes_the_merge_base_with_the_target_branch(tmp_path):
+    def git(*args):
+        return subprocess.run(["git", "-C", str(tmp_path), "-c", "user.email=t@e", "-c", "user.name=t", *args],
+                              check=True, capture_output=True, text=True).stdout.strip()
+
+    git("init", "-q", "-b", "main")
+    git("commit", "-q", "--allow-empty", "-m", "base")
+    base = git("rev-parse", "HEAD")
+    git("update-ref", "refs/remotes/origin/main", base)
+    git("checkout", "-q", "-b", "feature")
+    git("commit", "-q", "--allow-empty", "-m", "feature")
+    fake = tmp_path / "fake-infermatrix"
+    fake.write_text('#!/bin/sh\necho "$@" > "$GATE_OUT/args.txt"\nexit 0\n')
+    fake.chmod(0o755)
+    done = _gate(tmp_path, INFERMATRIX=str(fake))
+    assert done.returncode == 0, done.stderr
+    args = (tmp_path / "gate" / "args.txt").read_text().split()
+    assert args[:3] == ["ab", base, "HEAD"] and "--markdown" in args and "--json" in args
