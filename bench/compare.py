@@ -31,16 +31,15 @@ class GatedMetric:
     kind: str  # "speed" or "memory"
 
 
+# The gated metrics: latency and throughput with raw per-repetition samples, and peak memory.
+GATED = ("ttft_ms", "tpot_ms", "e2e_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_bytes")
+
+
 def gated_metrics() -> tuple[GatedMetric, ...]:
-    """The metrics the gate checks, with their direction and kind (the catalogue's entries)."""
-    return (
-        GatedMetric("ttft_ms", "TTFT", "ms", "lower", "speed"),
-        GatedMetric("tpot_ms", "TPOT", "ms", "lower", "speed"),
-        GatedMetric("e2e_ms", "end to end", "ms", "lower", "speed"),
-        GatedMetric("decode_tokens_per_s", "decode", "tokens/s", "higher", "speed"),
-        GatedMetric("prefill_tokens_per_s", "prefill", "tokens/s", "higher", "speed"),
-        GatedMetric("peak_memory_bytes", "peak memory", "bytes", "lower", "memory"),
-    )
+    """The metrics the gate checks, with label, unit, direction and kind from the metric catalogue."""
+    from bench.catalogue import metric
+
+    return tuple(GatedMetric(k, m.label, m.unit, m.direction, m.kind) for k in GATED for m in (metric(k),))
 
 
 # A verdict is withheld when the side it blames ran while other processes used this much more

@@ -144,7 +144,7 @@ def test_exit_one_names_the_regressed_cell(tmp_path, capsys):
     base, head = _runs(tmp_path, slowdown=1.3)
     assert cli(["compare", base, head]) == 1
     out, err = capsys.readouterr()
-    assert "regressed: synthetic:llama-tiny v1 cpu generate 1/16/8: TPOT +30" in err
+    assert "regressed: synthetic:llama-tiny v1 cpu generate 1/16/8: TPOT ms +30" in err
     assert "v0" not in err and "v2" not in err and "Result: FAIL" in out
 
 
@@ -228,3 +228,14 @@ def test_one_process_per_side_gives_no_speed_verdict_by_default(tmp_path, capsys
     out = capsys.readouterr().out
     assert "regressed withheld: 1 process(es) on a side, 2 needed" in out
     assert cli(["compare", str(base), str(head), "--min-processes", "1"]) == 1
+
+
+def test_gated_metrics_come_from_the_catalogue_with_a_direction():
+    from bench.catalogue import metric
+    from bench.compare import gated_metrics
+
+    gated = gated_metrics()
+    assert {m.kind for m in gated} == {"speed", "memory"}
+    for m in gated:
+        assert m.direction in ("lower", "higher") and m.direction == metric(m.key).direction
+    assert {m.key: m.direction for m in gated}["decode_tokens_per_s"] == "higher"
