@@ -161,11 +161,16 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
                                         cell.get("eval_text"), cell["trust_remote_code"],
                                         cell.get("prompt_source", "auto"))
-    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s")})
+    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s", "target_rel_ci")
+                             if k in m})
     weights_bytes = memory.weights_bytes(state)
     kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
     kv_per_token = _kv_geometry(state).bytes_per_token(kv_elem)
-    metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+    from bench.metrics.load import machine_load, noise_mark
+
+    with machine_load() as record["load"]:
+        metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+    record.update(noise_mark(samples, repeat.target_rel_ci))
     metrics["weights_bytes"] = weights_bytes
     metrics["kv_cache_bytes_per_token"] = kv_per_token
     metrics["rss_baseline_bytes"] = baseline_rss

@@ -21,6 +21,9 @@ COMMANDS = {
     "export": ("bench.commands.export", "export a run for pytest-benchmark or github-action-benchmark"),
     "merge": ("bench.commands.merge", "combine shard runs of one matrix into one run directory"),
     "variants": ("bench.commands.variants", "list the built-in variants, what each does and where it applies"),
+    "compare": ("bench.commands.compare", "regression gate: compare two run directories cell by cell"),
+    "ab": ("bench.commands.ab", "regression gate: run two git revisions interleaved in one job and compare them"),
+    "history": ("bench.commands.history", "record runs' key metrics per commit in SQLite and show them"),
     "env": ("bench.commands.env", "print the environment record"),
     "train-reference": ("bench.commands.train_reference", "re-create the built-in reference model from scratch"),
 }

@@ -41,10 +41,13 @@ class MeasureConfig:
     timeout_s: float = 900.0  # per cell, process killed past it
     seed: int = 0
     roofline: bool = True  # measure bandwidth and matmul ceilings at the start of the run
+    # Every cell runs this many times, each in a fresh process, the cell order shuffled per round
+    # (random interleaving): a burst of load then lands on all variants rather than on one.
+    rounds: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed,
-                "roofline": self.roofline}
+                "roofline": self.roofline, "rounds": self.rounds}
 
 
 @dataclass(frozen=True)
@@ -136,7 +139,7 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     if not isinstance(raw, dict):
         raise _err(where, "measure", f"must be a table, got {raw!r}")
     repeat_fields = {f.name for f in dataclasses.fields(RepeatConfig)}
-    allowed = repeat_fields | {"timeout_s", "seed", "roofline"}
+    allowed = repeat_fields | {"timeout_s", "seed", "roofline", "rounds"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _err(f"{where} [measure]", unknown[0], f"is not a measure setting; allowed: {sorted(allowed)}")
@@ -149,6 +152,9 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
             raise _err(f"{where} [measure]", key, f"must be a non-negative number, got {value!r}")
     base = MeasureConfig()
+    rounds = raw.get("rounds", base.rounds)
+    if not isinstance(rounds, int) or rounds < 1:
+        raise _err(f"{where} [measure]", "rounds", f"must be a whole number >= 1, got {rounds!r}")
     repeat = dataclasses.replace(base.repeat, **{k: type(getattr(base.repeat, k))(v) for k, v in raw.items()
                                                   if k in repeat_fields})
     try:
@@ -156,7 +162,7 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     except InputError as exc:
         raise InputError(f"{where} [measure]: {exc}") from None
     return MeasureConfig(repeat=repeat, timeout_s=float(raw.get("timeout_s", base.timeout_s)),
-                         seed=int(raw.get("seed", base.seed)), roofline=roofline)
+                         seed=int(raw.get("seed", base.seed)), roofline=roofline, rounds=rounds)
 
 
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:

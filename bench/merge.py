@@ -23,8 +23,12 @@ def _fingerprint(env: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def merge_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
-    """Merge shard runs; refuses different matrices or incompatible environments."""
+def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False) -> dict[str, Any]:
+    """Merge shard runs; refuses different matrices, and incompatible environments unless allowed.
+
+    Allowed differences (hosted CI runners of one label often differ in CPU model) are
+    recorded in the merged run.json as ``environment_differences``, which ``compare`` reports.
+    """
     if not run_dirs:
         raise InputError("merge needs at least one run directory")
     runs = []
@@ -33,13 +37,15 @@ def merge_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
             raise InputError(f"{d}: no {RUN}, not a run directory")
         runs.append(read_run(d))
     first = runs[0]
+    differences: list[str] = []
     for d, run in zip(run_dirs[1:], runs[1:], strict=True):
         if run["matrix_hash"] != first["matrix_hash"]:
             raise InputError(f"{d} ran a different matrix ({run['matrix_hash']}) than {run_dirs[0]} "
                              f"({first['matrix_hash']}): refusing to merge")
         a, b = _fingerprint(first["environment"]), _fingerprint(run["environment"])
         diff = sorted(k for k in a if a[k] != b[k])
-        if diff:
+        differences += [f"{d}: {k} is {b[k]!r}, {a[k]!r} in {run_dirs[0]}" for k in diff]
+        if diff and not allow_env_mismatch:
             k = diff[0]
             raise InputError(f"{d} ran in an incompatible environment: {k} is {b[k]!r} there, {a[k]!r} in "
                              f"{run_dirs[0]}: refusing to merge")
@@ -61,6 +67,7 @@ def merge_runs(run_dirs: list[Path], out: Path) -> dict[str, Any]:
     merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
               "shards": [r.get("shard") for r in runs],
               "started": min(r["started"] for r in runs), "ended": max((r.get("ended") or "") for r in runs) or None,
-              "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+              "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              **({"environment_differences": differences} if differences else {})}
     write_json_atomic(out / RUN, merged)
     return {"cells": count, "out": str(out)}

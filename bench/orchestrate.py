@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,8 +125,8 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     cells = expand(matrix, resolve_device)
     if shard:
         cells = shard.select(cells)
-    done = {r["cell_id"] for r in read_records(run_dir) if r["status"] == "ok"}
-    todo = [c for c in cells if c["cell_id"] not in done]
+    ok_rounds = Counter(r["cell_id"] for r in read_records(run_dir, latest_only=False) if r["status"] == "ok")
+    todo = [c for c in cells if ok_rounds[c["cell_id"]] < matrix.measure.rounds]
     for c in todo:
         c["cache_dir"] = cache_dir
     builds: dict[str, dict[str, Any]] = {}
@@ -143,7 +145,8 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
                                         "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir,
                            "tokenizer": c.get("tokenizer"), "prompt_source": c.get("prompt_source", "auto")})
     outcomes: dict[str, dict[str, Any]] = _already_stored(builds, references, cache_dir)
-    on_event("plan", {"cells": len(cells), "todo": len(todo), "done": len(cells) - len(todo),
+    rounds_left = sum(matrix.measure.rounds - ok_rounds[c["cell_id"]] for c in todo)
+    on_event("plan", {"cells": len(cells), "todo": rounds_left, "done": len(cells) - len(todo),
                       "builds": len(builds) + len(references) - len(outcomes)})
     for bid in outcomes:
         if bid in builds:
@@ -173,14 +176,29 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
             on_event("cell", record)
         else:
             runnable.append(c)
-    for spec, result in launcher.run([("cell", c, timeout) for c in runnable]):
+    for spec, result in launcher.run([("cell", c, timeout) for c in _rounds(runnable, ok_rounds, matrix.measure)]):
         record = cell_result_to_record(spec, result)
+        if matrix.measure.rounds > 1:
+            record["round"] = spec["round"]
         if outcome := outcomes.get(build_id(spec) or ""):
             record.setdefault("build", {}).update(build_job_s=outcome.get("build_s"), built_now=not outcome["reused"])
         append_record(run_dir, record)
         on_event("cell", record)
     ids = {c["cell_id"] for c in cells}
     return [r for r in read_records(run_dir) if r["cell_id"] in ids]
+
+
+def _rounds(cells: list[dict[str, Any]], ok_rounds: Counter, measure) -> list[dict[str, Any]]:
+    """The cell jobs of all rounds still to run, each round in its own shuffled order."""
+    if measure.rounds == 1:
+        return cells
+    rng = random.Random(measure.seed)
+    jobs = []
+    for r in range(measure.rounds):
+        batch = [{**c, "round": r} for c in cells if ok_rounds[c["cell_id"]] <= r]
+        rng.shuffle(batch)
+        jobs += batch
+    return jobs
 
 
 def _ceilings(run_dir: Path, launcher, devices: list[str], on_event) -> dict[str, Any]:

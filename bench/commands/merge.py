@@ -9,11 +9,13 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=Path, help="shard run directories")
     p.add_argument("--out", type=Path, required=True, help="merged run directory to create")
+    p.add_argument("--allow-env-mismatch", action="store_true",
+                   help="merge shards from different CPU models or libraries (recorded; compare reports it)")
 
 
 def main(args: argparse.Namespace) -> int:
     from bench.merge import merge_runs
 
-    info = merge_runs(args.runs, args.out)
+    info = merge_runs(args.runs, args.out, allow_env_mismatch=args.allow_env_mismatch)
     print(f"merged {info['cells']} cells into {info['out']}")
     return 0

@@ -99,13 +99,17 @@ class RepeatConfig:
     min_reps: int = 5
     max_reps: int = 20
     budget_s: float = 5.0  # stop once min_reps are done and this much time has passed
+    # ... or earlier, once the 95% CI of the median end-to-end time is within +-this fraction of it
+    # (0 turns it off); a cell that ends wider than this is marked noisy.
+    target_rel_ci: float = 0.05
 
     def validate(self) -> None:
         from optimize.errors import InputError
 
-        if self.warmup < 0 or self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0:
-            raise InputError("repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0; "
-                             f"got {self}")
+        if self.warmup < 0 or self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0 or \
+                not 0 <= self.target_rel_ci < 1:
+            raise InputError("repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0, "
+                             f"0 <= target_rel_ci < 1; got {self}")
 
 
 @dataclass
@@ -115,8 +119,27 @@ class Repeated:
     measured_wall_s: float = 0.0
 
 
+def rel_ci_half_width(values: list[float]) -> float:
+    """Half the width of the 95% CI of the median, relative to the median."""
+    import statistics
+
+    from bench.stats import median_ci
+
+    low, high, _ = median_ci(sorted(values))
+    mid = statistics.median(values)
+    return (high - low) / 2 / abs(mid) if mid else float("inf")
+
+
+def _value(sample: Any) -> float | None:
+    return sample.e2e_ms if isinstance(sample, GenerateSample) else None
+
+
 def repeat(fn: Callable[[], Any], cfg: RepeatConfig) -> Repeated:
-    """Warm up, then call ``fn`` until ``min_reps`` and the time budget, or ``max_reps``, are reached."""
+    """Warm up, then call ``fn`` until ``min_reps`` are done and the budget is spent or the CI is tight.
+
+    Tight: the median end-to-end time's 95% CI within ``target_rel_ci`` of it. Never more
+    than ``max_reps`` calls.
+    """
     out = Repeated()
     for _ in range(cfg.warmup):
         t0 = time.perf_counter()
@@ -126,7 +149,12 @@ def repeat(fn: Callable[[], Any], cfg: RepeatConfig) -> Repeated:
     while len(out.samples) < cfg.max_reps:
         out.samples.append(fn())
         elapsed = time.perf_counter() - t_start
-        if len(out.samples) >= cfg.min_reps and elapsed >= cfg.budget_s:
+        if len(out.samples) >= cfg.min_reps and (elapsed >= cfg.budget_s or _tight(out.samples, cfg)):
             break
     out.measured_wall_s = time.perf_counter() - t_start
     return out
+
+
+def _tight(samples: list[Any], cfg: RepeatConfig) -> bool:
+    values = [_value(s) for s in samples]
+    return cfg.target_rel_ci > 0 and None not in values and rel_ci_half_width(values) <= cfg.target_rel_ci

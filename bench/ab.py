@@ -1,0 +1,157 @@
+"""Interleaved A/B runs of two revisions of the user's repository in one job.
+
+Each revision is checked out in a git worktree of its own; its matrix file, inline recipes
+and model directories are read from there. Variants are built once per side (the variant
+store is content-addressed, so an unchanged recipe reuses the other side's build and a
+later run reuses both). Then every cell runs ``rounds`` times per side in fresh processes,
+in the order A B, B A, ... (which side goes first alternates by cell and by round, and the
+cell order is shuffled per round), so a burst of load lands on both sides alike. Speed
+only: drift and roofline ceilings do not vary between processes and are not measured.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.compare import cell_key
+from bench.matrix import DEFAULT_MATRIX, Matrix, expand, load_matrix
+from bench.orchestrate import build_id, start_run
+from bench.results import append_record, failed_record, new_record
+from optimize.errors import InputError
+
+
+def git(repo: Path, *args: str) -> str:
+    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=120)
+    if out.returncode != 0:
+        raise InputError(f"git {' '.join(args)}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
+    return out.stdout.strip()
+
+
+def repo_root(path: Path) -> Path:
+    try:
+        return Path(git(path, "rev-parse", "--show-toplevel"))
+    except InputError:
+        raise InputError(f"{path} is not inside a git repository: ab compares two revisions of one") from None
+
+
+def resolve_rev(repo: Path, rev: str) -> str:
+    try:
+        return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except InputError:
+        raise InputError(f"revision {rev!r} is not a commit of {repo}") from None
+
+
+@dataclass
+class AbSide:
+    name: str  # "base" or "head"
+    rev: str
+    sha: str
+    worktree: Path
+    run_dir: Path
+    matrix: Matrix | None = None
+    cells: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # by cell_key
+
+
+def side_matrix(worktree: Path, matrix: str | None) -> Matrix:
+    """The side's matrix (from its worktree), speed-only, local model paths made absolute."""
+    m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
+    if matrix and not (worktree / matrix).is_file():
+        raise InputError(f"matrix {matrix!r} does not exist at that revision")
+    models = tuple(str((worktree / s).resolve()) if not s.startswith(("builtin:", "synthetic:")) and
+                   (worktree / s).exists() else s for s in m.models)
+    eval_text = str((worktree / m.eval_text).resolve()) if m.eval_text and (worktree / m.eval_text).exists() \
+        else m.eval_text
+    return dataclasses.replace(m, models=models, eval_text=eval_text,
+                               drift=dataclasses.replace(m.drift, enabled=False),
+                               measure=dataclasses.replace(m.measure, roofline=False))
+
+
+def schedule(keys: list[str], rounds: int, seed: int = 0) -> list[tuple[str, str]]:
+    """(cell key, side) in run order: per round a shuffled cell order, each cell's pair A B or B A.
+
+    Which side goes first alternates from round to round for each cell (and between
+    neighbouring cells), so over an even number of rounds each side goes first equally often
+    and a steady drift of load cancels out.
+    """
+    rng = random.Random(seed)
+    index = {key: i for i, key in enumerate(keys)}
+    order: list[tuple[str, str]] = []
+    for r in range(rounds):
+        cells = list(keys)
+        rng.shuffle(cells)
+        for key in cells:
+            first, second = ("base", "head") if (index[key] + r) % 2 == 0 else ("head", "base")
+            order += [(key, first), (key, second)]
+    return order
+
+
+def prepare(side: AbSide, launcher, cache_dir: str | None, resolve_device,
+            on_event: Callable[[str, dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
+    """Expand the side's cells and build its variants; returns cells that cannot run, with their outcome."""
+    from bench.orchestrate import _already_stored
+
+    for c in expand(side.matrix, resolve_device):
+        c.update(cache_dir=cache_dir, ceilings=None)
+        side.cells[cell_key(new_record(c))] = c
+    builds: dict[str, dict[str, Any]] = {}
+    for c in side.cells.values():
+        bid = build_id(c)
+        if bid and bid not in builds:
+            builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
+                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir}
+    outcomes = _already_stored(builds, {}, cache_dir)
+    pending = [("build", b, side.matrix.measure.timeout_s) for bid, b in builds.items() if bid not in outcomes]
+    for spec, result in launcher.run(pending):
+        outcomes[spec["build_id"]] = result
+        on_event("build", {"side": side.name, "variant": spec["variant"]["name"], "status": result["status"],
+                           "build_s": result.get("build_s")})
+    blocked = {}
+    for key, c in side.cells.items():
+        outcome = outcomes.get(build_id(c) or "")
+        if outcome and outcome["status"] != "ok":
+            blocked[key] = outcome
+    return blocked
+
+
+def run_interleaved(base: AbSide, head: AbSide, launcher, *, rounds: int, seed: int, environment: dict[str, Any],
+                    cache_dir: str | None, resolve_device, allow_unmatched: bool = False,
+                    on_event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> list[str]:
+    """Build both sides, then run their matched cells interleaved; returns the unmatched cells."""
+    sides = {"base": base, "head": head}
+    for s in sides.values():
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run(s.matrix, s.run_dir, shard=None, launcher=launcher.name, environment=environment,
+                  extra={"ab": {"side": s.name, "rev": s.rev, "commit": s.sha, "rounds": rounds, "seed": seed}})
+    blocked = {name: prepare(s, launcher, cache_dir, resolve_device, on_event) for name, s in sides.items()}
+    unmatched = [f"{k} (only in base)" for k in sorted(set(base.cells) - set(head.cells))] + \
+                [f"{k} (only in head)" for k in sorted(set(head.cells) - set(base.cells))]
+    if unmatched and not allow_unmatched:
+        raise InputError(f"{len(unmatched)} cells are in only one revision's matrix (use --allow-unmatched to skip "
+                         f"them): {'; '.join(unmatched[:8])}")
+    keys = sorted(set(base.cells) & set(head.cells))
+    for name, s in sides.items():
+        for key, outcome in blocked[name].items():
+            if key in keys:
+                record = failed_record(s.cells[key], f"build: {outcome['error']}")
+                record["status"] = outcome["status"]
+                append_record(s.run_dir, record)
+    jobs = [(key, name) for key, name in schedule(keys, rounds, seed) if key not in blocked[name]]
+    on_event("plan", {"cells": len(keys), "jobs": len(jobs), "rounds": rounds})
+    timeout = max(base.matrix.measure.timeout_s, head.matrix.measure.timeout_s)
+    for position, (key, name) in enumerate(jobs):
+        s = sides[name]
+        cell = s.cells[key]
+        (spec, result), = launcher.run([("cell", cell, timeout)])
+        from bench.runner import cell_result_to_record
+
+        record = cell_result_to_record(spec, result)
+        record["ab"] = {"side": name, "position": position}
+        append_record(s.run_dir, record)
+        on_event("cell", {**record, "side": name})
+    return unmatched

@@ -1,0 +1,100 @@
+"""``infermatrix ab BASE_REV [HEAD_REV] [MATRIX]``: the regression gate for CI.
+
+Runs two revisions of the git repository here interleaved in one job (see ``bench.ab``)
+and compares them like ``infermatrix compare``. Exit codes: 1 only on a regression,
+2 on bad input, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.commands.compare import add_gate_arguments, emit, gate_config
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", metavar="BASE_REV", help="base revision (e.g. the merge base: origin/main, HEAD~1)")
+    p.add_argument("head", metavar="HEAD_REV", nargs="?", default="HEAD", help="head revision (default HEAD)")
+    p.add_argument("matrix", metavar="MATRIX", nargs="?",
+                   help="matrix file, a path inside the repository read at each revision "
+                        "(default: the built-in default matrix)")
+    p.add_argument("--rounds", type=int, default=2,
+                   help="fresh processes per cell and side, interleaved A B / B A (default 2; more narrows the MDE)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the per-round cell order")
+    p.add_argument("--out", type=Path, help="directory for the two runs (default reports/ab/TIMESTAMP)")
+    p.add_argument("--cache-dir", help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
+    p.add_argument("--repo", type=Path, default=Path("."), help="the git repository (default: the one here)")
+    p.add_argument("--quiet", action="store_true", help="no per-cell lines")
+    add_gate_arguments(p)
+
+
+def _printer(quiet: bool):
+    def on_event(kind: str, info: dict) -> None:
+        if kind == "build":
+            print(f"build {info['side']} {info['variant']}: {info['status']}", file=sys.stderr, flush=True)
+        elif kind == "plan":
+            print(f"ab: {info['cells']} cells x 2 sides x {info['rounds']} rounds = {info['jobs']} cell processes",
+                  file=sys.stderr, flush=True)
+        elif kind == "cell" and not quiet:
+            rate = info.get("metrics", {}).get("decode_tokens_per_s")
+            what = f"decode {rate:.1f} tok/s" if isinstance(rate, (int, float)) else (info.get("error") or "")[:120]
+            print(f"{info['side']:4} {info['variant']}: {info['status']} {what}", file=sys.stderr, flush=True)
+    return on_event
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.ab import AbSide, git, repo_root, resolve_rev, run_interleaved, side_matrix
+    from bench.compare import compare_runs
+    from bench.env import device_resolver, environment, probe_torch
+    from bench.orchestrate import make_launcher
+    from optimize.errors import InputError
+
+    if args.rounds < 1:
+        raise InputError(f"--rounds must be >= 1, got {args.rounds}")
+    cfg = gate_config(args)
+    cfg.validate()
+    repo = repo_root(args.repo.resolve())
+    head_rev, matrix = args.head, args.matrix
+    if matrix is None and head_rev.endswith(".toml"):
+        head_rev, matrix = "HEAD", head_rev  # `ab BASE MATRIX.toml`
+    if matrix and Path(matrix).is_absolute():
+        try:
+            matrix = str(Path(matrix).resolve().relative_to(repo))
+        except ValueError:
+            raise InputError(f"MATRIX {args.matrix} is outside the repository {repo}") from None
+    elif matrix:
+        matrix = str((Path.cwd() / matrix).resolve().relative_to(repo)) if (Path.cwd() / matrix).exists() else matrix
+    out = args.out or Path("reports") / "ab" / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and any(out.iterdir()):
+        raise InputError(f"--out {out} already exists and is not empty")
+    shas = {"base": resolve_rev(repo, args.base), "head": resolve_rev(repo, head_rev)}
+    revs = {"base": args.base, "head": head_rev}
+    with tempfile.TemporaryDirectory(prefix="infermatrix-ab-") as tmp:
+        sides = {}
+        try:
+            for name, sha in shas.items():
+                tree = Path(tmp) / name
+                git(repo, "worktree", "add", "--detach", "--force", str(tree), sha)
+                sides[name] = AbSide(name, revs[name], sha, tree, out / name, side_matrix(tree, matrix))
+            print(f"ab: base {revs['base']} ({shas['base'][:10]}) vs head {head_rev} ({shas['head'][:10]}), "
+                  f"matrix {matrix or 'built-in default'}; runs in {out}", file=sys.stderr, flush=True)
+            torch_env = probe_torch(Path(tmp))
+            resolve = device_resolver(torch_env)
+            launcher = make_launcher("local", out)
+            try:
+                run_interleaved(sides["base"], sides["head"], launcher, rounds=args.rounds, seed=args.seed,
+                                environment={**environment(with_torch=False), "torch": torch_env},
+                                cache_dir=args.cache_dir, resolve_device=resolve,
+                                allow_unmatched=args.allow_unmatched, on_event=_printer(args.quiet))
+            finally:
+                launcher.close()
+        finally:
+            for side in sides.values():
+                git(repo, "worktree", "remove", "--force", str(side.worktree))
+    comparison = compare_runs(out / "base", out / "head", cfg, allow_env_mismatch=args.allow_env_mismatch,
+                              allow_unmatched=args.allow_unmatched)
+    return emit(comparison, args)

@@ -1,0 +1,81 @@
+"""``infermatrix compare``: the regression gate over two run directories.
+
+Exit codes: 1 only when a metric regressed (or a cell that ran in base fails in head),
+2 on bad input (a cell in only one run, a metric without samples), 0 otherwise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+
+def add_gate_arguments(p: argparse.ArgumentParser) -> None:
+    """Options shared by ``compare`` and ``ab``; defaults come from ``GateConfig``."""
+    from bench.gate_stats import GateConfig
+
+    d = GateConfig()
+    p.add_argument("--speed-threshold", type=float, default=d.speed_threshold,
+                   help=f"relative change a latency or throughput must exceed (default {d.speed_threshold})")
+    p.add_argument("--memory-threshold", type=float, default=d.memory_threshold,
+                   help=f"relative change peak memory must exceed (default {d.memory_threshold})")
+    p.add_argument("--fdr", type=float, default=d.fdr,
+                   help=f"Benjamini-Hochberg false discovery rate (default {d.fdr})")
+    p.add_argument("--level", type=float, default=d.level, help=f"bootstrap interval level (default {d.level})")
+    p.add_argument("--n-resamples", type=int, default=d.n_resamples, help="bootstrap resamples")
+    p.add_argument("--min-processes", type=int, default=d.min_processes,
+                   help=f"processes per side a speed verdict needs (default {d.min_processes}; "
+                        "runs with [measure] rounds >= 2 or ab have them; 1 for a quiet dedicated machine)")
+    p.add_argument("--allow-env-mismatch", action="store_true",
+                   help="call regressions even when the two runs' environments differ")
+    p.add_argument("--allow-unmatched", action="store_true", help="skip cells present in only one run (listed)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison as JSON ('-': stdout)")
+    p.add_argument("--markdown", type=Path, metavar="FILE",
+                   help="also write the Markdown summary here (default: $GITHUB_STEP_SUMMARY when set, appended)")
+    p.add_argument("--all", action="store_true", help="list unchanged comparisons too")
+
+
+def gate_config(args: argparse.Namespace):
+    from bench.gate_stats import GateConfig
+
+    return GateConfig(speed_threshold=args.speed_threshold, memory_threshold=args.memory_threshold, fdr=args.fdr,
+                      level=args.level, n_resamples=args.n_resamples, min_processes=args.min_processes)
+
+
+def emit(comparison, args: argparse.Namespace) -> int:
+    """Print the summary, write the requested files, and return the gate's exit code."""
+    import sys
+
+    from bench.compare_output import markdown_summary
+
+    text = markdown_summary(comparison, show_all=args.all)
+    if args.json and str(args.json) == "-":
+        print(comparison.to_json())
+    else:
+        print(text, end="")
+        if args.json:
+            args.json.write_text(comparison.to_json() + "\n")
+    summary = args.markdown or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY")
+                                else None)
+    if summary:
+        with open(summary, "a") as f:
+            f.write(text)
+    for row in comparison.regressed:
+        print(f"regressed: {row.cell}: {row.label} {((row.ratio or 1) - 1) * 100:+.1f}% {row.note}".rstrip(),
+              file=sys.stderr)
+    return comparison.exit_code()
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("base", type=Path, help="base run directory")
+    p.add_argument("head", type=Path, help="head run directory")
+    add_gate_arguments(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench.compare import compare_runs
+
+    comparison = compare_runs(args.base, args.head, gate_config(args), allow_env_mismatch=args.allow_env_mismatch,
+                              allow_unmatched=args.allow_unmatched)
+    return emit(comparison, args)

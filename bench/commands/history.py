@@ -1,0 +1,55 @@
+"""``infermatrix history``: key metrics of runs per commit in a SQLite file."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+DEFAULT_DB = Path("reports") / "history.sqlite"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = sub.add_parser("add", help="append a run's key metrics with its commit and environment")
+    add.add_argument("run", type=Path, help="run directory")
+    add.add_argument("--commit", help="commit the run measured (default: HEAD of the git repository here, "
+                                      "else the commit recorded in the run)")
+    show = sub.add_parser("show", help="print a metric across commits")
+    show.add_argument("--metric", default="decode_tokens_per_s", help="metric key (default decode_tokens_per_s)")
+    show.add_argument("--cell", help="only cells whose identity contains this text")
+    show.add_argument("--plot", type=Path, metavar="FILE", help="also draw the series (.png or .svg)")
+    for sp in (add, show):
+        sp.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+
+
+def _head_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except OSError:
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
+
+
+def main(args: argparse.Namespace) -> int:
+    from bench import history
+    from bench.compare import gated_metrics
+    from optimize.errors import InputError
+
+    if args.action == "add":
+        info = history.add_run(args.db, args.run, args.commit or _head_commit())
+        print(f"added {args.run} (commit {info['commit'] or 'unknown'}): {info['cells']} cells, "
+              f"{info['metrics']} figures to {args.db}")
+        return 0
+    keys = [m.key for m in gated_metrics()]
+    if args.metric not in keys:
+        raise InputError(f"--metric {args.metric!r} is not recorded in history; one of {keys}")
+    if not args.db.exists():
+        raise InputError(f"--db {args.db} does not exist; add a run first with 'infermatrix history add DIR'")
+    points = history.series(args.db, args.metric, args.cell)
+    print(f"{'commit':10} {'started':20} {'median':>12} {'n':>4}  cell")
+    for p in points:
+        print(f"{(p['commit'] or '?')[:10]:10} {p['started'] or '?':20} {p['median']:12.4g} {p['n']:4}  {p['cell']}")
+    if args.plot and points:
+        print(f"plot: {history.plot(points, args.metric, args.plot)}")
+    return 0

@@ -1,0 +1,307 @@
+"""Compare two run directories cell by cell: the regression gate's verdicts.
+
+Cells are matched by identity (model, variant name, device, scenario), so a recipe whose
+steps changed between two revisions is still the same cell. Every gated metric of every
+matched cell gets the head/base ratio of medians with a block bootstrap interval, a
+Mann-Whitney U test on the raw repetitions, Benjamini-Hochberg correction over all the
+comparisons, a verdict and the minimum detectable effect (see ``bench.gate_stats``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench import gate_stats as gs
+from bench.results import RUN, read_records, read_run
+from optimize.errors import InputError
+
+
+@dataclass(frozen=True)
+class GatedMetric:
+    key: str
+    label: str
+    unit: str
+    direction: str  # "lower" or "higher" is better
+    kind: str  # "speed" or "memory"
+
+
+# The gated metrics: latency and throughput with raw per-repetition samples, and peak memory.
+GATED = ("ttft_ms", "tpot_ms", "e2e_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "peak_memory_bytes")
+
+
+def gated_metrics() -> tuple[GatedMetric, ...]:
+    """The metrics the gate checks, with label, unit, direction and kind from the metric catalogue."""
+    from bench.catalogue import metric
+
+    return tuple(GatedMetric(k, m.label, m.unit, m.direction, m.kind) for k in GATED for m in (metric(k),))
+
+
+# A verdict is withheld when the side it blames ran while other processes used this much more
+# of the machine's CPUs than during the other side's run of the same cell.
+LOAD_MARGIN = 0.25
+
+# Environment facts that make speed figures incomparable when they differ.
+ENV_KEYS = ("cpu_model", "cpu_logical_cores", "cpu_affinity")
+ENV_LIBRARIES = ("torch", "transformers", "optimum", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao",
+                 "optimum-quanto", "numpy")
+
+
+def environment_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
+    libs = env.get("libraries", {})
+    torch_env = env.get("torch") or {}
+    return {
+        **{k: env.get(k) for k in ENV_KEYS},
+        "gpus": sorted(g.get("name", "") for g in env.get("gpus", [])),
+        "gpu driver": sorted({g.get("driver", "") for g in env.get("gpus", [])}),
+        "torch threads": torch_env.get("num_threads"),
+        **{f"env {k}": v for k, v in sorted(env.get("env_vars", {}).items()) if k.endswith("_THREADS")},
+        **{k: libs.get(k) for k in ENV_LIBRARIES},
+    }
+
+
+def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
+    """One line per environment fact that differs between the two runs."""
+    a, b = environment_fingerprint(base), environment_fingerprint(head)
+    return [f"{k}: {a.get(k)!r} in base, {b.get(k)!r} in head" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
+def cell_key(record: dict[str, Any]) -> str:
+    """The identity two runs' cells are matched on (recipe steps may differ between revisions)."""
+    s = record["scenario"]
+    grid = "/".join(str(s[k]) for k in ("batch_size", "prompt_tokens", "new_tokens") if k in s)
+    extra = ",".join(f"{k}={v}" for k, v in sorted(s.items())
+                     if k not in ("name", "batch_size", "prompt_tokens", "new_tokens"))
+    return f"{record['model']} {record['variant']} {record['device']} {s.get('name', 'generate')} {grid}" + \
+        (f" {extra}" if extra else "")
+
+
+@dataclass
+class Side:
+    """One run's records grouped by cell: every ok record (rounds, A/B repeats) and the failures."""
+
+    run_dir: Path
+    run: dict[str, Any]
+    ok: dict[str, list[dict[str, Any]]]
+    not_ok: dict[str, dict[str, Any]]
+
+    @property
+    def keys(self) -> set[str]:
+        return set(self.ok) | set(self.not_ok)
+
+
+def load_side(run_dir: Path) -> Side:
+    run_dir = Path(run_dir)
+    if not (run_dir / RUN).exists():
+        raise InputError(f"{run_dir} is not a run directory (no {RUN})")
+    ok: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    not_ok: dict[str, dict[str, Any]] = {}
+    for record in read_records(run_dir, latest_only=False):
+        key = cell_key(record)
+        if record["status"] == "ok":
+            ok[key].append(record)
+        else:
+            not_ok[key] = record
+    for key in ok:
+        not_ok.pop(key, None)  # a cell that ran ok at least once is judged on its ok records
+    if not ok and not not_ok:
+        raise InputError(f"{run_dir} holds no cell records")
+    return Side(run_dir, read_run(run_dir), dict(ok), not_ok)
+
+
+def metric_blocks(records: list[dict[str, Any]], key: str) -> list[list[float]] | None:
+    """One block per record: the raw repetitions, or the single figure of a per-process metric."""
+    blocks = []
+    for r in records:
+        raw = r.get("samples", {}).get(key)
+        if raw is None and isinstance(r.get("metrics", {}).get(key), (int, float)):
+            raw = [r["metrics"][key]]
+        if not raw:
+            return None
+        blocks.append([float(x) for x in raw])
+    return blocks
+
+
+@dataclass
+class Row:
+    cell: str
+    metric: str
+    label: str
+    unit: str
+    direction: str
+    kind: str
+    verdict: str
+    n_base: int = 0
+    n_head: int = 0
+    blocks_base: int = 0
+    blocks_head: int = 0
+    base_median: float | None = None
+    head_median: float | None = None
+    ratio: float | None = None
+    low: float | None = None
+    high: float | None = None
+    p: float | None = None
+    q: float | None = None
+    threshold: float = 0.0
+    cv: float | None = None
+    mde: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Comparison:
+    base: str
+    head: str
+    config: dict[str, Any]
+    env_diffs: list[str]
+    env_mismatch_allowed: bool
+    rows: list[Row] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+    load: dict[str, float | None] = field(default_factory=dict)  # median share of CPU other processes used
+
+    @property
+    def regressed(self) -> list[Row]:
+        return [r for r in self.rows if r.verdict == "regressed"]
+
+    def exit_code(self) -> int:
+        return 1 if self.regressed else 0
+
+    def to_json(self) -> str:
+        d = dataclasses.asdict(self)
+        d["rows"] = [{k: _clean(v) if isinstance(v, float) else v for k, v in r.items()} for r in d["rows"]]
+        d["exit_code"] = self.exit_code()
+        d["counts"] = {v: sum(r.verdict == v for r in self.rows) for v in gs.VERDICTS}
+        return json.dumps(d, indent=1, default=str, allow_nan=False)
+
+
+def _clean(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), *,
+                  allow_env_mismatch: bool = False, allow_unmatched: bool = False) -> Comparison:
+    """All verdicts for two loaded runs; raises InputError on unmatched cells or missing samples."""
+    cfg.validate()
+    diffs = environment_diffs(base.run.get("environment", {}), head.run.get("environment", {}))
+    for name, s in (("base", base), ("head", head)):
+        diffs += [f"{name} merges shards from differing environments: {d}" for d in
+                  s.run.get("environment_differences", [])]
+    out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
+    out.load = {name: _other_cpu(s) for name, s in (("base", base), ("head", head))}
+    out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
+                    [f"{k} (only in head)" for k in sorted(head.keys - base.keys)]
+    if out.unmatched and not allow_unmatched:
+        more = f"; and {len(out.unmatched) - 8} more" if len(out.unmatched) > 8 else ""
+        raise InputError(f"{len(out.unmatched)} cells are in only one run (use --allow-unmatched to skip them): "
+                         f"{'; '.join(out.unmatched[:8])}{more}")
+    tested: list[Row] = []
+    for key in sorted(base.keys & head.keys):
+        rows = _status_rows(key, base, head)
+        if rows is not None:
+            out.rows.extend(rows)
+            continue
+        for m in gated_metrics():
+            b, h = metric_blocks(base.ok[key], m.key), metric_blocks(head.ok[key], m.key)
+            if b is None and h is None:
+                continue
+            if b is None or h is None:
+                side = "base" if b is None else "head"
+                raise InputError(f"cell {key}: metric {m.key} has no samples in {side} "
+                                 f"({base.run_dir if b is None else head.run_dir})")
+            row = _measure_row(key, m, b, h, cfg)
+            noisy = [s for s, recs in (("base", base.ok[key]), ("head", head.ok[key]))
+                     if any(r.get("noisy") for r in recs)]
+            if noisy:
+                row.note = f"marked noisy in {' and '.join(noisy)}"
+            out.rows.append(row)
+            if row.p is not None:
+                tested.append(row)
+    for row, q in zip(tested, gs.bh_adjust([r.p for r in tested]), strict=True):
+        row.q = q
+    for row in out.rows:
+        if row.ratio is None:
+            continue
+        significant = row.q <= cfg.fdr if row.q is not None else row.low > 1 or row.high < 1
+        row.verdict = gs.verdict(row.low, row.high, significant, row.threshold, row.direction)
+        if row.verdict in ("regressed", "improved") and diffs and not allow_env_mismatch:
+            row.note = f"{row.verdict} withheld: environments differ"
+            row.verdict = "inconclusive"
+        elif row.verdict in ("regressed", "improved") and row.kind == "speed" and \
+                min(row.blocks_base, row.blocks_head) < cfg.min_processes:
+            row.note = (f"{row.verdict} withheld: {min(row.blocks_base, row.blocks_head)} process(es) on a side, "
+                        f"{cfg.min_processes} needed to see noise between processes")
+            row.verdict = "inconclusive"
+        elif row.verdict in ("regressed", "improved"):
+            _check_load(row, base, head)
+    return out
+
+
+def _check_load(row: Row, base: Side, head: Side) -> None:
+    """Withhold a verdict that the two sides' machine load explains (recorded load only)."""
+    b, h = (_other_cpu(Side(s.run_dir, s.run, {row.cell: s.ok[row.cell]}, {})) for s in (base, head))
+    if b is None or h is None:
+        return
+    # The side that measured worse: head for a regression, base for an improvement.
+    name, blamed, other = ("head", h, b) if row.verdict == "regressed" else ("base", b, h)
+    if blamed - other > LOAD_MARGIN:
+        row.note = (f"{row.verdict} withheld: the {name} side ran while other processes used {blamed:.0%} of the "
+                    f"CPUs ({other:.0%} for the other side)")
+        row.verdict = "inconclusive"
+
+
+def _other_cpu(side: Side) -> float | None:
+    import statistics
+
+    shares = [r["load"]["other_cpu_fraction"] for recs in side.ok.values() for r in recs
+              if isinstance((r.get("load") or {}).get("other_cpu_fraction"), (int, float))]
+    return statistics.median(shares) if shares else None
+
+
+def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[float]], cfg: gs.GateConfig) -> Row:
+    """One metric of one cell; p stays None where too few samples for the rank test to reach ``fdr``.
+
+    Those comparisons (peak memory, one figure per process) take the range of all pairings as
+    their interval and count as significant only when the two sides' ranges do not overlap.
+    """
+    import numpy as np
+
+    pb, ph = gs.pooled(b), gs.pooled(h)
+    tested = gs.min_rank_p(len(pb), len(ph)) <= cfg.fdr
+    if tested:
+        ratio, low, high = gs.ratio_interval(b, h, cfg.level, cfg.n_resamples, cfg.seed)
+    else:
+        ratio = float(np.median(ph) / np.median(pb))
+        low, high = float(ph.min() / pb.max()), float(ph.max() / pb.min())
+    cv = max(gs.robust_cv(b), gs.robust_cv(h))
+    return Row(cell=key, metric=m.key, label=m.label, unit=m.unit, direction=m.direction, kind=m.kind,
+               verdict="inconclusive", n_base=len(pb), n_head=len(ph), blocks_base=len(b), blocks_head=len(h),
+               base_median=float(np.median(pb)), head_median=float(np.median(ph)), ratio=ratio, low=low, high=high,
+               p=gs.rank_p(b, h) if tested else None, threshold=cfg.threshold(m.kind), cv=_clean(cv),
+               mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr)) if tested else None)
+
+
+def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
+    """Rows for a cell that did not run ok on both sides; None when it did."""
+    b_ok, h_ok = key in base.ok, key in head.ok
+    if b_ok and h_ok:
+        return None
+    if not b_ok and not h_ok:
+        return []  # failed or skipped on both sides: nothing to compare
+    status = (head.not_ok if b_ok else base.not_ok)[key]
+    error = (status.get("error") or "").splitlines()[:1]
+    if b_ok and status["status"] == "failed":
+        return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status",
+                    verdict="regressed", note=f"ok in base, failed in head: {error[0] if error else ''}"[:300])]
+    where = "head" if b_ok else "base"
+    return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status",
+                verdict="inconclusive", note=f"{status['status']} in {where}: {error[0] if error else ''}"[:300])]
+
+
+def compare_runs(base_dir: Path, head_dir: Path, cfg: gs.GateConfig = gs.GateConfig(), **kwargs) -> Comparison:
+    """Load two run directories and compare them (see ``compare_sides``)."""
+    return compare_sides(load_side(base_dir), load_side(head_dir), cfg, **kwargs)

@@ -1,0 +1,96 @@
+"""The gate's Markdown summary: for a pull-request comment or ``$GITHUB_STEP_SUMMARY``."""
+
+from __future__ import annotations
+
+import math
+
+from bench.compare import Comparison, Row
+
+ICON = {"regressed": "❌ regressed", "improved": "✅ improved", "unchanged": "unchanged",
+        "inconclusive": "❔ inconclusive"}
+
+
+def _pct(x: float | None) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return "∞" if math.isinf(x) else f"{x * 100:.1f}%"
+
+
+def _change(x: float | None) -> str:
+    return "-" if x is None else f"{(x - 1) * 100:+.1f}%"
+
+
+def _value(x: float | None, unit: str) -> str:
+    if x is None:
+        return "-"
+    if unit == "bytes":
+        return f"{x / 2**20:.1f} MiB"
+    return f"{x:.4g} {unit}"
+
+
+def _row(r: Row) -> str:
+    if r.kind == "status":
+        return f"| {r.cell} | status | | | | | {ICON[r.verdict]} | | {_esc(r.note)} |"
+    interval = f"[{_change(r.low)}, {_change(r.high)}]"
+    q = "range" if r.q is None else f"{r.q:.2g}"
+    better = "↓" if r.direction == "lower" else "↑"
+    return (f"| {r.cell} | {r.label} ({better}) | {_value(r.base_median, r.unit)} → {_value(r.head_median, r.unit)} "
+            f"| {_change(r.ratio)} | {interval} | {q} | {ICON[r.verdict]} | {_pct(r.mde)} (±{_pct(r.threshold)}) "
+            f"| n={r.n_base}/{r.n_head} in {r.blocks_base}/{r.blocks_head} processes"
+            f"{'; ' + _esc(r.note) if r.note else ''} |")
+
+
+def _esc(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def markdown_summary(c: Comparison, show_all: bool = False) -> str:
+    """Environment first, then counts, then the table (changed and inconclusive rows unless ``show_all``)."""
+    cfg = c.config
+    lines = ["## infermatrix regression gate", ""]
+    if c.env_diffs:
+        lead = "Environments differ (compared anyway: --allow-env-mismatch)" if c.env_mismatch_allowed else \
+            "**Environments differ: no regression or improvement is called** (use --allow-env-mismatch to override)"
+        lines += [f"{lead}:", "", *[f"- {d}" for d in c.env_diffs], ""]
+    counts = {v: sum(r.verdict == v for r in c.rows) for v in ICON}
+    lines.append(f"base `{c.base}` → head `{c.head}`: " + ", ".join(f"{n} {v}" for v, n in counts.items()) +
+                 f" of {len(c.rows)} comparisons. **Result: {'FAIL' if c.exit_code() else 'pass'}**")
+    lines += ["", f"Ratio of medians head/base with a {cfg['level']:.0%} block-bootstrap interval; Mann-Whitney U, "
+                  f"Benjamini-Hochberg q ≤ {cfg['fdr']}; threshold ±{cfg['speed_threshold']:.0%} speed, "
+                  f"±{cfg['memory_threshold']:.0%} memory. MDE: smallest change detectable at {cfg['power']:.0%} "
+                  "power with the observed noise (a threshold below it reports noise, so such changes stay "
+                  "inconclusive).", ""]
+    single = sum(1 for r in c.rows if r.kind == "speed" and (r.blocks_base == 1 or r.blocks_head == 1))
+    if single:
+        lines += [f"{single} speed comparisons have one process on a side: noise between processes (a "
+                  "neighbour's burst of load) is not seen in their intervals, so they give no verdict unless "
+                  "--min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` measure it.", ""]
+    if any(v is not None for v in c.load.values()):
+        lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
+                  ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]
+    rows = c.rows if show_all else [r for r in c.rows if r.verdict != "unchanged"]
+    if rows:
+        lines += ["| cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |",
+                  "|---|---|---|---|---|---|---|---|---|", *map(_row, rows)]
+    else:
+        lines.append("Every comparison is unchanged.")
+    if c.unmatched:
+        lines += ["", f"Cells in only one run (skipped): {len(c.unmatched)}", "", *[f"- {u}" for u in c.unmatched]]
+    noise = noise_table(c)
+    if noise:
+        lines += ["", "Observed noise per metric (median robust CV over cells, both sides) and median MDE:", "",
+                  "| metric | noise (CV) | MDE | comparisons |", "|---|---|---|---|", *noise]
+    return "\n".join(lines) + "\n"
+
+
+def noise_table(c: Comparison) -> list[str]:
+    import numpy as np
+
+    out = []
+    for label in dict.fromkeys(r.label for r in c.rows if r.kind != "status"):
+        rows = [r for r in c.rows if r.label == label]
+        cvs = [r.cv for r in rows if r.cv is not None]
+        mdes = [r.mde for r in rows if r.mde is not None and not math.isnan(r.mde)]
+        out.append(f"| {label} | {_pct(float(np.median(cvs)) if cvs else None)} | "
+                   f"{_pct(float(np.median(mdes)) if mdes else None)} | {len(rows)} |")
+    return out

@@ -1,0 +1,189 @@
+"""The pure statistics of the regression gate: ratio interval, rank test, FDR, MDE, verdict.
+
+Samples come in *blocks*: the repetitions measured in one process. Timing noise has two
+levels, within a process (a few percent) and between processes (a neighbour's burst of
+load can slow one whole process many times over). When a side has two or more blocks the
+bootstrap resamples whole blocks, so a single wild block widens the interval instead of
+moving the verdict; with one block per side it can only resample repetitions.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+Blocks = Sequence[Sequence[float]]  # one inner sequence per process
+
+VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
+
+
+@dataclass(frozen=True)
+class GateConfig:
+    """Thresholds and test settings of the gate (the defaults every entry point shares)."""
+
+    speed_threshold: float = 0.05  # relative change a latency or throughput must exceed to count
+    memory_threshold: float = 0.02  # peak memory is far steadier than timing, so the band is tighter
+    fdr: float = 0.01  # Benjamini-Hochberg false discovery rate over all comparisons of a run
+    level: float = 0.99  # confidence level of the bootstrap interval of the ratio
+    n_resamples: int = 2000
+    power: float = 0.8  # power at which the minimum detectable effect is stated
+    # Speed verdicts need this many processes per side: one process shows only the noise within
+    # it, and on a shared machine whole processes shift (seen here: 2-3x between two runs).
+    min_processes: int = 2
+    seed: int = 0
+
+    def validate(self) -> None:
+        from optimize.errors import InputError
+
+        for name in ("speed_threshold", "memory_threshold"):
+            if not 0 < getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be in (0, 1), got {getattr(self, name)}")
+        for name in ("fdr", "level", "power"):
+            if not 0 < getattr(self, name) < 1:
+                raise InputError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
+        if self.min_processes < 1:
+            raise InputError(f"--min-processes must be >= 1, got {self.min_processes}")
+        if self.n_resamples < 100:
+            raise InputError(f"--n-resamples must be >= 100, got {self.n_resamples}")
+
+    def threshold(self, kind: str) -> float:
+        return self.memory_threshold if kind == "memory" else self.speed_threshold
+
+
+def pooled(blocks: Blocks) -> np.ndarray:
+    return np.concatenate([np.asarray(b, dtype=float) for b in blocks]) if blocks else np.empty(0)
+
+
+def _padded(blocks: Blocks) -> np.ndarray:
+    """(n_blocks, max_len) with NaN padding; one sample per block when there is a single block."""
+    if len(blocks) == 1:
+        blocks = [[x] for x in blocks[0]]
+    width = max(len(b) for b in blocks)
+    out = np.full((len(blocks), width), np.nan)
+    for i, b in enumerate(blocks):
+        out[i, :len(b)] = b
+    return out
+
+
+def ratio_interval(base: Blocks, head: Blocks, level: float = 0.99, n_resamples: int = 2000,
+                   seed: int = 0) -> tuple[float, float, float]:
+    """Ratio of medians head/base with a percentile bootstrap interval.
+
+    Where a side has several blocks the interval is the union of a block bootstrap (whole
+    processes resampled: it sees between-process noise) and a sample bootstrap (repetitions
+    resampled: its width is stable, where a handful of blocks can by chance look steady).
+
+    Returns:
+        (ratio, low, high).
+
+    """
+    b_all, h_all = pooled(base), pooled(head)
+    ratio = float(np.median(h_all) / np.median(b_all))
+    if len(b_all) < 2 or len(h_all) < 2:  # nothing to bootstrap: the interval spans every pairing
+        return ratio, float(h_all.min() / b_all.max()), float(h_all.max() / b_all.min())
+    if np.all(b_all == b_all[0]) and np.all(h_all == h_all[0]):
+        return ratio, ratio, ratio  # no spread on either side: nothing to resample
+    low, high = _bootstrap(_padded([b_all]), _padded([h_all]), level, n_resamples, seed)
+    if len(base) > 1 or len(head) > 1:
+        b_low, b_high = _bootstrap(_padded(base), _padded(head), level, n_resamples, seed + 1)
+        low, high = min(low, b_low), max(high, b_high)
+    return ratio, low, high
+
+
+def _bootstrap(b_mat: np.ndarray, h_mat: np.ndarray, level: float, n_resamples: int, seed: int) -> tuple[float, float]:
+    """Percentile interval of median(head)/median(base), resampling the rows (blocks) of each matrix.
+
+    scipy.stats.bootstrap resamples row indices per side; the statistic pools the chosen rows.
+    """
+    from scipy.stats import bootstrap
+
+    # np.nanmedian is several times slower than np.median: use it only for unequal blocks.
+    med_b = np.nanmedian if np.isnan(b_mat).any() else np.median
+    med_h = np.nanmedian if np.isnan(h_mat).any() else np.median
+
+    def statistic(ib: np.ndarray, ih: np.ndarray, axis: int = -1) -> np.ndarray:
+        # ib: (..., n_base_blocks) block indices -> (..., n_blocks * width) pooled values
+        b = b_mat[ib.astype(int)].reshape(*ib.shape[:-1], -1)
+        h = h_mat[ih.astype(int)].reshape(*ih.shape[:-1], -1)
+        return med_h(h, axis=-1) / med_b(b, axis=-1)
+
+    res = bootstrap((np.arange(len(b_mat), dtype=float), np.arange(len(h_mat), dtype=float)), statistic,
+                    n_resamples=n_resamples, confidence_level=level, method="percentile", vectorized=True,
+                    paired=False, batch=max(1, 200_000 // (b_mat.size + h_mat.size)), rng=np.random.default_rng(seed))
+    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+
+
+def rank_p(base: Blocks, head: Blocks) -> float:
+    """Two-sided Mann-Whitney U p-value on the pooled samples (1.0 when it cannot be computed)."""
+    from scipy.stats import mannwhitneyu
+
+    b, h = pooled(base), pooled(head)
+    if len(b) < 2 or len(h) < 2 or (np.all(b == b[0]) and np.all(h == b[0])):
+        return 1.0
+    return float(mannwhitneyu(h, b, alternative="two-sided").pvalue)
+
+
+def min_rank_p(n_base: int, n_head: int) -> float:
+    """Smallest two-sided p-value a Mann-Whitney U test can give with these sample counts."""
+    if n_base < 1 or n_head < 1:
+        return 1.0
+    return min(1.0, 2.0 / math.comb(n_base + n_head, n_base))
+
+
+def bh_adjust(pvalues: Sequence[float]) -> list[float]:
+    """Benjamini-Hochberg adjusted p-values (scipy.stats.false_discovery_control)."""
+    from scipy.stats import false_discovery_control
+
+    if not len(pvalues):
+        return []
+    return [float(q) for q in false_discovery_control(np.asarray(pvalues, dtype=float), method="bh")]
+
+
+def robust_cv(blocks: Blocks) -> float:
+    """Coefficient of variation from the median absolute deviation (insensitive to a wild block)."""
+    x = pooled(blocks)
+    med = float(np.median(x)) if len(x) else math.nan
+    if len(x) < 2 or med == 0:
+        return math.nan
+    return float(1.4826 * np.median(np.abs(x - med)) / abs(med))
+
+
+def mde(cv: float, n_base: int, n_head: int, level: float = 0.99, power: float = 0.8, fdr: float = 0.01) -> float:
+    """Minimum detectable relative change of the median at ``power``, given noise ``cv``.
+
+    (z_{1-alpha/2} + z_power) x CV x sqrt(1/n_base + 1/n_head) x sqrt(pi/2): the usual formula
+    for a mean, times the median's efficiency loss under normal noise. Infinite when the rank
+    test cannot reach ``fdr`` with so few samples.
+    """
+    from scipy.stats import norm
+
+    if min_rank_p(n_base, n_head) > fdr:
+        return math.inf
+    if math.isnan(cv):
+        return math.nan
+    z = norm.ppf(1 - (1 - level) / 2) + norm.ppf(power)
+    return float(z * cv * math.sqrt(1 / n_base + 1 / n_head) * math.sqrt(math.pi / 2))
+
+
+def worse_is_higher(direction: str) -> bool:
+    """True when a larger head/base ratio is worse (latency, memory)."""
+    return direction == "lower"
+
+
+def verdict(ratio_low: float, ratio_high: float, significant: bool, threshold: float, direction: str) -> str:
+    """The verdict for one comparison.
+
+    ``regressed`` (``improved``) only when the whole interval lies beyond the threshold on the
+    worse (better) side and the test is significant after correction; ``unchanged`` when the
+    whole interval lies inside the band; ``inconclusive`` otherwise.
+    """
+    up, down = 1 + threshold, 1 / (1 + threshold)  # symmetric on the log scale
+    beyond_up, beyond_down = ratio_low > up, ratio_high < down
+    if significant and (beyond_up or beyond_down):
+        return "regressed" if beyond_up == worse_is_higher(direction) else "improved"
+    if down <= ratio_low and ratio_high <= up:
+        return "unchanged"
+    return "inconclusive"

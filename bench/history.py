@@ -1,0 +1,96 @@
+"""Run history in SQLite: one row per run (commit, environment), key metric medians per cell.
+
+A metric across commits is then one query; ``show`` prints it and ``plot`` draws it.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.compare import environment_fingerprint, gated_metrics, load_side, metric_blocks
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY, run_dir TEXT NOT NULL, commit_sha TEXT, started TEXT, added TEXT NOT NULL,
+    environment TEXT NOT NULL, fingerprint TEXT NOT NULL, UNIQUE (run_dir, started));
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id INTEGER NOT NULL REFERENCES runs(id), cell TEXT NOT NULL, metric TEXT NOT NULL,
+    median REAL NOT NULL, n INTEGER NOT NULL, unit TEXT, direction TEXT, PRIMARY KEY (run_id, cell, metric));
+"""
+
+
+def connect(db: Path) -> sqlite3.Connection:
+    Path(db).parent.mkdir(parents=True, exist_ok=True)
+    con = sqlite3.connect(db)
+    con.executescript(SCHEMA)
+    return con
+
+
+def add_run(db: Path, run_dir: Path, commit: str | None = None) -> dict[str, Any]:
+    """Append a run's gated metrics (median over all its repetitions per cell) to ``db``.
+
+    Returns:
+        {"run_id", "commit", "cells", "metrics"}; a run already added is not added twice.
+
+    """
+    from optimize.errors import InputError
+
+    side = load_side(run_dir)
+    env = side.run.get("environment", {})
+    commit = commit or (env.get("git") or {}).get("commit")
+    with connect(db) as con:
+        try:
+            cur = con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint) "
+                              "VALUES (?, ?, ?, ?, ?, ?)",
+                              (str(Path(run_dir).resolve()), commit, side.run.get("started"),
+                               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(env, default=str),
+                               json.dumps(environment_fingerprint(env), sort_keys=True, default=str)))
+        except sqlite3.IntegrityError:
+            raise InputError(f"{run_dir} (started {side.run.get('started')}) is already in {db}") from None
+        rows = []
+        for cell, records in side.ok.items():
+            for m in gated_metrics():
+                blocks = metric_blocks(records, m.key)
+                if blocks:
+                    values = [x for b in blocks for x in b]
+                    rows.append((cur.lastrowid, cell, m.key, statistics.median(values), len(values), m.unit,
+                                 m.direction))
+        con.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+    return {"run_id": cur.lastrowid, "commit": commit, "cells": len(side.ok), "metrics": len(rows)}
+
+
+def series(db: Path, metric: str, cell: str | None = None) -> list[dict[str, Any]]:
+    """The metric's median per run and cell, oldest run first."""
+    query = ("SELECT r.id, r.commit_sha, r.started, m.cell, m.median, m.n, m.unit FROM metrics m "
+             "JOIN runs r ON r.id = m.run_id WHERE m.metric = ?" + (" AND m.cell LIKE ?" if cell else "") +
+             " ORDER BY r.started, r.id, m.cell")
+    with connect(db) as con:
+        rows = con.execute(query, (metric, f"%{cell}%") if cell else (metric,)).fetchall()
+    keys = ("run_id", "commit", "started", "cell", "median", "n", "unit")
+    return [dict(zip(keys, r, strict=True)) for r in rows]
+
+
+def plot(points: list[dict[str, Any]], metric: str, out: Path) -> Path:
+    """A line per cell across runs, labelled by short commit (PNG or SVG by ``out``'s suffix)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = list(dict.fromkeys((p["run_id"], (p["commit"] or "?")[:8]) for p in points))
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for cell in dict.fromkeys(p["cell"] for p in points):
+        xs = [runs.index((p["run_id"], (p["commit"] or "?")[:8])) for p in points if p["cell"] == cell]
+        ax.plot(xs, [p["median"] for p in points if p["cell"] == cell], marker="o", label=cell)
+    ax.set_xticks(range(len(runs)), [c for _, c in runs], rotation=45, ha="right")
+    ax.set_ylabel(f"{metric} (median)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,109 @@
+"""``infermatrix ab``: two revisions of a repository, interleaved in one job, compared."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from bench.ab import schedule
+from bench.cli import main as cli
+
+MATRIX = """
+name = "ab-test"
+models = ["synthetic:llama-tiny"]
+variants = ["serve", "fp32"]
+devices = ["cpu"]
+
+[[recipe]]
+name = "serve"
+steps = []
+
+[[scenarios]]
+name = "generate"
+batch_size = [1]
+prompt_tokens = [64]
+new_tokens = [16]
+
+[measure]
+warmup = 1
+min_reps = 5
+max_reps = 5
+budget_s = 0
+timeout_s = 300
+
+[drift]
+enabled = false
+"""
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A repository whose second commit makes the recipe `serve` turn the KV cache off."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "bench.toml").write_text(MATRIX)
+    _git(repo, "add", "bench.toml")
+    _git(repo, "commit", "-qm", "serve with the default cache")
+    (repo / "bench.toml").write_text(MATRIX.replace("steps = []", 'steps = [{technique = "kv-cache", mode = "none"}]'))
+    _git(repo, "commit", "-qam", "serve without KV cache")
+    return repo
+
+
+def test_schedule_interleaves_and_alternates_who_goes_first():
+    order = schedule(["a", "b", "c"], rounds=4, seed=1)
+    assert len(order) == 3 * 2 * 4
+    pairs = [order[i:i + 2] for i in range(0, len(order), 2)]
+    assert all(p[0][0] == p[1][0] and {p[0][1], p[1][1]} == {"base", "head"} for p in pairs)
+    firsts = Counter((p[0][0], p[0][1]) for p in pairs)
+    assert all(firsts[(k, "base")] == firsts[(k, "head")] == 2 for k in "abc")
+    round_orders = {tuple(k for k, _ in order[r * 6:(r + 1) * 6:2]) for r in range(4)}
+    assert len(round_orders) > 1  # the cell order is shuffled per round
+
+
+@pytest.mark.slow
+def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_dir, capsys):
+    # --repo rather than a chdir: cell processes fork from a server that resolves imports against the
+    # working directory it started in, and this checkout's code must be the one measured.
+    out = tmp_path / "ab"
+    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--quiet",
+              "--json", str(tmp_path / "c.json")])
+    captured = capsys.readouterr()
+    assert rc == 1, captured.out + captured.err
+    regressed = [line for line in captured.err.splitlines() if line.startswith("regressed:")]
+    assert regressed and all(" serve cpu generate 1/64/16: " in line for line in regressed)
+    assert any("TPOT" in line or "decode" in line for line in regressed)
+    data = json.loads((tmp_path / "c.json").read_text())
+    assert not [r for r in data["rows"] if " fp32 " in r["cell"] and r["verdict"] == "regressed"]
+    # each side: both cells twice, in fresh processes; each side's run records its own revision
+    for side in ("base", "head"):
+        records = [json.loads(line) for line in (out / side / "results.jsonl").read_text().splitlines()]
+        assert Counter(r["variant"] for r in records) == {"serve": 2, "fp32": 2}
+        run = json.loads((out / side / "run.json").read_text())
+        assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
+    head_serve = next(json.loads(line) for line in (out / "head" / "results.jsonl").read_text().splitlines()
+                      if '"serve"' in line)
+    assert head_serve["recipe"]["steps"][0]["mode"] == "none"  # the head's recipe came from the head's worktree
+    ran = sorted((r["ab"]["position"], r["variant"], s) for s in ("base", "head")
+                 for r in map(json.loads, (out / s / "results.jsonl").read_text().splitlines()))
+    pairs = [ran[i:i + 2] for i in range(0, len(ran), 2)]
+    assert all(a[1] == b[1] and {a[2], b[2]} == {"base", "head"} for a, b in pairs)  # A B or B A, same cell
+    assert {a[2] for a, _ in pairs} == {"base", "head"}  # each side goes first sometimes
+    assert len(_git(repo, "worktree", "list").splitlines()) == 1  # the temporary worktrees are gone
+
+
+def test_ab_bad_revision_and_not_a_repository(repo, tmp_path, capsys):
+    assert cli(["ab", "no-such-rev", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(tmp_path / "x")]) == 2
+    assert "revision 'no-such-rev' is not a commit" in capsys.readouterr().err
+    (tmp_path / "plain").mkdir()
+    assert cli(["ab", "HEAD~1", "--repo", str(tmp_path / "plain"), "--out", str(tmp_path / "y")]) == 2
+    assert "not inside a git repository" in capsys.readouterr().err

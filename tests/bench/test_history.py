@@ -1,0 +1,34 @@
+"""History: runs' key metrics per commit in SQLite, shown and plotted across commits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from bench import history
+from bench.cli import main as cli
+from tests.bench.gate_helpers import synthetic_run
+
+
+def test_add_and_show_a_metric_across_commits(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    db = tmp_path / "h.sqlite"
+    for i, slow in enumerate((1.0, 1.0, 1.5)):
+        run = synthetic_run(tmp_path / f"run{i}", rng, cells=2, cv=0.01, slowdown={"v0": slow}, commit=f"{i:040x}")
+        assert cli(["history", "add", str(run), "--db", str(db), "--commit", f"c{i}" + "0" * 38]) == 0
+    points = history.series(db, "tpot_ms", cell="v0")
+    assert [p["commit"][:2] for p in points] == ["c0", "c1", "c2"]
+    assert points[2]["median"] / points[0]["median"] > 1.4 and points[0]["n"] == 5
+    assert cli(["history", "show", "--db", str(db), "--metric", "tpot_ms", "--plot", str(tmp_path / "p.png")]) == 0
+    out = capsys.readouterr().out
+    assert out.count("synthetic:llama-tiny v0") == 3 and out.count("synthetic:llama-tiny v1") == 3
+    assert (tmp_path / "p.png").stat().st_size > 1000
+
+
+def test_commit_defaults_to_the_run_and_duplicates_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not a git repository: the run's own recorded commit is used
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 0
+    assert history.series(tmp_path / "h.sqlite", "ttft_ms")[0]["commit"] == "ab" * 20
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 2
+    assert "already in" in capsys.readouterr().err
+    assert cli(["history", "show", "--db", "h.sqlite", "--metric", "nonsense"]) == 2
