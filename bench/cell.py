@@ -7,6 +7,7 @@ build memory never shows in a cell's figures.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -150,13 +151,17 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     recipe = recipe_from_dict(cell["variant"])
     if device == "cuda":
         memory.reset_cuda_peaks()
+    store = VariantStore(_cache(cell))
+    built = store.get_or_build(ref, recipe, device, cell["trust_remote_code"])  # checksums verified before timing
     t0 = time.perf_counter()
-    state, artifact = load_variant(ref, recipe, device, VariantStore(_cache(cell)), cell["trust_remote_code"])
+    state, artifact = load_variant(ref, recipe, device, store, cell["trust_remote_code"])
+    artifact = dataclasses.replace(artifact, reused=built.reused)
     load_s = time.perf_counter() - t0
     kind = SCENARIOS[cell["scenario"]["name"]]
     fields = set(kind.__dataclass_fields__) - {"name"}
     scenario = kind(**{k: v for k, v in cell["scenario"].items() if k in fields})
     scenario.validate()
+    check_context(state.model.config, scenario)
     vocab = state.model.config.vocab_size
     prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
                                         cell.get("eval_text"), cell["trust_remote_code"],
@@ -211,6 +216,15 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
                      "overhead": time.perf_counter() - t_start - warmup - metrics["measured_wall_s"] - drift_s,
                      **timing_extra},
     }
+
+
+def check_context(config, scenario) -> None:
+    """A scenario longer than the model's context is skipped with the reason, never run past it."""
+    limit = getattr(config, "max_position_embeddings", None)
+    needed = scenario.prompt_tokens + getattr(scenario, "new_tokens", 1)
+    if isinstance(limit, int) and needed > limit:
+        raise NotApplicable(f"prompt_tokens {scenario.prompt_tokens} + new_tokens {getattr(scenario, 'new_tokens', 1)}"
+                            f" = {needed} exceeds the model's context of {limit} positions (max_position_embeddings)")
 
 
 def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:

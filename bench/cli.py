@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import warnings
 
 from optimize.errors import InputError
 
@@ -42,13 +43,34 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line_warnings() -> None:
+    """The project's own warnings (corrupt records, rebuilt artifacts) as one plain line each."""
+    plain = warnings.formatwarning
+
+    def fmt(message, category, filename, lineno, line=None):
+        if category.__module__.split(".")[0] in ("bench", "optimize"):
+            return f"infermatrix: warning: {message}\n"
+        return plain(message, category, filename, lineno, line)
+
+    warnings.formatwarning = fmt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    _one_line_warnings()
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except InputError as exc:
         print(f"infermatrix {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        from bench.results import RecordWriteError
+
+        if not isinstance(exc, RecordWriteError):
+            raise
+        print(f"infermatrix {args.command}: error: {exc}; the records written before it are intact",
+              file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("infermatrix: interrupted; finished cells are in the run directory", file=sys.stderr)
         return 130

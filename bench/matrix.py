@@ -10,6 +10,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios",
             "exclude", "trust_remote_code", "eval_text", "tokenizer", "prompt_source"}
 SCENARIO_KINDS = SCENARIOS
 DEVICES = ("auto", "cpu", "cuda")
+# A run name becomes a directory under reports/runs/: no separators, no leading dot.
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
 
 @dataclass(frozen=True)
@@ -92,11 +96,58 @@ def _err(where: str, key: str, msg: str) -> InputError:
     return InputError(f"{where}: '{key}' {msg}")
 
 
+def _bool(data: dict, key: str, where: str, default: bool) -> bool:
+    """A TOML boolean; a string such as "false" is an error, never truthy."""
+    value = data.get(key, default)
+    if not isinstance(value, bool):
+        raise _err(where, key, f"must be true or false (a TOML boolean, unquoted), got {value!r}")
+    return value
+
+
+def _text(data: dict, key: str, where: str, default: str) -> str:
+    value = data.get(key, default)
+    if not isinstance(value, str):
+        raise _err(where, key, f"must be a string, got {value!r}")
+    return value
+
+
+def _run_name(data: dict, where: str) -> str:
+    """The matrix name, which names the run directory: it must not leave the runs folder."""
+    if "name" not in data:
+        stem = re.sub(r"[^A-Za-z0-9._+-]", "-", Path(where).stem).lstrip(".-_+")
+        return stem[:100] or "matrix"
+    name = _text(data, "name", where, "")
+    if not RUN_NAME.fullmatch(name) or ".." in name:
+        raise _err(where, "name", f"must be 1-100 letters, digits, '.', '_', '+' or '-', starting with a letter or "
+                                  f"digit, without '..' (it names the run directory), got {name!r}")
+    return name
+
+
+def _eval_text(data: dict, where: str) -> str | None:
+    """A user evaluation text must be an existing file: a missing one never falls back to random prompts."""
+    from optimize.models import eval_text_path
+
+    if "eval_text" not in data:
+        return None
+    value = _text(data, "eval_text", where, "")
+    try:
+        eval_text_path(value)
+    except InputError as exc:
+        raise _err(where, "eval_text", f"must name an existing text file: {exc}") from None
+    return value
+
+
+def _number(value: Any) -> bool:
+    """An int or float that is finite: booleans, NaN and infinities are not numbers here."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def _str_list(data: dict, key: str, where: str, default=None) -> tuple[str, ...]:
     value = data.get(key, default)
     if isinstance(value, str):
         value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v and "\0" not in v
+                                                           for v in value):
         raise _err(where, key, f"must be a non-empty list of strings, got {value!r}")
     return tuple(value)
 
@@ -115,8 +166,10 @@ def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
         raise _err(where, "scenarios", "must be a non-empty array of tables ([[scenarios]])")
     out = []
     for i, table in enumerate(raw):
+        if not isinstance(table, dict):
+            raise _err(f"{where} scenarios[{i}]", "scenarios", f"must be a table ([[scenarios]]), got {table!r}")
         kind = table.get("name", "generate")
-        if kind not in SCENARIO_KINDS:
+        if not isinstance(kind, str) or kind not in SCENARIO_KINDS:
             raise _err(f"{where} scenarios[{i}]", "name", f"must be one of {sorted(SCENARIO_KINDS)}, got {kind!r}")
         fields = {f.name for f in dataclasses.fields(SCENARIO_KINDS[kind])} - {"name"}
         unknown = sorted(set(table) - fields - {"name"})
@@ -146,14 +199,19 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     roofline = raw.get("roofline", True)
     if not isinstance(roofline, bool):
         raise _err(f"{where} [measure]", "roofline", f"must be true or false, got {roofline!r}")
+    base = MeasureConfig()
     for key, value in raw.items():
         if key == "roofline":
             continue
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
-            raise _err(f"{where} [measure]", key, f"must be a non-negative number, got {value!r}")
-    base = MeasureConfig()
+        if not _number(value) or value < 0:
+            raise _err(f"{where} [measure]", key, f"must be a finite non-negative number, got {value!r}")
+        default = getattr(base.repeat, key, None) if key in repeat_fields else getattr(base, key)
+        if isinstance(default, int) and not isinstance(value, int):
+            raise _err(f"{where} [measure]", key, f"must be an integer, got {value!r}")
+    if "timeout_s" in raw and raw["timeout_s"] <= 0:
+        raise _err(f"{where} [measure]", "timeout_s", f"must be > 0 seconds, got {raw['timeout_s']!r}")
     rounds = raw.get("rounds", base.rounds)
-    if not isinstance(rounds, int) or rounds < 1:
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise _err(f"{where} [measure]", "rounds", f"must be a whole number >= 1, got {rounds!r}")
     repeat = dataclasses.replace(base.repeat, **{k: type(getattr(base.repeat, k))(v) for k, v in raw.items()
                                                   if k in repeat_fields})
@@ -165,6 +223,48 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
                          seed=int(raw.get("seed", base.seed)), roofline=roofline, rounds=rounds)
 
 
+def _parse_recipes(raw: Any, where: str, builtins: set[str]) -> dict[str, Recipe]:
+    """Inline ``[[recipe]]`` tables; a name may appear once and may not shadow a built-in variant."""
+    if not isinstance(raw, list):
+        raise _err(where, "recipe", f"must be an array of tables ([[recipe]]), got {raw!r}")
+    recipes: dict[str, Recipe] = {}
+    for i, table in enumerate(raw):
+        try:
+            recipe = recipe_from_dict(table, f"{where} recipe[{i}]")
+        except RecipeError as exc:
+            raise InputError(str(exc)) from None
+        if recipe.name in builtins:
+            raise _err(f"{where} recipe[{i}]", "name", f"{recipe.name!r} is a built-in variant; give the recipe "
+                                                       "another name")
+        if recipe.name in recipes:
+            raise _err(f"{where} recipe[{i}]", "name", f"{recipe.name!r} is used by two recipes; names must be "
+                                                       "unique")
+        recipes[recipe.name] = recipe
+    return recipes
+
+
+def exclude_keys() -> set[str]:
+    """What an ``[[exclude]]`` rule may match: the cell's model, variant, device and scenario fields."""
+    keys = {"model", "variant", "device", "name"}
+    for kind in SCENARIO_KINDS.values():
+        keys |= {f.name for f in dataclasses.fields(kind)}
+    return keys
+
+
+def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
+    from optimize.registry import did_you_mean
+
+    if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
+        raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
+    allowed = exclude_keys()
+    for i, rule in enumerate(raw):
+        for key in sorted(rule):
+            if key not in allowed:
+                raise _err(f"{where} exclude[{i}]", key, f"is not something a cell has{did_you_mean(key, allowed)}; "
+                                                         f"allowed: {', '.join(sorted(allowed))}")
+    return tuple(raw)
+
+
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     """Validate a matrix given as parsed TOML."""
     from optimize.registry import did_you_mean, variant_names
@@ -173,13 +273,7 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     if unknown:
         raise _err(where, unknown[0], f"is not a matrix key{did_you_mean(unknown[0], TOP_KEYS)}; "
                                       f"allowed: {', '.join(sorted(TOP_KEYS))}")
-    recipes: dict[str, Recipe] = {}
-    for i, table in enumerate(data.get("recipe", [])):
-        try:
-            recipe = recipe_from_dict(table, f"{where} recipe[{i}]")
-        except RecipeError as exc:
-            raise InputError(str(exc)) from None
-        recipes[recipe.name] = recipe
+    recipes = _parse_recipes(data.get("recipe", []), where, set(variant_names()))
     variants = _str_list(data, "variants", where, ["fp32"])
     known = set(variant_names()) | set(recipes)
     for name in variants:
@@ -196,14 +290,12 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
             check_model_spec(spec)
         except InputError as exc:
             raise _err(where, "models", str(exc)) from None
-    exclude = data.get("exclude", [])
-    if not isinstance(exclude, list) or not all(isinstance(e, dict) and e for e in exclude):
-        raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
+    exclude = _parse_exclude(data.get("exclude", []), where)
     drift_table = dict(data.get("drift", {})) if isinstance(data.get("drift", {}), dict) else data["drift"]
     budget = drift_table.pop("budget", {}) if isinstance(drift_table, dict) else {}
     return Matrix(
-        name=str(data.get("name", Path(where).stem)),
-        description=str(data.get("description", "")),
+        name=_run_name(data, where),
+        description=_text(data, "description", where, ""),
         drift=DriftConfig.from_dict(drift_table, f"{where} [drift]"),
         drift_budget=DriftBudget.from_dict(budget, f"{where} [drift.budget]"),
         models=models,
@@ -213,9 +305,9 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         measure=_parse_measure(data.get("measure", {}), where),
         recipes=recipes,
         exclude=tuple(exclude),
-        trust_remote_code=bool(data.get("trust_remote_code", False)),
-        eval_text=data.get("eval_text"),
-        tokenizer=data.get("tokenizer"),
+        trust_remote_code=_bool(data, "trust_remote_code", where, False),
+        eval_text=_eval_text(data, where),
+        tokenizer=_text(data, "tokenizer", where, "") or None,
         prompt_source=_prompt_source(data.get("prompt_source", "auto"), where),
         source=where,
     )

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.results import RUN, append_record, read_records, read_run, write_json_atomic
+from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
 
 # Environment facts that must agree for shard figures to be comparable.
@@ -33,16 +34,15 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
         raise InputError("merge needs at least one run directory")
     runs = []
     for d in run_dirs:
-        if not (Path(d) / RUN).exists():
-            raise InputError(f"{d}: no {RUN}, not a run directory")
-        runs.append(read_run(d))
+        runs.append(read_run(d))  # a missing or corrupt run.json is an InputError naming it
+    out = Path(out)
     first = runs[0]
     differences: list[str] = []
     for d, run in zip(run_dirs[1:], runs[1:], strict=True):
-        if run["matrix_hash"] != first["matrix_hash"]:
-            raise InputError(f"{d} ran a different matrix ({run['matrix_hash']}) than {run_dirs[0]} "
-                             f"({first['matrix_hash']}): refusing to merge")
-        a, b = _fingerprint(first["environment"]), _fingerprint(run["environment"])
+        if run.get("matrix_hash") != first.get("matrix_hash"):
+            raise InputError(f"{d} ran a different matrix ({run.get('matrix_hash')}) than {run_dirs[0]} "
+                             f"({first.get('matrix_hash')}): refusing to merge")
+        a, b = _fingerprint(first.get("environment") or {}), _fingerprint(run.get("environment") or {})
         diff = sorted(k for k in a if a[k] != b[k])
         differences += [f"{d}: {k} is {b[k]!r}, {a[k]!r} in {run_dirs[0]}" for k in diff]
         if diff and not allow_env_mismatch:
@@ -51,7 +51,18 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
                              f"{run_dirs[0]}: refusing to merge")
     if (out / RUN).exists():
         raise InputError(f"--out {out} already holds a run")
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InputError(f"--out {out} exists and is not an empty directory")
+    # Built in a temporary sibling and renamed into place: a failed merge leaves no partial output.
+    info: dict[str, Any] = {}
+    build_dir_atomically(out, lambda tmp: info.update(_write_merged(run_dirs, runs, tmp, differences)))
+    if not (out / RUN).exists():
+        raise InputError(f"--out {out} was filled by another process during the merge")
+    return {"cells": info["cells"], "out": str(out)}
+
+
+def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
+                  differences: list[str]) -> dict[str, Any]:
     seen: dict[str, Path] = {}
     count = 0
     for d in run_dirs:
@@ -64,10 +75,11 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
             seen[cid] = d
             append_record(out, record)
             count += 1
+    first = runs[0]
     merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
               "shards": [r.get("shard") for r in runs],
               "started": min(r["started"] for r in runs), "ended": max((r.get("ended") or "") for r in runs) or None,
               "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **({"environment_differences": differences} if differences else {})}
     write_json_atomic(out / RUN, merged)
-    return {"cells": count, "out": str(out)}
+    return {"cells": count}

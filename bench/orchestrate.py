@@ -73,13 +73,33 @@ def build_id(cell: dict[str, Any]) -> str | None:
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
-def new_run_dir(out: Path | None, matrix: Matrix) -> Path:
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    base = Path(out) if out else Path("reports") / "runs"
-    run_dir = base / f"{stamp}-{matrix.name}" if out is None else base
+def plan_run_dir(out: Path | None, matrix: Matrix) -> Path:
+    """Where a new run goes: ``--out``, or ``reports/runs/STAMP-NAME`` (never outside ``reports/runs``)."""
+    if out is not None:
+        return Path(out)
+    base = Path("reports") / "runs"
+    run_dir = base / f"{time.strftime('%Y%m%d-%H%M%S')}-{matrix.name}"
+    if run_dir.resolve().parent != base.resolve():  # the matrix parser already refuses such names
+        raise InputError(f"matrix name {matrix.name!r} would put the run outside {base}")
+    return run_dir
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a directory that already holds a run, or that is a file (call with the run's lock held)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file, not a directory")
     if (run_dir / RUN).exists():
         raise InputError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another directory")
-    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def new_run_dir(out: Path | None, matrix: Matrix) -> Path:
+    """Create the directory of a new run (without the lock; ``infermatrix run`` locks it first)."""
+    run_dir = plan_run_dir(out, matrix)
+    check_new_run_dir(run_dir)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"--out {run_dir} cannot be created: {exc.strerror or exc}") from None
     return run_dir
 
 
@@ -101,7 +121,8 @@ def start_run(matrix: Matrix, run_dir: Path, *, shard: Shard | None, launcher: s
     return run
 
 
-def resume_run(run_dir: Path) -> tuple[Matrix, dict[str, Any]]:
+def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[str, Any]]:
+    """The matrix and run.json of ``run_dir``; a different ``--shard`` than the run's is refused."""
     if not (Path(run_dir) / RUN).exists():
         raise InputError(f"--resume {run_dir}: no {RUN} there, not a run directory")
     run = read_run(run_dir)
@@ -110,8 +131,33 @@ def resume_run(run_dir: Path) -> tuple[Matrix, dict[str, Any]]:
     for key in ("eval_text", "tokenizer"):
         if m.get(key) is None:
             m.pop(key, None)
-    matrix = parse_matrix(m, source)
+    matrix = parse_matrix(m, source if isinstance(source, str) else str(run_dir))
+    recorded = run.get("shard")
+    if shard is not None and str(shard) != (recorded or "1/1"):
+        raise InputError(f"--resume {run_dir} --shard {shard}: the run was started as "
+                         f"{'shard ' + recorded if recorded else 'a whole matrix (no shard)'}; resume it with "
+                         f"{'--shard ' + recorded if recorded else 'no --shard'} or start a new run")
     return matrix, run
+
+
+def check_resumable(matrix: Matrix, run_dir: Path, shard: Shard | None, resolve_device) -> None:
+    """Refuse, before anything runs, a run directory whose records belong to another matrix or shard."""
+    all_cells = expand(matrix, resolve_device)
+    check_records_belong(run_dir, all_cells, shard.select(all_cells) if shard else all_cells, shard)
+
+
+def check_records_belong(run_dir: Path, all_cells: list[dict[str, Any]], shard_cells: list[dict[str, Any]],
+                         shard: Shard | None) -> None:
+    """Refuse to resume a directory whose results.jsonl holds cells of another matrix or another shard."""
+    all_ids, mine = {c["cell_id"] for c in all_cells}, {c["cell_id"] for c in shard_cells}
+    for rec in read_records(run_dir, latest_only=False):
+        cid = rec["cell_id"]
+        if cid not in all_ids:
+            raise InputError(f"{run_dir}/results.jsonl holds cell {cid} ({rec.get('model')}, {rec.get('variant')}), "
+                             f"which is not a cell of {RUN}'s matrix: the records belong to another run")
+        if cid not in mine:
+            raise InputError(f"{run_dir}/results.jsonl holds cell {cid}, which is not in shard {shard}: the "
+                             "records belong to another shard")
 
 
 def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = None,
@@ -122,9 +168,12 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     Variants are built first, once each, in build jobs of their own; a cell whose build
     failed or was skipped gets that outcome without running.
     """
-    cells = expand(matrix, resolve_device)
-    if shard:
-        cells = shard.select(cells)
+    all_cells = expand(matrix, resolve_device)
+    cells = shard.select(all_cells) if shard else all_cells
+    from bench.results import repair_torn_tail
+
+    repair_torn_tail(run_dir)  # a crash mid-append: move the fragment aside before anything is appended
+    check_records_belong(run_dir, all_cells, cells, shard)
     ok_rounds = Counter(r["cell_id"] for r in read_records(run_dir, latest_only=False) if r["status"] == "ok")
     todo = [c for c in cells if ok_rounds[c["cell_id"]] < matrix.measure.rounds]
     for c in todo:
@@ -225,7 +274,7 @@ def _already_stored(builds: dict[str, dict], references: dict[str, dict], cache_
     """Outcomes of the build and reference jobs whose results are already stored (no process needed)."""
     from bench.metrics.drift import REFERENCE_JSON, DriftConfig, reference_path
     from optimize.models import default_cache_dir, peek_model
-    from optimize.store import MANIFEST, VariantStore
+    from optimize.store import VariantStore
 
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     store = VariantStore(cache)
@@ -234,7 +283,7 @@ def _already_stored(builds: dict[str, dict], references: dict[str, dict], cache_
         ref = peek_model(job["model"], cache)
         if ref is not None:
             path = store.root / store.key(ref, recipe_from_dict(job["variant"]), job["device"])
-            if (path / MANIFEST).exists():
+            if store.stored(path) is not None:  # verified against its checksums, else rebuilt by a build job
                 found[bid] = {"status": "ok", "reused": True, "path": str(path), "build_s": 0.0}
     for rid, job in references.items():
         ref = peek_model(job["model"], cache)

@@ -45,11 +45,12 @@ def prompt_ids(ref, vocab_size: int, batch_size: int, prompt_tokens: int, seed: 
     import torch
 
     from optimize.errors import InputError, NotApplicable
-    from optimize.models import eval_token_ids
+    from optimize.models import eval_text_path, eval_token_ids
 
     check_prompt_source(source)
     if source == "random":
         return random_prompt_ids(vocab_size, batch_size, prompt_tokens, seed), "random"
+    eval_text_path(eval_text)  # a missing evaluation file is an input error, never a fall back to random ids
     try:
         stream = eval_token_ids(ref, vocab_size, eval_text, trust_remote_code)
     except (NotApplicable, InputError) as exc:

@@ -1,20 +1,36 @@
-"""Directories built in a temporary sibling and renamed into place."""
+"""Directories built in a temporary sibling and renamed into place; stale siblings swept."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import socket
+import warnings
 from collections.abc import Callable
 from pathlib import Path
+
+# ``NAME.tmpPID@HOST``: the temporary sibling a builder with process id PID on HOST fills. The
+# host keeps a sweep on one machine of a shared cache (Ray workers) off another machine's builds.
+TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:@([A-Za-z0-9._-]+))?$")
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname()) or "host"
+
+
+def tmp_sibling(final: Path) -> Path:
+    return final.with_name(f"{final.name}.tmp{os.getpid()}@{_host()}")
 
 
 def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
     """``fill`` a temporary sibling of ``final``, then rename it to ``final``.
 
-    A crash leaves no half-written ``final``; when a concurrent builder got there first,
-    its directory is kept and ours is dropped.
+    A crash leaves no half-written ``final`` (a killed builder's sibling is removed by
+    ``sweep_stale_tmp`` later); when a concurrent builder got there first, its directory
+    is kept and ours is dropped.
     """
-    tmp = final.with_name(f"{final.name}.tmp{os.getpid()}")
+    tmp = tmp_sibling(final)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
@@ -26,3 +42,42 @@ def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def sweep_stale_tmp(parent: Path) -> list[Path]:
+    """Remove ``*.tmpPID`` entries of ``parent`` whose builder process is gone (killed, timed out).
+
+    Returns:
+        The removed paths.
+
+    """
+    removed = []
+    try:
+        entries = list(Path(parent).iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = TMP_SUFFIX.search(entry.name)
+        if not m or (m.group(2) and m.group(2) != _host()):
+            continue  # not a build directory, or another machine's
+        if int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    if removed:
+        warnings.warn(f"removed {len(removed)} temporary build director{'y' if len(removed) == 1 else 'ies'} left "
+                      f"by killed builds in {parent}", ResourceWarning, stacklevel=2)
+    return removed

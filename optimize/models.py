@@ -149,11 +149,13 @@ def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from optimize.atomic import build_dir_atomically, sweep_stale_tmp
+
+    sweep_stale_tmp(out.parent)
     torch.manual_seed(arch.seed)
     model = AutoModelForCausalLM.from_config(synthetic_config(arch))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    model.save_pretrained(str(tmp), safe_serialization=True)
-    tmp.rename(out) if not out.exists() else None
+    # A racing materialisation keeps the first copy and removes ours; a failed one leaves nothing.
+    build_dir_atomically(out, lambda tmp: model.save_pretrained(str(tmp), safe_serialization=True))
     return out
 
 

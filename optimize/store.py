@@ -4,6 +4,11 @@ An artifact is keyed by sha256(model fingerprint, the recipe's saved steps, devi
 versions of the libraries that produce it). It is built in a temporary directory and
 renamed into place, so a crashed build never leaves a half artifact, and concurrent
 builders (Ray tasks) end with one copy. Only safetensors and ONNX files are written.
+
+The manifest lists every file's size and sha256. A reused artifact is verified: sizes
+every time, hashes once per process (and again when a file's mtime changes); a wrong or
+unverifiable one is rebuilt with a warning, never served. Caches derived from an
+artifact key on ``content_hash``, never on its directory name.
 """
 
 from __future__ import annotations
@@ -12,12 +17,13 @@ import hashlib
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from optimize.atomic import build_dir_atomically
+from optimize.atomic import build_dir_atomically, sweep_stale_tmp, tmp_sibling
 from optimize.errors import NotApplicable
 from optimize.models import ModelRef, default_cache_dir
 from optimize.recipe import Recipe
@@ -41,6 +47,82 @@ def dir_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
+class StoreIntegrityWarning(UserWarning):
+    """A stored artifact did not match its manifest; it is rebuilt."""
+
+
+_HASHED: dict[str, tuple[int, int]] = {}  # file -> (size, mtime_ns) whose sha256 this process checked
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(root: Path) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"bytes": size, "sha256": digest}}`` of every file under ``root`` but the manifest."""
+    out = {}
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.name != MANIFEST:
+            rel = f.relative_to(root).as_posix()
+            out[rel] = {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+            st = f.stat()
+            _HASHED[str(f)] = (st.st_size, st.st_mtime_ns)
+    return out
+
+
+def verify_artifact(path: Path, manifest: dict[str, Any]) -> str | None:
+    """Why the artifact at ``path`` does not match ``manifest``, or None when it does."""
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        return "its manifest lists no file checksums (built by an older version)"
+    for rel, want in sorted(files.items()):
+        f = path / rel
+        try:
+            st = f.stat()
+        except OSError:
+            return f"{rel} is missing"
+        if st.st_size != want.get("bytes"):
+            return f"{rel} has {st.st_size} bytes, the manifest says {want.get('bytes')}"
+        if _HASHED.get(str(f)) == (st.st_size, st.st_mtime_ns):
+            continue  # hashed by this process already, unchanged since
+        if _sha256(f) != want.get("sha256"):
+            return f"{rel} does not match its sha256 in the manifest (corrupted or modified)"
+        _HASHED[str(f)] = (st.st_size, st.st_mtime_ns)
+    return None
+
+
+def content_hash(path: Path) -> str:
+    """Identity of a model directory's contents, for keying caches derived from it.
+
+    A store artifact: sha256 over its manifest's file checksums (so a rebuilt or corrupted
+    artifact never shares a key with the intact one). Any other directory (a reference
+    model): the model fingerprint over its config and weight files.
+    """
+    path = Path(path)
+    try:
+        files = json.loads((path / MANIFEST).read_text()).get("files")
+    except (OSError, ValueError):
+        files = None
+    if isinstance(files, dict) and files:
+        payload = {rel: f.get("sha256") for rel, f in files.items()}
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    from optimize.models import _dir_fingerprint
+
+    return _dir_fingerprint(path)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) else None
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A stored build: the directory the runtime loads and its manifest."""
@@ -49,12 +131,18 @@ class Artifact:
     manifest: dict[str, Any]
     reused: bool
 
+    @property
+    def content_hash(self) -> str:
+        """Identity of the artifact's contents (see ``content_hash``)."""
+        return content_hash(self.path)
+
 
 class VariantStore:
     """Builds the saved part of a recipe once, then hands out the stored artifact."""
 
     def __init__(self, root: Path | None = None):
         self.root = Path(root or default_cache_dir()) / "variants"
+        sweep_stale_tmp(self.root)  # builds killed by a timeout or a crash left these
 
     def key(self, ref: ModelRef, recipe: Recipe, device: str) -> str:
         payload = {
@@ -70,15 +158,35 @@ class VariantStore:
         if not recipe.saved_steps:
             return Artifact(Path(ref.path), {"recipe": recipe.to_dict(), "saved_steps": []}, reused=True)
         final = self.root / self.key(ref, recipe, device)
-        if (final / MANIFEST).exists():
-            return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=True)
+        manifest = self.stored(final)
+        if manifest is not None:
+            return Artifact(final, manifest, reused=True)
 
         def fill(tmp: Path) -> None:
             manifest = self._build(ref, recipe, device, tmp, trust_remote_code)
+            manifest["files"] = file_digests(tmp)
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, default=str) + "\n")
 
         build_dir_atomically(final, fill)
         return Artifact(final, json.loads((final / MANIFEST).read_text()), reused=False)
+
+    def stored(self, final: Path) -> dict[str, Any] | None:
+        """The manifest of the verified artifact at ``final``; None when absent or removed as wrong."""
+        if not (final / MANIFEST).exists():
+            return None
+        manifest = _read_manifest(final)
+        why = "its manifest is unreadable" if manifest is None else verify_artifact(final, manifest)
+        if why is None:
+            return manifest
+        warnings.warn(f"stored artifact {final.name} is not what was built ({why}); rebuilding it",
+                      StoreIntegrityWarning, stacklevel=2)
+        aside = tmp_sibling(final.with_name(f"{final.name}.bad"))
+        try:
+            final.rename(aside)  # out of the way at once; a concurrent builder then builds afresh
+        except OSError:
+            return None  # another process moved or rebuilt it first
+        shutil.rmtree(aside, ignore_errors=True)
+        return None
 
     def _build(self, ref: ModelRef, recipe: Recipe, device: str, out: Path, trust_remote_code: bool) -> dict:
         t0 = time.perf_counter()

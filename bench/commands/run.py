@@ -7,6 +7,8 @@ flags left out keep the matrix file's values, whose defaults live in the config 
 from __future__ import annotations
 
 import argparse
+import math
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -30,6 +32,19 @@ def _ints(flag: str):
     return parse
 
 
+def _seconds(flag: str, positive: bool):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0 or (positive and value == 0):
+            bound = "> 0" if positive else ">= 0"
+            raise argparse.ArgumentTypeError(f"{flag} must be a finite number of seconds {bound}, got {text!r}")
+        return value
+    return parse
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("matrix", nargs="?", help="matrix TOML file (default: the built-in default matrix)")
     p.add_argument("--model", type=_list, help="model spec(s), comma-separated: builtin:pycode, synthetic:llama-134m, "
@@ -48,8 +63,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, help="warm-up runs per cell")
     p.add_argument("--min-reps", type=int, help="minimum measured repetitions per cell")
     p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
-    p.add_argument("--budget-s", type=float, help="time budget of the repetitions per cell, seconds")
-    p.add_argument("--timeout-s", type=float, help="per-cell timeout, seconds (the cell's process is killed)")
+    p.add_argument("--budget-s", type=_seconds("--budget-s", positive=False),
+                   help="time budget of the repetitions per cell, seconds")
+    p.add_argument("--timeout-s", type=_seconds("--timeout-s", positive=True),
+                   help="per-cell timeout, seconds (the cell's process is killed)")
     p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for models saved without one")
@@ -66,40 +83,100 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.env import device_resolver, environment, probe_torch
-    from bench.matrix import load_matrix, narrow
-    from bench.orchestrate import Shard, execute, finish_run, make_launcher, new_run_dir, resume_run, start_run
-    from bench.progress import Progress
-    from bench.results import read_run
-    from bench.summary import print_summary
+    from bench.runlock import RunLock
 
-    shard = Shard.parse(args.shard) if args.shard else None
+    shard = _shard(args)
     if args.resume:
         if args.matrix:
             raise InputError("give either a matrix file or --resume DIR, not both")
-        matrix, run = resume_run(args.resume)
-        run_dir = args.resume
+        from bench.orchestrate import RUN
+
+        if not (args.resume / RUN).is_file():
+            raise InputError(f"--resume {args.resume}: no {RUN} there, not a run directory")
+        with RunLock(args.resume):  # held for the whole run, taken before anything else
+            return _run(args, args.resume, shard, None)
+    matrix = _matrix(args)
+    from bench.orchestrate import plan_run_dir
+
+    run_dir = plan_run_dir(args.out, matrix)
+    existed = run_dir.exists()
+    if existed and not run_dir.is_dir():
+        raise InputError(f"--out {run_dir} is a file, not a directory")
+    lock = RunLock(run_dir).acquire()  # before probing: a second run on this directory exits 2 at once
+    try:
+        return _run(args, run_dir, shard, matrix)
+    except InputError:
+        if not existed and _only_lock(run_dir):  # refused before anything was recorded: leave no empty directory
+            shutil.rmtree(run_dir, ignore_errors=True)  # still holding the lock, so no other run is using it
+        raise
+    finally:
+        lock.release()
+
+
+def _shard(args: argparse.Namespace):
+    from bench.orchestrate import Shard
+
+    return Shard.parse(args.shard) if args.shard else None
+
+
+def _only_lock(run_dir: Path) -> bool:
+    from bench.runlock import LOCK
+
+    return [p.name for p in run_dir.iterdir()] in ([], [LOCK])
+
+
+def _matrix(args: argparse.Namespace):
+    from bench.matrix import load_matrix, narrow
+
+    repeat = {k: v for k, v in (("warmup", args.warmup), ("min_reps", args.min_reps), ("max_reps", args.max_reps),
+                                ("budget_s", args.budget_s)) if v is not None}
+    return narrow(load_matrix(args.matrix), models=args.model, variants=args.variants,
+                  devices=[args.device] if args.device else None, batch_size=args.batch_size,
+                  prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
+                  timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
+                  drift=False if args.no_drift else None, tokenizer=args.tokenizer,
+                  prompt_source=args.prompt_source)
+
+
+def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
+    """Run (or, with ``matrix`` None, resume) the run in ``run_dir``, whose lock the caller holds."""
+    from bench.env import device_resolver, environment, probe_torch
+    from bench.orchestrate import (
+        check_new_run_dir,
+        check_resumable,
+        execute,
+        finish_run,
+        make_launcher,
+        resume_run,
+        start_run,
+    )
+    from bench.progress import Progress
+    from bench.results import read_run
+    from bench.summary import print_summary
+    from optimize.atomic import sweep_stale_tmp
+    from optimize.models import default_cache_dir
+
+    if matrix is None:
+        matrix, run = resume_run(run_dir, shard)
         if run.get("shard") and not shard:
+            from bench.orchestrate import Shard
+
             shard = Shard.parse(run["shard"])
     else:
-        repeat = {k: v for k, v in (("warmup", args.warmup), ("min_reps", args.min_reps), ("max_reps", args.max_reps),
-                                    ("budget_s", args.budget_s)) if v is not None}
-        matrix = narrow(load_matrix(args.matrix), models=args.model, variants=args.variants,
-                        devices=[args.device] if args.device else None, batch_size=args.batch_size,
-                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
-                        timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
-                        drift=False if args.no_drift else None, tokenizer=args.tokenizer,
-                        prompt_source=args.prompt_source)
+        check_new_run_dir(run_dir)
         with tempfile.TemporaryDirectory(prefix="infermatrix-probe-") as tmp:
             torch_env = probe_torch(Path(tmp))
         resolve = device_resolver(torch_env)
         for device in matrix.devices:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
-        run_dir = new_run_dir(args.out, matrix)
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
                                "torch": torch_env})
+    cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
+    for sub in ("variants", "models"):  # builds killed by an earlier timeout or crash left these
+        sweep_stale_tmp(cache / sub)
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
+    check_resumable(matrix, run_dir, shard, resolve)
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)
     try:

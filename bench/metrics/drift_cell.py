@@ -25,10 +25,11 @@ SCORING_VERSION = 2
 
 
 def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
-    from optimize.store import library_versions
+    from optimize.store import content_hash, library_versions
 
     recipe = recipe_from_dict(cell["variant"])
-    payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": artifact_path.name,
+    # The artifact's content, not its directory name: a rebuilt or corrupted artifact gets its own figures.
+    payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": content_hash(artifact_path),
                "device": cell["device"], "batch_windows": batch_windows,
                "scoring": [cell["drift"].get("scoring", "auto"), SCORING_VERSION],
                "versions": library_versions(("torch", "transformers", "onnxruntime", "onnxruntime-gpu",

@@ -28,7 +28,9 @@ def train_tokenizer(text: str, vocab_size: int, out_dir: Path):
     lines = text.splitlines(keepends=True)
     chunks = ("".join(lines[i : i + 200]) for i in range(0, len(lines), 200))
     tok.train_from_iterator(chunks, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS)
+    # A decoder-only model takes no token_type_ids: without this, generate(**tok(text)) raises.
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS,
+                                   model_input_names=["input_ids", "attention_mask"])
     fast.pad_token = EOS
     fast.model_max_length = 512
     out_dir.mkdir(parents=True, exist_ok=True)

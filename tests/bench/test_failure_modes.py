@@ -1,0 +1,420 @@
+"""Every fault and bad input ends cleanly: a one-line error with exit 2, or a record, never a lost one.
+
+Each test is named for the behaviour a hostile or unlucky user meets (see the README's
+"Failure modes").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from bench.matrix import load_matrix, narrow, parse_matrix
+from bench.orchestrate import Shard, execute, start_run
+from bench.results import append_record, read_records, read_run
+from optimize.errors import InputError
+
+SMALL = """
+name = "small"
+models = ["synthetic:llama-tiny"]
+variants = ["fp32"]
+devices = ["cpu"]
+{extra}
+[[scenarios]]
+name = "generate"
+batch_size = [1]
+prompt_tokens = [16]
+new_tokens = [4]
+
+[measure]
+warmup = 0
+min_reps = 1
+max_reps = 1
+budget_s = 0
+timeout_s = 120
+roofline = false
+{measure}
+[drift]
+enabled = false
+"""
+
+
+def _cli(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bench.cli", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _matrix_file(tmp_path: Path, extra: str = "", measure: str = "", name: str = "m.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(SMALL.format(extra=textwrap.dedent(extra), measure=textwrap.dedent(measure)))
+    return path
+
+
+def _one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> str:
+    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _record(cell_id: str, status: str = "ok", **extra) -> dict:
+    return {"cell_id": cell_id, "status": status, "model": "m", "variant": "fp32", **extra}
+
+
+# --- 1. security: a string is never a boolean -------------------------------------------
+
+
+@pytest.mark.parametrize("text", ['"false"', '"no"', "0", "1"])
+def test_string_or_number_trust_remote_code_is_an_error_not_true(text):
+    with pytest.raises(InputError, match="trust_remote_code.*true or false"):
+        parse_matrix({"trust_remote_code": tomllib_value(text)}, "m.toml")
+
+
+def tomllib_value(text: str):
+    import tomllib
+
+    return tomllib.loads(f"v = {text}")["v"]
+
+
+@pytest.mark.parametrize(("table", "key"), [("measure", "roofline"), ("drift", "enabled")])
+def test_every_matrix_boolean_rejects_a_string(table, key):
+    with pytest.raises(InputError, match=key):
+        parse_matrix({table: {key: "false"}}, "m.toml")
+
+
+def test_string_false_trust_remote_code_in_a_matrix_file_exits_2_before_any_code_runs(tmp_path):
+    path = _matrix_file(tmp_path, extra='trust_remote_code = "false"')
+    _one_line_exit_2(_cli("run", str(path), "--out", str(tmp_path / "run")), "trust_remote_code", "'false'")
+    assert not (tmp_path / "run").exists()
+
+
+def test_recipe_parameters_reject_booleans_for_numbers_and_strings_for_booleans():
+    base = {"name": "mine", "steps": [{"technique": "prune-magnitude"}]}
+    for bad in ({"version": True}, {"include_lm_head": "false"}, {"include_lm_head": 1}, {"sparsity": float("nan")},
+                {"sparsity": float("inf")}):
+        table = {**base, "steps": [{**base["steps"][0], **bad}]}
+        with pytest.raises(InputError, match="prune-magnitude"):
+            parse_matrix({"recipe": [table], "variants": ["mine"]}, "m.toml")
+
+
+# --- 2. records: whole-or-nothing appends, torn tails, corrupt lines ---------------------
+
+
+def test_short_write_raises_and_leaves_results_as_they_were(tmp_path, monkeypatch):
+    from bench.results import RecordWriteError
+
+    append_record(tmp_path, _record("a"))
+    before = (tmp_path / "results.jsonl").read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[: len(data) // 2]))  # a full disk
+    with pytest.raises(RecordWriteError, match="short write"):
+        append_record(tmp_path, _record("b", padding="x" * 9000))
+    monkeypatch.undo()
+    assert (tmp_path / "results.jsonl").read_bytes() == before
+    append_record(tmp_path, _record("c"))
+    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "c"]
+
+
+def test_torn_last_line_is_moved_aside_so_the_next_record_is_whole(tmp_path):
+    from bench.results import TORN, CorruptRecordWarning, repair_torn_tail
+
+    append_record(tmp_path, _record("a"))
+    with (tmp_path / "results.jsonl").open("ab") as fh:
+        fh.write(b'{"cell_id": "b", "status": "o')  # killed mid-write
+    with pytest.warns(CorruptRecordWarning, match=r"results.jsonl:2: torn last line"):
+        append_record(tmp_path, _record("c"))
+    lines = (tmp_path / "results.jsonl").read_bytes().splitlines(keepends=True)
+    assert all(line.endswith(b"\n") for line in lines) and len(lines) == 2
+    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "c"]
+    assert (tmp_path / TORN).read_bytes() == b'{"cell_id": "b", "status": "o\n'  # nothing is thrown away
+    assert repair_torn_tail(tmp_path) is None
+
+
+def test_loader_names_corrupt_lines_and_keeps_the_good_ones(tmp_path):
+    from bench.results import CorruptRecordWarning
+
+    good = [json.dumps(_record(c)) for c in ("a", "b", "c")]
+    (tmp_path / "results.jsonl").write_bytes("\n".join([good[0], "{not json", good[1], "[1, 2]", '{"x": 1}',
+                                                        good[2]]).encode() + b"\n\xff\xfe\n")
+    with pytest.warns(CorruptRecordWarning) as caught:
+        records = read_records(tmp_path)
+    assert [r["cell_id"] for r in records] == ["a", "b", "c"]
+    message = str(caught[0].message)
+    assert "skipped 4 corrupt line(s)" in message
+    for number in ("2 (", "4 (", "5 (", "7 ("):
+        assert number in message, message
+
+
+def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
+    from bench.results import TORN
+
+    run_dir = tmp_path / "run"
+    path = _matrix_file(tmp_path)
+    first = _cli("run", str(path), "--out", str(run_dir), "--quiet")
+    assert first.returncode == 0, first.stderr
+    results = run_dir / "results.jsonl"
+    whole = results.read_bytes()
+    results.write_bytes(whole[: len(whole) // 2])  # a crash mid-write: the only record is torn
+    resumed = _cli("run", "--resume", str(run_dir), "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert "torn last line" in resumed.stderr
+    lines = results.read_bytes().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"  # the re-run cell's record, whole
+    assert (run_dir / TORN).exists()
+
+
+# --- 4. one run per run directory --------------------------------------------------------
+
+
+def test_second_run_on_a_locked_directory_exits_2_naming_the_holders_pid(tmp_path):
+    from bench.runlock import RunLock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from bench.runlock import RunLock
+        RunLock({str(run_dir)!r}).acquire()
+        print("locked", flush=True)
+        time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(InputError, match=f"in use by another infermatrix run \\(PID {holder.pid}\\)"):
+            RunLock(run_dir).acquire()
+        proc = _cli("run", str(_matrix_file(tmp_path)), "--out", str(run_dir), "--quiet")
+        _one_line_exit_2(proc, f"PID {holder.pid}")
+        assert not (run_dir / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunLock(run_dir):  # the kernel dropped the dead holder's lock
+        pass
+
+
+def test_two_runs_started_together_on_one_directory_record_each_cell_once(tmp_path, cache_dir):
+    run_dir = tmp_path / "run"
+    path = _matrix_file(tmp_path)
+    procs = [subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(path), "--out", str(run_dir), "--quiet"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = sorted((p.wait(timeout=400), p.stderr.read()) for p in procs)
+    assert [code for code, _ in outcomes] == [0, 2], outcomes
+    # normally refused by the lock; "already holds a run" only if the first had finished before the second began
+    assert "in use by another infermatrix run" in outcomes[1][1] or "already holds a run" in outcomes[1][1]
+    assert len((run_dir / "results.jsonl").read_text().splitlines()) == 1
+
+
+# --- 5. NaN and infinities ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag", [("--budget-s", "nan"), ("--timeout-s", "nan"), ("--timeout-s", "inf"),
+                                  ("--budget-s", "-1"), ("--timeout-s", "0")])
+def test_nan_or_infinite_seconds_on_the_command_line_exit_2(flag, tmp_path):
+    proc = _cli("run", str(_matrix_file(tmp_path)), *flag, "--out", str(tmp_path / "run"))
+    assert proc.returncode == 2 and flag[0] in proc.stderr and "finite" in proc.stderr, proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("line", ["timeout_s = nan", "budget_s = inf", "timeout_s = 0", "seed = 1.5",
+                                  "warmup = true", "budget_s = -inf"])
+def test_nan_infinite_or_mistyped_measure_settings_are_rejected(line):
+    import tomllib
+
+    with pytest.raises(InputError, match=r"\[measure\]"):
+        parse_matrix({"measure": tomllib.loads(line)}, "m.toml")
+
+
+def test_nan_budget_given_to_narrow_is_rejected():
+    with pytest.raises(InputError, match="budget_s"):
+        narrow(load_matrix(), repeat={"budget_s": float("nan")})
+
+
+# --- 6. ignored or crashing input ---------------------------------------------------------
+
+
+def test_unknown_recipe_key_is_an_error_with_did_you_mean():
+    table = {"name": "mine", "stpes": [{"technique": "prune-magnitude"}]}
+    with pytest.raises(InputError, match=r"'stpes' is not a recipe key \(did you mean 'steps'\?\)"):
+        parse_matrix({"recipe": [table], "variants": ["mine"]}, "m.toml")
+
+
+def test_unknown_exclude_key_is_an_error_with_did_you_mean():
+    with pytest.raises(InputError, match=r"exclude\[0\]: 'varient'.*did you mean 'variant'"):
+        parse_matrix({"exclude": [{"varient": "fp32"}]}, "m.toml")
+
+
+def test_two_recipes_with_one_name_are_an_error():
+    steps = [{"technique": "prune-magnitude"}]
+    with pytest.raises(InputError, match="'mine' is used by two recipes"):
+        parse_matrix({"recipe": [{"name": "mine", "steps": steps}, {"name": "mine", "steps": []}]}, "m.toml")
+
+
+def test_recipe_named_like_a_builtin_variant_is_an_error():
+    with pytest.raises(InputError, match="'fp32' is a built-in variant"):
+        parse_matrix({"recipe": [{"name": "fp32", "steps": [{"technique": "prune-magnitude"}]}]}, "m.toml")
+
+
+@pytest.mark.parametrize(("toml", "needle"), [
+    ('scenarios = ["generate"]', "must be a table"),
+    ("recipe = 5", "'recipe' must be an array of tables"),
+    ("eval_text = 5", "'eval_text' must be a string"),
+    ('eval_text = "/no/such/file.txt"', "'eval_text' must name an existing text file"),
+    ('description = ["x"]', "'description' must be a string"),
+    ('[[recipe]]\nname = "x"\nsteps = [{technique = 5}]', "'technique' key naming a technique"),
+])
+def test_mistyped_matrix_values_are_one_line_errors_not_tracebacks(tmp_path, toml, needle):
+    path = tmp_path / "bad.toml"
+    path.write_text(toml + "\n")
+    _one_line_exit_2(_cli("run", str(path), "--out", str(tmp_path / "run")), needle)
+
+
+def test_out_that_is_a_file_or_cannot_be_created_exits_2(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    path = _matrix_file(tmp_path)
+    _one_line_exit_2(_cli("run", str(path), "--out", str(blocker)), "is a file")
+    _one_line_exit_2(_cli("run", str(path), "--out", str(blocker / "sub")), "cannot be created")
+
+
+def test_corrupt_run_json_is_one_line_exit_2_for_resume_report_and_merge(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text('{"matrix": {"name": ')
+    _one_line_exit_2(_cli("run", "--resume", str(run_dir)), "run.json", "corrupt")
+    _one_line_exit_2(_cli("report", str(run_dir)), "run.json", "corrupt")
+    _one_line_exit_2(_cli("merge", str(run_dir), "--out", str(tmp_path / "merged")), "run.json", "corrupt")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_missing_eval_text_file_is_an_input_error_not_random_prompts(tiny_ref, tmp_path):
+    from bench.prompts import prompt_ids
+
+    with pytest.raises(InputError, match="missing.txt"):
+        prompt_ids(tiny_ref, 8192, 1, 16, eval_text=str(tmp_path / "missing.txt"))
+    with pytest.raises(InputError, match="eval_text"):
+        parse_matrix({"eval_text": str(tmp_path / "missing.txt")}, "m.toml")
+
+
+def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_path, cache_dir):
+    from bench.launchers.local import LocalLauncher
+
+    # llama-tiny has 512 positions; the evaluation text holds enough tokens for the prompt.
+    matrix = narrow(load_matrix(_matrix_file(tmp_path)), prompt_tokens=[600])
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+    [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir),
+                       resolve_device=lambda d: "cpu")
+    assert record["status"] == "skipped", record
+    assert "exceeds the model's context of 512 positions" in record["error"]
+
+
+# --- 7. consistency: resume, shards, merge, run names ------------------------------------
+
+
+def _started(tmp_path: Path, shard: Shard | None = None) -> Path:
+    matrix = load_matrix(_matrix_file(tmp_path))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=shard, launcher="local", environment={"torch": {"cuda_available": False}})
+    return run_dir
+
+
+def test_resume_refuses_results_that_belong_to_another_matrix(tmp_path):
+    run_dir = _started(tmp_path)
+    append_record(run_dir, _record("0123456789abcdef"))
+    _one_line_exit_2(_cli("run", "--resume", str(run_dir), "--quiet"), "not a cell of run.json's matrix")
+    assert len(read_records(run_dir)) == 1
+
+
+def test_resume_with_a_different_shard_is_refused(tmp_path):
+    run_dir = _started(tmp_path, Shard(1, 2))
+    _one_line_exit_2(_cli("run", "--resume", str(run_dir), "--shard", "2/2", "--quiet"),
+                     "started as shard 1/2")
+    assert not (run_dir / "results.jsonl").exists()
+
+
+def test_resume_refuses_records_of_another_shard(tmp_path):
+    from bench.matrix import expand
+
+    run_dir = _started(tmp_path, Shard(2, 2))
+    matrix = narrow(load_matrix(_matrix_file(tmp_path)), batch_size=[1, 2])  # two cells: one per shard
+    run = read_run(run_dir)
+    run["matrix"] = {**matrix.to_dict(), "source": "m.toml"}
+    (run_dir / "run.json").write_text(json.dumps(run))
+    first = expand(matrix, lambda d: "cpu")[0]  # shard 1's cell
+    append_record(run_dir, _record(first["cell_id"]))
+    with pytest.raises(InputError, match="not in shard 2/2"):
+        execute(matrix, run_dir, launcher=None, shard=Shard(2, 2), resolve_device=lambda d: "cpu")
+
+
+def test_failed_merge_leaves_no_partial_output(tmp_path):
+    dirs = []
+    for name in ("a", "b"):
+        d = tmp_path / name
+        d.mkdir()
+        start_run(load_matrix(_matrix_file(tmp_path)), d, shard=None, launcher="local", environment={})
+        append_record(d, _record("first"))
+        append_record(d, _record("shared"))
+        dirs.append(d)
+    out = tmp_path / "merged"
+    proc = _cli("merge", *map(str, dirs), "--out", str(out))
+    _one_line_exit_2(proc, "shards overlap")
+    assert not out.exists()
+    assert not list(tmp_path.glob("merged.tmp*"))
+
+
+@pytest.mark.parametrize("name", ["../../evil", "/etc/x", "a/b", "..", ".hidden", "", "x" * 101, "a\\b"])
+def test_run_name_cannot_leave_the_runs_folder(name):
+    with pytest.raises(InputError, match="'name'"):
+        parse_matrix({"name": name}, "m.toml")
+
+
+def test_default_run_name_from_an_odd_file_name_stays_a_plain_directory_name():
+    assert parse_matrix({}, "/tmp/../my matrix (v2).toml").name == "my-matrix--v2-"
+
+
+def test_run_with_a_traversing_name_writes_nothing_outside(tmp_path):
+    path = _matrix_file(tmp_path)
+    path.write_text(path.read_text().replace('name = "small"', 'name = "../../../escaped"'))
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(path)], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(Path.cwd())})
+    _one_line_exit_2(proc, "'name'")
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "reports").exists()
+
+
+def test_lock_names_its_holder_and_is_released_on_exit(tmp_path):
+    from bench.runlock import RunLock
+
+    run_dir = tmp_path / "r"
+    with RunLock(run_dir):
+        assert (run_dir / ".infermatrix.lock").read_text().strip() == str(os.getpid())
+        with pytest.raises(InputError, match=f"PID {os.getpid()}"):
+            RunLock(run_dir).acquire()  # a second descriptor, even in this process, is refused
+    with RunLock(run_dir):
+        pass
+
+
+# --- 9. the shipped tokenizer feeds generate() directly ----------------------------------
+
+
+def test_shipped_tokenizer_output_goes_straight_into_generate():
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimize.reference import BUILTIN_DIR
+
+    tok = AutoTokenizer.from_pretrained(BUILTIN_DIR)
+    model = AutoModelForCausalLM.from_pretrained(BUILTIN_DIR).eval()
+    inputs = tok("def add(a, b):\n    return", return_tensors="pt")
+    assert "token_type_ids" not in inputs
+    with torch.inference_mode():
+        out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
