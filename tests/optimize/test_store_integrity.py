@@ -145,7 +145,7 @@ def test_drift_cache_key_changes_when_the_artifact_content_changes(store, tiny_r
     from bench.metrics.drift_cell import _variant_key
 
     art = store.get_or_build(tiny_ref, builtin_variant("prune-50"), "cpu")
-    cell = {"variant": builtin_variant("prune-50").to_dict(), "device": "cpu"}
+    cell = {"variant": builtin_variant("prune-50").to_dict(), "device": "cpu", "drift": {}}
     key = _variant_key(tmp_path / "ref", cell, art.path, 8)
     manifest = json.loads((art.path / MANIFEST).read_text())
     manifest["files"]["model.safetensors"]["sha256"] = "f" * 64
