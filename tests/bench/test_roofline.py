@@ -39,7 +39,88 @@ def test_prefill_flops_fraction_uses_measured_matmul_rate():
     shape = model_shape(Config)
     metrics = {"weights_bytes": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 500.0}
     out = cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 64, "new_tokens": 2}, shape, CEILINGS, "bfloat16")
-    expected = prefill_flops(shape, 1, 64) * 500.0 / 64
+    # Hand count: 422,912 matmul params (2 x 147,456 per layer + 128 x 1000 head) x 2 FLOPs x 64 tokens,
+    # plus causal attention 2 layers x 4 heads x (QK^T + PV: 2 x 2 x 32 x 64^2 / 2) = 2,097,152.
+    expected = (2 * 422_912 * 64 + 2_097_152) * 500.0 / 64  # FLOPs of one prompt x prompts per second
     assert out["prefill_tflops"] == pytest.approx(expected / 1e12)
     assert out["prefill_flops_fraction"] == pytest.approx(expected / 0.1e12)
     assert out["roofline_ceilings"]["matmul_dtype"] == "float32"  # bf16 not measured: compared with fp32
+    assert out["roofline_ceilings"]["matmul_tflops"] == pytest.approx(0.1)
+
+
+class Tiny:
+    """One layer, hidden 8, 2 query heads of dim 4 sharing 1 KV head, FFN 16, vocab 10."""
+
+    num_hidden_layers = 1
+    num_attention_heads = 2
+    num_key_value_heads = 1
+    hidden_size = 8
+    intermediate_size = 16
+    vocab_size = 10
+
+
+def test_prefill_flops_of_a_tiny_attention_by_hand():
+    shape = model_shape(Tiny)
+    # q 8x8, k 8x4, v 8x4, o 8x8, gate/up/down 3 x 8x16, head 8x10 = 64+32+32+64+384+80 = 656 params
+    assert shape == {"layers": 1, "heads": 2, "head_dim": 4, "matmul_params": 656}
+    # batch 2, prompt 3: linear 2 x 656 x 6 tokens = 7872; attention per sequence and head: QK^T over the
+    # causal half (3^2 / 2 pairs x 2 x 4 FLOPs) = 36, PV the same: 72 x 2 heads x 2 sequences = 288.
+    assert prefill_flops(shape, batch=2, prompt=3) == 7872 + 288
+    assert prefill_flops(shape, batch=1, prompt=1) == 2 * 656 + 2 * 2 * 4
+
+
+def test_prefill_flops_match_torch_flop_counter_on_a_real_llama():
+    """A second count: torch's FLOP counter over an eager Llama forward (it counts the full, unmasked
+    QK^T and PV products, so the causal estimate is its linear part plus half its attention part)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+                         attn_implementation="eager", tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    batch, prompt = 3, 20
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch, prompt, dtype=torch.long), use_cache=False)
+    counts = counter.get_flop_counts()
+    rotary = sum(counts.get("LlamaForCausalLM.model.rotary_emb", {}).values())  # position angles: not in the model
+    by_op = {str(op): n for op, n in counts["Global"].items()}
+    linear = sum(n for op, n in by_op.items() if op.startswith(("aten.mm", "aten.addmm")))
+    attention = sum(n for op, n in by_op.items() if op.startswith("aten.bmm")) - rotary
+    assert linear > 0 and 0 <= rotary < attention / 100 and linear + attention + rotary == counter.get_total_flops()
+    assert prefill_flops(model_shape(config), batch, prompt) == linear + attention / 2
+
+
+def test_missing_kv_bytes_per_token_is_an_error_not_zero():
+    metrics = {"weights_bytes": 1e9, "decode_tokens_per_s": 40.0, "prefill_tokens_per_s": 1000.0}
+    with pytest.raises(ValueError, match=r"cell_roofline needs metrics\['kv_cache_bytes_per_token'\]"):
+        cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, model_shape(Config), CEILINGS,
+                      "float32")
+
+
+def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from bench.cell import _roofline
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, None)])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    config = Config()
+    config.tie_word_embeddings = False
+    state = SimpleNamespace(model=SimpleNamespace(config=config), backend="onnxruntime", onnx_dir=str(tmp_path),
+                            labels=[])
+    metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 10.0,
+               "prefill_tokens_per_s": 1.0}
+    cell = {"scenario": {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, "ceilings": CEILINGS}
+    out = _roofline(state, cell, metrics)
+    assert out["embedding_bytes_not_read"] is None
+    assert out["decode_bytes_per_step"] == 1e9  # the whole table counted as read, and said so:
+    assert len(state.labels) == 1
+    assert state.labels[0].startswith("decode bandwidth counts the whole input embedding table as read: "
+                                      "no embedding table found in ")
