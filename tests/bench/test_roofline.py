@@ -37,7 +37,8 @@ def test_decode_bandwidth_counts_weights_once_per_step_and_kv_per_sequence():
 
 def test_prefill_flops_fraction_uses_measured_matmul_rate():
     shape = model_shape(Config)
-    metrics = {"weights_bytes": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 500.0}
+    metrics = {"weights_bytes": 1.0, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 1.0,
+               "prefill_tokens_per_s": 500.0}
     out = cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 64, "new_tokens": 2}, shape, CEILINGS, "bfloat16")
     # Hand count: 422,912 matmul params (2 x 147,456 per layer + 128 x 1000 head) x 2 FLOPs x 64 tokens,
     # plus causal attention 2 layers x 4 heads x (QK^T + PV: 2 x 2 x 32 x 64^2 / 2) = 2,097,152.
