@@ -50,7 +50,7 @@ def run_prefill(state, scenario: PrefillScenario, prompts, repeat_cfg: RepeatCon
 
     result = repeat(once, repeat_cfg)
     ttft = [s.ttft_ms for s in result.samples]
-    rates = [scenario.prompt_tokens / (t / 1e3) for t in ttft]
+    rates = [scenario.batch_size * scenario.prompt_tokens / (t / 1e3) for t in ttft]
     metrics = {"ttft_ms": summarize(ttft), "prefill_tokens_per_s": summarize(rates)["p50"],
                "prefill_tokens_per_s_summary": summarize(rates), "measured_wall_s": result.measured_wall_s}
     samples = {"ttft_ms": ttft, "prefill_tokens_per_s": rates, "warmup_wall_s": result.warmup_wall_s}
