@@ -125,3 +125,73 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
     assert len(state.labels) == 1
     assert state.labels[0].startswith("decode bandwidth counts the whole input embedding table as read: "
                                       "no embedding table found in ")
+
+
+def test_ceiling_arithmetic_with_scripted_times(monkeypatch):
+    from bench.metrics import roofline
+
+    monkeypatch.setattr(roofline, "_timed", lambda fn, device, reps: [0.5, 0.25, 1.0])
+    cfg = roofline.RooflineConfig(copy_bytes_cpu=2**20, matmul_n_cpu=64, reps=3)
+    bw = roofline.measure_bandwidth("cpu", cfg)
+    # (read + write) 2 x 1 MiB over the median 0.5 s; best over 0.25 s
+    assert bw == {"copy_bytes": 2**20, "bandwidth_gbps": 2 * 2**20 / 0.5 / 1e9,
+                  "bandwidth_best_gbps": 2 * 2**20 / 0.25 / 1e9, "method": "tensor.copy_, (read + write) / median time"}
+    mm = roofline.measure_matmul("cpu", "float32", cfg)
+    assert mm == {"n": 64, "tflops": 2 * 64**3 / 0.5 / 1e12, "tflops_best": 2 * 64**3 / 0.25 / 1e12}
+
+
+def test_timed_warms_up_once_then_times_each_rep():
+    from bench.metrics.roofline import _timed
+
+    calls = []
+    times = _timed(lambda: calls.append(1), "cpu", 4)
+    assert len(calls) == 5 and len(times) == 4 and all(t >= 0 for t in times)
+
+
+def test_ceilings_measure_the_dtypes_the_device_runs(monkeypatch):
+    from bench.metrics import roofline
+
+    monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: {"bandwidth_gbps": 1.0})
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: {"dtype": dtype})
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
+    cpu = roofline.measure_ceilings("cpu")
+    assert cpu["device"] == "cpu" and cpu["memory"] == {"bandwidth_gbps": 1.0}
+    assert cpu["matmul"] == {"float32": {"dtype": "float32"}} and cpu["torch_threads"] >= 1
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: True)
+    assert list(roofline.measure_ceilings("cpu")["matmul"]) == ["float32", "bfloat16"]
+    assert list(roofline.measure_ceilings("cuda")["matmul"]) == ["float32", "bfloat16", "float16"]
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx512f", False), ("fpu avx512_bf16", True),
+                                             ("amx_tile amx_bf16", True)])
+def test_cpu_has_bf16_reads_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    import builtins
+
+    from bench.metrics import roofline
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                        *a, **k))
+    assert roofline.cpu_has_bf16() is expected
+
+
+def test_cpu_has_bf16_without_cpuinfo_is_false(monkeypatch):
+    import builtins
+
+    from bench.metrics import roofline
+
+    def missing(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(builtins, "open", missing)
+    assert roofline.cpu_has_bf16() is False
+
+
+def test_roofline_config_defaults():
+    from bench.metrics.roofline import RooflineConfig
+
+    cfg = RooflineConfig()
+    assert (cfg.copy_bytes_cpu, cfg.copy_bytes_cuda, cfg.matmul_n_cpu, cfg.matmul_n_cuda, cfg.reps) == (
+        512 * 2**20, 2 * 2**30, 2048, 8192, 7)
