@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import pytest
 
@@ -43,6 +44,13 @@ def test_torn_last_line_is_skipped_and_the_rest_kept(tmp_path):
     assert read_records(tmp_path) == [{"cell_id": "a", "n": 1}]
 
 
+def test_records_appended_after_a_torn_line_still_load(tmp_path):
+    """A crash tears the last line; ``--resume`` then appends after it: the later records count."""
+    (tmp_path / RESULTS).write_text(json.dumps({"cell_id": "a", "n": 1}) + "\n" + '{"cell_id": "b", "n"\n')
+    append_record(tmp_path, {"cell_id": "b", "n": 2})
+    assert read_records(tmp_path) == [{"cell_id": "a", "n": 1}, {"cell_id": "b", "n": 2}]
+
+
 def test_lines_that_are_not_cell_records_are_not_records(tmp_path):
     _write_lines(tmp_path, "[1, 2]", json.dumps({"status": "ok"}), json.dumps({"cell_id": "a"}))
     assert read_records(tmp_path, latest_only=False) == [{"cell_id": "a"}]
@@ -58,6 +66,9 @@ def test_append_adds_one_sorted_line_per_record_and_keeps_earlier_ones(tmp_path)
     lines = (tmp_path / RESULTS).read_text().splitlines()
     assert lines == ['{"b": 2, "cell_id": "a", "z": 1}', json.dumps({"cell_id": "b", "path": str(tmp_path)})]
     assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "b"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / RESULTS).stat().st_mode & 0o777 == 0o644 & ~umask  # a data file: never executable
 
 
 def test_append_refuses_nan_instead_of_writing_invalid_json(tmp_path):
@@ -98,7 +109,6 @@ def test_write_json_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "run.json"
     write_json_atomic(path, {"b": 1, "a": [1, 2]})
     write_json_atomic(path, {"b": 2, "a": tmp_path})
-    assert json.loads(path.read_text()) == {"a": str(tmp_path), "b": 2}
-    assert path.read_text().endswith("\n") and path.read_text().index('"a"') < path.read_text().index('"b"')
+    assert path.read_text() == '{\n "a": "%s",\n "b": 2\n}\n' % tmp_path  # sorted keys, indent 1
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
     assert read_run(tmp_path) == {"a": str(tmp_path), "b": 2}
