@@ -119,6 +119,7 @@ def untied_embedding_bytes(state) -> int:
     Raises:
         LookupError: an ONNX graph whose ``Gather`` on ``input_ids`` reads no initializer
             (directly or through ``DequantizeLinear``), so the table's size is unknown.
+
     """
     config = state.model.config
     if getattr(config, "tie_word_embeddings", False):

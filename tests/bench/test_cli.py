@@ -67,7 +67,6 @@ def test_env_prints_environment_record():
     proc = _cli("env", "--no-torch")
     assert proc.returncode == 0
     import json
-
     import os
 
     import psutil

@@ -20,7 +20,8 @@ from bench.results import (
     write_json_atomic,
 )
 
-CELL = {"cell_id": "0123456789abcdef", "model": "synthetic:llama-tiny", "variant": {"name": "fp32", "steps": []}, "device": "cpu",
+CELL = {"cell_id": "0123456789abcdef", "model": "synthetic:llama-tiny", "variant": {"name": "fp32", "steps": []},
+        "device": "cpu",
         "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4}}
 
 
@@ -44,9 +45,17 @@ def test_torn_last_line_is_skipped_and_the_rest_kept(tmp_path):
     assert read_records(tmp_path) == [{"cell_id": "a", "n": 1}]
 
 
-def test_records_appended_after_a_torn_line_still_load(tmp_path):
-    """A crash tears the last line; ``--resume`` then appends after it: the later records count."""
-    (tmp_path / RESULTS).write_text(json.dumps({"cell_id": "a", "n": 1}) + "\n" + '{"cell_id": "b", "n"\n')
+def test_an_unparseable_line_does_not_hide_the_records_after_it(tmp_path):
+    _write_lines(tmp_path, json.dumps({"cell_id": "a", "n": 1}), '{"cell_id": "b", "n"',
+                 json.dumps({"cell_id": "b", "n": 2}))
+    assert read_records(tmp_path) == [{"cell_id": "a", "n": 1}, {"cell_id": "b", "n": 2}]
+
+
+@pytest.mark.xfail(strict=True, reason="append_record writes onto a torn last line (no newline), so the record a "
+                                       "resumed run appends after a crash is lost; fix belongs in bench/results.py")
+def test_record_appended_after_a_torn_write_still_loads(tmp_path):
+    """A kill during the write leaves a line without its newline; ``--resume`` then appends after it."""
+    (tmp_path / RESULTS).write_text(json.dumps({"cell_id": "a", "n": 1}) + "\n" + '{"cell_id": "b", "n"')
     append_record(tmp_path, {"cell_id": "b", "n": 2})
     assert read_records(tmp_path) == [{"cell_id": "a", "n": 1}, {"cell_id": "b", "n": 2}]
 
@@ -109,6 +118,6 @@ def test_write_json_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "run.json"
     write_json_atomic(path, {"b": 1, "a": [1, 2]})
     write_json_atomic(path, {"b": 2, "a": tmp_path})
-    assert path.read_text() == '{\n "a": "%s",\n "b": 2\n}\n' % tmp_path  # sorted keys, indent 1
+    assert path.read_text() == f'{{\n "a": "{tmp_path}",\n "b": 2\n}}\n'  # sorted keys, indent 1
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
     assert read_run(tmp_path) == {"a": str(tmp_path), "b": 2}
