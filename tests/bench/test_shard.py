@@ -37,8 +37,10 @@ def test_shards_partition_the_cells_with_sizes_within_one(n_cells, count):
 
 
 def test_shard_parse_and_str_round_trip():
-    shard = Shard.parse("2/3")
-    assert (shard.index, shard.count) == (2, 3) and str(shard) == "2/3"
+    for text in ("1/1", "1/3", "2/3", "3/3", " 2 / 3 "):
+        shard = Shard.parse(text)
+        assert str(shard) == text.replace(" ", "")
+    assert Shard.parse("2/3") == Shard(2, 3)
 
 
 @pytest.mark.parametrize("text, match", [
