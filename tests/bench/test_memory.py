@@ -109,3 +109,99 @@ def test_nvml_process_bytes_is_none_when_nvml_fails(monkeypatch):
 
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
     assert memory.nvml_process_bytes() is None
+
+
+def test_peak_rss_converts_linux_kib_to_bytes(monkeypatch):
+    import resource
+
+    monkeypatch.setattr(resource, "getrusage", lambda who: SimpleNamespace(ru_maxrss=1000))
+    assert memory.peak_rss_bytes() == 1000 * 1024
+
+
+def test_kv_head_dim_is_an_integer_division():
+    # hidden 130 over 4 heads: head_dim 32 (as Llama computes it), not 32.5
+    assert memory.kv_bytes_per_token(_config(hidden_size=130), 1) == 2 * 2 * 4 * 32
+
+
+def test_weights_bytes_count_packed_tuples_and_wrapper_tensors():
+    torch = pytest.importorskip("torch")
+
+    class Wrapper:  # a tensor subclass holding inner tensors, as torchao's quantized weights do
+        def __init__(self):
+            self.qdata = torch.zeros(8, dtype=torch.int8)
+            self.scale = torch.zeros(2, dtype=torch.float32)
+
+        def __tensor_flatten__(self):
+            return ["qdata", "scale"], None
+
+    assert memory.tensor_bytes(Wrapper()) == 8 + 8
+    packed = (torch.zeros(4, dtype=torch.int8), [torch.zeros(3, dtype=torch.float32)])
+    model = SimpleNamespace(state_dict=lambda: {"w": torch.zeros(2, 2), "packed": packed, "dtype": "qint8"})
+    assert memory.torch_weights_bytes(model) == 16 + 4 + 12
+
+
+def test_weights_bytes_of_an_onnx_variant_are_its_graph_files(monkeypatch, tmp_path):
+    import optimize.export.onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "onnx_bytes", lambda path: 4321 if str(path) == str(tmp_path) else -1)
+    assert memory.weights_bytes(SimpleNamespace(backend="onnxruntime", onnx_dir=tmp_path)) == 4321
+    torch = pytest.importorskip("torch")
+    model = torch.nn.Linear(3, 2)  # 6 + 2 fp32
+    assert memory.weights_bytes(SimpleNamespace(backend="torch", model=model)) == 32
+
+
+class Proc:
+    def __init__(self, pid, used):
+        self.pid, self.usedGpuMemory = pid, used
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch):
+    """NVML and torch.cuda emulated: device 1 of those visible, processes listed per NVML index."""
+    import os
+
+    import pynvml
+    import torch
+
+    calls = []
+    procs = {5: [Proc(1, 999), Proc(os.getpid(), 123 * 2**20)], 1: [Proc(os.getpid(), 7)]}
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("handle", i))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: procs.get(h[1], []))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    return SimpleNamespace(calls=calls, procs=procs)
+
+
+def test_nvml_process_bytes_maps_the_visible_index_to_nvml(fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # torch's device 1 is NVML's device 5
+    assert memory.nvml_process_bytes() == 123 * 2**20
+    assert fake_nvml.calls == ["init", "shutdown"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert memory.nvml_process_bytes() == 7  # no remapping: NVML's device 1
+
+
+def test_nvml_process_bytes_is_none_when_the_process_is_not_listed_or_hidden(fake_nvml, monkeypatch):
+    import os
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    fake_nvml.procs[5] = [Proc(1, 999)]
+    assert memory.nvml_process_bytes() is None
+    fake_nvml.procs[5] = [Proc(os.getpid(), None)]  # containers often hide the figure
+    assert memory.nvml_process_bytes() is None
+
+
+def test_cuda_memory_reads_the_allocator_peaks(monkeypatch):
+    import torch
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1000)
+    monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2000)
+    monkeypatch.setattr(memory, "nvml_process_bytes", lambda: 3000)
+    memory.reset_cuda_peaks()
+    assert calls == ["sync", "reset"]
+    assert memory.cuda_memory() == {"cuda_max_allocated_bytes": 1000, "cuda_max_reserved_bytes": 2000,
+                                    "nvml_process_bytes": 3000}
+    assert calls == ["sync", "reset", "sync"]
