@@ -6,7 +6,7 @@ module is judged by its own tests only. Prints the score per group and every sur
 mutant; survivors listed in ci/mutation/MUTANTS.md (equivalent mutants, with the reason)
 are marked as explained. Exits 1 when an unexplained mutant survives.
 
-Usage: python ci/mutation/run.py [GROUP ...] [--jobs N] [--keep]
+Usage: python ci/mutation/run.py [GROUP ...] [--jobs N] [--keep] [--reuse]
 """
 
 from __future__ import annotations
@@ -83,8 +83,10 @@ def wanted(key: str, group: dict) -> bool:
     return not functions or any(f"x_{f}__" in key or f"\u01c1{f}\u01c1" in key for f in functions)
 
 
-def run_group(name: str, group: dict, jobs: int) -> dict:
-    work = prepare(name, group)
+def run_group(name: str, group: dict, jobs: int, reuse: bool = False) -> dict:
+    work = SCRATCH / name
+    if not (reuse and (work / "mutants").is_dir()):
+        work = prepare(name, group)
     t0 = time.perf_counter()
     run = subprocess.run([sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs)], cwd=work,
                          capture_output=True, text=True)
@@ -113,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("groups", nargs="*", help="groups to run (default: all in groups.toml)")
     parser.add_argument("--jobs", type=int, default=2, help="mutants tested in parallel (default 2)")
     parser.add_argument("--keep", action="store_true", help="keep the scratch trees under .mutation/")
+    parser.add_argument("--reuse", action="store_true",
+                        help="reuse a kept scratch tree's results (only unchecked mutants run); implies --keep")
     args = parser.parse_args(argv)
     groups = tomllib.loads((HERE / "groups.toml").read_text())
     unknown = [g for g in args.groups if g not in groups]
@@ -122,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     unexplained = 0
     rows = []
     for name in args.groups or list(groups):
-        result = run_group(name, groups[name], args.jobs)
+        result = run_group(name, groups[name], args.jobs, args.reuse)
         counts: dict[str, int] = {}
         for value in result["status"].values():
             counts[value] = counts.get(value, 0) + 1
@@ -140,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'explained' if note else 'SURVIVED '} {key}" + (f": {note}" if note else ""))
             if note is None:
                 print("    " + diff(result["work"], key).replace("\n", "\n    "))
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(result["work"], ignore_errors=True)
     print("\ngroup      mutants  killed  survived  no-tests  score   time_s")
     for name, total, killed, survived, no_tests, score, elapsed in rows:
