@@ -52,8 +52,43 @@ def test_time_generate_reads_one_stamp_per_token_from_the_call_start():
 
 
 def test_time_generate_without_tokens_is_an_error():
-    with pytest.raises(AssertionError, match="the generate call produced no token"):
+    with pytest.raises(AssertionError, match="^the generate call produced no token$"):
         time_generate(lambda stamper: None, ScriptedClock([0, 1]))
+
+
+def test_time_generate_of_a_single_token_is_its_ttft():
+    sample = time_generate(lambda stamper: stamper(None, None), ScriptedClock([0, 2_000_000, 3_000_000]))
+    assert sample.token_ms == [2.0] and sample.e2e_ms == 3.0 and math.isnan(sample.tpot_ms)
+
+
+def test_cuda_clock_records_events_and_reads_them_after_one_synchronisation(monkeypatch):
+    """CUDA emulated at the torch boundary: events are stamped with a counter, not a device."""
+    import torch
+
+    log = []
+
+    class Event:
+        count = 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            Event.count += 1
+            self.t = Event.count * 1.5
+
+        def elapsed_time(self, end):
+            log.append("elapsed")
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    clock = clock_for("cuda")
+    start, marks = clock.mark(), [clock.mark(), clock.mark()]
+    assert log == []  # stamping never synchronises
+    assert clock.elapsed_ms(start, marks) == [1.5, 3.0]
+    assert log == ["sync", "elapsed", "elapsed"]
 
 
 def test_token_stamper_marks_each_call():
@@ -92,11 +127,13 @@ def test_repeat_stops_at_max_reps_while_the_budget_lasts():
 
 
 def test_repeat_continues_past_min_reps_until_the_budget_is_spent(monkeypatch):
-    now = iter(range(100))  # each perf_counter call advances 1 s
+    now = iter(range(100, 200))  # each perf_counter call advances 1 s
     monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(now)))
-    out = repeat(Counter(), RepeatConfig(warmup=0, min_reps=2, max_reps=20, budget_s=5))
-    # t_start = 0; the check after sample k reads k s: stop at the first k >= 2 with k >= 5.
-    assert out.samples == [1, 2, 3, 4, 5] and out.measured_wall_s == 6.0
+    out = repeat(Counter(), RepeatConfig(warmup=1, min_reps=2, max_reps=20, budget_s=5))
+    # warm-up reads 100 and 101; t_start = 102; the check after sample k reads 102 + k:
+    # stop at the first k >= 2 with k >= 5; the final reading is 108.
+    assert out.warmup_wall_s == [1.0]
+    assert out.samples == [2, 3, 4, 5, 6] and out.measured_wall_s == 6.0
 
 
 @pytest.mark.parametrize("fields", [{"warmup": -1}, {"min_reps": 0}, {"min_reps": 5, "max_reps": 4},
