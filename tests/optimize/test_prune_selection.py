@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 
 from optimize.errors import NotApplicable, RecipeError  # noqa: E402
 from optimize.prune.magnitude import MagnitudePrune, prunable_linears, sparsity_report  # noqa: E402
-from optimize.prune.semi_structured import SemiStructured24, holds_2of4  # noqa: E402
+from optimize.prune.semi_structured import SemiStructured24, SparseKernels24, holds_2of4  # noqa: E402
 from optimize.prune.structured import StructuredPrune, kept_groups, kept_width  # noqa: E402
 from optimize.recipe import Recipe  # noqa: E402
 from optimize.store import VariantStore, load_variant  # noqa: E402
@@ -20,7 +20,18 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 
 @pytest.fixture(scope="module")
-def reference(tiny_ref):
+def reference():
+    """A Llama of the tiny model's shape (hidden 128, 2 layers, GQA 4/2, FFN 256), built in memory."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def stored_reference(tiny_ref):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(tiny_ref.path).eval()
@@ -92,10 +103,11 @@ def test_include_lm_head_prunes_the_head_too(reference):
 
 
 @pytest.mark.parametrize("sparsity", [0.3, 0.7])
-def test_magnitude_pruning_through_the_store_keeps_the_largest_weights(tiny_ref, cache_dir, reference, sparsity):
+def test_magnitude_pruning_through_the_store_keeps_the_largest_weights(tiny_ref, cache_dir, stored_reference,
+                                                                      sparsity):
     state, artifact = load_variant(tiny_ref, Recipe(name=f"mag-{sparsity}", steps=(MagnitudePrune(sparsity=sparsity),)),
                                    "cpu", VariantStore(cache_dir))
-    before, after = _weights(reference), _weights(state.model)  # reloaded from the saved safetensors
+    before, after = _weights(stored_reference), _weights(state.model)  # reloaded from the saved safetensors
     for name, w in before.items():
         _assert_zeroes_exactly(w, after[name], _smallest_k(w, round(sparsity * w.numel())))
     assert artifact.manifest["reports"][0]["sparsity_target"] == sparsity
@@ -154,6 +166,43 @@ def test_holds_2of4_counts_nonzeros_per_group():
     assert holds_2of4(torch.tensor([[1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0, 3.0]]))
     assert not holds_2of4(torch.tensor([[1.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]]))
     assert not holds_2of4(torch.zeros(2, 6))  # width not a multiple of 4
+
+
+def test_sparse_kernels_step_on_cpu_keeps_masked_dense_weights_and_says_so(reference):
+    model, _ = _pruned(reference, SemiStructured24())
+    state = SimpleNamespace(model=model, labels=[], device="cpu")
+    report = SparseKernels24().apply(state)
+    assert report == {"sparse_kernels": False, "reason": "no semi-structured sparse kernels on cpu", "layers_2of4": 14,
+                      "layers": 14}
+    assert state.labels == ["2:4 sparsity as masked dense weights: no semi-structured sparse kernels on cpu"]
+    with pytest.raises(RecipeError, match="sparse-2of4-kernels: no decoder linear holds the 2:4 pattern; "
+                                          "put prune-2of4 before it in the recipe"):
+        SparseKernels24().apply(SimpleNamespace(model=copy.deepcopy(reference), labels=[], device="cpu"))
+
+
+def test_sparse_kernels_need_compute_capability_8(reference, monkeypatch):
+    """A pre-Ampere GPU emulated at torch's boundary: the step keeps dense weights and names the GPU."""
+    from optimize.prune.semi_structured import _no_kernels_reason
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
+    assert _no_kernels_reason(SimpleNamespace(device="cuda")) == "Tesla T4 (compute capability 7.5 < 8.0)"
+    assert _no_kernels_reason(SimpleNamespace(device="cpu")) == "cpu"
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))
+    assert _no_kernels_reason(SimpleNamespace(device="cuda")) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _no_kernels_reason(SimpleNamespace(device="cuda")) == "cuda"
+
+
+def test_sparse_kernels_need_half_precision_weights(reference, monkeypatch):
+    import optimize.prune.semi_structured as semi
+
+    model, _ = _pruned(reference, SemiStructured24())
+    monkeypatch.setattr(semi, "_no_kernels_reason", lambda state: None)  # as on an Ampere GPU
+    with pytest.raises(NotApplicable, match="sparse-2of4-kernels needs fp16/bf16 weights, got float32: "
+                                            "put a cast step before it in the recipe"):
+        SparseKernels24().apply(SimpleNamespace(model=model, labels=[], device="cuda"))
 
 
 # --- structured ------------------------------------------------------------------------------------
