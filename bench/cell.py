@@ -281,7 +281,8 @@ def _roofline(state, cell, metrics) -> dict:
     scenario = cell["scenario"]
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"])}
     out = cell_roofline(read, scenario, shape, cell["ceilings"], dtype)
-    out["embedding_bytes_not_read"] = embed
+    if embed is not None:  # unknown: left out, and the label says the whole table was counted
+        out["embedding_bytes_not_read"] = embed
     return out
 
 
