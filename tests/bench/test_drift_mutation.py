@@ -84,6 +84,19 @@ def test_token_drift_per_token_values_by_hand():
     torch.testing.assert_close(t["delta_p"], torch.tensor([0.6 - 0.7, 0.3 - 0.5], dtype=torch.float64))
 
 
+def test_top1_compares_each_tokens_own_argmax():
+    p = torch.tensor([[[0.2, 0.1, 0.7], [0.5, 0.3, 0.2]]], dtype=torch.float64)  # reference tops: 2, 0
+    q = torch.tensor([[[0.1, 0.2, 0.7], [0.1, 0.8, 0.1]]], dtype=torch.float64)  # variant tops: 2, 1
+    assert token_drift(p.log(), q.log(), torch.tensor([[0, 0]]))["top1"].tolist() == [1.0, 0.0]
+
+
+def test_standard_errors_of_two_tokens():
+    m = summarize_drift({"kld": [0.1, 0.3], "nll_ref": [1.0, 1.0], "nll_var": [1.0, 2.0], "top1": [1.0, 0.0],
+                         "delta_p": [0.0, 0.0]})
+    # sample sd of (0.1, 0.3) is 0.1 x sqrt(2); over sqrt(2) tokens: 0.1
+    assert m["kld_mean_stderr"] == pytest.approx(0.1) and m["ln_ppl_ratio_stderr"] == pytest.approx(0.5)
+
+
 def test_generation_agreement_prefix_stops_at_the_first_difference():
     ref = torch.tensor([[1, 2, 3], [4, 5, 6], [7, 8, 9]])
     var = torch.tensor([[0, 2, 3], [4, 5, 0], [7, 8, 9]])  # prefixes 0, 2, 3 (a later match does not count)
@@ -103,6 +116,8 @@ def test_token_windows_take_the_first_full_windows():
 def test_gen_prompt_offsets_are_evenly_spaced():
     assert gen_prompt_offsets(100, DriftConfig(gen_prompts=4, gen_prompt_tokens=20)) == [0, 20, 40, 60]
     assert gen_prompt_offsets(20, DriftConfig(gen_prompts=2, gen_prompt_tokens=20)) == [0, 0]
+    offsets = gen_prompt_offsets(102, DriftConfig(gen_prompts=3, gen_prompt_tokens=20))  # span 82
+    assert offsets == [0, 27, 54] and all(type(o) is int for o in offsets)  # token positions, rounded down
     with pytest.raises(InputError, match="evaluation text has 19 tokens, fewer than drift gen_prompt_tokens 20"):
         gen_prompt_offsets(19, DriftConfig(gen_prompts=2, gen_prompt_tokens=20))
 
