@@ -195,3 +195,75 @@ def test_roofline_config_defaults():
     cfg = RooflineConfig()
     assert (cfg.copy_bytes_cpu, cfg.copy_bytes_cuda, cfg.matmul_n_cpu, cfg.matmul_n_cuda, cfg.reps) == (
         512 * 2**20, 2 * 2**30, 2048, 8192, 7)
+
+
+def test_cell_roofline_uses_the_measured_rate_of_the_compute_dtype_exactly():
+    ceilings = {"memory": {"bandwidth_gbps": 20.0}, "matmul": {"float32": {"tflops": 0.1}, "bfloat16": {"tflops": 0.4}}}
+    metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 1000.0, "decode_tokens_per_s": 40.0,
+               "prefill_tokens_per_s": 500.0}
+    out = cell_roofline(metrics, {"batch_size": 4, "prompt_tokens": 100, "new_tokens": 20}, model_shape(Config),
+                        ceilings, "bfloat16")
+    step_bytes = 1e9 + 4 * 110 * 1000
+    assert out["decode_bandwidth_gbps"] == pytest.approx(step_bytes * 10 / 1e9, rel=1e-12)
+    # 400 prompt tokens: 2 FLOPs x 422,912 params each, plus causal attention of 2 layers x 4 sequences x
+    # 4 heads x (2 x 32 x 100^2); over the 400 tokens, at 500 prompt tokens per second
+    flops = (2 * 422_912 * 400 + 2 * 2 * 4 * 4 * 32 * 100**2) * 500.0 / 400
+    assert out["prefill_tflops"] == pytest.approx(flops / 1e12, rel=1e-12)
+    assert out["prefill_flops_fraction"] == pytest.approx(flops / 0.4e12, rel=1e-12)
+    assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.4, rel=1e-12),
+                                        "matmul_dtype": "bfloat16"}
+
+
+def test_missing_kv_bytes_message_is_exact():
+    metrics = {"weights_bytes": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0}
+    with pytest.raises(ValueError, match=r"^cell_roofline needs metrics\['kv_cache_bytes_per_token'\] \(KV cache "
+                                         r"bytes read per token of context\); got metrics with \['decode_tokens"):
+        cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, model_shape(Config), CEILINGS,
+                      "float32")
+
+
+def test_timed_on_cuda_reads_event_pairs_in_seconds(monkeypatch):
+    """CUDA emulated at torch's boundary: each event pair is 250 ms apart."""
+    import torch
+
+    from bench.metrics.roofline import _timed
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing is True
+            self.t = None
+
+        def record(self):
+            Event.clock += 250.0
+            self.t = Event.clock
+
+        def elapsed_time(self, end):
+            return end.t - self.t  # milliseconds, as CUDA events report
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    assert _timed(lambda: calls.append(1), "cuda", 3) == [0.25, 0.25, 0.25]
+    assert len(calls) == 4
+
+
+def test_timed_on_cpu_reads_perf_counter_differences(monkeypatch):
+    from bench.metrics import roofline
+
+    now = iter([100.0, 100.5, 200.0, 202.0])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(now))
+    assert roofline._timed(lambda: None, "cpu", 2) == [0.5, 2.0]
+
+
+def test_ceilings_pass_the_device_and_config_on(monkeypatch):
+    from bench.metrics import roofline
+
+    seen = []
+    monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: seen.append(("bw", device, cfg)) or {})
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: seen.append((dtype, device, cfg)) or {})
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
+    cfg = roofline.RooflineConfig(reps=1)
+    roofline.measure_ceilings("cpu", cfg)
+    assert seen == [("bw", "cpu", cfg), ("float32", "cpu", cfg)]
