@@ -54,6 +54,9 @@ def prepare(name: str, group: dict) -> Path:
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly"]\n'
         "use_git_change_detection = false\n"
+        # Workers fork from a process that never ran torch: forking one whose OpenMP pool is
+        # live leaves children hanging until the timeout, which counts as a kill and costs minutes.
+        'process_isolation = "forkserver"\n'
     )
     pyproject = work / "pyproject.toml"
     pyproject.write_text(pyproject.read_text() + settings)
