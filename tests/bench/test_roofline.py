@@ -112,8 +112,10 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
                               [helper.make_tensor_value_info("out", TensorProto.INT64, None)])
     onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
-    config = Config()
-    config.tie_word_embeddings = False
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
     state = SimpleNamespace(model=SimpleNamespace(config=config), backend="onnxruntime", onnx_dir=str(tmp_path),
                             labels=[])
     metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 10.0,

@@ -140,6 +140,6 @@ def test_repeat_continues_past_min_reps_until_the_budget_is_spent(monkeypatch):
                                     {"budget_s": -0.5}])
 def test_repeat_config_rejects_bad_settings(fields):
     with pytest.raises(InputError, match=r"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, "
-                                         r"budget_s >= 0; got RepeatConfig\("):
+                                         r"budget_s >= 0, 0 <= target_rel_ci < 1; got RepeatConfig\("):
         RepeatConfig(**fields).validate()
     RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0).validate()
