@@ -75,7 +75,7 @@ def test_layer_scope_zeroes_exactly_the_smallest_weights_of_each_linear(referenc
         zeros += k
     total = sum(w.numel() for w in before.values())
     assert report == {"sparsity_target": sparsity, "scope": "layer", "sparsity_achieved": zeros / total,
-                      "pruned_weights": zeros, "prunable_weights": total}
+                      "pruned_weights": zeros, "prunable_weights": total, "modules_touched": 14}
     assert torch.equal(model.lm_head.weight, reference.lm_head.weight)
 
 
@@ -114,9 +114,13 @@ def test_magnitude_pruning_through_the_store_keeps_the_largest_weights(tiny_ref,
 
 
 def test_sparsity_report_counts_zeros_by_hand():
-    model = torch.nn.Sequential()
-    model.add_module("a", torch.nn.Linear(4, 2, bias=False))
-    model.add_module("lm_head", torch.nn.Linear(2, 3, bias=False))
+    class Toy(torch.nn.Module):
+        def get_output_embeddings(self):
+            return self.lm_head
+
+    model = Toy()
+    model.a = torch.nn.Linear(4, 2, bias=False)
+    model.lm_head = torch.nn.Linear(2, 3, bias=False)
     with torch.no_grad():
         model.a.weight.copy_(torch.tensor([[0.0, 1.0, 0.0, 2.0], [3.0, 0.0, 4.0, 5.0]]))
         model.lm_head.weight.copy_(torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
@@ -152,7 +156,7 @@ def test_2of4_zeroes_the_two_smallest_of_every_four_and_keeps_the_rest(reference
         assert torch.equal(after[name].reshape(groups.shape), expected), name
     total = sum(w.numel() for w in before.values())
     assert report == {"pattern": "2:4", "layers": 14, "pattern_holds": True, "sparsity_achieved": 0.5,
-                      "pruned_weights": total // 2, "prunable_weights": total}
+                      "pruned_weights": total // 2, "prunable_weights": total, "modules_touched": 14}
 
 
 def test_2of4_refuses_widths_not_divisible_by_four():
