@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint install clean browser
+.PHONY: demo test lint install clean browser mutation
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -38,8 +38,14 @@ test: $(STAMP) browser
 	$(VENV)/bin/ruff check optimize bench tests
 	$(VENV)/bin/pytest -q
 
+# Mutation testing of the core (not part of `make test`): mutmut per module group, each judged by
+# its own tests; prints the score per group and every surviving mutant. See ci/mutation/.
+mutation: $(STAMP)
+	$(PY) -m pip install -q -e '.[mutation]'
+	$(PY) ci/mutation/run.py $(GROUPS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check optimize bench tests
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .pytest_cache .mutation

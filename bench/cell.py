@@ -282,8 +282,12 @@ def _roofline(state, cell, metrics) -> dict:
     from bench.metrics.roofline import cell_roofline
     from optimize.introspect import prefill_flops
 
-    embed = untied_embedding_bytes(state)
-    read = {**metrics, "weights_bytes": metrics["weights_bytes"] - embed}
+    try:
+        embed = untied_embedding_bytes(state)
+    except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
+        embed = None
+        state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")
+    read = {**metrics, "weights_bytes": metrics["weights_bytes"] - (embed or 0)}
     dtype = "float32"
     if state.backend == "torch":
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
@@ -291,7 +295,8 @@ def _roofline(state, cell, metrics) -> dict:
     scenario = cell["scenario"]
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"])}
     out = cell_roofline(read, scenario, shape, cell["ceilings"], dtype)
-    out["embedding_bytes_not_read"] = embed
+    if embed is not None:  # unknown: left out, and the label says the whole table was counted
+        out["embedding_bytes_not_read"] = embed
     return out
 
 

@@ -50,13 +50,23 @@ def git_info(path: Path | None = None) -> dict[str, Any]:
         return {"commit": None, "dirty": None}
 
 
-def gpu_info() -> list[dict[str, Any]]:
+def gpu_info() -> tuple[list[dict[str, Any]], str]:
+    """The GPUs NVML lists, and how that list was obtained.
+
+    The second item tells an empty list apart: ``"nvml"`` (NVML answered), ``"no NVIDIA driver: ..."``
+    (no NVML library or driver on this machine, so no NVIDIA GPU) or ``"nvml failed: ..."`` (NVML is
+    there but failed, so the list says nothing about the GPUs present).
+    """
     try:
         import pynvml
-
+    except ImportError as exc:
+        return [], f"nvml failed: pynvml not importable ({exc})"
+    try:
         pynvml.nvmlInit()
-    except Exception:
-        return []
+    except pynvml.NVMLError as exc:
+        if exc.value in (pynvml.NVML_ERROR_LIBRARY_NOT_FOUND, pynvml.NVML_ERROR_DRIVER_NOT_LOADED):
+            return [], f"no NVIDIA driver: {exc}"
+        return [], f"nvml failed: {type(exc).__name__}: {exc}"
     try:
         driver = pynvml.nvmlSystemGetDriverVersion()
         cuda = pynvml.nvmlSystemGetCudaDriverVersion()
@@ -70,7 +80,9 @@ def gpu_info() -> list[dict[str, Any]]:
                 "driver": driver,
                 "cuda_driver_version": f"{cuda // 1000}.{cuda % 1000 // 10}",
             })
-        return gpus
+        return gpus, "nvml"
+    except pynvml.NVMLError as exc:
+        return [], f"nvml failed: {type(exc).__name__}: {exc}"
     finally:
         pynvml.nvmlShutdown()
 
@@ -102,7 +114,6 @@ def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[
         "cpu_physical_cores": psutil.cpu_count(logical=False),
         "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
         "ram_bytes": psutil.virtual_memory().total,
-        "gpus": gpu_info(),
         "libraries": library_versions(LIBRARIES),
         "git": git_info(),  # the harness's own checkout (None for an installed package)
         "harness_version": library_versions(("infermatrix",)).get("infermatrix"),
@@ -110,6 +121,7 @@ def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[
         "env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
                                                 "HF_HUB_OFFLINE") if k in os.environ},
     }
+    env["gpus"], env["gpus_source"] = gpu_info()
     if with_torch:
         env["torch"] = torch_info()
     return env

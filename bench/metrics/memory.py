@@ -115,6 +115,11 @@ def untied_embedding_bytes(state) -> int:
 
     Decode reads one row of it per token, not the whole table, so bandwidth estimates
     subtract it from the weight bytes. Tied tables are read in full by the LM head.
+
+    Raises:
+        LookupError: an ONNX graph whose ``Gather`` on ``input_ids`` reads no initializer
+            (directly or through ``DequantizeLinear``), so the table's size is unknown.
+
     """
     config = state.model.config
     if getattr(config, "tie_word_embeddings", False):
@@ -136,4 +141,5 @@ def untied_embedding_bytes(state) -> int:
             for d in init.dims:
                 count *= d
             return count * elem
-    return 0
+    raise LookupError(f"no embedding table found in {Path(state.onnx_dir) / 'model.onnx'}: no Gather on input_ids "
+                      "reads an initializer (directly or through DequantizeLinear)")

@@ -121,7 +121,10 @@ def cell_roofline(metrics: dict[str, Any], scenario: dict[str, Any], shape: dict
     decode tokens/s / batch.
     """
     b, p, n = scenario["batch_size"], scenario["prompt_tokens"], scenario["new_tokens"]
-    kv_per_token = metrics.get("kv_cache_bytes_per_token", 0.0)
+    if "kv_cache_bytes_per_token" not in metrics:  # a silent 0 would leave the KV cache out of every step
+        raise ValueError("cell_roofline needs metrics['kv_cache_bytes_per_token'] (KV cache bytes read per token of "
+                         f"context); got metrics with {sorted(metrics)}")
+    kv_per_token = metrics["kv_cache_bytes_per_token"]
     step_bytes = metrics["weights_bytes"] + b * (p + n / 2) * kv_per_token
     achieved = step_bytes * metrics["decode_tokens_per_s"] / b / 1e9
     peak_bw = ceilings["memory"]["bandwidth_gbps"]

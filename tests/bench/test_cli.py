@@ -20,7 +20,9 @@ def test_help_is_available_for_every_subcommand(command, capsys):
         main([command, "--help"] if command else ["--help"])
     assert exc.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: infermatrix" in out
+    assert out.startswith(f"usage: infermatrix {command}" if command else "usage: infermatrix")
+    if command is None:  # the top-level help lists every subcommand
+        assert all(name in out for name in COMMANDS)
 
 
 def test_unknown_variant_is_one_line_exit_2_with_suggestion():
@@ -65,9 +67,18 @@ def test_env_prints_environment_record():
     proc = _cli("env", "--no-torch")
     assert proc.returncode == 0
     import json
+    import os
+
+    import psutil
 
     env = json.loads(proc.stdout)
-    assert env["cpu_logical_cores"] >= 1 and env["ram_bytes"] > 0 and "git" in env
+    assert env["cpu_logical_cores"] == os.cpu_count()
+    assert env["ram_bytes"] == psutil.virtual_memory().total
+    assert env["python"] == sys.version.split()[0]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
+    assert env["git"]["commit"] == (head or None)
+    assert env["gpus_source"] == "nvml" or env["gpus_source"].startswith(("no NVIDIA driver", "nvml failed"))
+    assert "torch" not in env  # --no-torch
 
 
 def test_import_bench_and_help_stay_lean():

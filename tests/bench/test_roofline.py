@@ -37,9 +37,235 @@ def test_decode_bandwidth_counts_weights_once_per_step_and_kv_per_sequence():
 
 def test_prefill_flops_fraction_uses_measured_matmul_rate():
     shape = model_shape(Config)
-    metrics = {"weights_bytes": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 500.0}
+    metrics = {"weights_bytes": 1.0, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 1.0,
+               "prefill_tokens_per_s": 500.0}
     out = cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 64, "new_tokens": 2}, shape, CEILINGS, "bfloat16")
-    expected = prefill_flops(shape, 1, 64) * 500.0 / 64
+    # Hand count: 422,912 matmul params (2 x 147,456 per layer + 128 x 1000 head) x 2 FLOPs x 64 tokens,
+    # plus causal attention 2 layers x 4 heads x (QK^T + PV: 2 x 2 x 32 x 64^2 / 2) = 2,097,152.
+    expected = (2 * 422_912 * 64 + 2_097_152) * 500.0 / 64  # FLOPs of one prompt x prompts per second
     assert out["prefill_tflops"] == pytest.approx(expected / 1e12)
     assert out["prefill_flops_fraction"] == pytest.approx(expected / 0.1e12)
     assert out["roofline_ceilings"]["matmul_dtype"] == "float32"  # bf16 not measured: compared with fp32
+    assert out["roofline_ceilings"]["matmul_tflops"] == pytest.approx(0.1)
+
+
+class Tiny:
+    """One layer, hidden 8, 2 query heads of dim 4 sharing 1 KV head, FFN 16, vocab 10."""
+
+    num_hidden_layers = 1
+    num_attention_heads = 2
+    num_key_value_heads = 1
+    hidden_size = 8
+    intermediate_size = 16
+    vocab_size = 10
+
+
+def test_prefill_flops_of_a_tiny_attention_by_hand():
+    shape = model_shape(Tiny)
+    # q 8x8, k 8x4, v 8x4, o 8x8, gate/up/down 3 x 8x16, head 8x10 = 64+32+32+64+384+80 = 656 params
+    assert shape == {"layers": 1, "heads": 2, "head_dim": 4, "matmul_params": 656}
+    # batch 2, prompt 3: linear 2 x 656 x 6 tokens = 7872; attention per sequence and head: QK^T over the
+    # causal half (3^2 / 2 pairs x 2 x 4 FLOPs) = 36, PV the same: 72 x 2 heads x 2 sequences = 288.
+    assert prefill_flops(shape, batch=2, prompt=3) == 7872 + 288
+    assert prefill_flops(shape, batch=1, prompt=1) == 2 * 656 + 2 * 2 * 4
+
+
+def test_prefill_flops_match_torch_flop_counter_on_a_real_llama():
+    """A second count: torch's FLOP counter over an eager Llama forward (it counts the full, unmasked
+    QK^T and PV products, so the causal estimate is its linear part plus half its attention part)."""
+    torch = pytest.importorskip("torch")
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=50, max_position_embeddings=64,
+                         attn_implementation="eager", tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    batch, prompt = 3, 20
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.zeros(batch, prompt, dtype=torch.long), use_cache=False)
+    counts = counter.get_flop_counts()
+    rotary = sum(counts.get("LlamaForCausalLM.model.rotary_emb", {}).values())  # position angles: not in the model
+    by_op = {str(op): n for op, n in counts["Global"].items()}
+    linear = sum(n for op, n in by_op.items() if op.startswith(("aten.mm", "aten.addmm")))
+    attention = sum(n for op, n in by_op.items() if op.startswith("aten.bmm")) - rotary
+    assert linear > 0 and 0 <= rotary < attention / 100 and linear + attention + rotary == counter.get_total_flops()
+    assert prefill_flops(model_shape(config), batch, prompt) == linear + attention / 2
+
+
+def test_missing_kv_bytes_per_token_is_an_error_not_zero():
+    metrics = {"weights_bytes": 1e9, "decode_tokens_per_s": 40.0, "prefill_tokens_per_s": 1000.0}
+    with pytest.raises(ValueError, match=r"cell_roofline needs metrics\['kv_cache_bytes_per_token'\]"):
+        cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, model_shape(Config), CEILINGS,
+                      "float32")
+
+
+def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    from types import SimpleNamespace
+
+    from onnx import TensorProto, helper
+
+    from bench.cell import _roofline
+
+    graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT64, None)])
+    onnx.save(helper.make_model(graph), str(tmp_path / "model.onnx"))
+    from transformers import LlamaConfig
+
+    config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=1000, tie_word_embeddings=False)
+    state = SimpleNamespace(model=SimpleNamespace(config=config), backend="onnxruntime", onnx_dir=str(tmp_path),
+                            labels=[])
+    metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 10.0,
+               "prefill_tokens_per_s": 1.0}
+    cell = {"scenario": {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, "ceilings": CEILINGS}
+    out = _roofline(state, cell, metrics)
+    assert "embedding_bytes_not_read" not in out
+    assert out["decode_bytes_per_step"] == 1e9  # the whole table counted as read, and said so:
+    assert len(state.labels) == 1
+    assert state.labels[0].startswith("decode bandwidth counts the whole input embedding table as read: "
+                                      "no embedding table found in ")
+
+
+def test_ceiling_arithmetic_with_scripted_times(monkeypatch):
+    from bench.metrics import roofline
+
+    monkeypatch.setattr(roofline, "_timed", lambda fn, device, reps: [0.5, 0.25, 1.0])
+    cfg = roofline.RooflineConfig(copy_bytes_cpu=2**20, matmul_n_cpu=64, reps=3)
+    bw = roofline.measure_bandwidth("cpu", cfg)
+    # (read + write) 2 x 1 MiB over the median 0.5 s; best over 0.25 s
+    assert bw == {"copy_bytes": 2**20, "bandwidth_gbps": 2 * 2**20 / 0.5 / 1e9,
+                  "bandwidth_best_gbps": 2 * 2**20 / 0.25 / 1e9, "method": "tensor.copy_, (read + write) / median time"}
+    mm = roofline.measure_matmul("cpu", "float32", cfg)
+    assert mm == {"n": 64, "tflops": 2 * 64**3 / 0.5 / 1e12, "tflops_best": 2 * 64**3 / 0.25 / 1e12}
+
+
+def test_timed_warms_up_once_then_times_each_rep():
+    from bench.metrics.roofline import _timed
+
+    calls = []
+    times = _timed(lambda: calls.append(1), "cpu", 4)
+    assert len(calls) == 5 and len(times) == 4 and all(t >= 0 for t in times)
+
+
+def test_ceilings_measure_the_dtypes_the_device_runs(monkeypatch):
+    from bench.metrics import roofline
+
+    monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: {"bandwidth_gbps": 1.0})
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: {"dtype": dtype})
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
+    cpu = roofline.measure_ceilings("cpu")
+    assert cpu["device"] == "cpu" and cpu["memory"] == {"bandwidth_gbps": 1.0}
+    assert cpu["matmul"] == {"float32": {"dtype": "float32"}} and cpu["torch_threads"] >= 1
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: True)
+    assert list(roofline.measure_ceilings("cpu")["matmul"]) == ["float32", "bfloat16"]
+    assert list(roofline.measure_ceilings("cuda")["matmul"]) == ["float32", "bfloat16", "float16"]
+
+
+@pytest.mark.parametrize("flags, expected", [("fpu sse avx512f", False), ("fpu avx512_bf16", True),
+                                             ("amx_tile amx_bf16", True)])
+def test_cpu_has_bf16_reads_the_cpu_flags(monkeypatch, tmp_path, flags, expected):
+    import builtins
+
+    from bench.metrics import roofline
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nmodel name\t: x\nflags\t\t: {flags}\n")
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda path, *a, **k: real_open(cpuinfo if path == "/proc/cpuinfo" else path,
+                                                                        *a, **k))
+    assert roofline.cpu_has_bf16() is expected
+
+
+def test_cpu_has_bf16_without_cpuinfo_is_false(monkeypatch):
+    import builtins
+
+    from bench.metrics import roofline
+
+    def missing(*args, **kwargs):
+        raise OSError("no /proc")
+
+    monkeypatch.setattr(builtins, "open", missing)
+    assert roofline.cpu_has_bf16() is False
+
+
+def test_roofline_config_defaults():
+    from bench.metrics.roofline import RooflineConfig
+
+    cfg = RooflineConfig()
+    assert (cfg.copy_bytes_cpu, cfg.copy_bytes_cuda, cfg.matmul_n_cpu, cfg.matmul_n_cuda, cfg.reps) == (
+        512 * 2**20, 2 * 2**30, 2048, 8192, 7)
+
+
+def test_cell_roofline_uses_the_measured_rate_of_the_compute_dtype_exactly():
+    ceilings = {"memory": {"bandwidth_gbps": 20.0}, "matmul": {"float32": {"tflops": 0.1}, "bfloat16": {"tflops": 0.4}}}
+    metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 1000.0, "decode_tokens_per_s": 40.0,
+               "prefill_tokens_per_s": 500.0}
+    out = cell_roofline(metrics, {"batch_size": 4, "prompt_tokens": 100, "new_tokens": 20}, model_shape(Config),
+                        ceilings, "bfloat16")
+    step_bytes = 1e9 + 4 * 110 * 1000
+    assert out["decode_bandwidth_gbps"] == pytest.approx(step_bytes * 10 / 1e9, rel=1e-12)
+    # 400 prompt tokens: 2 FLOPs x 422,912 params each, plus causal attention of 2 layers x 4 sequences x
+    # 4 heads x (2 x 32 x 100^2); over the 400 tokens, at 500 prompt tokens per second
+    flops = (2 * 422_912 * 400 + 2 * 2 * 4 * 4 * 32 * 100**2) * 500.0 / 400
+    assert out["prefill_tflops"] == pytest.approx(flops / 1e12, rel=1e-12)
+    assert out["prefill_flops_fraction"] == pytest.approx(flops / 0.4e12, rel=1e-12)
+    assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.4, rel=1e-12),
+                                        "matmul_dtype": "bfloat16"}
+
+
+def test_missing_kv_bytes_message_is_exact():
+    metrics = {"weights_bytes": 1.0, "decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0}
+    with pytest.raises(ValueError, match=r"^cell_roofline needs metrics\['kv_cache_bytes_per_token'\] \(KV cache "
+                                         r"bytes read per token of context\); got metrics with \['decode_tokens"):
+        cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, model_shape(Config), CEILINGS,
+                      "float32")
+
+
+def test_timed_on_cuda_reads_event_pairs_in_seconds(monkeypatch):
+    """CUDA emulated at torch's boundary: each event pair is 250 ms apart."""
+    import torch
+
+    from bench.metrics.roofline import _timed
+
+    class Event:
+        clock = 0.0
+
+        def __init__(self, enable_timing):
+            assert enable_timing is True
+            self.t = None
+
+        def record(self):
+            Event.clock += 250.0
+            self.t = Event.clock
+
+        def elapsed_time(self, end):
+            return end.t - self.t  # milliseconds, as CUDA events report
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    calls = []
+    assert _timed(lambda: calls.append(1), "cuda", 3) == [0.25, 0.25, 0.25]
+    assert len(calls) == 4
+
+
+def test_timed_on_cpu_reads_perf_counter_differences(monkeypatch):
+    from bench.metrics import roofline
+
+    now = iter([100.0, 100.5, 200.0, 202.0])
+    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(now))
+    assert roofline._timed(lambda: None, "cpu", 2) == [0.5, 2.0]
+
+
+def test_ceilings_pass_the_device_and_config_on(monkeypatch):
+    from bench.metrics import roofline
+
+    seen = []
+    monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: seen.append(("bw", device, cfg)) or {})
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: seen.append((dtype, device, cfg)) or {})
+    monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
+    cfg = roofline.RooflineConfig(reps=1)
+    roofline.measure_ceilings("cpu", cfg)
+    assert seen == [("bw", "cpu", cfg), ("float32", "cpu", cfg)]

@@ -35,12 +35,54 @@ def test_prefill_scenario_times_the_prompt_pass(fp32, tiny_prompts):
     metrics, samples, method = run_prefill(fp32, PrefillScenario(batch_size=2, prompt_tokens=16), tiny_prompts, REPEAT)
     assert metrics["ttft_ms"]["n"] == 3 and "decode_tokens_per_s" not in metrics
     assert metrics["prefill_tokens_per_s"] == pytest.approx(sorted(samples["prefill_tokens_per_s"])[1])
+    assert metrics["ttft_ms"]["p50"] == pytest.approx(sorted(samples["ttft_ms"])[1])
 
 
-def test_decode_sweep_skips_a_batch_past_the_memory_limit(fp32, tiny_prompts):
-    with pytest.raises(NotApplicable, match="exceeds the decode memory limit"):
-        run_decode(fp32, DecodeScenario(batch_size=100_000, prompt_tokens=16, new_tokens=4), tiny_prompts, REPEAT,
+@pytest.mark.parametrize("batch", [1, 2])
+def test_prefill_rate_counts_every_prompt_token_of_the_batch(fp32, tiny_prompts, batch):
+    prompts = tiny_prompts[:batch]  # (batch, 16)
+    _, samples, _ = run_prefill(fp32, PrefillScenario(batch_size=batch, prompt_tokens=16), prompts, REPEAT)
+    tokens = prompts.numel()  # batch x 16 prompt tokens processed per call
+    assert tokens == batch * 16
+    for ttft, rate in zip(samples["ttft_ms"], samples["prefill_tokens_per_s"], strict=True):
+        assert rate == pytest.approx(tokens / (ttft / 1e3))
+
+
+# Decode memory estimate by hand for the tiny model (vocab 8192), prompt 16, 4 new tokens, 10 MB of
+# weights, 1 KiB of KV cache per token: per sequence 20 x 1024 KV + 16 x 8192 x 4 prompt logits.
+PER_SEQUENCE = 20 * 1024 + 16 * 8192 * 4
+
+
+def test_decode_sweep_skips_a_batch_past_the_memory_limit(fp32, tiny_prompts, monkeypatch):
+    import bench.scenarios.sweeps as sweeps
+
+    # The host's free memory is emulated so the outcome is the same on any machine: 80% of
+    # 14,000,000 bytes = 11,200,000 holds batch 2 (11,089,536) but not batch 3 (11,634,304).
+    monkeypatch.setattr(sweeps, "available_bytes", lambda device: 14_000_000)
+    with pytest.raises(NotApplicable, match=r"batch 3: estimated 0\.01 GiB exceeds the decode memory limit "
+                                            r"0\.01 GiB \(80% of available\)"):
+        run_decode(fp32, DecodeScenario(batch_size=3, prompt_tokens=16, new_tokens=4), tiny_prompts, REPEAT,
                    weights_bytes=10**7, kv_bytes_per_token=1024)
-    metrics, _, _ = run_decode(fp32, DecodeScenario(batch_size=2, prompt_tokens=16, new_tokens=4), tiny_prompts,
-                               REPEAT, weights_bytes=10**7, kv_bytes_per_token=1024)
-    assert metrics["decode_tokens_per_s"] > 0 and metrics["decode_memory_estimate_bytes"] > 10**7
+    metrics, _, method = run_decode(fp32, DecodeScenario(batch_size=2, prompt_tokens=16, new_tokens=4), tiny_prompts,
+                                    REPEAT, weights_bytes=10**7, kv_bytes_per_token=1024)
+    assert metrics["decode_memory_estimate_bytes"] == 10**7 + 2 * PER_SEQUENCE == 11_089_536
+    assert method["decode_memory_limit_bytes"] == 11_200_000
+    assert metrics["decode_tokens_per_s"] > 0
+
+
+def test_decode_memory_limit_follows_memory_percent(fp32, tiny_prompts, monkeypatch):
+    import bench.scenarios.sweeps as sweeps
+
+    monkeypatch.setattr(sweeps, "available_bytes", lambda device: 14_000_000)
+    with pytest.raises(NotApplicable, match=r"\(70% of available\)"):  # 9,800,000 < 10,544,768
+        run_decode(fp32, DecodeScenario(batch_size=1, prompt_tokens=16, new_tokens=4, memory_percent=70),
+                   tiny_prompts, REPEAT, weights_bytes=10**7, kv_bytes_per_token=1024)
+
+
+def test_available_bytes_on_cpu_is_what_psutil_reports_as_available(monkeypatch):
+    import psutil
+
+    import bench.scenarios.sweeps as sweeps
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("VM", (), {"available": 123_456_789})())
+    assert sweeps.available_bytes("cpu") == 123_456_789

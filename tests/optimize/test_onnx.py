@@ -89,13 +89,37 @@ def test_int8_graph_holds_int8_weights_and_is_smaller(variant, kind):
 
 
 @pytest.mark.parametrize("kind", ["dynamic", "static"])
-def test_int8_variant_generates_requested_tokens(variant, tiny_prompts, kind):
+def test_int8_variant_generates_what_the_graph_computes(variant, tiny_prompts, kind):
+    import torch
+
     from bench.scenarios.generate import greedy_generate
 
-    state, _ = variant(INT8[kind])
+    state, artifact = variant(INT8[kind])
     out = greedy_generate(state, tiny_prompts, NEW_TOKENS)
     assert out.shape == (2, tiny_prompts.shape[1] + NEW_TOKENS)
     assert (out[:, : tiny_prompts.shape[1]] == tiny_prompts).all()
+    # A second implementation: the same graph run by onnxruntime directly, the whole sequence each
+    # step with an empty cache, greedy by argmax. The harness's cached generation must match it.
+    assert torch.equal(out, _greedy_without_cache(artifact.path / ONNX_FILE, tiny_prompts, NEW_TOKENS))
+
+
+def _greedy_without_cache(path, prompts, new_tokens):
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ids = prompts.numpy().astype(np.int64)  # (B, T)
+    for _ in range(new_tokens):
+        batch, length = ids.shape
+        feed = {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                "position_ids": np.tile(np.arange(length, dtype=np.int64), (batch, 1))}
+        for i in session.get_inputs():
+            if i.name.startswith("past_key_values"):
+                feed[i.name] = np.zeros((batch, 2, 0, 32), dtype=np.float32)  # (B, kv_heads, past, head_dim)
+        logits = session.run(["logits"], feed)[0]  # (B, T, V)
+        ids = np.concatenate([ids, logits[:, -1].argmax(-1)[:, None]], axis=1)
+    return torch.from_numpy(ids)
 
 
 def test_static_calibration_feeds_eval_text_windows(variant, tiny_ref):
@@ -110,7 +134,10 @@ def test_static_calibration_feeds_eval_text_windows(variant, tiny_ref):
     ids = eval_token_ids(tiny_ref, 8192)
     feeds = list(iter(reader.get_next, None))
     assert len(feeds) == 4
-    assert reader.starts[0] == 0 and reader.starts[-1] == len(ids) - 32  # spread over the whole text
+    last = len(ids) - 32
+    assert reader.starts[0] == 0 and reader.starts[-1] == last  # spread over the whole text
+    for k, start in enumerate(reader.starts):  # evenly: within a token of k/3 of the way
+        assert abs(start - k * last / 3) < 1
     for start, feed in zip(reader.starts, feeds, strict=True):
         assert torch.equal(torch.from_numpy(feed["input_ids"][0]), ids[start : start + 32])
         assert feed["attention_mask"].shape == (1, 32) and feed["attention_mask"].all()

@@ -32,16 +32,16 @@ def generates(state, prompts) -> bool:
 def test_magnitude_layer_scope_zeroes_half_of_each_linear(tiny_ref, cache_dir):
     state, artifact = build(tiny_ref, cache_dir, "mag-layer", MagnitudePrune(sparsity=0.5, scope="layer"))
     for name, module in prunable_linears(state.model):
-        assert float((module.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01), name
+        assert int((module.weight == 0).sum()) == module.weight.numel() // 2, name  # every width here is even
     assert state.model.lm_head.weight.count_nonzero() == state.model.lm_head.weight.numel()
-    assert artifact.manifest["reports"][0]["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
+    assert artifact.manifest["reports"][0]["sparsity_achieved"] == 0.5
 
 
 def test_magnitude_global_scope_hits_the_global_target(tiny_ref, cache_dir):
     state, artifact = build(tiny_ref, cache_dir, "mag-global", MagnitudePrune(sparsity=0.5, scope="global"))
     zeros = sum(int((m.weight == 0).sum()) for _, m in prunable_linears(state.model))
     total = sum(m.weight.numel() for _, m in prunable_linears(state.model))
-    assert zeros / total == pytest.approx(0.5, abs=0.005)
+    assert zeros == total // 2
     assert artifact.manifest["reports"][0]["scope"] == "global"
 
 
@@ -133,20 +133,6 @@ def test_structured_ffn_shrinks_matrices_and_reloads_with_plain_transformers(tin
     assert generates(VariantState(ref=tiny_ref, device="cpu", source_dir=artifact.path, _model=plain.eval()),
                      tiny_prompts)
     assert generates(state, tiny_prompts)
-
-
-def test_structured_keeps_the_highest_weight_scores(tiny_ref, cache_dir):
-    from transformers import AutoModelForCausalLM
-
-    from optimize.prune.structured import _ffn_weight_scores
-
-    reference = AutoModelForCausalLM.from_pretrained(tiny_ref.path)
-    _, artifact = build(tiny_ref, cache_dir, "ffn-25", StructuredPrune(ratio=0.25))
-    pruned = AutoModelForCausalLM.from_pretrained(artifact.path)
-    mlp = reference.model.layers[0].mlp
-    keep = _ffn_weight_scores(mlp).topk(192).indices.sort().values
-    assert torch.equal(pruned.model.layers[0].mlp.gate_proj.weight, mlp.gate_proj.weight[keep])
-    assert torch.equal(pruned.model.layers[0].mlp.down_proj.weight, mlp.down_proj.weight[:, keep])
 
 
 @pytest.mark.parametrize("importance", ["weight", "activation"])

@@ -55,7 +55,10 @@ def test_store_builds_once_and_reuses(tiny_ref, cache_dir):
     m = second.manifest
     # content-addressed: the saved steps identify the artifact, whatever the recipe was called
     assert m["saved_steps"] == [s.to_dict() for s in recipe.saved_steps]
-    assert m["artifact_bytes"] > 0 and m["build_s"] >= 0
+    weights = sum(p.stat().st_size for p in first.path.rglob("*.safetensors"))
+    on_disk = sum(p.stat().st_size for p in first.path.rglob("*") if p.is_file())
+    assert weights <= m["artifact_bytes"] <= on_disk  # the saved files, manifest aside
+    assert m["build_s"] >= 0
     assert m["reports"][0]["sparsity_achieved"] == pytest.approx(0.5, abs=0.01)
     assert {"torch", "transformers"} <= set(m["versions"])
     suffixes = {p.suffix for p in first.path.rglob("*") if p.is_file()}

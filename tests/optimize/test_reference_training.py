@@ -27,10 +27,40 @@ def small_stdlib(tmp_path_factory) -> Path:
     return root
 
 
-def test_split_is_a_stable_function_of_the_path():
-    assert is_held_out("json/decoder.py", 0.05) == is_held_out("json/decoder.py", 0.05)
+SPLIT_SCRIPT = """
+import json, sys
+from optimize.reference.corpus import is_held_out
+print(json.dumps([is_held_out(f"pkg/mod{i}.py", 0.3) for i in range(300)]))
+"""
+
+
+def test_split_is_identical_across_processes_with_different_hash_seeds():
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    runs = []
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed}
+        out = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT], cwd=root, env=env, capture_output=True, text=True,
+                             check=True).stdout
+        runs.append(json.loads(out))
+    here = [is_held_out(f"pkg/mod{i}.py", 0.3) for i in range(300)]
+    assert runs[0] == runs[1] == here
+    assert 60 < sum(here) < 120  # about 30% held out
+
+
+def test_split_is_the_sha256_fraction_of_the_path():
+    import hashlib
+
+    # sha256("json/decoder.py") begins with these 8 bytes; as a fraction of 2**64 it is the split key.
+    key = int.from_bytes(hashlib.sha256(b"json/decoder.py").digest()[:8], "big") / 2**64
+    assert is_held_out("json/decoder.py", key + 1e-9) and not is_held_out("json/decoder.py", key)
+    assert not is_held_out("json/decoder.py", 0.0) and is_held_out("json/decoder.py", 1.0)
     held = sum(is_held_out(f"pkg/mod{i}.py", 0.05) for i in range(4000))
-    assert 120 < held < 280  # about 5%
+    assert 150 < held < 250  # 5% of 4000 = 200, binomial sd ~14
 
 
 def test_corpus_is_deterministic_and_split_by_file(small_stdlib):

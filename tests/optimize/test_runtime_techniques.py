@@ -58,20 +58,59 @@ def test_dynamic_int8_replaces_linears_with_int8_weights(tiny_ref, cache_dir, re
     # each linear weight goes from 4 bytes to 1; the embedding table stays fp32
     expected = torch_weights_bytes(fp32.model) - 3 * linear_weights
     assert torch_weights_bytes(state.model) == pytest.approx(expected, rel=0.01)
-    prompts, _ = reference_tokens
-    assert greedy_generate(state, prompts, NEW).shape == (2, 16 + NEW)
+    prompts, expected = reference_tokens
+    _, scores = _scores(state, prompts)
+    _, reference = _scores(_load(tiny_ref, cache_dir, "fp32"), prompts)
+    assert not torch.equal(scores, reference)  # int8 arithmetic really ran
+    corr = torch.corrcoef(torch.stack([scores.flatten(), reference.flatten()]))[0, 1]
+    assert corr > 0.99, corr
+    assert (scores[0].argmax(-1) == expected[:, 16]).all()  # same first token as fp32
 
 
-def test_kv_int4_generates_with_a_quantized_cache(tiny_ref, cache_dir, reference_tokens):
+class ScoreRecorder:
+    """A logits processor keeping each step's scores (B, V)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.detach().float().clone())
+        return scores
+
+
+def _scores(state, prompts):
+    """Greedy tokens and each step's scores (NEW, B, V); tokens the generation config bans (-inf) set to 0."""
+    recorder = ScoreRecorder()
+    tokens = greedy_generate(state, prompts, NEW, [recorder])
+    scores = torch.stack(recorder.steps)
+    return tokens, torch.where(scores.isfinite(), scores, torch.zeros(()))
+
+
+def test_kv_int4_generates_through_a_quantized_cache(tiny_ref, cache_dir, reference_tokens):
+    """With a residual window shorter than the prompt, later steps read int4 keys and values: their
+    logits move away from the full-precision cache's, while the prefill step (which attends to the
+    fresh keys) is unchanged."""
     pytest.importorskip("optimum.quanto", reason="kv-int4 needs optimum-quanto")
-    state = _load(tiny_ref, cache_dir, "kv-int4")
-    assert state.generate_kwargs["cache_implementation"] == "quantized"
-    prompts, _ = reference_tokens
-    assert greedy_generate(state, prompts, NEW).shape == (2, 16 + NEW)
+    builtin = _load(tiny_ref, cache_dir, "kv-int4")
+    assert builtin.generate_kwargs["cache_implementation"] == "quantized"
+    assert builtin.generate_kwargs["cache_config"] == {"backend": "quanto", "nbits": 4, "residual_length": 128}
+    prompts, expected = reference_tokens
+    state, _ = load_variant(tiny_ref, Recipe(name="kv4-r4", steps=(KVCache(mode="quantized", nbits=4,
+                                                                             residual_length=4),)),
+                            "cpu", VariantStore(cache_dir))
+    assert "KV cache int4 (quanto), last 4 tokens full precision" in state.labels
+    tokens, scores = _scores(state, prompts)
+    _, reference = _scores(_load(tiny_ref, cache_dir, "fp32"), prompts)
+    assert torch.allclose(scores[0], reference[0], atol=1e-5)  # prefill: the fresh keys, not the stored ones
+    assert (scores[1:] - reference[1:]).abs().max() > 1e-3  # decode steps read the quantized cache
+    assert (tokens[:, 16] == expected[:, 16]).all()  # first generated token identical
+    # The int4 cache is lossy, not broken: its logits still follow the full-precision ones.
+    corr = torch.corrcoef(torch.stack([scores[1:].flatten(), reference[1:].flatten()]))[0, 1]
+    assert corr > 0.9, corr
 
 
 def test_kv_cache_config_validation():
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="kv-cache"):
         Recipe(name="x", steps=(KVCache(mode="dynamic", compile=True),))
-    with pytest.raises(RecipeError):
+    with pytest.raises(RecipeError, match="kv-cache.nbits must be 2 or 4 for the quanto backend, got 3"):
         Recipe(name="x", steps=(KVCache(mode="quantized", nbits=3),))

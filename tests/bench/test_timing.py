@@ -1,0 +1,145 @@
+"""The timing module with a scripted clock: TTFT, TPOT and ITL by hand, repetition policy by count."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.metrics import timing
+from bench.metrics.timing import (
+    CpuClock,
+    GenerateSample,
+    RepeatConfig,
+    TokenStamper,
+    clock_for,
+    repeat,
+    time_generate,
+)
+from optimize.errors import InputError
+
+
+class ScriptedClock(CpuClock):
+    """Marks come from a list of nanosecond readings; elapsed_ms is CpuClock's."""
+
+    def __init__(self, readings_ns):
+        self.readings = iter(readings_ns)
+
+    def mark(self) -> int:
+        return next(self.readings)
+
+
+def test_generate_sample_ttft_tpot_itl_by_hand():
+    s = GenerateSample(token_ms=[10.0, 13.0, 17.0, 22.0], e2e_ms=24.0)
+    assert s.ttft_ms == 10.0
+    assert s.tpot_ms == (24.0 - 10.0) / 3  # (e2e - TTFT) / (tokens - 1)
+    assert s.itl_ms == [3.0, 4.0, 5.0]
+    one = GenerateSample(token_ms=[7.0], e2e_ms=8.0)
+    assert math.isnan(one.tpot_ms) and one.itl_ms == []
+
+
+def test_time_generate_reads_one_stamp_per_token_from_the_call_start():
+    # start at 1 ms; tokens at 5, 6, 8 ms; end at 9 ms (readings in ns)
+    clock = ScriptedClock([1_000_000, 5_000_000, 6_000_000, 8_000_000, 9_000_000])
+
+    def generate(stamper):
+        for _ in range(3):
+            assert stamper(None, "scores") == "scores"  # a logits processor hands the scores on unchanged
+
+    sample = time_generate(generate, clock)
+    assert sample.token_ms == [4.0, 5.0, 7.0] and sample.e2e_ms == 8.0
+    assert sample.tpot_ms == 2.0
+
+
+def test_time_generate_without_tokens_is_an_error():
+    with pytest.raises(AssertionError, match="^the generate call produced no token$"):
+        time_generate(lambda stamper: None, ScriptedClock([0, 1]))
+
+
+def test_time_generate_of_a_single_token_is_its_ttft():
+    sample = time_generate(lambda stamper: stamper(None, None), ScriptedClock([0, 2_000_000, 3_000_000]))
+    assert sample.token_ms == [2.0] and sample.e2e_ms == 3.0 and math.isnan(sample.tpot_ms)
+
+
+def test_cuda_clock_records_events_and_reads_them_after_one_synchronisation(monkeypatch):
+    """CUDA emulated at the torch boundary: events are stamped with a counter, not a device."""
+    import torch
+
+    log = []
+
+    class Event:
+        count = 0
+
+        def __init__(self, enable_timing):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            Event.count += 1
+            self.t = Event.count * 1.5
+
+        def elapsed_time(self, end):
+            log.append("elapsed")
+            return end.t - self.t
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: log.append("sync"))
+    clock = clock_for("cuda")
+    start, marks = clock.mark(), [clock.mark(), clock.mark()]
+    assert log == []  # stamping never synchronises
+    assert clock.elapsed_ms(start, marks) == [1.5, 3.0]
+    assert log == ["sync", "elapsed", "elapsed"]
+
+
+def test_token_stamper_marks_each_call():
+    stamper = TokenStamper(ScriptedClock([3, 4]))
+    stamper(None, None)
+    stamper(None, None)
+    assert stamper.marks == [3, 4]
+
+
+def test_clocks():
+    assert CpuClock().elapsed_ms(1_000_000, [1_500_000, 3_000_000]) == [0.5, 2.0]
+    assert clock_for("cpu").name == "perf_counter_ns" and timing.CudaClock.name == "cuda_event"
+    assert isinstance(clock_for("cuda"), timing.CudaClock)
+
+
+class Counter:
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.calls
+
+
+def test_repeat_warms_up_then_takes_min_reps_once_the_budget_is_spent():
+    fn = Counter()
+    out = repeat(fn, RepeatConfig(warmup=2, min_reps=3, max_reps=10, budget_s=0))
+    assert fn.calls == 5 and out.samples == [3, 4, 5] and len(out.warmup_wall_s) == 2
+    assert all(t >= 0 for t in out.warmup_wall_s) and out.measured_wall_s >= 0
+
+
+def test_repeat_stops_at_max_reps_while_the_budget_lasts():
+    fn = Counter()
+    out = repeat(fn, RepeatConfig(warmup=0, min_reps=1, max_reps=4, budget_s=3600))
+    assert out.samples == [1, 2, 3, 4] and out.warmup_wall_s == []
+
+
+def test_repeat_continues_past_min_reps_until_the_budget_is_spent(monkeypatch):
+    now = iter(range(100, 200))  # each perf_counter call advances 1 s
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(now)))
+    out = repeat(Counter(), RepeatConfig(warmup=1, min_reps=2, max_reps=20, budget_s=5))
+    # warm-up reads 100 and 101; t_start = 102; the check after sample k reads 102 + k:
+    # stop at the first k >= 2 with k >= 5; the final reading is 108.
+    assert out.warmup_wall_s == [1.0]
+    assert out.samples == [2, 3, 4, 5, 6] and out.measured_wall_s == 6.0
+
+
+@pytest.mark.parametrize("fields", [{"warmup": -1}, {"min_reps": 0}, {"min_reps": 5, "max_reps": 4},
+                                    {"budget_s": -0.5}])
+def test_repeat_config_rejects_bad_settings(fields):
+    with pytest.raises(InputError, match=r"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, "
+                                         r"budget_s >= 0, 0 <= target_rel_ci < 1; got RepeatConfig\("):
+        RepeatConfig(**fields).validate()
+    RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0).validate()
