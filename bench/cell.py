@@ -146,6 +146,8 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     m = cell["measure"]
     device = cell["device"]
     _seed(m["seed"])
+    if m.get("threads"):
+        torch.set_num_threads(m["threads"])
     ref = resolve_model(cell["model"], _cache(cell), cell.get("tokenizer"))
     record["model_info"] = ref.to_dict()
     recipe = recipe_from_dict(cell["variant"])

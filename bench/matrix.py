@@ -48,10 +48,12 @@ class MeasureConfig:
     # Every cell runs this many times, each in a fresh process, the cell order shuffled per round
     # (random interleaving): a burst of load then lands on all variants rather than on one.
     rounds: int = 1
+    # torch's intra-op threads in each cell (llama-bench's -t); 0 keeps torch's default (the cores it sees).
+    threads: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed,
-                "roofline": self.roofline, "rounds": self.rounds}
+                "roofline": self.roofline, "rounds": self.rounds, "threads": self.threads}
 
 
 @dataclass(frozen=True)
@@ -192,7 +194,7 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     if not isinstance(raw, dict):
         raise _err(where, "measure", f"must be a table, got {raw!r}")
     repeat_fields = {f.name for f in dataclasses.fields(RepeatConfig)}
-    allowed = repeat_fields | {"timeout_s", "seed", "roofline", "rounds"}
+    allowed = repeat_fields | {"timeout_s", "seed", "roofline", "rounds", "threads"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise _err(f"{where} [measure]", unknown[0], f"is not a measure setting; allowed: {sorted(allowed)}")
@@ -220,7 +222,8 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     except InputError as exc:
         raise InputError(f"{where} [measure]: {exc}") from None
     return MeasureConfig(repeat=repeat, timeout_s=float(raw.get("timeout_s", base.timeout_s)),
-                         seed=int(raw.get("seed", base.seed)), roofline=roofline, rounds=rounds)
+                         seed=int(raw.get("seed", base.seed)), roofline=roofline, rounds=rounds,
+                         threads=raw.get("threads", base.threads))
 
 
 def _parse_recipes(raw: Any, where: str, builtins: set[str]) -> dict[str, Recipe]:
@@ -334,7 +337,8 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
 
 
 def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_size=None, prompt_tokens=None,
-           new_tokens=None, repeat: dict | None = None, timeout_s=None, trust_remote_code=None,
+           new_tokens=None, repeat: dict | None = None, timeout_s=None, threads: int | None = None,
+           trust_remote_code=None,
            drift: bool | None = None, tokenizer: str | None = None, prompt_source: str | None = None) -> Matrix:
     """Override parts of a matrix from CLI flags (comma lists replace the file's lists)."""
     changes: dict[str, Any] = {}
@@ -348,11 +352,14 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
                               ("new_tokens", new_tokens)) if v}
     if grid:
         changes["scenarios"] = tuple({**s, **{k: list(v) for k, v in grid.items() if k in s}} for s in matrix.scenarios)
-    if repeat or timeout_s is not None:
+    if repeat or timeout_s is not None or threads is not None:
         rep = dataclasses.replace(matrix.measure.repeat, **(repeat or {}))
         rep.validate()
-        changes["measure"] = dataclasses.replace(matrix.measure, repeat=rep,
-                                                 timeout_s=matrix.measure.timeout_s if timeout_s is None else timeout_s)
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise InputError(f"threads must be a whole number >= 0 (0: torch's default), got {threads!r}")
+        changes["measure"] = dataclasses.replace(
+            matrix.measure, repeat=rep, timeout_s=matrix.measure.timeout_s if timeout_s is None else timeout_s,
+            threads=matrix.measure.threads if threads is None else threads)
     if trust_remote_code:
         changes["trust_remote_code"] = True
     if drift is not None:

@@ -67,6 +67,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="time budget of the repetitions per cell, seconds")
     p.add_argument("--timeout-s", type=_seconds("--timeout-s", positive=True),
                    help="per-cell timeout, seconds (the cell's process is killed)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="torch intra-op threads per cell (default: the matrix's [measure] threads; 0: torch's default)")
     p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for models saved without one")
@@ -133,7 +135,7 @@ def _matrix(args: argparse.Namespace):
     return narrow(load_matrix(args.matrix), models=args.model, variants=args.variants,
                   devices=[args.device] if args.device else None, batch_size=args.batch_size,
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
-                  timeout_s=args.timeout_s, trust_remote_code=args.trust_remote_code,
+                  timeout_s=args.timeout_s, threads=args.threads, trust_remote_code=args.trust_remote_code,
                   drift=False if args.no_drift else None, tokenizer=args.tokenizer,
                   prompt_source=args.prompt_source)
 

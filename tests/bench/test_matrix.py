@@ -86,3 +86,20 @@ def test_prefill_and_decode_sweeps_expand_over_their_axes():
     assert prefill == [32, 64, 128] and decode == [1, 2, 4]
     assert all(c["scenario"]["new_tokens"] == 1 for c in cells if c["scenario"]["name"] == "prefill")
     assert all(c["scenario"]["memory_percent"] == 50 for c in cells if c["scenario"]["name"] == "decode")
+
+
+@pytest.mark.parametrize("value", [-1, 1.5, "2", True])
+def test_measure_threads_must_be_a_whole_number(value):
+    with pytest.raises(InputError, match=r"\[measure\].*threads"):
+        parse_matrix({"name": "t", "models": ["synthetic:llama-tiny"], "variants": ["fp32"],
+                      "measure": {"threads": value}}, "t.toml")
+
+
+def test_threads_reach_every_cell_from_the_file_or_the_flag():
+    base = {"name": "t", "models": ["synthetic:llama-tiny"], "variants": ["fp32"], "devices": ["cpu"]}
+    assert all(c["measure"]["threads"] == 0 for c in expand(parse_matrix(base, "t.toml")))  # torch's default
+    matrix = parse_matrix({**base, "measure": {"threads": 3}}, "t.toml")
+    assert all(c["measure"]["threads"] == 3 for c in expand(matrix))
+    assert all(c["measure"]["threads"] == 1 for c in expand(narrow(matrix, threads=1)))
+    with pytest.raises(InputError, match="threads must be a whole number"):
+        narrow(matrix, threads=-2)
