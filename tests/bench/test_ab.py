@@ -26,9 +26,10 @@ steps = []
 name = "generate"
 batch_size = [1]
 prompt_tokens = [64]
-new_tokens = [16]
+new_tokens = [32]
 
 [measure]
+threads = 1  # one torch thread: a busy neighbour takes the other core instead of stalling the measured one
 warmup = 1
 min_reps = 5
 max_reps = 5
@@ -75,19 +76,19 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     # --repo rather than a chdir: cell processes fork from a server that resolves imports against the
     # working directory it started in, and this checkout's code must be the one measured.
     out = tmp_path / "ab"
-    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--quiet",
+    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--quiet", "--rounds", "3",
               "--json", str(tmp_path / "c.json")])
     captured = capsys.readouterr()
     assert rc == 1, captured.out + captured.err
     regressed = [line for line in captured.err.splitlines() if line.startswith("regressed:")]
-    assert regressed and all(" serve cpu generate 1/64/16: " in line for line in regressed)
+    assert regressed and all(" serve cpu generate 1/64/32: " in line for line in regressed)
     assert any("TPOT" in line or "decode" in line for line in regressed)
     data = json.loads((tmp_path / "c.json").read_text())
     assert not [r for r in data["rows"] if " fp32 " in r["cell"] and r["verdict"] == "regressed"]
-    # each side: both cells twice, in fresh processes; each side's run records its own revision
+    # each side: both cells three times (--rounds 3), in fresh processes; each side's run records its own revision
     for side in ("base", "head"):
         records = [json.loads(line) for line in (out / side / "results.jsonl").read_text().splitlines()]
-        assert Counter(r["variant"] for r in records) == {"serve": 2, "fp32": 2}
+        assert Counter(r["variant"] for r in records) == {"serve": 3, "fp32": 3}
         run = json.loads((out / side / "run.json").read_text())
         assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
     head_serve = next(json.loads(line) for line in (out / "head" / "results.jsonl").read_text().splitlines()
