@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from optimize.libraries import libraries
 from optimize.store import library_versions
 
-LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "bitsandbytes", "torchao", "optimum-quanto", "tokenizers", "safetensors", "numpy", "scipy", "ray",
-             "nvidia-ml-py", "infermatrix")
+LIBRARIES = libraries()
 
 
 def cpu_model() -> str:
@@ -141,10 +140,10 @@ def torch_info() -> dict[str, Any]:
 
 def probe_torch(work_dir) -> dict[str, Any]:
     """Torch's view of the machine, asked in a job process so the parent never imports torch."""
-    from bench.runner import run_job
+    from bench.runner import JOB_TIMEOUTS, run_job
     from optimize.errors import InputError
 
-    result = run_job("probe", {"probe_id": "torch"}, work_dir, 300.0)
+    result = run_job("probe", {"probe_id": "torch"}, work_dir, JOB_TIMEOUTS.probe_s)
     if result.get("status") != "ok":
         raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
     return result["torch"]

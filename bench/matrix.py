@@ -42,7 +42,7 @@ class MeasureConfig:
     """How each cell is measured; the defaults every entry point shares."""
 
     repeat: RepeatConfig = RepeatConfig()
-    timeout_s: float = 900.0  # per cell, process killed past it
+    timeout_s: float = 600.0  # per cell, process killed past it
     seed: int = 0
     roofline: bool = True  # measure bandwidth and matmul ceilings at the start of the run
     # Every cell runs this many times, each in a fresh process, the cell order shuffled per round

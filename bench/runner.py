@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ LOG_TAIL_LINES = 15
 PRELOAD = ["bench.preload"]  # modules the fork server imports once
 FORKSERVER = "forkserver"
 SPAWN_AFTER_CUDA = "spawn (the fork server had initialised CUDA)"
+
+
+
+@dataclass(frozen=True)
+class JobTimeouts:
+    """Time limits of the jobs a run starts besides its cells (a cell's is ``MeasureConfig.timeout_s``)."""
+
+    roofline_s: float = 600.0  # bandwidth and matmul ceilings of one device, once per run
+    probe_s: float = 300.0  # torch's view of the machine: one import of torch, no model
+
+
+JOB_TIMEOUTS = JobTimeouts()
 
 _CONTEXTS: dict[str, Any] = {}
 _SERVER_HAS_CUDA: list[bool] = []  # set once a CUDA child reported a poisoned fork server

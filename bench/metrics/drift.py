@@ -168,6 +168,7 @@ class DriftBudget:
 
 def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", eval_text: str | None = None) -> Path:
     """Where the reference for these settings lives (it may not exist yet)."""
+    from optimize.libraries import libraries
     from optimize.models import eval_text_path
     from optimize.store import library_versions
 
@@ -176,7 +177,7 @@ def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", 
         "text_sha256": hashlib.sha256(eval_text_path(eval_text).read_bytes()).hexdigest(),
         **cfg.reference_settings(),
         "device": device,  # fp32 kernels differ between CPU and CUDA in the last bits
-        "versions": library_versions(("torch", "transformers")),
+        "versions": library_versions(libraries("reference")),
         "method_version": METHOD_VERSION,
     }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -224,6 +225,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
     from bench.metrics.safetensors_stream import write_safetensors_streamed
     from bench.scenarios.generate import greedy_generate
     from optimize import models
+    from optimize.libraries import libraries
     from optimize.state import VariantState
     from optimize.store import library_versions
 
@@ -269,7 +271,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         "reference_perplexity": math.exp(nll_sum / scored),
         "file_bytes": (out / REFERENCE_TENSORS).stat().st_size,
         "reference_wall_s": round(time.perf_counter() - t0, 3),
-        "versions": library_versions(("torch", "transformers")),
+        "versions": library_versions(libraries("reference")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / REFERENCE_JSON).write_text(json.dumps(info, indent=1) + "\n")

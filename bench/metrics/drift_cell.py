@@ -25,6 +25,7 @@ SCORING_VERSION = 2
 
 
 def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
+    from optimize.libraries import libraries
     from optimize.store import content_hash, library_versions
 
     recipe = recipe_from_dict(cell["variant"])
@@ -32,8 +33,7 @@ def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, bat
     payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": content_hash(artifact_path),
                "device": cell["device"], "batch_windows": batch_windows,
                "scoring": [cell["drift"].get("scoring", "auto"), SCORING_VERSION],
-               "versions": library_versions(("torch", "transformers", "onnxruntime", "onnxruntime-gpu",
-                                             "bitsandbytes", "torchao", "optimum-quanto"))}
+               "versions": library_versions(libraries("drift"))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -98,7 +98,10 @@ class RepeatConfig:
     warmup: int = 1
     min_reps: int = 5
     max_reps: int = 20
-    budget_s: float = 5.0  # stop once min_reps are done and this much time has passed
+    # Stop once min_reps are done and this much time has passed. Five repetitions of a 32-token
+    # decode of the built-in model fit in 0.5 s: llama-bench's default count, and what
+    # `infermatrix run` has always used.
+    budget_s: float = 0.5
     # ... or earlier, once the 95% CI of the median end-to-end time is within +-this fraction of it
     # (0 turns it off); a cell that ends wider than this is marked noisy.
     target_rel_ci: float = 0.05
