@@ -36,7 +36,7 @@ def _seed(seed: int) -> None:
 def build(job: dict[str, Any]) -> dict[str, Any]:
     """Build the stored artifact of ``job``'s recipe; returns the build outcome."""
     from optimize.models import resolve_model
-    from optimize.recipe import recipe_from_dict
+    from optimize.registry import recipe_from_dict
     from optimize.store import VariantStore
 
     t0 = time.perf_counter()
@@ -69,8 +69,8 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
 
     import torch
 
+    from bench.generation import greedy_generate
     from bench.prompts import prompt_ids
-    from bench.scenarios.generate import greedy_generate
     from optimize.errors import RecipeError
     from optimize.recipe import Recipe
     from optimize.store import load_variant
@@ -140,7 +140,7 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     from bench.prompts import prompt_ids
     from bench.scenarios import SCENARIOS
     from optimize.models import resolve_model
-    from optimize.recipe import recipe_from_dict
+    from optimize.registry import recipe_from_dict
     from optimize.store import VariantStore, load_variant
 
     m = cell["measure"]

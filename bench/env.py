@@ -138,17 +138,6 @@ def torch_info() -> dict[str, Any]:
     }
 
 
-def probe_torch(work_dir) -> dict[str, Any]:
-    """Torch's view of the machine, asked in a job process so the parent never imports torch."""
-    from bench.runner import JOB_TIMEOUTS, run_job
-    from optimize.errors import InputError
-
-    result = run_job("probe", {"probe_id": "torch"}, work_dir, JOB_TIMEOUTS.probe_s)
-    if result.get("status") != "ok":
-        raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
-    return result["torch"]
-
-
 def device_resolver(torch_env: dict[str, Any]):
     """``resolve_device`` for the parent, from a probe's answer: auto -> cuda when torch sees a GPU."""
     from optimize.errors import InputError

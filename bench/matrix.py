@@ -21,12 +21,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-from bench.metrics.drift import DriftBudget, DriftConfig
+from bench.metrics.drift_config import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
 from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
-from optimize.recipe import Recipe, recipe_from_dict
+from optimize.recipe import Recipe
+from optimize.registry import recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",

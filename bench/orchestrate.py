@@ -17,7 +17,7 @@ from bench.matrix import Matrix, expand, parse_matrix
 from bench.results import RUN, append_record, failed_record, read_records, read_run, write_json_atomic
 from bench.runner import JOB_TIMEOUTS, cell_result_to_record
 from optimize.errors import InputError
-from optimize.recipe import recipe_from_dict
+from optimize.registry import recipe_from_dict
 
 RUN_SCHEMA_VERSION = 1
 

@@ -162,6 +162,16 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     return result
 
 
+def probe_torch(work_dir) -> dict[str, Any]:
+    """Torch's view of the machine (``bench.env.torch_info``), asked in a job so the parent never imports torch."""
+    from optimize.errors import InputError
+
+    result = run_job("probe", {"probe_id": "torch"}, work_dir, JOB_TIMEOUTS.probe_s)
+    if result.get("status") != "ok":
+        raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
+    return result["torch"]
+
+
 def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float, method: str,
                  uses_cuda: bool) -> dict[str, Any]:
     spec_path, out_path, log_path = paths

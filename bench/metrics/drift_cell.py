@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.metrics.drift import DriftBudget, DriftConfig, ensure_reference, measure_drift
+from bench.metrics.drift import ensure_reference, measure_drift
+from bench.metrics.drift_config import DriftBudget, DriftConfig
 from optimize.models import default_cache_dir
-from optimize.recipe import recipe_from_dict
+from optimize.registry import recipe_from_dict
 
 # Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
 DRIFT_METHOD_KEY = "drift_method"

@@ -80,6 +80,14 @@ class GenerateSample:
         return [b - a for a, b in zip(self.token_ms, self.token_ms[1:], strict=False)]
 
 
+def time_call(fn: Callable[[], Any], clock) -> float:
+    """Run ``fn`` once; its duration in milliseconds (on CUDA, events around it read after one sync)."""
+    start = clock.mark()
+    fn()
+    end = clock.mark()
+    return clock.elapsed_ms(start, [end])[0]
+
+
 def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSample:
     """Run ``generate(stamper)`` once and read its per-token timestamps."""
     stamper = TokenStamper(clock)
