@@ -36,7 +36,7 @@ def _seed(seed: int) -> None:
 def build(job: dict[str, Any]) -> dict[str, Any]:
     """Build the stored artifact of ``job``'s recipe; returns the build outcome."""
     from optimize.models import resolve_model
-    from optimize.recipe import recipe_from_dict
+    from optimize.registry import recipe_from_dict
     from optimize.store import VariantStore
 
     t0 = time.perf_counter()
@@ -69,8 +69,8 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
 
     import torch
 
+    from bench.generation import greedy_generate
     from bench.prompts import prompt_ids
-    from bench.scenarios.generate import greedy_generate
     from optimize.errors import RecipeError
     from optimize.recipe import Recipe
     from optimize.store import load_variant
@@ -133,74 +133,21 @@ def measure(cell: dict[str, Any]) -> dict[str, Any]:
 
 
 def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_start: float) -> dict[str, Any]:
+    """Load the variant, then each measurement in turn: latency, memory, roofline, drift."""
     import torch
 
-    from bench.metrics import memory
-    from bench.metrics.timing import RepeatConfig
-    from bench.prompts import prompt_ids
-    from bench.scenarios import SCENARIOS
-    from optimize.models import resolve_model
-    from optimize.recipe import recipe_from_dict
-    from optimize.store import VariantStore, load_variant
-
-    m = cell["measure"]
-    device = cell["device"]
-    _seed(m["seed"])
-    if m.get("threads"):
-        torch.set_num_threads(m["threads"])
-    ref = resolve_model(cell["model"], _cache(cell), cell.get("tokenizer"))
-    record["model_info"] = ref.to_dict()
-    recipe = recipe_from_dict(cell["variant"])
-    if device == "cuda":
-        memory.reset_cuda_peaks()
-    store = VariantStore(_cache(cell))
-    built = store.get_or_build(ref, recipe, device, cell["trust_remote_code"])  # checksums verified before timing
-    t0 = time.perf_counter()
-    state, artifact = load_variant(ref, recipe, device, store, cell["trust_remote_code"])
-    artifact = dataclasses.replace(artifact, reused=built.reused)
-    load_s = time.perf_counter() - t0
-    kind = SCENARIOS[cell["scenario"]["name"]]
-    fields = set(kind.__dataclass_fields__) - {"name"}
-    scenario = kind(**{k: v for k, v in cell["scenario"].items() if k in fields})
-    scenario.validate()
-    check_context(state.model.config, scenario)
-    vocab = state.model.config.vocab_size
-    prompts, prompt_source = prompt_ids(ref, vocab, scenario.batch_size, scenario.prompt_tokens, m["seed"],
-                                        cell.get("eval_text"), cell["trust_remote_code"],
-                                        cell.get("prompt_source", "auto"))
-    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s", "target_rel_ci")
-                             if k in m})
-    weights_bytes = memory.weights_bytes(state)
-    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    kv_per_token = _kv_geometry(state).bytes_per_token(kv_elem)
-    from bench.metrics.load import machine_load, noise_mark
-
-    with machine_load() as record["load"]:
-        metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
-    record.update(noise_mark(samples, repeat.target_rel_ci))
-    metrics["weights_bytes"] = weights_bytes
-    metrics["kv_cache_bytes_per_token"] = kv_per_token
+    _seed(cell["measure"]["seed"])
+    if cell["measure"].get("threads"):
+        torch.set_num_threads(cell["measure"]["threads"])  # before loading: every kernel then runs on these threads
+    state, artifact, load_s = _load(cell, record)
+    metrics, samples, method = _measure_latency(state, cell, record)
     metrics["rss_baseline_bytes"] = baseline_rss
     # Memory figures are read before drift runs: drift's own buffers must not count.
-    if device == "cuda":
-        metrics.update(memory.cuda_memory())
-        metrics["peak_memory_bytes"] = metrics["cuda_max_allocated_bytes"]
-        metrics["host_peak_rss_bytes"] = memory.peak_rss_bytes()
-    else:
-        metrics["peak_memory_bytes"] = memory.peak_rss_bytes()
-        metrics["rss_increase_bytes"] = metrics["peak_memory_bytes"] - baseline_rss
-    if cell.get("ceilings") and "decode_tokens_per_s" in metrics:
-        try:  # optional: a failure here is a note in the record, never the loss of the timings above
-            metrics.update(_roofline(state, cell, metrics))
-            method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean "
-                                  "context x KV bytes/token (KV shape read off a real cache); prefill FLOPs counted "
-                                  "by torch.utils.flop_counter on the architecture")
-        except Exception as exc:
-            method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-            state.labels.append(method["roofline_error"])
+    metrics.update(_measure_memory(cell["device"], baseline_rss))
+    _add_roofline(state, cell, metrics, method)
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
-    method.update(prompt_source=prompt_source, memory="cuda max_memory_allocated after reset; NVML per process"
-                  if device == "cuda" else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
+    method.update(memory="cuda max_memory_allocated after reset; NVML per process" if cell["device"] == "cuda"
+                  else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
                   torch_threads=torch.get_num_threads())
     warmup = sum(samples["warmup_wall_s"])
     compiled = method.get("compiled_decode_step") or {}
@@ -218,6 +165,85 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
                      "overhead": time.perf_counter() - t_start - warmup - metrics["measured_wall_s"] - drift_s,
                      **timing_extra},
     }
+
+
+def _load(cell: dict[str, Any], record: dict[str, Any]):
+    """Build (or reuse) and load the cell's variant: (state, artifact, load seconds)."""
+    from bench.metrics import memory
+    from optimize.models import resolve_model
+    from optimize.registry import recipe_from_dict
+    from optimize.store import VariantStore, load_variant
+
+    ref = resolve_model(cell["model"], _cache(cell), cell.get("tokenizer"))
+    record["model_info"] = ref.to_dict()
+    recipe = recipe_from_dict(cell["variant"])
+    if cell["device"] == "cuda":
+        memory.reset_cuda_peaks()
+    store = VariantStore(_cache(cell))
+    built = store.get_or_build(ref, recipe, cell["device"], cell["trust_remote_code"])  # checksums verified first
+    t0 = time.perf_counter()
+    state, artifact = load_variant(ref, recipe, cell["device"], store, cell["trust_remote_code"])
+    return state, dataclasses.replace(artifact, reused=built.reused), time.perf_counter() - t0
+
+
+def _measure_latency(state, cell: dict[str, Any], record: dict[str, Any]):
+    """Time the cell's scenario under the machine-load monitor: (metrics, samples, method)."""
+    from bench.metrics import memory
+    from bench.metrics.load import machine_load, noise_mark
+    from bench.metrics.timing import RepeatConfig
+    from bench.prompts import prompt_ids
+    from bench.scenarios import SCENARIOS
+
+    m = cell["measure"]
+    kind = SCENARIOS[cell["scenario"]["name"]]
+    fields = set(kind.__dataclass_fields__) - {"name"}
+    scenario = kind(**{k: v for k, v in cell["scenario"].items() if k in fields})
+    scenario.validate()
+    check_context(state.model.config, scenario)
+    prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
+                                        scenario.prompt_tokens, m["seed"], cell.get("eval_text"),
+                                        cell["trust_remote_code"], cell.get("prompt_source", "auto"))
+    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s", "target_rel_ci")
+                             if k in m})
+    weights_bytes = memory.weights_bytes(state)
+    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
+    kv_per_token = _kv_geometry(state).bytes_per_token(kv_elem)
+    with machine_load() as record["load"]:
+        metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+    record.update(noise_mark(samples, repeat.target_rel_ci))
+    metrics["weights_bytes"] = weights_bytes
+    metrics["kv_cache_bytes_per_token"] = kv_per_token
+    method["prompt_source"] = prompt_source
+    return metrics, samples, method
+
+
+def _measure_memory(device: str, baseline_rss: int) -> dict[str, Any]:
+    """Peak memory of the cell so far: CUDA allocator and NVML figures, or the process's peak RSS."""
+    from bench.metrics import memory
+
+    if device == "cuda":
+        out = memory.cuda_memory()
+        return {**out, "peak_memory_bytes": out["cuda_max_allocated_bytes"],
+                "host_peak_rss_bytes": memory.peak_rss_bytes()}
+    peak = memory.peak_rss_bytes()
+    return {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss}
+
+
+def _add_roofline(state, cell: dict[str, Any], metrics: dict[str, Any], method: dict[str, Any]) -> None:
+    """Achieved fractions of the run's measured ceilings, where the cell has decode figures.
+
+    Optional: a failure is a note in the record, never the loss of the timings already taken.
+    """
+    if not cell.get("ceilings") or "decode_tokens_per_s" not in metrics:
+        return
+    try:
+        metrics.update(_roofline(state, cell, metrics))
+        method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean "
+                              "context x KV bytes/token (KV shape read off a real cache); prefill FLOPs counted "
+                              "by torch.utils.flop_counter on the architecture")
+    except Exception as exc:
+        method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        state.labels.append(method["roofline_error"])
 
 
 def check_context(config, scenario) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from bench import gate_stats as gs
 from bench.results import RUN, read_records, read_run
 from optimize.errors import InputError
+from optimize.libraries import libraries
 
 
 @dataclass(frozen=True)
@@ -48,8 +49,7 @@ LOAD_MARGIN = 0.25
 
 # Environment facts that make speed figures incomparable when they differ.
 ENV_KEYS = ("cpu_model", "cpu_logical_cores", "cpu_affinity")
-ENV_LIBRARIES = ("torch", "transformers", "optimum", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao",
-                 "optimum-quanto", "numpy")
+ENV_LIBRARIES = libraries("compare")
 
 
 def environment_fingerprint(env: dict[str, Any]) -> dict[str, Any]:

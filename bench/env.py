@@ -9,11 +9,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from optimize.libraries import libraries
 from optimize.store import library_versions
 
-LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu",
-             "bitsandbytes", "torchao", "optimum-quanto", "tokenizers", "safetensors", "numpy", "scipy", "ray",
-             "nvidia-ml-py", "infermatrix")
+LIBRARIES = libraries()
 
 
 def cpu_model() -> str:
@@ -137,17 +136,6 @@ def torch_info() -> dict[str, Any]:
         "num_threads": torch.get_num_threads(),
         "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-
-
-def probe_torch(work_dir) -> dict[str, Any]:
-    """Torch's view of the machine, asked in a job process so the parent never imports torch."""
-    from bench.runner import run_job
-    from optimize.errors import InputError
-
-    result = run_job("probe", {"probe_id": "torch"}, work_dir, 300.0)
-    if result.get("status") != "ok":
-        raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
-    return result["torch"]
 
 
 def device_resolver(torch_env: dict[str, Any]):

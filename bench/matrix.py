@@ -21,12 +21,13 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
-from bench.metrics.drift import DriftBudget, DriftConfig
+from bench.metrics.drift_config import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
 from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
-from optimize.recipe import Recipe, recipe_from_dict
+from optimize.recipe import Recipe
+from optimize.registry import recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
@@ -42,7 +43,7 @@ class MeasureConfig:
     """How each cell is measured; the defaults every entry point shares."""
 
     repeat: RepeatConfig = RepeatConfig()
-    timeout_s: float = 900.0  # per cell, process killed past it
+    timeout_s: float = 600.0  # per cell, process killed past it
     seed: int = 0
     roofline: bool = True  # measure bandwidth and matmul ceilings at the start of the run
     # Every cell runs this many times, each in a fresh process, the cell order shuffled per round

@@ -9,10 +9,11 @@ from typing import Any
 from bench.results import RUN, append_record, read_records, read_run, write_json_atomic
 from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
+from optimize.libraries import libraries
 
 # Environment facts that must agree for shard figures to be comparable.
 COMPATIBLE_KEYS = ("cpu_model", "cpu_logical_cores")
-COMPATIBLE_LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao")
+COMPATIBLE_LIBRARIES = libraries("compatible")
 
 
 def _fingerprint(env: dict[str, Any]) -> dict[str, Any]:

@@ -15,9 +15,9 @@ from typing import Any
 from bench import __version__
 from bench.matrix import Matrix, expand, parse_matrix
 from bench.results import RUN, append_record, failed_record, read_records, read_run, write_json_atomic
-from bench.runner import cell_result_to_record
+from bench.runner import JOB_TIMEOUTS, cell_result_to_record
 from optimize.errors import InputError
-from optimize.recipe import recipe_from_dict
+from optimize.registry import recipe_from_dict
 
 RUN_SCHEMA_VERSION = 1
 
@@ -255,7 +255,7 @@ def _ceilings(run_dir: Path, launcher, devices: list[str], on_event) -> dict[str
     run = read_run(run_dir)
     known = dict(run.get("roofline") or {})
     missing = [d for d in devices if d not in known]
-    for spec, result in launcher.run([("roofline", {"device": d}, 600.0) for d in missing]):
+    for spec, result in launcher.run([("roofline", {"device": d}, JOB_TIMEOUTS.roofline_s) for d in missing]):
         if result["status"] == "ok":
             known[spec["device"]] = result["ceilings"]
             c = result["ceilings"]

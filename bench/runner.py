@@ -22,6 +22,7 @@ import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,18 @@ LOG_TAIL_LINES = 15
 PRELOAD = ["bench.preload"]  # modules the fork server imports once
 FORKSERVER = "forkserver"
 SPAWN_AFTER_CUDA = "spawn (the fork server had initialised CUDA)"
+
+
+
+@dataclass(frozen=True)
+class JobTimeouts:
+    """Time limits of the jobs a run starts besides its cells (a cell's is ``MeasureConfig.timeout_s``)."""
+
+    roofline_s: float = 600.0  # bandwidth and matmul ceilings of one device, once per run
+    probe_s: float = 300.0  # torch's view of the machine: one import of torch, no model
+
+
+JOB_TIMEOUTS = JobTimeouts()
 
 _CONTEXTS: dict[str, Any] = {}
 _SERVER_HAS_CUDA: list[bool] = []  # set once a CUDA child reported a poisoned fork server
@@ -147,6 +160,16 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
         result = _run_process(kind, name, paths, timeout_s, method, uses_cuda)
     result.setdefault("method", {})["process_start"] = method
     return result
+
+
+def probe_torch(work_dir) -> dict[str, Any]:
+    """Torch's view of the machine (``bench.env.torch_info``), asked in a job so the parent never imports torch."""
+    from optimize.errors import InputError
+
+    result = run_job("probe", {"probe_id": "torch"}, work_dir, JOB_TIMEOUTS.probe_s)
+    if result.get("status") != "ok":
+        raise InputError(f"could not start a measurement process: {result.get('error', '')[-300:]}")
+    return result["torch"]
 
 
 def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float, method: str,

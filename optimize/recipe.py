@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -101,75 +100,3 @@ class Recipe:
         """sha256 of the canonical JSON of ``steps`` (all steps by default); the name is not hashed."""
         payload = [s.to_dict() for s in (self.steps if steps is None else steps)]
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
-
-
-def step_from_dict(data: dict[str, Any], where: str = "step") -> Step:
-    """Build a step from its dict form (as written in a matrix file)."""
-    from optimize.registry import technique_class
-
-    if not isinstance(data, dict) or not isinstance(data.get("technique"), str):
-        raise RecipeError(f"{where}: each step needs a 'technique' key naming a technique, got {data!r}")
-    params = dict(data)
-    try:
-        cls = technique_class(params.pop("technique"))
-    except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(params) - set(known))
-    if unknown:
-        raise RecipeError(f"{where}: technique {cls.technique!r} has no parameter {unknown[0]!r}; "
-                          f"allowed: {', '.join(sorted(known))}")
-    for key, value in params.items():
-        params[key] = _typed_param(cls, known[key], value, where)
-    return cls(**params)
-
-
-def _typed_param(cls, spec: dataclasses.Field, value: Any, where: str) -> Any:
-    """``value`` checked against the field's default type.
-
-    A string is never a boolean, a boolean never a number, NaN or an infinity never a setting.
-    """
-    default = spec.default
-    name = f"{cls.technique}.{spec.name}"
-    if isinstance(value, float) and not math.isfinite(value):
-        raise RecipeError(f"{where}: {name} must be a finite number, got {value!r}")
-    if isinstance(default, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where}: {name} must be a list, got {value!r}")
-        return tuple(value)
-    if default is dataclasses.MISSING or default is None:
-        return value
-    if isinstance(default, bool) or isinstance(value, bool):
-        if not (isinstance(default, bool) and isinstance(value, bool)):
-            raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
-        return value
-    if isinstance(default, float) and isinstance(value, int):
-        return float(value)
-    if not isinstance(value, type(default)):
-        raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
-    return value
-
-
-def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:
-    """A recipe from its dict form (a ``[[recipe]]`` table); unknown keys are errors, with did-you-mean."""
-    from optimize.registry import did_you_mean
-
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where}: a recipe must be a table with {', '.join(RECIPE_KEYS)}, got {data!r}")
-    unknown = sorted(set(data) - set(RECIPE_KEYS))
-    if unknown:
-        raise RecipeError(f"{where}: {unknown[0]!r} is not a recipe key{did_you_mean(unknown[0], RECIPE_KEYS)}; "
-                          f"allowed: {', '.join(RECIPE_KEYS)}")
-    name = data.get("name")
-    if not isinstance(name, str) or not name:
-        raise RecipeError(f"{where}: an inline variant needs a non-empty 'name'")
-    if not isinstance(data.get("description", ""), str):
-        raise RecipeError(f"{where}: 'description' must be a string, got {data['description']!r}")
-    steps = data.get("steps", [])
-    if not isinstance(steps, list):
-        raise RecipeError(f"{where}: 'steps' must be a list of tables, got {steps!r}")
-    built = tuple(step_from_dict(s, f"{where} {name!r} step {i}") for i, s in enumerate(steps))
-    try:
-        return Recipe(name=name, steps=built, description=data.get("description", ""))
-    except RecipeError as exc:
-        raise RecipeError(f"{where}: {exc}") from None

@@ -2,17 +2,21 @@
 
 Technique modules register their step class with ``@register``; they are imported on the
 first lookup, and none of them imports a heavy library at module level. Named variants
-are recipes built from those steps, declared once in ``_VARIANTS`` below.
+are recipes built from those steps, declared once in ``_VARIANTS`` below. A step or recipe
+given as a dict (a matrix file's table) is parsed here, against the registered techniques.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import importlib
+import math
 from dataclasses import dataclass
+from typing import Any
 
 from optimize.errors import InputError, RecipeError
-from optimize.recipe import Recipe, Step, step_from_dict
+from optimize.recipe import RECIPE_KEYS, Recipe, Step
 
 # Modules whose import registers techniques. Order is irrelevant.
 TECHNIQUE_MODULES = (
@@ -135,3 +139,74 @@ def builtin_variant(name: str) -> Recipe:
 
 def variant_names() -> list[str]:
     return list(_VARIANTS)
+
+
+# --- steps and recipes from their dict form ---------------------------------------------
+
+
+def step_from_dict(data: dict[str, Any], where: str = "step") -> Step:
+    """Build a step from its dict form (as written in a matrix file)."""
+    if not isinstance(data, dict) or not isinstance(data.get("technique"), str):
+        raise RecipeError(f"{where}: each step needs a 'technique' key naming a technique, got {data!r}")
+    params = dict(data)
+    try:
+        cls = technique_class(params.pop("technique"))
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise RecipeError(f"{where}: technique {cls.technique!r} has no parameter {unknown[0]!r}; "
+                          f"allowed: {', '.join(sorted(known))}")
+    for key, value in params.items():
+        params[key] = _typed_param(cls, known[key], value, where)
+    return cls(**params)
+
+
+def _typed_param(cls, spec: dataclasses.Field, value: Any, where: str) -> Any:
+    """``value`` checked against the field's default type.
+
+    A string is never a boolean, a boolean never a number, NaN or an infinity never a setting.
+    """
+    default = spec.default
+    name = f"{cls.technique}.{spec.name}"
+    if isinstance(value, float) and not math.isfinite(value):
+        raise RecipeError(f"{where}: {name} must be a finite number, got {value!r}")
+    if isinstance(default, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where}: {name} must be a list, got {value!r}")
+        return tuple(value)
+    if default is dataclasses.MISSING or default is None:
+        return value
+    if isinstance(default, bool) or isinstance(value, bool):
+        if not (isinstance(default, bool) and isinstance(value, bool)):
+            raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+        return value
+    if isinstance(default, float) and isinstance(value, int):
+        return float(value)
+    if not isinstance(value, type(default)):
+        raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:
+    """A recipe from its dict form (a ``[[recipe]]`` table); unknown keys are errors, with did-you-mean."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: a recipe must be a table with {', '.join(RECIPE_KEYS)}, got {data!r}")
+    unknown = sorted(set(data) - set(RECIPE_KEYS))
+    if unknown:
+        raise RecipeError(f"{where}: {unknown[0]!r} is not a recipe key{did_you_mean(unknown[0], RECIPE_KEYS)}; "
+                          f"allowed: {', '.join(RECIPE_KEYS)}")
+    name = data.get("name")
+    if not isinstance(name, str) or not name:
+        raise RecipeError(f"{where}: an inline variant needs a non-empty 'name'")
+    if not isinstance(data.get("description", ""), str):
+        raise RecipeError(f"{where}: 'description' must be a string, got {data['description']!r}")
+    steps = data.get("steps", [])
+    if not isinstance(steps, list):
+        raise RecipeError(f"{where}: 'steps' must be a list of tables, got {steps!r}")
+    built = tuple(step_from_dict(s, f"{where} {name!r} step {i}") for i, s in enumerate(steps))
+    try:
+        return Recipe(name=name, steps=built, description=data.get("description", ""))
+    except RecipeError as exc:
+        raise RecipeError(f"{where}: {exc}") from None

@@ -25,12 +25,13 @@ from typing import Any
 
 from optimize.atomic import build_dir_atomically, sweep_stale_tmp, tmp_sibling
 from optimize.errors import NotApplicable
+from optimize.libraries import libraries
 from optimize.models import ModelRef, default_cache_dir
 from optimize.recipe import Recipe
 from optimize.state import VariantState
 
 MANIFEST = "manifest.json"
-KEY_LIBRARIES = ("torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "onnxruntime-gpu")
+KEY_LIBRARIES = libraries("artifact")
 
 
 def library_versions(names=KEY_LIBRARIES) -> dict[str, str]:

@@ -49,8 +49,9 @@ def _printer(quiet: bool):
 def main(args: argparse.Namespace) -> int:
     from bench.ab import AbSide, git, repo_root, resolve_rev, run_interleaved, side_matrix
     from bench.compare import compare_runs
-    from bench.env import device_resolver, environment, probe_torch
+    from bench.env import device_resolver, environment
     from bench.orchestrate import make_launcher
+    from bench.runner import probe_torch
     from optimize.errors import InputError
 
     if args.rounds < 1:

@@ -142,7 +142,7 @@ def _matrix(args: argparse.Namespace):
 
 def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     """Run (or, with ``matrix`` None, resume) the run in ``run_dir``, whose lock the caller holds."""
-    from bench.env import device_resolver, environment, probe_torch
+    from bench.env import device_resolver, environment
     from bench.orchestrate import (
         check_new_run_dir,
         check_resumable,
@@ -154,6 +154,7 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     )
     from bench.progress import Progress
     from bench.results import read_run
+    from bench.runner import probe_torch
     from bench.summary import print_summary
     from optimize.atomic import sweep_stale_tmp
     from optimize.models import default_cache_dir

@@ -24,15 +24,14 @@ KL divergence is in nats (per-token figures: ``bench.metrics.drift_figures``).
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.metrics.drift_config import SCORINGS, DriftBudget, DriftConfig  # noqa: F401 (re-exported)
 from bench.metrics.drift_figures import generation_agreement, summarize_drift, token_drift
 from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
@@ -40,127 +39,8 @@ from optimize.errors import InputError
 METHOD_VERSION = 1
 REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"
-SCORINGS = ("auto", "full-window", "through-cache")
 PROTOCOL = ("non-overlapping windows of `context` tokens from the start of the evaluation text, each an "
            "independent sequence (no BOS); every token but the first of each window is scored")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class DriftConfig:
-    """How drift is measured; the one place for its defaults."""
-
-    context: int = 256  # window length in tokens
-    max_tokens: int = 8192  # cap on evaluation tokens: the first max_tokens // context full windows
-    batch_windows: int = 8  # windows per forward pass (memory: batch x context x vocab x 4 bytes)
-    gen_prompts: int = 8  # fixed prompts for generation agreement
-    gen_prompt_tokens: int = 32
-    gen_new_tokens: int = 32
-    enabled: bool = True
-    # "full-window": one forward pass per window, no KV cache read; "through-cache": teacher-forced
-    # decoding through the variant's own cache (bench/metrics/drift_incremental.py); "auto": through
-    # the cache for variants with a step that changes the KV cache and keeps one.
-    scoring: str = "auto"
-
-    def validate(self) -> None:
-        for key in ("context", "max_tokens", "batch_windows", "gen_prompts", "gen_prompt_tokens", "gen_new_tokens"):
-            if not _is_int(getattr(self, key)) or getattr(self, key) < 1:
-                raise InputError(f"drift {key} must be a positive integer, got {getattr(self, key)!r}")
-        if self.context < 2:
-            raise InputError(f"drift context must be >= 2 so a window has a token to score, got {self.context}")
-        if self.max_tokens < self.context:
-            raise InputError(f"drift max_tokens must be >= context ({self.context}), got {self.max_tokens}")
-        if not isinstance(self.enabled, bool):
-            raise InputError(f"drift enabled must be true or false, got {self.enabled!r}")
-        if self.scoring not in SCORINGS:
-            raise InputError(f"drift scoring must be one of {', '.join(map(repr, SCORINGS))}, got {self.scoring!r}")
-
-    @property
-    def windows(self) -> int:
-        return self.max_tokens // self.context
-
-    def reference_settings(self) -> dict[str, int]:
-        """The settings that determine the reference's contents (not batching, ``enabled`` or ``scoring``)."""
-        return {k: getattr(self, k) for k in ("context", "max_tokens", "gen_prompts", "gen_prompt_tokens",
-                                              "gen_new_tokens")}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> DriftConfig:
-        """Parse a ``[drift]`` table; unknown keys and bad values raise ``InputError`` naming them."""
-        return _parse(cls, data, where, "drift setting")
-
-
-def _parse(cls, data: Any, where: str, what: str):
-    """``cls(**data)``, validated; unknown keys and bad values raise ``InputError`` naming them."""
-    _reject_unknown(cls, data, where, what)
-    obj = cls(**data)
-    try:
-        obj.validate()
-    except InputError as exc:
-        raise InputError(f"{where}: {exc}") from None
-    return obj
-
-
-def _reject_unknown(cls, data: Any, where: str, what: str) -> None:
-    from optimize.registry import did_you_mean
-
-    if not isinstance(data, dict):
-        raise InputError(f"{where}: must be a table, got {data!r}")
-    allowed = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(allowed))
-    if unknown:
-        key = unknown[0]
-        raise InputError(f"{where}: '{key}' is not a {what}{did_you_mean(key, allowed)}; allowed: {', '.join(allowed)}")
-
-
-@dataclass(frozen=True)
-class DriftBudget:
-    """Limits on drift metrics; None means no limit. ``max_X``/``min_X`` bound the metric ``X``."""
-
-    max_kld_mean: float | None = None
-    max_kld_p99: float | None = None
-    max_ppl_ratio: float | None = None
-    min_top1_agreement: float | None = None
-    min_gen_exact_match: float | None = None
-
-    def validate(self) -> None:
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            if value is None:
-                continue
-            fraction = f.name.startswith("min_")
-            if not _is_number(value) or value < 0 or (fraction and value > 1) or not math.isfinite(value):
-                allowed = "a fraction in [0, 1]" if fraction else "a non-negative number"
-                raise InputError(f"drift budget {f.name} must be {allowed}, got {value!r}")
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any], where: str) -> DriftBudget:
-        """Parse a budget table; unknown keys and bad values raise ``InputError`` naming them."""
-        return _parse(cls, data, where, "drift budget limit")
-
-    def check(self, metrics: dict[str, Any]) -> list[str]:
-        """Human-readable violations of this budget by drift ``metrics``; empty when within it."""
-        out = []
-        for f in dataclasses.fields(self):
-            limit = getattr(self, f.name)
-            if limit is None:
-                continue
-            bound, metric = f.name.split("_", 1)
-            value = metrics.get(metric)
-            if not _is_number(value) or math.isnan(value):
-                out.append(f"{metric} was not measured (budget {f.name} = {limit:g})")
-            elif bound == "max" and value > limit:
-                out.append(f"{metric} {value:.6g} > {f.name} {limit:g}")
-            elif bound == "min" and value < limit:
-                out.append(f"{metric} {value:.6g} < {f.name} {limit:g}")
-        return out
 
 
 # --- the reference pass ---------------------------------------------------------------
@@ -168,6 +48,7 @@ class DriftBudget:
 
 def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", eval_text: str | None = None) -> Path:
     """Where the reference for these settings lives (it may not exist yet)."""
+    from optimize.libraries import libraries
     from optimize.models import eval_text_path
     from optimize.store import library_versions
 
@@ -176,7 +57,7 @@ def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", 
         "text_sha256": hashlib.sha256(eval_text_path(eval_text).read_bytes()).hexdigest(),
         **cfg.reference_settings(),
         "device": device,  # fp32 kernels differ between CPU and CUDA in the last bits
-        "versions": library_versions(("torch", "transformers")),
+        "versions": library_versions(libraries("reference")),
         "method_version": METHOD_VERSION,
     }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
@@ -221,9 +102,10 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
                        out: Path, key: str) -> None:
     import torch
 
+    from bench.generation import greedy_generate
     from bench.metrics.safetensors_stream import write_safetensors_streamed
-    from bench.scenarios.generate import greedy_generate
     from optimize import models
+    from optimize.libraries import libraries
     from optimize.state import VariantState
     from optimize.store import library_versions
 
@@ -269,7 +151,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         "reference_perplexity": math.exp(nll_sum / scored),
         "file_bytes": (out / REFERENCE_TENSORS).stat().st_size,
         "reference_wall_s": round(time.perf_counter() - t0, 3),
-        "versions": library_versions(("torch", "transformers")),
+        "versions": library_versions(libraries("reference")),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     (out / REFERENCE_JSON).write_text(json.dumps(info, indent=1) + "\n")
@@ -308,8 +190,8 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
     import torch
     from safetensors import safe_open
 
+    from bench.generation import greedy_generate
     from bench.metrics.drift_incremental import CacheScorer, resolve_scoring
-    from bench.scenarios.generate import greedy_generate
 
     t0 = time.perf_counter()
     reference = Path(reference)

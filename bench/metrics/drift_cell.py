@@ -14,9 +14,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from bench.metrics.drift import DriftBudget, DriftConfig, ensure_reference, measure_drift
+from bench.metrics.drift import ensure_reference, measure_drift
+from bench.metrics.drift_config import DriftBudget, DriftConfig
 from optimize.models import default_cache_dir
-from optimize.recipe import recipe_from_dict
+from optimize.registry import recipe_from_dict
 
 # Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
 DRIFT_METHOD_KEY = "drift_method"
@@ -25,6 +26,7 @@ SCORING_VERSION = 2
 
 
 def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
+    from optimize.libraries import libraries
     from optimize.store import content_hash, library_versions
 
     recipe = recipe_from_dict(cell["variant"])
@@ -32,8 +34,7 @@ def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, bat
     payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": content_hash(artifact_path),
                "device": cell["device"], "batch_windows": batch_windows,
                "scoring": [cell["drift"].get("scoring", "auto"), SCORING_VERSION],
-               "versions": library_versions(("torch", "transformers", "onnxruntime", "onnxruntime-gpu",
-                                             "bitsandbytes", "torchao", "optimum-quanto"))}
+               "versions": library_versions(libraries("drift"))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 

@@ -9,9 +9,10 @@ datasheets: a large tensor copy (bytes read + bytes written) and a large matmul.
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 from typing import Any
+
+from bench.metrics.timing import RepeatConfig, clock_for, repeat, time_call
 
 
 @dataclass(frozen=True)
@@ -24,23 +25,10 @@ class RooflineConfig:
 
 
 def _timed(fn, device: str, reps: int) -> list[float]:
-    import torch
-
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        if device == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return times
+    """Seconds per call of ``fn``: one warm-up, then exactly ``reps`` timed calls (the shared timing loop)."""
+    cfg = RepeatConfig(warmup=1, min_reps=reps, max_reps=reps, budget_s=0.0, target_rel_ci=0.0)
+    clock = clock_for(device)
+    return [ms / 1e3 for ms in repeat(lambda: time_call(fn, clock), cfg).samples]
 
 
 def measure_bandwidth(device: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:

@@ -80,6 +80,14 @@ class GenerateSample:
         return [b - a for a, b in zip(self.token_ms, self.token_ms[1:], strict=False)]
 
 
+def time_call(fn: Callable[[], Any], clock) -> float:
+    """Run ``fn`` once; its duration in milliseconds (on CUDA, events around it read after one sync)."""
+    start = clock.mark()
+    fn()
+    end = clock.mark()
+    return clock.elapsed_ms(start, [end])[0]
+
+
 def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSample:
     """Run ``generate(stamper)`` once and read its per-token timestamps."""
     stamper = TokenStamper(clock)
@@ -98,7 +106,10 @@ class RepeatConfig:
     warmup: int = 1
     min_reps: int = 5
     max_reps: int = 20
-    budget_s: float = 5.0  # stop once min_reps are done and this much time has passed
+    # Stop once min_reps are done and this much time has passed. Five repetitions of a 32-token
+    # decode of the built-in model fit in 0.5 s: llama-bench's default count, and what
+    # `infermatrix run` has always used.
+    budget_s: float = 0.5
     # ... or earlier, once the 95% CI of the median end-to-end time is within +-this fraction of it
     # (0 turns it off); a cell that ends wider than this is marked noisy.
     target_rel_ci: float = 0.05

@@ -11,8 +11,9 @@ from bench.catalogue import METRICS, metric
 from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_text
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
+from optimize.libraries import libraries
 
-LIBRARIES = ("torch", "transformers", "onnxruntime", "onnxruntime-gpu", "bitsandbytes", "torchao", "optimum")
+LIBRARIES = libraries("report")
 
 # (header, catalogue key or a special column); latencies carry their CI and n.
 MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpot_ms"), ("n", "n"),

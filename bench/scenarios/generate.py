@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Any
 
+from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
 from bench.stats import summarize
 from optimize.errors import InputError
@@ -26,29 +26,6 @@ class GenerateScenario:
                 raise InputError(f"scenario {key} must be >= 1, got {getattr(self, key)}")
         if self.new_tokens < 2:
             raise InputError(f"new_tokens must be >= 2 so decode can be timed, got {self.new_tokens}")
-
-
-def generate_kwargs(state, new_tokens: int) -> dict[str, Any]:
-    """Greedy decoding that always produces ``new_tokens`` tokens (optimum-benchmark's rule)."""
-    config = state.model.config
-    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-            "pad_token_id": pad, **state.generate_kwargs}
-
-
-def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
-    """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens)."""
-    import torch
-    from transformers import LogitsProcessorList
-
-    model = state.model
-    input_ids = input_ids.to(state.device)
-    kwargs = generate_kwargs(state, new_tokens)
-    with torch.inference_mode():
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             logits_processor=LogitsProcessorList(logits_processor or []), **kwargs)
-    assert out.shape == (input_ids.shape[0], input_ids.shape[1] + new_tokens), out.shape
-    return out
 
 
 def run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 from bench.matrix import TOP_KEYS, Matrix, parse_matrix
 from bench.results import read_records, read_run
 from optimize.errors import InputError
-from optimize.recipe import Recipe, recipe_from_dict
-from optimize.registry import techniques, variant_names
+from optimize.recipe import Recipe
+from optimize.registry import recipe_from_dict, techniques, variant_names
 
 EXAMPLES = {"matrix": 300, "recipe": 300, "records": 300, "run": 200}
 

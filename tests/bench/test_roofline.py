@@ -252,10 +252,11 @@ def test_timed_on_cuda_reads_event_pairs_in_seconds(monkeypatch):
 
 
 def test_timed_on_cpu_reads_perf_counter_differences(monkeypatch):
-    from bench.metrics import roofline
+    from bench.metrics import roofline, timing
 
-    now = iter([100.0, 100.5, 200.0, 202.0])
-    monkeypatch.setattr(roofline.time, "perf_counter", lambda: next(now))
+    # The warm-up call is timed too (and discarded): two marks, then two per timed call.
+    now = iter([0, 1, 100_000_000_000, 100_500_000_000, 200_000_000_000, 202_000_000_000])
+    monkeypatch.setattr(timing.time, "perf_counter_ns", lambda: next(now))
     assert roofline._timed(lambda: None, "cpu", 2) == [0.5, 2.0]
 
 
@@ -269,3 +270,14 @@ def test_ceilings_pass_the_device_and_config_on(monkeypatch):
     cfg = roofline.RooflineConfig(reps=1)
     roofline.measure_ceilings("cpu", cfg)
     assert seen == [("bw", "cpu", cfg), ("float32", "cpu", cfg)]
+
+
+def test_ceiling_timing_uses_the_shared_loop_one_warmup_then_exact_reps(monkeypatch):
+    from bench.metrics import roofline, timing
+
+    calls, loops = [], []
+    real_repeat = timing.repeat
+    monkeypatch.setattr(roofline, "repeat", lambda fn, cfg: loops.append(cfg) or real_repeat(fn, cfg))
+    times = roofline._timed(lambda: calls.append(1), "cpu", 4)
+    assert len(loops) == 1 and len(calls) == 5 and len(times) == 4  # 1 warm-up + 4 timed
+    assert all(t >= 0 for t in times)

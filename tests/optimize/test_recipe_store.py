@@ -14,8 +14,8 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
 from optimize.errors import RecipeError
 from optimize.prune.magnitude import MagnitudePrune
 from optimize.quantize.cast import Cast
-from optimize.recipe import Recipe, recipe_from_dict
-from optimize.registry import builtin_variant, techniques, variants
+from optimize.recipe import Recipe
+from optimize.registry import builtin_variant, recipe_from_dict, techniques, variants
 from optimize.store import VariantStore
 
 

@@ -59,16 +59,22 @@ def test_only_the_one_token_decode_step_is_compiled_as_one_graph(tiny_ref, cache
 @pytest.mark.slow
 def test_inductor_compiled_decode_step_reproduces_eager_tokens_and_times_compile_apart(tiny_ref, cache_dir, prompts,
                                                                                         eager_tokens):
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
     assert any("decode step compiled" in label for label in state.labels)
     scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=NEW)
     metrics, samples, method = run_generate(state, scenario, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2,
                                                                                    budget_s=0))
     compiled = method["compiled_decode_step"]
-    assert compiled["compile_call_wall_s"] > metrics["e2e_ms"]["p50"] / 1e3  # the compiling call is not measured
+    # One graph for the whole call sequence: the extra call before the repetitions compiled it, and
+    # no measured repetition recompiled (wall times are not compared: a busy machine reorders them).
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert compiled["compile_call_wall_s"] > 0
     assert compiled["compile_and_capture_s"] == pytest.approx(
-        compiled["compile_call_wall_s"] - metrics["e2e_ms"]["p50"] / 1e3)
+        max(compiled["compile_call_wall_s"] - metrics["e2e_ms"]["p50"] / 1e3, 0.0))
     assert samples["warmup_wall_s"] == [] and len(samples["e2e_ms"]) == 2
     assert torch.equal(greedy_generate(state, prompts, NEW), eager_tokens)
 

@@ -1,0 +1,31 @@
+"""Greedy generation of a loaded variant: what scenarios time and drift scores against.
+
+Below both ``bench.scenarios`` and ``bench.metrics`` so neither imports the other for it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def generate_kwargs(state, new_tokens: int) -> dict[str, Any]:
+    """Greedy decoding that always produces ``new_tokens`` tokens (optimum-benchmark's rule)."""
+    config = state.model.config
+    pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
+            "pad_token_id": pad, **state.generate_kwargs}
+
+
+def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
+    """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens)."""
+    import torch
+    from transformers import LogitsProcessorList
+
+    model = state.model
+    input_ids = input_ids.to(state.device)
+    kwargs = generate_kwargs(state, new_tokens)
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             logits_processor=LogitsProcessorList(logits_processor or []), **kwargs)
+    assert out.shape == (input_ids.shape[0], input_ids.shape[1] + new_tokens), out.shape
+    return out
