@@ -321,7 +321,8 @@ def _roofline(state, cell, metrics) -> dict:
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
     scenario = cell["scenario"]
-    shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"])}
+    shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"],
+                                             _cache(cell))}
     out = cell_roofline(read, scenario, shape, cell["ceilings"], dtype)
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed
