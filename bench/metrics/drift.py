@@ -54,6 +54,8 @@ def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", 
 
     payload = {
         "model": ref.fingerprint,
+        # The tokens scored come from the tokenizer: a model given another one (--tokenizer) is another reference.
+        "tokenizer": _tokenizer_sha256(getattr(ref, "tokenizer", None)),
         "text_sha256": hashlib.sha256(eval_text_path(eval_text).read_bytes()).hexdigest(),
         **cfg.reference_settings(),
         "device": device,  # fp32 kernels differ between CPU and CUDA in the last bits
@@ -62,6 +64,20 @@ def reference_path(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", 
     }
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
     return Path(cache_dir) / "drift" / key
+
+
+TOKENIZER_FILES = ("tokenizer", "vocab", "merges", "special_tokens", "added_tokens", "spiece", "sentencepiece")
+
+
+def _tokenizer_sha256(directory: str | None) -> str | None:
+    """Content hash of a tokenizer directory's tokenizer files (not its weights); None when the model has its own."""
+    if not directory:
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(Path(directory).iterdir()):
+        if path.is_file() and path.name.startswith(TOKENIZER_FILES):
+            digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def ensure_reference(ref, cfg: DriftConfig, cache_dir: Path, device: str = "cpu", eval_text: str | None = None,

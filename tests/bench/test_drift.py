@@ -223,3 +223,24 @@ def test_drift_config_validation_names_the_field():
     with pytest.raises(InputError, match="'windows' is not a drift setting"):
         DriftConfig.from_dict({"windows": 4}, "m.toml [drift]")
     assert DriftConfig.from_dict({"context": 128}, "m.toml [drift]").windows == 8192 // 128
+
+
+def test_reference_key_follows_the_tokenizer_content_not_its_directory(tiny_ref, cache_dir, tmp_path):
+    import shutil
+    from dataclasses import replace
+    from pathlib import Path
+
+    source = Path(tiny_ref.tokenizer)
+    same, other = tmp_path / "same", tmp_path / "other"
+    for d in (same, other):
+        d.mkdir()
+        for f in source.iterdir():
+            if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+                shutil.copy(f, d / f.name)
+    vocab = json.loads((other / "tokenizer.json").read_text())
+    vocab["added_tokens"].append({"id": 99999, "content": "<extra>", "single_word": False, "lstrip": False,
+                                  "rstrip": False, "normalized": False, "special": True})
+    (other / "tokenizer.json").write_text(json.dumps(vocab))
+    key = reference_path(tiny_ref, SMALL, cache_dir)
+    assert reference_path(replace(tiny_ref, tokenizer=str(same)), SMALL, cache_dir) == key  # a copy: same content
+    assert reference_path(replace(tiny_ref, tokenizer=str(other)), SMALL, cache_dir) != key
