@@ -12,8 +12,11 @@ def generate_kwargs(state, new_tokens: int) -> dict[str, Any]:
     """Greedy decoding that always produces ``new_tokens`` tokens (optimum-benchmark's rule)."""
     config = state.model.config
     pad = config.pad_token_id if config.pad_token_id is not None else config.eos_token_id
-    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False,
-            "pad_token_id": pad, **state.generate_kwargs}
+    # Nested settings are copied: generate() rewrites a cache_config in place (drops "backend", adds
+    # "config"), which would otherwise change the variant's settings for every later call.
+    own = {k: dict(v) if isinstance(v, dict) else v for k, v in state.generate_kwargs.items()}
+    return {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "pad_token_id": pad,
+            **own}
 
 
 def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
