@@ -15,7 +15,7 @@ from typing import Any
 from bench.catalogue import METRICS, metric
 from bench.report import plots
 from bench.report.markdown import LIBRARIES, MD_COLUMNS, ceiling_texts, note_items
-from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_text, sweeps
+from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
 
@@ -199,7 +199,7 @@ def environment_html(run: dict[str, Any]) -> str:
             ("launcher", f"{run.get('launcher')}" + (f", shard {run['shard']}" if run.get("shard") else "")),
             ("CPU", f"{env.get('cpu_model')} ({env.get('cpu_logical_cores')} logical cores), "
                     f"RAM {(env.get('ram_bytes') or 0) / 2**30:.1f} GiB"),
-            ("GPUs", ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"),
+            ("GPUs", gpus_text(env)),
             ("libraries", ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs)),
             ("git", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""))]
     rows += [(f"{d} ceilings (measured)", t) for d, t in ceiling_texts(run).items()]

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS, metric
-from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_text
+from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
 from optimize.libraries import libraries
@@ -32,7 +32,7 @@ def md_escape(text: Any) -> str:
 
 def environment_lines(run: dict[str, Any]) -> list[str]:
     env = run.get("environment", {})
-    gpus = ", ".join(g.get("name", "?") for g in env.get("gpus", [])) or "none"
+    gpus = gpus_text(env)
     libs = env.get("libraries", {})
     git = env.get("git") or {}
     lines = [

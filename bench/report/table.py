@@ -114,6 +114,15 @@ def figure(record: dict[str, Any], key: str) -> Figure:
     return Figure(key, point(record, key), interval(record, key), sample_count(record, key))
 
 
+def gpus_text(env: dict[str, Any]) -> str:
+    """The GPUs of a run's environment; an empty list only reads "none" when NVML answered or no driver exists."""
+    names = ", ".join(g.get("name", "?") for g in env.get("gpus", []))
+    source = env.get("gpus_source") or "nvml"
+    if names or source == "nvml":
+        return names or "none"
+    return f"none ({source})" if source.startswith("no NVIDIA driver") else f"unknown ({source})"
+
+
 def scenario_key(record: dict[str, Any]) -> tuple:
     s = record["scenario"]
     return (record["model"], record["device"], s["name"], s["batch_size"], s["prompt_tokens"], s["new_tokens"])

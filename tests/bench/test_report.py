@@ -97,3 +97,18 @@ def test_html_escapes_input_and_fetches_nothing(run):
     assert set(re.findall(r"https?://[^\s\"'<>]+", page)) <= {"http://www.w3.org/2000/svg",
                                                          "http://www.w3.org/1999/xlink"}
     assert page.count("<svg") >= 5 and page.count("<table class=\"sortable\">") == 5  # one per scenario group
+
+
+@pytest.mark.parametrize(("env", "text"), [
+    ({"gpus": [{"name": "NVIDIA H200"}], "gpus_source": "nvml"}, "NVIDIA H200"),
+    ({"gpus": [], "gpus_source": "nvml"}, "none"),
+    ({"gpus": [], "gpus_source": "no NVIDIA driver: NVML Shared Library Not Found"},
+     "none (no NVIDIA driver: NVML Shared Library Not Found)"),
+    ({"gpus": [], "gpus_source": "nvml failed: NVMLError_Unknown: Unknown Error"},
+     "unknown (nvml failed: NVMLError_Unknown: Unknown Error)"),
+    ({"gpus": []}, "none"),  # runs recorded before the source was kept
+])
+def test_gpu_line_never_says_none_when_nvml_failed(env, text):
+    from bench.report.table import gpus_text
+
+    assert gpus_text(env) == text
