@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
+
+from bench.commands import emit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -29,9 +30,5 @@ def main(args: argparse.Namespace) -> int:
     data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
             else github_action_benchmark(args.run, args.direction))
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
-    else:
-        sys.stdout.write(text)
+    emit(text, args.out)
     return 0

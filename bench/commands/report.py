@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from bench.commands import emit
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,11 +28,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
     if len(formats) == 1 and formats[0] != "png":
         text = render(args.run, formats[0])
-        if args.out:
-            args.out.parent.mkdir(parents=True, exist_ok=True)
-            args.out.write_text(text)
-        else:
-            sys.stdout.write(text)
+        emit(text, args.out)
         return 0
     for path in write_reports(args.run, formats, args.out):
         print(path)
