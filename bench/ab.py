@@ -19,10 +19,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from bench.compare import cell_key
+from bench.cells import Cell
 from bench.matrix import DEFAULT_MATRIX, Matrix, expand, load_matrix
-from bench.orchestrate import build_id, start_run
-from bench.results import append_record, failed_record, new_record
+from bench.orchestrate import build_id, build_job, start_run
+from bench.results import append_record, failed_record
 from optimize.errors import InputError
 
 
@@ -55,7 +55,7 @@ class AbSide:
     worktree: Path
     run_dir: Path
     matrix: Matrix | None = None
-    cells: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)  # by cell_key
+    cells: dict[str, Cell] = dataclasses.field(default_factory=dict)  # by Cell.key
 
 
 def side_matrix(worktree: Path, matrix: str | None) -> Matrix:
@@ -97,14 +97,12 @@ def prepare(side: AbSide, launcher, cache_dir: str | None, resolve_device,
     from bench.orchestrate import _already_stored
 
     for c in expand(side.matrix, resolve_device):
-        c.update(cache_dir=cache_dir, ceilings=None)
-        side.cells[cell_key(new_record(c))] = c
+        side.cells[c.key] = dataclasses.replace(c, cache_dir=cache_dir)
     builds: dict[str, dict[str, Any]] = {}
     for c in side.cells.values():
         bid = build_id(c)
         if bid and bid not in builds:
-            builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
-                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir}
+            builds[bid] = build_job(bid, c)
     outcomes = _already_stored(builds, {}, cache_dir)
     pending = [("build", b, side.matrix.measure.timeout_s) for bid, b in builds.items() if bid not in outcomes]
     for spec, result in launcher.run(pending):
@@ -147,10 +145,10 @@ def run_interleaved(base: AbSide, head: AbSide, launcher, *, rounds: int, seed: 
     for position, (key, name) in enumerate(jobs):
         s = sides[name]
         cell = s.cells[key]
-        (spec, result), = launcher.run([("cell", cell, timeout)])
+        (spec, result), = launcher.run([("cell", cell.to_dict(), timeout)])
         from bench.runner import cell_result_to_record
 
-        record = cell_result_to_record(spec, result)
+        record = cell_result_to_record(cell, result)
         record["ab"] = {"side": name, "position": position}
         append_record(s.run_dir, record)
         on_event("cell", {**record, "side": name})

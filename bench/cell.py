@@ -13,10 +13,13 @@ import sys
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.results import new_record, write_json_atomic
 from optimize.errors import InputError, NotApplicable
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 
 def error_tail(exc: BaseException, lines: int = 12) -> str:
@@ -115,11 +118,13 @@ def _cache(job: dict[str, Any]) -> Path | None:
     return Path(job["cache_dir"]) if job.get("cache_dir") else None
 
 
-def measure(cell: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell and return its record (status ok, skipped or failed)."""
+def measure(job: dict[str, Any]) -> dict[str, Any]:
+    """Run one cell (its job file, ``Cell.to_dict``) and return its record (status ok, skipped or failed)."""
+    from bench.cells import Cell
     from bench.metrics import memory
 
     t_start = time.perf_counter()
+    cell = Cell.from_dict(job)
     baseline_rss = memory.rss_bytes()
     record = new_record(cell)
     try:
@@ -132,21 +137,21 @@ def measure(cell: dict[str, Any]) -> dict[str, Any]:
     return record
 
 
-def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_start: float) -> dict[str, Any]:
+def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: float) -> dict[str, Any]:
     """Load the variant, then each measurement in turn: latency, memory, roofline, drift."""
     import torch
 
-    _seed(cell["measure"]["seed"])
-    if cell["measure"].get("threads"):
-        torch.set_num_threads(cell["measure"]["threads"])  # before loading: every kernel then runs on these threads
+    _seed(cell.measure.seed)
+    if cell.measure.threads:
+        torch.set_num_threads(cell.measure.threads)  # before loading: every kernel then runs on these threads
     state, artifact, load_s = _load(cell, record)
     metrics, samples, method = _measure_latency(state, cell, record)
     metrics["rss_baseline_bytes"] = baseline_rss
     # Memory figures are read before drift runs: drift's own buffers must not count.
-    metrics.update(_measure_memory(cell["device"], baseline_rss))
+    metrics.update(_measure_memory(cell.device, baseline_rss))
     _add_roofline(state, cell, metrics, method)
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
-    method.update(memory="cuda max_memory_allocated after reset; NVML per process" if cell["device"] == "cuda"
+    method.update(memory="cuda max_memory_allocated after reset; NVML per process" if cell.device == "cuda"
                   else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
                   torch_threads=torch.get_num_threads())
     warmup = sum(samples["warmup_wall_s"])
@@ -167,52 +172,43 @@ def _measure(cell: dict[str, Any], record: dict[str, Any], baseline_rss: int, t_
     }
 
 
-def _load(cell: dict[str, Any], record: dict[str, Any]):
+def _load(cell: Cell, record: dict[str, Any]):
     """Build (or reuse) and load the cell's variant: (state, artifact, load seconds)."""
     from bench.metrics import memory
     from optimize.models import resolve_model
-    from optimize.registry import recipe_from_dict
     from optimize.store import VariantStore, load_variant
 
-    ref = resolve_model(cell["model"], _cache(cell), cell.get("tokenizer"))
+    cache = Path(cell.cache_dir) if cell.cache_dir else None
+    ref = resolve_model(cell.model, cache, cell.tokenizer)
     record["model_info"] = ref.to_dict()
-    recipe = recipe_from_dict(cell["variant"])
-    if cell["device"] == "cuda":
+    if cell.device == "cuda":
         memory.reset_cuda_peaks()
-    store = VariantStore(_cache(cell))
-    built = store.get_or_build(ref, recipe, cell["device"], cell["trust_remote_code"])  # checksums verified first
+    store = VariantStore(cache)
+    built = store.get_or_build(ref, cell.recipe, cell.device, cell.trust_remote_code)  # checksums verified first
     t0 = time.perf_counter()
-    state, artifact = load_variant(ref, recipe, cell["device"], store, cell["trust_remote_code"])
+    state, artifact = load_variant(ref, cell.recipe, cell.device, store, cell.trust_remote_code)
     return state, dataclasses.replace(artifact, reused=built.reused), time.perf_counter() - t0
 
 
-def _measure_latency(state, cell: dict[str, Any], record: dict[str, Any]):
+def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     """Time the cell's scenario under the machine-load monitor: (metrics, samples, method)."""
     from bench.metrics import memory
     from bench.metrics.load import machine_load, noise_mark
-    from bench.metrics.timing import RepeatConfig
     from bench.prompts import prompt_ids
-    from bench.scenarios import SCENARIOS
+    from bench.scenarios import Footprint
 
-    m = cell["measure"]
-    kind = SCENARIOS[cell["scenario"]["name"]]
-    fields = set(kind.__dataclass_fields__) - {"name"}
-    scenario = kind(**{k: v for k, v in cell["scenario"].items() if k in fields})
-    scenario.validate()
+    scenario, repeat = cell.scenario, cell.measure.repeat
     check_context(state.model.config, scenario)
     prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
-                                        scenario.prompt_tokens, m["seed"], cell.get("eval_text"),
-                                        cell["trust_remote_code"], cell.get("prompt_source", "auto"))
-    repeat = RepeatConfig(**{k: m[k] for k in ("warmup", "min_reps", "max_reps", "budget_s", "target_rel_ci")
-                             if k in m})
-    weights_bytes = memory.weights_bytes(state)
+                                        scenario.prompt_tokens, cell.measure.seed, cell.eval_text,
+                                        cell.trust_remote_code, cell.prompt_source)
     kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    kv_per_token = _kv_geometry(state).bytes_per_token(kv_elem)
+    footprint = Footprint(memory.weights_bytes(state), _kv_geometry(state).bytes_per_token(kv_elem))
     with machine_load() as record["load"]:
-        metrics, samples, method = _run_scenario(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
+        metrics, samples, method = scenario.run(state, prompts, repeat, footprint)
     record.update(noise_mark(samples, repeat.target_rel_ci))
-    metrics["weights_bytes"] = weights_bytes
-    metrics["kv_cache_bytes_per_token"] = kv_per_token
+    metrics["weights_bytes"] = footprint.weights_bytes
+    metrics["kv_cache_bytes_per_token"] = footprint.kv_bytes_per_token
     method["prompt_source"] = prompt_source
     return metrics, samples, method
 
@@ -229,12 +225,12 @@ def _measure_memory(device: str, baseline_rss: int) -> dict[str, Any]:
     return {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss}
 
 
-def _add_roofline(state, cell: dict[str, Any], metrics: dict[str, Any], method: dict[str, Any]) -> None:
+def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any]) -> None:
     """Achieved fractions of the run's measured ceilings, where the cell has decode figures.
 
     Optional: a failure is a note in the record, never the loss of the timings already taken.
     """
-    if not cell.get("ceilings") or "decode_tokens_per_s" not in metrics:
+    if not cell.ceilings or "decode_tokens_per_s" not in metrics:
         return
     try:
         metrics.update(_roofline(state, cell, metrics))
@@ -249,15 +245,15 @@ def _add_roofline(state, cell: dict[str, Any], metrics: dict[str, Any], method: 
 def check_context(config, scenario) -> None:
     """A scenario longer than the model's context is skipped with the reason, never run past it."""
     limit = getattr(config, "max_position_embeddings", None)
-    needed = scenario.prompt_tokens + getattr(scenario, "new_tokens", 1)
+    needed = scenario.prompt_tokens + scenario.new_tokens
     if isinstance(limit, int) and needed > limit:
-        raise NotApplicable(f"prompt_tokens {scenario.prompt_tokens} + new_tokens {getattr(scenario, 'new_tokens', 1)}"
+        raise NotApplicable(f"prompt_tokens {scenario.prompt_tokens} + new_tokens {scenario.new_tokens}"
                             f" = {needed} exceeds the model's context of {limit} positions (max_position_embeddings)")
 
 
-def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
+def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> float:
     """Accuracy drift after the speed and memory figures are taken, so it cannot disturb them."""
-    if not cell.get("drift"):
+    if not cell.drift:
         return 0.0
     from bench.metrics.drift_cell import cell_drift
     from optimize.models import no_tokenizer_reason
@@ -281,17 +277,6 @@ def _add_drift(state, cell, artifact_path, record, metrics, method) -> float:
     record["drift_ok"] = drift["drift_ok"]
     record["drift_violations"] = drift["violations"]
     return time.perf_counter() - t0
-
-
-def _run_scenario(state, scenario, prompts, repeat, weights_bytes: int, kv_per_token: float):
-    from bench.scenarios.generate import run_generate
-    from bench.scenarios.sweeps import run_decode, run_prefill
-
-    if scenario.name == "prefill":
-        return run_prefill(state, scenario, prompts, repeat)
-    if scenario.name == "decode":
-        return run_decode(state, scenario, prompts, repeat, weights_bytes, kv_per_token)
-    return run_generate(state, scenario, prompts, repeat)
 
 
 def _kv_geometry(state):
@@ -320,10 +305,10 @@ def _roofline(state, cell, metrics) -> dict:
     if state.backend == "torch":
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
-    scenario = cell["scenario"]
-    shape = {"prefill_flops": prefill_flops(state.model.config, scenario["batch_size"], scenario["prompt_tokens"],
-                                             _cache(cell))}
-    out = cell_roofline(read, scenario, shape, cell["ceilings"], dtype)
+    scenario = cell.scenario
+    shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
+                                             Path(cell.cache_dir) if cell.cache_dir else None)}
+    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, dtype)
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed
     return out

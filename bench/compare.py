@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import gate_stats as gs
+from bench.cells import identity
 from bench.results import RUN, read_records, read_run
 from optimize.errors import InputError
 from optimize.libraries import libraries
@@ -72,13 +73,8 @@ def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
 
 
 def cell_key(record: dict[str, Any]) -> str:
-    """The identity two runs' cells are matched on (recipe steps may differ between revisions)."""
-    s = record["scenario"]
-    grid = "/".join(str(s[k]) for k in ("batch_size", "prompt_tokens", "new_tokens") if k in s)
-    extra = ",".join(f"{k}={v}" for k, v in sorted(s.items())
-                     if k not in ("name", "batch_size", "prompt_tokens", "new_tokens"))
-    return f"{record['model']} {record['variant']} {record['device']} {s.get('name', 'generate')} {grid}" + \
-        (f" {extra}" if extra else "")
+    """The identity two runs' cells are matched on: ``bench.cells.identity`` of the record."""
+    return identity(record["model"], record["variant"], record["device"], record["scenario"])
 
 
 @dataclass

@@ -7,9 +7,7 @@ Every error names the file, the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
-import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -21,6 +19,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
     import tomli as tomllib
 
+from bench.cells import Cell, MeasureConfig
 from bench.metrics.drift_config import DriftBudget, DriftConfig
 from bench.metrics.timing import RepeatConfig
 from bench.scenarios import SCENARIOS
@@ -32,29 +31,9 @@ from optimize.registry import recipe_from_dict
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
             "exclude", "trust_remote_code", "eval_text", "tokenizer", "prompt_source"}
-SCENARIO_KINDS = SCENARIOS
 DEVICES = ("auto", "cpu", "cuda")
 # A run name becomes a directory under reports/runs/: no separators, no leading dot.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
-
-
-@dataclass(frozen=True)
-class MeasureConfig:
-    """How each cell is measured; the defaults every entry point shares."""
-
-    repeat: RepeatConfig = RepeatConfig()
-    timeout_s: float = 600.0  # per cell, process killed past it
-    seed: int = 0
-    roofline: bool = True  # measure bandwidth and matmul ceilings at the start of the run
-    # Every cell runs this many times, each in a fresh process, the cell order shuffled per round
-    # (random interleaving): a burst of load then lands on all variants rather than on one.
-    rounds: int = 1
-    # torch's intra-op threads in each cell (llama-bench's -t); 0 keeps torch's default (the cores it sees).
-    threads: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self.repeat), "timeout_s": self.timeout_s, "seed": self.seed,
-                "roofline": self.roofline, "rounds": self.rounds, "threads": self.threads}
 
 
 @dataclass(frozen=True)
@@ -63,7 +42,7 @@ class Matrix:
     models: tuple[str, ...]
     variants: tuple[str, ...]
     devices: tuple[str, ...]
-    scenarios: tuple[dict[str, Any], ...]  # each: {"name": kind, key: [values]}
+    scenarios: tuple[dict[str, Any], ...]  # each a grid: {"name": kind, setting: [values]}, every point valid
     measure: MeasureConfig = MeasureConfig()
     drift: DriftConfig = DriftConfig()
     drift_budget: DriftBudget = DriftBudget()
@@ -156,11 +135,12 @@ def _str_list(data: dict, key: str, where: str, default=None) -> tuple[str, ...]
 
 
 def _int_list(value: Any, where: str, key: str) -> list[int]:
+    """An integer or a non-empty list of integers (their ranges are the scenario's to check)."""
     if isinstance(value, int) and not isinstance(value, bool):
         value = [value]
-    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0
+    if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
-        raise _err(where, key, f"must be a positive integer or a list of them, got {value!r}")
+        raise _err(where, key, f"must be an integer or a non-empty list of integers, got {value!r}")
     return value
 
 
@@ -172,23 +152,27 @@ def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
         if not isinstance(table, dict):
             raise _err(f"{where} scenarios[{i}]", "scenarios", f"must be a table ([[scenarios]]), got {table!r}")
         kind = table.get("name", "generate")
-        if not isinstance(kind, str) or kind not in SCENARIO_KINDS:
-            raise _err(f"{where} scenarios[{i}]", "name", f"must be one of {sorted(SCENARIO_KINDS)}, got {kind!r}")
-        fields = {f.name for f in dataclasses.fields(SCENARIO_KINDS[kind])} - {"name"}
-        unknown = sorted(set(table) - fields - {"name"})
+        if not isinstance(kind, str) or kind not in SCENARIOS:
+            raise _err(f"{where} scenarios[{i}]", "name", f"must be one of {sorted(SCENARIOS)}, got {kind!r}")
+        fields = SCENARIOS[kind].settings()
+        unknown = sorted(set(table) - set(fields) - {"name"})
         if unknown:
-            raise _err(f"{where} scenarios[{i}]", unknown[0], f"is not a {kind} setting; allowed: {sorted(fields)}")
-        grid = {"name": kind}
-        for key in sorted(fields):
-            default = getattr(SCENARIO_KINDS[kind](), key)
-            grid[key] = _int_list(table.get(key, default), f"{where} scenarios[{i}]", key)
-        try:  # each point of the grid must be a valid scenario
-            for values in itertools.product(*(grid[k] for k in sorted(fields))):
-                SCENARIO_KINDS[kind](**dict(zip(sorted(fields), values, strict=True))).validate()
-        except InputError as exc:
-            raise InputError(f"{where} scenarios[{i}]: {exc}") from None
-        out.append(grid)
+            raise _err(f"{where} scenarios[{i}]", unknown[0], f"is not a {kind} setting; allowed: {fields}")
+        out.append(_grid(kind, {k: table.get(k, getattr(SCENARIOS[kind](), k)) for k in fields},
+                         f"{where} scenarios[{i}]"))
     return tuple(out)
+
+
+def _grid(kind: str, values: dict[str, Any], where: str) -> dict[str, Any]:
+    """A scenario grid whose every point is a valid scenario: the one place a grid value is checked."""
+    grid = {"name": kind, **{k: _int_list(v, where, k) for k, v in values.items()}}
+    keys = SCENARIOS[kind].settings()
+    try:
+        for point in itertools.product(*(grid[k] for k in keys)):
+            SCENARIOS[kind](**dict(zip(keys, point, strict=True))).validate()
+    except InputError as exc:
+        raise InputError(f"{where}: {exc}") from None
+    return grid
 
 
 def _parse_measure(raw: Any, where: str) -> MeasureConfig:
@@ -250,8 +234,8 @@ def _parse_recipes(raw: Any, where: str, builtins: set[str]) -> dict[str, Recipe
 def exclude_keys() -> set[str]:
     """What an ``[[exclude]]`` rule may match: the cell's model, variant, device and scenario fields."""
     keys = {"model", "variant", "device", "name"}
-    for kind in SCENARIO_KINDS.values():
-        keys |= {f.name for f in dataclasses.fields(kind)}
+    for kind in SCENARIOS.values():
+        keys |= {*kind.settings(), *kind.FIXED}
     return keys
 
 
@@ -269,6 +253,33 @@ def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
     return tuple(raw)
 
 
+def _check_variants(variants: tuple[str, ...], recipes: dict[str, Recipe], where: str) -> tuple[str, ...]:
+    from optimize.registry import did_you_mean, variant_names
+
+    known = set(variant_names()) | set(recipes)
+    for name in variants:
+        if name not in known:
+            raise _err(where, "variants", f"names unknown variant {name!r}{did_you_mean(name, known)}; "
+                                          "see 'infermatrix variants' or add a [[recipe]]")
+    return variants
+
+
+def _check_devices(devices: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for d in devices:
+        if d not in DEVICES:
+            raise _err(where, "devices", f"must be among {list(DEVICES)}, got {d!r}")
+    return devices
+
+
+def _check_models(models: tuple[str, ...], where: str) -> tuple[str, ...]:
+    for spec in models:
+        try:
+            check_model_spec(spec)
+        except InputError as exc:
+            raise _err(where, "models", str(exc)) from None
+    return models
+
+
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     """Validate a matrix given as parsed TOML."""
     from optimize.registry import did_you_mean, variant_names
@@ -278,22 +289,9 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         raise _err(where, unknown[0], f"is not a matrix key{did_you_mean(unknown[0], TOP_KEYS)}; "
                                       f"allowed: {', '.join(sorted(TOP_KEYS))}")
     recipes = _parse_recipes(data.get("recipe", []), where, set(variant_names()))
-    variants = _str_list(data, "variants", where, ["fp32"])
-    known = set(variant_names()) | set(recipes)
-    for name in variants:
-        if name not in known:
-            raise _err(where, "variants", f"names unknown variant {name!r}{did_you_mean(name, known)}; "
-                                          "see 'infermatrix variants' or add a [[recipe]]")
-    devices = _str_list(data, "devices", where, ["auto"])
-    for d in devices:
-        if d not in DEVICES:
-            raise _err(where, "devices", f"must be among {list(DEVICES)}, got {d!r}")
-    models = _str_list(data, "models", where, ["builtin:pycode"])
-    for spec in models:
-        try:
-            check_model_spec(spec)
-        except InputError as exc:
-            raise _err(where, "models", str(exc)) from None
+    variants = _check_variants(_str_list(data, "variants", where, ["fp32"]), recipes, where)
+    devices = _check_devices(_str_list(data, "devices", where, ["auto"]), where)
+    models = _check_models(_str_list(data, "models", where, ["builtin:pycode"]), where)
     exclude = _parse_exclude(data.get("exclude", []), where)
     drift_table = dict(data.get("drift", {})) if isinstance(data.get("drift", {}), dict) else data["drift"]
     budget = drift_table.pop("budget", {}) if isinstance(drift_table, dict) else {}
@@ -341,62 +339,55 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
            new_tokens=None, repeat: dict | None = None, timeout_s=None, threads: int | None = None,
            trust_remote_code=None,
            drift: bool | None = None, tokenizer: str | None = None, prompt_source: str | None = None) -> Matrix:
-    """Override parts of a matrix from CLI flags (comma lists replace the file's lists)."""
+    """Override parts of a matrix from CLI flags (comma lists replace the file's lists).
+
+    Each part a flag replaces is checked here, once, with the same rules as the file's; the
+    rest of the matrix was checked when it was read and is not parsed again.
+    """
+    where = f"{matrix.source} (with the command-line flags)"
     changes: dict[str, Any] = {}
     if models:
-        changes["models"] = tuple(models)
+        changes["models"] = _check_models(tuple(models), where)
     if variants:
-        changes["variants"] = tuple(variants)
+        changes["variants"] = _check_variants(tuple(variants), matrix.recipes, where)
     if devices:
-        changes["devices"] = tuple(devices)
+        changes["devices"] = _check_devices(tuple(devices), where)
     grid = {k: v for k, v in (("batch_size", batch_size), ("prompt_tokens", prompt_tokens),
                               ("new_tokens", new_tokens)) if v}
     if grid:
-        changes["scenarios"] = tuple({**s, **{k: list(v) for k, v in grid.items() if k in s}} for s in matrix.scenarios)
+        changes["scenarios"] = tuple(
+            _grid(s["name"], {k: grid.get(k, v) for k, v in s.items() if k != "name"}, f"{where} scenarios[{i}]")
+            for i, s in enumerate(matrix.scenarios))
     if repeat or timeout_s is not None or threads is not None:
         rep = dataclasses.replace(matrix.measure.repeat, **(repeat or {}))
         rep.validate()
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InputError(f"threads must be a whole number >= 0 (0: torch's default), got {threads!r}")
+        if timeout_s is not None and not (_number(timeout_s) and timeout_s > 0):
+            raise InputError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
         changes["measure"] = dataclasses.replace(
-            matrix.measure, repeat=rep, timeout_s=matrix.measure.timeout_s if timeout_s is None else timeout_s,
+            matrix.measure, repeat=rep, timeout_s=matrix.measure.timeout_s if timeout_s is None else float(timeout_s),
             threads=matrix.measure.threads if threads is None else threads)
     if trust_remote_code:
         changes["trust_remote_code"] = True
     if drift is not None:
-        changes["drift"] = dataclasses.replace(matrix.drift, enabled=drift)
+        changes["drift"] = dataclasses.replace(matrix.drift, enabled=bool(drift))
     if tokenizer:
         from optimize.models import check_tokenizer_dir
 
         changes["tokenizer"] = check_tokenizer_dir(tokenizer)
     if prompt_source:
-        changes["prompt_source"] = prompt_source
-    narrowed = dataclasses.replace(matrix, **changes)
-    return parse_matrix(_as_toml_dict(narrowed), matrix.source)  # re-validate the result
+        changes["prompt_source"] = _prompt_source(prompt_source, where)
+    return dataclasses.replace(matrix, **changes)
 
 
-def _as_toml_dict(m: Matrix) -> dict[str, Any]:
-    d = m.to_dict()
-    d.pop("source")
-    for key in ("eval_text", "tokenizer"):
-        if d[key] is None:
-            d.pop(key)
-    d["scenarios"] = [dict(s) for s in d["scenarios"]]
-    return d
-
-
-def cell_id(model: str, recipe: Recipe, device: str, scenario: dict[str, Any]) -> str:
-    payload = {"model": model, "recipe": recipe.to_dict(), "device": device, "scenario": scenario}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _excluded(cell: dict[str, Any], rules) -> bool:
-    flat = {"model": cell["model"], "variant": cell["variant"]["name"], "device": cell["device"], **cell["scenario"]}
+def _excluded(cell: Cell, rules) -> bool:
+    flat = {"model": cell.model, "variant": cell.recipe.name, "device": cell.device, **cell.scenario.to_dict()}
     return any(all(flat.get(k) == v for k, v in rule.items()) for rule in rules)
 
 
-def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
-    """All cells of the matrix, in a stable order, as self-contained dicts."""
+def expand(matrix: Matrix, resolve_device=None) -> list[Cell]:
+    """All cells of the matrix, in a stable order."""
     if resolve_device is None:
         from optimize.models import resolve_device
     cells, seen = [], set()
@@ -405,22 +396,19 @@ def expand(matrix: Matrix, resolve_device=None) -> list[dict[str, Any]]:
         r = resolve_device(d)
         if r not in devices:
             devices.append(r)
+    shared = {"measure": matrix.measure, "drift": matrix.drift if matrix.drift.enabled else None,
+              "drift_budget": matrix.drift_budget, "trust_remote_code": matrix.trust_remote_code,
+              "eval_text": matrix.eval_text, "tokenizer": matrix.tokenizer, "prompt_source": matrix.prompt_source}
     for model, variant, device, grid in itertools.product(matrix.models, matrix.variants, devices, matrix.scenarios):
         recipe = matrix.recipe(variant)
-        keys = [k for k in grid if k != "name"]
+        kind = SCENARIOS[grid["name"]]
+        keys = kind.settings()
         for values in itertools.product(*(grid[k] for k in keys)):
-            scenario = {"name": grid["name"], **dict(zip(keys, values, strict=True))}
-            scenario.setdefault("new_tokens", 1)  # prefill generates exactly one token
-            cid = cell_id(model, recipe, device, scenario)
-            if cid in seen:
+            scenario = kind(**dict(zip(keys, values, strict=True)))
+            cell = Cell(model=model, recipe=recipe, device=device, scenario=scenario, **shared)
+            if cell.cell_id in seen:
                 continue
-            seen.add(cid)
-            cell = {"cell_id": cid, "model": model, "variant": recipe.to_dict(), "device": device,
-                    "scenario": scenario, "measure": matrix.measure.to_dict(),
-                    "drift": dataclasses.asdict(matrix.drift) if matrix.drift.enabled else None,
-                    "drift_budget": dataclasses.asdict(matrix.drift_budget),
-                    "trust_remote_code": matrix.trust_remote_code, "eval_text": matrix.eval_text,
-                    "tokenizer": matrix.tokenizer, "prompt_source": matrix.prompt_source}
+            seen.add(cell.cell_id)
             if not _excluded(cell, matrix.exclude):
                 cells.append(cell)
     return cells

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import __version__
+from bench.cells import Cell
 from bench.matrix import Matrix, expand, parse_matrix
 from bench.results import RUN, append_record, failed_record, read_records, read_run, write_json_atomic
 from bench.runner import JOB_TIMEOUTS, cell_result_to_record
@@ -37,7 +39,7 @@ class Shard:
             raise InputError(f"--shard {text}: need 1 <= i <= n")
         return cls(i, n)
 
-    def select(self, cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def select(self, cells: list[Any]) -> list[Any]:
         """Round-robin over the stable cell order: sizes differ by at most one, same on every machine."""
         return [c for k, c in enumerate(cells) if k % self.count == self.index - 1]
 
@@ -64,12 +66,12 @@ def matrix_hash(matrix: Matrix) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def build_id(cell: dict[str, Any]) -> str | None:
+def build_id(cell: Cell) -> str | None:
     """Identity of the stored artifact a cell needs; None when the recipe saves nothing."""
-    recipe = recipe_from_dict(cell["variant"])
+    recipe = cell.recipe
     if not recipe.saved_steps:
         return None
-    payload = [cell["model"], recipe.content_hash(recipe.saved_steps), cell["device"]]
+    payload = [cell.model, recipe.content_hash(recipe.saved_steps), cell.device]
     return hashlib.sha256(json.dumps(payload).encode()).hexdigest()[:16]
 
 
@@ -146,10 +148,10 @@ def check_resumable(matrix: Matrix, run_dir: Path, shard: Shard | None, resolve_
     check_records_belong(run_dir, all_cells, shard.select(all_cells) if shard else all_cells, shard)
 
 
-def check_records_belong(run_dir: Path, all_cells: list[dict[str, Any]], shard_cells: list[dict[str, Any]],
+def check_records_belong(run_dir: Path, all_cells: list[Cell], shard_cells: list[Cell],
                          shard: Shard | None) -> None:
     """Refuse to resume a directory whose results.jsonl holds cells of another matrix or another shard."""
-    all_ids, mine = {c["cell_id"] for c in all_cells}, {c["cell_id"] for c in shard_cells}
+    all_ids, mine = {c.cell_id for c in all_cells}, {c.cell_id for c in shard_cells}
     for rec in read_records(run_dir, latest_only=False):
         cid = rec["cell_id"]
         if cid not in all_ids:
@@ -175,26 +177,23 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     repair_torn_tail(run_dir)  # a crash mid-append: move the fragment aside before anything is appended
     check_records_belong(run_dir, all_cells, cells, shard)
     ok_rounds = Counter(r["cell_id"] for r in read_records(run_dir, latest_only=False) if r["status"] == "ok")
-    todo = [c for c in cells if ok_rounds[c["cell_id"]] < matrix.measure.rounds]
-    for c in todo:
-        c["cache_dir"] = cache_dir
+    todo = [dataclasses.replace(c, cache_dir=cache_dir) for c in cells if ok_rounds[c.cell_id] < matrix.measure.rounds]
     builds: dict[str, dict[str, Any]] = {}
     for c in todo:
         bid = build_id(c)
         if bid and bid not in builds:
-            builds[bid] = {"build_id": bid, "model": c["model"], "variant": c["variant"], "device": c["device"],
-                           "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir,
-                           "tokenizer": c.get("tokenizer"), "prompt_source": c.get("prompt_source", "auto")}
+            builds[bid] = build_job(bid, c)
     references: dict[str, dict[str, Any]] = {}
     for c in todo:
-        if c.get("drift"):
-            rid = hashlib.sha256(json.dumps([c["model"], c["device"], c["drift"]]).encode()).hexdigest()[:16]
-            references.setdefault(rid, {"reference_id": rid, "model": c["model"], "device": c["device"],
-                                        "drift": c["drift"], "eval_text": c.get("eval_text"),
-                                        "trust_remote_code": c["trust_remote_code"], "cache_dir": cache_dir,
-                           "tokenizer": c.get("tokenizer"), "prompt_source": c.get("prompt_source", "auto")})
+        if c.drift:
+            drift = dataclasses.asdict(c.drift)
+            rid = hashlib.sha256(json.dumps([c.model, c.device, drift]).encode()).hexdigest()[:16]
+            references.setdefault(rid, {"reference_id": rid, "model": c.model, "device": c.device, "drift": drift,
+                                        "eval_text": c.eval_text, "trust_remote_code": c.trust_remote_code,
+                                        "cache_dir": cache_dir, "tokenizer": c.tokenizer,
+                                        "prompt_source": c.prompt_source})
     outcomes: dict[str, dict[str, Any]] = _already_stored(builds, references, cache_dir)
-    rounds_left = sum(matrix.measure.rounds - ok_rounds[c["cell_id"]] for c in todo)
+    rounds_left = sum(matrix.measure.rounds - ok_rounds[c.cell_id] for c in todo)
     on_event("plan", {"cells": len(cells), "todo": rounds_left, "done": len(cells) - len(todo),
                       "builds": len(builds) + len(references) - len(outcomes)})
     for bid in outcomes:
@@ -202,10 +201,9 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
             on_event("build", {"variant": builds[bid]["variant"]["name"], "status": "ok", "reused": True,
                                "counted": False})
     timeout = matrix.measure.timeout_s
-    devices = sorted({c["device"] for c in todo}) if matrix.measure.roofline else []
+    devices = sorted({c.device for c in todo}) if matrix.measure.roofline else []
     ceilings = _ceilings(run_dir, launcher, devices, on_event)
-    for c in todo:
-        c["ceilings"] = ceilings.get(c["device"])
+    todo = [dataclasses.replace(c, ceilings=ceilings.get(c.device)) for c in todo]
     pending_refs = [r for rid, r in references.items() if rid not in outcomes]
     for spec, result in launcher.run([("reference", r, timeout) for r in pending_refs]):
         on_event("reference", {"model": spec["model"], "status": result["status"], "error": result.get("error"),
@@ -225,26 +223,36 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
             on_event("cell", record)
         else:
             runnable.append(c)
-    for spec, result in launcher.run([("cell", c, timeout) for c in _rounds(runnable, ok_rounds, matrix.measure)]):
-        record = cell_result_to_record(spec, result)
+    by_id = {c.cell_id: c for c in runnable}
+    jobs = [("cell", c.to_dict(), timeout) for c in _rounds(runnable, ok_rounds, matrix.measure)]
+    for spec, result in launcher.run(jobs):
+        cell = by_id[spec["cell_id"]]
+        record = cell_result_to_record(cell, result)
         if matrix.measure.rounds > 1:
             record["round"] = spec["round"]
-        if outcome := outcomes.get(build_id(spec) or ""):
+        if outcome := outcomes.get(build_id(cell) or ""):
             record.setdefault("build", {}).update(build_job_s=outcome.get("build_s"), built_now=not outcome["reused"])
         append_record(run_dir, record)
         on_event("cell", record)
-    ids = {c["cell_id"] for c in cells}
+    ids = {c.cell_id for c in cells}
     return [r for r in read_records(run_dir) if r["cell_id"] in ids]
 
 
-def _rounds(cells: list[dict[str, Any]], ok_rounds: Counter, measure) -> list[dict[str, Any]]:
+def build_job(bid: str, cell: Cell) -> dict[str, Any]:
+    """The job that builds (or finds stored) the artifact ``cell``'s recipe saves."""
+    return {"build_id": bid, "model": cell.model, "variant": cell.recipe.to_dict(), "device": cell.device,
+            "trust_remote_code": cell.trust_remote_code, "cache_dir": cell.cache_dir, "tokenizer": cell.tokenizer,
+            "prompt_source": cell.prompt_source}
+
+
+def _rounds(cells: list[Cell], ok_rounds: Counter, measure) -> list[Cell]:
     """The cell jobs of all rounds still to run, each round in its own shuffled order."""
     if measure.rounds == 1:
         return cells
     rng = random.Random(measure.seed)
     jobs = []
     for r in range(measure.rounds):
-        batch = [{**c, "round": r} for c in cells if ok_rounds[c["cell_id"]] <= r]
+        batch = [dataclasses.replace(c, round=r) for c in cells if ok_rounds[c.cell_id] <= r]
         rng.shuffle(batch)
         jobs += batch
     return jobs

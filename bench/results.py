@@ -15,9 +15,12 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from optimize.errors import InputError
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 SCHEMA_VERSION = 1
 RESULTS = "results.jsonl"
@@ -34,16 +37,16 @@ class RecordWriteError(OSError):
 SCHEMA_PATH = Path(__file__).parent / "schema" / "cell-record.schema.json"
 
 
-def new_record(cell: dict[str, Any]) -> dict[str, Any]:
+def new_record(cell: Cell) -> dict[str, Any]:
     """A record with the cell's identity filled in and no outcome yet."""
     return {
         "schema_version": SCHEMA_VERSION,
-        "cell_id": cell["cell_id"],
-        "model": cell["model"],
-        "variant": cell["variant"]["name"],
-        "recipe": cell["variant"],
-        "device": cell["device"],
-        "scenario": dict(cell["scenario"]),
+        "cell_id": cell.cell_id,
+        "model": cell.model,
+        "variant": cell.recipe.name,
+        "recipe": cell.recipe.to_dict(),
+        "device": cell.device,
+        "scenario": cell.scenario.to_dict(),
         "status": "failed",
         "error": None,
         "metrics": {},
@@ -54,7 +57,7 @@ def new_record(cell: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def failed_record(cell: dict[str, Any], error: str, **timing_s: float) -> dict[str, Any]:
+def failed_record(cell: Cell, error: str, **timing_s: float) -> dict[str, Any]:
     record = new_record(cell)
     record["error"] = error
     record["timing_s"] = timing_s

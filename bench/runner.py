@@ -214,7 +214,7 @@ def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s
     return {"status": "failed", "error": error + (f"\n{tail}" if tail else ""), "timing_s": {"process_wall": wall_s}}
 
 
-def cell_result_to_record(cell: dict[str, Any], result: dict[str, Any]) -> dict[str, Any]:
+def cell_result_to_record(cell, result: dict[str, Any]) -> dict[str, Any]:
     """A cell's record from its job output: the child's own record, or a failed one from the parent."""
     if "cell_id" in result:
         record = result

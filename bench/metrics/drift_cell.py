@@ -12,12 +12,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench.metrics.drift import ensure_reference, measure_drift
-from bench.metrics.drift_config import DriftBudget, DriftConfig
 from optimize.models import default_cache_dir
-from optimize.registry import recipe_from_dict
+
+if TYPE_CHECKING:
+    from bench.cells import Cell
 
 # Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
 DRIFT_METHOD_KEY = "drift_method"
@@ -25,30 +26,28 @@ DRIFT_METHOD_KEY = "drift_method"
 SCORING_VERSION = 2
 
 
-def _variant_key(reference: Path, cell: dict[str, Any], artifact_path: Path, batch_windows: int) -> str:
+def _variant_key(reference: Path, cell: Cell, artifact_path: Path, batch_windows: int) -> str:
     from optimize.libraries import libraries
     from optimize.store import content_hash, library_versions
 
-    recipe = recipe_from_dict(cell["variant"])
     # The artifact's content, not its directory name: a rebuilt or corrupted artifact gets its own figures.
-    payload = {"reference": reference.name, "recipe": recipe.content_hash(), "artifact": content_hash(artifact_path),
-               "device": cell["device"], "batch_windows": batch_windows,
-               "scoring": [cell["drift"].get("scoring", "auto"), SCORING_VERSION],
+    payload = {"reference": reference.name, "recipe": cell.recipe.content_hash(),
+               "artifact": content_hash(artifact_path), "device": cell.device, "batch_windows": batch_windows,
+               "scoring": [cell.drift.scoring, SCORING_VERSION],
                "versions": library_versions(libraries("drift"))}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def cell_drift(state, cell: dict[str, Any], artifact_path: Path) -> dict[str, Any]:
+def cell_drift(state, cell: Cell, artifact_path: Path) -> dict[str, Any]:
     """Drift metrics for the cell's loaded variant, computed once per variant.
 
     Returns:
         {"metrics": {...}, "method": {...}, "drift_ok": bool, "violations": [...], "reused": bool}.
 
     """
-    cfg = DriftConfig(**cell["drift"])
-    cache = Path(cell["cache_dir"]) if cell.get("cache_dir") else default_cache_dir()
-    reference = ensure_reference(state.ref, cfg, cache, cell["device"], cell.get("eval_text"),
-                                 cell["trust_remote_code"])
+    cfg = cell.drift
+    cache = Path(cell.cache_dir) if cell.cache_dir else default_cache_dir()
+    reference = ensure_reference(state.ref, cfg, cache, cell.device, cell.eval_text, cell.trust_remote_code)
     stored = reference / "variants" / f"{_variant_key(reference, cell, Path(artifact_path), cfg.batch_windows)}.json"
     reused = stored.exists()
     if reused:
@@ -62,6 +61,6 @@ def cell_drift(state, cell: dict[str, Any], artifact_path: Path) -> dict[str, An
     method = dict(result.pop(DRIFT_METHOD_KEY))
     method["computed_in_this_cell"] = not reused
     result["drift_meaningful"] = bool(state.ref.trained)  # random weights: mechanics only
-    violations = DriftBudget(**cell["drift_budget"]).check(result)
+    violations = cell.drift_budget.check(result)
     return {"metrics": result, "method": method, "drift_ok": not violations, "violations": violations,
             "reused": reused}

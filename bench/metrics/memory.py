@@ -64,7 +64,7 @@ def nvml_process_bytes() -> int | None:
 
 def tensor_bytes(t) -> int:
     """Storage bytes of a tensor, recursing into wrapper subclasses (torchao) that hold inner tensors."""
-    if hasattr(t, "__tensor_flatten__") and type(t).__name__ not in ("Tensor", "Parameter"):
+    if hasattr(t, "__tensor_flatten__"):  # plain tensors and parameters have no __tensor_flatten__
         names, _ = t.__tensor_flatten__()
         return sum(tensor_bytes(getattr(t, n)) for n in names)
     return t.numel() * t.element_size()

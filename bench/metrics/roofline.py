@@ -26,7 +26,8 @@ class RooflineConfig:
 
 def _timed(fn, device: str, reps: int) -> list[float]:
     """Seconds per call of ``fn``: one warm-up, then exactly ``reps`` timed calls (the shared timing loop)."""
-    cfg = RepeatConfig(warmup=1, min_reps=reps, max_reps=reps, budget_s=0.0, target_rel_ci=0.0)
+    # min_reps = max_reps: exactly ``reps`` calls whatever the time budget or the spread.
+    cfg = RepeatConfig(warmup=1, min_reps=reps, max_reps=reps)
     clock = clock_for(device)
     return [ms / 1e3 for ms in repeat(lambda: time_call(fn, clock), cfg).samples]
 

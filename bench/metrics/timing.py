@@ -117,7 +117,10 @@ class RepeatConfig:
     def validate(self) -> None:
         from optimize.errors import InputError
 
-        if self.warmup < 0 or self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0 or \
+        import math
+
+        if not all(math.isfinite(v) for v in (self.budget_s, self.target_rel_ci)) or self.warmup < 0 or \
+                self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0 or \
                 not 0 <= self.target_rel_ci < 1:
             raise InputError("repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0, "
                              f"0 <= target_rel_ci < 1; got {self}")

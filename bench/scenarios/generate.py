@@ -4,21 +4,23 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import ClassVar
 
 from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
+from bench.scenarios.base import Footprint, Scenario
 from bench.stats import summarize
 from optimize.errors import InputError
 
 
 @dataclass(frozen=True)
-class GenerateScenario:
+class GenerateScenario(Scenario):
     """One generate workload."""
 
     batch_size: int = 1
     prompt_tokens: int = 128
     new_tokens: int = 32
-    name: str = "generate"
+    name: ClassVar[str] = "generate"
 
     def validate(self) -> None:
         for key in ("batch_size", "prompt_tokens", "new_tokens"):
@@ -28,13 +30,18 @@ class GenerateScenario:
             raise InputError(f"new_tokens must be >= 2 so decode can be timed, got {self.new_tokens}")
 
 
-def run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:
-    """Time ``scenario`` on a loaded variant.
+    def run(self, state, prompts, repeat_cfg: RepeatConfig,
+            footprint: Footprint | None = None) -> tuple[dict, dict, dict]:
+        """Time the workload on a loaded variant.
 
-    Returns:
-        (metrics, samples, method): summaries, raw per-repetition values, and how they were taken.
+        Returns:
+            (metrics, samples, method): summaries, raw per-repetition values, and how they were taken.
 
-    """
+        """
+        return _run_generate(state, self, prompts, repeat_cfg)
+
+
+def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:
     clock = clock_for(state.device)
 
     def once() -> GenerateSample:

@@ -9,29 +9,34 @@ estimate, not attempted.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
-from bench.scenarios.generate import GenerateScenario, greedy_generate, run_generate
+from bench.scenarios.base import Footprint, Scenario
+from bench.scenarios.generate import GenerateScenario, greedy_generate
 from bench.stats import summarize
 from optimize.errors import InputError, NotApplicable
 
 
 @dataclass(frozen=True)
-class PrefillScenario:
+class PrefillScenario(Scenario):
     """Prompt processing only: TTFT and prefill tokens/s per prompt length."""
 
     batch_size: int = 1
     prompt_tokens: int = 128
-    name: str = "prefill"
-
-    @property
-    def new_tokens(self) -> int:
-        return 1
+    name: ClassVar[str] = "prefill"
+    # One generated token: its logits mark the end of the prompt pass. Recorded with the cell.
+    new_tokens: ClassVar[int] = 1
+    FIXED: ClassVar[tuple[str, ...]] = ("new_tokens",)
 
     def validate(self) -> None:
         for key in ("batch_size", "prompt_tokens"):
             if getattr(self, key) < 1:
                 raise InputError(f"prefill {key} must be >= 1, got {getattr(self, key)}")
+
+    def run(self, state, prompts, repeat_cfg: RepeatConfig,
+            footprint: Footprint | None = None) -> tuple[dict, dict, dict]:
+        return _run_prefill(state, self, prompts, repeat_cfg)
 
 
 @dataclass(frozen=True)
@@ -39,14 +44,25 @@ class DecodeScenario(GenerateScenario):
     """Token generation throughput versus batch size, skipped past ``memory_percent`` of free memory."""
 
     memory_percent: int = 80  # of the memory available when the cell starts
-    name: str = "decode"
+    name: ClassVar[str] = "decode"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.memory_percent < 1:
+            raise InputError(f"decode memory_percent must be >= 1, got {self.memory_percent}")
+
+    def run(self, state, prompts, repeat_cfg: RepeatConfig,
+            footprint: Footprint | None = None) -> tuple[dict, dict, dict]:
+        if footprint is None:
+            raise TypeError("the decode scenario needs the variant's footprint (weights and KV bytes per token)")
+        return _run_decode(state, self, prompts, repeat_cfg, footprint)
 
 
-def run_prefill(state, scenario: PrefillScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:
+def _run_prefill(state, scenario: PrefillScenario, prompts, repeat_cfg: RepeatConfig) -> tuple[dict, dict, dict]:
     clock = clock_for(state.device)
 
     def once() -> GenerateSample:
-        return time_generate(lambda stamper: greedy_generate(state, prompts, 1, [stamper]), clock)
+        return time_generate(lambda stamper: greedy_generate(state, prompts, scenario.new_tokens, [stamper]), clock)
 
     result = repeat(once, repeat_cfg)
     ttft = [s.ttft_ms for s in result.samples]
@@ -77,14 +93,14 @@ def available_bytes(device: str) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def run_decode(state, scenario: DecodeScenario, prompts, repeat_cfg: RepeatConfig, weights_bytes: int,
-               kv_bytes_per_token: float) -> tuple[dict, dict, dict]:
-    need = estimated_decode_bytes(state, scenario, weights_bytes, kv_bytes_per_token)
+def _run_decode(state, scenario: DecodeScenario, prompts, repeat_cfg: RepeatConfig,
+                footprint: Footprint) -> tuple[dict, dict, dict]:
+    need = estimated_decode_bytes(state, scenario, footprint.weights_bytes, footprint.kv_bytes_per_token)
     limit = available_bytes(state.device) * scenario.memory_percent / 100
     if need > limit:
         raise NotApplicable(f"batch {scenario.batch_size}: estimated {need / 2**30:.2f} GiB exceeds the decode "
                             f"memory limit {limit / 2**30:.2f} GiB ({scenario.memory_percent}% of available)")
-    metrics, samples, method = run_generate(state, scenario, prompts, repeat_cfg)
+    metrics, samples, method = GenerateScenario.run(scenario, state, prompts, repeat_cfg)
     metrics["decode_memory_estimate_bytes"] = need
     method["decode_memory_limit_bytes"] = limit
     return metrics, samples, method

@@ -40,18 +40,18 @@ def test_every_metric_of_the_committed_default_run_is_catalogued():
 
 def test_every_metric_of_prefill_decode_and_generate_scenarios_is_catalogued(tiny_ref, cache_dir, tiny_prompts):
     from bench.metrics.timing import RepeatConfig
-    from bench.scenarios.generate import GenerateScenario, run_generate
-    from bench.scenarios.sweeps import DecodeScenario, PrefillScenario, run_decode, run_prefill
+    from bench.scenarios import DecodeScenario, Footprint, GenerateScenario, PrefillScenario
     from optimize.recipe import Recipe
     from optimize.store import VariantStore, load_variant
 
     state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
     repeat = RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0)
-    written = set(run_generate(state, GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=3), tiny_prompts,
-                               repeat)[0])
-    written |= set(run_prefill(state, PrefillScenario(batch_size=1, prompt_tokens=8), tiny_prompts, repeat)[0])
-    written |= set(run_decode(state, DecodeScenario(batch_size=1, prompt_tokens=8, new_tokens=3), tiny_prompts,
-                              repeat, weights_bytes=10**6, kv_bytes_per_token=64)[0])
+    footprint = Footprint(weights_bytes=10**6, kv_bytes_per_token=64)
+    written = set()
+    for scenario in (GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=3),
+                     PrefillScenario(batch_size=1, prompt_tokens=8),
+                     DecodeScenario(batch_size=1, prompt_tokens=8, new_tokens=3)):
+        written |= set(scenario.run(state, tiny_prompts, repeat, footprint)[0])
     assert_catalogued(written, "the scenarios")
 
 

@@ -15,6 +15,9 @@ from pathlib import Path
 import pytest
 
 from bench import runner
+from bench.cells import Cell
+from bench.scenarios import GenerateScenario
+from optimize.recipe import Recipe
 from tests.bench.cuda_emulation import LOG_ENV, read_log
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -99,13 +102,14 @@ def test_cuda_cell_through_the_runner_touches_cuda_only_after_choosing_its_devic
     """
     log = tmp_path / "cuda-calls.jsonl"
     body = f"""
+import dataclasses
 from bench.matrix import expand, load_matrix, narrow
 matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["bf16"], devices=["cuda"], batch_size=[1],
                 prompt_tokens=[16], new_tokens=[4], repeat={{"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0}},
                 drift=False)
 [cell] = expand(matrix, resolve_device=lambda d: d)
-cell["cache_dir"] = {str(cache_dir)!r}
-result = runner.run_job("cell", cell, Path({str(tmp_path / "logs")!r}), 300)
+cell = dataclasses.replace(cell, cache_dir={str(cache_dir)!r})
+result = runner.run_job("cell", cell.to_dict(), Path({str(tmp_path / "logs")!r}), 300)
 record = runner.cell_result_to_record(cell, result)
 print(json.dumps(record))
 """
@@ -167,7 +171,7 @@ def test_die_with_parent_is_set_on_linux():
 
 
 def test_parent_side_failure_keeps_how_the_process_was_started():
-    cell = {"cell_id": "c", "model": "m", "variant": {"name": "fp32"}, "device": "cuda", "scenario": {}}
+    cell = Cell(model="m", recipe=Recipe(name="fp32"), device="cuda", scenario=GenerateScenario())
     result = {"status": "failed", "error": "cell process died with signal SIGSEGV", "timing_s": {"process_wall": 1.0},
               "method": {"process_start": runner.SPAWN_AFTER_CUDA}}
     record = runner.cell_result_to_record(cell, result)

@@ -350,7 +350,7 @@ def test_resume_refuses_records_of_another_shard(tmp_path):
     run["matrix"] = {**matrix.to_dict(), "source": "m.toml"}
     (run_dir / "run.json").write_text(json.dumps(run))
     first = expand(matrix, lambda d: "cpu")[0]  # shard 1's cell
-    append_record(run_dir, _record(first["cell_id"]))
+    append_record(run_dir, _record(first.cell_id))
     with pytest.raises(InputError, match="not in shard 2/2"):
         execute(matrix, run_dir, launcher=None, shard=Shard(2, 2), resolve_device=lambda d: "cpu")
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.matrix import cell_id, expand, load_matrix, narrow, parse_matrix
+from bench.matrix import expand, load_matrix, narrow, parse_matrix
 from optimize.errors import InputError
 
 
@@ -25,18 +25,9 @@ def test_cells_are_the_cross_product_minus_exclusions():
         "exclude": [{"variant": "bf16", "batch_size": 4}],
     }, "m.toml")
     cells = expand(m, cpu)
-    got = {(c["variant"]["name"], c["scenario"]["batch_size"]) for c in cells}
+    got = {(c.recipe.name, c.scenario.batch_size) for c in cells}
     assert got == {("fp32", 1), ("fp32", 4), ("bf16", 1)}
-    assert len({c["cell_id"] for c in cells}) == 3
-
-
-def test_cell_id_is_stable_and_depends_on_content():
-    from optimize.registry import builtin_variant
-
-    s = {"name": "generate", "batch_size": 1, "prompt_tokens": 8, "new_tokens": 4}
-    a = cell_id("m", builtin_variant("fp32"), "cpu", s)
-    assert a == cell_id("m", builtin_variant("fp32"), "cpu", dict(s))
-    assert a != cell_id("m", builtin_variant("bf16"), "cpu", s)
+    assert len({c.cell_id for c in cells}) == 3
 
 
 def test_inline_recipe_is_usable_as_variant():
@@ -47,7 +38,9 @@ def test_inline_recipe_is_usable_as_variant():
 
 @pytest.mark.parametrize("data, message", [
     ({"variants": ["fp32"], "devices": ["tpu"]}, "'devices' must be among"),
-    ({"scenarios": [{"name": "generate", "batch_size": [0]}]}, "'batch_size' must be a positive integer"),
+    ({"scenarios": [{"name": "generate", "batch_size": [0]}]}, "batch_size must be >= 1, got 0"),
+    ({"scenarios": [{"name": "generate", "batch_size": [1, "2"]}]}, "'batch_size' must be an integer or a non-empty"),
+    ({"scenarios": [{"name": "decode", "memory_percent": 0}]}, "memory_percent must be >= 1, got 0"),
     ({"scenarios": [{"name": "nope"}]}, "'name' must be one of"),
     ({"measure": {"min_reps": 5, "max_reps": 2}}, "min_reps <= max_reps"),
     ({"measure": {"warmups": 1}}, "'warmups' is not a measure setting"),
@@ -70,8 +63,8 @@ def test_flags_narrow_the_matrix():
     m = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["bf16"], batch_size=[1, 8],
                new_tokens=[4], repeat={"min_reps": 2})
     cells = expand(m, cpu)
-    assert {c["scenario"]["batch_size"] for c in cells} == {1, 8}
-    assert all(c["scenario"]["new_tokens"] == 4 and c["model"] == "synthetic:llama-tiny" for c in cells)
+    assert {c.scenario.batch_size for c in cells} == {1, 8}
+    assert all(c.scenario.new_tokens == 4 and c.model == "synthetic:llama-tiny" for c in cells)
     assert m.measure.repeat.min_reps == 2
 
 
@@ -81,11 +74,11 @@ def test_prefill_and_decode_sweeps_expand_over_their_axes():
         {"name": "decode", "batch_size": [1, 2, 4], "prompt_tokens": 16, "new_tokens": 8, "memory_percent": 50}]},
         "sweep.toml")
     cells = expand(m, cpu)
-    prefill = sorted(c["scenario"]["prompt_tokens"] for c in cells if c["scenario"]["name"] == "prefill")
-    decode = sorted(c["scenario"]["batch_size"] for c in cells if c["scenario"]["name"] == "decode")
+    prefill = sorted(c.scenario.prompt_tokens for c in cells if c.scenario.name == "prefill")
+    decode = sorted(c.scenario.batch_size for c in cells if c.scenario.name == "decode")
     assert prefill == [32, 64, 128] and decode == [1, 2, 4]
-    assert all(c["scenario"]["new_tokens"] == 1 for c in cells if c["scenario"]["name"] == "prefill")
-    assert all(c["scenario"]["memory_percent"] == 50 for c in cells if c["scenario"]["name"] == "decode")
+    assert all(c.scenario.to_dict()["new_tokens"] == 1 for c in cells if c.scenario.name == "prefill")
+    assert all(c.scenario.memory_percent == 50 for c in cells if c.scenario.name == "decode")
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "2", True])
@@ -97,9 +90,9 @@ def test_measure_threads_must_be_a_whole_number(value):
 
 def test_threads_reach_every_cell_from_the_file_or_the_flag():
     base = {"name": "t", "models": ["synthetic:llama-tiny"], "variants": ["fp32"], "devices": ["cpu"]}
-    assert all(c["measure"]["threads"] == 0 for c in expand(parse_matrix(base, "t.toml")))  # torch's default
+    assert all(c.measure.threads == 0 for c in expand(parse_matrix(base, "t.toml")))  # torch's default
     matrix = parse_matrix({**base, "measure": {"threads": 3}}, "t.toml")
-    assert all(c["measure"]["threads"] == 3 for c in expand(matrix))
-    assert all(c["measure"]["threads"] == 1 for c in expand(narrow(matrix, threads=1)))
+    assert all(c.measure.threads == 3 for c in expand(matrix))
+    assert all(c.measure.threads == 1 for c in expand(narrow(matrix, threads=1)))
     with pytest.raises(InputError, match="threads must be a whole number"):
         narrow(matrix, threads=-2)

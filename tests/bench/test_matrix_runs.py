@@ -80,7 +80,7 @@ def test_sigkilled_run_resumes_with_every_cell_exactly_once(full_run, matrix_fil
     lines = _lines(full_run)
     ids = [r["cell_id"] for r in lines]
     assert len(ids) == len(set(ids)) == 4, ids
-    expected = {c["cell_id"] for c in expand(load_matrix(matrix_file))}
+    expected = {c.cell_id for c in expand(load_matrix(matrix_file))}
     assert set(ids) == expected
     assert all(r["status"] == "ok" for r in lines)
     for r in lines:

@@ -90,8 +90,31 @@ def test_untied_embedding_not_found_in_onnx_is_an_error_not_zero(tmp_path):
     from onnx import helper
 
     nodes = [helper.make_node("Identity", ["input_ids"], ["out"])]
-    with pytest.raises(LookupError, match="no embedding table found in .*model.onnx: no Gather on input_ids"):
+    with pytest.raises(LookupError, match=r"no embedding table found in .*model.onnx: no Gather on input_ids "
+                                          r"reads an initializer \(directly or through DequantizeLinear\)$"):
         memory.untied_embedding_bytes(_onnx_state(tmp_path, nodes, []))
+
+
+def test_untied_embedding_bytes_without_a_tie_setting_counts_the_table():
+    torch = pytest.importorskip("torch")
+    table = torch.nn.Embedding(100, 8)
+    model = SimpleNamespace(config=SimpleNamespace(), get_input_embeddings=lambda: table)  # no tie_word_embeddings
+    assert memory.untied_embedding_bytes(SimpleNamespace(model=model, backend="torch")) == 100 * 8 * 4
+
+
+def test_untied_embedding_bytes_reads_the_graph_without_its_weight_files(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    table = numpy_helper.from_array(np.zeros((64, 32), dtype=np.float32), "embed")
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["out"])]
+    state = _onnx_state(tmp_path, nodes, [table])
+    model = onnx.load(str(tmp_path / "model.onnx"))
+    onnx.save(model, str(tmp_path / "model.onnx"), save_as_external_data=True, location="weights.bin",
+              size_threshold=0)
+    (tmp_path / "weights.bin").unlink()  # sizes come from the graph's dims: the weights are never read
+    assert memory.untied_embedding_bytes(state) == 64 * 32 * 4
 
 
 def test_peak_rss_is_at_least_the_current_rss():
@@ -138,6 +161,35 @@ def test_weights_bytes_count_packed_tuples_and_wrapper_tensors():
     packed = (torch.zeros(4, dtype=torch.int8), [torch.zeros(3, dtype=torch.float32)])
     model = SimpleNamespace(state_dict=lambda: {"w": torch.zeros(2, 2), "packed": packed, "dtype": "qint8"})
     assert memory.torch_weights_bytes(model) == 16 + 4 + 12
+
+
+def test_weights_bytes_key_wrappers_and_quantized_tensors_by_object_and_count_past_a_duplicate():
+    torch = pytest.importorskip("torch")
+
+    class Wrapper(torch.Tensor):  # made as torchao's Int8Tensor is: inner tensors, no storage of its own
+        @staticmethod
+        def __new__(cls, n):
+            return torch.Tensor._make_wrapper_subclass(cls, (n,), dtype=torch.int8)
+
+        def __init__(self, n):
+            self.qdata = torch.zeros(n, dtype=torch.int8)
+            self.scale = torch.zeros(1, dtype=torch.float32)
+
+        def __tensor_flatten__(self):
+            return ["qdata", "scale"], None
+
+        @classmethod
+        def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+            raise NotImplementedError(func)
+
+    a, b = Wrapper(16), Wrapper(32)
+    q1 = torch.quantize_per_tensor(torch.ones(8), 0.1, 0, torch.qint8)
+    q2 = torch.quantize_per_tensor(torch.ones(6), 0.1, 0, torch.qint8)
+    plain = torch.zeros(10, dtype=torch.float32)
+    # The tied duplicates come first: counting must go on past them to the tensors after.
+    state = {"a": a, "a_tied": a, "q1": q1, "q1_tied": q1, "b": b, "q2": q2, "plain": plain}
+    model = SimpleNamespace(state_dict=lambda: state)
+    assert memory.torch_weights_bytes(model) == (16 + 4) + 8 + (32 + 4) + 6 + 40
 
 
 def test_weights_bytes_of_an_onnx_variant_are_its_graph_files(monkeypatch, tmp_path):

@@ -7,12 +7,15 @@ from collections import Counter
 
 import pytest
 
+from bench.cells import Cell
 from bench.cli import main as cli
 from bench.matrix import MeasureConfig, parse_matrix
 from bench.metrics.load import machine_load, noise_mark
 from bench.metrics.timing import GenerateSample, RepeatConfig, rel_ci_half_width, repeat
 from bench.orchestrate import _rounds
+from bench.scenarios import GenerateScenario
 from optimize.errors import InputError
+from optimize.recipe import Recipe
 
 
 def _sampler(values):
@@ -56,10 +59,12 @@ def test_rounds_parse_and_validate():
 
 
 def test_each_round_runs_every_cell_once_in_its_own_order():
-    cells = [{"cell_id": f"c{i}"} for i in range(8)]
-    jobs = _rounds(cells, Counter({"c0": 1}), MeasureConfig(rounds=3, seed=4))
-    assert Counter(j["cell_id"] for j in jobs) == {**{f"c{i}": 3 for i in range(1, 8)}, "c0": 2}  # resume: c0 has 1
-    orders = [[j["cell_id"] for j in jobs if j["round"] == r] for r in range(3)]
+    cells = [Cell(model="m", recipe=Recipe(name="fp32"), device="cpu", scenario=GenerateScenario(batch_size=i + 1))
+             for i in range(8)]
+    ids = {c.cell_id: f"c{i}" for i, c in enumerate(cells)}
+    jobs = _rounds(cells, Counter({cells[0].cell_id: 1}), MeasureConfig(rounds=3, seed=4))
+    assert Counter(ids[j.cell_id] for j in jobs) == {**{f"c{i}": 3 for i in range(1, 8)}, "c0": 2}  # resume: c0 has 1
+    orders = [[j.cell_id for j in jobs if j.round == r] for r in range(3)]
     assert len({tuple(o) for o in orders[1:]}) == 2 and sorted(orders[2]) == sorted(orders[1])
     assert _rounds(cells, Counter(), MeasureConfig()) == cells  # one round: stable order, unchanged
 

@@ -8,21 +8,28 @@ import os
 
 import pytest
 
+from bench.cells import Cell
 from bench.results import (
     RESULTS,
+    RUN,
     SCHEMA_VERSION,
+    CorruptRecordWarning,
+    RecordWriteError,
     append_record,
     failed_record,
     new_record,
     read_records,
     read_run,
+    repair_torn_tail,
     validate_record,
     write_json_atomic,
 )
+from bench.scenarios import GenerateScenario
+from optimize.errors import InputError
+from optimize.recipe import Recipe
 
-CELL = {"cell_id": "0123456789abcdef", "model": "synthetic:llama-tiny", "variant": {"name": "fp32", "steps": []},
-        "device": "cpu",
-        "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4}}
+CELL = Cell(model="synthetic:llama-tiny", recipe=Recipe(name="fp32"), device="cpu",
+            scenario=GenerateScenario(batch_size=1, prompt_tokens=16, new_tokens=4))
 
 
 A1, B2 = {"cell_id": "a", "status": "ok", "n": 1}, {"cell_id": "b", "status": "ok", "n": 2}
@@ -94,9 +101,9 @@ def test_new_record_starts_failed_with_the_cells_identity():
     record = new_record(CELL)
     assert record["schema_version"] == SCHEMA_VERSION
     assert (record["cell_id"], record["model"], record["variant"], record["device"]) == (
-        "0123456789abcdef", "synthetic:llama-tiny", "fp32", "cpu")
-    assert record["recipe"] == CELL["variant"] and record["scenario"] == CELL["scenario"]
-    assert record["scenario"] is not CELL["scenario"]  # a copy: editing the record leaves the cell alone
+        CELL.cell_id, "synthetic:llama-tiny", "fp32", "cpu")
+    assert record["recipe"] == {"name": "fp32", "steps": []}
+    assert record["scenario"] == {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4}
     assert record["status"] == "failed" and record["error"] is None
     assert record["metrics"] == record["samples"] == record["method"] == record["timing_s"] == {}
     assert record["labels"] == []
@@ -125,3 +132,96 @@ def test_write_json_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
     assert path.read_text() == f'{{\n "b": 2,\n "matrix": {{\n  "a": "{tmp_path}"\n }}\n}}\n'  # sorted, indent 1
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
     assert read_run(tmp_path) == {"b": 2, "matrix": {"a": str(tmp_path)}}
+
+
+# --- exact messages, line numbers and the write paths, each against a hand-written file -------
+
+def _warned(recorder) -> str:
+    (w,) = [w for w in recorder if issubclass(w.category, CorruptRecordWarning)]
+    assert w.filename == __file__  # the warning points at the caller, not at the results module
+    return str(w.message)
+
+
+def test_corrupt_lines_are_named_by_number_and_reason(tmp_path):
+    lines = ['{"cell_id": "a", "status": "ok"}', "", "[1, 2]", "not json", '{"cell_id": "b", "status": "ok"}',
+             '{"cell_id": 3, "status": "ok"}', "\xff"]
+    (tmp_path / RESULTS).write_bytes("\n".join(lines).encode("utf-8").replace(b"\xc3\xbf", b"\xff") + b"\n")
+    with pytest.warns(CorruptRecordWarning) as recorder:
+        records = read_records(tmp_path, latest_only=False)
+    assert [r["cell_id"] for r in records] == ["a", "b"]  # the blank line 2 does not stop the reading
+    assert _warned(recorder) == (f"{tmp_path / RESULTS}: skipped 4 corrupt line(s): 3 (not a JSON object (list)), "
+                                 "4 (not valid JSON (JSONDecodeError)), 6 (no string 'cell_id'), "
+                                 "7 (not valid JSON (UnicodeDecodeError)); the other 2 records loaded")
+
+
+@pytest.mark.parametrize("count, tail", [(10, ""), (11, " and 1 more"), (13, " and 3 more")])
+def test_past_ten_corrupt_lines_the_rest_are_counted(tmp_path, count, tail):
+    (tmp_path / RESULTS).write_text("x\n" * count + '{"cell_id": "a", "status": "ok"}\n')
+    with pytest.warns(CorruptRecordWarning) as recorder:
+        assert len(read_records(tmp_path)) == 1
+    shown = ", ".join(f"{n} (not valid JSON (JSONDecodeError))" for n in range(1, 11))
+    assert _warned(recorder) == (f"{tmp_path / RESULTS}: skipped {count} corrupt line(s): {shown}{tail}; "
+                                 "the other 1 records loaded")
+
+
+def test_a_torn_tail_moves_to_its_own_file_with_its_line_number(tmp_path):
+    (tmp_path / RESULTS).write_bytes(b'{"cell_id": "a", "status": "ok"}\n{"cell_id": "b"}\n{"cell_id": "c", "st')
+    with pytest.warns(CorruptRecordWarning) as recorder:
+        assert repair_torn_tail(tmp_path) == 3
+    assert _warned(recorder) == (f"{tmp_path / RESULTS}:3: torn last line (20 bytes, no newline) moved to "
+                                 "results.jsonl.torn")
+    assert (tmp_path / RESULTS).read_bytes() == b'{"cell_id": "a", "status": "ok"}\n{"cell_id": "b"}\n'
+    assert (tmp_path / "results.jsonl.torn").read_bytes() == b'{"cell_id": "c", "st\n'
+    assert repair_torn_tail(tmp_path) is None  # now it ends cleanly
+
+
+def test_a_file_that_ends_cleanly_or_is_empty_is_left_alone(tmp_path):
+    assert repair_torn_tail(tmp_path) is None  # no file
+    (tmp_path / RESULTS).write_bytes(b"")
+    assert repair_torn_tail(tmp_path) is None
+    (tmp_path / RESULTS).write_bytes(b'{"cell_id": "a", "status": "ok"}\n')
+    assert repair_torn_tail(tmp_path) is None and not (tmp_path / "results.jsonl.torn").exists()
+
+
+def test_a_short_write_is_cut_back_and_raised_with_the_cell_and_file(tmp_path, monkeypatch):
+    append_record(tmp_path, A1)
+    before = (tmp_path / RESULTS).read_bytes()
+    real_write = os.write
+    monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:7]))  # a full disk mid-line
+    with pytest.raises(RecordWriteError) as exc:
+        append_record(tmp_path, B2)
+    # The line is '{"cell_id": "b", "n": 2, "status": "ok"}' and its newline: 41 bytes.
+    assert str(exc.value) == f"could not write the record of cell b to {tmp_path / RESULTS}: short write: 7 of 41 bytes"
+    assert (tmp_path / RESULTS).read_bytes() == before  # the fragment is gone, the earlier record kept
+
+
+def test_write_json_atomic_writes_sorted_keys_and_keeps_the_original_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    write_json_atomic(tmp_path / "x.json", {"b": 1, "a": {"d": 2, "c": 3}})
+    assert (tmp_path / "x.json").read_text() == '{\n "a": {\n  "c": 3,\n  "d": 2\n },\n "b": 1\n}\n'
+
+    def full_disk(self, text):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full_disk)  # fails before the temporary file exists
+    with pytest.raises(OSError, match="No space left on device"):
+        write_json_atomic(tmp_path / "y.json", {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.json"]
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "{d}: no run.json there, not a run directory"),
+    ("{", "{d}/run.json is unreadable or corrupt (JSONDecodeError: Expecting property name enclosed in double "
+          "quotes: line 1 column 2 (char 1)); it cannot be resumed or reported"),
+    ("[]", "{d}/run.json is not a run description (no 'matrix' table); it cannot be resumed or reported"),
+    ('{"matrix": 3}', "{d}/run.json is not a run description (no 'matrix' table); it cannot be resumed or reported"),
+])
+def test_read_run_names_the_file_and_why(tmp_path, content, message):
+    if content is not None:
+        (tmp_path / RUN).write_text(content)
+    with pytest.raises(InputError) as exc:
+        read_run(tmp_path)
+    assert str(exc.value) == message.format(d=tmp_path)
+    (tmp_path / RUN).write_text('{"matrix": {}}')
+    assert read_run(tmp_path) == {"matrix": {}}

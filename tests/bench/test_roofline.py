@@ -107,6 +107,9 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
     from onnx import TensorProto, helper
 
     from bench.cell import _roofline
+    from bench.cells import Cell
+    from bench.scenarios import GenerateScenario
+    from optimize.recipe import Recipe
 
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [1, 3])],
@@ -120,7 +123,8 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
                             labels=[])
     metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 10.0,
                "prefill_tokens_per_s": 1.0}
-    cell = {"scenario": {"batch_size": 1, "prompt_tokens": 8, "new_tokens": 2}, "ceilings": CEILINGS}
+    cell = Cell(model="m", recipe=Recipe(name="onnx"), device="cpu",
+                scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), ceilings=CEILINGS)
     out = _roofline(state, cell, metrics)
     assert "embedding_bytes_not_read" not in out
     assert out["decode_bytes_per_step"] == 1e9  # the whole table counted as read, and said so:
@@ -281,3 +285,86 @@ def test_ceiling_timing_uses_the_shared_loop_one_warmup_then_exact_reps(monkeypa
     times = roofline._timed(lambda: calls.append(1), "cpu", 4)
     assert len(loops) == 1 and len(calls) == 5 and len(times) == 4  # 1 warm-up + 4 timed
     assert all(t >= 0 for t in times)
+    for reps in (7, 25):  # past the loop's default repetition counts (5 and 20) in both directions
+        calls.clear()
+        assert len(roofline._timed(lambda: calls.append(1), "cpu", reps)) == reps and len(calls) == reps + 1
+
+
+class _Spy:
+    """Stands in for ``_timed``: calls the timed function once, keeps what it returned, scripted times."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, fn, device, reps):
+        self.seen.append((fn(), device, reps))
+        return [0.5] * reps
+
+
+def test_bandwidth_times_a_float32_copy_of_the_configured_size_on_the_device(monkeypatch):
+    import torch
+
+    from bench.metrics import roofline
+
+    spy = _Spy()
+    monkeypatch.setattr(roofline, "_timed", spy)
+    cfg = roofline.RooflineConfig(copy_bytes_cpu=4096, copy_bytes_cuda=8192, reps=3)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)  # 4-byte elements whatever the default: the byte count assumes them
+    try:
+        assert roofline.measure_bandwidth("cpu", cfg)["copy_bytes"] == 4096
+    finally:
+        torch.set_default_dtype(default)
+    (copied, device, reps), = spy.seen
+    assert (device, reps) == ("cpu", 3)
+    assert copied.dtype == torch.float32 and copied.shape == (1024,) and torch.equal(copied, torch.ones(1024))
+    # CUDA's size and device, with tensors made on the CPU in CUDA's place:
+    made = []
+    real_ones = torch.ones
+    monkeypatch.setattr(torch, "ones", lambda n, dtype, device: made.append((n, dtype, device)) or real_ones(n))
+    assert roofline.measure_bandwidth("cuda", cfg)["copy_bytes"] == 8192
+    assert made == [(2048, torch.float32, "cuda")] and spy.seen[1][1:] == ("cuda", 3)
+    assert spy.seen[1][0].shape == (2048,)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_matmul_times_an_n_by_n_product_in_the_dtype_on_the_device(monkeypatch, dtype):
+    import torch
+
+    from bench.metrics import roofline
+
+    spy = _Spy()
+    monkeypatch.setattr(roofline, "_timed", spy)
+    cfg = roofline.RooflineConfig(matmul_n_cpu=8, matmul_n_cuda=16, reps=2)
+    assert roofline.measure_matmul("cpu", dtype, cfg)["n"] == 8
+    (product, device, reps), = spy.seen
+    assert (device, reps) == ("cpu", 2) and product.shape == (8, 8) and product.dtype == getattr(torch, dtype)
+    made = []
+    real_randn = torch.randn
+    monkeypatch.setattr(torch, "randn", lambda *shape, device: made.append((shape, device)) or real_randn(*shape))
+    assert roofline.measure_matmul("cuda", dtype, cfg)["n"] == 16
+    assert made == [((16, 16), "cuda")] * 2 and spy.seen[1][0].shape == (16, 16) and spy.seen[1][1] == "cuda"
+
+
+def test_model_shape_takes_an_explicit_head_dim_over_hidden_by_heads():
+    class Wide(Config):  # Qwen3 / Gemma style: head_dim 64 while hidden 128 / 4 heads = 32
+        head_dim = 64
+
+    shape = model_shape(Wide)
+    assert shape["head_dim"] == 64
+    assert shape["matmul_params"] == 2 * (128 * 4 * 64 * 2 + 128 * 2 * 64 * 2 + 3 * 128 * 256) + 128 * 1000
+
+    class NoHeadDim(Config):
+        head_dim = None
+
+    assert model_shape(NoHeadDim)["head_dim"] == 32
+
+
+def test_tera_scaling_is_exact():
+    ceilings = {"memory": {"bandwidth_gbps": 10.0}, "matmul": {"float32": {"tflops": 2.0}}}
+    metrics = {"weights_bytes": 1e9, "kv_cache_bytes_per_token": 0.0, "decode_tokens_per_s": 1.0,
+               "prefill_tokens_per_s": 1.0}
+    out = cell_roofline(metrics, {"batch_size": 1, "prompt_tokens": 1, "new_tokens": 2}, {"prefill_flops": 3e12},
+                        ceilings, "float32")
+    assert out["prefill_tflops"] == 3.0 and out["prefill_flops_fraction"] == 1.5
+    assert out["roofline_ceilings"]["matmul_tflops"] == 2.0

@@ -5,8 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bench.metrics.timing import RepeatConfig
-from bench.scenarios.generate import GenerateScenario, run_generate
-from bench.scenarios.sweeps import DecodeScenario, PrefillScenario, run_decode, run_prefill
+from bench.scenarios import DecodeScenario, Footprint, GenerateScenario, PrefillScenario
 from optimize.errors import NotApplicable
 from optimize.recipe import Recipe
 from optimize.store import VariantStore, load_variant
@@ -22,7 +21,7 @@ def fp32(tiny_ref, cache_dir):
 
 def test_generate_records_one_timestamp_per_token_and_consistent_rates(fp32, tiny_prompts):
     scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=6)
-    metrics, samples, _ = run_generate(fp32, scenario, tiny_prompts, REPEAT)
+    metrics, samples, _ = scenario.run(fp32, tiny_prompts, REPEAT)
     assert metrics["ttft_ms"]["n"] == 3 and all(len(itl) == 5 for itl in samples["itl_ms"])
     for ttft, e2e, tpot, rate in zip(samples["ttft_ms"], samples["e2e_ms"], samples["tpot_ms"],
                                      samples["decode_tokens_per_s"], strict=True):
@@ -32,7 +31,7 @@ def test_generate_records_one_timestamp_per_token_and_consistent_rates(fp32, tin
 
 
 def test_prefill_scenario_times_the_prompt_pass(fp32, tiny_prompts):
-    metrics, samples, method = run_prefill(fp32, PrefillScenario(batch_size=2, prompt_tokens=16), tiny_prompts, REPEAT)
+    metrics, samples, method = PrefillScenario(batch_size=2, prompt_tokens=16).run(fp32, tiny_prompts, REPEAT)
     assert metrics["ttft_ms"]["n"] == 3 and "decode_tokens_per_s" not in metrics
     assert metrics["prefill_tokens_per_s"] == pytest.approx(sorted(samples["prefill_tokens_per_s"])[1])
     assert metrics["ttft_ms"]["p50"] == pytest.approx(sorted(samples["ttft_ms"])[1])
@@ -41,7 +40,7 @@ def test_prefill_scenario_times_the_prompt_pass(fp32, tiny_prompts):
 @pytest.mark.parametrize("batch", [1, 2])
 def test_prefill_rate_counts_every_prompt_token_of_the_batch(fp32, tiny_prompts, batch):
     prompts = tiny_prompts[:batch]  # (batch, 16)
-    _, samples, _ = run_prefill(fp32, PrefillScenario(batch_size=batch, prompt_tokens=16), prompts, REPEAT)
+    _, samples, _ = PrefillScenario(batch_size=batch, prompt_tokens=16).run(fp32, prompts, REPEAT)
     tokens = prompts.numel()  # batch x 16 prompt tokens processed per call
     assert tokens == batch * 16
     for ttft, rate in zip(samples["ttft_ms"], samples["prefill_tokens_per_s"], strict=True):
@@ -51,6 +50,7 @@ def test_prefill_rate_counts_every_prompt_token_of_the_batch(fp32, tiny_prompts,
 # Decode memory estimate by hand for the tiny model (vocab 8192), prompt 16, 4 new tokens, 10 MB of
 # weights, 1 KiB of KV cache per token: per sequence 20 x 1024 KV + 16 x 8192 x 4 prompt logits.
 PER_SEQUENCE = 20 * 1024 + 16 * 8192 * 4
+FOOTPRINT = Footprint(weights_bytes=10**7, kv_bytes_per_token=1024)
 
 
 def test_decode_sweep_skips_a_batch_past_the_memory_limit(fp32, tiny_prompts, monkeypatch):
@@ -61,10 +61,9 @@ def test_decode_sweep_skips_a_batch_past_the_memory_limit(fp32, tiny_prompts, mo
     monkeypatch.setattr(sweeps, "available_bytes", lambda device: 14_000_000)
     with pytest.raises(NotApplicable, match=r"batch 3: estimated 0\.01 GiB exceeds the decode memory limit "
                                             r"0\.01 GiB \(80% of available\)"):
-        run_decode(fp32, DecodeScenario(batch_size=3, prompt_tokens=16, new_tokens=4), tiny_prompts, REPEAT,
-                   weights_bytes=10**7, kv_bytes_per_token=1024)
-    metrics, _, method = run_decode(fp32, DecodeScenario(batch_size=2, prompt_tokens=16, new_tokens=4), tiny_prompts,
-                                    REPEAT, weights_bytes=10**7, kv_bytes_per_token=1024)
+        DecodeScenario(batch_size=3, prompt_tokens=16, new_tokens=4).run(fp32, tiny_prompts, REPEAT, FOOTPRINT)
+    metrics, _, method = DecodeScenario(batch_size=2, prompt_tokens=16, new_tokens=4).run(fp32, tiny_prompts, REPEAT,
+                                                                                          FOOTPRINT)
     assert metrics["decode_memory_estimate_bytes"] == 10**7 + 2 * PER_SEQUENCE == 11_089_536
     assert method["decode_memory_limit_bytes"] == 11_200_000
     assert metrics["decode_tokens_per_s"] > 0
@@ -75,8 +74,8 @@ def test_decode_memory_limit_follows_memory_percent(fp32, tiny_prompts, monkeypa
 
     monkeypatch.setattr(sweeps, "available_bytes", lambda device: 14_000_000)
     with pytest.raises(NotApplicable, match=r"\(70% of available\)"):  # 9,800,000 < 10,544,768
-        run_decode(fp32, DecodeScenario(batch_size=1, prompt_tokens=16, new_tokens=4, memory_percent=70),
-                   tiny_prompts, REPEAT, weights_bytes=10**7, kv_bytes_per_token=1024)
+        DecodeScenario(batch_size=1, prompt_tokens=16, new_tokens=4, memory_percent=70).run(
+            fp32, tiny_prompts, REPEAT, FOOTPRINT)
 
 
 def test_available_bytes_on_cpu_is_what_psutil_reports_as_available(monkeypatch):

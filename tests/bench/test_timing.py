@@ -137,9 +137,58 @@ def test_repeat_continues_past_min_reps_until_the_budget_is_spent(monkeypatch):
 
 
 @pytest.mark.parametrize("fields", [{"warmup": -1}, {"min_reps": 0}, {"min_reps": 5, "max_reps": 4},
-                                    {"budget_s": -0.5}])
+                                    {"budget_s": -0.5}, {"budget_s": math.nan}, {"budget_s": math.inf},
+                                    {"target_rel_ci": -0.01}, {"target_rel_ci": 1.0}])
 def test_repeat_config_rejects_bad_settings(fields):
     with pytest.raises(InputError, match=r"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, "
                                          r"budget_s >= 0, 0 <= target_rel_ci < 1; got RepeatConfig\("):
         RepeatConfig(**fields).validate()
     RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0).validate()
+    RepeatConfig(target_rel_ci=0).validate()  # 0 turns the early stop off
+    RepeatConfig(target_rel_ci=0.99).validate()
+
+
+def test_time_call_reads_the_clock_around_the_call_only():
+    calls = []
+    clock = ScriptedClock([5_000_000, 12_500_000])
+    assert timing.time_call(lambda: calls.append(1), clock) == pytest.approx(7.5)
+    assert calls == [1]
+
+
+def test_relative_ci_half_width_by_hand():
+    # n = 9: the 95% CI of the median runs from the 2nd to the 8th order statistic (binomial
+    # P(X <= 1) = 10/512 <= 0.025 < P(X <= 2) = 46/512), here 2 and 8; median 5: (8 - 2) / 2 / 5.
+    assert timing.rel_ci_half_width([9, 1, 8, 2, 7, 3, 6, 4, 5]) == pytest.approx(0.6)
+    assert timing.rel_ci_half_width([4.0] * 9) == 0.0
+    assert timing.rel_ci_half_width([-1.0, 0.0, 1.0]) == math.inf  # a zero median has no relative width
+
+
+def _samples(e2e_ms):
+    return iter([GenerateSample(token_ms=[1.0, 2.0], e2e_ms=e) for e in e2e_ms])
+
+
+def test_repeat_stops_early_once_the_median_ci_is_within_the_target():
+    # Identical end-to-end times: the CI is tight at min_reps, long before the budget ends.
+    samples = _samples([10.0] * 20)
+    out = repeat(lambda: next(samples), RepeatConfig(warmup=0, min_reps=5, max_reps=20, budget_s=3600,
+                                                     target_rel_ci=0.05))
+    assert len(out.samples) == 5
+
+
+def test_the_early_stop_compares_the_width_with_the_target_inclusively():
+    # Five samples 9, 10, 10, 10, 11: the CI of the median (n = 5) is [min, max] = [9, 11], half
+    # width 1 = 0.1 of the median 10: tight at a 0.1 target, not at 0.0999.
+    for target, n in ((0.1, 5), (0.0999, 7)):
+        samples = _samples([9.0, 10.0, 10.0, 10.0, 11.0, 10.0, 10.0])
+        out = repeat(lambda s=samples: next(s), RepeatConfig(warmup=0, min_reps=5, max_reps=7, budget_s=3600,
+                                                             target_rel_ci=target))
+        assert len(out.samples) == n, target
+
+
+def test_repeat_never_stops_early_with_the_target_off_or_without_end_to_end_times():
+    samples = _samples([10.0] * 20)
+    out = repeat(lambda: next(samples), RepeatConfig(warmup=0, min_reps=2, max_reps=6, budget_s=3600,
+                                                     target_rel_ci=0))
+    assert len(out.samples) == 6
+    fn = Counter()  # plain numbers are not generate samples: no end-to-end time to judge
+    assert len(repeat(fn, RepeatConfig(warmup=0, min_reps=2, max_reps=6, budget_s=3600)).samples) == 6

@@ -8,6 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 torch = pytest.importorskip("torch")
+# Imported when the module is collected (2-3 s), not per test: `make mutation`'s workers fork after it.
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from optimize.errors import NotApplicable, RecipeError  # noqa: E402
 from optimize.prune.magnitude import MagnitudePrune, prunable_linears, sparsity_report  # noqa: E402
@@ -22,8 +24,6 @@ LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 @pytest.fixture(scope="module")
 def reference():
     """A Llama of the tiny model's shape (hidden 128, 2 layers, GQA 4/2, FFN 256), built in memory."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     config = LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, head_dim=32, vocab_size=512, tie_word_embeddings=False)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bench.metrics.timing import RepeatConfig
-from bench.scenarios.generate import GenerateScenario, greedy_generate, run_generate
+from bench.scenarios.generate import GenerateScenario, greedy_generate
 from optimize.kvcache import KVCache, decode_step_compile_config
 from optimize.recipe import Recipe
 from optimize.registry import builtin_variant
@@ -66,8 +66,7 @@ def test_inductor_compiled_decode_step_reproduces_eager_tokens_and_times_compile
     state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
     assert any("decode step compiled" in label for label in state.labels)
     scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=NEW)
-    metrics, samples, method = run_generate(state, scenario, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2,
-                                                                                   budget_s=0))
+    metrics, samples, method = scenario.run(state, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2, budget_s=0))
     compiled = method["compiled_decode_step"]
     # One graph for the whole call sequence: the extra call before the repetitions compiled it, and
     # no measured repetition recompiled (wall times are not compared: a busy machine reorders them).

@@ -142,10 +142,14 @@ def test_content_hash_follows_contents_not_the_directory_name(store, tiny_ref, t
 
 
 def test_drift_cache_key_changes_when_the_artifact_content_changes(store, tiny_ref, tmp_path):
+    from bench.cells import Cell
     from bench.metrics.drift_cell import _variant_key
+    from bench.metrics.drift_config import DriftConfig
+    from bench.scenarios import GenerateScenario
 
     art = store.get_or_build(tiny_ref, builtin_variant("prune-50"), "cpu")
-    cell = {"variant": builtin_variant("prune-50").to_dict(), "device": "cpu", "drift": {}}
+    cell = Cell(model="m", recipe=builtin_variant("prune-50"), device="cpu", scenario=GenerateScenario(),
+                drift=DriftConfig())
     key = _variant_key(tmp_path / "ref", cell, art.path, 8)
     manifest = json.loads((art.path / MANIFEST).read_text())
     manifest["files"]["model.safetensors"]["sha256"] = "f" * 64
