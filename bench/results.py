@@ -79,7 +79,7 @@ def repair_torn_tail(run_dir: Path) -> int | None:
         if not data or data.endswith(b"\n"):
             return None
         start = data.rfind(b"\n") + 1
-        line_no = data.count(b"\n", 0, start) + 1
+        line_no = data.count(b"\n") + 1  # every newline is before the torn line
         with (Path(run_dir) / TORN).open("ab") as torn:
             torn.write(data[start:] + b"\n")
             torn.flush()

@@ -121,9 +121,10 @@ class SparseKernels24(Step):
             reason = f"no semi-structured sparse kernels on {device}"
             state.labels.append(f"2:4 sparsity as masked dense weights: {reason}")
             return {"sparse_kernels": False, "reason": reason, "layers_2of4": len(layers), "layers": len(linears)}
-        dtype = str(layers[0][1].weight.dtype).removeprefix("torch.")
-        if dtype not in KERNEL_DTYPES:
-            raise NotApplicable(f"sparse-2of4-kernels needs fp16/bf16 weights, got {dtype}: "
+        dtypes = sorted({str(module.weight.dtype).removeprefix("torch.") for _, module in layers})
+        unsupported = [d for d in dtypes if d not in KERNEL_DTYPES]
+        if unsupported:
+            raise NotApplicable(f"sparse-2of4-kernels needs fp16/bf16 weights, got {', '.join(unsupported)}: "
                                 "put a cast step before it in the recipe")
         return _convert(state, layers)
 

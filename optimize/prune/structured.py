@@ -71,7 +71,11 @@ class StructuredPrune(Step):
         model = state.model
         config = model.config
         layers = _decoder_layers(model)
-        width = layers[0].mlp.gate_proj.out_features
+        widths = {layer.mlp.gate_proj.out_features for layer in layers}
+        if len(widths) > 1:
+            raise NotApplicable(f"prune-ffn: the decoder layers differ in FFN width ({sorted(widths)}); one config "
+                                "width cannot describe them")
+        width = widths.pop()
         keep_width = kept_width(width, self.ratio, self.multiple_of)
         heads = config.num_attention_heads
         groups = getattr(config, "num_key_value_heads", None) or heads

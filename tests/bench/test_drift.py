@@ -223,6 +223,9 @@ def test_drift_config_validation_names_the_field():
     with pytest.raises(InputError, match="'windows' is not a drift setting"):
         DriftConfig.from_dict({"windows": 4}, "m.toml [drift]")
     assert DriftConfig.from_dict({"context": 128}, "m.toml [drift]").windows == 8192 // 128
+    with pytest.raises(InputError) as exc:
+        DriftConfig(scoring="cached").validate()
+    assert str(exc.value) == "drift scoring must be one of 'auto', 'full-window', 'through-cache', got 'cached'"
 
 
 def test_reference_key_follows_the_tokenizer_content_not_its_directory(tiny_ref, cache_dir, tmp_path):

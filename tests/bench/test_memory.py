@@ -190,6 +190,9 @@ def test_weights_bytes_key_wrappers_and_quantized_tensors_by_object_and_count_pa
     state = {"a": a, "a_tied": a, "q1": q1, "q1_tied": q1, "b": b, "q2": q2, "plain": plain}
     model = SimpleNamespace(state_dict=lambda: state)
     assert memory.torch_weights_bytes(model) == (16 + 4) + 8 + (32 + 4) + 6 + 40
+    # Inside a packed tuple too: a tensor already counted is skipped, the one after it is not.
+    packed = SimpleNamespace(state_dict=lambda: {"w": plain, "packed": (plain, torch.zeros(3, dtype=torch.int8))})
+    assert memory.torch_weights_bytes(packed) == 40 + 3
 
 
 def test_weights_bytes_of_an_onnx_variant_are_its_graph_files(monkeypatch, tmp_path):

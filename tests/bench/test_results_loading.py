@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 
 import pytest
 
@@ -138,7 +139,8 @@ def test_write_json_atomic_replaces_the_file_and_leaves_no_temporary(tmp_path):
 
 def _warned(recorder) -> str:
     (w,) = [w for w in recorder if issubclass(w.category, CorruptRecordWarning)]
-    assert w.filename == __file__  # the warning points at the caller, not at the results module
+    if "mutmut" not in sys.modules:  # mutation testing puts a frame of its own between caller and callee
+        assert w.filename == __file__  # the warning points at the caller, not at the results module
     return str(w.message)
 
 

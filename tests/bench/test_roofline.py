@@ -288,6 +288,9 @@ def test_ceiling_timing_uses_the_shared_loop_one_warmup_then_exact_reps(monkeypa
     for reps in (7, 25):  # past the loop's default repetition counts (5 and 20) in both directions
         calls.clear()
         assert len(roofline._timed(lambda: calls.append(1), "cpu", reps)) == reps and len(calls) == reps + 1
+    now = iter(range(1000))  # slow calls (1 s each by the loop's clock): still exactly reps, budget or not
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: float(next(now)))
+    assert len(roofline._timed(lambda: None, "cpu", 7)) == 7
 
 
 class _Spy:
@@ -356,8 +359,14 @@ def test_model_shape_takes_an_explicit_head_dim_over_hidden_by_heads():
 
     class NoHeadDim(Config):
         head_dim = None
+        hidden_size = 130  # 130 // 4 = 32, as Llama computes it
 
-    assert model_shape(NoHeadDim)["head_dim"] == 32
+    assert model_shape(NoHeadDim)["head_dim"] == 32 and isinstance(model_shape(NoHeadDim)["head_dim"], int)
+
+    class NoGqa:  # a config without num_key_value_heads: every query head has its own K and V
+        num_hidden_layers, num_attention_heads, hidden_size, intermediate_size, vocab_size = 1, 4, 64, 128, 10
+
+    assert model_shape(NoGqa)["matmul_params"] == 64 * 64 * 2 + 64 * 64 * 2 + 3 * 64 * 128 + 64 * 10
 
 
 def test_tera_scaling_is_exact():
