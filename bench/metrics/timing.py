@@ -115,9 +115,9 @@ class RepeatConfig:
     target_rel_ci: float = 0.05
 
     def validate(self) -> None:
-        from optimize.errors import InputError
-
         import math
+
+        from optimize.errors import InputError
 
         if not all(math.isfinite(v) for v in (self.budget_s, self.target_rel_ci)) or self.warmup < 0 or \
                 self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0 or \
