@@ -10,6 +10,11 @@ import warnings
 from collections.abc import Callable
 from pathlib import Path
 
+
+class StaleTemporaryWarning(UserWarning):
+    """Temporary files or directories of a killed process were found and removed."""
+
+
 # ``NAME.tmpPID@HOST``: the temporary sibling a builder with process id PID on HOST fills. The
 # host keeps a sweep on one machine of a shared cache (Ray workers) off another machine's builds.
 TMP_SUFFIX = re.compile(r"\.tmp(\d+)(?:@([A-Za-z0-9._-]+))?$")
@@ -55,7 +60,7 @@ def _alive(pid: int) -> bool:
 
 
 def sweep_stale_tmp(parent: Path) -> list[Path]:
-    """Remove ``*.tmpPID`` entries of ``parent`` whose builder process is gone (killed, timed out).
+    """Remove ``*.tmpPID`` entries of ``parent`` whose writing process is gone (killed, timed out).
 
     Returns:
         The removed paths.
@@ -78,6 +83,6 @@ def sweep_stale_tmp(parent: Path) -> list[Path]:
             entry.unlink(missing_ok=True)
         removed.append(entry)
     if removed:
-        warnings.warn(f"removed {len(removed)} temporary build director{'y' if len(removed) == 1 else 'ies'} left "
-                      f"by killed builds in {parent}", ResourceWarning, stacklevel=2)
+        warnings.warn(f"removed {len(removed)} temporary entr{'y' if len(removed) == 1 else 'ies'} left by killed "
+                      f"processes in {parent}", StaleTemporaryWarning, stacklevel=2)
     return removed

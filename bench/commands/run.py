@@ -179,6 +179,7 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     for sub in ("variants", "models"):  # builds killed by an earlier timeout or crash left these
         sweep_stale_tmp(cache / sub)
+    sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
     check_resumable(matrix, run_dir, shard, resolve)
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)

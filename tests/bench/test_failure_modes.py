@@ -163,9 +163,15 @@ def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
     results = run_dir / "results.jsonl"
     whole = results.read_bytes()
     results.write_bytes(whole[: len(whole) // 2])  # a crash mid-write: the only record is torn
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (run_dir / f"run.json.tmp{dead.pid}").write_text("{")  # a run.json write killed before its rename
+    (run_dir / f"notes.tmp{os.getpid()}").write_text("")  # a live process's: kept
     resumed = _cli("run", "--resume", str(run_dir), "--quiet")
     assert resumed.returncode == 0, resumed.stderr
     assert "torn last line" in resumed.stderr
+    assert not (run_dir / f"run.json.tmp{dead.pid}").exists() and (run_dir / f"notes.tmp{os.getpid()}").exists()
+    assert f"removed 1 temporary entry left by killed processes in {run_dir}" in resumed.stderr
     lines = results.read_bytes().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"  # the re-run cell's record, whole
     assert (run_dir / TORN).exists()
