@@ -178,12 +178,11 @@ def _load(cell: Cell, record: dict[str, Any]):
     from optimize.models import resolve_model
     from optimize.store import VariantStore, load_variant
 
-    cache = Path(cell.cache_dir) if cell.cache_dir else None
-    ref = resolve_model(cell.model, cache, cell.tokenizer)
+    ref = resolve_model(cell.model, cell.cache_path, cell.tokenizer)
     record["model_info"] = ref.to_dict()
     if cell.device == "cuda":
         memory.reset_cuda_peaks()
-    store = VariantStore(cache)
+    store = VariantStore(cell.cache_path)
     built = store.get_or_build(ref, cell.recipe, cell.device, cell.trust_remote_code)  # checksums verified first
     t0 = time.perf_counter()
     state, artifact = load_variant(ref, cell.recipe, cell.device, store, cell.trust_remote_code)
@@ -307,7 +306,7 @@ def _roofline(state, cell, metrics) -> dict:
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
     scenario = cell.scenario
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
-                                             Path(cell.cache_dir) if cell.cache_dir else None)}
+                                             cell.cache_path)}
     out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, dtype)
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed

@@ -13,6 +13,7 @@ import functools
 import hashlib
 import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from bench.metrics.drift_config import DriftBudget, DriftConfig
@@ -84,6 +85,11 @@ class Cell:
         payload = {"model": self.model, "recipe": self.recipe.to_dict(), "device": self.device,
                    "scenario": self.scenario.to_dict()}
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def cache_path(self) -> Path | None:
+        """The run's cache directory, or None for the default one."""
+        return Path(self.cache_dir) if self.cache_dir else None
 
     @property
     def key(self) -> str:

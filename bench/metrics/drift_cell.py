@@ -46,7 +46,7 @@ def cell_drift(state, cell: Cell, artifact_path: Path) -> dict[str, Any]:
 
     """
     cfg = cell.drift
-    cache = Path(cell.cache_dir) if cell.cache_dir else default_cache_dir()
+    cache = cell.cache_path or default_cache_dir()
     reference = ensure_reference(state.ref, cfg, cache, cell.device, cell.eval_text, cell.trust_remote_code)
     stored = reference / "variants" / f"{_variant_key(reference, cell, Path(artifact_path), cfg.batch_windows)}.json"
     reused = stored.exists()
