@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from optimize.atomic import write_atomic
 from optimize.errors import InputError
 
 if TYPE_CHECKING:
@@ -160,13 +161,7 @@ def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # a full disk or a kill leaves no stray temporary file
-        raise
+    write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
 def read_run(run_dir: Path) -> dict[str, Any]:

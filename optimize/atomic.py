@@ -1,4 +1,4 @@
-"""Directories built in a temporary sibling and renamed into place; stale siblings swept."""
+"""Files and directories written to a temporary sibling and renamed into place; stale siblings swept."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def _host() -> str:
 
 def tmp_sibling(final: Path) -> Path:
     return final.with_name(f"{final.name}.tmp{os.getpid()}@{_host()}")
+
+
+def write_atomic(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole or not at all: a temporary sibling, then a rename over ``path``.
+
+    A concurrent reader sees the old content or the new. A failure (a full disk, an interrupt)
+    removes the temporary and raises the original error; a process killed outright leaves it
+    for ``sweep_stale_tmp``.
+    """
+    tmp = tmp_sibling(path)
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:

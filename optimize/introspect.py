@@ -257,11 +257,11 @@ def prefill_flops(config, batch: int, prompt: int, cache_dir: Path | None = None
     """
     import hashlib
     import json
-    import os
 
     import torch
     import transformers
 
+    from optimize.atomic import write_atomic
     from optimize.models import default_cache_dir
 
     config_json = config.to_json_string(use_diff=False)
@@ -273,13 +273,12 @@ def prefill_flops(config, batch: int, prompt: int, cache_dir: Path | None = None
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not counted yet, or a damaged entry: count again
     flops = _prefill_flops(config_json, batch, prompt)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"prefill_flops": flops, "batch": batch, "prompt": prompt}))
-        os.replace(tmp, path)  # whole or absent: a concurrent cell reads the old state or the new
+        # whole or absent: a concurrent cell reads the old state or the new
+        write_atomic(path, json.dumps({"prefill_flops": flops, "batch": batch, "prompt": prompt}))
     except OSError:
-        tmp.unlink(missing_ok=True)  # a read-only cache costs the count again next time, nothing else
+        pass  # a read-only cache costs the count again next time, nothing else
     return flops
 
 

@@ -177,8 +177,10 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
                                "torch": torch_env})
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
-    for sub in ("variants", "models"):  # builds killed by an earlier timeout or crash left these
-        sweep_stale_tmp(cache / sub)
+    # builds and cache writes killed by an earlier timeout or crash left these (this host's only)
+    folders = [cache / sub for sub in ("variants", "models", "flops", "drift")]
+    for folder in folders + sorted(cache.glob("drift/*/variants")):
+        sweep_stale_tmp(folder)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
     check_resumable(matrix, run_dir, shard, resolve)

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench.metrics.drift import ensure_reference, measure_drift
+from optimize.atomic import write_atomic
 from optimize.models import default_cache_dir
 
 if TYPE_CHECKING:
@@ -55,9 +55,7 @@ def cell_drift(state, cell: Cell, artifact_path: Path) -> dict[str, Any]:
     else:
         result = measure_drift(state, reference, cfg)
         stored.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stored.with_name(f"{stored.name}.tmp{os.getpid()}")
-        tmp.write_text(json.dumps(result, sort_keys=True))
-        os.replace(tmp, stored)
+        write_atomic(stored, json.dumps(result, sort_keys=True))
     method = dict(result.pop(DRIFT_METHOD_KEY))
     method["computed_in_this_cell"] = not reused
     result["drift_meaningful"] = bool(state.ref.trained)  # random weights: mechanics only

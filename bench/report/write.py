@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from optimize.atomic import write_atomic
 from optimize.errors import InputError
 
 FORMATS = {"md": "report.md", "html": "report.html", "csv": "results.csv", "json": "report.json",
@@ -65,8 +66,6 @@ def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None
         items = content.items() if isinstance(content, dict) else [(FORMATS[fmt], content)]
         for name, data in items:
             path = out_dir / name
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_bytes(data if isinstance(data, bytes) else data.encode())
-            tmp.replace(path)
+            write_atomic(path, data)
             written.append(path)
     return written

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -221,3 +223,33 @@ def test_sweep_leaves_build_directories_of_other_machines_alone(tmp_path):
         d.mkdir()
     assert sweep_stale_tmp(tmp_path) == [here]
     assert other.exists()
+
+
+@pytest.mark.parametrize("data", ['{"a": 1}', b"\x00\x01 bytes"])
+def test_write_atomic_writes_through_this_hosts_tagged_temporary_and_cleans_up_on_failure(tmp_path, monkeypatch, data):
+    import socket
+
+    from optimize import atomic
+
+    path = tmp_path / "x.json"
+    seen = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        seen.append(Path(src).name)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+    atomic.write_atomic(path, data)
+    assert (path.read_bytes() if isinstance(data, bytes) else path.read_text()) == data
+    host = re.sub(r"[^A-Za-z0-9._-]", "-", socket.gethostname())
+    assert seen == [f"x.json.tmp{os.getpid()}@{host}"]  # sweepable, and only by this machine
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.write_atomic(path, "new")
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+    assert path.read_bytes() == (data if isinstance(data, bytes) else data.encode())  # the old content, whole
