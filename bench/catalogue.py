@@ -100,7 +100,11 @@ _METRICS = [
     _m("measured_wall_s", "s", None, "measured s", ".2f", "info", description="wall time of the timed repetitions"),
     # Memory.
     _m("peak_memory_bytes", "bytes", "lower", "peak MiB", ".1f", "memory", scale=1 / MIB,
-       description="CPU: peak RSS of the cell process; CUDA: allocator max_memory_allocated"),
+       description="CPU: peak RSS of the cell process; CUDA: allocator max_memory_allocated; load included"),
+    _m("serving_peak_memory_bytes", "bytes", "lower", "serving peak MiB", ".1f", "memory", scale=1 / MIB,
+       description="peak_memory_bytes over warm-up and timed repetitions alone (the peak reset after load)"),
+    _m("load_peak_memory_bytes", "bytes", "lower", "load peak MiB", ".1f", "memory", scale=1 / MIB,
+       description="peak_memory_bytes up to the end of the variant's load (runtime techniques applied)"),
     _m("rss_baseline_bytes", "bytes", None, "RSS before load MiB", ".1f", "memory", scale=1 / MIB),
     _m("rss_increase_bytes", "bytes", "lower", "RSS increase MiB", ".1f", "memory", scale=1 / MIB),
     _m("host_peak_rss_bytes", "bytes", "lower", "host peak MiB", ".1f", "memory", scale=1 / MIB),

@@ -145,14 +145,15 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     if cell.measure.threads:
         torch.set_num_threads(cell.measure.threads)  # before loading: every kernel then runs on these threads
     state, artifact, load_s = _load(cell, record)
+    load_peaks = _close_load_window(cell.device)
     metrics, samples, method = _measure_latency(state, cell, record)
     metrics["rss_baseline_bytes"] = baseline_rss
     # Memory figures are read before drift runs: drift's own buffers must not count.
-    metrics.update(_measure_memory(cell.device, baseline_rss))
+    metrics.update(_measure_memory(cell.device, baseline_rss, load_peaks))
     _add_roofline(state, cell, metrics, method)
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
-    method.update(memory="cuda max_memory_allocated after reset; NVML per process" if cell.device == "cuda"
-                  else "peak RSS of the cell process (getrusage); increase over pre-load RSS",
+    method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
+                  + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
                   torch_threads=torch.get_num_threads())
     warmup = sum(samples["warmup_wall_s"])
     compiled = method.get("compiled_decode_step") or {}
@@ -212,16 +213,50 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     return metrics, samples, method
 
 
-def _measure_memory(device: str, baseline_rss: int) -> dict[str, Any]:
-    """Peak memory of the cell so far: CUDA allocator and NVML figures, or the process's peak RSS."""
+_MEMORY_METHOD = {
+    "cuda": "cuda max_memory_allocated over the cell (load included), and over warm-up and repetitions alone "
+            "(serving, after a second reset); NVML per process",
+    "cpu": "peak RSS of the cell process (getrusage; load included) and its increase over pre-load RSS; serving: "
+           "VmHWM over warm-up and repetitions alone, after a /proc/self/clear_refs reset",
+}
+_NO_SERVING_WINDOW = "; serving peak not measured: /proc/self/clear_refs cannot reset the peak here"
+
+
+def _close_load_window(device: str) -> dict[str, Any]:
+    """The load's memory peaks; then the peaks are reset, so that the run's own can be read after it.
+
+    Returns the load's figures and ``reset``: False where the peak RSS cannot be reset (the cell
+    then has no serving figure, only the whole cell's peak).
+    """
     from bench.metrics import memory
 
     if device == "cuda":
-        out = memory.cuda_memory()
-        return {**out, "peak_memory_bytes": out["cuda_max_allocated_bytes"],
-                "host_peak_rss_bytes": memory.peak_rss_bytes()}
-    peak = memory.peak_rss_bytes()
-    return {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss}
+        load = memory.cuda_peaks()
+        memory.reset_cuda_peaks()
+        return {**load, "reset": True}
+    return {"peak_rss_bytes": memory.peak_rss_bytes(), "reset": memory.reset_peak_rss()}
+
+
+def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dict[str, Any]:
+    """Peak memory of the whole cell so far (load included), of its load, and of the run alone (serving).
+
+    CUDA: allocator and NVML figures, the host's peak RSS beside them; CPU: the process's RSS.
+    """
+    from bench.metrics import memory
+
+    if device == "cuda":
+        run = memory.cuda_memory()
+        allocated, reserved = "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"
+        peaks = {key: max(load[key], run[key]) for key in (allocated, reserved)}
+        return {**run, **peaks, "peak_memory_bytes": peaks[allocated], "load_peak_memory_bytes": load[allocated],
+                "serving_peak_memory_bytes": run[allocated], "host_peak_rss_bytes": memory.peak_rss_bytes()}
+    serving = memory.vm_hwm_bytes() if load["reset"] else None
+    peak = max(load["peak_rss_bytes"], memory.peak_rss_bytes())  # the reset restarted getrusage's peak too
+    out = {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss,
+           "load_peak_memory_bytes": load["peak_rss_bytes"]}
+    if serving is not None:
+        out["serving_peak_memory_bytes"] = serving
+    return out
 
 
 def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any]) -> None:

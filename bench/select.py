@@ -61,6 +61,7 @@ CONSTRAINT_FLAGS = {
     "max_ppl_ratio": ("ppl_ratio", "max", 1.0),
     "min_top1": ("top1_agreement", "min", 1.0),
     "max_memory_mib": ("peak_memory_bytes", "max", float(MIB)),
+    "max_serving_memory_mib": ("serving_peak_memory_bytes", "max", float(MIB)),
     "max_ttft_ms": ("ttft_ms", "max", 1.0),
     "max_tpot_ms": ("tpot_ms", "max", 1.0),
 }

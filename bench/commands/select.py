@@ -20,7 +20,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-kld", type=float, help="largest mean KL divergence (nats/token) against the reference")
     p.add_argument("--max-ppl-ratio", type=float, help="largest perplexity ratio against the reference")
     p.add_argument("--min-top1", type=float, help="smallest top-1 agreement with the reference (0-1)")
-    p.add_argument("--max-memory-mib", type=float, help="largest peak memory, MiB")
+    p.add_argument("--max-memory-mib", type=float, help="largest peak memory of the whole cell (load included), MiB")
+    p.add_argument("--max-serving-memory-mib", type=float,
+                   help="largest peak memory while generating (after load: warm-up and timed repetitions), MiB")
     p.add_argument("--max-ttft-ms", type=float, help="largest p50 time to first token, ms")
     p.add_argument("--max-tpot-ms", type=float, help="largest p50 time per output token, ms")
     p.add_argument("--device", help="only cells on this device (cpu, cuda)")

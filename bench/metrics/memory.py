@@ -19,6 +19,33 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def vm_hwm_bytes() -> int | None:
+    """Peak RSS of this process since it started or since ``reset_peak_rss`` (``VmHWM``); None without it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # "VmHWM:  123456 kB"
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def reset_peak_rss() -> bool:
+    """Start a new peak-RSS window; False where that cannot be done.
+
+    Linux (4.0+) resets ``VmHWM`` (and getrusage's ``ru_maxrss``) to the current RSS when ``5``
+    is written to ``/proc/self/clear_refs``; other systems and some sandboxes refuse it, and the
+    caller then has no window of its own.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        return False
+    return vm_hwm_bytes() is not None
+
+
 def reset_cuda_peaks() -> None:
     import torch
 
@@ -26,16 +53,18 @@ def reset_cuda_peaks() -> None:
     torch.cuda.reset_peak_memory_stats()
 
 
-def cuda_memory() -> dict[str, int | None]:
-    """Allocator peaks since the last reset, and this process's device memory from NVML."""
+def cuda_peaks() -> dict[str, int]:
+    """The caching allocator's peaks since the last reset."""
     import torch
 
     torch.cuda.synchronize()
-    return {
-        "cuda_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
-        "cuda_max_reserved_bytes": int(torch.cuda.max_memory_reserved()),
-        "nvml_process_bytes": nvml_process_bytes(),
-    }
+    return {"cuda_max_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+            "cuda_max_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+
+
+def cuda_memory() -> dict[str, int | None]:
+    """Allocator peaks since the last reset, and this process's device memory from NVML."""
+    return {**cuda_peaks(), "nvml_process_bytes": nvml_process_bytes()}
 
 
 def nvml_process_bytes() -> int | None:

@@ -19,7 +19,8 @@ LIBRARIES = libraries("report")
 MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpot_ms"), ("n", "n"),
               ("speedup", "speedup"), ("decode tok/s [95% CI]", "decode_tokens_per_s"),
               ("prefill tok/s", "prefill_tokens_per_s"), ("roofline", "roofline_fraction"),
-              ("peak MiB", "peak_memory_bytes"), ("weights MiB", "weights_bytes"), ("ppl ratio", "ppl_ratio"),
+              ("peak MiB", "peak_memory_bytes"), ("serving peak MiB", "serving_peak_memory_bytes"),
+              ("weights MiB", "weights_bytes"), ("ppl ratio", "ppl_ratio"),
               ("KLD mean", "kld_mean"), ("top-1", "top1_agreement"), ("gen match", "gen_exact_match"),
               ("gen prefix", "gen_common_prefix_mean"), ("status", "status")]
 

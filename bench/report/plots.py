@@ -144,26 +144,34 @@ def throughput_bars(group: Group):
     return fig
 
 
+MEMORY_BARS = (("peak_memory_bytes", "#4c72b0", ".0f"), ("serving_peak_memory_bytes", "#55a868", ".0f"),
+               ("weights_bytes", "#dd8452", ".1f"))
+
+
 def memory_bars(group: Group):
-    """Peak memory and weights size per variant, MiB."""
-    recs = [r for r in _ok(group) if point(r, "peak_memory_bytes") is not None or point(r, "weights_bytes")]
+    """Peak memory (whole cell, load included), serving peak and weights size per variant, MiB.
+
+    A series none of the variants has (serving peaks of older records) is left out.
+    """
+    recs = [r for r in _ok(group) if any(point(r, key) is not None for key, _, _ in MEMORY_BARS)]
     if not recs:
         return None
+    series = [(key, colour, fmt, [point(r, key) for r in recs]) for key, colour, fmt in MEMORY_BARS]
+    series = [s for s in series if any(v is not None for v in s[3])]
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(WIDTH_IN, 0.36 * len(recs) + 1.2))
-    y = list(range(len(recs)))
-    peak = [(point(r, "peak_memory_bytes") or 0) / 2**20 for r in recs]
-    weights = [(point(r, "weights_bytes") or 0) / 2**20 for r in recs]
-    ax.barh([i - 0.2 for i in y], peak, height=0.4, color="#4c72b0", label=metric("peak_memory_bytes").label)
-    ax.barh([i + 0.2 for i in y], weights, height=0.4, color="#dd8452", label=metric("weights_bytes").label)
-    for i in y:
-        ax.text(peak[i], i - 0.2, f" {peak[i]:.0f}", va="center", fontsize=7)
-        ax.text(weights[i], i + 0.2, f" {weights[i]:.1f}", va="center", fontsize=7)
-    ax.set_yticks(y, [text(r["variant"]) for r in recs])
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 0.18 * len(series) * len(recs) + 1.2))
+    height = 0.8 / len(series)
+    for j, (key, colour, fmt, values) in enumerate(series):
+        mib = [(v or 0) / 2**20 for v in values]
+        offsets = [i - 0.4 + height * (j + 0.5) for i in range(len(recs))]
+        ax.barh(offsets, mib, height=height, color=colour, label=metric(key).label)
+        for at, v, shown in zip(offsets, mib, values, strict=True):
+            ax.text(v, at, f" {v:{fmt}}" if shown is not None else " n/a", va="center", fontsize=7)
+    ax.set_yticks(range(len(recs)), [text(r["variant"]) for r in recs])
     ax.invert_yaxis()
     ax.set_xlabel("MiB")
     ax.set_title("Memory and size", loc="left")
-    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=2)
+    ax.legend(frameon=False, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(series))
     return fig
 
 

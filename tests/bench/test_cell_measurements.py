@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from bench import cell
 from bench.cells import Cell
 from bench.scenarios import GenerateScenario
@@ -14,21 +16,74 @@ def _cell(ceilings) -> Cell:
     return Cell(model="m", recipe=Recipe(name="fp32"), device="cpu", scenario=GenerateScenario(), ceilings=ceilings)
 
 
-def test_memory_on_cpu_is_the_peak_rss_and_its_increase(monkeypatch):
+def test_memory_on_cpu_is_the_peak_rss_its_increase_and_the_load_and_serving_windows(monkeypatch):
+    from bench.metrics import memory
+
+    peaks = iter([9000, 5000])  # getrusage at the end of load, then after the run (the reset restarted it)
+    monkeypatch.setattr(memory, "peak_rss_bytes", lambda: next(peaks))
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: True)
+    monkeypatch.setattr(memory, "vm_hwm_bytes", lambda: 4990)
+    load = cell._close_load_window("cpu")
+    assert load == {"peak_rss_bytes": 9000, "reset": True}
+    assert cell._measure_memory("cpu", 1200, load) == {"peak_memory_bytes": 9000, "rss_increase_bytes": 7800,
+                                                       "load_peak_memory_bytes": 9000,
+                                                       "serving_peak_memory_bytes": 4990}
+    # A run whose peak passes the load's sets the cell's peak.
+    monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 6000)
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True}) == {
+        "peak_memory_bytes": 6000, "rss_increase_bytes": 4800, "load_peak_memory_bytes": 3000,
+        "serving_peak_memory_bytes": 4990}
+
+
+def test_memory_on_cpu_without_a_peak_reset_has_no_serving_figure(monkeypatch):
     from bench.metrics import memory
 
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 5000)
-    assert cell._measure_memory("cpu", 1200) == {"peak_memory_bytes": 5000, "rss_increase_bytes": 3800}
+    monkeypatch.setattr(memory, "vm_hwm_bytes", lambda: (_ for _ in ()).throw(AssertionError("not read")))
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": False}) == {
+        "peak_memory_bytes": 5000, "rss_increase_bytes": 3800, "load_peak_memory_bytes": 3000}
 
 
-def test_memory_on_cuda_is_the_allocator_peak_plus_host_rss(monkeypatch):
+def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(monkeypatch):
     from bench.metrics import memory
 
+    calls = []
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 5000)
-    peaks = {"cuda_max_allocated_bytes": 700, "cuda_max_reserved_bytes": 900}
-    monkeypatch.setattr(memory, "cuda_memory", lambda: peaks)
-    assert cell._measure_memory("cuda", 1200) == {"cuda_max_allocated_bytes": 700, "cuda_max_reserved_bytes": 900,
-                                                  "peak_memory_bytes": 700, "host_peak_rss_bytes": 5000}
+    monkeypatch.setattr(memory, "cuda_peaks", lambda: {"cuda_max_allocated_bytes": 800, "cuda_max_reserved_bytes": 850})
+    monkeypatch.setattr(memory, "reset_cuda_peaks", lambda: calls.append("reset"))
+    monkeypatch.setattr(memory, "reset_peak_rss", lambda: calls.append("host reset"))
+    load = cell._close_load_window("cuda")
+    assert calls == ["reset"]  # the host's peak RSS stays the whole cell's
+    run = {"cuda_max_allocated_bytes": 700, "cuda_max_reserved_bytes": 900, "nvml_process_bytes": 1100}
+    monkeypatch.setattr(memory, "cuda_memory", lambda: run)
+    assert cell._measure_memory("cuda", 1200, load) == {
+        "cuda_max_allocated_bytes": 800, "cuda_max_reserved_bytes": 900, "nvml_process_bytes": 1100,
+        "peak_memory_bytes": 800, "load_peak_memory_bytes": 800, "serving_peak_memory_bytes": 700,
+        "host_peak_rss_bytes": 5000}
+
+
+def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory():
+    """Real memory, no stand-ins: 96 MiB held and freed during 'load', 32 MiB during the 'run'."""
+    import numpy as np
+
+    from bench.metrics import memory
+
+    if not memory.reset_peak_rss():
+        pytest.skip("this kernel refuses /proc/self/clear_refs: no serving window here")
+    mib = 2**20
+    baseline = memory.rss_bytes()
+    transient = np.ones(96 * mib // 8)  # touched: resident
+    del transient
+    load = cell._close_load_window("cpu")
+    during_run = np.ones(32 * mib // 8)
+    rss_during_run = memory.rss_bytes()
+    del during_run
+    out = cell._measure_memory("cpu", baseline, load)
+    assert out["load_peak_memory_bytes"] >= baseline + 90 * mib
+    assert out["peak_memory_bytes"] == max(out["load_peak_memory_bytes"], memory.peak_rss_bytes())
+    # The kernel's RSS counters are batched per CPU: the two readings may differ by a few pages.
+    assert rss_during_run - 4 * mib <= out["serving_peak_memory_bytes"] <= out["load_peak_memory_bytes"] - 50 * mib
+    assert out["serving_peak_memory_bytes"] >= baseline + 28 * mib
 
 
 def test_roofline_is_skipped_without_ceilings_or_decode_figures(monkeypatch):

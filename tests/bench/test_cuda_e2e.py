@@ -61,6 +61,10 @@ def test_cli_run_on_cuda_records_cuda_event_timing_and_cuda_memory(cuda_only, tm
         assert metrics["cuda_max_allocated_bytes"] > 0
         assert metrics["peak_memory_bytes"] == metrics["cuda_max_allocated_bytes"]
         assert metrics["weights_bytes"] < metrics["cuda_max_allocated_bytes"]
+        # Serving holds the weights (allocated at load) plus the KV cache and activations.
+        assert metrics["weights_bytes"] < metrics["serving_peak_memory_bytes"] <= metrics["peak_memory_bytes"]
+        assert metrics["peak_memory_bytes"] == max(metrics["load_peak_memory_bytes"],
+                                                   metrics["serving_peak_memory_bytes"])
         assert metrics["decode_tokens_per_s"] > 0
     graphs = records["static-kv-bf16-cudagraphs"]
     assert graphs["timing_s"]["compile_and_capture"] > 0

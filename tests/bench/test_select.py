@@ -63,6 +63,25 @@ def test_every_variant_violating_chooses_nothing_and_exits_1(tmp_path, capsys):
     assert "no variant satisfies the constraints" in capsys.readouterr().out
 
 
+def test_the_serving_memory_bound_judges_the_peak_after_load(tmp_path, capsys):
+    """A variant quantized at load holds more while loading than while serving: each flag bounds its own."""
+    mib = 2**20
+    load_heavy = record("int8-at-load", decode=200, kld=0.001, peak_mib=1500,
+                        serving_peak_memory_bytes=600 * mib)
+    lean = record("prebuilt", decode=100, kld=0.001, peak_mib=700,
+                  serving_peak_memory_bytes=650 * mib)
+    older = record("no-window", decode=300, kld=0.001, peak_mib=500)  # a record without the figure
+    d = _one([load_heavy, lean, older], constraints=constraints_from({"max_serving_memory_mib": 640}))
+    assert d.chosen == "int8-at-load"
+    assert d.verdicts["prebuilt"].reason == "serving peak MiB 650.0 > 640.0 (--max-serving-memory-mib)"
+    assert d.verdicts["no-window"].outcome == "missing"
+    d = _one([load_heavy, lean], constraints=constraints_from({"max_memory_mib": 1000}))
+    assert d.chosen == "prebuilt" and d.verdicts["int8-at-load"].outcome == "violates"
+    run = write_run(tmp_path / "run", [load_heavy, lean])
+    assert main(["select", str(run), "--max-serving-memory-mib", "640", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["groups"][0]["chosen"] == "int8-at-load"
+
+
 def test_missing_metrics_lose_as_not_measured_not_as_zero():
     recs = [record("no-drift", decode=500, kld=None), record("measured", decode=100, kld=0.001)]
     d = _one(recs, constraints=constraints_from({"max_kld": 0.01}))
