@@ -124,6 +124,63 @@ def test_peak_rss_is_at_least_the_current_rss():
     assert memory.rss_bytes() > 0 and peak >= now * 0.99  # ru_maxrss is in KiB: allow its rounding
 
 
+def test_vm_hwm_reads_the_kernels_peak_in_bytes(monkeypatch):
+    import io
+
+    text = "Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n"
+    monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO(text), raising=False)
+    assert memory.vm_hwm_bytes() == 123456 * 1024
+    monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO("Name:\tpython\n"), raising=False)
+    assert memory.vm_hwm_bytes() is None  # a kernel without the field
+    monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO("VmHWM:\n"), raising=False)
+    assert memory.vm_hwm_bytes() is None
+
+
+def test_vm_hwm_is_none_without_proc(monkeypatch):
+    def missing(path, mode="r"):
+        raise FileNotFoundError(path)
+
+    monkeypatch.setattr(memory, "open", missing, raising=False)
+    assert memory.vm_hwm_bytes() is None
+    assert memory.reset_peak_rss() is False
+
+
+def test_reset_peak_rss_writes_5_to_clear_refs_and_starts_a_new_window():
+    """The real kernel: after a reset the peak is the current RSS, not an earlier high-water mark."""
+    import numpy as np
+
+    held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
+    del held
+    before = memory.vm_hwm_bytes()
+    if not memory.reset_peak_rss():
+        pytest.skip("this kernel refuses /proc/self/clear_refs")
+    after, now = memory.vm_hwm_bytes(), memory.rss_bytes()
+    assert after <= before - 48 * 2**20 and abs(after - now) < 8 * 2**20
+    assert abs(memory.peak_rss_bytes() - after) < 8 * 2**20  # getrusage's peak was reset with it
+
+
+def test_reset_peak_rss_is_false_where_the_write_is_refused(monkeypatch):
+    written = []
+
+    class Refused:
+        def __init__(self, path, mode="r"):
+            written.append((path, mode))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            written.append(text)
+            raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(memory, "open", Refused, raising=False)
+    assert memory.reset_peak_rss() is False
+    assert written == [("/proc/self/clear_refs", "w"), "5"]
+
+
 def test_nvml_process_bytes_is_none_when_nvml_fails(monkeypatch):
     import pynvml
 
