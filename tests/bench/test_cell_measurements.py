@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-import pytest
-
 from bench import cell
 from bench.cells import Cell
 from bench.scenarios import GenerateScenario
@@ -62,14 +60,12 @@ def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(mo
         "host_peak_rss_bytes": 5000}
 
 
-def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory():
+def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory(peak_rss_resets):
     """Real memory, no stand-ins: 96 MiB held and freed during 'load', 32 MiB during the 'run'."""
     import numpy as np
 
     from bench.metrics import memory
 
-    if not memory.reset_peak_rss():
-        pytest.skip("this kernel refuses /proc/self/clear_refs: no serving window here")
     mib = 2**20
     baseline = memory.rss_bytes()
     transient = np.ones(96 * mib // 8)  # touched: resident

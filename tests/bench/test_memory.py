@@ -128,8 +128,11 @@ def test_vm_hwm_reads_the_kernels_peak_in_bytes(monkeypatch):
     import io
 
     text = "Name:\tpython\nVmPeak:\t  900000 kB\nVmHWM:\t  123456 kB\nVmRSS:\t  100000 kB\n"
-    monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO(text), raising=False)
+    opened = []
+    monkeypatch.setattr(memory, "open", lambda path, mode="r": opened.append(path) or io.StringIO(text),
+                        raising=False)
     assert memory.vm_hwm_bytes() == 123456 * 1024
+    assert opened == ["/proc/self/status"]
     monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO("Name:\tpython\n"), raising=False)
     assert memory.vm_hwm_bytes() is None  # a kernel without the field
     monkeypatch.setattr(memory, "open", lambda path, mode="r": io.StringIO("VmHWM:\n"), raising=False)
@@ -145,15 +148,14 @@ def test_vm_hwm_is_none_without_proc(monkeypatch):
     assert memory.reset_peak_rss() is False
 
 
-def test_reset_peak_rss_writes_5_to_clear_refs_and_starts_a_new_window():
+def test_reset_peak_rss_writes_5_to_clear_refs_and_starts_a_new_window(peak_rss_resets):
     """The real kernel: after a reset the peak is the current RSS, not an earlier high-water mark."""
     import numpy as np
 
     held = np.ones(64 * 2**20 // 8)  # 64 MiB, touched
     del held
     before = memory.vm_hwm_bytes()
-    if not memory.reset_peak_rss():
-        pytest.skip("this kernel refuses /proc/self/clear_refs")
+    assert memory.reset_peak_rss() is True
     after, now = memory.vm_hwm_bytes(), memory.rss_bytes()
     assert after <= before - 48 * 2**20 and abs(after - now) < 8 * 2**20
     assert abs(memory.peak_rss_bytes() - after) < 8 * 2**20  # getrusage's peak was reset with it
