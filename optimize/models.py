@@ -337,7 +337,10 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
     import torch
 
     tok = load_tokenizer(ref, trust_remote_code)
-    ids = tok(eval_text_path(text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
+    # The whole text is one sequence here, cut into windows within the model's context later
+    # (check_context, the drift windows): transformers' warning that it exceeds model_max_length
+    # ("will result in indexing errors") would only mislead a reader of the cell's log.
+    ids = tok(eval_text_path(text).read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
     ids = torch.tensor(ids, dtype=torch.long)
     if int(ids.max()) >= vocab_size:
         raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the ids of tokenizer "
