@@ -349,8 +349,11 @@ def _roofline(state, cell, metrics) -> dict:
 
 
 def _elem_bytes(state) -> float:
+    """Bytes per element of the KV cache: the graph's past-key inputs (ONNX), else the first float weight."""
     if state.backend == "onnxruntime":
-        return 2.0 if "float16" in str(getattr(state.model.config, "torch_dtype", "")) else 4.0
+        from optimize.export.onnx import onnx_kv_element_bytes
+
+        return float(onnx_kv_element_bytes(state.onnx_dir))
     return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 

@@ -10,6 +10,7 @@ decodes with a KV cache.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from dataclasses import dataclass
@@ -94,18 +95,38 @@ def _version(package: str) -> str:
         return "?"
 
 
-def onnx_kv_geometry(onnx_dir: Path):
-    """The KV-cache shape from the graph's ``past_key_values.{i}.key`` inputs (B, kv_heads, past, head_dim)."""
+def _past_keys(onnx_dir: Path) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(dims, element bytes) of each ``past_key_values.{i}.key`` input of the graph."""
+    path = Path(onnx_dir) / ONNX_FILE
+    return _read_past_keys(path, path.stat().st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4)
+def _read_past_keys(path: Path, _mtime_ns: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """Parsed once per process and version of the file: a large graph takes a second to parse."""
     import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
 
-    from optimize.introspect import KVGeometry
-
-    graph = onnx.load(str(Path(onnx_dir) / ONNX_FILE), load_external_data=False).graph
+    graph = onnx.load(str(path), load_external_data=False).graph
     keys = [i for i in graph.input if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
     if not keys:
-        raise NotApplicable(f"the ONNX graph in {onnx_dir} has no {PAST_PREFIX}*.key inputs")
-    dims = [d.dim_value for d in keys[0].type.tensor_type.shape.dim]
+        raise NotApplicable(f"the ONNX graph in {path.parent} has no {PAST_PREFIX}*.key inputs")
+    return tuple((tuple(d.dim_value for d in k.type.tensor_type.shape.dim),
+                  tensor_dtype_to_np_dtype(k.type.tensor_type.elem_type).itemsize) for k in keys)
+
+
+def onnx_kv_geometry(onnx_dir: Path):
+    """The KV-cache shape from the graph's ``past_key_values.{i}.key`` inputs (B, kv_heads, past, head_dim)."""
+    from optimize.introspect import KVGeometry
+
+    keys = _past_keys(onnx_dir)
+    dims = keys[0][0]
     return KVGeometry(len(keys), dims[1], dims[3], "onnx graph")
+
+
+def onnx_kv_element_bytes(onnx_dir: Path) -> int:
+    """Bytes per element of the graph's KV cache, from its past-key inputs' type (2 for an fp16 export)."""
+    return _past_keys(onnx_dir)[0][1]
 
 
 def _opset(onnx_path: Path) -> int:

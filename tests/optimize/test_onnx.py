@@ -11,7 +11,15 @@ import pytest
 pytest.importorskip("onnxruntime", reason="ONNX Runtime not installed (pip install 'infermatrix[cpu]')")
 
 from optimize.errors import NotApplicable, RecipeError  # noqa: E402
-from optimize.export.onnx import ONNX_FILE, OnnxExport, graph_io, onnx_bytes  # noqa: E402
+from optimize.export.onnx import (  # noqa: E402
+    ONNX_FILE,
+    OnnxExport,
+    graph_io,
+    onnx_bytes,
+    onnx_kv_element_bytes,
+    onnx_kv_geometry,
+)
+from optimize.introspect import KVGeometry  # noqa: E402
 from optimize.quantize.ort import OrtInt8Dynamic, OrtInt8Static  # noqa: E402
 from optimize.recipe import Recipe  # noqa: E402
 from optimize.state import VariantState  # noqa: E402
@@ -53,6 +61,34 @@ def test_export_graph_takes_and_returns_past_key_values(variant):
     assert state.backend == "onnxruntime" and state.onnx_dir == artifact.path
     assert not (artifact.path / "weights").exists()
     assert artifact.manifest["reports"][0]["past_key_value_inputs"] == 4
+    # 2 layers, 2 KV heads (GQA 4/2), head dim 128 / 4, fp32
+    assert onnx_kv_geometry(artifact.path) == KVGeometry(2, 2, 32, "onnx graph")
+    assert onnx_kv_element_bytes(artifact.path) == 4
+
+
+def test_kv_element_bytes_follow_the_graphs_past_key_type_and_its_rewrites(tmp_path):
+    """An fp16 export's cache is 2 bytes an element; the graph is read again once the file changes."""
+    import os
+
+    import onnx
+    from onnx import TensorProto, helper
+
+    def save(elem_type, kv_heads):
+        past = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", elem_type, ["batch", kv_heads, "past", 16])
+                for i in range(3) for kv in ("key", "value")]
+        ids = helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"])
+        out = helper.make_tensor_value_info("out", TensorProto.INT64, ["batch", "seq"])
+        graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["out"])], "g", [ids, *past], [out])
+        onnx.save(helper.make_model(graph), str(tmp_path / ONNX_FILE))
+
+    save(TensorProto.FLOAT16, 4)
+    assert onnx_kv_element_bytes(tmp_path) == 2
+    assert onnx_kv_geometry(tmp_path) == KVGeometry(3, 4, 16, "onnx graph")
+    stamp = (tmp_path / ONNX_FILE).stat().st_mtime_ns
+    save(TensorProto.FLOAT, 2)
+    os.utime(tmp_path / ONNX_FILE, ns=(stamp + 10**9, stamp + 10**9))  # a rewrite within the clock's tick
+    assert onnx_kv_element_bytes(tmp_path) == 4
+    assert onnx_kv_geometry(tmp_path) == KVGeometry(3, 2, 16, "onnx graph")
 
 
 def test_onnx_fp32_greedy_tokens_equal_torch_reference(variant, tiny_prompts):
@@ -228,4 +264,5 @@ def test_cuda_export_generates_on_cuda_provider(tiny_ref, cache_dir, tiny_prompt
     recipe = Recipe(name=f"onnx-{dtype}", steps=(OnnxExport(dtype=dtype),))
     state, _ = load_variant(tiny_ref, recipe, "cuda", VariantStore(cache_dir))
     assert state.model.providers[0] == "CUDAExecutionProvider"
+    assert onnx_kv_element_bytes(state.onnx_dir) == (2 if dtype == "float16" else 4)
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, tiny_prompts.shape[1] + NEW_TOKENS)
