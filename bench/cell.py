@@ -251,7 +251,8 @@ def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dic
         return {**run, **peaks, "peak_memory_bytes": peaks[allocated], "load_peak_memory_bytes": load[allocated],
                 "serving_peak_memory_bytes": run[allocated], "host_peak_rss_bytes": memory.peak_rss_bytes()}
     serving = memory.vm_hwm_bytes() if load["reset"] else None
-    peak = max(load["peak_rss_bytes"], memory.peak_rss_bytes())  # the reset restarted getrusage's peak too
+    # The reset restarted getrusage's peak too; VmHWM and getrusage may differ by a few pages.
+    peak = max(load["peak_rss_bytes"], memory.peak_rss_bytes(), serving or 0)
     out = {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss,
            "load_peak_memory_bytes": load["peak_rss_bytes"]}
     if serving is not None:

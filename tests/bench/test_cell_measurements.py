@@ -26,7 +26,9 @@ def test_memory_on_cpu_is_the_peak_rss_its_increase_and_the_load_and_serving_win
     assert cell._measure_memory("cpu", 1200, load) == {"peak_memory_bytes": 9000, "rss_increase_bytes": 7800,
                                                        "load_peak_memory_bytes": 9000,
                                                        "serving_peak_memory_bytes": 4990}
-    # A run whose peak passes the load's sets the cell's peak.
+    # A run whose peak passes the load's sets the cell's peak; the serving peak never exceeds it.
+    monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 4980)
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True})["peak_memory_bytes"] == 4990
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 6000)
     assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True}) == {
         "peak_memory_bytes": 6000, "rss_increase_bytes": 4800, "load_peak_memory_bytes": 3000,
