@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bench.commands import emit
@@ -30,6 +31,11 @@ def main(args: argparse.Namespace) -> int:
         text = render(args.run, formats[0])
         emit(text, args.out)
         return 0
-    for path in write_reports(args.run, formats, args.out):
+    written = write_reports(args.run, formats, args.out)
+    for path in written:
         print(path)
+    if "png" in formats and not any(path.suffix == ".png" for path in written):
+        print("infermatrix report: no png written: the speed-against-drift figure needs ok cells with both a "
+              "decode rate and drift figures, and no group of this run has them; report.html has every other "
+              "figure", file=sys.stderr)
     return 0

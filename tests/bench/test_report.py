@@ -85,6 +85,16 @@ def test_report_command_writes_each_format(run, tmp_path, capsys):
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
+def test_png_of_a_run_without_drift_says_why_nothing_was_written(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [record("fp32", kld=None, steps=0), record("q8", kld=None)])
+    out = tmp_path / "out"
+    assert main(["report", str(run), "--format", "png,md", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["report.md"]
+    captured = capsys.readouterr()
+    assert captured.out == f"{out / 'report.md'}\n"
+    assert captured.err.startswith("infermatrix report: no png written: the speed-against-drift figure needs ")
+
+
 def test_html_escapes_input_and_fetches_nothing(run):
     from bench.report.html import html_report
 
