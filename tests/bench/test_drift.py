@@ -247,3 +247,63 @@ def test_reference_key_follows_the_tokenizer_content_not_its_directory(tiny_ref,
     key = reference_path(tiny_ref, SMALL, cache_dir)
     assert reference_path(replace(tiny_ref, tokenizer=str(same)), SMALL, cache_dir) == key  # a copy: same content
     assert reference_path(replace(tiny_ref, tokenizer=str(other)), SMALL, cache_dir) != key
+
+
+def test_a_users_evaluation_text_is_what_the_reference_scores_and_generates_from(tiny_ref, cache_dir, tmp_path):
+    """Windows, generation prompts and greedy continuations, each recomputed here with plain transformers."""
+    from dataclasses import replace
+
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from optimize.reference import EVAL_TEXT
+
+    text = tmp_path / "mine.txt"
+    text.write_text(EVAL_TEXT.read_text(encoding="utf-8")[::-1][:20000], encoding="utf-8")  # other tokens
+    cfg = replace(SMALL, max_tokens=256, gen_prompts=3)
+    ref_dir = ensure_reference(tiny_ref, cfg, cache_dir, eval_text=str(text))
+    assert ref_dir != reference_path(tiny_ref, cfg, cache_dir)  # the default text's reference is another one
+
+    tok = AutoTokenizer.from_pretrained(tiny_ref.tokenizer)
+    stream = torch.tensor(tok(text.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+    info = json.loads((ref_dir / REFERENCE_JSON).read_text())
+    span = len(stream) - cfg.gen_prompt_tokens
+    offsets = [0, span // 3, 2 * span // 3]
+    assert info["eval_text"] == str(text) and info["eval_text_tokens"] == len(stream)
+    assert info["method"]["gen_prompt_offsets"] == offsets
+    assert info["method"]["vocab"] == 8192 and info["method"]["context"] == cfg.context
+    model = AutoModelForCausalLM.from_pretrained(tiny_ref.path, dtype=torch.float32).eval()
+    prompts = torch.stack([stream[o : o + cfg.gen_prompt_tokens] for o in offsets])
+    with torch.no_grad():
+        greedy = model.generate(prompts, attention_mask=torch.ones_like(prompts), do_sample=False,
+                                max_new_tokens=cfg.gen_new_tokens, min_new_tokens=cfg.gen_new_tokens,
+                                pad_token_id=model.config.eos_token_id)
+        logprobs = torch.log_softmax(model(stream[: cfg.max_tokens].reshape(-1, cfg.context)).logits[:, :-1], -1)
+    with safe_open(str(ref_dir / REFERENCE_TENSORS), framework="pt") as f:
+        assert torch.equal(f.get_tensor("windows"), stream[: cfg.max_tokens].reshape(-1, cfg.context))
+        assert torch.equal(f.get_tensor("gen_prompts"), prompts)
+        assert torch.equal(f.get_tensor("gen_continuations"), greedy[:, cfg.gen_prompt_tokens :])
+        torch.testing.assert_close(f.get_tensor("logprobs"), logprobs, atol=1e-5, rtol=1e-5)
+    targets = stream[: cfg.max_tokens].reshape(-1, cfg.context)[:, 1:]
+    nll = -logprobs.gather(-1, targets.unsqueeze(-1)).double().mean()
+    assert info["reference_perplexity"] == pytest.approx(math.exp(float(nll)), rel=1e-5)
+
+
+@pytest.mark.parametrize(("context", "gen_prompt", "gen_new", "needed"), [
+    (1024, 16, 8, 1024),  # windows longer than the model's 512 positions
+    (64, 500, 13, 513),  # a generation prompt and its continuation longer than the positions
+])
+def test_a_reference_longer_than_the_models_context_is_refused_before_any_work(tiny_ref, tmp_path, context,
+                                                                                  gen_prompt, gen_new, needed):
+    cfg = DriftConfig(context=context, max_tokens=2048, gen_prompts=1, gen_prompt_tokens=gen_prompt,
+                      gen_new_tokens=gen_new)
+    with pytest.raises(InputError) as exc:
+        ensure_reference(tiny_ref, cfg, tmp_path)
+    assert str(exc.value) == (f"drift needs sequences of {needed} tokens; model {tiny_ref.spec!r} takes at most 512")
+    assert not list(tmp_path.rglob("*.safetensors"))
+
+
+def test_a_reference_exactly_as_long_as_the_models_context_is_taken(tiny_ref, tmp_path):
+    cfg = DriftConfig(context=64, max_tokens=64, gen_prompts=1, gen_prompt_tokens=500, gen_new_tokens=12)
+    ref_dir = ensure_reference(tiny_ref, cfg, tmp_path)  # 500 + 12 = 512 positions: fits
+    assert json.loads((ref_dir / REFERENCE_JSON).read_text())["method"]["windows"] == 1
