@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from bench.metrics.drift import (
+    METHOD_VERSION,
+    PROTOCOL,
     REFERENCE_JSON,
     REFERENCE_TENSORS,
     DriftBudget,
@@ -307,3 +309,34 @@ def test_a_reference_exactly_as_long_as_the_models_context_is_taken(tiny_ref, tm
     cfg = DriftConfig(context=64, max_tokens=64, gen_prompts=1, gen_prompt_tokens=500, gen_new_tokens=12)
     ref_dir = ensure_reference(tiny_ref, cfg, tmp_path)  # 500 + 12 = 512 positions: fits
     assert json.loads((ref_dir / REFERENCE_JSON).read_text())["method"]["windows"] == 1
+
+
+def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, reference):
+    import re
+
+    from safetensors import safe_open
+
+    from optimize.libraries import libraries
+    from optimize.reference import EVAL_TEXT
+    from optimize.store import library_versions
+
+    text = (reference / REFERENCE_JSON).read_text()
+    info = json.loads(text)
+    assert text.startswith('{\n "key": ') and text.endswith("}\n")  # indent 1, one key per line
+    assert set(info) == {"key", "model", "eval_text", "eval_text_tokens", "settings", "device", "method",
+                         "reference_perplexity", "file_bytes", "reference_wall_s", "versions", "created"}
+    assert info["key"] == reference.name and info["model"] == tiny_ref.to_dict() and info["device"] == "cpu"
+    assert info["eval_text"] == str(EVAL_TEXT) and info["settings"] == SMALL.reference_settings()
+    windows = SMALL.max_tokens // SMALL.context
+    assert info["method"] == {
+        "version": METHOD_VERSION, "scoring": PROTOCOL,
+        "windows": windows, "context": SMALL.context, "vocab": 8192, "scored_tokens": windows * (SMALL.context - 1),
+        "gen_prompt_offsets": info["method"]["gen_prompt_offsets"],
+        "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary"}
+    assert info["file_bytes"] == (reference / REFERENCE_TENSORS).stat().st_size
+    assert 0 < info["reference_wall_s"] < 600 and round(info["reference_wall_s"], 3) == info["reference_wall_s"]
+    assert info["versions"] == library_versions(libraries("reference"))
+    assert re.fullmatch(r"20\d\d-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-5]\dZ", info["created"]), info["created"]
+    with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
+        assert f.metadata() == {"format": "pt", "key": reference.name}
+        assert sorted(f.keys()) == ["gen_continuations", "gen_prompts", "logprobs", "windows"]
