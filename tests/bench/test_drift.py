@@ -340,3 +340,33 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, reference):
     with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "key": reference.name}
         assert sorted(f.keys()) == ["gen_continuations", "gen_prompts", "logprobs", "windows"]
+
+
+def test_measure_drift_states_its_method_and_the_reference_it_used(reference, drift_of):
+    m = drift_of()
+    method = m["drift_method"]
+    info = json.loads((reference / REFERENCE_JSON).read_text())
+    assert method["reference_key"] == reference.name and method["reference_device"] == "cpu"
+    assert method["reference_trained"] is False  # random weights: the figures show mechanics only
+    assert method["protocol"] == PROTOCOL
+    assert method["scoring"] == "full-window" and method["batch_windows"] == SMALL.batch_windows
+    assert method["gen"] == "greedy, 8 new tokens from 2 prompts of 16"
+    assert method["kld"] == "KL(reference || variant), nats, full vocabulary"
+    assert {k: method[k] for k in ("windows", "context", "vocab", "scored_tokens", "gen_prompt_offsets")} == {
+        k: info["method"][k] for k in ("windows", "context", "vocab", "scored_tokens", "gen_prompt_offsets")}
+    assert m["drift_through_cache"] is False and "through_cache" not in method
+    assert 0 < m["drift_wall_s"] < 600 and round(m["drift_wall_s"], 3) == m["drift_wall_s"]
+    assert m["reference_perplexity"] == pytest.approx(info["reference_perplexity"], rel=1e-9)
+
+
+def test_a_reference_of_another_model_is_refused(reference, tmp_path):
+    from optimize.models import resolve_model
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    other = resolve_model("synthetic:llama-tied-tiny", tmp_path)
+    state, _ = load_variant(other, Recipe(name="fp32"), "cpu", VariantStore(tmp_path))
+    with pytest.raises(InputError) as exc:
+        measure_drift(state, reference, SMALL)
+    assert str(exc.value) == (f"the reference at {reference} is for model 'synthetic:llama-tiny', "
+                              f"not 'synthetic:llama-tied-tiny'")
