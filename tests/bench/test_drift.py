@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +371,24 @@ def test_a_reference_of_another_model_is_refused(reference, tmp_path):
         measure_drift(state, reference, SMALL)
     assert str(exc.value) == (f"the reference at {reference} is for model 'synthetic:llama-tiny', "
                               f"not 'synthetic:llama-tied-tiny'")
+
+
+def test_the_reference_key_is_the_documented_payloads_hash(tiny_ref, tmp_path):
+    """Cached references stay valid across releases only while this payload and hash do not change."""
+    import hashlib
+
+    from optimize.libraries import libraries
+    from optimize.store import library_versions
+
+    text = tmp_path / "text.txt"
+    text.write_text("def f():\n    return 1\n", encoding="utf-8")
+    tokenizer = hashlib.sha256()
+    for path in sorted(Path(tiny_ref.tokenizer).iterdir()):
+        if path.is_file() and path.name.startswith(("tokenizer", "special_tokens", "vocab", "merges", "added_tokens")):
+            tokenizer.update(path.name.encode() + b"\0" + path.read_bytes())
+    payload = {"model": tiny_ref.fingerprint, "tokenizer": tokenizer.hexdigest(),
+               "text_sha256": hashlib.sha256(text.read_bytes()).hexdigest(), **SMALL.reference_settings(),
+               "device": "cuda", "versions": library_versions(libraries("reference")),
+               "method_version": METHOD_VERSION}
+    key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
+    assert reference_path(tiny_ref, SMALL, tmp_path, "cuda", str(text)) == tmp_path / "drift" / key
