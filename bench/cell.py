@@ -225,15 +225,15 @@ _NO_SERVING_WINDOW = "; serving peak not measured: /proc/self/clear_refs cannot 
 def _close_load_window(device: str) -> dict[str, Any]:
     """The load's memory peaks; then the peaks are reset, so that the run's own can be read after it.
 
-    Returns the load's figures and ``reset``: False where the peak RSS cannot be reset (the cell
-    then has no serving figure, only the whole cell's peak).
+    Returns the load's figures; on the CPU also ``reset``, False where the peak RSS cannot be
+    reset (the cell then has no serving figure, only the whole cell's peak).
     """
     from bench.metrics import memory
 
     if device == "cuda":
         load = memory.cuda_peaks()
         memory.reset_cuda_peaks()
-        return {**load, "reset": True}
+        return load
     return {"peak_rss_bytes": memory.peak_rss_bytes(), "reset": memory.reset_peak_rss()}
 
 

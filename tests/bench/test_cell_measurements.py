@@ -54,6 +54,7 @@ def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(mo
     monkeypatch.setattr(memory, "reset_peak_rss", lambda: calls.append("host reset"))
     load = cell._close_load_window("cuda")
     assert calls == ["reset"]  # the host's peak RSS stays the whole cell's
+    assert load == {"cuda_max_allocated_bytes": 800, "cuda_max_reserved_bytes": 850}
     run = {"cuda_max_allocated_bytes": 700, "cuda_max_reserved_bytes": 900, "nvml_process_bytes": 1100}
     monkeypatch.setattr(memory, "cuda_memory", lambda: run)
     assert cell._measure_memory("cuda", 1200, load) == {
