@@ -43,12 +43,20 @@ def tiny_prompts(tiny_ref):
     return ids
 
 
-@pytest.fixture
-def peak_rss_resets() -> None:
-    """Skip where the kernel refuses a peak-RSS reset; asked of the kernel directly, so that a broken
-    ``memory.reset_peak_rss`` cannot skip the tests that judge it."""
+def kernel_refuses_peak_reset() -> str | None:
+    """Why this kernel refuses a peak-RSS reset, or None; asked of the kernel directly, so that a
+    broken ``memory.reset_peak_rss`` cannot excuse the tests that judge it."""
     try:
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")
     except OSError as exc:
-        pytest.skip(f"this kernel refuses /proc/self/clear_refs: {exc}")
+        return f"this kernel refuses /proc/self/clear_refs: {exc}"
+    return None
+
+
+@pytest.fixture
+def peak_rss_resets() -> None:
+    """Skip where the kernel refuses a peak-RSS reset."""
+    refused = kernel_refuses_peak_reset()
+    if refused:
+        pytest.skip(refused)

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.conftest import kernel_refuses_peak_reset
+
 torch = pytest.importorskip("torch")
 
 
@@ -62,6 +64,10 @@ def test_gpt2_without_tokenizer_runs_every_cell_with_random_prompts(gpt2_dir, tm
         assert metrics["prefill_tflops"] > 0 and metrics["decode_bandwidth_gbps"] > 0  # roofline on GPT-2
         # 2 layers x 4 heads x 16 head dims x K and V x 4 bytes, read off the real cache
         assert metrics["kv_cache_bytes_per_token"] == 2 * 2 * 4 * 16 * 4
+        # The cell's peak covers its load and its run, each measured in its own window.
+        assert metrics["load_peak_memory_bytes"] <= metrics["peak_memory_bytes"]
+        assert ("serving_peak_memory_bytes" in metrics) == (kernel_refuses_peak_reset() is None)
+        assert metrics.get("serving_peak_memory_bytes", 0) <= metrics["peak_memory_bytes"]
     manifests = [json.loads(p.read_text()) for p in (cache_dir / "variants").glob("*/manifest.json")]
     [manifest] = [m for m in manifests if m["recipe"]["name"] == "prune-50"
                   and m["model"]["path"] == str(gpt2_dir.resolve())]
