@@ -338,7 +338,8 @@ def load_matrix(path: str | Path | None = None) -> Matrix:
 def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_size=None, prompt_tokens=None,
            new_tokens=None, repeat: dict | None = None, timeout_s=None, threads: int | None = None,
            trust_remote_code=None,
-           drift: bool | None = None, tokenizer: str | None = None, prompt_source: str | None = None) -> Matrix:
+           drift: bool | None = None, drift_protocol: str | None = None, tokenizer: str | None = None,
+           prompt_source: str | None = None) -> Matrix:
     """Override parts of a matrix from CLI flags (comma lists replace the file's lists).
 
     Each part a flag replaces is checked here, once, with the same rules as the file's; the
@@ -370,8 +371,14 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
             threads=matrix.measure.threads if threads is None else threads)
     if trust_remote_code:
         changes["trust_remote_code"] = True
-    if drift is not None:
-        changes["drift"] = dataclasses.replace(matrix.drift, enabled=bool(drift))
+    if drift is not None or drift_protocol is not None:
+        cfg = dataclasses.replace(matrix.drift, **({} if drift is None else {"enabled": bool(drift)}),
+                                  **({} if drift_protocol is None else {"protocol": drift_protocol}))
+        try:
+            cfg.validate()
+        except InputError as exc:
+            raise InputError(f"{where}: {exc}") from None
+        changes["drift"] = cfg
     if tokenizer:
         from optimize.models import check_tokenizer_dir
 

@@ -315,6 +315,18 @@ def load_tokenizer(ref: ModelRef, trust_remote_code: bool = False):
     return AutoTokenizer.from_pretrained(ref.tokenizer, trust_remote_code=trust_remote_code)
 
 
+def added_bos_token_id(ref: ModelRef, trust_remote_code: bool = False) -> int | None:
+    """The BOS id the model's tokenizer puts before a text it encodes, None where it adds none.
+
+    llama.cpp's perplexity tool starts each window with BOS exactly when the vocabulary adds one
+    (``add_bos``); a tokenizer that merely defines a BOS token (GPT-2's) does not.
+    """
+    tok = load_tokenizer(ref, trust_remote_code)
+    bos = tok.bos_token_id
+    ids = tok("x", add_special_tokens=True, verbose=False)["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
 def eval_text_path(text: str | None = None) -> Path:
     """The evaluation text: a user file, or the frozen held-out text shipped with the model."""
     path = Path(text) if text else EVAL_TEXT

@@ -13,6 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
 
@@ -71,6 +72,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, metavar="N",
                    help="torch intra-op threads per cell (default: the matrix's [measure] threads; 0: torch's default)")
     p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
+    p.add_argument("--drift-protocol", choices=PROTOCOLS,
+                   help="which tokens drift scores: every token but each window's first (all-but-first, default), "
+                        "or llama-perplexity's (BOS first where the tokenizer adds one, second half of each window "
+                        "scored: perplexities comparable with llama.cpp's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
     p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for models saved without one")
     p.add_argument("--prompt-source", choices=("auto", "eval-text", "random"),
@@ -137,7 +142,7 @@ def _matrix(args: argparse.Namespace):
                   devices=[args.device] if args.device else None, batch_size=args.batch_size,
                   prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeat=repeat,
                   timeout_s=args.timeout_s, threads=args.threads, trust_remote_code=args.trust_remote_code,
-                  drift=False if args.no_drift else None, tokenizer=args.tokenizer,
+                  drift=False if args.no_drift else None, drift_protocol=args.drift_protocol, tokenizer=args.tokenizer,
                   prompt_source=args.prompt_source)
 
 

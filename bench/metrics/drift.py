@@ -2,15 +2,19 @@
 
 The evaluation text is tokenized as one stream and cut into non-overlapping windows of
 ``context`` tokens; the first ``max_tokens // context`` windows are used. Each window is an
-independent sequence (no BOS, no overlap) and every token but its first is scored given
-all earlier tokens of its window.
+independent sequence (no overlap). Under the default protocol (``all-but-first``) there is no
+BOS and every token but the window's first is scored given all earlier tokens of its window;
+under ``llama.cpp`` (llama-perplexity's) the window's first token is replaced by BOS where the
+tokenizer adds one and only rows ``context // 2`` on are scored, each token with at least
+``context / 2`` tokens before it.
 
 The fp32 reference runs once per (model, text, settings) and its full log-softmax at every
 scored position is cached, so each variant needs one pass of its own. Cache layout::
 
     <cache>/drift/<key>/reference.safetensors
         windows            (W, T)       int64    the scored token windows
-        logprobs           (W, T-1, V)  float32  reference log-softmax; row t predicts token t+1
+        logprobs           (W, S, V)    float32  reference log-softmax of the scored rows: S = T-1-first,
+                                                  row i predicts token first+i+1 (first: 0, or T//2 for llama.cpp)
         gen_prompts        (P, Lp)      int64    fixed prompts for generation agreement
         gen_continuations  (P, N)       int64    the reference's greedy continuations
     <cache>/drift/<key>/reference.json  method, key, sizes, reference perplexity
@@ -41,6 +45,11 @@ REFERENCE_TENSORS = "reference.safetensors"
 REFERENCE_JSON = "reference.json"
 PROTOCOL = ("non-overlapping windows of `context` tokens from the start of the evaluation text, each an "
            "independent sequence (no BOS); every token but the first of each window is scored")
+PROTOCOL_LLAMA_CPP = ("llama.cpp's perplexity protocol: non-overlapping windows of `context` tokens from the start "
+                      "of the evaluation text, each an independent sequence whose first token is replaced by BOS "
+                      "where the tokenizer adds one; only the second half of each window is scored (context - 1 - "
+                      "context/2 tokens per window, each with at least context/2 tokens before it)")
+PROTOCOL_TEXT = {"all-but-first": PROTOCOL, "llama.cpp": PROTOCOL_LLAMA_CPP}
 
 
 # --- the reference pass ---------------------------------------------------------------
@@ -134,6 +143,11 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         raise InputError(f"drift needs sequences of {longest} tokens; model {ref.spec!r} takes at most {limit}")
     stream = models.eval_token_ids(ref, vocab, eval_text, trust_remote_code)
     windows = token_windows(stream, cfg)
+    bos = models.added_bos_token_id(ref, trust_remote_code) if cfg.protocol == "llama.cpp" else None
+    if bos is not None:
+        windows = windows.clone()
+        windows[:, 0] = bos  # llama-perplexity overwrites the window's first token, unscored in any protocol
+    first = cfg.first_scored_row
     offsets = gen_prompt_offsets(len(stream), cfg)
     prompts = torch.stack([stream[s : s + cfg.gen_prompt_tokens] for s in offsets])  # (P, Lp)
     state = VariantState(ref=ref, device=device, source_dir=Path(ref.path), trust_remote_code=trust_remote_code)
@@ -145,11 +159,12 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
     def logprob_rows():
         nonlocal nll_sum
         for start, lp in _logprob_batches(model, windows, cfg.batch_windows, device, "torch"):
-            targets = windows[start : start + lp.shape[0], 1:].to(lp.device)
+            lp = lp[:, first:]
+            targets = windows[start : start + lp.shape[0], first + 1 :].to(lp.device)
             nll_sum -= float(lp.gather(-1, targets.unsqueeze(-1)).sum(dtype=torch.float64))
             yield lp
 
-    shape = (len(windows), cfg.context - 1, vocab)
+    shape = (len(windows), cfg.context - 1 - first, vocab)
     small = {"windows": windows, "gen_prompts": prompts, "gen_continuations": continuations}
     write_safetensors_streamed(out / REFERENCE_TENSORS, small, ("logprobs", shape, logprob_rows()),
                        {"format": "pt", "key": key})
@@ -161,9 +176,10 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         "eval_text_tokens": len(stream),
         "settings": cfg.reference_settings(),
         "device": device,
-        "method": {"version": METHOD_VERSION, "scoring": PROTOCOL, "windows": shape[0], "context": cfg.context,
-                   "vocab": vocab, "scored_tokens": scored, "gen_prompt_offsets": offsets,
-                   "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary"},
+        "method": {"version": METHOD_VERSION, "scoring": PROTOCOL_TEXT[cfg.protocol], "windows": shape[0],
+                   "context": cfg.context, "vocab": vocab, "scored_tokens": scored, "gen_prompt_offsets": offsets,
+                   "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary",
+                   "protocol_name": cfg.protocol, "first_scored_row": first, "window_bos_token_id": bos},
         "reference_perplexity": math.exp(nll_sum / scored),
         "file_bytes": (out / REFERENCE_TENSORS).stat().st_size,
         "reference_wall_s": round(time.perf_counter() - t0, 3),
@@ -223,16 +239,18 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
     parts: list[dict] = []
     with safe_open(str(reference / REFERENCE_TENSORS), framework="pt", device="cpu") as f:
         windows = f.get_tensor("windows")  # (W, T)
-        ref_lp = f.get_slice("logprobs")  # (W, T-1, V), read lazily per batch
+        ref_lp = f.get_slice("logprobs")  # (W, S, V), the scored rows, read lazily per batch
+        first = cfg.first_scored_row
         batches = scorer.logprob_batches(windows) if scorer else _logprob_batches(
             state.model, windows, cfg.batch_windows, state.device, state.backend)
         for start, var_lp in batches:
+            var_lp = var_lp[:, first:]
             stop = start + var_lp.shape[0]
             lp = ref_lp[start:stop].to(var_lp.device)
             if lp.shape != var_lp.shape:
                 raise InputError(f"variant log-probs {tuple(var_lp.shape)} do not match the reference's "
                                  f"{tuple(lp.shape)}: different vocabulary?")
-            parts.append(token_drift(lp, var_lp, windows[start:stop, 1:].to(var_lp.device)))
+            parts.append(token_drift(lp, var_lp, windows[start:stop, first + 1 :].to(var_lp.device)))
             del lp, var_lp
         prompts, ref_cont = f.get_tensor("gen_prompts"), f.get_tensor("gen_continuations")
     metrics: dict[str, Any] = summarize_drift({k: torch.cat([p[k] for p in parts]) for k in parts[0]})
@@ -241,6 +259,10 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
     metrics.update(generation_agreement(ref_cont, var_cont))
     method = dict(info["method"])
     method["protocol"] = method.pop("scoring")  # reference.json names the window protocol "scoring"
+    # References cached before the protocol could be chosen are all-but-first ones without these keys.
+    method.setdefault("protocol_name", cfg.protocol)
+    method.setdefault("first_scored_row", first)
+    method.setdefault("window_bos_token_id", None)
     metrics["drift_method"] = {
         **method, "scoring": scoring, "scoring_reason": reason, "reference_key": info["key"],
         "reference_device": info["device"],
@@ -251,7 +273,7 @@ def measure_drift(state, reference: Path, cfg: DriftConfig, cache_factory=None) 
         "percentiles": "numpy linear interpolation",
     }
     if scorer:
-        metrics["drift_method"]["through_cache"] = through = scorer.method(len(windows))
+        metrics["drift_method"]["through_cache"] = through = scorer.method(len(windows), first)
         if through["quantized_positions_observed"]:
             metrics["drift_kv_quantized_scored_tokens"] = through["scored_tokens_reading_quantized"]
     metrics["drift_wall_s"] = round(time.perf_counter() - t0, 3)

@@ -13,6 +13,12 @@ from typing import Any
 from optimize.errors import InputError
 
 SCORINGS = ("auto", "full-window", "through-cache")
+# Which tokens of a window are scored. "all-but-first": every token but the window's first (the
+# default; more tokens, less context on average). "llama.cpp": llama-perplexity's protocol, the
+# window's first token replaced by BOS where the tokenizer adds one and only its second half scored
+# (each scored token sees at least context/2 earlier ones): perplexities comparable with its figures.
+PROTOCOLS = ("all-but-first", "llama.cpp")
+DEFAULT_PROTOCOL = PROTOCOLS[0]
 
 
 def _is_int(value: Any) -> bool:
@@ -38,6 +44,7 @@ class DriftConfig:
     # decoding through the variant's own cache (bench/metrics/drift_incremental.py); "auto": through
     # the cache for variants with a step that changes the KV cache and keeps one.
     scoring: str = "auto"
+    protocol: str = DEFAULT_PROTOCOL
 
     def validate(self) -> None:
         for key in ("context", "max_tokens", "batch_windows", "gen_prompts", "gen_prompt_tokens", "gen_new_tokens"):
@@ -51,15 +58,33 @@ class DriftConfig:
             raise InputError(f"drift enabled must be true or false, got {self.enabled!r}")
         if self.scoring not in SCORINGS:
             raise InputError(f"drift scoring must be one of {', '.join(map(repr, SCORINGS))}, got {self.scoring!r}")
+        if self.protocol not in PROTOCOLS:
+            raise InputError(f"drift protocol must be one of {', '.join(map(repr, PROTOCOLS))}, "
+                             f"got {self.protocol!r}")
+        if self.protocol == "llama.cpp" and self.context < 3:
+            raise InputError(f"drift context must be >= 3 under the llama.cpp protocol so the second half of a "
+                             f"window holds a token to score, got {self.context}")
 
     @property
     def windows(self) -> int:
         return self.max_tokens // self.context
 
-    def reference_settings(self) -> dict[str, int]:
-        """The settings that determine the reference's contents (not batching, ``enabled`` or ``scoring``)."""
-        return {k: getattr(self, k) for k in ("context", "max_tokens", "gen_prompts", "gen_prompt_tokens",
-                                              "gen_new_tokens")}
+    @property
+    def first_scored_row(self) -> int:
+        """Index of the first scored row of a window's (context - 1) next-token rows (row t predicts token t+1)."""
+        return self.context // 2 if self.protocol == "llama.cpp" else 0
+
+    def reference_settings(self) -> dict[str, Any]:
+        """The settings that determine the reference's contents (not batching, ``enabled`` or ``scoring``).
+
+        ``protocol`` is named only when it is not the default, so references cached before it
+        existed keep their keys.
+        """
+        out: dict[str, Any] = {k: getattr(self, k) for k in ("context", "max_tokens", "gen_prompts",
+                                                              "gen_prompt_tokens", "gen_new_tokens")}
+        if self.protocol != DEFAULT_PROTOCOL:
+            out["protocol"] = self.protocol
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> DriftConfig:

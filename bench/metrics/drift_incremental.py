@@ -191,11 +191,15 @@ class CacheScorer:
                 self.probe.settings = cache_settings(out.past_key_values)  # the cache generate used
             return torch.stack(out.logits, dim=1).float()
 
-    def method(self, windows: int) -> dict[str, Any]:
-        """How the figures were taken, and how many scored tokens read quantized cache entries."""
+    def method(self, windows: int, first_scored_row: int = 0) -> dict[str, Any]:
+        """How the figures were taken, and how many scored tokens read quantized cache entries.
+
+        Step j of a window produces its row j; rows before ``first_scored_row`` are not scored.
+        """
         q = self.probe.quantized_before  # one per forward step, batches in order
-        # windows scored by each step: the last batch may be partial
-        weights = [min(self.batch, windows - (i // self.steps_per_window) * self.batch) for i in range(len(q))]
+        # windows scored by each step: the last batch may be partial, and unscored rows weigh nothing
+        weights = [min(self.batch, windows - (i // self.steps_per_window) * self.batch)
+                   if i % self.steps_per_window >= first_scored_row else 0 for i in range(len(q))]
         assert not q or len(q) == -(-windows // self.batch) * self.steps_per_window, (len(q), windows, self.batch)
         scored = sum(weights)
         return {

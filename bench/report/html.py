@@ -14,7 +14,7 @@ from typing import Any
 
 from bench.catalogue import METRICS, metric
 from bench.report import plots
-from bench.report.markdown import LIBRARIES, MD_COLUMNS, ceiling_texts, note_items
+from bench.report.markdown import LIBRARIES, MD_COLUMNS, ceiling_texts, drift_protocols, note_items
 from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
@@ -226,6 +226,10 @@ def html_report(run_dir: Path) -> str:
     ])
     if sweep_figs:
         body.append(f'<section><h2>Sweeps</h2><div class="figs">{sweep_figs}</div></section>')
+    protocols = drift_protocols(records)
+    if protocols:
+        items = "".join(f"<li>{esc(text)}</li>" for text in protocols)
+        body.append(f'<section><h2>Drift protocol</h2><ul class="notes">{items}</ul></section>')
     extra = note_items(records)
     if extra:
         items = "".join(f"<li><b>{esc(name)}</b>: {esc(text)}</li>" for name, text in extra)

@@ -93,6 +93,21 @@ def recommendation_lines(group: Group) -> list[str]:
     return lines
 
 
+def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
+    """Each drift protocol the records' figures were scored under, raw text, in first-seen order.
+
+    A perplexity is comparable with another tool's only under the same protocol, so the reports say which.
+    """
+    out = []
+    for r in records:
+        drift = (r.get("method") or {}).get("drift") or {}
+        if drift.get("protocol"):
+            name = drift.get("protocol_name", "all-but-first")
+            out.append(f"{name}, windows of {drift.get('context')} tokens, {drift.get('scored_tokens')} scored "
+                       f"tokens: {drift['protocol']}")
+    return list(dict.fromkeys(out))
+
+
 def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     """(cell, note) pairs, raw text: failures and skips first line, labels, drift problems."""
     out = []
@@ -130,6 +145,7 @@ def markdown_report(run_dir: Path) -> str:
               "- Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
               "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
               "the mean tokens shared before they diverge (through the KV cache)."]
+    lines += [f"- Drift protocol: {md_escape(text)}" for text in drift_protocols(records)]
     extra = note_items(records)
     if extra:
         lines += ["", "## Notes", "", *(f"- {md_escape(name)}: {md_escape(text)}" for name, text in extra)]

@@ -73,6 +73,40 @@ def _err(records, key):
     return [lo, hi]
 
 
+# Where a point's label may go, in points from the point, tried in order: right above, right below,
+# left above, left below, then further up and down.
+LABEL_OFFSETS = ((7, 5), (7, -13), (-7, 5), (-7, -13), (7, 15), (7, -23))
+
+
+def place_labels(fig, ax, labels: list[tuple[str, tuple[float, float]]], marker_pt: float) -> None:
+    """Annotate each (label, data point) at the first offset where it covers no earlier label and no marker.
+
+    Greedy, in the given order; a label that fits nowhere goes to the first offset. The axis
+    limits must be final (scales and margins set) before this is called.
+    """
+    ax.autoscale_view()
+    renderer = fig.canvas.get_renderer()
+    pad = marker_pt / 2 * fig.dpi / 72  # marker radius in pixels
+    markers = [ax.transData.transform(xy) for _, xy in labels]
+    placed = []
+
+    def annotate(label, xy, dx, dy):
+        ann = ax.annotate(label, xy, xytext=(dx, dy), textcoords="offset points", fontsize=8,
+                          ha="left" if dx > 0 else "right")
+        return ann, ann.get_window_extent(renderer)
+
+    for label, xy in labels:
+        for dx, dy in LABEL_OFFSETS:
+            ann, box = annotate(label, xy, dx, dy)
+            if not any(box.overlaps(b) for b in placed) and not any(
+                    box.x0 - pad < mx < box.x1 + pad and box.y0 - pad < my < box.y1 + pad for mx, my in markers):
+                break
+            ann.remove()
+        else:
+            ann, box = annotate(label, xy, *LABEL_OFFSETS[0])
+        placed.append(box)
+
+
 def speed_vs_drift(group: Group):
     """Decode tokens/s (p50 with 95% CI) against mean KLD on a log axis, the Pareto front drawn.
 
@@ -103,13 +137,14 @@ def speed_vs_drift(group: Group):
         yerr = _err([r], speed.key)
         ax.errorbar([x_of(r)], [y], yerr=yerr, fmt="o", ms=8, capsize=3, zorder=3,
                     color=colors[r["variant"]], mfc="white" if zero else colors[r["variant"]], mew=2)
-        label = text(r["variant"]) + (" (KLD 0)" if zero else "") + (" *" if r["variant"] in front else "")
-        ax.annotate(label, (x_of(r), y), xytext=(7, 5), textcoords="offset points", fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel("KLD mean vs fp32 reference, nats/token (log; lower is better)")
     ax.set_ylabel(f"{speed.label} (p50, 95% CI)")
     ax.set_title(text(f"Speed against drift ({group.model}, {group.device}, {group.scenario['name']})"), loc="left")
     ax.margins(x=0.25, y=0.15)
+    place_labels(fig, ax, [(text(r["variant"]) + (" (KLD 0)" if point(r, DRIFT_AXIS) == 0 else "")
+                            + (" *" if r["variant"] in front else ""), (x_of(r), point(r, speed.key)))
+                           for r in recs], marker_pt=8)
     if len(front_recs) > 1:
         ax.legend(loc="lower left", frameon=False)
     fig.text(0.01, -0.02, "* on the Pareto front (no other variant is at least as fast and as accurate, "

@@ -333,7 +333,8 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, reference):
         "version": METHOD_VERSION, "scoring": PROTOCOL,
         "windows": windows, "context": SMALL.context, "vocab": 8192, "scored_tokens": windows * (SMALL.context - 1),
         "gen_prompt_offsets": info["method"]["gen_prompt_offsets"],
-        "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary"}
+        "logprobs": "float32 log-softmax of the fp32 reference over the full vocabulary",
+        "protocol_name": "all-but-first", "first_scored_row": 0, "window_bos_token_id": None}
     assert info["file_bytes"] == (reference / REFERENCE_TENSORS).stat().st_size
     assert 0 < info["reference_wall_s"] < 600 and round(info["reference_wall_s"], 3) == info["reference_wall_s"]
     assert info["versions"] == library_versions(libraries("reference"))
@@ -349,7 +350,8 @@ def test_measure_drift_states_its_method_and_the_reference_it_used(reference, dr
     info = json.loads((reference / REFERENCE_JSON).read_text())
     assert method["reference_key"] == reference.name and method["reference_device"] == "cpu"
     assert method["reference_trained"] is False  # random weights: the figures show mechanics only
-    assert method["protocol"] == PROTOCOL
+    assert method["protocol"] == PROTOCOL and method["protocol_name"] == "all-but-first"
+    assert method["first_scored_row"] == 0 and method["window_bos_token_id"] is None
     assert method["scoring"] == "full-window" and method["batch_windows"] == SMALL.batch_windows
     assert method["gen"] == "greedy, 8 new tokens from 2 prompts of 16"
     assert method["kld"] == "KL(reference || variant), nats, full vocabulary"

@@ -122,3 +122,54 @@ def test_gpu_line_never_says_none_when_nvml_failed(env, text):
     from bench.report.table import gpus_text
 
     assert gpus_text(env) == text
+
+
+def _label_boxes(fig, ax):
+    renderer = fig.canvas.get_renderer()
+    return [a.get_window_extent(renderer) for a in ax.texts]
+
+
+def test_point_labels_keep_clear_of_each_other_and_of_the_markers():
+    """Two variants almost on one spot (seen: prune-50's label drawn over prune-ffn-25's marker)."""
+    from bench.report.plots import _plt, place_labels
+
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7.5, 4.6))
+    # the default matrix's figure on a 2-core CPU: (KLD mean, decode tok/s), fp32 and no-kv-cache at the KLD floor
+    points = [(4e-9, 187.0), (4e-9, 62.0), (1.3e-4, 204.0), (1.8e-2, 202.0), (2e-4, 76.0), (9.6e-3, 167.0),
+              (9.8e-2, 161.0), (2.7e-1, 180.0), (4e-8, 307.0), (5.4e-3, 230.0)]
+    ax.plot([x for x, _ in points], [y for _, y in points], "o", ms=8)
+    ax.set_xscale("log")
+    ax.margins(x=0.25, y=0.15)
+    place_labels(fig, ax, [(f"variant-{i}-label", xy) for i, xy in enumerate(points)], marker_pt=8)
+    boxes = _label_boxes(fig, ax)
+    assert [t.get_text() for t in ax.texts] == [f"variant-{i}-label" for i in range(len(points))]
+    assert not any(a.overlaps(b) for i, a in enumerate(boxes) for b in boxes[i + 1 :])
+    pad = 4 * fig.dpi / 72
+    for mx, my in (ax.transData.transform(xy) for xy in points):
+        assert not any(b.x0 - pad < mx < b.x1 + pad and b.y0 - pad < my < b.y1 + pad for b in boxes)
+    plt.close(fig)
+
+
+def test_a_label_with_no_free_place_is_still_drawn_beside_its_point():
+    from bench.report.plots import LABEL_OFFSETS, _plt, place_labels
+
+    plt = _plt()
+    fig, ax = plt.subplots()
+    ax.plot([1.0], [1.0], "o")
+    place_labels(fig, ax, [(f"v{i}", (1.0, 1.0)) for i in range(len(LABEL_OFFSETS) + 2)], marker_pt=8)
+    assert len(ax.texts) == len(LABEL_OFFSETS) + 2
+    assert [t.xyann for t in ax.texts][-2:] == [LABEL_OFFSETS[0]] * 2  # the first place, when none is free
+    plt.close(fig)
+
+
+@pytest.mark.parametrize("fmt,name", [("md", "report.md"), ("csv", "results.csv")])
+def test_the_committed_example_reports_are_what_this_version_renders(fmt, name):
+    """reports/example is read as documentation: its reports must follow its records and today's code."""
+    from pathlib import Path
+
+    from bench.report.write import render
+
+    example = Path(__file__).resolve().parents[2] / "reports" / "example"
+    assert render(example, fmt) == (example / name).read_text(encoding="utf-8"), (
+        "regenerate: infermatrix report reports/example --format md,html,csv,png --out reports/example")
