@@ -321,8 +321,13 @@ def _kv_geometry(state):
     if state.backend == "onnxruntime":
         from optimize.export.onnx import onnx_kv_geometry
 
-        return onnx_kv_geometry(state.onnx_dir)
+        return onnx_kv_geometry(state.onnx_dir, _ort_session(state))
     return introspect.kv_geometry(state.model)
+
+
+def _ort_session(state):
+    """The loaded ONNX Runtime session: the graph's inputs without parsing the file inside the measured window."""
+    return getattr(state.model, "session", None)
 
 
 def _roofline(state, cell, metrics) -> dict:
@@ -354,7 +359,7 @@ def _elem_bytes(state) -> float:
     if state.backend == "onnxruntime":
         from optimize.export.onnx import onnx_kv_element_bytes
 
-        return float(onnx_kv_element_bytes(state.onnx_dir))
+        return float(onnx_kv_element_bytes(state.onnx_dir, _ort_session(state)))
     return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 

@@ -95,8 +95,27 @@ def _version(package: str) -> str:
         return "?"
 
 
-def _past_keys(onnx_dir: Path) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """(dims, element bytes) of each ``past_key_values.{i}.key`` input of the graph."""
+# ONNX Runtime's input type strings and their element bytes.
+_ORT_ELEMENT_BYTES = {"tensor(float)": 4, "tensor(float16)": 2, "tensor(bfloat16)": 2, "tensor(double)": 8,
+                      "tensor(int8)": 1, "tensor(uint8)": 1}
+
+
+def _past_keys(onnx_dir: Path, session=None) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(dims, element bytes) of each ``past_key_values.{i}.key`` input of the graph (symbolic dims as 0).
+
+    With the loaded ``session`` (an ``onnxruntime.InferenceSession``) they are read off its inputs:
+    parsing the file instead holds the whole graph, weights included when they are embedded, in
+    memory for a moment, which a measured process must not do.
+    """
+    if session is not None:
+        keys = [i for i in session.get_inputs() if i.name.startswith(PAST_PREFIX) and i.name.endswith(".key")]
+        if not keys:
+            raise NotApplicable(f"the ONNX graph in {onnx_dir} has no {PAST_PREFIX}*.key inputs")
+        unknown = sorted({k.type for k in keys} - set(_ORT_ELEMENT_BYTES))
+        if unknown:
+            raise NotApplicable(f"the ONNX graph in {onnx_dir} has past keys of type {', '.join(unknown)}")
+        return tuple((tuple(d if isinstance(d, int) else 0 for d in k.shape), _ORT_ELEMENT_BYTES[k.type])
+                     for k in keys)
     path = Path(onnx_dir) / ONNX_FILE
     return _read_past_keys(path, path.stat().st_mtime_ns)
 
@@ -115,18 +134,21 @@ def _read_past_keys(path: Path, _mtime_ns: int) -> tuple[tuple[tuple[int, ...], 
                   tensor_dtype_to_np_dtype(k.type.tensor_type.elem_type).itemsize) for k in keys)
 
 
-def onnx_kv_geometry(onnx_dir: Path):
-    """The KV-cache shape from the graph's ``past_key_values.{i}.key`` inputs (B, kv_heads, past, head_dim)."""
+def onnx_kv_geometry(onnx_dir: Path, session=None):
+    """The KV-cache shape from the graph's ``past_key_values.{i}.key`` inputs (B, kv_heads, past, head_dim).
+
+    ``session``: the loaded graph's ONNX Runtime session, read instead of the file (see ``_past_keys``).
+    """
     from optimize.introspect import KVGeometry
 
-    keys = _past_keys(onnx_dir)
+    keys = _past_keys(onnx_dir, session)
     dims = keys[0][0]
     return KVGeometry(len(keys), dims[1], dims[3], "onnx graph")
 
 
-def onnx_kv_element_bytes(onnx_dir: Path) -> int:
+def onnx_kv_element_bytes(onnx_dir: Path, session=None) -> int:
     """Bytes per element of the graph's KV cache, from its past-key inputs' type (2 for an fp16 export)."""
-    return _past_keys(onnx_dir)[0][1]
+    return _past_keys(onnx_dir, session)[0][1]
 
 
 def _opset(onnx_path: Path) -> int:
