@@ -30,8 +30,15 @@ COMMANDS = {
 }
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line (the cause, and where the usage is) instead of the usage text."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infermatrix", description="LLM inference optimization and benchmarking harness.")
+    p = _Parser(prog="infermatrix", description="LLM inference optimization and benchmarking harness.")
     from bench import __version__
 
     p.add_argument("--version", action="version", version=f"infermatrix {__version__}")

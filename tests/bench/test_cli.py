@@ -47,6 +47,27 @@ def test_bad_flag_value_exits_2():
     assert "--batch-size takes comma-separated integers" in proc.stderr
 
 
+@pytest.mark.parametrize("args,parts", [
+    (("run", "--drift-protocol", "half"),
+     ["infermatrix run: error: argument --drift-protocol: invalid choice: 'half'", "all-but-first", "llama.cpp",
+      "(see 'infermatrix run --help')"]),
+    (("export", "run-dir", "--to", "nothing"),
+     ["infermatrix export: error: argument --to: invalid choice: 'nothing'", "pytest-benchmark",
+      "github-action-benchmark", "(see 'infermatrix export --help')"]),
+    (("select", "run-dir", "--bogus"), ["infermatrix: error: unrecognized arguments: --bogus"]),
+    (("frobnicate",), ["infermatrix: error: argument COMMAND: invalid choice: 'frobnicate'"]),
+    (("run", "--batch-size"), ["infermatrix run: error: argument --batch-size: expected one argument"]),
+])
+def test_usage_errors_are_one_line_not_the_usage_text(args, parts, capsys):
+    """argparse prints its whole usage before the cause (twenty lines for run); the cause alone is wanted."""
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith(parts[0]) and all(part in err for part in parts), err
+
+
 def test_unknown_model_exits_2(tmp_path):
     proc = _cli("run", "--model", "synthetic:llama-999", "--device", "cpu", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2
