@@ -14,7 +14,14 @@ from typing import Any
 
 from bench.catalogue import METRICS, metric
 from bench.report import plots
-from bench.report.markdown import LIBRARIES, MD_COLUMNS, ceiling_texts, drift_protocols, note_items
+from bench.report.markdown import (
+    LIBRARIES,
+    MD_COLUMNS,
+    NO_RECORDS,
+    ceiling_texts,
+    drift_protocols,
+    note_items,
+)
 from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
@@ -216,6 +223,8 @@ def html_report(run_dir: Path) -> str:
     sub = f"{len(records)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     toc = "".join(f'<li><a href="#g{i}">{esc(g.title)}</a></li>' for i, g in enumerate(groups))
     body = [environment_html(run)]
+    if not records:
+        body.append(f"<p><b>{esc(NO_RECORDS)}</b></p>")
     if len(groups) > 1:
         body.append(f"<h3>Scenarios</h3><ul>{toc}</ul>")
     body += [group_section(g, i) for i, g in enumerate(groups)]

@@ -125,12 +125,18 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
+NO_RECORDS = ("No cell records: results.jsonl holds none (the run was stopped, or is still running, before its "
+              "first cell ended).")
+
+
 def markdown_report(run_dir: Path) -> str:
     """The Markdown report of ``run_dir``."""
     run = read_run(run_dir)
     records = read_records(run_dir)
     lines = [f"# infermatrix run `{md_escape(run['matrix']['name'])}`", "", *environment_lines(run)]
     groups = group_records(records)
+    if not records:
+        lines += ["", f"**{NO_RECORDS}**"]
     for g in groups:
         lines += ["", f"## {md_escape(g.title)}", ""]
         lines += group_table(g)

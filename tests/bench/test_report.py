@@ -95,6 +95,16 @@ def test_png_of_a_run_without_drift_says_why_nothing_was_written(tmp_path, capsy
     assert captured.err.startswith("infermatrix report: no png written: the speed-against-drift figure needs ")
 
 
+def test_a_run_without_records_says_so_in_every_report(tmp_path):
+    from bench.report.html import html_report
+    from bench.report.markdown import NO_RECORDS
+
+    run = write_run(tmp_path / "run", [])
+    assert f"**{NO_RECORDS}**" in markdown_report(run)
+    assert f"<p><b>{NO_RECORDS}</b></p>" in html_report(run)
+    assert "No cell records" not in markdown_report(write_run(tmp_path / "other", [record("fp32")]))
+
+
 def test_html_escapes_input_and_fetches_nothing(run):
     from bench.report.html import html_report
 
