@@ -113,9 +113,18 @@ def _eval_text(data: dict, where: str) -> str | None:
         return None
     value = _text(data, "eval_text", where, "")
     try:
-        eval_text_path(value)
+        raw = eval_text_path(value).read_bytes()
     except InputError as exc:
         raise _err(where, "eval_text", f"must name an existing text file: {exc}") from None
+    except OSError as exc:
+        raise _err(where, "eval_text", f"{value!r} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _err(where, "eval_text", f"{value!r} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
+                                       f"{exc.start} ({exc.reason})") from None
+    if not text.strip():
+        raise _err(where, "eval_text", f"{value!r} holds no text") from None
     return value
 
 

@@ -320,6 +320,22 @@ def test_missing_eval_text_file_is_an_input_error_not_random_prompts(tiny_ref, t
         parse_matrix({"eval_text": str(tmp_path / "missing.txt")}, "m.toml")
 
 
+@pytest.mark.parametrize(("content", "needle"), [
+    (b"\xc1\x00 not text", "is not UTF-8 text: byte 0xc1 at offset 0 (invalid start byte)"),
+    (b"def f():\n    return '\xe9", "is not UTF-8 text: byte 0xe9 at offset 21 (unexpected end of data)"),
+    (b"", "holds no text"),
+    (b" \n\t\n", "holds no text"),
+])
+def test_an_evaluation_text_that_is_not_text_exits_2_before_any_cell(tmp_path, content, needle):
+    """Seen: a binary eval_text ran the whole matrix, every cell failing with a UnicodeDecodeError."""
+    text = tmp_path / "eval.txt"
+    text.write_bytes(content)
+    path = tmp_path / "m.toml"
+    path.write_text(f'eval_text = "{text}"\n')
+    _one_line_exit_2(_cli("run", str(path), "--out", str(tmp_path / "run")), "'eval_text'", needle)
+    assert not (tmp_path / "run").exists()
+
+
 def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_path, cache_dir):
     from bench.launchers.local import LocalLauncher
 
