@@ -23,8 +23,10 @@ if TYPE_CHECKING:
 
 
 def error_tail(exc: BaseException, lines: int = 12) -> str:
+    """The traceback's last ``lines`` lines; an exception message longer than that is kept from its start."""
     text = "".join(traceback.format_exception(exc)).rstrip().splitlines()
-    return "\n".join(text[-lines:])
+    own = "".join(traceback.format_exception_only(exc)).rstrip().splitlines()
+    return "\n".join(own[:lines] if len(own) >= lines else text[-lines:])
 
 
 def _seed(seed: int) -> None:

@@ -30,9 +30,15 @@ def error_cause(error: str | None) -> str:
     head = lines[0].removeprefix(prefix)
     if head.startswith(PARENT_MESSAGES):
         return lines[0]
-    traceback = any(line.startswith(('File "', "Traceback (most recent call last)")) for line in lines)
-    if traceback or "Traceback" in head or EXCEPTION_LINE.match(lines[-1]):
-        return prefix + lines[-1]
+    frames = [i for i, line in enumerate(lines) if line.startswith('File "')]
+    # The exception's own line follows the last frame (and its source and caret lines); a message of
+    # several lines ("ValueError: ... \n\nYou can update Transformers ...") continues after it.
+    after = lines[frames[-1] + 1 :] if frames else lines
+    own = next((line for line in after if EXCEPTION_LINE.match(line.removeprefix(prefix))), None)
+    if own is not None:
+        return own if own.startswith(prefix) else prefix + own
+    if frames or "Traceback" in head:
+        return prefix + lines[-1].removeprefix(prefix)
     return lines[0]
 
 

@@ -192,9 +192,29 @@ def check_model_spec(spec: str) -> None:
     looks_local = spec.startswith((".", "/", "~")) or path.exists()
     if looks_local and not (path / "config.json").is_file():
         raise InputError(f"model directory {spec!r} does not exist or has no config.json")
+    if looks_local:
+        _check_model_dir(spec, path)
     if not looks_local and spec.count("/") != 1:
         raise InputError(f"model {spec!r} is not builtin:NAME, synthetic:NAME, a local directory or a hub id "
                          "like org/name")
+
+
+# Weight files transformers loads into a torch model (one file, or shards with their index).
+WEIGHT_PATTERNS = ("*.safetensors", "*.safetensors.index.json", "pytorch_model*.bin", "pytorch_model.bin.index.json")
+
+
+def _check_model_dir(spec: str, path: Path) -> None:
+    """A local model directory's config must be a JSON object naming its type, and weights must be there."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise InputError(f"model directory {spec!r}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise InputError(f"model directory {spec!r}: config.json has no 'model_type' (a transformers config names "
+                         "its architecture there)")
+    if not any(next(path.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise InputError(f"model directory {spec!r} holds no weights (model.safetensors, pytorch_model.bin or "
+                         "their sharded forms)")
 
 
 def has_tokenizer_files(path: Path) -> bool:

@@ -336,6 +336,35 @@ def test_an_evaluation_text_that_is_not_text_exits_2_before_any_cell(tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(("files", "needle"), [
+    ({"config.json": '{"model_type": "llama", "hidden_size": 64'}, "config.json is not valid JSON"),
+    ({"config.json": '["llama"]', "model.safetensors": ""}, "config.json has no 'model_type'"),
+    ({"config.json": '{"model_type": "llama"}', "tokenizer.json": "{}"}, "holds no weights"),
+])
+def test_a_model_directory_without_a_config_or_weights_exits_2_before_any_cell(tmp_path, files, needle):
+    """Seen: each of these ran the roofline and then failed every cell with a loader traceback."""
+    model = tmp_path / "my-model"
+    model.mkdir()
+    for name, text in files.items():
+        (model / name).write_text(text)
+    line = _one_line_exit_2(_cli("run", "--model", str(model), "--variants", "fp32", "--out", str(tmp_path / "run")),
+                            f"model directory {str(model)!r}", needle)
+    assert line.startswith("infermatrix run: error: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_weights_in_shards_or_pytorch_files_are_weights(tmp_path):
+    from optimize.models import check_model_spec
+
+    for name in ("model-00001-of-00002.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                 "pytorch_model-00001-of-00002.bin"):
+        model = tmp_path / name.replace(".", "-")
+        model.mkdir()
+        (model / "config.json").write_text('{"model_type": "gpt2"}')
+        (model / name).write_text("")
+        check_model_spec(str(model))
+
+
 def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_path, cache_dir):
     from bench.launchers.local import LocalLauncher
 

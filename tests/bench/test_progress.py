@@ -26,6 +26,37 @@ def test_error_cause_is_the_exception_line_of_a_traceback():
     assert error_cause(tail_only) == "RuntimeError: CUDA error: an illegal memory access was encountered"
 
 
+def test_error_cause_of_a_message_of_several_lines_is_its_first_line():
+    """Seen: transformers' unknown-model error ended the progress line with 'You can update Transformers ...'."""
+    import json
+
+    message = ("ValueError: The checkpoint you are trying to load has model type `frobnik` but Transformers does "
+               "not recognize this architecture.\n\nYou can update Transformers with the command `pip install "
+               "--upgrade transformers`.")
+    trace = TRACE.rsplit("\n", 1)[0] + "\n    raise ValueError(\n" + message
+    assert error_cause(trace) == message.splitlines()[0]
+    assert error_cause("build: " + trace) == "build: " + message.splitlines()[0]
+    assert error_cause(json.loads(json.dumps(message))) == message.splitlines()[0]  # the message alone
+
+
+def test_error_tail_keeps_the_start_of_a_long_message():
+    from bench.cell import error_tail
+
+    def fail(lines):
+        try:
+            raise ValueError("the cause\n" + "\n".join(f"detail {i}" for i in range(lines)))
+        except ValueError as exc:
+            return exc
+
+    long_tail = error_tail(fail(30))
+    assert long_tail.splitlines()[0] == "ValueError: the cause" and len(long_tail.splitlines()) == 12
+    assert error_cause(long_tail) == "ValueError: the cause"
+    short_tail = error_tail(fail(2))
+    assert short_tail.splitlines()[-3:] == ["ValueError: the cause", "detail 0", "detail 1"]
+    assert any(line.strip().startswith('File "') for line in short_tail.splitlines())  # frames kept
+    assert error_cause(short_tail) == "ValueError: the cause"
+
+
 def test_error_cause_keeps_the_parents_own_message_first():
     assert error_cause("cell process died with signal SIGSEGV\n" + TRACE) == "cell process died with signal SIGSEGV"
     assert error_cause(SKIP) == SKIP
