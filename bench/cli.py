@@ -62,8 +62,18 @@ def _one_line_warnings() -> None:
     warnings.formatwarning = fmt
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """Parse; an unknown flag is reported by its subcommand ('infermatrix compare: error: ...'), not the top level."""
+    p = parser()
+    args, extra = p.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in p._actions if isinstance(a, argparse._SubParsersAction)).choices[args.command]
+        sub.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    args = _parse(argv)
     _one_line_warnings()
     try:
         return int(importlib.import_module(args._module).main(args) or 0)

@@ -5,6 +5,7 @@ A metric across commits is then one query; ``show`` prints it and ``plot`` draws
 
 from __future__ import annotations
 
+import io
 import json
 import sqlite3
 import statistics
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import environment_fingerprint, gated_metrics, load_side, metric_blocks
+from optimize.atomic import write_atomic
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -75,8 +77,11 @@ def series(db: Path, metric: str, cell: str | None = None) -> list[dict[str, Any
     return [dict(zip(keys, r, strict=True)) for r in rows]
 
 
+PLOT_SUFFIXES = (".png", ".svg")
+
+
 def plot(points: list[dict[str, Any]], metric: str, out: Path) -> Path:
-    """A line per cell across runs, labelled by short commit (PNG or SVG by ``out``'s suffix)."""
+    """A line per cell across runs, labelled by short commit (PNG or SVG by ``out``'s suffix, see PLOT_SUFFIXES)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -91,6 +96,9 @@ def plot(points: list[dict[str, Any]], metric: str, out: Path) -> Path:
     ax.set_ylabel(f"{metric} (median)")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(out).suffix.lstrip(".").lower())
     plt.close(fig)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(out), buf.getvalue())
     return out

@@ -46,6 +46,10 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--metric {args.metric!r} is not recorded in history; one of {keys}")
     if not args.db.exists():
         raise InputError(f"--db {args.db} does not exist; add a run first with 'infermatrix history add DIR'")
+    if args.plot and args.plot.suffix.lower() not in history.PLOT_SUFFIXES:
+        raise InputError(f"--plot {str(args.plot)!r} must end in {' or '.join(history.PLOT_SUFFIXES)}")
+    if args.plot and args.plot.is_dir():
+        raise InputError(f"--plot {str(args.plot)!r} is a directory")
     points = history.series(args.db, args.metric, args.cell)
     print(f"{'commit':10} {'started':20} {'median':>12} {'n':>4}  cell")
     for p in points:

@@ -54,7 +54,9 @@ def test_bad_flag_value_exits_2():
     (("export", "run-dir", "--to", "nothing"),
      ["infermatrix export: error: argument --to: invalid choice: 'nothing'", "pytest-benchmark",
       "github-action-benchmark", "(see 'infermatrix export --help')"]),
-    (("select", "run-dir", "--bogus"), ["infermatrix: error: unrecognized arguments: --bogus"]),
+    (("select", "run-dir", "--bogus"),
+     ["infermatrix select: error: unrecognized arguments: --bogus", "(see 'infermatrix select --help')"]),
+    (("--bogus", "env"), ["infermatrix env: error: unrecognized arguments: --bogus"]),
     (("frobnicate",), ["infermatrix: error: argument COMMAND: invalid choice: 'frobnicate'"]),
     (("run", "--batch-size"), ["infermatrix run: error: argument --batch-size: expected one argument"]),
 ])

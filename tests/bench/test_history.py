@@ -32,3 +32,22 @@ def test_commit_defaults_to_the_run_and_duplicates_are_refused(tmp_path, capsys,
     assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 2
     assert "already in" in capsys.readouterr().err
     assert cli(["history", "show", "--db", "h.sqlite", "--metric", "nonsense"]) == 2
+
+
+def test_plot_goes_where_asked_or_the_flag_is_refused(tmp_path, capsys):
+    """Seen: --plot into a missing folder ended in a FileNotFoundError traceback, after the table was printed."""
+    db = tmp_path / "h.sqlite"
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="cd" * 20)
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 0
+    show = ["history", "show", "--db", str(db), "--metric", "tpot_ms", "--plot"]
+    assert cli([*show, str(tmp_path / "new" / "dir" / "p.svg")]) == 0
+    assert (tmp_path / "new" / "dir" / "p.svg").read_text().lstrip().startswith(("<?xml", "<svg"))
+    assert [p.name for p in (tmp_path / "new" / "dir").iterdir()] == ["p.svg"]  # no temporary left
+    capsys.readouterr()
+    for bad, needle in ((tmp_path / "p.jpeg", "must end in .png or .svg"), (tmp_path / "p", "must end in"),
+                        (tmp_path / "new.png", "is a directory")):
+        if bad.name == "new.png":
+            bad.mkdir()
+        assert cli([*show, str(bad)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and len(err.strip().splitlines()) == 1, err
