@@ -159,6 +159,20 @@ def _materialise_synthetic(name: str, arch: SyntheticArch, cache: Path) -> Path:
     return out
 
 
+def is_hub_spec(spec: str) -> bool:
+    """A spec that names a Hugging Face hub model (not built-in, synthetic or a local directory)."""
+    return spec.partition(":")[0] not in ("builtin", "synthetic") and not Path(spec).expanduser().is_dir()
+
+
+def fetch_hub_model(spec: str) -> ModelRef:
+    """Download a hub model (or find it in the hub cache with HF_HUB_OFFLINE=1); ``InputError`` if it cannot be had.
+
+    The parent fetches before any cell starts, so an unreachable id is bad input up front and a
+    large download is not charged to the first cell's timeout.
+    """
+    return _resolve_hub(spec)
+
+
 def peek_model(spec: str, cache: Path | None = None, tokenizer: str | None = None) -> ModelRef | None:
     """The ``ModelRef`` when it can be had without loading or downloading anything, else None.
 

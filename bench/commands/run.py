@@ -178,6 +178,7 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         resolve = device_resolver(torch_env)
         for device in matrix.devices:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
+        _fetch_hub_models(matrix)  # an unreachable hub id too
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
                                "torch": torch_env})
@@ -203,6 +204,15 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         _write_reports(run_dir)
     # Exit 1 when a check failed: a cell failed, or a variant drifted past the matrix's budget.
     return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0
+
+
+def _fetch_hub_models(matrix) -> None:
+    from optimize.models import fetch_hub_model, is_hub_spec
+
+    for spec in matrix.models:
+        if is_hub_spec(spec):
+            print(f"fetching hub model {spec}", file=sys.stderr, flush=True)
+            fetch_hub_model(spec)
 
 
 def _write_reports(run_dir: Path) -> None:

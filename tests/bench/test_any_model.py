@@ -141,3 +141,50 @@ def test_tokenizer_dir_gives_a_tokenizerless_model_text_prompts(gpt2_dir):
         prompt_ids(with_tok, 1000, 1, 8, source="eval-text")
     ids, source = prompt_ids(with_tok, 8192, 1, 8)
     assert source == "eval-text" and ids.shape == (1, 8)
+
+
+def _hub_env(tmp_path) -> dict:
+    import os
+
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+            "HF_HOME": str(tmp_path / "hf-home")}
+
+
+def test_a_hub_id_found_in_the_offline_hub_cache_runs(tiny_ref, tmp_path, cache_dir):
+    """The hub path of a user without network: the model sits in the hub cache under its id."""
+    import shutil
+    from pathlib import Path
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--testorg--tiny-llama"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    for source in (Path(tiny_ref.path), Path(tiny_ref.tokenizer)):
+        for f in source.iterdir():
+            if f.is_file() and f.suffix in (".json", ".safetensors"):
+                shutil.copy(f, snapshot / f.name)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", "testorg/tiny-llama", "--variants",
+                           "fp32", "--device", "cpu", "--batch-size", "1", "--prompt-tokens", "8", "--new-tokens", "2",
+                           "--no-drift", "--out", str(out), "--quiet"], capture_output=True, text=True, timeout=900,
+                          env=_hub_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fetching hub model testorg/tiny-llama" in proc.stderr
+    record = _records(out)["fp32"]
+    assert record["status"] == "ok" and record["model"] == "testorg/tiny-llama"
+    assert record["model_info"]["path"] == str(snapshot) and record["model_info"]["tokenizer"] == str(snapshot)
+    assert record["method"]["prompt_source"].startswith("eval")
+
+
+def test_an_unreachable_hub_id_is_one_line_exit_2_before_any_cell(tmp_path):
+    """Seen: the run measured the roofline, then failed every cell with the same cut-off loader message."""
+    out = tmp_path / "r"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", "testorg/not-there", "--variants",
+                           "fp32", "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300,
+                          env=_hub_env(tmp_path))
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("infermatrix run: error: model 'testorg/not-there' is neither") and "hub id" in last
+    assert "roofline" not in proc.stderr and not out.exists()
