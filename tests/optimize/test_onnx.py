@@ -84,6 +84,52 @@ def test_a_cell_reads_the_kv_cache_off_the_loaded_session_never_parsing_the_grap
         (KVGeometry(2, 2, 32, "onnx graph"), 4.0)
 
 
+def test_nothing_parses_the_graph_between_the_end_of_load_and_the_memory_reading(tiny_ref, cache_dir, monkeypatch):
+    """The whole serving window of an ONNX cell, run as a cell runs (bench.cell.measure), with onnx.load trapped."""
+    import dataclasses
+
+    import onnx
+
+    import bench.cell as cell_module
+    from bench.cells import Cell, MeasureConfig
+    from bench.scenarios.generate import GenerateScenario
+    from optimize.registry import builtin_variant
+
+    parsed, window = [], {"open": False}
+    real_load, real_close, real_measure = onnx.load, cell_module._close_load_window, cell_module._measure_memory
+
+    def load(*args, **kwargs):
+        if window["open"]:
+            parsed.append(args[0] if args else kwargs)
+        return real_load(*args, **kwargs)
+
+    def close(device):
+        out = real_close(device)
+        window["open"] = True
+        return out
+
+    def measure_memory(*args):
+        window["open"] = False
+        return real_measure(*args)
+
+    import optimize.export.onnx as export
+
+    export._read_past_keys.cache_clear()  # a parse cached by an earlier test would hide one in the window
+    monkeypatch.setattr(onnx, "load", load)
+    monkeypatch.setattr(cell_module, "_close_load_window", close)
+    monkeypatch.setattr(cell_module, "_measure_memory", measure_memory)
+    measure = dataclasses.replace(MeasureConfig(), roofline=False)
+    measure = dataclasses.replace(measure, repeat=dataclasses.replace(measure.repeat, warmup=0, min_reps=1,
+                                                                      max_reps=1, budget_s=0.0))
+    cell = Cell(model="synthetic:llama-tiny", recipe=builtin_variant("onnx-fp32"), device="cpu",
+                scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), measure=measure,
+                cache_dir=str(cache_dir))
+    record = cell_module.measure(cell.to_dict())
+    assert record["status"] == "ok", record["error"]
+    assert record["metrics"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # K and V x layers x heads x dim x 4
+    assert window == {"open": False} and parsed == []
+
+
 def test_session_inputs_give_the_element_bytes_of_each_past_key_type(tmp_path):
     import os
 
