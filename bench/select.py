@@ -18,10 +18,11 @@ Per group (one model, device and scenario; see ``bench.report.table``):
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.catalogue import MIB, Metric, comparable, interval, metric, point
+from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count
 from bench.report.table import Group, group_records
 from optimize.errors import InputError
 
@@ -29,30 +30,82 @@ DRIFT_AXIS = "kld_mean"
 DEFAULT_OBJECTIVE = "decode_tokens_per_s"
 
 
+# Statistics of a summary metric (every repetition's values) a constraint may bound; p50 is the point value.
+STATS = ("p50", "p90", "p99", "mean", "min", "max")
+
+
 @dataclass(frozen=True)
 class Constraint:
-    """A bound on one catalogue metric's point value: ``value <= bound`` (max) or ``>= bound`` (min)."""
+    """A bound on one catalogue metric: ``value <= bound`` (max) or ``>= bound`` (min).
+
+    ``stat`` picks a statistic of a summary metric's repetitions (``p99`` of ``ttft_ms``, as
+    MLPerf bounds latency); None is the point value (the p50 of a summary).
+    """
 
     key: str
     bound: float
     side: Literal["max", "min"]
     flag: str = ""
     given: float | None = None  # the flag's value in its own unit (MiB for --max-memory-mib)
+    stat: str | None = None
+
+    def value(self, record: dict[str, Any]) -> float | None:
+        if self.stat in (None, "p50"):
+            return point(record, self.key)
+        summary = (record.get("metrics") or {}).get(self.key)
+        value = summary.get(self.stat) if isinstance(summary, dict) else None
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        return float(value) if ok else None
 
     def violation(self, record: dict[str, Any]) -> str | None:
         """Why ``record`` breaks this constraint, or None when it satisfies it."""
         m = metric(self.key)
-        value = point(record, self.key)
+        label = f"{m.label} {self.stat}" if self.stat else m.label
+        value = self.value(record)
         if value is None:
-            return f"no {m.label} measured ({self.flag or self.key} needs it)"
+            return f"no {label} measured ({self.flag or self.key} needs it)"
         over = value > self.bound if self.side == "max" else value < self.bound
         if not over:
             return None
         op = ">" if self.side == "max" else "<"
-        return f"{m.label} {m.format(value)} {op} {m.format(self.bound)} ({self.flag or self.key})"
+        n = sample_count(record, self.key) if self.stat else None
+        of = f" over {n} samples" if n else ""  # repetitions; for ITL, every token gap of every repetition
+        return f"{label} {m.format(value)}{of} {op} {m.format(self.bound)} ({self.flag or self.key})"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag, "given": self.given}
+        summary = metric(self.key).shape == "summary"
+        return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag, "given": self.given,
+                "stat": (self.stat or "p50") if summary else None}
+
+
+WHERE = re.compile(r"^\s*([A-Za-z0-9_]+)(?:\.([A-Za-z0-9]+))?\s*(<=|>=)\s*(\S+)\s*$")
+
+
+def parse_where(text: str) -> Constraint:
+    """``--where METRIC[.STAT]<=VALUE`` (or ``>=``): a bound on any catalogue metric, in its stored unit."""
+    match = WHERE.match(text)
+    if not match:
+        raise InputError(f"--where {text!r}: expected METRIC<=VALUE or METRIC.STAT>=VALUE, e.g. 'ttft_ms.p99<=200'")
+    key, stat, op, number = match.groups()
+    try:
+        m = metric(key)
+    except InputError as exc:
+        raise InputError(f"--where {text!r}: {exc}") from None
+    if m.shape not in ("summary", "scalar"):
+        raise InputError(f"--where {text!r}: {key} is not a number a bound can apply to")
+    if stat is not None:
+        if m.shape != "summary":
+            raise InputError(f"--where {text!r}: {key} is one figure per cell; statistics ({', '.join(STATS)}) "
+                             "apply to metrics with a value per repetition")
+        if stat not in STATS:
+            raise InputError(f"--where {text!r}: unknown statistic {stat!r}; one of {', '.join(STATS)}")
+    try:
+        bound = float(number)
+    except ValueError:
+        bound = math.nan
+    if not math.isfinite(bound):
+        raise InputError(f"--where {text!r}: the bound must be a finite number, got {number!r}")
+    return Constraint(key, bound, "max" if op == "<=" else "min", f"--where {text.strip()}", bound, stat)
 
 
 # flag: (metric, side, multiplier from the flag's unit to the stored unit)
@@ -271,7 +324,8 @@ def format_decisions(decisions: list[Decision]) -> str:
     for d in decisions:
         g = d.group
         lines.append(f"{g.title}")
-        bounds = ", ".join(f"{c.flag} {c.bound if c.given is None else c.given:g}" for c in d.constraints)
+        bounds = ", ".join(c.flag if c.flag.startswith("--where") else
+                           f"{c.flag} {c.bound if c.given is None else c.given:g}" for c in d.constraints)
         lines.append(f"  objective: {d.objective.label} ({d.objective.direction} is better)"
                      + (f"; constraints: {bounds}" if bounds else ""))
         if d.chosen:

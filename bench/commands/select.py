@@ -25,6 +25,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="largest peak memory while generating (after load: warm-up and timed repetitions), MiB")
     p.add_argument("--max-ttft-ms", type=float, help="largest p50 time to first token, ms")
     p.add_argument("--max-tpot-ms", type=float, help="largest p50 time per output token, ms")
+    p.add_argument("--where", action="append", default=[], metavar="METRIC[.STAT]<=VALUE",
+                   help="a bound on any catalogue metric in its stored unit (ms, bytes, tokens/s), repeatable; "
+                        "<= or >=; STAT (p50, p90, p99, mean, min, max) for metrics with a value per repetition, "
+                        "e.g. 'ttft_ms.p99<=200', 'itl_ms.p99<=40', 'kld_p99<=0.1', 'decode_tokens_per_s>=100'")
     p.add_argument("--device", help="only cells on this device (cpu, cuda)")
     p.add_argument("--scenario", help="only this scenario: a name (generate) or name:BATCH/PROMPT/NEW")
     p.add_argument("--json", action="store_true", help="print the decision as JSON")
@@ -32,12 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.results import RUN, read_records
-    from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, select
+    from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, parse_where, select
     from optimize.errors import InputError
 
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
+    constraints += [parse_where(text) for text in args.where]
     decisions = select(read_records(args.run), args.objective, constraints, args.device, args.scenario)
     satisfied = all(d.chosen for d in decisions)
     if args.json:

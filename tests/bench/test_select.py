@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.cli import main
-from bench.select import constraints_from, select
+from bench.select import constraints_from, parse_where, select
 from optimize.errors import InputError
 from tests.bench.records import record, write_run
 
@@ -145,4 +145,83 @@ def test_json_output_lists_every_variant_with_its_outcome(tmp_path, capsys):
     assert out["satisfied"] and g["chosen"] == "q" and g["objective"] == "decode_tokens_per_s"
     assert {v["variant"]: v["outcome"] for v in g["variants"]} == {"q": "chosen", "fp32": "lost", "f": "failed"}
     assert g["constraints"] == [{"metric": "tpot_ms", "side": "max", "bound": 50.0, "flag": "--max-tpot-ms",
-                                 "given": 50.0}]
+                                 "given": 50.0, "stat": "p50"}]
+
+
+def _tailed(variant: str, ttft_ms: list[float], decode: float) -> dict:
+    from bench.stats import summarize
+
+    return record(variant, decode=decode, kld=0.001, ttft_ms=summarize(ttft_ms))
+
+
+def test_where_bounds_a_tail_statistic_as_mlperf_bounds_p99_latency(tmp_path, capsys):
+    """Equal medians, one with a heavy tail: a p50 bound cannot tell them apart, a p99 bound can."""
+    steady = _tailed("steady", [10.0, 10.2, 10.1, 9.9, 10.0], decode=100)
+    spiky = _tailed("spiky", [10.0, 10.1, 9.9, 10.0, 60.0], decode=200)
+    assert _one([steady, spiky], constraints=constraints_from({"max_ttft_ms": 20})).chosen == "spiky"
+    d = _one([steady, spiky], constraints=[parse_where("ttft_ms.p99<=20")])
+    assert d.chosen == "steady"
+    p99 = spiky["metrics"]["ttft_ms"]["p99"]
+    assert d.verdicts["spiky"].reason == f"TTFT ms p99 {p99:.2f} over 5 samples > 20.00 (--where ttft_ms.p99<=20)"
+    run = write_run(tmp_path / "run", [steady, spiky])
+    assert main(["select", str(run), "--where", "ttft_ms.p99<=20", "--max-kld", "0.01"]) == 0
+    assert "constraints: --max-kld 0.01, --where ttft_ms.p99<=20\n" in capsys.readouterr().out
+    assert main(["select", str(run), "--where", "ttft_ms.p99<=20", "--where", "decode_tokens_per_s>=50",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)["groups"][0]
+    assert out["chosen"] == "steady"
+    assert out["constraints"] == [
+        {"metric": "ttft_ms", "side": "max", "bound": 20.0, "flag": "--where ttft_ms.p99<=20", "given": 20.0,
+         "stat": "p99"},
+        {"metric": "decode_tokens_per_s", "side": "min", "bound": 50.0, "flag": "--where decode_tokens_per_s>=50",
+         "given": 50.0, "stat": None}]
+
+
+def test_where_bounds_any_catalogue_figure_in_its_stored_unit():
+    a = record("a", decode=100, kld=0.001, kld_p99=0.2, peak_mib=300)
+    b = record("b", decode=150, kld=0.002, kld_p99=0.05, peak_mib=300)
+    c = record("c", decode=300, kld=0.001)  # no kld_p99 in its record
+    d = _one([a, b, c], constraints=[parse_where(" kld_p99 <= 0.1 ")])
+    assert d.chosen == "b" and d.verdicts["a"].outcome == "violates" and d.verdicts["c"].outcome == "missing"
+    assert "KLD p99" in d.verdicts["a"].reason and "(--where kld_p99 <= 0.1)" in d.verdicts["a"].reason
+    assert _one([a, b], constraints=[parse_where("decode_tokens_per_s>=120")]).chosen == "b"
+    assert _one([a, b], constraints=[parse_where("peak_memory_bytes<=314572800")]).chosen == "b"  # 300 MiB
+    assert _one([a, b], constraints=[parse_where("peak_memory_bytes<=314572799")]).chosen is None
+    median = a["metrics"]["tpot_ms"]["p50"]
+    assert parse_where("tpot_ms.p50<=5").value(a) == parse_where("tpot_ms<=5").value(a) == median
+
+
+def test_where_on_a_real_run_judges_each_variant_by_its_own_figure(capsys):
+    """The committed example run: the pooled inter-token gaps' p99 against a bound between its variants' values."""
+    from pathlib import Path
+
+    from bench.results import read_records
+
+    example = Path(__file__).resolve().parents[2] / "reports" / "example"
+    records = read_records(example)
+    tails = sorted(r["metrics"]["itl_ms"]["p99"] for r in records)
+    bound = (tails[3] + tails[4]) / 2  # four variants within it
+    (d,) = select(records, constraints=[parse_where(f"itl_ms.p99<={bound}")])
+    within = {r["variant"] for r in records if r["metrics"]["itl_ms"]["p99"] <= bound}
+    assert len(within) == 4 and d.chosen in within
+    violating = {v.variant for v in d.verdicts.values() if v.outcome == "violates"}
+    assert violating == {r["variant"] for r in records} - within
+    rate = {r["variant"]: r["metrics"]["decode_tokens_per_s"] for r in records}
+    best = max(within, key=rate.get)
+    assert d.chosen == best or d.verdicts[best].outcome == "tie"  # the fastest, or tied with it within noise
+
+
+@pytest.mark.parametrize("where, message", [
+    ("ttft_ms.p98<=1", "unknown statistic 'p98'; one of p50, p90, p99, mean, min, max"),
+    ("kld_mean.p99<=1", "kld_mean is one figure per cell"),
+    ("ttft<=1", "unknown metric 'ttft'"),
+    ("ttft_ms<1", "expected METRIC<=VALUE or METRIC.STAT>=VALUE"),
+    ("ttft_ms<=nan", "the bound must be a finite number, got 'nan'"),
+    ("ttft_ms<=fast", "the bound must be a finite number, got 'fast'"),
+    ("roofline_ceilings<=1", "not a number a bound can apply to"),
+])
+def test_a_bad_where_is_one_line_and_exit_2(tmp_path, capsys, where, message):
+    run = write_run(tmp_path / "run", [record("a")])
+    assert main(["select", str(run), "--where", where]) == 2
+    err = capsys.readouterr().err
+    assert f"--where {where!r}" in err and message in err and len(err.strip().splitlines()) == 1, err
