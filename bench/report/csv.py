@@ -13,11 +13,11 @@ import io
 from typing import Any
 
 from bench.catalogue import METRICS
-from bench.report.table import group_records
+from bench.report.table import drift_protocol_name, group_records
 
 IDENTITY = ["cell_id", "model", "variant", "device", "scenario", "batch_size", "prompt_tokens", "new_tokens",
-            "status", "error", "drift_ok", "speedup_vs_reference", "speedup_ci95_low", "speedup_ci95_high",
-            "reference_variant"]
+            "status", "error", "drift_ok", "drift_protocol", "speedup_vs_reference", "speedup_ci95_low",
+            "speedup_ci95_high", "reference_variant"]
 SUMMARY_FIELDS = ["p50", "ci95_low", "ci95_high", "mean", "std", "min", "max", "p90", "p99", "n"]
 
 
@@ -59,7 +59,8 @@ def csv_report(records: list[dict[str, Any]]) -> str:
             line = {"cell_id": r["cell_id"], "model": r["model"], "variant": r["variant"], "device": r["device"],
                     "scenario": s["name"], "batch_size": s["batch_size"], "prompt_tokens": s["prompt_tokens"],
                     "new_tokens": s["new_tokens"], "status": r["status"], "error": first[0] if first else "",
-                    "drift_ok": r.get("drift_ok", ""), "reference_variant": g.reference or ""}
+                    "drift_ok": r.get("drift_ok", ""), "drift_protocol": drift_protocol_name(r) or "",
+                    "reference_variant": g.reference or ""}
             if row.speedup:
                 line.update(speedup_vs_reference=row.speedup[0], speedup_ci95_low=row.speedup[1],
                             speedup_ci95_high=row.speedup[2])

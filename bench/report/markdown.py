@@ -8,7 +8,15 @@ from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS, metric
-from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text
+from bench.report.table import (
+    NOISY_REL_CI,
+    Group,
+    Row,
+    drift_protocol_name,
+    gpus_text,
+    group_records,
+    speedup_text,
+)
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
 from optimize.libraries import libraries
@@ -100,9 +108,9 @@ def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
     """
     out = []
     for r in records:
-        drift = (r.get("method") or {}).get("drift") or {}
-        if drift.get("protocol"):
-            name = drift.get("protocol_name", "all-but-first")
+        name = drift_protocol_name(r)
+        if name:
+            drift = r["method"]["drift"]
             out.append(f"{name}, windows of {drift.get('context')} tokens, {drift.get('scored_tokens')} scored "
                        f"tokens: {drift['protocol']}")
     return list(dict.fromkeys(out))

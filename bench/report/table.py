@@ -221,3 +221,12 @@ def sweeps(records: list[dict[str, Any]]) -> dict[str, dict[tuple, list[tuple[in
                                          s["new_tokens"]), []).append((s["prompt_tokens"], r))
     return {axis: {k: sorted(v, key=lambda x: x[0]) for k, v in series.items() if len({x for x, _ in v}) > 1}
             for axis, series in out.items()}
+
+
+def drift_protocol_name(record: dict[str, Any]) -> str | None:
+    """The drift protocol a record's figures were scored under; None without drift.
+
+    Records written before the protocol could be chosen name none and are ``all-but-first``.
+    """
+    drift = (record.get("method") or {}).get("drift") or {}
+    return drift.get("protocol_name", "all-but-first") if drift.get("protocol") else None

@@ -232,6 +232,10 @@ def test_a_run_with_the_llama_cpp_protocol_says_so_in_records_and_reports(tmp_pa
     assert line + PROTOCOL_LLAMA_CPP + "\n" in (out / "report.md").read_text()  # once: both variants share it
     assert (out / "report.md").read_text().count("- Drift protocol:") == 1
     assert "<h2>Drift protocol</h2>" in (out / "report.html").read_text()
+    import csv
+
+    rows = list(csv.DictReader((out / "results.csv").open()))
+    assert [row["drift_protocol"] for row in rows] == ["llama.cpp", "llama.cpp"]
 
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--drift-protocol", "half",
                           "--out", str(tmp_path / "bad")], capture_output=True, text=True, timeout=120)
