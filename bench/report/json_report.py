@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS, metric
-from bench.report.table import NOISY_REL_CI, group_records
+from bench.report.table import NOISY_REL_CI, drift_protocol_name, group_records
 from bench.results import read_records, read_run
 from bench.select import DEFAULT_OBJECTIVE, decide
 
@@ -28,6 +28,7 @@ def json_report(run_dir: Path) -> str:
                     for k, f in row.figures.items() if f.value is not None}
             rows.append({"variant": row.variant, "cell_id": row.record["cell_id"], "status": row.status,
                          "error": row.record.get("error"), "drift_ok": row.record.get("drift_ok"),
+                         "drift_protocol": drift_protocol_name(row.record),
                          "speedup": [_clean(x) for x in row.speedup] if row.speedup else None, "metrics": figs})
         groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,
                        "speedup_metric": g.speedup_metric, "rows": rows,
