@@ -28,14 +28,21 @@ SMALL = DriftConfig(context=64, max_tokens=1024, batch_windows=4, gen_prompts=2,
                     gen_new_tokens=8)
 
 
-@pytest.fixture(scope="module")
-def reference(tiny_ref, cache_dir):
-    return ensure_reference(tiny_ref, SMALL, cache_dir)
+@pytest.fixture
+def drift_cache(tmp_path):
+    """A drift cache of the test's own: every test that reads a reference computes it (a quarter second),
+    so a mutation tester sees each of them exercise the reference pass, not only the first."""
+    return tmp_path / "drift-cache"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
+def reference(tiny_ref, drift_cache):
+    return ensure_reference(tiny_ref, SMALL, drift_cache)
+
+
+@pytest.fixture
 def drift_of(tiny_ref, cache_dir, reference):
-    """Drift metrics of a recipe (steps given as a tuple), each measured once per module."""
+    """Drift metrics of a recipe (steps given as a tuple) against this test's reference."""
     from optimize.recipe import Recipe
     from optimize.store import VariantStore, load_variant
 
@@ -87,7 +94,7 @@ def test_reference_perplexity_matches_plain_transformers_forward(tiny_ref, refer
         torch.testing.assert_close(f.get_slice("logprobs")[0:1][0], first_logprobs, atol=1e-5, rtol=1e-5)
 
 
-def test_reference_pass_is_cached_and_not_recomputed(tiny_ref, cache_dir, reference, monkeypatch):
+def test_reference_pass_is_cached_and_not_recomputed(tiny_ref, drift_cache, reference, monkeypatch):
     import optimize.models
 
     files = [reference / REFERENCE_TENSORS, reference / REFERENCE_JSON]
@@ -97,7 +104,7 @@ def test_reference_pass_is_cached_and_not_recomputed(tiny_ref, cache_dir, refere
         raise AssertionError("the reference model was loaded again")
 
     monkeypatch.setattr(optimize.models, "load_torch_model", no_load)
-    assert ensure_reference(tiny_ref, SMALL, cache_dir) == reference
+    assert ensure_reference(tiny_ref, SMALL, drift_cache) == reference
     assert [f.stat().st_mtime_ns for f in files] == stamps
 
     info = json.loads(files[1].read_text())
@@ -106,13 +113,13 @@ def test_reference_pass_is_cached_and_not_recomputed(tiny_ref, cache_dir, refere
     assert info["file_bytes"] >= scored * 8192 * 4  # float32 log-probs over the full vocabulary
 
 
-def test_reference_key_ignores_batching_but_not_window_settings(tiny_ref, cache_dir, reference):
+def test_reference_key_ignores_batching_but_not_window_settings(tiny_ref, drift_cache, reference):
     from dataclasses import replace
 
-    assert reference_path(tiny_ref, replace(SMALL, batch_windows=1), cache_dir) == reference
-    assert reference_path(tiny_ref, replace(SMALL, context=32), cache_dir) != reference
-    assert reference_path(tiny_ref, replace(SMALL, gen_new_tokens=4), cache_dir) != reference
-    assert reference_path(tiny_ref, SMALL, cache_dir, device="cuda") != reference
+    assert reference_path(tiny_ref, replace(SMALL, batch_windows=1), drift_cache) == reference
+    assert reference_path(tiny_ref, replace(SMALL, context=32), drift_cache) != reference
+    assert reference_path(tiny_ref, replace(SMALL, gen_new_tokens=4), drift_cache) != reference
+    assert reference_path(tiny_ref, SMALL, drift_cache, device="cuda") != reference
 
 
 def test_measure_rejects_a_reference_built_with_other_settings(tiny_ref, cache_dir, reference):
@@ -344,8 +351,16 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, reference):
         assert sorted(f.keys()) == ["gen_continuations", "gen_prompts", "logprobs", "windows"]
 
 
-def test_measure_drift_states_its_method_and_the_reference_it_used(reference, drift_of):
-    m = drift_of()
+def test_measure_drift_states_its_method_and_the_reference_it_used(tiny_ref, cache_dir, reference):
+    import time
+
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
+    t0 = time.perf_counter()
+    m = measure_drift(state, reference, SMALL)
+    elapsed = time.perf_counter() - t0
     method = m["drift_method"]
     info = json.loads((reference / REFERENCE_JSON).read_text())
     assert method["reference_key"] == reference.name and method["reference_device"] == "cpu"
@@ -355,10 +370,12 @@ def test_measure_drift_states_its_method_and_the_reference_it_used(reference, dr
     assert method["scoring"] == "full-window" and method["batch_windows"] == SMALL.batch_windows
     assert method["gen"] == "greedy, 8 new tokens from 2 prompts of 16"
     assert method["kld"] == "KL(reference || variant), nats, full vocabulary"
+    assert method["percentiles"] == "numpy linear interpolation"
+    assert method["scoring_reason"] == "no step of the recipe changes the KV cache"
     assert {k: method[k] for k in ("windows", "context", "vocab", "scored_tokens", "gen_prompt_offsets")} == {
         k: info["method"][k] for k in ("windows", "context", "vocab", "scored_tokens", "gen_prompt_offsets")}
     assert m["drift_through_cache"] is False and "through_cache" not in method
-    assert 0 < m["drift_wall_s"] < 600 and round(m["drift_wall_s"], 3) == m["drift_wall_s"]
+    assert 0 < m["drift_wall_s"] <= elapsed + 1e-3 and round(m["drift_wall_s"], 3) == m["drift_wall_s"]
     assert m["reference_perplexity"] == pytest.approx(info["reference_perplexity"], rel=1e-9)
 
 
@@ -373,6 +390,30 @@ def test_a_reference_of_another_model_is_refused(reference, tmp_path):
         measure_drift(state, reference, SMALL)
     assert str(exc.value) == (f"the reference at {reference} is for model 'synthetic:llama-tiny', "
                               f"not 'synthetic:llama-tied-tiny'")
+
+
+def test_a_reference_of_another_vocabulary_is_refused_with_both_shapes(tiny_ref, cache_dir, reference, tmp_path):
+    """Same model, a reference whose log-probs cover another vocabulary (a tokenizer swapped under it)."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from optimize.recipe import Recipe
+    from optimize.store import VariantStore, load_variant
+
+    other = tmp_path / reference.name
+    shutil.copytree(reference, other)
+    with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+        metadata = f.metadata()
+    tensors["logprobs"] = tensors["logprobs"][..., :100].contiguous()
+    save_file(tensors, str(other / REFERENCE_TENSORS), metadata=metadata)
+    state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
+    with pytest.raises(InputError) as exc:
+        measure_drift(state, other, SMALL)
+    assert str(exc.value) == ("variant log-probs (4, 63, 8192) do not match the reference's (4, 63, 100): "
+                              "different vocabulary?")
 
 
 def test_the_reference_key_is_the_documented_payloads_hash(tiny_ref, tmp_path):

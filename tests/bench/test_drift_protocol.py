@@ -83,8 +83,8 @@ def _fp32(ref, cache_dir, *steps):
     return load_variant(ref, Recipe(name="under-test", steps=steps), "cpu", VariantStore(cache_dir))[0]
 
 
-def test_llama_cpp_reference_scores_the_second_half_of_bos_led_windows_like_plain_transformers(bos_ref, cache_dir):
-    reference = ensure_reference(bos_ref, LLAMA_CPP, cache_dir)
+def test_llama_cpp_reference_scores_the_second_half_of_bos_led_windows_like_transformers(bos_ref, cache_dir, tmp_path):
+    reference = ensure_reference(bos_ref, LLAMA_CPP, tmp_path)
     windows, bos = _plain_windows(bos_ref.tokenizer)
     assert bos is not None
     full = _plain_logprobs(bos_ref.path, windows)
@@ -113,7 +113,7 @@ def test_llama_cpp_reference_scores_the_second_half_of_bos_led_windows_like_plai
     assert m["drift_method"]["protocol_name"] == "llama.cpp" and m["drift_method"]["first_scored_row"] == FIRST
 
 
-def test_the_bos_comes_from_the_tokenizer_adding_one_not_from_defining_one(tiny_ref, bos_ref, cache_dir):
+def test_the_bos_comes_from_the_tokenizer_adding_one_not_from_defining_one(tiny_ref, bos_ref, cache_dir, tmp_path):
     from transformers import AutoTokenizer
 
     from optimize.models import added_bos_token_id
@@ -122,7 +122,7 @@ def test_the_bos_comes_from_the_tokenizer_adding_one_not_from_defining_one(tiny_
     assert plain.bos_token_id is not None  # defined, but not put before a text: GPT-2's case
     assert added_bos_token_id(tiny_ref) is None
     assert added_bos_token_id(bos_ref) == plain.bos_token_id
-    reference = ensure_reference(tiny_ref, LLAMA_CPP, cache_dir)
+    reference = ensure_reference(tiny_ref, LLAMA_CPP, tmp_path)
     windows, bos = _plain_windows(tiny_ref.tokenizer)
     assert bos is None
     from safetensors import safe_open
@@ -132,7 +132,7 @@ def test_the_bos_comes_from_the_tokenizer_adding_one_not_from_defining_one(tiny_
     assert json.loads((reference / REFERENCE_JSON).read_text())["method"]["window_bos_token_id"] is None
 
 
-def test_a_variants_drift_under_each_protocol_is_its_figures_over_that_protocols_rows(tiny_ref, cache_dir):
+def test_a_variants_drift_under_each_protocol_is_its_figures_over_that_protocols_rows(tiny_ref, cache_dir, tmp_path):
     """bf16's KLD and perplexity, from plain fp32 and bf16 forwards: all rows, then rows 32.. only."""
     from bench.metrics.drift_figures import kl_divergence
     from optimize.quantize.cast import Cast
@@ -144,7 +144,7 @@ def test_a_variants_drift_under_each_protocol_is_its_figures_over_that_protocols
     nll = -var_lp.gather(-1, windows[:, 1:].unsqueeze(-1)).squeeze(-1).double()
     state = _fp32(tiny_ref, cache_dir, Cast(dtype="bfloat16"))
     for cfg, first in ((SMALL, 0), (LLAMA_CPP, FIRST)):
-        m = measure_drift(state, ensure_reference(tiny_ref, cfg, cache_dir), cfg)
+        m = measure_drift(state, ensure_reference(tiny_ref, cfg, tmp_path), cfg)
         assert m["scored_tokens"] == WINDOWS * (SMALL.context - 1 - first)
         assert m["kld_mean"] == pytest.approx(float(kld[:, first:].mean()), rel=2e-2, abs=1e-7)
         assert m["perplexity"] == pytest.approx(math.exp(float(nll[:, first:].mean())), rel=1e-3)
@@ -152,12 +152,29 @@ def test_a_variants_drift_under_each_protocol_is_its_figures_over_that_protocols
     assert float(kld[:, FIRST:].mean()) != pytest.approx(float(kld.mean()), rel=1e-3)  # the two differ
 
 
-def test_through_the_cache_the_llama_cpp_protocol_scores_the_same_rows(tiny_ref, cache_dir):
+def test_through_the_cache_the_llama_cpp_protocol_scores_the_same_rows(tiny_ref, cache_dir, tmp_path, monkeypatch):
+    from bench.metrics.drift_incremental import CacheScorer
+
+    asked = []
+    method = CacheScorer.method
+
+    def spy(self, windows, first_scored_row=0):
+        asked.append((windows, first_scored_row))
+        return method(self, windows, first_scored_row)
+
+    monkeypatch.setattr(CacheScorer, "method", spy)
     cfg = replace(LLAMA_CPP, scoring="through-cache")
-    reference = ensure_reference(tiny_ref, LLAMA_CPP, cache_dir)
+    reference = ensure_reference(tiny_ref, LLAMA_CPP, tmp_path)
     m = measure_drift(_fp32(tiny_ref, cache_dir), reference, cfg)
+    assert asked == [(WINDOWS, FIRST)]  # quantized reads are counted over the scored rows only
+    assert m["drift_kv_quantized_scored_tokens"] == 0  # observed, and a dynamic fp32 cache holds none
     assert m["drift_through_cache"] is True and m["scored_tokens"] == WINDOWS * SCORED_PER_WINDOW
     assert m["kld_max"] < 1e-5 and m["top1_agreement"] == 1.0
+    through = m["drift_method"]["through_cache"]  # the figures came through the cache, a step per token
+    assert through["steps_per_window"] == SMALL.context - 1 and through["batch_windows"] >= 1
+    # the cache path's batch (all 8 windows fit its logits budget), not the config's 4
+    assert m["drift_method"]["batch_windows"] == through["batch_windows"] != cfg.batch_windows
+    assert through["cache"]["class"] == "DynamicCache"
 
 
 def test_quantized_reads_are_counted_over_scored_rows_only():
@@ -248,8 +265,9 @@ def test_a_run_with_the_llama_cpp_protocol_says_so_in_records_and_reports(tmp_pa
 
 def test_a_reference_cached_before_the_protocol_setting_reads_as_all_but_first(tiny_ref, cache_dir, tmp_path):
     """Older reference.json files lack the protocol's keys; their figures are all-but-first ones."""
-    old = tmp_path / ensure_reference(tiny_ref, SMALL, cache_dir).name
-    shutil.copytree(ensure_reference(tiny_ref, SMALL, cache_dir), old)
+    built = ensure_reference(tiny_ref, SMALL, tmp_path / "cache")
+    old = tmp_path / built.name
+    shutil.copytree(built, old)
     info = json.loads((old / REFERENCE_JSON).read_text())
     for key in ("protocol_name", "first_scored_row", "window_bos_token_id"):
         del info["method"][key]
