@@ -416,6 +416,28 @@ def test_a_reference_of_another_vocabulary_is_refused_with_both_shapes(tiny_ref,
                               "different vocabulary?")
 
 
+def test_non_finite_logits_stop_the_pass_naming_how_many_positions_and_which_windows():
+    """A variant that overflows (fp16 on some models) must fail drift, not score NaN as a figure."""
+    from types import SimpleNamespace
+
+    from bench.metrics.drift import _logprob_batches
+
+    windows = torch.arange(20).reshape(5, 4)  # 5 windows of 4 tokens: 3 scored rows each
+
+    def model(input_ids, attention_mask):
+        logits = torch.zeros(input_ids.shape[0], input_ids.shape[1], 5)  # vocabulary 5
+        if int(input_ids[0, 0]) == 8:  # the batch holding windows 2 and 3
+            logits[1, 0, 2] = logits[1, 2, 2] = float("nan")  # window 3, rows 0 and 2, one vocabulary entry
+        return SimpleNamespace(logits=logits)
+
+    batches = _logprob_batches(model, windows, 2, "cpu", "onnxruntime")
+    start, lp = next(batches)
+    assert start == 0 and lp.shape == (2, 3, 5)
+    with pytest.raises(RuntimeError) as exc:
+        next(batches)
+    assert str(exc.value) == "the model produced non-finite logits at 2 of 6 positions (windows 2..3)"
+
+
 def test_the_reference_key_is_the_documented_payloads_hash(tiny_ref, tmp_path):
     """Cached references stay valid across releases only while this payload and hash do not change."""
     import hashlib
