@@ -416,6 +416,20 @@ def test_a_reference_of_another_vocabulary_is_refused_with_both_shapes(tiny_ref,
                               "different vocabulary?")
 
 
+def test_a_models_own_code_runs_in_the_reference_pass_only_when_trusted(tmp_path):
+    """The reference pass loads the model itself: its own code (here a forward that raises) must need the
+    user's flag there too. Untrusted, transformers builds its own Llama class from the config instead."""
+    from optimize.models import resolve_model
+    from optimize.reference import BUILTIN_DIR
+    from tests.bench.faulty import make_faulty
+
+    ref = resolve_model(str(make_faulty(BUILTIN_DIR, tmp_path / "own-code", fault="raise")), tmp_path / "cache")
+    untrusted = ensure_reference(ref, SMALL, tmp_path / "untrusted")  # the library's Llama: no code of the model's
+    assert json.loads((untrusted / REFERENCE_JSON).read_text())["method"]["scored_tokens"] == 16 * 63
+    with pytest.raises(RuntimeError, match="faulty model: forward raised on purpose"):
+        ensure_reference(ref, SMALL, tmp_path / "trusted", trust_remote_code=True)
+
+
 def test_non_finite_logits_stop_the_pass_naming_how_many_positions_and_which_windows():
     """A variant that overflows (fp16 on some models) must fail drift, not score NaN as a figure."""
     from types import SimpleNamespace

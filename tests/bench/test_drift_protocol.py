@@ -130,6 +130,11 @@ def test_the_bos_comes_from_the_tokenizer_adding_one_not_from_defining_one(tiny_
     with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
         assert torch.equal(f.get_tensor("windows"), windows)  # the text's own first tokens kept
     assert json.loads((reference / REFERENCE_JSON).read_text())["method"]["window_bos_token_id"] is None
+    # a tokenizer that adds BOS gets none under the default protocol: its windows are the text's own tokens
+    default = ensure_reference(bos_ref, SMALL, tmp_path / "default")
+    with safe_open(str(default / REFERENCE_TENSORS), framework="pt") as f:
+        assert torch.equal(f.get_tensor("windows"), windows)
+    assert json.loads((default / REFERENCE_JSON).read_text())["method"]["window_bos_token_id"] is None
 
 
 def test_a_variants_drift_under_each_protocol_is_its_figures_over_that_protocols_rows(tiny_ref, cache_dir, tmp_path):
