@@ -164,15 +164,6 @@ def is_hub_spec(spec: str) -> bool:
     return spec.partition(":")[0] not in ("builtin", "synthetic") and not Path(spec).expanduser().is_dir()
 
 
-def fetch_hub_model(spec: str) -> ModelRef:
-    """Download a hub model (or find it in the hub cache with HF_HUB_OFFLINE=1); ``InputError`` if it cannot be had.
-
-    The parent fetches before any cell starts, so an unreachable id is bad input up front and a
-    large download is not charged to the first cell's timeout.
-    """
-    return _resolve_hub(spec)
-
-
 def peek_model(spec: str, cache: Path | None = None, tokenizer: str | None = None) -> ModelRef | None:
     """The ``ModelRef`` when it can be had without loading or downloading anything, else None.
 
@@ -286,11 +277,15 @@ def _resolve(spec: str, cache: Path) -> ModelRef:
         own = has_tokenizer_files(local)
         return ModelRef(spec, "pretrained", str(local.resolve()), _dir_fingerprint(local), own, True,
                         str(local.resolve()) if own else None)
-    return _resolve_hub(spec)
+    return fetch_hub_model(spec)
 
 
-def _resolve_hub(spec: str) -> ModelRef:
-    """Download (or, with HF_HUB_OFFLINE=1, find in the local hub cache) a hub model."""
+def fetch_hub_model(spec: str) -> ModelRef:
+    """Download a hub model (or find it in the hub cache with HF_HUB_OFFLINE=1); ``InputError`` if it cannot be had.
+
+    ``infermatrix run`` calls it before any cell starts, so an unreachable id is bad input up
+    front and a large download is not charged to the first cell's timeout.
+    """
     try:
         from huggingface_hub import snapshot_download
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bench.catalogue import METRICS, interval, point, sample_count
+from bench.metrics.drift_config import DEFAULT_PROTOCOL
 
 # A figure whose 95% interval is wider than this fraction of its value is marked noisy:
 # with the 5-20 repetitions a cell takes, a clean machine gives a few percent; more
@@ -229,4 +230,4 @@ def drift_protocol_name(record: dict[str, Any]) -> str | None:
     Records written before the protocol could be chosen name none and are ``all-but-first``.
     """
     drift = (record.get("method") or {}).get("drift") or {}
-    return drift.get("protocol_name", "all-but-first") if drift.get("protocol") else None
+    return drift.get("protocol_name", DEFAULT_PROTOCOL) if drift.get("protocol") else None
