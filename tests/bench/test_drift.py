@@ -313,15 +313,33 @@ def test_a_reference_longer_than_the_models_context_is_refused_before_any_work(t
     assert not list(tmp_path.rglob("*.safetensors"))
 
 
+def test_a_model_whose_config_states_no_position_limit_is_not_refused(tiny_ref, tmp_path, monkeypatch):
+    """Not every architecture has ``max_position_embeddings`` (state-space models have no position limit)."""
+    from optimize import models
+
+    load = models.load_torch_model
+
+    def without_limit(*args, **kwargs):
+        model = load(*args, **kwargs)
+        del model.config.max_position_embeddings
+        return model
+
+    monkeypatch.setattr(models, "load_torch_model", without_limit)
+    cfg = DriftConfig(context=64, max_tokens=64, gen_prompts=1, gen_prompt_tokens=500, gen_new_tokens=13)
+    ref_dir = ensure_reference(tiny_ref, cfg, tmp_path)  # 513 positions: past the config's 512, now unstated
+    assert json.loads((ref_dir / REFERENCE_JSON).read_text())["method"]["windows"] == 1
+
+
 def test_a_reference_exactly_as_long_as_the_models_context_is_taken(tiny_ref, tmp_path):
     cfg = DriftConfig(context=64, max_tokens=64, gen_prompts=1, gen_prompt_tokens=500, gen_new_tokens=12)
     ref_dir = ensure_reference(tiny_ref, cfg, tmp_path)  # 500 + 12 = 512 positions: fits
     assert json.loads((ref_dir / REFERENCE_JSON).read_text())["method"]["windows"] == 1
 
 
-def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, drift_cache):
+def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, drift_cache, monkeypatch):
     import re
     import time
+    from datetime import datetime, timezone
 
     from safetensors import safe_open
 
@@ -329,9 +347,16 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, drift_cache)
     from optimize.reference import EVAL_TEXT
     from optimize.store import library_versions
 
-    t0 = time.perf_counter()
-    reference = ensure_reference(tiny_ref, SMALL, drift_cache)
-    elapsed = time.perf_counter() - t0
+    monkeypatch.setenv("TZ", "Etc/GMT-5")  # a host five hours east of UTC: the stamp must still be UTC
+    time.tzset()
+    try:
+        t0 = time.perf_counter()
+        before = datetime.now(timezone.utc).replace(microsecond=0)
+        reference = ensure_reference(tiny_ref, SMALL, drift_cache)
+        elapsed = time.perf_counter() - t0
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
     text = (reference / REFERENCE_JSON).read_text()
     info = json.loads(text)
     assert text.startswith('{\n "key": ') and text.endswith("}\n")  # indent 1, one key per line
@@ -351,6 +376,8 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, drift_cache)
     assert round(info["reference_wall_s"], 3) == info["reference_wall_s"]
     assert info["versions"] == library_versions(libraries("reference"))
     assert re.fullmatch(r"20\d\d-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-5]\dZ", info["created"]), info["created"]
+    created = datetime.strptime(info["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    assert before <= created <= datetime.now(timezone.utc)
     with safe_open(str(reference / REFERENCE_TENSORS), framework="pt") as f:
         assert f.metadata() == {"format": "pt", "key": reference.name}
         assert sorted(f.keys()) == ["gen_continuations", "gen_prompts", "logprobs", "windows"]

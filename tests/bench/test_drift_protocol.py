@@ -281,3 +281,41 @@ def test_a_reference_cached_before_the_protocol_setting_reads_as_all_but_first(t
     assert (method["protocol_name"], method["first_scored_row"], method["window_bos_token_id"]) == \
         ("all-but-first", 0, None)
     assert method["protocol"] == PROTOCOL
+
+
+OWN_TOKENIZER = '''
+from tokenizers.processors import TemplateProcessing
+from transformers import PreTrainedTokenizerFast
+
+
+class OwnTokenizer(PreTrainedTokenizerFast):
+    """A tokenizer with code of its own: it puts BOS before every text it encodes."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._tokenizer.post_processor = TemplateProcessing(
+            single=f"{self.bos_token} $A", special_tokens=[(self.bos_token, self.bos_token_id)])
+'''
+
+
+def test_a_tokenizers_own_code_loads_in_the_reference_pass_only_when_trusted(tmp_path):
+    """The reference pass loads the tokenizer twice (the evaluation ids, the BOS it adds): a tokenizer
+    that ships its own class must get the user's trust_remote_code at both, or the pass cannot load it."""
+    from optimize.models import resolve_model
+    from optimize.reference import BUILTIN_DIR
+
+    model_dir = tmp_path / "own-tokenizer"
+    shutil.copytree(BUILTIN_DIR, model_dir)
+    config = json.loads((model_dir / "tokenizer_config.json").read_text())
+    config["tokenizer_class"] = "OwnTokenizer"  # no such class in transformers: only the model's code has it
+    config["auto_map"] = {"AutoTokenizer": [None, "tokenization_own.OwnTokenizer"]}
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
+    (model_dir / "tokenization_own.py").write_text(OWN_TOKENIZER)
+    ref = resolve_model(str(model_dir), tmp_path / "cache")
+
+    built = ensure_reference(ref, LLAMA_CPP, tmp_path / "trusted", trust_remote_code=True)
+    method = json.loads((built / REFERENCE_JSON).read_text())["method"]
+    assert method["window_bos_token_id"] == 0  # the own class's BOS: its code ran
+    assert method["scored_tokens"] == WINDOWS * SCORED_PER_WINDOW
+    with pytest.raises(ValueError, match="trust_remote_code=True"):
+        ensure_reference(ref, LLAMA_CPP, tmp_path / "untrusted")
