@@ -142,12 +142,6 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
     return matrix, run
 
 
-def check_resumable(matrix: Matrix, run_dir: Path, shard: Shard | None, resolve_device) -> None:
-    """Refuse, before anything runs, a run directory whose records belong to another matrix or shard."""
-    all_cells = expand(matrix, resolve_device)
-    check_records_belong(run_dir, all_cells, shard.select(all_cells) if shard else all_cells, shard)
-
-
 def check_records_belong(run_dir: Path, all_cells: list[Cell], shard_cells: list[Cell],
                          shard: Shard | None) -> None:
     """Refuse to resume a directory whose results.jsonl holds cells of another matrix or another shard."""
@@ -162,6 +156,19 @@ def check_records_belong(run_dir: Path, all_cells: list[Cell], shard_cells: list
                              "records belong to another shard")
 
 
+def plan_cells(matrix: Matrix, run_dir: Path, shard: Shard | None,
+               resolve_device=None) -> tuple[list[Cell], Counter, list[Cell]]:
+    """The shard's cells, the ok rounds recorded per cell id, and the cells still to run in ``run_dir``."""
+    from bench.results import repair_torn_tail
+
+    all_cells = expand(matrix, resolve_device)
+    cells = shard.select(all_cells) if shard else all_cells
+    repair_torn_tail(run_dir)  # a crash mid-append: move the fragment aside before anything is appended
+    check_records_belong(run_dir, all_cells, cells, shard)
+    ok_rounds = Counter(r["cell_id"] for r in read_records(run_dir, latest_only=False) if r["status"] == "ok")
+    return cells, ok_rounds, [c for c in cells if ok_rounds[c.cell_id] < matrix.measure.rounds]
+
+
 def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = None,
             on_event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None,
             cache_dir: str | None = None, resolve_device=None) -> list[dict[str, Any]]:
@@ -170,14 +177,8 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     Variants are built first, once each, in build jobs of their own; a cell whose build
     failed or was skipped gets that outcome without running.
     """
-    all_cells = expand(matrix, resolve_device)
-    cells = shard.select(all_cells) if shard else all_cells
-    from bench.results import repair_torn_tail
-
-    repair_torn_tail(run_dir)  # a crash mid-append: move the fragment aside before anything is appended
-    check_records_belong(run_dir, all_cells, cells, shard)
-    ok_rounds = Counter(r["cell_id"] for r in read_records(run_dir, latest_only=False) if r["status"] == "ok")
-    todo = [dataclasses.replace(c, cache_dir=cache_dir) for c in cells if ok_rounds[c.cell_id] < matrix.measure.rounds]
+    cells, ok_rounds, todo = plan_cells(matrix, run_dir, shard, resolve_device)
+    todo = [dataclasses.replace(c, cache_dir=cache_dir) for c in todo]
     builds: dict[str, dict[str, Any]] = {}
     for c in todo:
         bid = build_id(c)

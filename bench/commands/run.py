@@ -151,10 +151,10 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     from bench.env import device_resolver, environment
     from bench.orchestrate import (
         check_new_run_dir,
-        check_resumable,
         execute,
         finish_run,
         make_launcher,
+        plan_cells,
         resume_run,
         start_run,
     )
@@ -178,7 +178,7 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         resolve = device_resolver(torch_env)
         for device in matrix.devices:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
-        _fetch_hub_models(matrix)  # an unreachable hub id too
+        _fetch_hub_models(matrix.models)  # an unreachable hub id too
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
                                "torch": torch_env})
@@ -189,7 +189,9 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         sweep_stale_tmp(folder)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
-    check_resumable(matrix, run_dir, shard, resolve)
+    todo = plan_cells(matrix, run_dir, shard, resolve)[2]  # refuses records of another matrix or shard
+    if args.resume:  # the hub cache may have been cleared since: fetch what the cells left to run need
+        _fetch_hub_models(sorted({c.model for c in todo}))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)
     try:
@@ -206,10 +208,10 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0
 
 
-def _fetch_hub_models(matrix) -> None:
+def _fetch_hub_models(models) -> None:
     from optimize.models import fetch_hub_model, is_hub_spec
 
-    for spec in matrix.models:
+    for spec in models:
         if is_hub_spec(spec):
             print(f"fetching hub model {spec}", file=sys.stderr, flush=True)
             fetch_hub_model(spec)

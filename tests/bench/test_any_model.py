@@ -150,8 +150,8 @@ def _hub_env(tmp_path) -> dict:
             "HF_HOME": str(tmp_path / "hf-home")}
 
 
-def test_a_hub_id_found_in_the_offline_hub_cache_runs(tiny_ref, tmp_path, cache_dir):
-    """The hub path of a user without network: the model sits in the hub cache under its id."""
+def _hub_snapshot(tiny_ref, tmp_path):
+    """The tiny model in an offline hub cache under the id testorg/tiny-llama; returns its snapshot folder."""
     import shutil
     from pathlib import Path
 
@@ -165,6 +165,12 @@ def test_a_hub_id_found_in_the_offline_hub_cache_runs(tiny_ref, tmp_path, cache_
                 shutil.copy(f, snapshot / f.name)
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(commit)
+    return snapshot
+
+
+def test_a_hub_id_found_in_the_offline_hub_cache_runs(tiny_ref, tmp_path, cache_dir):
+    """The hub path of a user without network: the model sits in the hub cache under its id."""
+    snapshot = _hub_snapshot(tiny_ref, tmp_path)
     out = tmp_path / "r"
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", "testorg/tiny-llama", "--variants",
                            "fp32", "--device", "cpu", "--batch-size", "1", "--prompt-tokens", "8", "--new-tokens", "2",
@@ -188,3 +194,38 @@ def test_an_unreachable_hub_id_is_one_line_exit_2_before_any_cell(tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("infermatrix run: error: model 'testorg/not-there' is neither") and "hub id" in last
     assert "roofline" not in proc.stderr and not out.exists()
+
+
+def test_a_resumed_run_fetches_the_hub_models_its_remaining_cells_need(tiny_ref, tmp_path, cache_dir):
+    """A resume whose hub cache was cleared: exit 2 at once, not a failed record per cell; with the model
+    back it runs what is left; a run with nothing left needs no model."""
+    import shutil
+
+    _hub_snapshot(tiny_ref, tmp_path)
+    out, hub, away = tmp_path / "r", tmp_path / "hub", tmp_path / "hub-away"
+    run = [sys.executable, "-m", "bench.cli", "run", "--model", "testorg/tiny-llama", "--variants", "fp32,bf16",
+           "--device", "cpu", "--batch-size", "1", "--prompt-tokens", "8", "--new-tokens", "2", "--no-drift",
+           "--no-report", "--min-reps", "2", "--max-reps", "2", "--out", str(out), "--quiet"]
+    proc = subprocess.run(run, capture_output=True, text=True, timeout=900, env=_hub_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = (out / "results.jsonl").read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["variant"] == "fp32"]
+    (out / "results.jsonl").write_text("\n".join(kept) + "\n")  # as if killed before bf16's cell
+    resume = [sys.executable, "-m", "bench.cli", "run", "--resume", str(out), "--quiet", "--no-report"]
+
+    hub.rename(away)
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=_hub_env(tmp_path))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("infermatrix run: error: model 'testorg/tiny-llama'")
+    assert (out / "results.jsonl").read_text().splitlines() == kept  # no failed record appended
+
+    away.rename(hub)
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=900, env=_hub_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fetching hub model testorg/tiny-llama" in proc.stderr
+    assert {v: r["status"] for v, r in _records(out).items()} == {"fp32": "ok", "bf16": "ok"}
+
+    shutil.rmtree(hub)
+    proc = subprocess.run(resume, capture_output=True, text=True, timeout=300, env=_hub_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "fetching hub model" not in proc.stderr
