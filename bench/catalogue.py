@@ -168,13 +168,17 @@ METRICS: dict[str, Metric] = {m.key: m for m in _METRICS}
 assert len(METRICS) == len(_METRICS), "duplicate metric key"
 
 
-def metric(key: str) -> Metric:
-    """The catalogue entry for ``key``; unknown keys raise InputError with the closest names."""
+def metric(key: str, shapes: tuple[str, ...] | None = None) -> Metric:
+    """The catalogue entry for ``key``; unknown keys raise InputError with the closest names.
+
+    ``shapes``: the caller takes metrics of these shapes only; the names suggested are of those.
+    """
     try:
         return METRICS[key]
     except KeyError:
-        close = difflib.get_close_matches(key, METRICS, n=3)
-        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(METRICS)}"
+        names = [k for k, m in METRICS.items() if shapes is None or m.shape in shapes]
+        close = difflib.get_close_matches(key, names, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {', '.join(names)}"
         raise InputError(f"unknown metric {key!r}{hint}") from None
 
 

@@ -81,6 +81,9 @@ class Constraint:
 WHERE = re.compile(r"^\s*([A-Za-z0-9_]+)(?:\.([A-Za-z0-9]+))?\s*(<=|>=)\s*(\S+)\s*$")
 
 
+BOUNDABLE = ("summary", "scalar")  # the metric shapes a --where bound applies to
+
+
 def parse_where(text: str) -> Constraint:
     """``--where METRIC[.STAT]<=VALUE`` (or ``>=``): a bound on any catalogue metric, in its stored unit."""
     match = WHERE.match(text)
@@ -88,10 +91,10 @@ def parse_where(text: str) -> Constraint:
         raise InputError(f"--where {text!r}: expected METRIC<=VALUE or METRIC.STAT>=VALUE, e.g. 'ttft_ms.p99<=200'")
     key, stat, op, number = match.groups()
     try:
-        m = metric(key)
+        m = metric(key, BOUNDABLE)
     except InputError as exc:
         raise InputError(f"--where {text!r}: {exc}") from None
-    if m.shape not in ("summary", "scalar"):
+    if m.shape not in BOUNDABLE:
         raise InputError(f"--where {text!r}: {key} is not a number a bound can apply to")
     if stat is not None:
         if m.shape != "summary":

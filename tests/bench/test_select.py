@@ -225,3 +225,17 @@ def test_a_bad_where_is_one_line_and_exit_2(tmp_path, capsys, where, message):
     assert main(["select", str(run), "--where", where]) == 2
     err = capsys.readouterr().err
     assert f"--where {where!r}" in err and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_an_unknown_where_metric_lists_only_the_metrics_a_bound_applies_to(tmp_path, capsys):
+    from bench.catalogue import METRICS
+
+    run = write_run(tmp_path / "run", [record("a")])
+    assert main(["select", str(run), "--where", "qqqq<=1"]) == 2  # close to no name: the whole list
+    known = capsys.readouterr().err.strip().split("; known: ")[1].split(", ")
+    assert "ttft_ms" in known and "kld_p99" in known
+    assert sorted(known) == sorted(k for k, m in METRICS.items() if m.shape in ("summary", "scalar"))
+    assert "roofline_ceilings" not in known and "drift_meaningful" not in known
+    assert main(["select", str(run), "--where", "drift_meaningfull<=1"]) == 2  # a typo of a boolean's name
+    hint = capsys.readouterr().err.split("did you mean ")[1]
+    assert "drift_meaningful" not in hint and "drift_wall_s" in hint
