@@ -259,4 +259,6 @@ def load_ort_model(path: Path, device: str, step: OnnxExport):
 def ort_label(model) -> str:
     """A one-line note for reports: ONNX Runtime's version and the provider actually running."""
     ort = require_onnxruntime()
-    return f"ONNX Runtime {ort.__version__}, {model.providers[0]}"
+    label = f"ONNX Runtime {ort.__version__}, {model.providers[0]}"
+    # optimum binds inputs and outputs on the CUDA provider: no host round trip per token
+    return label + (", I/O binding (inputs and outputs stay on the device)" if model.use_io_binding else "")

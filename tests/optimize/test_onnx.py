@@ -328,6 +328,20 @@ def test_cuda_device_without_cuda_provider_is_not_applicable():
         execution_provider("cuda")
 
 
+def test_the_label_names_the_provider_and_whether_inputs_and_outputs_stay_on_the_device(tiny_ref, cache_dir):
+    from types import SimpleNamespace
+
+    import onnxruntime
+
+    from optimize.export.onnx import ort_label
+
+    state, _ = load_variant(tiny_ref, Recipe(name="onnx-fp32", steps=(OnnxExport(),)), "cpu", VariantStore(cache_dir))
+    assert ort_label(state.model) == f"ONNX Runtime {onnxruntime.__version__}, CPUExecutionProvider"
+    cuda = SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"], use_io_binding=True)
+    assert ort_label(cuda) == (f"ONNX Runtime {onnxruntime.__version__}, CUDAExecutionProvider, "
+                               "I/O binding (inputs and outputs stay on the device)")
+
+
 def test_importing_modules_loads_no_heavy_library():
     code = ("import sys, optimize.export.onnx, optimize.quantize.ort; "
             "heavy = [m for m in ('torch', 'onnx', 'onnxruntime', 'optimum', 'transformers') if m in sys.modules]; "
@@ -352,6 +366,7 @@ def test_cuda_export_generates_on_cuda_provider(tiny_ref, cache_dir, tiny_prompt
     recipe = Recipe(name=f"onnx-{dtype}", steps=(OnnxExport(dtype=dtype),))
     state, _ = load_variant(tiny_ref, recipe, "cuda", VariantStore(cache_dir))
     assert state.model.providers[0] == "CUDAExecutionProvider"
+    assert state.model.use_io_binding  # no host round trip per token
     assert onnx_kv_element_bytes(state.onnx_dir) == (2 if dtype == "float16" else 4)
     assert onnx_kv_element_bytes(state.onnx_dir, state.model.session) == (2 if dtype == "float16" else 4)
     assert greedy_generate(state, tiny_prompts, NEW_TOKENS).shape == (2, tiny_prompts.shape[1] + NEW_TOKENS)
