@@ -157,6 +157,10 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
                   + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
                   torch_threads=torch.get_num_threads())
+    if state.backend == "onnxruntime":
+        from optimize.export.onnx import intra_op_threads
+
+        method["ort_intra_op_threads"] = intra_op_threads(state.model)
     warmup = sum(samples["warmup_wall_s"])
     compiled = method.get("compiled_decode_step") or {}
     timing_extra = {"compile_and_capture": compiled["compile_and_capture_s"]} if compiled else {}

@@ -70,7 +70,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--timeout-s", type=_seconds("--timeout-s", positive=True),
                    help="per-cell timeout, seconds (the cell's process is killed)")
     p.add_argument("--threads", type=int, metavar="N",
-                   help="torch intra-op threads per cell (default: the matrix's [measure] threads; 0: torch's default)")
+                   help="intra-op threads per cell, torch's and ONNX Runtime's (default: the matrix's "
+                        "[measure] threads; 0: torch's default)")
     p.add_argument("--no-drift", action="store_true", help="skip accuracy drift (speed and memory only)")
     p.add_argument("--drift-protocol", choices=PROTOCOLS,
                    help="which tokens drift scores: every token but each window's first (all-but-first, default), "

@@ -6,6 +6,10 @@ rate is (N - 1) tokens over the extra time an N-token call takes. Same prompt so
 the harness (the evaluation text at the same seeded offset).
 
     python ci/benchmarks/direct_generate.py --model synthetic:llama-134m --prompt-tokens 128 --new-tokens 32
+
+``--onnx-dir DIR`` times an exported graph instead (a directory holding ``model.onnx`` and its
+config, e.g. a stored ``onnx-fp32`` artifact), loaded with optimum's ``ORTModelForCausalLM`` on
+ONNX Runtime's CPU provider with its KV cache.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=10)
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch's (and ONNX Runtime's) intra-op threads (0: each library's default)")
+    p.add_argument("--onnx-dir", help="time this exported ONNX graph (model.onnx + config) with ONNX Runtime")
     args = p.parse_args()
 
     import torch
@@ -36,7 +42,16 @@ def main() -> None:
     from optimize.models import resolve_model
 
     ref = resolve_model(args.model)
-    model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32).eval()
+    if args.onnx_dir:
+        import onnxruntime
+        from optimum.onnxruntime import ORTModelForCausalLM
+
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = args.threads  # 0: ONNX Runtime's default, one per physical core
+        model = ORTModelForCausalLM.from_pretrained(args.onnx_dir, file_name="model.onnx", use_cache=True,
+                                                    provider="CPUExecutionProvider", session_options=options)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32).eval()
     ids, _ = prompt_ids(ref, model.config.vocab_size, args.batch_size, args.prompt_tokens)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
 
@@ -57,7 +72,8 @@ def main() -> None:
     ttft_s, e2e_s = statistics.median(one), statistics.median(full)
     decode = args.batch_size * (args.new_tokens - 1)
     print(json.dumps({
-        "model": args.model, "batch_size": args.batch_size, "prompt_tokens": args.prompt_tokens,
+        "model": args.model, "onnx_dir": args.onnx_dir, "batch_size": args.batch_size,
+        "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "reps": args.reps, "torch_threads": torch.get_num_threads(),
         "ttft_ms": round(ttft_s * 1e3, 2), "e2e_ms": round(e2e_s * 1e3, 2),
         "decode_tokens_per_s": round(decode / (e2e_s - ttft_s), 2),

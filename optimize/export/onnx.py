@@ -223,8 +223,11 @@ class OnnxExport(Step):
         }
 
 
-def session_options(step: OnnxExport):
-    """ORT session options carrying ``step``'s graph optimisation level."""
+def session_options(step: OnnxExport, threads: int | None = None):
+    """ORT session options carrying ``step``'s graph optimisation level and ``threads`` intra-op threads.
+
+    ``threads`` None keeps ONNX Runtime's default (one per physical core).
+    """
     ort = require_onnxruntime()
     level = {
         "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
@@ -234,6 +237,8 @@ def session_options(step: OnnxExport):
     }[step.optimization_level]
     options = ort.SessionOptions()
     options.graph_optimization_level = level
+    if threads:
+        options.intra_op_num_threads = threads
     return options
 
 
@@ -246,19 +251,31 @@ def load_ort_model(path: Path, device: str, step: OnnxExport):
 
     """
     provider = execution_provider(device)
+    import torch
     from optimum.onnxruntime import ORTModelForCausalLM
 
+    # As many threads as torch has (--threads, OMP_NUM_THREADS or the cores): the variants of one
+    # run compare on the same threads, whichever runtime they use.
+    options = session_options(step, torch.get_num_threads() if device == "cpu" else None)
     model = ORTModelForCausalLM.from_pretrained(str(path), file_name=ONNX_FILE, provider=provider,
-                                                session_options=session_options(step), use_cache=True)
+                                                session_options=options, use_cache=True)
     if model.providers[0] != provider:
         raise NotApplicable(f"ONNX Runtime could not start {provider} (the session got {model.providers}); "
                             "check the CUDA and cuDNN libraries onnxruntime-gpu needs")
     return model
 
 
+def intra_op_threads(model) -> int | None:
+    """The intra-op thread count the model's session was given; None where ONNX Runtime chose it."""
+    session = getattr(model, "session", None)
+    return (session.get_session_options().intra_op_num_threads or None) if session is not None else None
+
+
 def ort_label(model) -> str:
     """A one-line note for reports: ONNX Runtime's version and the provider actually running."""
     ort = require_onnxruntime()
     label = f"ONNX Runtime {ort.__version__}, {model.providers[0]}"
+    threads = intra_op_threads(model)
+    label += f", {threads} intra-op thread{'s' * (threads != 1)}" if threads else ""
     # optimum binds inputs and outputs on the CUDA provider: no host round trip per token
     return label + (", I/O binding (inputs and outputs stay on the device)" if model.use_io_binding else "")

@@ -86,14 +86,9 @@ def test_a_cell_reads_the_kv_cache_off_the_loaded_session_never_parsing_the_grap
 
 def test_nothing_parses_the_graph_between_the_end_of_load_and_the_memory_reading(tiny_ref, cache_dir, monkeypatch):
     """The whole serving window of an ONNX cell, run as a cell runs (bench.cell.measure), with onnx.load trapped."""
-    import dataclasses
-
     import onnx
 
     import bench.cell as cell_module
-    from bench.cells import Cell, MeasureConfig
-    from bench.scenarios.generate import GenerateScenario
-    from optimize.registry import builtin_variant
 
     parsed, window = [], {"open": False}
     real_load, real_close, real_measure = onnx.load, cell_module._close_load_window, cell_module._measure_memory
@@ -118,16 +113,43 @@ def test_nothing_parses_the_graph_between_the_end_of_load_and_the_memory_reading
     monkeypatch.setattr(onnx, "load", load)
     monkeypatch.setattr(cell_module, "_close_load_window", close)
     monkeypatch.setattr(cell_module, "_measure_memory", measure_memory)
-    measure = dataclasses.replace(MeasureConfig(), roofline=False)
+    record = _onnx_cell(cache_dir)
+    assert record["status"] == "ok", record["error"]
+    assert record["metrics"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # K and V x layers x heads x dim x 4
+    assert window == {"open": False} and parsed == []
+
+
+def _onnx_cell(cache_dir, threads: int = 0) -> dict:
+    """The record of a one-repetition onnx-fp32 cell of the tiny model, measured in this process as a cell is."""
+    import dataclasses
+
+    import bench.cell as cell_module
+    from bench.cells import Cell, MeasureConfig
+    from bench.scenarios.generate import GenerateScenario
+    from optimize.registry import builtin_variant
+
+    measure = dataclasses.replace(MeasureConfig(), roofline=False, threads=threads)
     measure = dataclasses.replace(measure, repeat=dataclasses.replace(measure.repeat, warmup=0, min_reps=1,
                                                                       max_reps=1, budget_s=0.0))
     cell = Cell(model="synthetic:llama-tiny", recipe=builtin_variant("onnx-fp32"), device="cpu",
                 scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), measure=measure,
                 cache_dir=str(cache_dir))
-    record = cell_module.measure(cell.to_dict())
+    return cell_module.measure(cell.to_dict())
+
+
+def test_an_onnx_cell_runs_on_the_threads_asked_for_and_records_them(cache_dir):
+    """--threads must bind ONNX Runtime too: left alone it takes one thread per core, so with --threads 1
+    an ONNX variant would race a one-thread torch variant on all the cores."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        record = _onnx_cell(cache_dir, threads=1)
+    finally:
+        torch.set_num_threads(before)
     assert record["status"] == "ok", record["error"]
-    assert record["metrics"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # K and V x layers x heads x dim x 4
-    assert window == {"open": False} and parsed == []
+    assert (record["method"]["torch_threads"], record["method"]["ort_intra_op_threads"]) == (1, 1)
+    assert any(label.endswith("CPUExecutionProvider, 1 intra-op thread") for label in record["labels"])
 
 
 def test_session_inputs_give_the_element_bytes_of_each_past_key_type(tmp_path):
@@ -332,11 +354,19 @@ def test_the_label_names_the_provider_and_whether_inputs_and_outputs_stay_on_the
     from types import SimpleNamespace
 
     import onnxruntime
+    import torch
 
-    from optimize.export.onnx import ort_label
+    from optimize.export.onnx import intra_op_threads, ort_label
 
-    state, _ = load_variant(tiny_ref, Recipe(name="onnx-fp32", steps=(OnnxExport(),)), "cpu", VariantStore(cache_dir))
-    assert ort_label(state.model) == f"ONNX Runtime {onnxruntime.__version__}, CPUExecutionProvider"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # what --threads 1 does in a cell, before the load
+    try:
+        state, _ = load_variant(tiny_ref, Recipe(name="onnx-fp32", steps=(OnnxExport(),)), "cpu",
+                                VariantStore(cache_dir))
+    finally:
+        torch.set_num_threads(before)
+    assert intra_op_threads(state.model) == 1  # ONNX Runtime runs on torch's threads, not one per core
+    assert ort_label(state.model) == f"ONNX Runtime {onnxruntime.__version__}, CPUExecutionProvider, 1 intra-op thread"
     cuda = SimpleNamespace(providers=["CUDAExecutionProvider", "CPUExecutionProvider"], use_io_binding=True)
     assert ort_label(cuda) == (f"ONNX Runtime {onnxruntime.__version__}, CUDAExecutionProvider, "
                                "I/O binding (inputs and outputs stay on the device)")
