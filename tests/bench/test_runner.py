@@ -25,22 +25,34 @@ THREADS = 1
 REPS = 10  # per side and pair: enough calls for one of them to run uncontended
 
 
-def _independent_measurement(reps: int = REPS) -> dict:
+def _independent_measurement(onnx_dir: Path | None = None, reps: int = REPS) -> dict:
     """TTFT and decode time of the same generate call, timed from outside in a clean process.
 
-    ``ci/benchmarks/direct_generate.py`` loads the model with plain transformers and times
-    ``generate`` with perf_counter: TTFT is the wall time of a one-token call, the decode
-    time the extra time an N-token call takes; one- and N-token calls alternate. A fresh
-    process, like the harness's cell, so neither side carries the test process's garbage.
+    ``ci/benchmarks/direct_generate.py`` loads the model with plain transformers (or, given
+    ``onnx_dir``, the exported graph with optimum's ONNX Runtime model) and times ``generate``
+    with perf_counter: TTFT is the wall time of a one-token call, the decode time the extra
+    time an N-token call takes; one- and N-token calls alternate. A fresh process, like the
+    harness's cell, so neither side carries the test process's garbage.
     """
     script = Path(__file__).resolve().parents[2] / "ci" / "benchmarks" / "direct_generate.py"
+    graph = ["--onnx-dir", str(onnx_dir)] if onnx_dir else []
     out = subprocess.run([sys.executable, str(script), "--model", "synthetic:llama-tiny", "--prompt-tokens",
-                          str(PROMPT), "--new-tokens", str(NEW), "--reps", str(reps), "--threads", str(THREADS)],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
+                          str(PROMPT), "--new-tokens", str(NEW), "--reps", str(reps), "--threads", str(THREADS),
+                          *graph], capture_output=True, text=True, timeout=600, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
-def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir):
+def _stored_artifact(tiny_ref, variant: str, cache_dir) -> Path:
+    """The folder of ``variant``'s stored artifact (built by the harness's run before this is called)."""
+    from optimize.registry import builtin_variant
+    from optimize.store import VariantStore
+
+    return VariantStore(cache_dir).get_or_build(tiny_ref, builtin_variant(variant), "cpu").path
+
+
+# fp32: plain transformers; onnx-fp32: the exported graph in ONNX Runtime, through optimum
+@pytest.mark.parametrize("variant", ["fp32", "onnx-fp32"])
+def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir, variant):
     """Harness and independent timing in many short interleaved pairs: the median pair ratio must be ~1.
 
     Busy neighbour processes come and go in spells lasting seconds: one comparison of two
@@ -53,12 +65,13 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     same 15% as before: a harness that adds time of its own (polling, synchronisation, a thread
     count other than the one asked for) shifts every ratio and fails.
     """
-    matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["fp32"], devices=["cpu"], batch_size=[1],
-                    prompt_tokens=[PROMPT], new_tokens=[NEW], repeat={"warmup": 2, "min_reps": REPS, "budget_s": 0},
-                    threads=THREADS, drift=False)
+    matrix = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=[variant], devices=["cpu"],
+                    batch_size=[1], prompt_tokens=[PROMPT], new_tokens=[NEW],
+                    repeat={"warmup": 2, "min_reps": REPS, "budget_s": 0}, threads=THREADS, drift=False)
     pairs, fractions, ceilings = [], [], None
+    onnx_dir = None
     for i in range(PAIRS):
-        independent = _independent_measurement() if i % 2 else None
+        independent = _independent_measurement(onnx_dir) if i % 2 else None
         run_dir = tmp_path / f"run{i}"
         run_dir.mkdir()
         # The ceilings are measured once, in the first run, and reused: only the cell is repeated.
@@ -68,8 +81,11 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
         assert record["status"] == "ok", record["error"]
         validate_record(record)
         assert record["method"]["torch_threads"] == THREADS
+        if variant.startswith("onnx"):
+            assert record["method"]["ort_intra_op_threads"] == THREADS
+            onnx_dir = onnx_dir or _stored_artifact(tiny_ref, variant, cache_dir)
         ceilings = ceilings or read_run(run_dir)["roofline"]
-        independent = independent or _independent_measurement()
+        independent = independent or _independent_measurement(onnx_dir)
         fractions.append(record["metrics"]["roofline_fraction"])
         s, ind = record["samples"], independent["samples"]
         # Interference only ever adds time, so each side's fastest samples estimate its uncontended
