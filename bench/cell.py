@@ -152,7 +152,7 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     metrics["rss_baseline_bytes"] = baseline_rss
     # Memory figures are read before drift runs: drift's own buffers must not count.
     metrics.update(_measure_memory(cell.device, baseline_rss, load_peaks))
-    _add_roofline(state, cell, metrics, method)
+    _add_roofline(state, cell, metrics, method, artifact.manifest)
     drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
     method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
                   + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
@@ -266,7 +266,8 @@ def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dic
     return out
 
 
-def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any]) -> None:
+def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any],
+                  manifest: dict[str, Any] | None = None) -> None:
     """Achieved fractions of the run's measured ceilings, where the cell has decode figures.
 
     Optional: a failure is a note in the record, never the loss of the timings already taken.
@@ -274,7 +275,7 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
     if not cell.ceilings or "decode_tokens_per_s" not in metrics:
         return
     try:
-        metrics.update(_roofline(state, cell, metrics))
+        metrics.update(_roofline(state, cell, metrics, manifest))
         method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean "
                               "context x KV bytes/token (KV shape read off a real cache); prefill FLOPs counted "
                               "by torch.utils.flop_counter on the architecture")
@@ -336,13 +337,13 @@ def _ort_session(state):
     return getattr(state.model, "session", None)
 
 
-def _roofline(state, cell, metrics) -> dict:
+def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> dict:
     from bench.metrics.memory import untied_embedding_bytes
     from bench.metrics.roofline import cell_roofline
     from optimize.introspect import prefill_flops
 
     try:
-        embed = untied_embedding_bytes(state)
+        embed = untied_embedding_bytes(state, manifest)
     except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
         embed = None
         state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")

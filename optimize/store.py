@@ -215,13 +215,17 @@ class VariantStore:
                 _copy_tokenizer(Path(ref.path), weights_dir)
                 state.source_dir, state.model = weights_dir, None
             state.reports.append({"technique": step.technique, **(_apply(step, state) or {})})
+        facts: dict[str, Any] = {}
         if state.backend == "torch":
             params = sum(p.numel() for p in state.model.parameters())
             state.model.save_pretrained(str(out), safe_serialization=True)
             _copy_tokenizer(Path(ref.path), out)
         else:
-            params = None
+            from optimize.export.onnx import embedding_facts
+
+            params, facts = None, embedding_facts(out)  # the cells' bandwidth figure, without parsing the graph
         return {
+            **facts,
             "recipe": recipe.to_dict(),
             "saved_steps": [s.to_dict() for s in recipe.saved_steps],
             "model": ref.to_dict(),

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import resource
-from pathlib import Path
 from typing import Any
 
 
@@ -139,11 +138,13 @@ def kv_bytes_per_token(config, element_bytes: float) -> float:
     return 2 * config.num_hidden_layers * heads * head_dim * element_bytes
 
 
-def untied_embedding_bytes(state) -> int:
+def untied_embedding_bytes(state, manifest: dict | None = None) -> int:
     """Bytes of an input embedding table that is not also the LM head.
 
     Decode reads one row of it per token, not the whole table, so bandwidth estimates
-    subtract it from the weight bytes. Tied tables are read in full by the LM head.
+    subtract it from the weight bytes. Tied tables are read in full by the LM head. For an
+    ONNX graph the figure comes from the stored artifact's ``manifest``, recorded when it was
+    built; artifacts built before that are parsed here.
 
     Raises:
         LookupError: an ONNX graph whose ``Gather`` on ``input_ids`` reads no initializer
@@ -155,20 +156,10 @@ def untied_embedding_bytes(state) -> int:
         return 0
     if state.backend != "onnxruntime":
         return tensor_bytes(state.model.get_input_embeddings().weight)
-    import onnx
+    from optimize.export.onnx import EMBEDDING_BYTES, EMBEDDING_ERROR, embedding_table_bytes
 
-    graph = onnx.load(str(Path(state.onnx_dir) / "model.onnx"), load_external_data=False).graph
-    inits = {init.name: init for init in graph.initializer}
-    # A static-int8 graph dequantizes the table first: follow DequantizeLinear back to its initializer.
-    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
-    for node in graph.node:
-        table = dequantized.get(node.input[0], node.input[0]) if node.op_type == "Gather" else None
-        if table is not None and node.input[1] == "input_ids" and table in inits:
-            init = inits[table]
-            elem = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-            count = 1
-            for d in init.dims:
-                count *= d
-            return count * elem
-    raise LookupError(f"no embedding table found in {Path(state.onnx_dir) / 'model.onnx'}: no Gather on input_ids "
-                      "reads an initializer (directly or through DequantizeLinear)")
+    if manifest and EMBEDDING_BYTES in manifest:
+        if manifest[EMBEDDING_BYTES] is None:
+            raise LookupError(manifest[EMBEDDING_ERROR])
+        return manifest[EMBEDDING_BYTES]
+    return embedding_table_bytes(state.onnx_dir)

@@ -151,6 +151,48 @@ def onnx_kv_element_bytes(onnx_dir: Path, session=None) -> int:
     return _past_keys(onnx_dir, session)[0][1]
 
 
+EMBEDDING_BYTES, EMBEDDING_ERROR = "embedding_table_bytes", "embedding_table_error"  # manifest keys
+
+
+def embedding_table_bytes(onnx_dir: Path) -> int:
+    """Bytes of the initializer the graph's ``Gather`` on ``input_ids`` reads (the input embedding table).
+
+    Parses the graph: done once when the artifact is built (the manifest keeps the figure), since a
+    graph with embedded weights is held whole in memory while parsed.
+
+    Raises:
+        LookupError: no ``Gather`` on ``input_ids`` reads an initializer (directly or through
+            ``DequantizeLinear``), so the table's size is unknown.
+
+    """
+    import onnx
+
+    path = Path(onnx_dir) / ONNX_FILE
+    graph = onnx.load(str(path), load_external_data=False).graph
+    inits = {init.name: init for init in graph.initializer}
+    # A static-int8 graph dequantizes the table first: follow DequantizeLinear back to its initializer.
+    dequantized = {n.output[0]: n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    for node in graph.node:
+        table = dequantized.get(node.input[0], node.input[0]) if node.op_type == "Gather" else None
+        if table is not None and node.input[1] == "input_ids" and table in inits:
+            init = inits[table]
+            elem = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+            count = 1
+            for d in init.dims:
+                count *= d
+            return count * elem
+    raise LookupError(f"no embedding table found in {path}: no Gather on input_ids reads an initializer "
+                      "(directly or through DequantizeLinear)")
+
+
+def embedding_facts(onnx_dir: Path) -> dict:
+    """The manifest entries for an ONNX artifact's input embedding table: its bytes, or why they are unknown."""
+    try:
+        return {EMBEDDING_BYTES: embedding_table_bytes(onnx_dir)}
+    except LookupError as exc:
+        return {EMBEDDING_BYTES: None, EMBEDDING_ERROR: str(exc)}
+
+
 def _opset(onnx_path: Path) -> int:
     import onnx
 

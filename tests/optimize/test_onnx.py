@@ -84,14 +84,18 @@ def test_a_cell_reads_the_kv_cache_off_the_loaded_session_never_parsing_the_grap
         (KVGeometry(2, 2, 32, "onnx graph"), 4.0)
 
 
-def test_nothing_parses_the_graph_between_the_end_of_load_and_the_memory_reading(tiny_ref, cache_dir, monkeypatch):
-    """The whole serving window of an ONNX cell, run as a cell runs (bench.cell.measure), with onnx.load trapped."""
+def test_nothing_parses_the_graph_after_the_load_of_an_onnx_cell(tiny_ref, cache_dir, monkeypatch):
+    """An ONNX cell, run as a cell runs (bench.cell.measure) with its roofline, with onnx.load trapped from the
+    end of the load on: the KV cache's shape comes off the session and the embedding table's size from the
+    manifest (parsing holds the graph, weights and all, in memory: inside the serving window it counted)."""
     import onnx
+    from transformers import AutoModelForCausalLM
 
     import bench.cell as cell_module
+    import optimize.export.onnx as export
 
     parsed, window = [], {"open": False}
-    real_load, real_close, real_measure = onnx.load, cell_module._close_load_window, cell_module._measure_memory
+    real_load, real_close = onnx.load, cell_module._close_load_window
 
     def load(*args, **kwargs):
         if window["open"]:
@@ -103,23 +107,36 @@ def test_nothing_parses_the_graph_between_the_end_of_load_and_the_memory_reading
         window["open"] = True
         return out
 
-    def measure_memory(*args):
-        window["open"] = False
-        return real_measure(*args)
-
-    import optimize.export.onnx as export
-
     export._read_past_keys.cache_clear()  # a parse cached by an earlier test would hide one in the window
     monkeypatch.setattr(onnx, "load", load)
     monkeypatch.setattr(cell_module, "_close_load_window", close)
-    monkeypatch.setattr(cell_module, "_measure_memory", measure_memory)
-    record = _onnx_cell(cache_dir)
+    ceilings = {"device": "cpu", "memory": {"bandwidth_gbps": 30.0}, "matmul": {"float32": {"tflops": 0.2}}}
+    record = _onnx_cell(cache_dir, ceilings=ceilings)
     assert record["status"] == "ok", record["error"]
+    assert window == {"open": True} and parsed == []
     assert record["metrics"]["kv_cache_bytes_per_token"] == 2 * 2 * 2 * 32 * 4  # K and V x layers x heads x dim x 4
-    assert window == {"open": False} and parsed == []
+    table = AutoModelForCausalLM.from_pretrained(tiny_ref.path).get_input_embeddings().weight
+    assert record["metrics"]["embedding_bytes_not_read"] == table.numel() * 4  # untied, fp32
+    assert "roofline_error" not in record["method"]
 
 
-def _onnx_cell(cache_dir, threads: int = 0) -> dict:
+def test_an_artifact_built_before_the_manifest_kept_the_table_size_is_parsed(tiny_ref, cache_dir):
+    from types import SimpleNamespace
+
+    from bench.metrics.memory import untied_embedding_bytes
+    from optimize.export.onnx import EMBEDDING_BYTES, EMBEDDING_ERROR, embedding_table_bytes
+
+    artifact = VariantStore(cache_dir).get_or_build(tiny_ref, Recipe(name="onnx-fp32", steps=(OnnxExport(),)), "cpu")
+    assert artifact.manifest[EMBEDDING_BYTES] == embedding_table_bytes(artifact.path) > 0
+    state = SimpleNamespace(backend="onnxruntime", onnx_dir=artifact.path,
+                            model=SimpleNamespace(config=SimpleNamespace(tie_word_embeddings=False)))
+    old = {k: v for k, v in artifact.manifest.items() if k != EMBEDDING_BYTES}
+    assert untied_embedding_bytes(state, old) == untied_embedding_bytes(state) == artifact.manifest[EMBEDDING_BYTES]
+    with pytest.raises(LookupError, match="^no table$"):  # a graph where none was found at build time
+        untied_embedding_bytes(state, {EMBEDDING_BYTES: None, EMBEDDING_ERROR: "no table"})
+
+
+def _onnx_cell(cache_dir, threads: int = 0, ceilings: dict | None = None) -> dict:
     """The record of a one-repetition onnx-fp32 cell of the tiny model, measured in this process as a cell is."""
     import dataclasses
 
@@ -128,12 +145,12 @@ def _onnx_cell(cache_dir, threads: int = 0) -> dict:
     from bench.scenarios.generate import GenerateScenario
     from optimize.registry import builtin_variant
 
-    measure = dataclasses.replace(MeasureConfig(), roofline=False, threads=threads)
+    measure = dataclasses.replace(MeasureConfig(), roofline=ceilings is not None, threads=threads)
     measure = dataclasses.replace(measure, repeat=dataclasses.replace(measure.repeat, warmup=0, min_reps=1,
                                                                       max_reps=1, budget_s=0.0))
     cell = Cell(model="synthetic:llama-tiny", recipe=builtin_variant("onnx-fp32"), device="cpu",
                 scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), measure=measure,
-                cache_dir=str(cache_dir))
+                cache_dir=str(cache_dir), ceilings=ceilings)
     return cell_module.measure(cell.to_dict())
 
 
