@@ -108,7 +108,14 @@ def test_a_failed_roofline_is_a_note_and_keeps_the_timings(monkeypatch):
 
 
 def test_a_roofline_adds_its_figures_and_method(monkeypatch):
-    monkeypatch.setattr(cell, "_roofline", lambda state, c, metrics: {"roofline_fraction": 0.25})
+    seen = []
+
+    def roofline(state, c, metrics, manifest):
+        seen.append(manifest)
+        return {"roofline_fraction": 0.25}
+
+    monkeypatch.setattr(cell, "_roofline", roofline)
     metrics, method = {"decode_tokens_per_s": 10.0}, {}
-    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), metrics, method)
+    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), metrics, method, {"embedding_table_bytes": 8})
     assert metrics["roofline_fraction"] == 0.25 and "decode bytes/step" in method["roofline"]
+    assert seen == [{"embedding_table_bytes": 8}]  # the stored artifact's manifest reaches the roofline
