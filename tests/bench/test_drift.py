@@ -374,6 +374,7 @@ def test_reference_json_and_tensor_file_describe_the_pass(tiny_ref, drift_cache,
     assert info["file_bytes"] == (reference / REFERENCE_TENSORS).stat().st_size
     assert 0 < info["reference_wall_s"] <= elapsed + 1e-3  # the pass's own time, within this call's
     assert round(info["reference_wall_s"], 3) == info["reference_wall_s"]
+    assert isinstance(info["reference_wall_s"], float)  # milliseconds kept: not rounded to whole seconds
     assert info["versions"] == library_versions(libraries("reference"))
     assert re.fullmatch(r"20\d\d-[01]\d-[0-3]\dT[0-2]\d:[0-5]\d:[0-5]\dZ", info["created"]), info["created"]
     created = datetime.strptime(info["created"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
