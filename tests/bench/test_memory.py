@@ -95,6 +95,45 @@ def test_untied_embedding_not_found_in_onnx_is_an_error_not_zero(tmp_path):
         memory.untied_embedding_bytes(_onnx_state(tmp_path, nodes, []))
 
 
+def test_an_onnx_table_size_kept_in_the_manifest_is_used_without_parsing_the_graph(tmp_path, monkeypatch):
+    """Cells pass the stored artifact's manifest: the graph, weights and all, is parsed once at build time."""
+    onnx = pytest.importorskip("onnx")
+    import numpy as np
+    from onnx import helper, numpy_helper
+
+    from optimize.export.onnx import EMBEDDING_BYTES, EMBEDDING_ERROR, embedding_facts
+
+    table = numpy_helper.from_array(np.zeros((50, 6), dtype=np.float32), "embed.weight")
+    state = _onnx_state(tmp_path, [helper.make_node("Gather", ["embed.weight", "input_ids"], ["out"])], [table])
+    facts = embedding_facts(state.onnx_dir)  # what the store writes into the manifest
+    assert facts == {EMBEDDING_BYTES: 50 * 6 * 4}
+
+    def no_parse(*args, **kwargs):
+        raise AssertionError("the graph was parsed")
+
+    monkeypatch.setattr(onnx, "load", no_parse)
+    assert memory.untied_embedding_bytes(state, {**facts, "backend": "onnxruntime"}) == 50 * 6 * 4
+    assert memory.untied_embedding_bytes(state, {EMBEDDING_BYTES: 123}) == 123  # the manifest's figure, as kept
+    with pytest.raises(LookupError, match="^no table in this graph$"):  # none found at build time: the reason
+        memory.untied_embedding_bytes(state, {EMBEDDING_BYTES: None, EMBEDDING_ERROR: "no table in this graph"})
+    with pytest.raises(AssertionError, match="parsed"):  # an artifact built before the manifest kept the size
+        memory.untied_embedding_bytes(state, {"backend": "onnxruntime"})
+
+
+def test_a_graph_without_a_table_is_kept_in_the_manifest_as_unknown_with_the_reason(tmp_path):
+    pytest.importorskip("onnx")
+    from onnx import helper
+
+    from optimize.export.onnx import EMBEDDING_BYTES, EMBEDDING_ERROR, embedding_facts
+
+    state = _onnx_state(tmp_path, [helper.make_node("Identity", ["input_ids"], ["out"])], [])
+    facts = embedding_facts(state.onnx_dir)
+    assert facts[EMBEDDING_BYTES] is None and facts[EMBEDDING_ERROR].startswith("no embedding table found in ")
+    with pytest.raises(LookupError) as exc:
+        memory.untied_embedding_bytes(state, facts)
+    assert str(exc.value) == facts[EMBEDDING_ERROR]
+
+
 def test_untied_embedding_bytes_without_a_tie_setting_counts_the_table():
     torch = pytest.importorskip("torch")
     table = torch.nn.Embedding(100, 8)
