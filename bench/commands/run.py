@@ -190,8 +190,9 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         sweep_stale_tmp(folder)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
     resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
-    todo = plan_cells(matrix, run_dir, shard, resolve)[2]  # refuses records of another matrix or shard
-    if args.resume:  # the hub cache may have been cleared since: fetch what the cells left to run need
+    if args.resume:  # refuse records of another matrix or shard before anything runs; the hub cache may
+        # have been cleared since: fetch the models the cells left to run need
+        todo = plan_cells(matrix, run_dir, shard, resolve)[2]
         _fetch_hub_models(sorted({c.model for c in todo}))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)

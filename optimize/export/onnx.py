@@ -11,6 +11,7 @@ decodes with a KV cache.
 from __future__ import annotations
 
 import functools
+import math
 import shutil
 import time
 from dataclasses import dataclass
@@ -176,11 +177,7 @@ def embedding_table_bytes(onnx_dir: Path) -> int:
         table = dequantized.get(node.input[0], node.input[0]) if node.op_type == "Gather" else None
         if table is not None and node.input[1] == "input_ids" and table in inits:
             init = inits[table]
-            elem = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
-            count = 1
-            for d in init.dims:
-                count *= d
-            return count * elem
+            return math.prod(init.dims) * onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
     raise LookupError(f"no embedding table found in {path}: no Gather on input_ids reads an initializer "
                       "(directly or through DequantizeLinear)")
 
