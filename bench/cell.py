@@ -268,17 +268,20 @@ def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dic
 
 def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any],
                   manifest: dict[str, Any] | None = None) -> None:
-    """Achieved fractions of the run's measured ceilings, where the cell has decode figures.
+    """Achieved fractions of the run's measured ceilings: prefill FLOP/s, and decode bandwidth where the cell decoded.
 
     Optional: a failure is a note in the record, never the loss of the timings already taken.
     """
-    if not cell.ceilings or "decode_tokens_per_s" not in metrics:
+    if not cell.ceilings or "prefill_tokens_per_s" not in metrics:
         return
     try:
-        metrics.update(_roofline(state, cell, metrics, manifest))
-        method["roofline"] = ("decode bytes/step = weights (less an untied input embedding) + batch x mean "
-                              "context x KV bytes/token (KV shape read off a real cache); prefill FLOPs counted "
-                              "by torch.utils.flop_counter on the architecture")
+        figures, logits = _roofline(state, cell, metrics, manifest)
+        metrics.update(figures)
+        parts = [f"prefill FLOPs counted by torch.utils.flop_counter on the architecture, {logits}"]
+        if "roofline_fraction" in figures:
+            parts.insert(0, "decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
+                            "KV bytes/token (KV shape read off a real cache)")
+        method["roofline"] = "; ".join(parts)
     except Exception as exc:
         method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         state.labels.append(method["roofline_error"])
@@ -337,28 +340,36 @@ def _ort_session(state):
     return getattr(state.model, "session", None)
 
 
-def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> dict:
+def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> tuple[dict, str]:
+    """The cell's roofline figures, and how its prefill's LM head was counted (the method's words)."""
     from bench.metrics.memory import untied_embedding_bytes
     from bench.metrics.roofline import cell_roofline
     from optimize.introspect import prefill_flops
 
-    try:
-        embed = untied_embedding_bytes(state, manifest)
-    except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
-        embed = None
-        state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")
+    embed = None
+    if "decode_tokens_per_s" in metrics:
+        try:
+            embed = untied_embedding_bytes(state, manifest)
+        except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
+            state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")
     read = {**metrics, "weights_bytes": metrics["weights_bytes"] - (embed or 0)}
     dtype = "float32"
     if state.backend == "torch":
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
+    # generate() asks a transformers model for the last position's logits alone where its forward
+    # takes logits_to_keep; an exported graph computes every position's.
+    supports = getattr(state.model, "_supports_logits_to_keep", None)
+    last_only = state.backend == "torch" and callable(supports) and bool(supports())
+    logits = ("the LM head on the last position only (generate's logits_to_keep=1)" if last_only
+              else "the LM head on every position (the model computes every position's logits)")
     scenario = cell.scenario
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
-                                             cell.cache_path)}
+                                             cell.cache_path, last_logits_only=last_only)}
     out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, dtype)
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed
-    return out
+    return out, logits
 
 
 def _elem_bytes(state) -> float:

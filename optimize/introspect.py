@@ -245,8 +245,15 @@ def require_effect(technique: str, report: dict[str, int], shrinks: bool) -> Non
                             f"{report['bytes_after']} bytes over {report['modules_touched']} modules)")
 
 
-def prefill_flops(config, batch: int, prompt: int, cache_dir: Path | None = None) -> int:
+def prefill_flops(config, batch: int, prompt: int, cache_dir: Path | None = None, *,
+                  last_logits_only: bool) -> int:
     """FLOPs of one prefill of ``batch`` x ``prompt`` tokens, counted by ``torch.utils.flop_counter``.
+
+    ``last_logits_only``: the LM head runs on the last position alone, as ``generate()`` runs a
+    transformers model whose forward takes ``logits_to_keep`` (it passes 1); False counts it on
+    every position, as an exported ONNX graph computes it. On a small model the head is a large
+    share of the prefill (a third of the built-in model's matmul weights), so counting it on every
+    position would credit a transformers prefill with FLOPs it never ran.
 
     The model is rebuilt from ``config`` under a fake-tensor mode (CPU-typed tensors with
     no storage), so nothing is computed or allocated, whatever the model's size; the count
@@ -265,25 +272,27 @@ def prefill_flops(config, batch: int, prompt: int, cache_dir: Path | None = None
     from optimize.models import default_cache_dir
 
     config_json = config.to_json_string(use_diff=False)
-    key = hashlib.sha256(json.dumps([config_json, batch, prompt, torch.__version__,
+    key = hashlib.sha256(json.dumps([config_json, batch, prompt, last_logits_only, torch.__version__,
                                      transformers.__version__]).encode()).hexdigest()[:24]
     path = Path(cache_dir or default_cache_dir()) / "flops" / f"{key}.json"
     try:
         return int(json.loads(path.read_text())["prefill_flops"])
     except (OSError, ValueError, KeyError, TypeError):
         pass  # not counted yet, or a damaged entry: count again
-    flops = _prefill_flops(config_json, batch, prompt)
+    flops = _prefill_flops(config_json, batch, prompt, last_logits_only)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # whole or absent: a concurrent cell reads the old state or the new
-        write_atomic(path, json.dumps({"prefill_flops": flops, "batch": batch, "prompt": prompt}))
+        write_atomic(path, json.dumps({"prefill_flops": flops, "batch": batch, "prompt": prompt,
+                                       "last_logits_only": last_logits_only}))
     except OSError:
         pass  # a read-only cache costs the count again next time, nothing else
     return flops
 
 
 @functools.lru_cache(maxsize=16)
-def _prefill_flops(config_json: str, batch: int, prompt: int) -> int:
+def _prefill_flops(config_json: str, batch: int, prompt: int, last_logits_only: bool) -> int:
+    import inspect
     import json
 
     import torch
@@ -301,6 +310,8 @@ def _prefill_flops(config_json: str, batch: int, prompt: int) -> int:
         # FLOPs torch's formula gives sdpa (full QK^T and PV, causal or not).
         model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
         ids = torch.zeros(batch, prompt, dtype=torch.long)
+        kept = {"logits_to_keep": 1} if last_logits_only and "logits_to_keep" in inspect.signature(
+            model.forward).parameters else {}
         with torch.no_grad(), counter:
-            model(input_ids=ids, use_cache=False)
+            model(input_ids=ids, use_cache=False, **kept)
     return int(counter.get_total_flops())

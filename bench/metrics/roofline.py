@@ -95,7 +95,11 @@ def model_shape(config) -> dict[str, int]:
 
 
 def prefill_flops(shape: dict[str, int], batch: int, prompt: int) -> float:
-    """2 FLOPs per matmul parameter per token, plus causal attention (QK^T and PV: 2 x 2 x P^2/2 per head-dim)."""
+    """2 FLOPs per matmul parameter per token, plus causal attention (QK^T and PV: 2 x 2 x P^2/2 per head-dim).
+
+    The LM head counts on every position, as a full forward runs it (cells count their prefill
+    with ``optimize.introspect.prefill_flops`` instead, as the variant runs it).
+    """
     linear = 2 * shape["matmul_params"] * batch * prompt
     attention = 2 * shape["layers"] * batch * shape["heads"] * shape["head_dim"] * prompt * prompt
     return float(linear + attention)
@@ -103,30 +107,30 @@ def prefill_flops(shape: dict[str, int], batch: int, prompt: int) -> float:
 
 def cell_roofline(metrics: dict[str, Any], scenario: dict[str, Any], shape: dict[str, int],
                   ceilings: dict[str, Any], compute_dtype: str) -> dict[str, Any]:
-    """Achieved decode bandwidth and prefill FLOP/s, and their fractions of the measured ceilings.
+    """Achieved prefill FLOP/s and, where the cell decoded, decode bandwidth; their fractions of the ceilings.
 
     Bytes per decode step = weight bytes + batch x mean context x KV bytes per token, where
     the mean context over the decode is prompt + new_tokens / 2; steps per second =
-    decode tokens/s / batch.
+    decode tokens/s / batch. A prefill-only cell (the prefill sweep) has the prefill figures alone.
     """
-    b, p, n = scenario["batch_size"], scenario["prompt_tokens"], scenario["new_tokens"]
-    if "kv_cache_bytes_per_token" not in metrics:  # a silent 0 would leave the KV cache out of every step
-        raise ValueError("cell_roofline needs metrics['kv_cache_bytes_per_token'] (KV cache bytes read per token of "
-                         f"context); got metrics with {sorted(metrics)}")
-    kv_per_token = metrics["kv_cache_bytes_per_token"]
-    step_bytes = metrics["weights_bytes"] + b * (p + n / 2) * kv_per_token
-    achieved = step_bytes * metrics["decode_tokens_per_s"] / b / 1e9
-    peak_bw = ceilings["memory"]["bandwidth_gbps"]
+    b, p = scenario["batch_size"], scenario["prompt_tokens"]
     # A counted figure ("prefill_flops", for this batch x prompt) wins over the Llama formula.
     total = shape["prefill_flops"] if "prefill_flops" in shape else prefill_flops(shape, b, p)
     flops = total * metrics["prefill_tokens_per_s"] / (b * p)
     peak_flops = ceilings["matmul"].get(compute_dtype, ceilings["matmul"]["float32"])["tflops"] * 1e12
-    return {
-        "decode_bytes_per_step": step_bytes,
-        "decode_bandwidth_gbps": achieved,
-        "roofline_fraction": achieved / peak_bw,
+    out: dict[str, Any] = {
         "prefill_tflops": flops / 1e12,
         "prefill_flops_fraction": flops / peak_flops,
-        "roofline_ceilings": {"bandwidth_gbps": peak_bw, "matmul_tflops": peak_flops / 1e12,
+        "roofline_ceilings": {"bandwidth_gbps": ceilings["memory"]["bandwidth_gbps"],
+                              "matmul_tflops": peak_flops / 1e12,
                               "matmul_dtype": compute_dtype if compute_dtype in ceilings["matmul"] else "float32"},
     }
+    if "decode_tokens_per_s" not in metrics:
+        return out
+    if "kv_cache_bytes_per_token" not in metrics:  # a silent 0 would leave the KV cache out of every step
+        raise ValueError("cell_roofline needs metrics['kv_cache_bytes_per_token'] (KV cache bytes read per token of "
+                         f"context); got metrics with {sorted(metrics)}")
+    step_bytes = metrics["weights_bytes"] + b * (p + scenario["new_tokens"] / 2) * metrics["kv_cache_bytes_per_token"]
+    achieved = step_bytes * metrics["decode_tokens_per_s"] / b / 1e9
+    return {"decode_bytes_per_step": step_bytes, "decode_bandwidth_gbps": achieved,
+            "roofline_fraction": achieved / ceilings["memory"]["bandwidth_gbps"], **out}

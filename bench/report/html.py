@@ -16,10 +16,10 @@ from bench.catalogue import METRICS, metric
 from bench.report import plots
 from bench.report.markdown import (
     LIBRARIES,
-    MD_COLUMNS,
     NO_RECORDS,
     ceiling_texts,
     drift_protocols,
+    group_columns,
     note_items,
 )
 from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
@@ -148,7 +148,8 @@ def _cell(row: Row, key: str) -> str:
 
 
 def group_table(group: Group, chosen: str | None) -> str:
-    head = "".join(f'<th class="{"" if k == "status" else "num"}">{esc(h)}</th>' for h, k in MD_COLUMNS)
+    columns = group_columns(group)
+    head = "".join(f'<th class="{"" if k == "status" else "num"}">{esc(h)}</th>' for h, k in columns)
     rows = []
     for row in group.rows:
         cls = ' class="chosen"' if row.variant == chosen else ""
@@ -156,7 +157,7 @@ def group_table(group: Group, chosen: str | None) -> str:
         steps = ", ".join(str(s.get("technique", s.get("name", s))) if isinstance(s, dict) else str(s)
                           for s in recipe.get("steps", []))
         rows.append(f'<tr{cls}><td data-v="{esc(row.variant)}" title="{esc(steps or "reference")}">'
-                    f'{esc(row.variant)}</td>' + "".join(_cell(row, k) for _, k in MD_COLUMNS) + "</tr>")
+                    f'{esc(row.variant)}</td>' + "".join(_cell(row, k) for _, k in columns) + "</tr>")
     return (f'<div class="table-wrap"><table class="sortable"><thead><tr><th>variant</th>{head}</tr></thead>'
             f'<tbody>{"".join(rows)}</tbody></table></div>')
 

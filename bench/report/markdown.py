@@ -27,6 +27,7 @@ LIBRARIES = libraries("report")
 MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpot_ms"), ("n", "n"),
               ("speedup", "speedup"), ("decode tok/s [95% CI]", "decode_tokens_per_s"),
               ("prefill tok/s", "prefill_tokens_per_s"), ("roofline", "roofline_fraction"),
+              ("prefill FLOP frac", "prefill_flops_fraction"),
               ("peak MiB", "peak_memory_bytes"), ("serving peak MiB", "serving_peak_memory_bytes"),
               ("weights MiB", "weights_bytes"), ("ppl ratio", "ppl_ratio"),
               ("KLD mean", "kld_mean"), ("top-1", "top1_agreement"), ("gen match", "gen_exact_match"),
@@ -77,11 +78,17 @@ def cell_text(row: Row, key: str) -> str:
     return fig.text(with_ci=METRICS[key].shape == "summary" or METRICS[key].ci_key is not None)
 
 
+def group_columns(group: Group) -> list[tuple[str, str]]:
+    """The table's columns for one group: those with a figure in some row (a prefill sweep has no TPOT)."""
+    return [(h, k) for h, k in MD_COLUMNS if k == "status" or any(cell_text(row, k) != "-" for row in group.rows)]
+
+
 def group_table(group: Group) -> list[str]:
-    lines = ["| variant | " + " | ".join(h for h, _ in MD_COLUMNS) + " |",
-             "|---|" + "".join("---:|" if k not in ("status",) else "---|" for _, k in MD_COLUMNS)]
+    columns = group_columns(group)
+    lines = ["| variant | " + " | ".join(h for h, _ in columns) + " |",
+             "|---|" + "".join("---:|" if k not in ("status",) else "---|" for _, k in columns)]
     for row in group.rows:
-        cells = [md_escape(row.variant)] + [md_escape(cell_text(row, k)) for _, k in MD_COLUMNS]
+        cells = [md_escape(row.variant)] + [md_escape(cell_text(row, k)) for _, k in columns]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -25,6 +25,7 @@ REFERENCE_VARIANT = "fp32"
 
 # Columns of the comparison table, in order (catalogue keys).
 COLUMNS = ["ttft_ms", "tpot_ms", "e2e_ms", "decode_tokens_per_s", "prefill_tokens_per_s", "roofline_fraction",
+           "prefill_flops_fraction",
            "peak_memory_bytes", "serving_peak_memory_bytes", "weights_bytes",
            "ppl_ratio", "kld_mean", "top1_agreement", "gen_exact_match",
            "gen_common_prefix_mean"]

@@ -85,10 +85,11 @@ def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory
     assert out["serving_peak_memory_bytes"] >= baseline + 28 * mib
 
 
-def test_roofline_is_skipped_without_ceilings_or_decode_figures(monkeypatch):
+def test_roofline_is_skipped_without_ceilings_or_prefill_figures(monkeypatch):
     monkeypatch.setattr(cell, "_roofline", lambda *a: (_ for _ in ()).throw(AssertionError("must not run")))
     state = SimpleNamespace(labels=[])
-    for c, metrics in ((_cell(None), {"decode_tokens_per_s": 1.0}), (_cell({"x": 1}), {})):
+    for c, metrics in ((_cell(None), {"decode_tokens_per_s": 1.0, "prefill_tokens_per_s": 1.0}),
+                       (_cell({"x": 1}), {"decode_tokens_per_s": 1.0})):
         method: dict = {}
         cell._add_roofline(state, c, metrics, method)
         assert method == {} and state.labels == []
@@ -100,9 +101,9 @@ def test_a_failed_roofline_is_a_note_and_keeps_the_timings(monkeypatch):
 
     monkeypatch.setattr(cell, "_roofline", broken)
     state = SimpleNamespace(labels=[])
-    metrics, method = {"decode_tokens_per_s": 10.0, "ttft_ms": 3.0}, {}
+    metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0, "ttft_ms": 3.0}, {}
     cell._add_roofline(state, _cell({"cpu": {}}), metrics, method)
-    assert metrics == {"decode_tokens_per_s": 10.0, "ttft_ms": 3.0}
+    assert metrics == {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0, "ttft_ms": 3.0}
     assert method["roofline_error"].startswith("roofline not computed: KeyError") and state.labels == [
         method["roofline_error"]]
 
@@ -112,10 +113,16 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
 
     def roofline(state, c, metrics, manifest):
         seen.append(manifest)
-        return {"roofline_fraction": 0.25}
+        figures = {"prefill_flops_fraction": 0.5}
+        return ({"roofline_fraction": 0.25, **figures} if "decode_tokens_per_s" in metrics else figures), "HOW"
 
     monkeypatch.setattr(cell, "_roofline", roofline)
-    metrics, method = {"decode_tokens_per_s": 10.0}, {}
+    metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0}, {}
     cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), metrics, method, {"embedding_table_bytes": 8})
-    assert metrics["roofline_fraction"] == 0.25 and "decode bytes/step" in method["roofline"]
+    assert metrics["roofline_fraction"] == 0.25 and method["roofline"].startswith("decode bytes/step")
+    assert method["roofline"].endswith("prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW")
     assert seen == [{"embedding_table_bytes": 8}]  # the stored artifact's manifest reaches the roofline
+    prefill_only, method = {"prefill_tokens_per_s": 5.0}, {}  # the prefill sweep: its FLOP figures, no decode words
+    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), prefill_only, method)
+    assert prefill_only == {"prefill_tokens_per_s": 5.0, "prefill_flops_fraction": 0.5}
+    assert method["roofline"] == "prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW"

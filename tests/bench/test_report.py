@@ -49,6 +49,31 @@ def test_markdown_has_a_table_per_scenario_with_intervals_speedups_and_noise_mar
     assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
+def test_a_prefill_sweep_table_shows_its_figures_and_drops_the_columns_no_row_has(tmp_path):
+    from bench.report.html import html_report
+    from bench.stats import summarize
+
+    def prefill(variant, ttft, frac):
+        return record(variant, decode=None, kld=None, steps=0,
+                      scenario={"name": "prefill", "batch_size": 1, "prompt_tokens": 256, "new_tokens": 1},
+                      ttft_ms=summarize([ttft] * 5), prefill_tokens_per_s=256 / ttft * 1e3, prefill_flops_fraction=frac)
+
+    run_dir = write_run(tmp_path / "run", [prefill("fp32", 40.0, 0.61), prefill("bf16", 20.0, 0.45),
+                                           record("fp32", decode=100, kld=0.0, steps=0)])
+    lines = markdown_report(run_dir).splitlines()
+    head_prefill, head_generate = [line for line in lines if line.startswith("| variant |")]
+    assert "prefill FLOP frac" in head_prefill and "TTFT p50" in head_prefill and "prefill tok/s" in head_prefill
+    for column in ("TPOT", "decode tok/s", "roofline", "ppl ratio", "KLD"):  # no row of the sweep has them
+        assert column not in head_prefill.replace("prefill FLOP frac", "")
+    assert head_prefill.count("|") == lines[lines.index(head_prefill) + 2].count("|")  # rows match the header
+    assert "| fp32 |" in lines[lines.index(head_prefill) + 2] + lines[lines.index(head_prefill) + 3]
+    assert "0.61" in "".join(lines) and "0.45" in "".join(lines)
+    assert "TPOT" in head_generate and "KLD" in head_generate  # the generate table keeps its own
+    html = html_report(run_dir)
+    prefill_table = html.split("<table")[1]  # groups in the Markdown's order
+    assert "prefill FLOP frac" in prefill_table and "TPOT" not in prefill_table
+
+
 def test_csv_has_one_row_per_cell_and_unit_named_columns(run):
     from bench.report.csv import csv_report
     from bench.results import read_records

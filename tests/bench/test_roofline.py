@@ -125,7 +125,7 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
                "prefill_tokens_per_s": 1.0}
     cell = Cell(model="m", recipe=Recipe(name="onnx"), device="cpu",
                 scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), ceilings=CEILINGS)
-    out = _roofline(state, cell, metrics)
+    out, _ = _roofline(state, cell, metrics)
     assert "embedding_bytes_not_read" not in out
     assert out["decode_bytes_per_step"] == 1e9  # the whole table counted as read, and said so:
     assert len(state.labels) == 1
@@ -377,3 +377,97 @@ def test_tera_scaling_is_exact():
                         ceilings, "float32")
     assert out["prefill_tflops"] == 3.0 and out["prefill_flops_fraction"] == 1.5
     assert out["roofline_ceilings"]["matmul_tflops"] == 2.0
+
+
+def test_a_prefill_only_cell_has_prefill_figures_and_needs_no_decode_inputs():
+    """The prefill sweep: FLOP/s against the matmul ceiling, no decode bandwidth (and no KV bytes needed)."""
+    out = cell_roofline({"prefill_tokens_per_s": 2.0}, {"name": "prefill", "batch_size": 2, "prompt_tokens": 4,
+                                                        "new_tokens": 1}, {"prefill_flops": 8e12}, CEILINGS, "float32")
+    assert out == {"prefill_tflops": 2.0, "prefill_flops_fraction": pytest.approx(20.0),
+                   "roofline_ceilings": {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.1),
+                                         "matmul_dtype": "float32"}}
+
+
+def _tiny_llama(tie: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    # Eager attention: torch's CPU sdpa kernel has no FLOP formula, so a counter around an sdpa
+    # model would miss the attention products the count (and the GPU kernels) include.
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=500, max_position_embeddings=64, tie_word_embeddings=tie,
+                         attn_implementation="eager")
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_counted_prefill_flops_are_what_generate_runs(tmp_path, tie):
+    """The count a cell uses equals torch's FLOP counter around a real one-token generate() (its prefill):
+    the LM head on the last position only. Counting it on every position would add 2 x h x vocab x b x (p - 1)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from optimize.introspect import prefill_flops
+
+    model = _tiny_llama(tie)
+    batch, prompt = 3, 20
+    ids = torch.randint(2, 500, (batch, prompt))
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=1, do_sample=False, pad_token_id=0)
+    ran = counter.get_total_flops()
+    counted = prefill_flops(model.config, batch, prompt, tmp_path, last_logits_only=True)
+    # generate() computes the rotary angles once more than a forward does (640 FLOPs of 8.2M here)
+    assert counted == pytest.approx(ran, rel=1e-3)
+    every = prefill_flops(model.config, batch, prompt, tmp_path, last_logits_only=False)
+    assert every - counted == 2 * 64 * 500 * batch * (prompt - 1)  # 3.6M: far outside the tolerance above
+
+
+def test_a_cell_counts_its_prefill_as_its_backend_runs_it(tmp_path, monkeypatch):
+    """A transformers variant: the last position's logits (generate's logits_to_keep=1); an ONNX graph: all of them."""
+    from types import SimpleNamespace
+
+    from bench import cell as cell_mod
+    from bench.cells import Cell
+    from bench.scenarios import PrefillScenario
+    from optimize import introspect
+    from optimize.recipe import Recipe
+
+    model = _tiny_llama(tie=True)
+    c = Cell(model="m", recipe=Recipe(name="x"), device="cpu", cache_dir=str(tmp_path),
+             scenario=PrefillScenario(batch_size=2, prompt_tokens=16), ceilings=CEILINGS)
+    metrics = {"prefill_tokens_per_s": 32.0, "weights_bytes": 1, "kv_cache_bytes_per_token": 1.0}
+    last = introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=True)
+    every = introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=False)
+    torch_state = SimpleNamespace(model=model, backend="torch", labels=[])
+    out, how = cell_mod._roofline(torch_state, c, metrics)
+    assert out["prefill_tflops"] == pytest.approx(last / 1e12)  # 32 tokens/s = one prompt of 2 x 16 per second
+    assert "last position only" in how and "roofline_fraction" not in out and torch_state.labels == []
+    onnx_state = SimpleNamespace(model=SimpleNamespace(config=model.config), backend="onnxruntime", labels=[])
+    out, how = cell_mod._roofline(onnx_state, c, metrics)
+    assert out["prefill_tflops"] == pytest.approx(every / 1e12) and "every position" in how
+
+
+@pytest.mark.slow
+def test_a_prefill_sweep_run_records_its_flop_fraction(tmp_path, cache_dir):
+    """Through the command line, as a user runs it: a prefill cell's roofline is its FLOP rate, counted as run."""
+    import json
+    import subprocess
+    import sys
+
+    from bench.results import validate_record
+
+    matrix = tmp_path / "prefill.toml"
+    matrix.write_text('name = "p"\nmodels = ["synthetic:llama-tiny"]\nvariants = ["fp32"]\ndevices = ["cpu"]\n'
+                      '[[scenarios]]\nname = "prefill"\nprompt_tokens = [32]\n'
+                      '[measure]\nwarmup = 0\nmin_reps = 2\nmax_reps = 2\nbudget_s = 0\n[drift]\nenabled = false\n')
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out", str(out), "--quiet"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [rec] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    validate_record(rec)
+    ceilings = json.loads((out / "run.json").read_text())["roofline"]["cpu"]
+    m = rec["metrics"]
+    assert rec["status"] == "ok" and "roofline_fraction" not in m and "decode_bandwidth_gbps" not in m
+    assert m["prefill_tflops"] > 0
+    assert m["prefill_flops_fraction"] == pytest.approx(m["prefill_tflops"] / ceilings["matmul"]["float32"]["tflops"])
+    assert rec["method"]["roofline"].endswith("the LM head on the last position only (generate's logits_to_keep=1)")
