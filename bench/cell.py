@@ -383,9 +383,13 @@ def _elem_bytes(state) -> float:
 
 def roofline(job: dict[str, Any]) -> dict[str, Any]:
     """Measure the device's bandwidth and matmul ceilings in a process of their own."""
+    import torch
+
     from bench.metrics.roofline import measure_ceilings
 
     try:
+        if job.get("threads"):
+            torch.set_num_threads(job["threads"])  # the cells' threads: the ceiling their fractions divide by
         return {"status": "ok", "ceilings": measure_ceilings(job["device"])}
     except Exception as exc:
         return {"status": "failed", "error": error_tail(exc)}

@@ -203,7 +203,7 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
                                "counted": False})
     timeout = matrix.measure.timeout_s
     devices = sorted({c.device for c in todo}) if matrix.measure.roofline else []
-    ceilings = _ceilings(run_dir, launcher, devices, on_event)
+    ceilings = _ceilings(run_dir, launcher, devices, on_event, matrix.measure.threads)
     todo = [dataclasses.replace(c, ceilings=ceilings.get(c.device)) for c in todo]
     pending_refs = [r for rid, r in references.items() if rid not in outcomes]
     for spec, result in launcher.run([("reference", r, timeout) for r in pending_refs]):
@@ -259,12 +259,19 @@ def _rounds(cells: list[Cell], ok_rounds: Counter, measure) -> list[Cell]:
     return jobs
 
 
-def _ceilings(run_dir: Path, launcher, devices: list[str], on_event) -> dict[str, Any]:
-    """Measured roofline ceilings per device, stored in run.json (kept from the first attempt on resume)."""
+def _ceilings(run_dir: Path, launcher, devices: list[str], on_event, threads: int = 0) -> dict[str, Any]:
+    """Measured roofline ceilings per device, stored in run.json (kept from the first attempt on resume).
+
+    Measured on the cells' thread count (``[measure] threads``; 0: torch's default), so a cell's
+    fraction compares it with what its own threads can reach; stored ceilings taken on other
+    threads are measured again.
+    """
     run = read_run(run_dir)
-    known = dict(run.get("roofline") or {})
+    known = {d: c for d, c in (run.get("roofline") or {}).items()
+             if not threads or c.get("torch_threads") in (None, threads)}
     missing = [d for d in devices if d not in known]
-    for spec, result in launcher.run([("roofline", {"device": d}, JOB_TIMEOUTS.roofline_s) for d in missing]):
+    jobs = [("roofline", {"device": d, "threads": threads}, JOB_TIMEOUTS.roofline_s) for d in missing]
+    for spec, result in launcher.run(jobs):
         if result["status"] == "ok":
             known[spec["device"]] = result["ceilings"]
             c = result["ceilings"]

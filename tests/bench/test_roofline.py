@@ -1,5 +1,7 @@
 """Roofline arithmetic: bytes and FLOPs per cell against measured ceilings."""
 
+import json
+
 import pytest
 
 from bench.metrics.roofline import cell_roofline, model_shape, prefill_flops
@@ -460,8 +462,8 @@ def test_a_prefill_sweep_run_records_its_flop_fraction(tmp_path, cache_dir):
                       '[[scenarios]]\nname = "prefill"\nprompt_tokens = [32]\n'
                       '[measure]\nwarmup = 0\nmin_reps = 2\nmax_reps = 2\nbudget_s = 0\n[drift]\nenabled = false\n')
     out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out", str(out), "--quiet"],
-                          capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out", str(out), "--quiet",
+                           "--threads", "1"], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [rec] = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     validate_record(rec)
@@ -471,3 +473,30 @@ def test_a_prefill_sweep_run_records_its_flop_fraction(tmp_path, cache_dir):
     assert m["prefill_tflops"] > 0
     assert m["prefill_flops_fraction"] == pytest.approx(m["prefill_tflops"] / ceilings["matmul"]["float32"]["tflops"])
     assert rec["method"]["roofline"].endswith("the LM head on the last position only (generate's logits_to_keep=1)")
+    assert ceilings["torch_threads"] == rec["method"]["torch_threads"] == 1  # the ceiling of the cell's own threads
+
+
+def test_stored_ceilings_are_reused_only_when_taken_on_the_cells_threads(tmp_path):
+    from bench import orchestrate
+    from bench.results import RUN, write_json_atomic
+
+    stored = {"memory": {"bandwidth_gbps": 9.0}, "matmul": {"float32": {"tflops": 0.1}}, "torch_threads": 2}
+    fresh = {"memory": {"bandwidth_gbps": 5.0}, "matmul": {"float32": {"tflops": 0.05}}, "torch_threads": 1}
+
+    class Launcher:
+        def __init__(self):
+            self.jobs = []
+
+        def run(self, jobs):
+            self.jobs += jobs
+            return [(spec, {"status": "ok", "ceilings": fresh}) for _, spec, _ in jobs]
+
+    write_json_atomic(tmp_path / RUN, {"matrix": {"name": "m"}, "roofline": {"cpu": stored}})
+    same = Launcher()
+    assert orchestrate._ceilings(tmp_path, same, ["cpu"], lambda *a: None, threads=2) == {"cpu": stored}
+    assert orchestrate._ceilings(tmp_path, same, ["cpu"], lambda *a: None, threads=0) == {"cpu": stored}
+    assert same.jobs == []  # the default threads, or the ones they were taken on: reused
+    other = Launcher()
+    assert orchestrate._ceilings(tmp_path, other, ["cpu"], lambda *a: None, threads=1) == {"cpu": fresh}
+    assert [spec for _, spec, _ in other.jobs] == [{"device": "cpu", "threads": 1}]
+    assert json.loads((tmp_path / RUN).read_text())["roofline"] == {"cpu": fresh}
