@@ -188,6 +188,14 @@ def _compare(record_a, record_b, m: Metric) -> int:
     return 1 if m.better(va, vb) else -1
 
 
+def _versus(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
+    """How record a compares with b on one metric, in a verdict's words."""
+    c = _compare(a, b, m)
+    if c:
+        return "better" if c > 0 else "worse"
+    return "equal" if point(a, m.key) == point(b, m.key) else "tied within noise"
+
+
 def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
     """Record a is at least as good as b on every axis (within noise) and clearly better on one."""
     results = [_compare(a, b, m) for m in axes]
@@ -258,8 +266,10 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
         else:
             dom = next((o for o in on_axes if dominates(o, r, axes)), None) if r in on_axes else None
             if dom is not None:
-                v.reason = "dominated by " + dom["variant"] + " (" + ", ".join(
-                    f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}" for m in axes) + ")"
+                # Each axis says how it compares: a faster variant can be dominated where its
+                # speed is inside the noise of the other's and its drift clearly worse.
+                v.reason = "dominated by " + dom["variant"] + " (" + "; ".join(
+                    f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}: {_versus(dom, r, m)}" for m in axes) + ")"
             else:
                 v.reason = (f"{objective.label} {_describe(r, objective)} vs {d.chosen}'s "
                             f"{_describe(winner, objective)}"
