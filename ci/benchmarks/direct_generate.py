@@ -42,6 +42,7 @@ def main() -> None:
     from optimize.models import resolve_model
 
     ref = resolve_model(args.model)
+    baseline_rss = _status_bytes("VmRSS")  # after the imports, before the load
     if args.onnx_dir:
         import onnxruntime
         from optimum.onnxruntime import ORTModelForCausalLM
@@ -81,7 +82,20 @@ def main() -> None:
         "ttft_ms_min": round(min(one) * 1e3, 3), "e2e_ms_min": round(min(full) * 1e3, 3),
         "decode_tokens_per_s_from_min": round(decode / (min(full) - min(one)), 2),
         "samples": {"ttft_ms": [round(x * 1e3, 3) for x in one], "e2e_ms": [round(x * 1e3, 3) for x in full]},
+        # Memory as the kernel counts it for this process: resident set before the load, and its peak
+        # (VmHWM) over load and generation.
+        "rss_baseline_bytes": baseline_rss, "peak_rss_bytes": _status_bytes("VmHWM"),
     }))
+
+
+def _status_bytes(field: str) -> int | None:
+    """A ``/proc/self/status`` memory field in bytes (None where there is no /proc)."""
+    try:
+        with open("/proc/self/status") as f:
+            line = next(x for x in f if x.startswith(field + ":"))
+    except (OSError, StopIteration):
+        return None
+    return int(line.split()[1]) * 1024
 
 
 if __name__ == "__main__":
