@@ -21,6 +21,7 @@ from bench.report.markdown import (
     drift_protocols,
     group_columns,
     note_items,
+    reading_notes,
 )
 from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
@@ -236,6 +237,8 @@ def html_report(run_dir: Path) -> str:
     ])
     if sweep_figs:
         body.append(f'<section><h2>Sweeps</h2><div class="figs">{sweep_figs}</div></section>')
+    reading = "".join(f"<li>{esc(item)}</li>" for item in reading_notes("~"))
+    body.append(f'<section><h2>How to read this</h2><ul class="notes">{reading}</ul></section>')
     protocols = drift_protocols(records)
     if protocols:
         items = "".join(f"<li>{esc(text)}</li>" for text in protocols)

@@ -108,6 +108,23 @@ def recommendation_lines(group: Group) -> list[str]:
     return lines
 
 
+def reading_notes(noisy_mark: str) -> list[str]:
+    """What the table's figures mean, one item each (Markdown and HTML render them)."""
+    return [
+        "Latencies are the median (p50) over n repetitions, with the distribution-free 95% confidence "
+        "interval of the median in brackets; rates are medians too.",
+        f"{noisy_mark} marks a noisy figure: its 95% interval is wider than {NOISY_REL_CI:.0%} of its value "
+        "(something else ran, or too few repetitions). Differences inside overlapping intervals are ties.",
+        "roofline: the decode step's bytes (weights, and the KV cache of every sequence) x steps/s over the "
+        "copy bandwidth measured at the start of the run; prefill FLOP frac: the prompt pass's FLOP/s (counted "
+        "as the variant runs it) over the measured matmul rate of its compute dtype. The ceilings are torch's "
+        "own large copy and matmul, so kernels that beat them read above 1.",
+        "Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
+        "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
+        "the mean tokens shared before they diverge (through the KV cache).",
+    ]
+
+
 def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
     """Each drift protocol the records' figures were scored under, raw text, in first-seen order.
 
@@ -158,14 +175,7 @@ def markdown_report(run_dir: Path) -> str:
         ref = md_escape(g.reference) if g.reference else "none (no ok reference variant)"
         lines += ["", f"Speedup: {ref} p50 {g.speedup_metric} / the variant's, with a bootstrap 95% interval.", ""]
         lines += recommendation_lines(g)
-    lines += ["", "## How to read this", "",
-              "- Latencies are the median (p50) over n repetitions, with the distribution-free 95% confidence "
-              "interval of the median in brackets; rates are medians too.",
-              f"- `~` marks a noisy figure: its 95% interval is wider than {NOISY_REL_CI:.0%} of its value "
-              "(something else ran, or too few repetitions). Differences inside overlapping intervals are ties.",
-              "- Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
-              "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
-              "the mean tokens shared before they diverge (through the KV cache)."]
+    lines += ["", "## How to read this", "", *(f"- {item}" for item in reading_notes("`~`"))]
     lines += [f"- Drift protocol: {md_escape(text)}" for text in drift_protocols(records)]
     extra = note_items(records)
     if extra:

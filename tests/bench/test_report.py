@@ -208,3 +208,14 @@ def test_the_committed_example_reports_are_what_this_version_renders(fmt, name):
     example = Path(__file__).resolve().parents[2] / "reports" / "example"
     assert render(example, fmt) == (example / name).read_text(encoding="utf-8"), (
         "regenerate: infermatrix report reports/example --format md,html,csv,png --out reports/example")
+
+
+def test_both_reports_say_what_the_roofline_columns_divide_by(run):
+    from bench.report.html import html_report
+
+    md, html = markdown_report(run), html_report(run)
+    for text in (md, html):
+        assert "How to read this" in text
+        assert "over the copy bandwidth measured at the start of the run" in text
+        assert "over the measured matmul rate of its compute dtype" in text
+    assert "- `~` marks a noisy figure" in md and "<li>~ marks a noisy figure" in html
