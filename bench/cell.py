@@ -208,8 +208,7 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
                                         scenario.prompt_tokens, cell.measure.seed, cell.eval_text,
                                         cell.trust_remote_code, cell.prompt_source)
-    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    footprint = Footprint(memory.weights_bytes(state), _kv_geometry(state).bytes_per_token(kv_elem))
+    footprint = Footprint(memory.weights_bytes(state), kv_bytes_per_token(state))
     with machine_load() as record["load"]:
         metrics, samples, method = scenario.run(state, prompts, repeat, footprint)
     record.update(noise_mark(samples, repeat.target_rel_ci))
@@ -322,6 +321,19 @@ def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> flo
     record["drift_ok"] = drift["drift_ok"]
     record["drift_violations"] = drift["violations"]
     return time.perf_counter() - t0
+
+
+def kv_bytes_per_token(state) -> float:
+    """Bytes the variant's KV cache stores per token of context (every sequence's, every layer's).
+
+    At the cache's stored element size: a quantized cache's ``nbits``, else the graph's past
+    inputs or the first float weight; 0 for a variant that keeps no cache (``use_cache=False``:
+    every step recomputes the prefix, and there is nothing to hold or to read).
+    """
+    if state.generate_kwargs.get("use_cache") is False:
+        return 0.0
+    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
+    return _kv_geometry(state).bytes_per_token(kv_elem)
 
 
 def _kv_geometry(state):

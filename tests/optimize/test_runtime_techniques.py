@@ -36,6 +36,18 @@ def test_lossless_variants_reproduce_reference_greedy_tokens(variant, tiny_ref, 
     assert torch.equal(greedy_generate(state, prompts, NEW).cpu(), expected)
 
 
+def test_kv_bytes_per_token_follow_the_cache_each_variant_keeps(tiny_ref, cache_dir):
+    """The tiny Llama: 2 layers x K and V x 2 KV heads x head dim 32; none for a variant that keeps no cache."""
+    from bench.cell import kv_bytes_per_token
+
+    per_element = 2 * 2 * 2 * 32
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "fp32")) == per_element * 4
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "bf16")) == per_element * 2
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "static-kv")) == per_element * 4
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "no-kv-cache")) == 0.0
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "kv-int4")) == per_element / 2  # 4 bits an element
+
+
 def test_bf16_cast_changes_dtype_and_halves_weights(tiny_ref, cache_dir):
     fp32 = _load(tiny_ref, cache_dir, "fp32")
     bf16 = _load(tiny_ref, cache_dir, "bf16")
