@@ -122,8 +122,10 @@ _METRICS = [
     _m("decode_bandwidth_gbps", "GB/s", "higher", "BW GB/s", ".2f", "speed"),
     _m("roofline_fraction", "ratio", "higher", "roofline", ".2f", "speed",
        description="decode bandwidth achieved / measured copy bandwidth"),
-    _m("prefill_tflops", "TFLOP/s", "higher", "prefill TFLOP/s", ".3f", "speed"),
-    _m("prefill_flops_fraction", "ratio", "higher", "prefill FLOP frac", ".2f", "speed"),
+    _m("prefill_tflops", "TFLOP/s", "higher", "prefill TFLOP/s", ".3f", "speed",
+       description="prompt-pass FLOPs (counted as the variant runs it) / TTFT"),
+    _m("prefill_flops_fraction", "ratio", "higher", "prefill FLOP frac", ".2f", "speed",
+       description="prefill FLOP/s achieved / measured matmul rate of the compute dtype"),
     _m("roofline_ceilings", "", None, "ceilings", "", "info", shape="object"),
     # Drift against the fp32 reference.
     _m("perplexity", "ppl", "lower", "ppl", ".2f", "drift", stderr_key="perplexity_stderr"),
