@@ -259,7 +259,7 @@ def _rounds(cells: list[Cell], ok_rounds: Counter, measure) -> list[Cell]:
     return jobs
 
 
-def _ceilings(run_dir: Path, launcher, devices: list[str], on_event, threads: int = 0) -> dict[str, Any]:
+def _ceilings(run_dir: Path, launcher, devices: list[str], on_event, threads: int) -> dict[str, Any]:
     """Measured roofline ceilings per device, stored in run.json (kept from the first attempt on resume).
 
     Measured on the cells' thread count (``[measure] threads``; 0: torch's default), so a cell's

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 from bench import cell
@@ -99,6 +100,14 @@ def test_a_failed_roofline_is_a_note_and_keeps_the_timings(monkeypatch):
     def broken(*_):
         raise KeyError("no such layer")
 
+    def long_error(*_):
+        raise ValueError("x" * 300 + "\nsecond line")
+
+    monkeypatch.setattr(cell, "_roofline", long_error)
+    method: dict = {}
+    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), {"prefill_tokens_per_s": 5.0}, method)
+    assert method == {"roofline_error": "roofline not computed: ValueError: " + "x" * 200}  # first line, cut
+
     monkeypatch.setattr(cell, "_roofline", broken)
     state = SimpleNamespace(labels=[])
     metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0, "ttft_ms": 3.0}, {}
@@ -112,17 +121,20 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
     seen = []
 
     def roofline(state, c, metrics, manifest):
-        seen.append(manifest)
+        seen.append((state.name, c.cache_dir, manifest))
         figures = {"prefill_flops_fraction": 0.5}
         return ({"roofline_fraction": 0.25, **figures} if "decode_tokens_per_s" in metrics else figures), "HOW"
 
     monkeypatch.setattr(cell, "_roofline", roofline)
     metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0}, {}
-    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), metrics, method, {"embedding_table_bytes": 8})
-    assert metrics["roofline_fraction"] == 0.25 and method["roofline"].startswith("decode bytes/step")
-    assert method["roofline"].endswith("prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW")
-    assert seen == [{"embedding_table_bytes": 8}]  # the stored artifact's manifest reaches the roofline
+    c = dataclasses.replace(_cell({"cpu": {}}), cache_dir="CACHE")
+    cell._add_roofline(SimpleNamespace(labels=[], name="STATE"), c, metrics, method, {"embedding_table_bytes": 8})
+    assert metrics["roofline_fraction"] == 0.25 and method["roofline"] == (
+        "decode bytes/step = weights (less an untied input embedding) + batch x mean context x KV bytes/token "
+        "(KV shape read off a real cache); prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW")
+    # the cell's state, the cell and the stored artifact's manifest reach the roofline
+    assert seen == [("STATE", "CACHE", {"embedding_table_bytes": 8})]
     prefill_only, method = {"prefill_tokens_per_s": 5.0}, {}  # the prefill sweep: its FLOP figures, no decode words
-    cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), prefill_only, method)
+    cell._add_roofline(SimpleNamespace(labels=[], name="STATE"), c, prefill_only, method)
     assert prefill_only == {"prefill_tokens_per_s": 5.0, "prefill_flops_fraction": 0.5}
     assert method["roofline"] == "prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW"

@@ -498,5 +498,105 @@ def test_stored_ceilings_are_reused_only_when_taken_on_the_cells_threads(tmp_pat
     assert same.jobs == []  # the default threads, or the ones they were taken on: reused
     other = Launcher()
     assert orchestrate._ceilings(tmp_path, other, ["cpu"], lambda *a: None, threads=1) == {"cpu": fresh}
-    assert [spec for _, spec, _ in other.jobs] == [{"device": "cpu", "threads": 1}]
+    assert [(kind, spec) for kind, spec, _ in other.jobs] == [("roofline", {"device": "cpu", "threads": 1})]
     assert json.loads((tmp_path / RUN).read_text())["roofline"] == {"cpu": fresh}
+
+
+def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path):
+    """bf16 weights: the bf16 matmul ceiling; the untied input table left out of the bytes; the count cached."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench import cell as cell_mod
+    from bench.cells import Cell
+    from bench.scenarios import GenerateScenario
+    from optimize import introspect
+    from optimize.recipe import Recipe
+
+    model = _tiny_llama(tie=False).to(torch.bfloat16)
+    ceilings = {"memory": {"bandwidth_gbps": 20.0},
+                "matmul": {"float32": {"tflops": 0.1}, "bfloat16": {"tflops": 0.4}}}
+    c = Cell(model="m", recipe=Recipe(name="bf16"), device="cpu", cache_dir=str(tmp_path),
+             scenario=GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=4), ceilings=ceilings)
+    metrics = {"prefill_tokens_per_s": 32.0, "decode_tokens_per_s": 8.0, "weights_bytes": 10**6,
+               "kv_cache_bytes_per_token": 100.0}
+    state = SimpleNamespace(model=model, backend="torch", labels=[])
+    out, how = cell_mod._roofline(state, c, metrics, None)
+    embed = 500 * 64 * 2  # vocabulary x hidden x 2 bytes: decode reads one row of it per token
+    assert out["embedding_bytes_not_read"] == embed
+    step = 10**6 - embed + 2 * (16 + 4 / 2) * 100.0
+    assert out["decode_bytes_per_step"] == step
+    assert out["decode_bandwidth_gbps"] == pytest.approx(step * 4 / 1e9)  # 8 tok/s at batch 2: 4 steps/s
+    assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.4),
+                                        "matmul_dtype": "bfloat16"}
+    [entry] = (tmp_path / "flops").glob("*.json")  # counted into the cell's own cache
+    flops = json.loads(entry.read_text())["prefill_flops"]
+    assert flops == introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=True)
+    assert out["prefill_flops_fraction"] == pytest.approx(flops / 0.4e12)  # 32 tok/s: one 2 x 16 prompt a second
+    assert how == "the LM head on the last position only (generate's logits_to_keep=1)" and state.labels == []
+    fp32_state = SimpleNamespace(model=_tiny_llama(tie=False), backend="torch", labels=[])
+    assert cell_mod._roofline(fp32_state, c, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
+
+
+def test_an_onnx_cell_roofline_takes_the_table_size_from_its_manifest(tmp_path):
+    """The graph is never parsed (its directory does not even exist): the manifest's figure is used."""
+    from types import SimpleNamespace
+
+    from bench import cell as cell_mod
+    from bench.cells import Cell
+    from bench.scenarios import GenerateScenario
+    from optimize.recipe import Recipe
+
+    config = _tiny_llama(tie=False).config
+    # optimum's model is a GenerationMixin too; whatever it says, the exported graph computes every position
+    state = SimpleNamespace(model=SimpleNamespace(config=config, _supports_logits_to_keep=lambda: True),
+                            backend="onnxruntime", onnx_dir=str(tmp_path / "absent"), labels=[])
+    c = Cell(model="m", recipe=Recipe(name="onnx"), device="cpu", cache_dir=str(tmp_path),
+             scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), ceilings=CEILINGS)
+    metrics = {"prefill_tokens_per_s": 8.0, "decode_tokens_per_s": 1.0, "weights_bytes": 10**6,
+               "kv_cache_bytes_per_token": 0.0}
+    out, how = cell_mod._roofline(state, c, metrics, {"embedding_table_bytes": 4096})
+    assert out["embedding_bytes_not_read"] == 4096 and out["decode_bytes_per_step"] == 10**6 - 4096
+    assert out["roofline_ceilings"]["matmul_dtype"] == "float32"
+    assert how == "the LM head on every position (the model computes every position's logits)"
+
+
+def test_ceilings_events_name_the_device_and_its_rates_or_error(tmp_path):
+    from bench import orchestrate
+    from bench.results import RUN, write_json_atomic
+
+    cpu = {"memory": {"bandwidth_gbps": 9.0}, "matmul": {"float32": {"tflops": 0.1}}, "torch_threads": 2}
+
+    class Launcher:
+        def run(self, jobs):
+            return [(spec, {"status": "ok", "ceilings": cpu} if spec["device"] == "cpu"
+                     else {"status": "failed", "error": "no device"}) for _, spec, _ in jobs]
+
+    write_json_atomic(tmp_path / RUN, {"matrix": {"name": "m"}})
+    events = []
+    known = orchestrate._ceilings(tmp_path, Launcher(), ["cpu", "cuda"], lambda *e: events.append(e), 0)
+    assert known == {"cpu": cpu}
+    assert events == [("roofline", {"device": "cpu", "bandwidth_gbps": 9.0, "tflops": 0.1}),
+                      ("roofline", {"device": "cuda", "error": "no device"})]
+    assert json.loads((tmp_path / RUN).read_text()) == {"matrix": {"name": "m"}, "roofline": {"cpu": cpu}}
+
+
+def test_a_torch_model_without_float_weights_is_held_to_the_fp32_ceiling(tmp_path):
+    from types import SimpleNamespace
+
+    import torch
+
+    from bench import cell as cell_mod
+    from bench.cells import Cell
+    from bench.scenarios import PrefillScenario
+    from optimize.recipe import Recipe
+
+    config = _tiny_llama(tie=True).config
+    model = SimpleNamespace(config=config, parameters=lambda: iter([torch.zeros(4, dtype=torch.int8)]),
+                            _supports_logits_to_keep=lambda: True)
+    c = Cell(model="m", recipe=Recipe(name="int"), device="cpu", cache_dir=str(tmp_path),
+             scenario=PrefillScenario(batch_size=1, prompt_tokens=8), ceilings=CEILINGS)
+    out, _ = cell_mod._roofline(SimpleNamespace(model=model, backend="torch", labels=[]), c,
+                                {"prefill_tokens_per_s": 8.0, "weights_bytes": 4})
+    assert out["roofline_ceilings"]["matmul_dtype"] == "float32" and out["prefill_flops_fraction"] > 0
