@@ -354,6 +354,7 @@ def _ort_session(state):
 
 def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> tuple[dict, str]:
     """The cell's roofline figures, and how its prefill's LM head was counted (the method's words)."""
+    from bench.generation import last_logits_only
     from bench.metrics.memory import untied_embedding_bytes
     from bench.metrics.roofline import cell_roofline
     from optimize.introspect import prefill_flops
@@ -369,10 +370,7 @@ def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> t
     if state.backend == "torch":
         param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
         dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
-    # generate() asks a transformers model for the last position's logits alone where its forward
-    # takes logits_to_keep; an exported graph computes every position's.
-    supports = getattr(state.model, "_supports_logits_to_keep", None)
-    last_only = state.backend == "torch" and callable(supports) and bool(supports())
+    last_only = last_logits_only(state)
     logits = ("the LM head on the last position only (generate's logits_to_keep=1)" if last_only
               else "the LM head on every position (the model computes every position's logits)")
     scenario = cell.scenario

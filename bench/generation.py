@@ -19,6 +19,16 @@ def generate_kwargs(state, new_tokens: int) -> dict[str, Any]:
             **own}
 
 
+def last_logits_only(state) -> bool:
+    """Whether the prompt pass computes the last position's logits alone.
+
+    ``generate()`` passes ``logits_to_keep=1`` to a transformers model whose forward takes it;
+    an exported ONNX graph computes every position's logits (optimum exports it that way).
+    """
+    supports = getattr(state.model, "_supports_logits_to_keep", None)
+    return state.backend == "torch" and callable(supports) and bool(supports())
+
+
 def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
     """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens)."""
     import torch

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from bench.generation import last_logits_only
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
 from bench.scenarios.base import Footprint, Scenario
 from bench.scenarios.generate import GenerateScenario, greedy_generate
@@ -76,10 +77,17 @@ def _run_prefill(state, scenario: PrefillScenario, prompts, repeat_cfg: RepeatCo
 
 
 def estimated_decode_bytes(state, scenario: DecodeScenario, weights_bytes: int, kv_bytes_per_token: float) -> float:
-    """Weights + KV cache at the final length + the prompt's logits (batch x prompt x vocab x 4)."""
+    """Weights + KV cache at the final length + the prompt pass's fp32 logits (batch x positions x vocab x 4).
+
+    Positions: 1 where ``generate()`` keeps the last position's logits alone (transformers
+    models), the whole prompt for a graph that computes them all (ONNX): counting every
+    position for a transformers model would skip batches that fit (64 x 512 prompt tokens of a
+    128k vocabulary are 16.8 GB of logits it never holds).
+    """
     b, p, n = scenario.batch_size, scenario.prompt_tokens, scenario.new_tokens
     vocab = state.model.config.vocab_size
-    return weights_bytes + b * (p + n) * kv_bytes_per_token + b * p * vocab * 4
+    positions = 1 if last_logits_only(state) else p
+    return weights_bytes + b * (p + n) * kv_bytes_per_token + b * positions * vocab * 4
 
 
 def available_bytes(device: str) -> int:
