@@ -28,6 +28,8 @@ from optimize.errors import InputError
 
 DRIFT_AXIS = "kld_mean"
 DEFAULT_OBJECTIVE = "decode_tokens_per_s"
+# A prefill sweep's cells do not decode: their groups are judged on the prompt pass.
+PREFILL_OBJECTIVE = "prefill_tokens_per_s"
 
 
 # Statistics of a summary metric (every repetition's values) a constraint may bound; p50 is the point value.
@@ -322,13 +324,24 @@ def filter_records(records: list[dict[str, Any]], device: str | None = None,
     return out
 
 
-def select(records: list[dict[str, Any]], objective: str = DEFAULT_OBJECTIVE, constraints: list[Constraint] = (),
+def default_objective(group: Group) -> Metric:
+    """Decode tokens/s; prefill tokens/s for a prefill sweep's group (its cells generate one token)."""
+    return metric(PREFILL_OBJECTIVE if group.scenario.get("name") == "prefill" else DEFAULT_OBJECTIVE)
+
+
+def select(records: list[dict[str, Any]], objective: str | None = None, constraints: list[Constraint] = (),
            device: str | None = None, scenario: str | None = None) -> list[Decision]:
-    """One decision per (model, device, scenario) group of ``records``."""
-    obj = comparable(objective)
+    """One decision per (model, device, scenario) group of ``records``; each group's default objective unless given."""
+    obj = comparable(objective) if objective is not None else None
     if not records:
         raise InputError("the run has no cell records")
-    return [decide(g, obj, list(constraints)) for g in group_records(filter_records(records, device, scenario))]
+    return [decide(g, obj or default_objective(g), list(constraints))
+            for g in group_records(filter_records(records, device, scenario))]
+
+
+def front_text(d: Decision) -> str:
+    """The Pareto front's variants, or why there is none (no variant has both figures: drift not measured)."""
+    return ", ".join(d.front) or f"none: no variant has both {d.objective.label} and KLD"
 
 
 def format_decisions(decisions: list[Decision]) -> str:
@@ -348,6 +361,6 @@ def format_decisions(decisions: list[Decision]) -> str:
         for v in d.verdicts.values():
             if v.outcome != "chosen":
                 lines.append(f"  - {v.variant} [{v.outcome}]: {v.reason}")
-        lines.append(f"  Pareto front ({d.objective.label} vs KLD): {', '.join(d.front) or 'none'}")
+        lines.append(f"  Pareto front ({d.objective.label} vs KLD): {front_text(d)}")
         lines.append("")
     return "\n".join(lines)

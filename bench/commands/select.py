@@ -14,9 +14,10 @@ from pathlib import Path
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run directory")
-    p.add_argument("--objective", default="decode_tokens_per_s",
-                   help="catalogue metric to optimise; its direction comes from the catalogue "
-                        "(default: decode_tokens_per_s; e.g. ttft_ms, tpot_ms, peak_memory_bytes, kld_mean)")
+    p.add_argument("--objective",
+                   help="catalogue metric to optimise; its direction comes from the catalogue (default: "
+                        "decode_tokens_per_s, and prefill_tokens_per_s for a prefill sweep's cells; e.g. ttft_ms, "
+                        "tpot_ms, peak_memory_bytes, kld_mean)")
     p.add_argument("--max-kld", type=float, help="largest mean KL divergence (nats/token) against the reference")
     p.add_argument("--max-ppl-ratio", type=float, help="largest perplexity ratio against the reference")
     p.add_argument("--min-top1", type=float, help="smallest top-1 agreement with the reference (0-1)")

@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.catalogue import METRICS, metric
+from bench.catalogue import METRICS
 from bench.report import plots
 from bench.report.markdown import (
     LIBRARIES,
@@ -25,7 +25,7 @@ from bench.report.markdown import (
 )
 from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
-from bench.select import DEFAULT_OBJECTIVE, decide
+from bench.select import decide, default_objective, front_text
 
 
 def esc(value: Any) -> str:
@@ -170,11 +170,11 @@ def _figure(fig, caption: str) -> str:
 
 
 def group_section(group: Group, index: int) -> str:
-    d = decide(group, metric(DEFAULT_OBJECTIVE), [])
+    d = decide(group, default_objective(group), [])
     if d.chosen:
         dominated = [v for v in d.verdicts.values() if v.reason.startswith("dominated by")]
         items = [f"<li><b>Recommended: {esc(d.chosen)}</b>: {esc(d.verdicts[d.chosen].reason)}</li>",
-                 f"<li>Pareto front ({esc(d.objective.label)} against KLD): {esc(', '.join(d.front) or 'none')}</li>"]
+                 f"<li>Pareto front ({esc(d.objective.label)} against KLD): {esc(front_text(d))}</li>"]
         if dominated:
             short = ", ".join(f"{v.variant} (by {v.reason.removeprefix('dominated by ').split(' (')[0]})"
                               for v in dominated)

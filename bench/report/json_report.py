@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from bench.catalogue import METRICS, metric
+from bench.catalogue import METRICS
 from bench.report.table import NOISY_REL_CI, drift_protocol_name, group_records
 from bench.results import read_records, read_run
-from bench.select import DEFAULT_OBJECTIVE, decide
+from bench.select import decide, default_objective
 
 
 def _clean(value: Any) -> Any:
@@ -32,6 +32,6 @@ def json_report(run_dir: Path) -> str:
                          "speedup": [_clean(x) for x in row.speedup] if row.speedup else None, "metrics": figs})
         groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,
                        "speedup_metric": g.speedup_metric, "rows": rows,
-                       "selection": decide(g, metric(DEFAULT_OBJECTIVE), []).to_dict()})
+                       "selection": decide(g, default_objective(g), []).to_dict()})
     return json.dumps({"run": run["matrix"]["name"], "started": run.get("started"), "ended": run.get("ended"),
                        "noisy_rel_ci": NOISY_REL_CI, "groups": groups}, indent=1, allow_nan=False) + "\n"

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from bench.catalogue import METRICS, metric
+from bench.catalogue import METRICS
 from bench.report.table import (
     NOISY_REL_CI,
     Group,
@@ -18,7 +18,7 @@ from bench.report.table import (
     speedup_text,
 )
 from bench.results import read_records, read_run
-from bench.select import DEFAULT_OBJECTIVE, decide
+from bench.select import decide, default_objective, front_text
 from optimize.libraries import libraries
 
 LIBRARIES = libraries("report")
@@ -94,13 +94,12 @@ def group_table(group: Group) -> list[str]:
 
 
 def recommendation_lines(group: Group) -> list[str]:
-    d = decide(group, metric(DEFAULT_OBJECTIVE), [])
+    d = decide(group, default_objective(group), [])
     if not d.chosen:
         return ["- nothing to recommend: no variant has every figure the choice needs"]
     lines = [f"- **recommended: {md_escape(d.chosen)}**: {md_escape(d.verdicts[d.chosen].reason)} "
              "(`infermatrix select` with no constraints; add `--max-kld` etc. for yours)"]
-    lines.append(f"- Pareto front ({d.objective.label} against KLD): "
-                 + (", ".join(md_escape(v) for v in d.front) or "none"))
+    lines.append(f"- Pareto front ({d.objective.label} against KLD): {md_escape(front_text(d))}")
     dominated = [v for v in d.verdicts.values() if v.reason.startswith("dominated by")]
     if dominated:
         lines.append("- dominated (slower and less accurate, or equal on one and worse on the other): "

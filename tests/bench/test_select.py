@@ -7,7 +7,7 @@ import json
 import pytest
 
 from bench.cli import main
-from bench.select import constraints_from, parse_where, select
+from bench.select import constraints_from, format_decisions, parse_where, select
 from optimize.errors import InputError
 from tests.bench.records import record, write_run
 
@@ -247,3 +247,37 @@ def test_an_unknown_where_metric_lists_only_the_metrics_a_bound_applies_to(tmp_p
     assert main(["select", str(run), "--where", "drift_meaningfull<=1"]) == 2  # a typo of a boolean's name
     hint = capsys.readouterr().err.split("did you mean ")[1]
     assert "drift_meaningful" not in hint and "drift_wall_s" in hint
+
+
+def _prefill(variant: str, rate: float, noise: float = 0.01) -> dict:
+    from bench.stats import summarize
+    from tests.bench.records import spread
+
+    rates = spread(rate, noise)
+    return record(variant, decode=None, kld=None, steps=0,
+                  scenario={"name": "prefill", "batch_size": 1, "prompt_tokens": 256, "new_tokens": 1},
+                  ttft_ms=summarize([256 / r * 1e3 for r in rates]), prefill_tokens_per_s=summarize(rates)["p50"],
+                  prefill_tokens_per_s_summary=summarize(rates))
+
+
+def test_a_prefill_group_is_judged_on_the_prompt_pass_by_default(tmp_path, capsys):
+    """Its cells generate one token: decode tok/s would leave nothing to choose. An --objective still applies."""
+    records = [_prefill("fp32", 6000.0), _prefill("bf16", 9000.0), record("fp32", decode=100, kld=0.0, steps=0),
+               record("fast", decode=200, kld=0.001)]
+    by_scenario = {d.group.scenario["name"]: d for d in select(records)}
+    assert by_scenario["prefill"].objective.key == "prefill_tokens_per_s" and by_scenario["prefill"].chosen == "bf16"
+    assert "prefill tok/s 6000 [5940, 6060] vs bf16's 9000" in by_scenario["prefill"].verdicts["fp32"].reason
+    assert by_scenario["generate"].objective.key == "decode_tokens_per_s" and by_scenario["generate"].chosen == "fast"
+    assert by_scenario["prefill"].front == []  # no drift measured on the sweep: said so, not a bare "none"
+    text = format_decisions([by_scenario["prefill"]])
+    assert "Pareto front (prefill tok/s vs KLD): none: no variant has both prefill tok/s and KLD" in text
+    ttft = {d.group.scenario["name"]: d for d in select(records, objective="ttft_ms")}
+    assert ttft["prefill"].chosen == "bf16" and ttft["generate"].objective.key == "ttft_ms"
+    run = write_run(tmp_path / "run", records)
+    assert main(["select", str(run), "--json"]) == 0
+    groups = json.loads(capsys.readouterr().out)["groups"]
+    assert {g["scenario"]["name"]: g["objective"] for g in groups} == {"prefill": "prefill_tokens_per_s",
+                                                                       "generate": "decode_tokens_per_s"}
+    from bench.report.markdown import markdown_report
+
+    assert "**recommended: bf16**: best prefill tok/s: 9000" in markdown_report(run)
