@@ -281,3 +281,112 @@ def test_a_prefill_group_is_judged_on_the_prompt_pass_by_default(tmp_path, capsy
     from bench.report.markdown import markdown_report
 
     assert "**recommended: bf16**: best prefill tok/s: 9000" in markdown_report(run)
+
+
+def _golden_records() -> list[dict]:
+    recs = [
+        record("fp32", decode=100, noise=0.1, kld=0.0, steps=0, peak_mib=300),
+        record("wide", decode=104, noise=0.1, kld=0.0, peak_mib=500),  # tied with fp32, same KLD, more memory
+        record("nokld", decode=103, noise=0.1, kld=None, peak_mib=100),  # tied, drift not measured
+        record("slow", decode=50, noise=0.01, kld=0.02),  # slower and less accurate
+        record("crash", status="failed", error="Traceback (most recent call last):\n  x\nRuntimeError: kaput"),
+        record("quiet", status="skipped"),
+        record("nodecode", decode=None, kld=0.001),
+        record("big", decode=300, noise=0.01, kld=0.001, peak_mib=900),
+    ]
+    recs[5]["error"] = None
+    recs[6]["drift_error"] = "Traceback\nValueError: nan logits\n"
+    return recs
+
+
+def test_every_verdict_of_a_constrained_choice_word_for_word():
+    """One group with each kind of verdict: the text and the JSON a pipeline reads, exactly."""
+    cons = constraints_from({"max_memory_mib": 800}) + [parse_where("kld_mean<=0.05")]
+    (d,) = select(_golden_records(), constraints=cons)
+    assert format_decisions([d]) == "\n".join([
+        "tiny on cpu: generate, batch 1, prompt 128, new 32",
+        "  objective: decode tok/s (higher is better); constraints: --max-memory-mib 800, --where kld_mean<=0.05",
+        "  chosen: fp32: best decode tok/s: 100.0 [90.0, 110.0]; tied within noise with wide; tie-break: lower peak "
+        "memory than wide",
+        "  - wide [tie]: tied with fp32 within noise on decode tok/s (104.0 [93.6, 114.4] vs 100.0 [90.0, 110.0]); "
+        "fp32 won the tie-break: lower peak memory",
+        "  - slow [lost]: dominated by fp32 (decode tok/s 100.0 [90.0, 110.0] vs 50.0 [49.5, 50.5]: better; "
+        "KLD mean 0.00e+00 vs 2.00e-02: better)",
+        "  - big [violates]: peak MiB 900.0 > 800.0 (--max-memory-mib)",
+        "  - nokld [missing]: no KLD mean measured (--where kld_mean<=0.05 needs it)",
+        "  - nodecode [missing]: no decode tok/s measured (the objective); drift failed: ValueError: nan logits",
+        "  - quiet [skipped]: skipped: (no error)",
+        "  - crash [failed]: failed: Traceback (most recent call last):",
+        "  Pareto front (decode tok/s vs KLD): fp32, wide",
+        ""])
+    data = d.to_dict()
+    assert {k: data[k] for k in ("model", "device", "objective", "direction", "chosen", "ties", "pareto_front",
+                                 "pareto_axes")} == {
+        "model": "tiny", "device": "cpu", "objective": "decode_tokens_per_s", "direction": "higher",
+        "chosen": "fp32", "ties": ["wide"], "pareto_front": ["fp32", "wide"],
+        "pareto_axes": ["decode_tokens_per_s", "kld_mean"]}
+    assert data["scenario"] == {"name": "generate", "batch_size": 1, "prompt_tokens": 128, "new_tokens": 32}
+    assert data["constraints"] == [
+        {"metric": "peak_memory_bytes", "side": "max", "bound": 800 * 2**20, "flag": "--max-memory-mib",
+         "given": 800.0, "stat": None},
+        {"metric": "kld_mean", "side": "max", "bound": 0.05, "flag": "--where kld_mean<=0.05", "given": 0.05,
+         "stat": None}]
+    variants = {v["variant"]: v for v in data["variants"]}
+    assert [v["variant"] for v in data["variants"]] == ["fp32", "wide", "slow", "big", "nokld", "nodecode", "quiet",
+                                                        "crash"]  # chosen, tie, lost, violates, missing, ...
+    assert variants["wide"]["objective"] == 104.0 and variants["wide"]["objective_ci"] == pytest.approx([93.6, 114.4])
+    assert variants["slow"]["outcome"] == "lost" and variants["slow"]["objective_ci"] == pytest.approx([49.5, 50.5])
+    assert variants["big"] == {"variant": "big", "outcome": "violates",
+                               "reason": "peak MiB 900.0 > 800.0 (--max-memory-mib)", "objective": None,
+                               "objective_ci": None}
+
+
+def test_tie_breaks_rank_a_variant_without_drift_last_and_say_why():
+    recs = [r for r in _golden_records() if r["variant"] in ("fp32", "wide", "nokld")]
+    (d,) = select(recs)
+    assert d.chosen == "fp32" and d.ties == ["wide", "nokld"] and d.front == ["fp32", "wide"]
+    assert d.verdicts["fp32"].reason.endswith("tie-break: lower peak memory than wide, lower KLD than nokld")
+    assert d.verdicts["nokld"].reason.endswith("fp32 won the tie-break: lower KLD")
+
+
+def test_equal_drift_and_memory_leave_the_tie_to_the_better_point_value_in_either_direction():
+    a, b = record("a", decode=100, noise=0.1, kld=0.001), record("b", decode=104, noise=0.1, kld=0.001)
+    d = _one([a, b])
+    assert d.chosen == "b" and d.verdicts["b"].reason.endswith("tie-break: better objective point value than a")
+    assert d.verdicts["a"].outcome == "tie"
+    d = _one([a, b], objective="tpot_ms")  # lower is better: b's 9.62 ms against a's 10.0
+    assert d.objective.direction == "lower" and d.chosen == "b" and d.verdicts["a"].outcome == "tie"
+
+
+def test_touching_intervals_are_a_tie_and_compare_is_plus_or_minus_one():
+    from bench.catalogue import metric
+    from bench.select import _compare, overlap
+
+    assert overlap((1.0, 2.0), (2.0, 3.0)) and overlap((2.0, 3.0), (1.0, 2.0)) and not overlap((1.0, 2.0), (2.5, 3))
+    assert not overlap(None, (1.0, 2.0)) and not overlap((1.0, 2.0), None)
+    fast, slow = record("fast", decode=200, noise=0.01), record("slow", decode=100, noise=0.01)
+    m = metric("decode_tokens_per_s")
+    assert (_compare(fast, slow, m), _compare(slow, fast, m), _compare(fast, fast, m)) == (1, -1, 0)
+
+
+def test_a_lower_bound_holds_at_its_value_and_names_its_side():
+    at = constraints_from({"min_top1": 0.99})[0]
+    assert at.violation(record("x", kld=0.01)) is None  # top-1 0.99: exactly the bound
+    assert at.violation(record("y", kld=0.02)) == "top-1 0.980 < 0.990 (--min-top1)"
+    p99 = parse_where("ttft_ms.p99>=100")
+    assert p99.violation(record("z")) == "TTFT ms p99 10.20 over 5 samples < 100.00 (--where ttft_ms.p99>=100)"
+    broken = record("w")
+    broken["metrics"]["ttft_ms"]["p99"] = float("nan")
+    assert p99.violation(broken) == "no TTFT ms p99 measured (--where ttft_ms.p99>=100 needs it)"
+    broken["metrics"]["ttft_ms"]["p99"] = True
+    assert p99.value(broken) is None
+    assert parse_where("ttft_ms.p50<=5").value(broken) == 10.0  # p50 is the point value
+
+
+def test_selecting_from_a_run_without_records_says_so():
+    with pytest.raises(InputError, match=r"^the run has no cell records$"):
+        select([])
+    with pytest.raises(InputError, match=r"^--where 'kld_mean\.p99<=1': kld_mean is one figure per cell; statistics "
+                                         r"\(p50, p90, p99, mean, min, max\) apply to metrics with a value per "
+                                         r"repetition$"):
+        parse_where("kld_mean.p99<=1")
