@@ -190,12 +190,11 @@ def _compare(record_a, record_b, m: Metric) -> int:
     return 1 if m.better(va, vb) else -1
 
 
-def _versus(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
-    """How record a compares with b on one metric, in a verdict's words."""
-    c = _compare(a, b, m)
-    if c:
-        return "better" if c > 0 else "worse"
-    return "equal" if point(a, m.key) == point(b, m.key) else "tied within noise"
+def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
+    """How a dominating record compares with b on one metric, in a verdict's words (never worse: it dominates)."""
+    if _compare(dominator, b, m) > 0:
+        return "better"
+    return "equal" if point(dominator, m.key) == point(b, m.key) else "tied within noise"
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
@@ -292,11 +291,15 @@ def _tie_key(r, front: list[str], objective: Metric) -> tuple:
 
 
 def _tie_reason(winner, loser) -> str:
-    """Why ``winner`` ranks before ``loser`` in ``_tie_key`` order (both tied on the objective)."""
+    """Why ``winner`` ranks before ``loser`` in ``_tie_key`` order (both tied on the objective).
+
+    The first key where they differ decides, in the winner's favour: a tied loser still in the
+    ties is not dominated, so it is on the Pareto front exactly when it has a KLD, and then so is
+    the winner (a front variant ranks first). Lower (or present against absent) KLD, then memory.
+    """
     for key, label in ((DRIFT_AXIS, "lower KLD"), ("peak_memory_bytes", "lower peak memory")):
-        a, b = point(winner, key), point(loser, key)
-        if a != b:
-            return label if b is None or (a is not None and a < b) else f"on the Pareto front (despite {key})"
+        if point(winner, key) != point(loser, key):
+            return label
     return "better objective point value"
 
 

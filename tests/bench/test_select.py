@@ -390,3 +390,87 @@ def test_selecting_from_a_run_without_records_says_so():
                                          r"\(p50, p90, p99, mean, min, max\) apply to metrics with a value per "
                                          r"repetition$"):
         parse_where("kld_mean.p99<=1")
+
+
+def test_lost_verdicts_say_whether_the_loser_is_on_the_front_and_what_dominated_it():
+    fp32 = record("fp32", decode=100, noise=0.01, kld=0.0, steps=0)
+    recs = [fp32, record("fast", decode=200, noise=0.01, kld=0.001),
+            record("twin", decode=50, noise=0.01, kld=0.0),  # slower, equally exact: dominated, KLD "equal"
+            record("blind", decode=40, noise=0.01, kld=None)]  # no KLD: neither on the front nor dominated
+    d = _one(recs)
+    assert d.verdicts["fast"].reason == "best decode tok/s: 200.0 [198.0, 202.0]"  # no ties: nothing more
+    assert d.verdicts["fp32"].reason == ("decode tok/s 100.0 [99.0, 101.0] vs fast's 200.0 [198.0, 202.0] "
+                                         "(on the Pareto front: less drift)")
+    assert d.verdicts["twin"].reason == ("dominated by fp32 (decode tok/s 100.0 [99.0, 101.0] vs 50.0 [49.5, 50.5]: "
+                                         "better; KLD mean 0.00e+00 vs 0.00e+00: equal)")
+    assert d.verdicts["blind"].reason == "decode tok/s 40.0 [39.6, 40.4] vs fast's 200.0 [198.0, 202.0]"
+
+
+def test_two_ties_are_listed_and_each_tie_break_named():
+    recs = [r for r in _golden_records() if r["variant"] in ("fp32", "wide", "nokld")]
+    (d,) = select(recs)
+    assert d.verdicts["fp32"].reason == ("best decode tok/s: 100.0 [90.0, 110.0]; tied within noise with wide, nokld; "
+                                         "tie-break: lower peak memory than wide, lower KLD than nokld")
+
+
+def test_ranking_tied_variants_with_and_without_drift_or_memory_figures():
+    """A dominated variant with a KLD and one without are ranked against each other before the front one."""
+    blind = record("blind", decode=101, noise=0.1, kld=None)
+    worse = record("worse", decode=102, noise=0.1, kld=0.05)  # tied on speed, clearly more drift than "best"
+    best = record("best", decode=100, noise=0.1, kld=0.001)
+    d = _one([blind, worse, best])
+    assert d.chosen == "best" and d.ties == ["blind"] and d.verdicts["worse"].reason.startswith("dominated by best")
+    no_memory = record("no-memory", decode=100, noise=0.1, kld=0.001)
+    del no_memory["metrics"]["peak_memory_bytes"]
+    d = _one([no_memory, record("measured", decode=100, noise=0.1, kld=0.001)])
+    assert d.chosen == "measured" and d.verdicts["no-memory"].reason.endswith("won the tie-break: lower peak memory")
+
+
+def test_two_missing_figures_are_both_named_and_long_errors_are_cut():
+    cons = [parse_where("kld_mean<=0.05")]
+    none = record("none", decode=None, kld=None)
+    none["drift_error"] = "Traceback\nFirst: x\n" + "E" * 300
+    crash = record("crash", status="failed", error="F" * 300 + "\nsecond")
+    d = _one([record("ok", kld=0.0), none, crash], constraints=cons)
+    assert d.verdicts["none"].reason == ("no decode tok/s measured (the objective); no KLD mean measured "
+                                         "(--where kld_mean<=0.05 needs it); drift failed: " + "E" * 160)
+    assert d.verdicts["crash"].reason == "failed: " + "F" * 200
+
+
+def test_point_bounds_print_no_sample_count_and_stat_bounds_need_the_metric():
+    from bench.select import Constraint
+
+    slow = record("slow")  # TTFT p50 10.0 ms over 5 repetitions
+    assert constraints_from({"max_ttft_ms": 5})[0].violation(slow) == "TTFT ms 10.00 > 5.00 (--max-ttft-ms)"
+    del slow["metrics"]["ttft_ms"]
+    assert parse_where("ttft_ms.p99<=5").violation(slow) == "no TTFT ms p99 measured (--where ttft_ms.p99<=5 needs it)"
+    # A constraint made in code, without the flag's own value, prints its bound.
+    made = Constraint("ttft_ms", 5.0, "max", flag="--max-ttft-ms")
+    d = _one([record("a")], constraints=[made])
+    assert format_decisions([d]).splitlines()[1] == ("  objective: decode tok/s (higher is better); constraints: "
+                                                     "--max-ttft-ms 5")
+    assert format_decisions([d]).splitlines()[2] == "  chosen: none: no variant satisfies the constraints"
+    assert format_decisions([_one([record("a")])]).splitlines()[1] == "  objective: decode tok/s (higher is better)"
+
+
+def test_flag_constraints_accept_their_edge_values_and_refuse_the_rest():
+    assert constraints_from({"max_kld": 0})[0].bound == 0  # lossless variants only: a legitimate bound
+    assert constraints_from({"min_top1": 1})[0].bound == 1
+    for bad in ({"max_kld": "x"}, {"max_kld": float("nan")}, {"max_kld": -1}, {"min_top1": 1.5}):
+        with pytest.raises(InputError):
+            constraints_from(bad)
+    with pytest.raises(InputError, match=r"^unknown constraint 'max_speed'; known: max_kld, max_ppl_ratio, "):
+        constraints_from({"max_speed": 1})
+
+
+def test_filters_by_scenario_name_alone_and_name_every_choice_when_none_matches():
+    from bench.select import filter_records
+
+    gen, pre = record("a"), record("b", scenario={"name": "prefill", "batch_size": 1, "prompt_tokens": 64,
+                                                 "new_tokens": 1})
+    assert filter_records([gen, pre], scenario="generate") == [gen]
+    with pytest.raises(InputError, match=r"^--scenario 'decode' matches no cell; the run has: "
+                                         r"generate:1/128/32, prefill:1/64/1$"):
+        filter_records([gen, pre], scenario="decode")
+    with pytest.raises(InputError, match=r"^--device 'cuda' matches no cell; the run has: none$"):
+        filter_records([], device="cuda")
