@@ -474,3 +474,17 @@ def test_filters_by_scenario_name_alone_and_name_every_choice_when_none_matches(
         filter_records([gen, pre], scenario="decode")
     with pytest.raises(InputError, match=r"^--device 'cuda' matches no cell; the run has: none$"):
         filter_records([], device="cuda")
+
+
+def test_every_broken_bound_is_named_and_a_drift_objective_is_one_axis():
+    from bench.select import filter_records
+
+    cons = constraints_from({"max_kld": 0.01, "max_memory_mib": 100})
+    d = _one([record("heavy", kld=0.05, peak_mib=900)], constraints=cons)
+    assert d.verdicts["heavy"].reason == ("KLD mean 5.00e-02 > 1.00e-02 (--max-kld); "
+                                          "peak MiB 900.0 > 100.0 (--max-memory-mib)")
+    d = _one([record("exact", kld=0.001), record("loose", kld=0.05)], objective="kld_mean")
+    assert d.chosen == "exact" and d.verdicts["loose"].reason == (
+        "dominated by exact (KLD mean 1.00e-03 vs 5.00e-02: better)")  # KLD is the objective: not a second axis
+    with pytest.raises(InputError, match=r"^--scenario 'decode' matches no cell; the run has: none$"):
+        filter_records([], scenario="decode")
