@@ -194,7 +194,9 @@ def speedup_interval(ref_samples, var_samples, ref_record, var_record, key) -> t
 
 
 def _numbers(values) -> bool:
-    return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+    """A list of finite numbers (a hand-edited record can hold NaN, which would turn the bootstrap into NaN)."""
+    return isinstance(values, list) and all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                            and math.isfinite(v) for v in values)
 
 
 def speedup_text(row: Row) -> str:

@@ -1,0 +1,98 @@
+"""Speedups in the comparison table: the reference row, the ratio of medians and its 95% interval."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench.report.table import group_records, speedup_interval, speedup_text
+from bench.stats import summarize
+from tests.bench.records import record
+
+
+def _with_e2e(variant: str, samples: list[float], steps: int = 1, **kw) -> dict:
+    r = record(variant, steps=steps, **kw)
+    r["samples"]["e2e_ms"] = samples
+    r["metrics"]["e2e_ms"] = summarize(samples)
+    return r
+
+
+def _rows(records):
+    (group,) = group_records(records)
+    return group, {row.variant: row for row in group.rows}
+
+
+def test_the_speedup_is_the_ratio_of_medians_with_the_reference_at_exactly_one():
+    ref = _with_e2e("fp32", [100.0, 101.0, 99.0, 100.5, 99.5], steps=0)
+    fast = _with_e2e("fast", [50.0, 50.5, 49.5, 50.2, 49.8])
+    group, rows = _rows([ref, fast])
+    assert group.reference == "fp32" and group.speedup_metric == "e2e_ms"
+    assert rows["fp32"].speedup == (1.0, 1.0, 1.0) and speedup_text(rows["fp32"]) == "1.00x (ref)"
+    ratio, low, high = rows["fast"].speedup
+    assert ratio == 100.0 / 50.0
+    # Percentile bootstrap of median(ref) / median(var): every resampled median lies within each side's
+    # range, so the interval lies within 99/50.5 .. 101/49.5 and holds the ratio.
+    assert 99 / 50.5 <= low <= ratio <= high <= 101 / 49.5 and low < high
+    assert speedup_text(rows["fast"]) == f"2.00x [{low:.2f}, {high:.2f}]"
+
+
+def test_constant_samples_give_an_exact_interval():
+    low, high = speedup_interval([10.0] * 5, [5.0] * 5, {"a": 1}, {"b": 2}, "e2e_ms")
+    assert (low, high) == (2.0, 2.0)
+
+
+def test_too_few_samples_fall_back_to_the_ratio_of_the_interval_ends():
+    ref = record("fp32", steps=0)
+    var = record("v")
+    ref["metrics"]["e2e_ms"]["ci95_p50"], var["metrics"]["e2e_ms"]["ci95_p50"] = [90.0, 110.0], [40.0, 60.0]
+    assert speedup_interval([100.0, 101.0], [50.0] * 5, ref, var, "e2e_ms") == (90.0 / 60.0, 110.0 / 40.0)
+    assert speedup_interval(None, [50.0] * 5, ref, var, "e2e_ms") == (90.0 / 60.0, 110.0 / 40.0)
+    var["metrics"]["e2e_ms"]["ci95_p50"] = [0.0, 60.0]  # an interval touching zero gives no ratio
+    assert all(math.isnan(x) for x in speedup_interval(None, None, ref, var, "e2e_ms"))
+    del var["metrics"]["e2e_ms"]["ci95_p50"]
+    assert all(math.isnan(x) for x in speedup_interval(None, None, ref, var, "e2e_ms"))
+    assert speedup_interval(None, None, ref, ref, "e2e_ms") == (1.0, 1.0)  # the reference against itself
+
+
+def test_a_ratio_without_an_interval_is_printed_bare():
+    ref, var = record("fp32", steps=0), record("v")
+    for r in (ref, var):
+        r["samples"]["e2e_ms"] = [100.0 if r is ref else 80.0]
+        r["metrics"]["e2e_ms"] = {"p50": r["samples"]["e2e_ms"][0]}  # one repetition, no interval
+    _, rows = _rows([ref, var])
+    assert rows["v"].speedup[0] == 1.25 and speedup_text(rows["v"]) == "1.25x"
+
+
+def test_the_reference_is_fp32_or_else_the_first_ok_variant_without_steps():
+    a = _with_e2e("a", [80.0] * 5)
+    base = _with_e2e("base", [100.0] * 5, steps=0)
+    fp32 = _with_e2e("fp32", [120.0] * 5)  # named fp32: the reference even with steps
+    group, rows = _rows([a, base, fp32])
+    assert group.reference == "fp32" and rows["a"].speedup[0] == 120.0 / 80.0
+    fp32_failed = record("fp32", status="failed", error="boom")
+    group, rows = _rows([a, base, fp32_failed])
+    assert group.reference == "base" and rows["a"].speedup[0] == 100.0 / 80.0 and rows["fp32"].speedup is None
+    group, rows = _rows([a])  # no reference at all: no speedups
+    assert group.reference is None and rows["a"].speedup is None and speedup_text(rows["a"]) == "-"
+
+
+def test_prefill_groups_compare_time_to_first_token_and_skip_what_cannot_be_divided():
+    scenario = {"name": "prefill", "batch_size": 1, "prompt_tokens": 64, "new_tokens": 1}
+    ref, var, zero = (record(v, scenario=scenario, steps=s) for v, s in (("fp32", 0), ("v", 1), ("zero", 1)))
+    ref["metrics"]["ttft_ms"] = summarize([20.0] * 5)
+    var["metrics"]["ttft_ms"] = summarize([10.0] * 5)
+    zero["metrics"]["ttft_ms"] = summarize([0.0] * 5)
+    for r in (ref, var, zero):
+        r["samples"]["ttft_ms"] = [r["metrics"]["ttft_ms"]["p50"]] * 5
+    group, rows = _rows([ref, var, zero])
+    assert group.speedup_metric == "ttft_ms" and rows["v"].speedup == (2.0, 2.0, 2.0)
+    assert rows["zero"].speedup is None  # a zero latency has no ratio
+    assert speedup_text(rows["v"]) == "2.00x [2.00, 2.00]"
+
+
+@pytest.mark.parametrize("bad", [None, [1.0, "x", 2.0], [1.0, math.nan, 2.0]])
+def test_samples_that_are_not_all_numbers_use_the_interval_ends(bad):
+    ref, var = record("fp32", steps=0), record("v")
+    ref["metrics"]["e2e_ms"]["ci95_p50"], var["metrics"]["e2e_ms"]["ci95_p50"] = [90.0, 110.0], [40.0, 60.0]
+    assert speedup_interval(bad, [50.0] * 5, ref, var, "e2e_ms") == (1.5, 2.75)
