@@ -13,7 +13,7 @@ from typing import Any
 
 from bench.catalogue import interval, metric, point
 from bench.report.table import Group
-from bench.select import DEFAULT_OBJECTIVE, DRIFT_AXIS, decide
+from bench.select import DRIFT_AXIS, decide, default_objective
 
 PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf"]
@@ -108,12 +108,13 @@ def place_labels(fig, ax, labels: list[tuple[str, tuple[float, float]]], marker_
 
 
 def speed_vs_drift(group: Group):
-    """Decode tokens/s (p50 with 95% CI) against mean KLD on a log axis, the Pareto front drawn.
+    """The group's objective (decode tokens/s; prefill tokens/s for a prefill sweep), p50 with 95% CI, against
+    mean KLD on a log axis, the Pareto front drawn: the axes ``select`` and the reports' recommendation use.
 
     Variants with KLD exactly 0 (lossless) are drawn at a floor a decade below the smallest
     positive KLD, marked with a hollow symbol and labelled "KLD 0".
     """
-    speed = metric(DEFAULT_OBJECTIVE)
+    speed = default_objective(group)
     recs = [r for r in _ok(group) if point(r, DRIFT_AXIS) is not None and point(r, speed.key) is not None]
     if not recs:
         return None

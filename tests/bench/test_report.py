@@ -219,3 +219,17 @@ def test_both_reports_say_what_the_roofline_columns_divide_by(run):
         assert "over the copy bandwidth measured at the start of the run" in text
         assert "over the measured matmul rate of its compute dtype" in text
     assert "- `~` marks a noisy figure" in md and "<li>~ marks a noisy figure" in html
+
+
+def test_speed_against_drift_plots_the_objective_its_group_is_chosen_on():
+    from bench.report import plots
+    from bench.report.table import group_records
+    from bench.stats import summarize
+
+    scenario = {"name": "prefill", "batch_size": 1, "prompt_tokens": 256, "new_tokens": 1}
+    records = [record(v, decode=None, kld=kld, steps=0, scenario=scenario, prefill_tokens_per_s=rate,
+                      prefill_tokens_per_s_summary=summarize([rate] * 5))
+               for v, kld, rate in (("fp32", 0.0, 6000.0), ("bf16", 0.001, 9000.0))]
+    (group,) = group_records(records)
+    fig = plots.speed_vs_drift(group)  # a prefill sweep with drift: prefill tok/s, not an empty figure
+    assert fig is not None and fig.axes[0].get_ylabel() == "prefill tok/s (p50, 95% CI)"
