@@ -185,7 +185,7 @@ def speedup_interval(ref_samples, var_samples, ref_record, var_record, key) -> t
         res = bootstrap((np.asarray(ref_samples, float), np.asarray(var_samples, float)),
                         lambda a, b, axis: np.median(a, axis=axis) / np.median(b, axis=axis),
                         n_resamples=2000, method="percentile", vectorized=True, paired=False,
-                        random_state=np.random.default_rng(0))
+                        rng=np.random.default_rng(0))
         return float(res.confidence_interval.low), float(res.confidence_interval.high)
     ref_ci, var_ci = interval(ref_record, key), interval(var_record, key)
     if ref_ci and var_ci and var_ci[0] > 0:
