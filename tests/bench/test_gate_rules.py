@@ -1,0 +1,153 @@
+"""The regression gate's rules, exactly: verdict bands, the rank test, BH correction, MDE, noise and settings.
+
+test_compare.py judges the gate on samples with known distributions (false-alarm and detection
+rates); these tests pin each statistic to its definition with hand-computed figures.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.stats import mannwhitneyu, norm
+
+from bench import gate_stats as gs
+from optimize.errors import InputError
+
+UP = 1 + 0.05
+DOWN = 1 / UP
+
+
+@pytest.mark.parametrize(("low", "high", "significant", "direction", "want"), [
+    (UP, 1.2, True, "lower", "inconclusive"),  # the interval touches the band: not beyond it
+    (UP * 1.0001, 1.2, True, "lower", "regressed"),
+    (0.8, DOWN, True, "lower", "inconclusive"),
+    (0.8, DOWN * 0.9999, True, "lower", "improved"),  # a lower latency
+    (0.8, DOWN * 0.9999, True, "higher", "regressed"),  # fewer tokens/s
+    (UP * 1.0001, 1.2, True, "higher", "improved"),
+    (DOWN, UP, False, "lower", "unchanged"),  # the band's ends are inside it
+    (DOWN, UP, True, "higher", "unchanged"),
+    (DOWN * 0.9999, UP, False, "lower", "inconclusive"),
+    (DOWN, UP * 1.0001, False, "lower", "inconclusive"),
+    (0.8, 1.2, True, "lower", "inconclusive"),  # wider than the band on both sides
+    (0.8, DOWN * 0.9999, False, "lower", "inconclusive"),  # beyond but not significant
+])
+def test_verdict_bands_are_symmetric_on_the_log_scale_with_strict_edges(low, high, significant, direction, want):
+    assert gs.verdict(low, high, significant, 0.05, direction) == want
+
+
+def test_memory_has_its_own_tighter_threshold():
+    cfg = gs.GateConfig()
+    assert (cfg.threshold("memory"), cfg.threshold("speed")) == (0.02, 0.05)
+    cfg = gs.GateConfig(speed_threshold=0.1, memory_threshold=0.01)
+    assert (cfg.threshold("memory"), cfg.threshold("speed"), cfg.threshold("status")) == (0.01, 0.1, 0.1)
+
+
+def test_rank_p_is_scipys_two_sided_mann_whitney_on_the_pooled_samples():
+    base, head = [[1.0, 2.5, 3.0], [2.0, 4.0]], [[3.5, 5.0], [6.0, 4.5, 7.0]]
+    want = mannwhitneyu([3.5, 5.0, 6.0, 4.5, 7.0], [1.0, 2.5, 3.0, 2.0, 4.0], alternative="two-sided").pvalue
+    assert gs.rank_p(base, head) == pytest.approx(want) and gs.rank_p(head, base) == pytest.approx(want)
+    assert want < 0.05
+    # Two samples a side are enough to compute it.
+    two = mannwhitneyu([5.0, 6.0], [1.0, 2.0, 3.0], alternative="two-sided").pvalue
+    assert gs.rank_p([[1.0, 2.0, 3.0]], [[5.0, 6.0]]) == pytest.approx(two) and two < 1
+
+
+@pytest.mark.parametrize(("base", "head"), [([[1.0, 2.0, 3.0, 4.0]], [[10.0]]), ([[1.0]], [[5.0, 6.0, 7.0]]),
+                                            ([[2.0, 2.0, 2.0]], [[2.0, 2.0, 2.0]]), ([], [[1.0, 2.0]])])
+def test_rank_p_is_one_where_no_test_can_tell(base, head):
+    assert gs.rank_p(base, head) == 1.0
+
+
+def test_all_tied_sides_at_different_values_still_differ():
+    p = gs.rank_p([[1.0] * 5], [[2.0] * 5])
+    assert p == pytest.approx(mannwhitneyu([2.0] * 5, [1.0] * 5, alternative="two-sided").pvalue) and p < 0.01
+
+
+def test_min_rank_p_is_two_over_the_number_of_orderings():
+    assert gs.min_rank_p(5, 5) == pytest.approx(2 / 252)
+    assert gs.min_rank_p(3, 2) == pytest.approx(2 / 10)
+    assert gs.min_rank_p(1, 1) == 1.0  # 2 / 2, capped
+    assert gs.min_rank_p(0, 5) == gs.min_rank_p(5, 0) == 1.0
+
+
+def test_bh_adjust_matches_the_hand_computed_step_up():
+    # Sorted 0.005, 0.01, 0.03, 0.04 -> p*m/rank 0.02, 0.02, 0.04, 0.04 (then the running minimum from the top).
+    assert gs.bh_adjust([0.01, 0.04, 0.03, 0.005]) == pytest.approx([0.02, 0.04, 0.04, 0.02])
+    assert gs.bh_adjust([0.04, 0.001]) == pytest.approx([0.04, 0.002])  # Benjamini-Yekutieli would give 0.06, 0.003
+    assert gs.bh_adjust([]) == []
+    assert all(isinstance(q, float) for q in gs.bh_adjust([0, 1]))
+
+
+def test_mde_is_the_normal_formula_times_the_medians_efficiency_loss():
+    z = norm.ppf(0.995) + norm.ppf(0.8)
+    assert gs.mde(0.1, 10, 10) == pytest.approx(z * 0.1 * math.sqrt(0.2) * math.sqrt(math.pi / 2))
+    assert gs.mde(0.1, 10, 10) == pytest.approx(0.19155, abs=1e-4)
+    z90 = norm.ppf(0.95) + norm.ppf(0.9)
+    assert gs.mde(0.05, 8, 12, level=0.9, power=0.9, fdr=0.05) == pytest.approx(
+        z90 * 0.05 * math.sqrt(1 / 8 + 1 / 12) * math.sqrt(math.pi / 2))
+    assert math.isnan(gs.mde(math.nan, 10, 10))
+    # 3 + 3 samples can reach p = 0.1 but not 0.01: infinite (the smallest p is 2/20).
+    assert math.isinf(gs.mde(0.1, 3, 3, fdr=0.01)) and math.isfinite(gs.mde(0.1, 3, 3, fdr=0.1))
+    assert math.isfinite(gs.mde(0.1, 3, 3, fdr=0.1 + 1e-12)) and math.isinf(gs.mde(0.1, 3, 3, fdr=0.0999))
+
+
+def test_robust_cv_is_the_scaled_median_absolute_deviation_over_the_median():
+    # median 3, absolute deviations 2, 1, 0, 1, 97 -> MAD 1: the 100 does not move it.
+    assert gs.robust_cv([[1.0, 2.0], [3.0, 4.0, 100.0]]) == pytest.approx(1.4826 / 3)
+    assert gs.robust_cv([[-1.0, -2.0, -3.0, -4.0, -100.0]]) == pytest.approx(1.4826 / 3)
+    assert math.isnan(gs.robust_cv([[5.0]])) and math.isnan(gs.robust_cv([])) and math.isnan(
+        gs.robust_cv([[-1.0, 0.0, 1.0]]))
+
+
+def test_ratio_interval_without_samples_to_resample_spans_every_pairing():
+    assert gs.ratio_interval([[10.0, 12.0]], [[11.0]]) == pytest.approx((11 / 11, 11 / 12, 11 / 10))
+    assert gs.ratio_interval([[10.0]], [[20.0], [22.0]]) == pytest.approx((21 / 10, 2.0, 2.2))
+    assert gs.ratio_interval([[4.0, 4.0, 4.0]], [[5.0, 5.0]]) == (1.25, 1.25, 1.25)  # nothing varies
+
+
+def test_ratio_interval_with_blocks_holds_the_sample_bootstrap():
+    rng = np.random.default_rng(2)
+    base = [list(10 * np.exp(rng.normal(0, 0.03, 5))) for _ in range(3)]
+    head = [list(11 * np.exp(rng.normal(0, 0.03, 5))) for _ in range(3)]
+    ratio, low, high = gs.ratio_interval(base, head, 0.99, 1000, seed=4)
+    flat_ratio, flat_low, flat_high = gs.ratio_interval([gs.pooled(base)], [gs.pooled(head)], 0.99, 1000, seed=4)
+    assert ratio == flat_ratio == pytest.approx(np.median(gs.pooled(head)) / np.median(gs.pooled(base)))
+    assert low <= flat_low < ratio < flat_high <= high  # the block bootstrap can only widen it
+    _, low50, high50 = gs.ratio_interval(base, head, 0.5, 1000, seed=4)
+    assert low < low50 < high50 < high  # a lower level is narrower
+
+
+def test_pooled_and_padded_blocks():
+    assert gs.pooled([]).shape == (0,) and list(gs.pooled([[1, 2], [3]])) == [1.0, 2.0, 3.0]
+    padded = gs._padded([[1.0, 2.0], [3.0]])
+    assert padded.shape == (2, 2) and padded[0].tolist() == [1.0, 2.0]
+    assert padded[1, 0] == 3.0 and np.isnan(padded[1, 1])
+    assert gs._padded([[1.0, 2.0, 3.0]]).tolist() == [[1.0], [2.0], [3.0]]  # one block: each repetition alone
+
+
+@pytest.mark.parametrize(("field", "value", "flag"), [
+    ("speed_threshold", 0.0, "--speed-threshold"), ("speed_threshold", 1.0, "--speed-threshold"),
+    ("memory_threshold", 0.0, "--memory-threshold"), ("memory_threshold", 1.5, "--memory-threshold"),
+    ("fdr", 0.0, "--fdr"), ("fdr", 1.0, "--fdr"), ("level", 1.0, "--level"), ("level", 0.0, "--level"),
+    ("power", 1.0, "--power"), ("power", 0.0, "--power"),
+    ("min_processes", 0, "--min-processes must be >= 1, got 0"),
+    ("n_resamples", 99, "--n-resamples must be >= 100, got 99"),
+])
+def test_gate_settings_are_validated_naming_the_flag(field, value, flag):
+    with pytest.raises(InputError, match=f"^{flag}"):
+        gs.GateConfig(**{field: value}).validate()
+    if flag.endswith(("threshold", "fdr", "level", "power")):
+        with pytest.raises(InputError, match=rf"must be in \(0, 1\), got {value}$"):
+            gs.GateConfig(**{field: value}).validate()
+
+
+def test_settings_just_inside_their_ranges_are_accepted():
+    gs.GateConfig(speed_threshold=1e-6, memory_threshold=0.999, fdr=0.5, level=0.999, power=0.01,
+                  min_processes=1, n_resamples=100).validate()
+    assert gs.GateConfig() == gs.GateConfig(0.05, 0.02, 0.01, 0.99, 2000, 0.8, 2, 0)
+
+
+def test_worse_is_higher_for_lower_is_better_metrics():
+    assert gs.worse_is_higher("lower") and not gs.worse_is_higher("higher")
