@@ -188,7 +188,8 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         diffs += [f"{name} merges shards from differing environments: {d}" for d in
                   s.run.get("environment_differences", [])]
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
-    out.load = {name: _other_cpu(s) for name, s in (("base", base), ("head", head))}
+    out.load = {name: _other_cpu([r for recs in s.ok.values() for r in recs])
+                for name, s in (("base", base), ("head", head))}
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
                     [f"{k} (only in head)" for k in sorted(head.keys - base.keys)]
     if out.unmatched and not allow_unmatched:
@@ -239,7 +240,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
 
 def _check_load(row: Row, base: Side, head: Side) -> None:
     """Withhold a verdict that the two sides' machine load explains (recorded load only)."""
-    b, h = (_other_cpu(Side(s.run_dir, s.run, {row.cell: s.ok[row.cell]}, {})) for s in (base, head))
+    b, h = _other_cpu(base.ok[row.cell]), _other_cpu(head.ok[row.cell])
     if b is None or h is None:
         return
     # The side that measured worse: head for a regression, base for an improvement.
@@ -250,10 +251,11 @@ def _check_load(row: Row, base: Side, head: Side) -> None:
         row.verdict = "inconclusive"
 
 
-def _other_cpu(side: Side) -> float | None:
+def _other_cpu(records: list[dict[str, Any]]) -> float | None:
+    """Median share of the CPUs other processes used while these records were measured (None: not recorded)."""
     import statistics
 
-    shares = [r["load"]["other_cpu_fraction"] for recs in side.ok.values() for r in recs
+    shares = [r["load"]["other_cpu_fraction"] for r in records
               if isinstance((r.get("load") or {}).get("other_cpu_fraction"), (int, float))]
     return statistics.median(shares) if shares else None
 

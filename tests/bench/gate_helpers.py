@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
+from bench.compare import Side, cell_key
 from bench.results import RESULTS, RUN
 
 ENV = {"cpu_model": "Test CPU", "cpu_logical_cores": 2, "cpu_affinity": 2, "gpus": [],
@@ -54,3 +56,11 @@ def synthetic_run(path: Path, rng: np.random.Generator, cells: int, cv: float = 
     recs = [record(f"v{i}", timing_samples(rng, reps, cv, slowdown.get(f"v{i}", 1.0)))
             for _ in range(rounds) for i in range(cells)]
     return write_run(path, recs, **kwargs)
+
+
+def side(records: list[dict], env: dict | None = None, name: str = "run") -> Side:
+    """A loaded run of these ok records (as ``bench.compare.load_side`` groups them), without files."""
+    ok = defaultdict(list)
+    for r in records:
+        ok[cell_key(r)].append(r)
+    return Side(Path(name), {"environment": env or ENV}, dict(ok), {})

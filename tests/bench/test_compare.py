@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -12,18 +11,11 @@ import pytest
 
 from bench import gate_stats as gs
 from bench.cli import main as cli
-from bench.compare import Side, cell_key, compare_sides
-from tests.bench.gate_helpers import ENV, lognormal, record, synthetic_run, timing_samples, write_run
+from bench.compare import compare_sides
+from tests.bench.gate_helpers import ENV, lognormal, record, side, synthetic_run, timing_samples, write_run
 
 # min_processes=1: the statistics alone decide, so one-process comparisons are tested too (stricter).
 FAST = gs.GateConfig(n_resamples=1000, min_processes=1)
-
-
-def side(records: list[dict], env: dict | None = None, name: str = "run") -> Side:
-    ok = defaultdict(list)
-    for r in records:
-        ok[cell_key(r)].append(r)
-    return Side(Path(name), {"environment": env or ENV}, dict(ok), {})
 
 
 def processes(rng, rounds: int, reps: int, cv: float, slowdown: float = 1.0, variant: str = "fp32") -> list[dict]:

@@ -1,0 +1,238 @@
+"""How the gate matches, measures and withholds, exactly: each row's figures, the FDR correction deciding,
+machine load, status rows, the environment check, loading runs and the JSON a pipeline reads.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from bench import gate_stats as gs
+from bench.compare import Comparison, Row, compare_sides, environment_diffs, load_side, metric_blocks
+from optimize.errors import InputError
+from tests.bench.gate_helpers import ENV, record, side, write_run
+
+ONE = gs.GateConfig(n_resamples=500, min_processes=1)
+
+
+def _steady(values: list[float]) -> dict[str, list[float]]:
+    """The generate metrics of one process with these TPOTs (TTFT and e2e follow them)."""
+    return {"ttft_ms": [4 * t for t in values], "tpot_ms": list(values), "e2e_ms": [35 * t for t in values],
+            "decode_tokens_per_s": [1000 / t for t in values]}
+
+
+def _rows(c: Comparison) -> dict[str, Row]:
+    return {f"{r.cell.split()[1]}:{r.metric}": r for r in c.rows}
+
+
+def test_a_row_holds_every_figure_of_its_comparison():
+    base_tpot = [[3.0, 3.1, 2.9, 3.05, 2.95], [3.2, 3.0, 3.1, 2.9, 3.0]]
+    head_tpot = [[3.9, 4.3, 3.7, 4.1, 3.8], [4.2, 3.6, 4.4, 4.0, 4.1]]  # slower and noisier than base
+    base = side([record("fp32", _steady(b), peak_memory=m) for b, m in zip(base_tpot, (4.0e8, 4.1e8), strict=True)])
+    head = side([record("fp32", _steady(h), peak_memory=m) for h, m in zip(head_tpot, (4.2e8, 4.4e8), strict=True)])
+    cfg = gs.GateConfig(n_resamples=700, level=0.95, power=0.9, fdr=0.05, seed=3, min_processes=1)
+    rows = _rows(compare_sides(base, head, cfg))
+    assert len(rows) == 5 and "fp32:prefill_tokens_per_s" not in rows  # a metric neither side has is left out
+
+    tpot = rows["fp32:tpot_ms"]
+    pb, ph = sum(base_tpot, []), sum(head_tpot, [])
+    assert (tpot.label, tpot.unit, tpot.direction, tpot.kind) == ("TPOT ms", "ms", "lower", "speed")
+    assert (tpot.n_base, tpot.n_head, tpot.blocks_base, tpot.blocks_head) == (10, 10, 2, 2)
+    assert (tpot.base_median, tpot.head_median) == (np.median(pb), np.median(ph))
+    assert (tpot.ratio, tpot.low, tpot.high) == gs.ratio_interval(base_tpot, head_tpot, 0.95, 700, 3)
+    assert tpot.p == gs.rank_p(base_tpot, head_tpot) and tpot.q is not None and tpot.q >= tpot.p
+    assert tpot.threshold == 0.05
+    cv = max(gs.robust_cv(base_tpot), gs.robust_cv(head_tpot))
+    assert tpot.cv == cv == gs.robust_cv(head_tpot)
+    assert tpot.mde == gs.mde(cv, 10, 10, 0.95, 0.9, 0.05)
+    assert tpot.verdict == "regressed" and tpot.note == ""
+
+    mem = rows["fp32:peak_memory_bytes"]  # one figure per process: 2 + 2 can never reach q = 0.05
+    assert (mem.kind, mem.unit, mem.direction, mem.threshold) == ("memory", "bytes", "lower", 0.02)
+    assert (mem.n_base, mem.n_head, mem.p, mem.q, mem.mde) == (2, 2, None, None, None)
+    assert (mem.ratio, mem.low, mem.high) == pytest.approx((4.3e8 / 4.05e8, 4.2e8 / 4.1e8, 4.4e8 / 4.0e8))
+    assert mem.cv == pytest.approx(max(gs.robust_cv([[4.0e8], [4.1e8]]), gs.robust_cv([[4.2e8], [4.4e8]])))
+    assert mem.verdict == "regressed"  # the ranges do not overlap and every pairing is beyond +2%
+
+
+def test_memory_uses_its_tighter_band():
+    base = side([record("fp32", _steady([3.0] * 5), peak_memory=4.00e8)])
+    head = side([record("fp32", _steady([3.0] * 5), peak_memory=4.12e8)])  # +3%: beyond 2%, within 5%
+    rows = _rows(compare_sides(base, head, ONE))
+    assert rows["fp32:peak_memory_bytes"].verdict == "regressed" and rows["fp32:tpot_ms"].verdict == "unchanged"
+
+
+def _separated(variant: str, slowdown: float) -> list[dict]:
+    return [record(variant, _steady([3.0 * slowdown * (1 + i / 100) for i in range(5)]))]
+
+
+def test_the_rank_test_after_correction_decides_not_the_interval_alone():
+    # 5 against 5, every head repetition slower: p = 2/252 = 0.0079 for each of the four speed metrics.
+    alone = compare_sides(side(_separated("v0", 1.0)), side(_separated("v0", 1.3)), ONE)
+    tpot = _rows(alone)["v0:tpot_ms"]
+    assert tpot.p == pytest.approx(2 / 252) and tpot.q == pytest.approx(2 / 252) and tpot.verdict == "regressed"
+    assert tpot.low > 1.05  # the interval lies beyond the band
+    # The same pair among two unchanged cells: 12 tests, the four smallest p get q = p x 12 / 4 > 0.01.
+    base = _separated("v0", 1.0) + _separated("v1", 1.0) + _separated("v2", 1.0)
+    head = _separated("v0", 1.3) + _separated("v1", 1.0) + _separated("v2", 1.0)
+    rows = _rows(compare_sides(side(base), side(head), ONE))
+    assert rows["v0:tpot_ms"].low > 1.05 and rows["v0:tpot_ms"].q == pytest.approx(2 / 252 * 3)
+    assert rows["v0:tpot_ms"].verdict == "inconclusive" and rows["v1:tpot_ms"].verdict == "unchanged"
+    # With a looser false discovery rate it stands again.
+    looser = _rows(compare_sides(side(base), side(head), gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.05)))
+    assert looser["v0:tpot_ms"].verdict == "regressed"
+
+
+def test_the_rank_test_runs_when_its_smallest_p_equals_the_false_discovery_rate():
+    cfg = gs.GateConfig(n_resamples=500, min_processes=1, fdr=gs.min_rank_p(5, 5))
+    row = _rows(compare_sides(side(_separated("v0", 1.0)), side(_separated("v0", 1.3)), cfg))["v0:tpot_ms"]
+    assert row.p == pytest.approx(2 / 252) and row.mde is not None and row.verdict == "regressed"
+    cfg = gs.GateConfig(n_resamples=500, min_processes=1, fdr=gs.min_rank_p(5, 5) * 0.99)
+    row = _rows(compare_sides(side(_separated("v0", 1.0)), side(_separated("v0", 1.3)), cfg))["v0:tpot_ms"]
+    assert (row.p, row.q, row.mde) == (None, None, None)
+    # Untested: significant only when the range of every pairing excludes 1 (here 3.9/3.12 > 1).
+    assert row.low == pytest.approx(3.9 / (3.0 * 1.04)) and row.verdict == "regressed"
+
+
+def _loaded(variant: str, tpots: list[float], busy: float | None) -> dict:
+    r = record(variant, _steady(tpots))
+    if busy is not None:
+        r["load"] = {"other_cpu_fraction": busy}
+    return r
+
+
+@pytest.mark.parametrize(("base_busy", "head_busy", "verdict", "note"), [
+    (0.70, 0.10, "inconclusive",
+     "improved withheld: the base side ran while other processes used 70% of the CPUs (10% for the other side)"),
+    (0.30, 0.10, "improved", ""),  # 20 points more: within the margin
+    (0.70, None, "improved", ""),  # load recorded on one side only: nothing to compare
+    (None, 0.70, "improved", ""),
+    (0.10, 0.70, "improved", ""),  # the busier side measured better: load does not explain it
+])
+def test_an_improvement_measured_while_the_base_was_busier_is_withheld(base_busy, head_busy, verdict, note):
+    fast = [3.0 * (1 + i / 100) for i in range(5)]
+    base = side([_loaded("v0", [1.3 * t for t in fast], base_busy)])
+    head = side([_loaded("v0", fast, head_busy)])
+    c = compare_sides(base, head, ONE)
+    tpot = _rows(c)["v0:tpot_ms"]
+    assert (tpot.verdict, tpot.note) == (verdict, note)
+    assert c.load == {"base": base_busy, "head": head_busy}
+
+
+def test_the_load_that_withholds_is_the_cells_own():
+    # The run as a whole was as busy on both sides, but v0's head process ran under load.
+    fast = [3.0 * (1 + i / 100) for i in range(5)]
+    base = side([_loaded("v0", fast, 0.05), _loaded("v1", fast, 0.65)])
+    head = side([_loaded("v0", [1.3 * t for t in fast], 0.65), _loaded("v1", fast, 0.05)])
+    c = compare_sides(base, head, gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.05))
+    assert c.load == {"base": pytest.approx(0.35), "head": pytest.approx(0.35)}
+    assert _rows(c)["v0:tpot_ms"].note.startswith("regressed withheld: the head side ran while other processes")
+
+
+def test_noisy_marks_are_noted_on_the_row():
+    base, head = _separated("v0", 1.0), _separated("v0", 1.0)
+    base[0]["noisy"] = True
+    assert _rows(compare_sides(side(base), side(head), ONE))["v0:tpot_ms"].note == "marked noisy in base"
+    head[0]["noisy"] = True
+    assert _rows(compare_sides(side(base), side(head), ONE))["v0:tpot_ms"].note == "marked noisy in base and head"
+
+
+def _run(tmp_path, name: str, records: list[dict], **kw):
+    return load_side(write_run(tmp_path / name, records, **kw))
+
+
+def test_status_rows_for_cells_that_did_not_run_ok_on_both_sides(tmp_path):
+    ok = record("a", _steady([3.0] * 5))
+    base = _run(tmp_path, "base", [ok, record("b", _steady([3.0] * 5)), record("c", {}, status="failed"),
+                                   record("d", {}, status="skipped"), record("e", _steady([3.0] * 5))])
+    failed = record("b", {}, status="failed")
+    failed["error"] = "CUDA error: out of memory\nTraceback ..." + "x" * 400
+    skipped = record("e", {}, status="skipped")
+    skipped["error"] = "needs CUDA"
+    head = _run(tmp_path, "head", [ok, failed, record("c", _steady([3.0] * 5)), record("d", {}, status="failed"),
+                                   skipped])
+    rows = compare_sides(base, head, ONE).rows
+    status = {r.cell.split()[1]: (r.verdict, r.note) for r in rows if r.kind == "status"}
+    assert status == {"b": ("regressed", "ok in base, failed in head: CUDA error: out of memory"),
+                      "c": ("inconclusive", "failed in base: boom"),
+                      "e": ("inconclusive", "skipped in head: needs CUDA")}  # d: not ok on either side, no row
+    assert {r.cell.split()[1] for r in rows if r.kind != "status"} == {"a"}
+    st = next(r for r in rows if r.kind == "status")
+    assert (st.metric, st.label, st.unit, st.direction, st.ratio) == ("status", "status", "", "", None)
+    failed["error"] = "y" * 400
+    long = compare_sides(base, _run(tmp_path, "head2", [ok, failed, record("c", _steady([3.0] * 5)),
+                                                        record("d", {}, status="failed"), skipped]), ONE)
+    note = next(r.note for r in long.rows if r.verdict == "regressed")
+    assert len(note) == 300 and note.startswith("ok in base, failed in head: yyy")
+
+
+def test_a_cell_judged_on_its_ok_records_after_a_failed_try(tmp_path):
+    ok = record("fp32", _steady([3.0] * 5))
+    side_ = _run(tmp_path, "run", [record("fp32", {}, status="failed"), ok, record("fp32", {}, status="failed")])
+    (key,) = side_.ok
+    assert side_.not_ok == {} and side_.ok[key] == [ok] and side_.keys == {key}
+    only_failed = _run(tmp_path, "failed", [record("fp32", {}, status="failed")])
+    assert only_failed.ok == {} and list(only_failed.not_ok) == [key]
+
+
+def test_loading_a_run_names_what_is_wrong(tmp_path):
+    with pytest.raises(InputError, match=f"^{tmp_path / 'nowhere'} is not a run directory \\(no run.json\\)$"):
+        load_side(tmp_path / "nowhere")
+    empty = write_run(tmp_path / "empty", [])
+    with pytest.raises(InputError, match=f"^{empty} holds no cell records$"):
+        load_side(empty)
+
+
+def test_unmatched_cells_are_listed_eight_at_most():
+    base = side([record(f"v{i}", _steady([3.0] * 5)) for i in range(12)])
+    head = side([record("v0", _steady([3.0] * 5)), record("w", _steady([3.0] * 5))])
+    with pytest.raises(InputError, match=r"^12 cells are in only one run \(use --allow-unmatched to skip them\): "
+                                         r".*v1 .*\(only in base\); .*; and 4 more$"):
+        compare_sides(base, head, ONE)
+    c = compare_sides(base, head, ONE, allow_unmatched=True)
+    assert len(c.unmatched) == 12 and c.unmatched[-1].endswith("w cpu generate 1/16/8 (only in head)")
+    assert {r.cell.split()[1] for r in c.rows} == {"v0"}
+
+
+def test_metric_blocks_take_raw_samples_or_one_figure_per_process():
+    with_samples = record("fp32", {"tpot_ms": [3, 4]})
+    per_process = {"metrics": {"peak_memory_bytes": 4e8}}  # no samples at all
+    assert metric_blocks([with_samples, with_samples], "tpot_ms") == [[3.0, 4.0], [3.0, 4.0]]
+    assert metric_blocks([with_samples, per_process], "peak_memory_bytes") == [[4e8], [4e8]]
+    assert metric_blocks([with_samples, per_process], "tpot_ms") is None  # one process without it: no blocks
+    assert metric_blocks([{"metrics": {"tpot_ms": {"p50": 3.0}}, "samples": {}}], "tpot_ms") is None
+    assert metric_blocks([{"samples": {"tpot_ms": []}}], "tpot_ms") is None
+
+
+def test_environment_differences_that_make_speeds_incomparable():
+    head = json.loads(json.dumps(ENV))
+    head["gpus"] = [{"name": "NVIDIA H200", "driver": "580.1"}]
+    head["env_vars"] = {"OMP_NUM_THREADS": "1", "HOME": "/elsewhere"}
+    head["torch"] = {"num_threads": 1}
+    head["libraries"]["torch"] = "2.14.0+cpu"
+    head["hostname"] = "other-host"  # the same machine type elsewhere is comparable
+    assert environment_diffs(ENV, head) == [
+        "env OMP_NUM_THREADS: None in base, '1' in head",
+        "gpu driver: [] in base, ['580.1'] in head",
+        "gpus: [] in base, ['NVIDIA H200'] in head",
+        "torch: '2.13.0+cpu' in base, '2.14.0+cpu' in head",
+        "torch threads: 2 in base, 1 in head"]
+    assert environment_diffs(ENV, json.loads(json.dumps(ENV))) == []
+
+
+def test_the_json_holds_no_non_finite_number_and_says_the_outcome():
+    c = Comparison("b", "h", {}, [], False, rows=[
+        Row("c1", "tpot_ms", "TPOT ms", "ms", "lower", "speed", "regressed", ratio=math.inf, low=math.nan,
+            high=math.inf, cv=0.02, p=0.001),
+        Row("c2", "tpot_ms", "TPOT ms", "ms", "lower", "speed", "unchanged", ratio=1.0, low=0.99, high=1.01)])
+    text = c.to_json()
+    assert text.startswith("{\n") and "NaN" not in text and "Infinity" not in text
+    data = json.loads(text)
+    assert data["exit_code"] == 1 and data["counts"] == {"regressed": 1, "improved": 0, "unchanged": 1,
+                                                         "inconclusive": 0}
+    first = data["rows"][0]
+    assert (first["ratio"], first["low"], first["high"], first["cv"], first["p"]) == (None, None, None, 0.02, 0.001)
+    assert data["rows"][1]["low"] == 0.99 and data["rows"][1]["verdict"] == "unchanged"
