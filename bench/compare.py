@@ -172,7 +172,7 @@ class Comparison:
         d["rows"] = [{k: _clean(v) if isinstance(v, float) else v for k, v in r.items()} for r in d["rows"]]
         d["exit_code"] = self.exit_code()
         d["counts"] = {v: sum(r.verdict == v for r in self.rows) for v in gs.VERDICTS}
-        return json.dumps(d, indent=1, default=str, allow_nan=False)
+        return json.dumps(d, indent=1, allow_nan=False)
 
 
 def _clean(x: float | None) -> float | None:
@@ -255,8 +255,8 @@ def _other_cpu(records: list[dict[str, Any]]) -> float | None:
     """Median share of the CPUs other processes used while these records were measured (None: not recorded)."""
     import statistics
 
-    shares = [r["load"]["other_cpu_fraction"] for r in records
-              if isinstance((r.get("load") or {}).get("other_cpu_fraction"), (int, float))]
+    shares = [x for r in records for x in [(r.get("load") or {}).get("other_cpu_fraction")]
+              if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)]
     return statistics.median(shares) if shares else None
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from bench import gate_stats as gs
-from bench.compare import Comparison, Row, compare_sides, environment_diffs, load_side, metric_blocks
+from bench.compare import Comparison, Row, compare_runs, compare_sides, environment_diffs, load_side, metric_blocks
 from optimize.errors import InputError
 from tests.bench.gate_helpers import ENV, record, side, write_run
 
@@ -108,9 +108,12 @@ def _loaded(variant: str, tpots: list[float], busy: float | None) -> dict:
     (0.70, 0.10, "inconclusive",
      "improved withheld: the base side ran while other processes used 70% of the CPUs (10% for the other side)"),
     (0.30, 0.10, "improved", ""),  # 20 points more: within the margin
+    (0.375, 0.125, "improved", ""),  # exactly the margin (25 points) is not beyond it
     (0.70, None, "improved", ""),  # load recorded on one side only: nothing to compare
     (None, 0.70, "improved", ""),
     (0.10, 0.70, "improved", ""),  # the busier side measured better: load does not explain it
+    (float("nan"), 0.10, "improved", ""),  # a damaged figure is no figure
+    (True, 0.10, "improved", ""),
 ])
 def test_an_improvement_measured_while_the_base_was_busier_is_withheld(base_busy, head_busy, verdict, note):
     fast = [3.0 * (1 + i / 100) for i in range(5)]
@@ -119,7 +122,9 @@ def test_an_improvement_measured_while_the_base_was_busier_is_withheld(base_busy
     c = compare_sides(base, head, ONE)
     tpot = _rows(c)["v0:tpot_ms"]
     assert (tpot.verdict, tpot.note) == (verdict, note)
-    assert c.load == {"base": base_busy, "head": head_busy}
+    finite = {k: v if isinstance(v, float) and math.isfinite(v) else None for k, v in (("base", base_busy),
+                                                                                        ("head", head_busy))}
+    assert c.load == finite and json.loads(c.to_json())["load"] == finite
 
 
 def test_the_load_that_withholds_is_the_cells_own():
@@ -181,6 +186,14 @@ def test_a_cell_judged_on_its_ok_records_after_a_failed_try(tmp_path):
 def test_loading_a_run_names_what_is_wrong(tmp_path):
     with pytest.raises(InputError, match=f"^{tmp_path / 'nowhere'} is not a run directory \\(no run.json\\)$"):
         load_side(tmp_path / "nowhere")
+    base, head = (write_run(tmp_path / n, [record("fp32", _steady([3.0] * 5))]) for n in ("base", "head"))
+    c = compare_runs(base, head, ONE)
+    assert (c.base, c.head) == (str(base), str(head)) and len(c.rows) == 5
+    del_samples = record("fp32", _steady([3.0] * 5))
+    del del_samples["samples"]["tpot_ms"]
+    head = write_run(tmp_path / "head2", [del_samples])
+    with pytest.raises(InputError, match=f"^cell .*fp32.*: metric tpot_ms has no samples in head \\({head}\\)$"):
+        compare_runs(base, head, ONE)
     empty = write_run(tmp_path / "empty", [])
     with pytest.raises(InputError, match=f"^{empty} holds no cell records$"):
         load_side(empty)

@@ -151,3 +151,32 @@ def test_settings_just_inside_their_ranges_are_accepted():
 
 def test_worse_is_higher_for_lower_is_better_metrics():
     assert gs.worse_is_higher("lower") and not gs.worse_is_higher("higher")
+
+
+def test_blocks_of_unequal_length_give_a_finite_interval():
+    # A process cut short by its time budget holds fewer repetitions: padding must not leak into the medians.
+    base = [[10.0, 10.2, 9.9, 10.1, 10.0], [10.3, 9.8, 10.1], [10.0, 10.2, 9.9, 10.4]]
+    head = [[11.0, 11.3, 10.9], [11.2, 10.8, 11.1, 11.0, 11.4], [11.1, 10.9]]
+    ratio, low, high = gs.ratio_interval(base, head, 0.99, 500)
+    assert all(math.isfinite(x) for x in (ratio, low, high)) and low < ratio < high
+    assert 10.8 / 10.4 <= low and high <= 11.4 / 9.8  # every resampled median lies within each side's range
+    # The block bootstrap alone (the union above would hide a NaN from it).
+    b_low, b_high = gs._bootstrap(gs._padded(base), gs._padded(head), 0.99, 500, 1)
+    assert 10.8 / 10.4 <= b_low < ratio < b_high <= 11.4 / 9.8
+
+
+def test_the_interval_is_scipys_unpaired_percentile_bootstrap_at_the_configured_level_and_count(monkeypatch):
+    import scipy.stats
+
+    calls = []
+    real = scipy.stats.bootstrap
+
+    def spy(data, statistic, **kw):
+        calls.append({k: kw.get(k) for k in ("method", "confidence_level", "n_resamples", "paired")})
+        return real(data, statistic, **kw)
+
+    monkeypatch.setattr(scipy.stats, "bootstrap", spy)
+    base, head = [[10.0, 10.2, 9.9], [10.1, 10.3, 9.8]], [[11.0, 11.3, 10.9], [11.2, 10.8, 11.1]]
+    gs.ratio_interval(base, head, 0.9, 300, seed=5)
+    # Once over the repetitions, once over the processes.
+    assert calls == [{"method": "percentile", "confidence_level": 0.9, "n_resamples": 300, "paired": False}] * 2
