@@ -131,7 +131,7 @@ class Row:
     unit: str
     direction: str
     kind: str
-    verdict: str
+    verdict: str = "inconclusive"  # until compare_sides judges the row
     n_base: int = 0
     n_head: int = 0
     blocks_base: int = 0
@@ -223,7 +223,9 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
     for row in out.rows:
         if row.ratio is None:
             continue
-        significant = row.q <= cfg.fdr if row.q is not None else row.low > 1 or row.high < 1
+        # Rows too small for the rank test (q None) rest on the range of every pairing: lying beyond the band
+        # it already excludes 1.
+        significant = row.q is None or row.q <= cfg.fdr
         row.verdict = gs.verdict(row.low, row.high, significant, row.threshold, row.direction)
         if row.verdict in ("regressed", "improved") and diffs and not allow_env_mismatch:
             row.note = f"{row.verdict} withheld: environments differ"
@@ -277,10 +279,10 @@ def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[fl
         low, high = float(ph.min() / pb.max()), float(ph.max() / pb.min())
     cv = max(gs.robust_cv(b), gs.robust_cv(h))
     return Row(cell=key, metric=m.key, label=m.label, unit=m.unit, direction=m.direction, kind=m.kind,
-               verdict="inconclusive", n_base=len(pb), n_head=len(ph), blocks_base=len(b), blocks_head=len(h),
+               n_base=len(pb), n_head=len(ph), blocks_base=len(b), blocks_head=len(h),
                base_median=float(np.median(pb)), head_median=float(np.median(ph)), ratio=ratio, low=low, high=high,
                p=gs.rank_p(b, h) if tested else None, threshold=cfg.threshold(m.kind), cv=_clean(cv),
-               mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr)) if tested else None)
+               mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr)))  # infinite when untested
 
 
 def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
@@ -291,13 +293,14 @@ def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
     if not b_ok and not h_ok:
         return []  # failed or skipped on both sides: nothing to compare
     status = (head.not_ok if b_ok else base.not_ok)[key]
-    error = (status.get("error") or "").splitlines()[:1]
+    lines = (status.get("error") or "").splitlines()
+    first = lines[0] if lines else ""
     if b_ok and status["status"] == "failed":
-        return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status",
-                    verdict="regressed", note=f"ok in base, failed in head: {error[0] if error else ''}"[:300])]
-    where = "head" if b_ok else "base"
-    return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status",
-                verdict="inconclusive", note=f"{status['status']} in {where}: {error[0] if error else ''}"[:300])]
+        verdict, note = "regressed", f"ok in base, failed in head: {first}"
+    else:
+        verdict, note = "inconclusive", f"{status['status']} in {'head' if b_ok else 'base'}: {first}"
+    return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status", verdict=verdict,
+                note=note[:300])]
 
 
 def compare_runs(base_dir: Path, head_dir: Path, cfg: gs.GateConfig = gs.GateConfig(), **kwargs) -> Comparison:

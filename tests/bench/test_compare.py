@@ -81,7 +81,7 @@ def test_outlier_block_widens_the_interval_instead_of_moving_it():
     rng = np.random.default_rng(5)
     normal = [lognormal(rng, 5, 0.05, 10.0) for _ in range(4)]
     wild = normal[:3] + [lognormal(rng, 5, 0.05, 300.0)]
-    ratio, low, high = gs.ratio_interval(normal, wild, 0.99, 1000)
+    ratio, low, high = gs.ratio_interval(normal, wild, 0.99, 1000, 0)
     assert low <= 1.05 and high > 2
 
 

@@ -249,3 +249,111 @@ def test_the_json_holds_no_non_finite_number_and_says_the_outcome():
     first = data["rows"][0]
     assert (first["ratio"], first["low"], first["high"], first["cv"], first["p"]) == (None, None, None, 0.02, 0.001)
     assert data["rows"][1]["low"] == 0.99 and data["rows"][1]["verdict"] == "unchanged"
+
+
+def test_the_minimum_detectable_effect_is_stated_at_the_gates_own_false_discovery_rate():
+    # 3 + 4 samples: the smallest p is 2/35 = 0.057, testable at fdr 0.1 but never at the default 0.01.
+    base = side([record("fp32", _steady([3.0, 3.1, 2.9]))])
+    head = side([record("fp32", _steady([3.0, 3.2, 2.9, 3.1]))])
+    row = _rows(compare_sides(base, head, gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.1)))["fp32:tpot_ms"]
+    assert row.p is not None and row.mde == gs.mde(row.cv, 3, 4, 0.99, 0.8, 0.1) and math.isfinite(row.mde)
+    row = _rows(compare_sides(base, head, ONE))["fp32:tpot_ms"]
+    assert (row.p, row.mde) == (None, None)
+
+
+def test_a_status_row_before_a_measured_one_leaves_it_judged(tmp_path):
+    slow = [3.9 * (1 + i / 100) for i in range(5)]
+    failed = record("a", {}, status="failed")
+    failed["error"] = None
+    base = _run(tmp_path, "base", [record("a", _steady([3.0] * 5)), record("b", _steady([3.0 * (1 + i / 100)
+                                                                                        for i in range(5)]))])
+    head = _run(tmp_path, "head", [failed, record("b", _steady(slow))])
+    rows = compare_sides(base, head, ONE).rows
+    assert [r.cell.split()[1] for r in rows][0] == "a"  # cells in sorted order: the status row first
+    assert (rows[0].verdict, rows[0].note) == ("regressed", "ok in base, failed in head: ")
+    assert _rows(compare_sides(base, head, ONE))["b:tpot_ms"].verdict == "regressed"
+
+
+def test_every_status_row_names_no_metric_figures(tmp_path):
+    base = _run(tmp_path, "base", [record("a", {}, status="skipped"), record("b", _steady([3.0] * 5))])
+    skipped = record("b", {}, status="skipped")
+    skipped["error"] = "z" * 400
+    head = _run(tmp_path, "head", [record("a", _steady([3.0] * 5)), skipped])
+    rows = compare_sides(base, head, ONE).rows
+    assert len(rows) == 2
+    for r in rows:
+        assert (r.metric, r.label, r.unit, r.direction, r.kind, r.verdict) == ("status", "status", "", "", "status",
+                                                                               "inconclusive")
+        assert (r.ratio, r.low, r.high, r.p, r.q) == (None,) * 5
+    assert rows[0].note == "skipped in base: boom"
+    assert len(rows[1].note) == 300 and rows[1].note.startswith("skipped in head: zzz")
+
+
+def test_differing_environments_withhold_both_directions_unless_allowed():
+    other = {**ENV, "cpu_model": "Other CPU"}
+    base = side(_separated("v0", 1.0) + _separated("v1", 1.3))
+    head = side(_separated("v0", 1.3) + _separated("v1", 1.0), env=other)
+    cfg = gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.05)
+    c = compare_sides(base, head, cfg)
+    rows = _rows(c)
+    assert not c.env_mismatch_allowed and c.env_diffs == ["cpu_model: 'Test CPU' in base, 'Other CPU' in head"]
+    assert (rows["v0:tpot_ms"].verdict, rows["v0:tpot_ms"].note) == ("inconclusive", "regressed withheld: "
+                                                                                     "environments differ")
+    assert (rows["v1:tpot_ms"].verdict, rows["v1:tpot_ms"].note) == ("inconclusive", "improved withheld: "
+                                                                                     "environments differ")
+    c = compare_sides(base, head, cfg, allow_env_mismatch=True)
+    rows = _rows(c)
+    assert c.env_mismatch_allowed and json.loads(c.to_json())["env_mismatch_allowed"] is True
+    assert (rows["v0:tpot_ms"].verdict, rows["v1:tpot_ms"].verdict) == ("regressed", "improved")
+
+
+def test_one_process_a_side_withholds_an_improvement_too():
+    c = compare_sides(side(_separated("v0", 1.3)), side(_separated("v0", 1.0)), gs.GateConfig(n_resamples=500))
+    tpot = _rows(c)["v0:tpot_ms"]
+    assert (tpot.verdict, tpot.note) == ("inconclusive", "improved withheld: 1 process(es) on a side, 2 needed to "
+                                                         "see noise between processes")
+
+
+def test_merged_shards_from_differing_environments_are_named_per_side():
+    base, head = side(_separated("v0", 1.0)), side(_separated("v0", 1.0))
+    head.run["environment_differences"] = ["cpu_model is 'Other' in shard 1"]
+    c = compare_sides(base, head, ONE)
+    assert c.env_diffs == ["head merges shards from differing environments: cpu_model is 'Other' in shard 1"]
+    base.run["environment_differences"] = ["torch threads differ"]
+    assert compare_sides(base, head, ONE).env_diffs[0] == \
+        "base merges shards from differing environments: torch threads differ"
+
+
+def test_runs_without_an_environment_record_compare():
+    base, head = side(_separated("v0", 1.0)), side(_separated("v0", 1.0))
+    base.run, head.run = {}, {}
+    assert compare_sides(base, head, ONE).env_diffs == []
+    head.run = {"environment": ENV}
+    assert "cpu_model: None in base, 'Test CPU' in head" in compare_sides(base, head, ONE).env_diffs
+
+
+@pytest.mark.parametrize(("extra", "tail"), [(8, "only in base)"), (9, "only in base); and 1 more")])
+def test_at_most_eight_unmatched_cells_are_named(extra, tail):
+    base = side([record("v0", _steady([3.0] * 5))] + [record(f"x{i}", _steady([3.0] * 5)) for i in range(extra)])
+    with pytest.raises(InputError) as err:
+        compare_sides(base, side([record("v0", _steady([3.0] * 5))]), ONE)
+    message = str(err.value)
+    assert message.endswith(tail) and message.count("(only in base)") == 8
+
+
+def test_samples_missing_from_the_base_name_the_base_run(tmp_path):
+    no_tpot = record("fp32", _steady([3.0] * 5))
+    del no_tpot["samples"]["tpot_ms"]
+    base = write_run(tmp_path / "base", [no_tpot])
+    head = write_run(tmp_path / "head", [record("fp32", _steady([3.0] * 5))])
+    with pytest.raises(InputError, match=f"metric tpot_ms has no samples in base \\({base}\\)$"):
+        compare_runs(base, head, ONE)
+
+
+def test_environment_facts_of_partial_records():
+    # Records from other tools or older versions lack keys; a GPU may report no name or driver.
+    assert environment_diffs({"cpu_model": "x"}, {"cpu_model": "x"}) == []
+    two = {"gpus": [{"name": "NVIDIA H200"}, {"driver": "580.1"}]}
+    assert environment_diffs(two, {"gpus": [{"name": "NVIDIA H200", "driver": "580.1"}]}) == [
+        "gpu driver: ['', '580.1'] in base, ['580.1'] in head",
+        "gpus: ['', 'NVIDIA H200'] in base, ['NVIDIA H200'] in head"]

@@ -52,6 +52,7 @@ def test_rank_p_is_scipys_two_sided_mann_whitney_on_the_pooled_samples():
     # Two samples a side are enough to compute it.
     two = mannwhitneyu([5.0, 6.0], [1.0, 2.0, 3.0], alternative="two-sided").pvalue
     assert gs.rank_p([[1.0, 2.0, 3.0]], [[5.0, 6.0]]) == pytest.approx(two) and two < 1
+    assert gs.rank_p([[5.0, 6.0]], [[1.0, 2.0, 3.0]]) == pytest.approx(two)
 
 
 @pytest.mark.parametrize(("base", "head"), [([[1.0, 2.0, 3.0, 4.0]], [[10.0]]), ([[1.0]], [[5.0, 6.0, 7.0]]),
@@ -68,8 +69,9 @@ def test_all_tied_sides_at_different_values_still_differ():
 def test_min_rank_p_is_two_over_the_number_of_orderings():
     assert gs.min_rank_p(5, 5) == pytest.approx(2 / 252)
     assert gs.min_rank_p(3, 2) == pytest.approx(2 / 10)
-    assert gs.min_rank_p(1, 1) == 1.0  # 2 / 2, capped
-    assert gs.min_rank_p(0, 5) == gs.min_rank_p(5, 0) == 1.0
+    assert gs.min_rank_p(1, 1) == 1.0  # 2 / 2
+    assert gs.min_rank_p(1, 3) == gs.min_rank_p(3, 1) == 0.5
+    assert gs.min_rank_p(0, 5) == gs.min_rank_p(5, 0) == gs.min_rank_p(0, 0) == 1.0
 
 
 def test_bh_adjust_matches_the_hand_computed_step_up():
@@ -102,9 +104,40 @@ def test_robust_cv_is_the_scaled_median_absolute_deviation_over_the_median():
 
 
 def test_ratio_interval_without_samples_to_resample_spans_every_pairing():
-    assert gs.ratio_interval([[10.0, 12.0]], [[11.0]]) == pytest.approx((11 / 11, 11 / 12, 11 / 10))
-    assert gs.ratio_interval([[10.0]], [[20.0], [22.0]]) == pytest.approx((21 / 10, 2.0, 2.2))
-    assert gs.ratio_interval([[4.0, 4.0, 4.0]], [[5.0, 5.0]]) == (1.25, 1.25, 1.25)  # nothing varies
+    assert gs.ratio_interval([[10.0, 12.0]], [[11.0]], 0.99, 500, 0) == pytest.approx((11 / 11, 11 / 12, 11 / 10))
+    assert gs.ratio_interval([[10.0]], [[20.0], [22.0]], 0.99, 500, 0) == pytest.approx((21 / 10, 2.0, 2.2))
+
+
+def test_two_samples_a_side_are_resampled():
+    # At a 50% level the bootstrap is strictly inside the range of every pairing (11/12 .. 11.5/10).
+    ratio, low, high = gs.ratio_interval([[10.0, 12.0]], [[11.0, 11.5]], 0.5, 1000, 0)
+    assert 11 / 12 < low < high < 11.5 / 10 and ratio == 11.25 / 11
+
+
+def test_constant_sides_give_an_exact_interval_and_one_constant_side_does_not():
+    assert gs.ratio_interval([[4.0, 4.0, 4.0]], [[5.0, 5.0]], 0.99, 500, 0) == (1.25, 1.25, 1.25)
+    ratio, low, high = gs.ratio_interval([[4.0] * 5], [[5.0, 5.5, 4.5, 5.2, 4.8]], 0.99, 500, 0)
+    assert 4.5 / 4 <= low < ratio == 1.25 < high <= 5.5 / 4
+
+
+def test_the_interval_is_reproducible():
+    base, head = [[10.0, 10.4, 9.7], [10.2, 9.9, 10.8]], [[11.0, 11.6, 10.5], [11.3, 10.8, 11.9]]
+    assert gs.ratio_interval(base, head, 0.99, 300, 7) == gs.ratio_interval(base, head, 0.99, 300, 7)
+
+
+@pytest.mark.parametrize("wild_side", ["base", "head"])
+def test_blocks_on_either_side_bring_in_the_block_bootstrap(wild_side):
+    # One side measured in one process, the other in two, one of them slowed 3x by a neighbour: resampling
+    # whole processes sees it (the interval reaches the wild process), resampling repetitions barely does.
+    one = [[10.0, 10.2, 9.9, 10.1, 10.0, 10.3]]
+    two = [[10.1, 10.0, 9.8, 10.2, 9.9, 10.0, 10.3, 9.7, 10.1, 10.0, 9.9, 10.2, 10.0, 10.1], [30.0, 30.5]]
+    base, head = (two, one) if wild_side == "base" else (one, two)
+    _, low, high = gs.ratio_interval(base, head, 0.99, 1000, 0)
+    _, flat_low, flat_high = gs.ratio_interval([gs.pooled(base)], [gs.pooled(head)], 0.99, 1000, 0)
+    if wild_side == "head":
+        assert high > 2.5 and flat_high < 1.1
+    else:
+        assert low < 0.4 and flat_low > 0.9
 
 
 def test_ratio_interval_with_blocks_holds_the_sample_bootstrap():
@@ -121,6 +154,7 @@ def test_ratio_interval_with_blocks_holds_the_sample_bootstrap():
 
 def test_pooled_and_padded_blocks():
     assert gs.pooled([]).shape == (0,) and list(gs.pooled([[1, 2], [3]])) == [1.0, 2.0, 3.0]
+    assert gs.pooled([[1, 2], [3]]).dtype == np.float64
     padded = gs._padded([[1.0, 2.0], [3.0]])
     assert padded.shape == (2, 2) and padded[0].tolist() == [1.0, 2.0]
     assert padded[1, 0] == 3.0 and np.isnan(padded[1, 1])
@@ -157,7 +191,7 @@ def test_blocks_of_unequal_length_give_a_finite_interval():
     # A process cut short by its time budget holds fewer repetitions: padding must not leak into the medians.
     base = [[10.0, 10.2, 9.9, 10.1, 10.0], [10.3, 9.8, 10.1], [10.0, 10.2, 9.9, 10.4]]
     head = [[11.0, 11.3, 10.9], [11.2, 10.8, 11.1, 11.0, 11.4], [11.1, 10.9]]
-    ratio, low, high = gs.ratio_interval(base, head, 0.99, 500)
+    ratio, low, high = gs.ratio_interval(base, head, 0.99, 500, 0)
     assert all(math.isfinite(x) for x in (ratio, low, high)) and low < ratio < high
     assert 10.8 / 10.4 <= low and high <= 11.4 / 9.8  # every resampled median lies within each side's range
     # The block bootstrap alone (the union above would hide a NaN from it).
