@@ -1,0 +1,76 @@
+"""The gate's Markdown summary, line by line, for a comparison with known rows."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from bench.compare import Comparison, Row
+from bench.compare_output import markdown_summary
+from bench.gate_stats import GateConfig
+
+CELL = "tiny fp32 cpu generate 1/16/8"
+
+
+def _comparison(**kw) -> Comparison:
+    rows = [
+        Row(CELL, "tpot_ms", "TPOT ms", "ms", "lower", "speed", "regressed", n_base=10, n_head=10, blocks_base=2,
+            blocks_head=2, base_median=3.0, head_median=3.6, ratio=1.2, low=1.12, high=1.29, p=1e-4, q=4e-4,
+            threshold=0.05, cv=0.02, mde=0.031),
+        Row(CELL, "decode_tokens_per_s", "decode tok/s", "tok/s", "higher", "speed", "unchanged", n_base=10,
+            n_head=10, blocks_base=2, blocks_head=1, base_median=333.3, head_median=334.0, ratio=1.002, low=0.99,
+            high=1.01, p=0.8, q=0.8, threshold=0.05, cv=0.04, mde=math.inf, note="marked noisy in head"),
+        Row(CELL, "peak_memory_bytes", "peak memory MiB", "bytes", "lower", "memory", "inconclusive", n_base=1,
+            n_head=1, blocks_base=1, blocks_head=1, base_median=400 * 2**20, head_median=404 * 2**20, ratio=1.01,
+            low=1.01, high=1.01, threshold=0.02),
+        Row("tiny nf4 cpu generate 1/16/8", "status", "status", "", "", "status", "regressed",
+            note="ok in base, failed in head: shape | mismatch\nat line 2"),
+    ]
+    return Comparison("runs/base", "runs/head", dataclasses.asdict(GateConfig()), [], False, rows=rows, **kw)
+
+
+def test_the_summary_states_the_outcome_method_and_changed_rows():
+    c = _comparison(load={"base": 0.05, "head": None}, unmatched=["tiny bf16 cpu generate 1/16/8 (only in head)"])
+    lines = markdown_summary(c).splitlines()
+    assert lines[0] == "## infermatrix regression gate"
+    assert lines[2] == ("base `runs/base` → head `runs/head`: 2 regressed, 0 improved, 1 unchanged, 1 inconclusive "
+                        "of 4 comparisons. **Result: FAIL**")
+    assert lines[4].startswith("Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U, "
+                               "Benjamini-Hochberg q ≤ 0.01; threshold ±5% speed, ±2% memory. MDE: smallest change "
+                               "detectable at 80% power")
+    assert lines[6].startswith("1 speed comparisons have one process on a side")  # decode tok/s: 1 head process
+    assert lines[8] == "Machine load while measuring (median share of all CPUs used by other processes): base 5.0%, head -."
+    table = [line for line in lines if line.startswith("| ")]
+    assert table[1:4] == [
+        f"| {CELL} | TPOT ms (↓) | 3 ms → 3.6 ms | +20.0% | [+12.0%, +29.0%] | 0.0004 | ❌ regressed | 3.1% (±5.0%) "
+        "| n=10/10 in 2/2 processes |",
+        f"| {CELL} | peak memory MiB (↓) | 400.0 MiB → 404.0 MiB | +1.0% | [+1.0%, +1.0%] | range | ❔ inconclusive "
+        "| - (±2.0%) | n=1/1 in 1/1 processes |",
+        "| tiny nf4 cpu generate 1/16/8 | status | | | | | ❌ regressed | | ok in base, failed in head: shape \\| "
+        "mismatch at line 2 |",
+    ]  # the unchanged decode row is left out; a pipe in an error cannot break the table
+    assert "Cells in only one run (skipped): 1" in lines and "- tiny bf16 cpu generate 1/16/8 (only in head)" in lines
+    noise = lines[lines.index("| metric | noise (CV) | MDE | comparisons |") + 2:]
+    assert noise == ["| TPOT ms | 2.0% | 3.1% | 1 |", "| decode tok/s | 4.0% | ∞ | 1 |",
+                     "| peak memory MiB | - | - | 1 |"]
+
+
+def test_show_all_lists_unchanged_rows_and_a_clean_run_says_so():
+    c = _comparison()
+    assert "| decode tok/s (↑) | 333.3 tok/s → 334 tok/s | +0.2% | [-1.0%, +1.0%] | 0.8 | unchanged | ∞ (±5.0%) " \
+           "| n=10/10 in 2/1 processes; marked noisy in head |" in markdown_summary(c, show_all=True)
+    assert "Machine load" not in markdown_summary(c)
+    clean = Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=[c.rows[1]])
+    text = markdown_summary(clean)
+    assert "**Result: pass**" in text and "Every comparison is unchanged." in text and "| cell |" not in text
+
+
+def test_differing_environments_come_first_and_say_whether_verdicts_were_called():
+    c = _comparison()
+    c.env_diffs = ["cpu_model: 'A' in base, 'B' in head"]
+    lines = markdown_summary(c).splitlines()
+    assert lines[2] == ("**Environments differ: no regression or improvement is called** (use --allow-env-mismatch "
+                        "to override):")
+    assert lines[4] == "- cpu_model: 'A' in base, 'B' in head"
+    c.env_mismatch_allowed = True
+    assert markdown_summary(c).splitlines()[2] == "Environments differ (compared anyway: --allow-env-mismatch):"
