@@ -39,7 +39,8 @@ def test_the_summary_states_the_outcome_method_and_changed_rows():
                                "Benjamini-Hochberg q ≤ 0.01; threshold ±5% speed, ±2% memory. MDE: smallest change "
                                "detectable at 80% power")
     assert lines[6].startswith("1 speed comparisons have one process on a side")  # decode tok/s: 1 head process
-    assert lines[8] == "Machine load while measuring (median share of all CPUs used by other processes): base 5.0%, head -."
+    assert lines[8] == ("Machine load while measuring (median share of all CPUs used by other processes): "
+                        "base 5.0%, head -.")
     table = [line for line in lines if line.startswith("| ")]
     assert table[1:4] == [
         f"| {CELL} | TPOT ms (↓) | 3 ms → 3.6 ms | +20.0% | [+12.0%, +29.0%] | 0.0004 | ❌ regressed | 3.1% (±5.0%) "
