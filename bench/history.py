@@ -69,10 +69,10 @@ def add_run(db: Path, run_dir: Path, commit: str | None = None) -> dict[str, Any
 def series(db: Path, metric: str, cell: str | None = None) -> list[dict[str, Any]]:
     """The metric's median per run and cell, oldest run first."""
     query = ("SELECT r.id, r.commit_sha, r.started, m.cell, m.median, m.n, m.unit FROM metrics m "
-             "JOIN runs r ON r.id = m.run_id WHERE m.metric = ?" + (" AND m.cell LIKE ?" if cell else "") +
+             "JOIN runs r ON r.id = m.run_id WHERE m.metric = ?" + (" AND instr(m.cell, ?) > 0" if cell else "") +
              " ORDER BY r.started, r.id, m.cell")
-    with connect(db) as con:
-        rows = con.execute(query, (metric, f"%{cell}%") if cell else (metric,)).fetchall()
+    with connect(db) as con:  # instr: the text as written (LIKE would read _ and % in a variant name as wildcards)
+        rows = con.execute(query, (metric, cell) if cell else (metric,)).fetchall()
     keys = ("run_id", "commit", "started", "cell", "median", "n", "unit")
     return [dict(zip(keys, r, strict=True)) for r in rows]
 

@@ -51,3 +51,16 @@ def test_plot_goes_where_asked_or_the_flag_is_refused(tmp_path, capsys):
         assert cli([*show, str(bad)]) == 2
         err = capsys.readouterr().err
         assert needle in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_the_cell_filter_matches_its_text_literally(tmp_path):
+    from tests.bench.gate_helpers import record, timing_samples, write_run
+
+    rng = np.random.default_rng(0)
+    names = ("kv_int4", "kvXint4", "prune-50%", "prune-500")
+    run = write_run(tmp_path / "run", [record(v, timing_samples(rng, 5, 0.02)) for v in names])
+    db = tmp_path / "h.sqlite"
+    history.add_run(db, run)
+    assert [p["cell"].split()[1] for p in history.series(db, "tpot_ms", cell="kv_int4")] == ["kv_int4"]
+    assert [p["cell"].split()[1] for p in history.series(db, "tpot_ms", cell="prune-50%")] == ["prune-50%"]
+    assert len(history.series(db, "tpot_ms", cell="prune-50")) == 2 and len(history.series(db, "tpot_ms")) == 4
