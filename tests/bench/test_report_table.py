@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from bench.metrics.drift_config import DEFAULT_PROTOCOL
-from bench.report.table import NOISY_REL_CI, Figure, Row, drift_protocol_name, speedup_interval, sweeps
+from bench.report.table import NOISY_REL_CI, Figure, Row, drift_protocol_name, gpus_text, speedup_interval, sweeps
 from tests.bench.records import record
 
 
@@ -76,6 +76,10 @@ def test_sweeps_are_series_over_one_axis_with_two_or_more_points_in_order():
     by_prompt = {key: [x for x, _ in points] for key, points in out["prompt_tokens"].items()}
     # b is swept over prompts; c measured one prompt length twice: no series.
     assert by_prompt == {("tiny", "cpu", "generate", "b", 1, 32): [128, 512]}
+    # A point measured twice (two rounds) stays in the series, in the order measured.
+    twice = [_at("a", 2, 128), _at("a", 1, 128), _at("a", 1, 128)]
+    (points,) = sweeps(twice)["batch_size"].values()
+    assert [x for x, _ in points] == [1, 1, 2] and points[0][1] is twice[1] and points[1][1] is twice[2]
 
 
 def _percentile_bootstrap(ref: np.ndarray, var: np.ndarray, n: int, seed: int) -> tuple[float, float]:
@@ -107,3 +111,12 @@ def test_three_samples_a_side_are_enough_for_the_bootstrap():
     ref["metrics"]["e2e_ms"]["ci95_p50"], var["metrics"]["e2e_ms"]["ci95_p50"] = [90.0, 110.0], [40.0, 60.0]
     low, high = speedup_interval([99.0, 100.0, 101.0], [49.0, 50.0, 51.0], ref, var, "e2e_ms")
     assert 99 / 51 <= low < high <= 101 / 49  # from the samples, not the interval ends (1.5, 2.75)
+
+
+@pytest.mark.parametrize(("env", "text"), [
+    ({"gpus": [{"name": "NVIDIA H200"}, {"name": "NVIDIA H100"}]}, "NVIDIA H200, NVIDIA H100"),
+    ({"gpus": [{"uuid": "GPU-1"}], "gpus_source": "nvml"}, "?"),  # a device NVML could not name
+    ({}, "none"),  # an environment recorded without the GPU list
+])
+def test_the_gpu_line_names_every_device(env, text):
+    assert gpus_text(env) == text
