@@ -35,6 +35,12 @@ def test_the_speedup_is_the_ratio_of_medians_with_the_reference_at_exactly_one()
     # range, so the interval lies within 99/50.5 .. 101/49.5 and holds the ratio.
     assert 99 / 50.5 <= low <= ratio <= high <= 101 / 49.5 and low < high
     assert speedup_text(rows["fast"]) == f"2.00x [{low:.2f}, {high:.2f}]"
+    # From both rows' own samples, not the ratio of their summaries' interval ends.
+    assert (low, high) == speedup_interval(ref["samples"]["e2e_ms"], fast["samples"]["e2e_ms"], {}, {}, "e2e_ms")
+    (ref_low, ref_high) = ref["metrics"]["e2e_ms"]["ci95_p50"]
+    (var_low, var_high) = fast["metrics"]["e2e_ms"]["ci95_p50"]
+    assert (low, high) != (ref_low / var_high, ref_high / var_low)
+    assert group.title == "tiny on cpu: generate, batch 1, prompt 128, new 32"
 
 
 def test_constant_samples_give_an_exact_interval():
@@ -73,21 +79,34 @@ def test_the_reference_is_fp32_or_else_the_first_ok_variant_without_steps():
     fp32_failed = record("fp32", status="failed", error="boom")
     group, rows = _rows([a, base, fp32_failed])
     assert group.reference == "base" and rows["a"].speedup[0] == 100.0 / 80.0 and rows["fp32"].speedup is None
+    first_failed = record("fp32", status="failed", error="boom")
+    first_failed["metrics"]["e2e_ms"] = summarize([50.0] * 5)  # a figure from before it failed: not compared
+    no_e2e = record("x", decode=None)
+    group, rows = _rows([first_failed, no_e2e, a, base])
+    assert group.reference == "base" and rows["a"].speedup[0] == 100.0 / 80.0
+    assert rows["fp32"].speedup is None and rows["x"].speedup is None
+    unnamed = _with_e2e("unnamed", [90.0] * 5)
+    del unnamed["recipe"]  # a record without its recipe counts as having no steps
+    group, rows = _rows([a, unnamed])
+    assert group.reference == "unnamed" and rows["a"].speedup[0] == 90.0 / 80.0
     group, rows = _rows([a])  # no reference at all: no speedups
     assert group.reference is None and rows["a"].speedup is None and speedup_text(rows["a"]) == "-"
 
 
 def test_prefill_groups_compare_time_to_first_token_and_skip_what_cannot_be_divided():
     scenario = {"name": "prefill", "batch_size": 1, "prompt_tokens": 64, "new_tokens": 1}
-    ref, var, zero = (record(v, scenario=scenario, steps=s) for v, s in (("fp32", 0), ("v", 1), ("zero", 1)))
+    ref, var, zero, quick = (record(v, scenario=scenario, steps=s)
+                             for v, s in (("fp32", 0), ("v", 1), ("zero", 1), ("quick", 1)))
     ref["metrics"]["ttft_ms"] = summarize([20.0] * 5)
     var["metrics"]["ttft_ms"] = summarize([10.0] * 5)
     zero["metrics"]["ttft_ms"] = summarize([0.0] * 5)
-    for r in (ref, var, zero):
+    quick["metrics"]["ttft_ms"] = summarize([0.5] * 5)  # under a millisecond
+    for r in (ref, var, zero, quick):
         r["samples"]["ttft_ms"] = [r["metrics"]["ttft_ms"]["p50"]] * 5
-    group, rows = _rows([ref, var, zero])
+    group, rows = _rows([ref, var, zero, quick])
     assert group.speedup_metric == "ttft_ms" and rows["v"].speedup == (2.0, 2.0, 2.0)
     assert rows["zero"].speedup is None  # a zero latency has no ratio
+    assert rows["quick"].speedup == (40.0, 40.0, 40.0)
     assert speedup_text(rows["v"]) == "2.00x [2.00, 2.00]"
 
 
