@@ -78,6 +78,7 @@ def test_sweeps_are_series_over_one_axis_with_two_or_more_points_in_order():
     assert by_prompt == {("tiny", "cpu", "generate", "b", 1, 32): [128, 512]}
     # A point measured twice (two rounds) stays in the series, in the order measured.
     twice = [_at("a", 2, 128), _at("a", 1, 128), _at("a", 1, 128)]
+    twice[2]["timing_s"] = {"measure": 1.5}  # the second round's record differs from the first
     (points,) = sweeps(twice)["batch_size"].values()
     assert [x for x, _ in points] == [1, 1, 2] and points[0][1] is twice[1] and points[1][1] is twice[2]
 
@@ -104,6 +105,18 @@ def test_the_speedup_interval_is_an_unpaired_95_percent_percentile_bootstrap():
     paired = np.random.default_rng(3).integers(0, 15, (40_000, 15))
     p_low, p_high = np.percentile(np.median(ref[paired], 1) / np.median(var[paired], 1), [2.5, 97.5])
     assert high - low > 1.2 * (p_high - p_low)
+
+
+def test_the_speedup_interval_is_reproducible():
+    rng = np.random.default_rng(4)
+    ref, var = list(100 * np.exp(rng.normal(0, 0.05, 40))), list(50 * np.exp(rng.normal(0, 0.05, 40)))
+    assert speedup_interval(ref, var, {}, {"b": 1}, "e2e_ms") == speedup_interval(ref, var, {}, {"b": 1}, "e2e_ms")
+
+
+def test_an_interval_end_under_one_still_divides():
+    ref, var = record("fp32", steps=0), record("v")
+    ref["metrics"]["e2e_ms"]["ci95_p50"], var["metrics"]["e2e_ms"]["ci95_p50"] = [0.9, 1.1], [0.4, 0.6]
+    assert speedup_interval(None, None, ref, var, "e2e_ms") == pytest.approx((0.9 / 0.6, 1.1 / 0.4))
 
 
 def test_three_samples_a_side_are_enough_for_the_bootstrap():
