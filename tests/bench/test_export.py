@@ -55,3 +55,57 @@ def test_github_action_benchmark_lists_follow_the_catalogue_direction(run, tmp_p
     up = {e["name"]: e for e in bigger}
     assert up["int8 [tiny cpu generate:1/128/32] decode tok/s"]["value"] == pytest.approx(150.0)
     assert not set(names) & set(up) and not any("broken" in n for n in [*names, *up])
+
+
+def test_a_pytest_benchmark_entry_carries_the_cell_and_how_it_was_measured(run):
+    from pytest_benchmark import __version__
+
+    from bench.export import pytest_benchmark_json
+
+    data = pytest_benchmark_json(run)
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    fp32 = records[0]
+    entry = next(b for b in data["benchmarks"] if b["name"] == "ttft_ms[fp32]")
+    scenario = "generate:1/128/32"
+    assert {k: v for k, v in entry.items() if k != "stats"} == {
+        "group": f"ttft_ms tiny cpu {scenario}", "name": "ttft_ms[fp32]",
+        "fullname": f"infermatrix/tiny/cpu/{scenario}::ttft_ms[fp32]",
+        "params": {"variant": "fp32", "device": "cpu", "batch_size": 1, "prompt_tokens": 128, "new_tokens": 32},
+        "param": "fp32",
+        "extra_info": {"cell_id": fp32["cell_id"], "metric": "ttft_ms", "unit": "s", "decode_tokens_per_s": 100.0,
+                       "kld_mean": 0.0, "peak_memory_bytes": 400.0 * 2**20},
+        "options": {"disable_gc": False, "timer": "perf_counter_ns", "min_rounds": 5, "max_time": 0.5, "min_time": 0,
+                    "warmup": True}}
+    assert entry["stats"]["data"] == pytest.approx([v / 1e3 for v in fp32["samples"]["ttft_ms"]])
+    assert entry["stats"]["iterations"] == 1 and entry["stats"]["rounds"] == 5
+    assert [b["name"] for b in data["benchmarks"]] == [f"{k}[{v}]" for v in ("fp32", "int8")
+                                                       for k in ("ttft_ms", "tpot_ms", "e2e_ms")]
+    # The machine and revision are the run's, not the exporting host's.
+    info = data["machine_info"]
+    assert (info["node"], info["processor"], info["python_version"], info["system"]) == ("host", "Test CPU", "3.11",
+                                                                                         "Linux")
+    assert info["cpu"] == {"brand_raw": "Test CPU", "count": 2} and info["gpus"] == []
+    assert data["commit_info"] == {"id": "0123456789abcdef", "dirty": False, "project": "infermatrix", "branch": "",
+                                   "time": "2026-01-01T00:00:00Z", "author_time": "2026-01-01T00:00:00Z"}
+    assert data["datetime"] == "2026-01-01T00:01:00Z" and data["version"] == __version__
+
+
+def test_github_action_benchmark_entries_say_what_each_value_is(run):
+    from bench.export import github_action_benchmark
+    from optimize.errors import InputError
+
+    records = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines()]
+    cid = records[1]["cell_id"]
+    smaller = {e["name"]: e for e in github_action_benchmark(run, "smaller")}
+    prefix = "int8 [tiny cpu generate:1/128/32]"
+    assert smaller[f"{prefix} TPOT ms"] == {"name": f"{prefix} TPOT ms", "unit": "ms",
+                                           "value": pytest.approx(1e3 / 150), "range": "95% CI [6.54, 6.80]",
+                                           "extra": f"cell {cid}; p50 over repetitions"}
+    # Scaled figures take the unit their label shows; a figure with no interval has no range.
+    assert smaller[f"{prefix} peak MiB"] == {"name": f"{prefix} peak MiB", "unit": "MiB", "value": 400.0,
+                                            "extra": f"cell {cid}"}
+    bigger = {e["name"]: e for e in github_action_benchmark(run, "bigger")}
+    assert bigger[f"{prefix} top-1"] == {"name": f"{prefix} top-1", "unit": "fraction", "value": 0.99,
+                                        "extra": f"cell {cid}"}
+    with pytest.raises(InputError, match="^--direction must be smaller or bigger, got 'up'$"):
+        github_action_benchmark(run, "up")
