@@ -115,3 +115,14 @@ def test_samples_that_are_not_all_numbers_use_the_interval_ends(bad):
     ref, var = record("fp32", steps=0), record("v")
     ref["metrics"]["e2e_ms"]["ci95_p50"], var["metrics"]["e2e_ms"]["ci95_p50"] = [90.0, 110.0], [40.0, 60.0]
     assert speedup_interval(bad, [50.0] * 5, ref, var, "e2e_ms") == (1.5, 2.75)
+
+
+def test_rows_without_samples_take_the_interval_ends_of_their_figure():
+    ref, var = record("fp32", steps=0), record("v")
+    for r, ci in ((ref, [300.0, 340.0]), (var, [150.0, 170.0])):
+        del r["samples"]["e2e_ms"]
+        r["metrics"]["e2e_ms"]["ci95_p50"] = ci
+    _, rows = _rows([ref, var])
+    ratio, low, high = rows["v"].speedup
+    assert (low, high) == (300.0 / 170.0, 340.0 / 150.0) and ratio == pytest.approx(
+        ref["metrics"]["e2e_ms"]["p50"] / var["metrics"]["e2e_ms"]["p50"])
