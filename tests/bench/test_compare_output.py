@@ -75,3 +75,64 @@ def test_differing_environments_come_first_and_say_whether_verdicts_were_called(
     assert lines[4] == "- cpu_model: 'A' in base, 'B' in head"
     c.env_mismatch_allowed = True
     assert markdown_summary(c).splitlines()[2] == "Environments differ (compared anyway: --allow-env-mismatch):"
+
+
+FULL = """## infermatrix regression gate
+
+**Environments differ: no regression or improvement is called** (use --allow-env-mismatch to override):
+
+- cpu_model: 'A' in base, 'B' in head
+
+base `runs/base` → head `runs/head`: 2 regressed, 0 improved, 1 unchanged, 1 inconclusive of 4 comparisons. \
+**Result: FAIL**
+
+Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U, Benjamini-Hochberg q ≤ 0.01; \
+threshold ±5% speed, ±2% memory. MDE: smallest change detectable at 80% power with the observed noise (a threshold \
+below it reports noise, so such changes stay inconclusive).
+
+2 speed comparisons have one process on a side: noise between processes (a neighbour's burst of load) is not seen \
+in their intervals, so they give no verdict unless --min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` \
+measure it.
+
+Machine load while measuring (median share of all CPUs used by other processes): base 5.0%, head -.
+
+| cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |
+|---|---|---|---|---|---|---|---|---|
+| tiny fp32 cpu generate 1/16/8 | TPOT ms (↓) | 3 ms → 3.6 ms | +20.0% | [+12.0%, +29.0%] | 0.0004 | ❌ regressed \
+| 3.1% (±5.0%) | n=10/10 in 1/2 processes |
+| tiny fp32 cpu generate 1/16/8 | peak memory MiB (↓) | 400.0 MiB → 404.0 MiB | +1.0% | [+1.0%, +1.0%] | range \
+| ❔ inconclusive | - (±2.0%) | n=1/1 in 1/1 processes |
+| tiny nf4 cpu generate 1/16/8 | status | | | | | ❌ regressed | | ok in base, failed in head: shape \\| mismatch \
+at line 2 |
+
+Cells in only one run (skipped): 1
+
+- tiny bf16 cpu generate 1/16/8 (only in head)
+
+Observed noise per metric (median robust CV over cells, both sides) and median MDE:
+
+| metric | noise (CV) | MDE | comparisons |
+|---|---|---|---|
+| TPOT ms | 2.0% | 3.1% | 1 |
+| decode tok/s | 4.0% | ∞ | 1 |
+| peak memory MiB | - | - | 1 |
+"""
+
+
+def test_the_whole_summary_with_every_section():
+    import warnings
+
+    c = _comparison(load={"base": 0.05, "head": None}, unmatched=["tiny bf16 cpu generate 1/16/8 (only in head)"])
+    c.env_diffs = ["cpu_model: 'A' in base, 'B' in head"]
+    c.rows[0].blocks_base = 1  # TPOT from one base process, decode tok/s from one head process: 2 such comparisons
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a median of no figures would warn: the noise table must not take one
+        assert markdown_summary(c) == FULL
+
+
+def test_a_row_without_figures_prints_dashes():
+    row = Row(CELL, "ttft_ms", "TTFT ms", "ms", "lower", "speed", "inconclusive", threshold=0.05)
+    c = Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=[row])
+    line = (f"| {CELL} | TTFT ms (↓) | - → - | - | [-, -] | range | ❔ inconclusive | - (±5.0%) "
+            "| n=0/0 in 0/0 processes |")
+    assert line in markdown_summary(c).splitlines()
