@@ -72,6 +72,11 @@ class Metric:
             raise InputError(f"metric {self.key!r} is informational: it has no better direction")
         return a < b if self.direction == "lower" else a > b
 
+    @property
+    def shown_unit(self) -> str:
+        """The unit of the figures ``format`` prints: scaled metrics name theirs last in the label ("peak MiB")."""
+        return self.label.rsplit(" ", 1)[-1] if self.scale != 1 else self.unit
+
     def format(self, value: Any) -> str:
         """The displayed string (scaled), or "-" when there is no number."""
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):

@@ -99,7 +99,7 @@ def github_action_benchmark(run_dir: Path, direction: Literal["smaller", "bigger
             if m.direction != want or value is None:
                 continue
             entry = {"name": f"{r['variant']} [{r['model']} {r['device']} {_scenario_text(r)}] {m.label}",
-                     "unit": m.label.rsplit(" ", 1)[-1] if m.scale != 1 else m.unit, "value": value * m.scale}
+                     "unit": m.shown_unit, "value": value * m.scale}
             ci = interval(r, key)
             if ci is not None:
                 entry["range"] = f"95% CI [{m.format(ci[0])}, {m.format(ci[1])}]"

@@ -109,3 +109,62 @@ def test_github_action_benchmark_entries_say_what_each_value_is(run):
                                         "extra": f"cell {cid}"}
     with pytest.raises(InputError, match="^--direction must be smaller or bigger, got 'up'$"):
         github_action_benchmark(run, "up")
+
+
+def test_scaled_metrics_show_the_unit_their_label_ends_in():
+    from bench.catalogue import METRICS
+
+    scaled = {k: m.shown_unit for k, m in METRICS.items() if m.scale != 1}
+    assert scaled and set(scaled.values()) == {"MiB"}  # "RSS before load MiB", "serving peak MiB", ...
+    assert METRICS["tpot_ms"].shown_unit == "ms" and METRICS["decode_tokens_per_s"].shown_unit == "tokens/s"
+
+
+def test_a_run_with_gpus_a_dirty_tree_and_a_failed_first_cell(tmp_path):
+    import platform
+
+    from bench.export import github_action_benchmark, pytest_benchmark_json
+    from bench.results import RUN, write_json_atomic
+
+    run = write_run(tmp_path / "run", [record("broken", status="failed"), record("fp32", steps=0)])
+    meta = json.loads((run / RUN).read_text())
+    meta["environment"]["gpus"] = [{"name": "NVIDIA H200", "driver": "580.1"}, {"name": "NVIDIA H100"}]
+    meta["environment"]["git"]["dirty"] = True
+    del meta["ended"]
+    write_json_atomic(run / RUN, meta)
+    data = pytest_benchmark_json(run)
+    assert [b["name"] for b in data["benchmarks"]] == ["ttft_ms[fp32]", "tpot_ms[fp32]", "e2e_ms[fp32]"]
+    assert data["machine_info"] == {
+        "node": "host", "processor": "Test CPU", "machine": platform.machine(), "python_implementation": "CPython",
+        "python_version": "3.11", "python_compiler": "", "release": "", "system": "Linux",
+        "cpu": {"brand_raw": "Test CPU", "count": 2}, "gpus": ["NVIDIA H200", "NVIDIA H100"]}
+    assert data["commit_info"]["dirty"] is True
+    assert data["datetime"] == "2026-01-01T00:00:00Z"  # no end recorded: the start
+    assert [e["name"].split()[0] for e in github_action_benchmark(run, "smaller")][:1] == ["fp32"]
+
+
+def test_a_run_recorded_without_environment_or_method_still_exports(tmp_path):
+    import datetime
+
+    from bench.export import pytest_benchmark_json
+    from bench.results import RUN, write_json_atomic
+
+    bare = record("fp32", steps=0)
+    del bare["method"]
+    run = write_run(tmp_path / "run", [bare])
+    meta = json.loads((run / RUN).read_text())
+    for key in ("environment", "started", "ended"):
+        del meta[key]
+    write_json_atomic(run / RUN, meta)
+    before = datetime.datetime.now(datetime.timezone.utc)
+    data = pytest_benchmark_json(run)
+    info = data["machine_info"]
+    assert (info["node"], info["processor"], info["python_version"], info["system"], info["gpus"]) == \
+        ("", "", "", "", [])
+    assert info["cpu"] == {"brand_raw": "", "count": None}
+    assert data["commit_info"] == {"id": "", "dirty": False, "project": "infermatrix", "branch": "", "time": "",
+                                   "author_time": ""}
+    stamp = datetime.datetime.fromisoformat(data["datetime"])  # when exported, in UTC
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert before <= stamp <= datetime.datetime.now(datetime.timezone.utc)
+    assert data["benchmarks"][0]["options"] == {"disable_gc": False, "timer": "perf_counter", "min_rounds": None,
+                                                "max_time": None, "min_time": 0, "warmup": False}
