@@ -125,14 +125,17 @@ def test_a_run_with_gpus_a_dirty_tree_and_a_failed_first_cell(tmp_path):
     from bench.export import github_action_benchmark, pytest_benchmark_json
     from bench.results import RUN, write_json_atomic
 
-    run = write_run(tmp_path / "run", [record("broken", status="failed"), record("fp32", steps=0)])
+    no_ttft = record("int8")
+    del no_ttft["samples"]["ttft_ms"]  # the other latencies still go
+    run = write_run(tmp_path / "run", [record("broken", status="failed"), record("fp32", steps=0), no_ttft])
     meta = json.loads((run / RUN).read_text())
     meta["environment"]["gpus"] = [{"name": "NVIDIA H200", "driver": "580.1"}, {"name": "NVIDIA H100"}]
     meta["environment"]["git"]["dirty"] = True
     del meta["ended"]
     write_json_atomic(run / RUN, meta)
     data = pytest_benchmark_json(run)
-    assert [b["name"] for b in data["benchmarks"]] == ["ttft_ms[fp32]", "tpot_ms[fp32]", "e2e_ms[fp32]"]
+    assert [b["name"] for b in data["benchmarks"]] == ["ttft_ms[fp32]", "tpot_ms[fp32]", "e2e_ms[fp32]",
+                                                       "tpot_ms[int8]", "e2e_ms[int8]"]
     assert data["machine_info"] == {
         "node": "host", "processor": "Test CPU", "machine": platform.machine(), "python_implementation": "CPython",
         "python_version": "3.11", "python_compiler": "", "release": "", "system": "Linux",
