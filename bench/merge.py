@@ -64,23 +64,27 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
 
 def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
                   differences: list[str]) -> dict[str, Any]:
-    seen: dict[str, Path] = {}
-    count = 0
+    # A cell in two runs: the one where it ran ok wins (a retried cell merged beside its failed shard);
+    # ok in both means the shards overlap. Otherwise the first run's record stays.
+    kept: dict[str, tuple[Path, dict[str, Any]]] = {}
     for d in run_dirs:
         for record in read_records(d):
             cid = record["cell_id"]
-            if cid in seen:
-                if record["status"] == "ok":
-                    raise InputError(f"cell {cid} is in both {seen[cid]} and {d}: shards overlap")
-                continue
-            seen[cid] = d
-            append_record(out, record)
-            count += 1
+            if cid in kept:
+                where, other = kept[cid]
+                if record["status"] != "ok":
+                    continue
+                if other["status"] == "ok":
+                    raise InputError(f"cell {cid} ran ok in both {where} and {d}: shards overlap")
+            kept[cid] = (d, record)
+    for _, record in kept.values():
+        append_record(out, record)
     first = runs[0]
+    starts = [r["started"] for r in runs if r.get("started")]
     merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
               "shards": [r.get("shard") for r in runs],
-              "started": min(r["started"] for r in runs), "ended": max((r.get("ended") or "") for r in runs) or None,
+              "started": min(starts) if starts else None, "ended": max((r.get("ended") or "") for r in runs) or None,
               "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **({"environment_differences": differences} if differences else {})}
     write_json_atomic(out / RUN, merged)
-    return {"cells": count}
+    return {"cells": len(kept)}

@@ -1,0 +1,136 @@
+"""Merging shard runs: which records win, what the merged run.json says, and what is refused."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from bench.merge import merge_runs
+from bench.results import RUN, read_records, write_json_atomic
+from optimize.errors import InputError
+from tests.bench.gate_helpers import ENV, record, timing_samples, write_run
+
+
+def _ok(variant: str) -> dict:
+    import numpy as np
+
+    return record(variant, timing_samples(np.random.default_rng(0), 5, 0.02))
+
+
+def _failed(variant: str, error: str = "boom") -> dict:
+    r = record(variant, {}, status="failed")
+    r["error"] = error
+    return r
+
+
+def _shard(tmp_path, name: str, records: list[dict], index: int, env: dict | None = None, **run_fields):
+    d = write_run(tmp_path / name, records, env=env)
+    meta = json.loads((d / RUN).read_text())
+    meta.update(shard={"index": index, "count": 2}, **run_fields)
+    for key, value in run_fields.items():
+        if value is None:
+            del meta[key]
+    write_json_atomic(d / RUN, meta)
+    return d
+
+
+def test_shards_merge_into_one_run_that_says_where_it_came_from(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0"), _ok("v1")], 1, started="2026-01-01T00:00:05Z", ended="2026-01-01T00:02:00Z")
+    b = _shard(tmp_path, "b", [_ok("v2")], 2, started="2026-01-01T00:00:01Z", ended="2026-01-01T00:01:00Z")
+    out = tmp_path / "merged"
+    assert merge_runs([a, b], out) == {"cells": 3, "out": str(out)}
+    assert [r["variant"] for r in read_records(out)] == ["v0", "v1", "v2"]
+    meta = json.loads((out / RUN).read_text())
+    assert meta["shard"] is None and meta["merged_from"] == [str(a), str(b)]
+    assert meta["shards"] == [{"index": 1, "count": 2}, {"index": 2, "count": 2}]
+    assert (meta["started"], meta["ended"]) == ("2026-01-01T00:00:01Z", "2026-01-01T00:02:00Z")  # the span of both
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["merged_at"])
+    assert "environment_differences" not in meta and meta["matrix_hash"] == "m"
+
+
+def test_runs_without_times_merge(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1, started=None, ended=None)
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, started="2026-01-01T00:00:09Z", ended=None)
+    merge_runs([a, b], tmp_path / "m1")
+    meta = json.loads((tmp_path / "m1" / RUN).read_text())
+    assert (meta["started"], meta["ended"]) == ("2026-01-01T00:00:09Z", None)
+    merge_runs([a], tmp_path / "m2")
+    assert json.loads((tmp_path / "m2" / RUN).read_text())["started"] is None
+
+
+def test_a_cell_retried_elsewhere_keeps_the_record_where_it_ran_ok(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0"), _failed("v1", "out of memory"), _failed("v2", "first"), _ok("v3")], 1)
+    retry = _shard(tmp_path, "retry", [_ok("v1"), _failed("v2", "second"), _failed("v3", "flaky")], 2)
+    assert merge_runs([a, retry], tmp_path / "m")["cells"] == 4
+    merged = {r["variant"]: r for r in read_records(tmp_path / "m")}
+    assert list(merged) == ["v0", "v1", "v2", "v3"]  # in the order first seen
+    assert merged["v1"]["status"] == "ok"  # failed in a, ok in the retry
+    assert (merged["v2"]["status"], merged["v2"]["error"]) == ("failed", "first")  # failed in both: the first
+    assert merged["v3"]["status"] == "ok"  # ok in a, failed later: the ok stays
+
+
+def test_a_cell_ok_in_two_runs_is_an_overlap_and_nothing_is_written(tmp_path):
+    a = _shard(tmp_path, "a", [_failed("v0"), _ok("v1")], 1)
+    b = _shard(tmp_path, "b", [_ok("v0"), _ok("v1")], 2)
+    out = tmp_path / "m"
+    with pytest.raises(InputError, match=f"^cell synthetic:llama-tiny-v1 ran ok in both {a} and {b}: shards overlap$"):
+        merge_runs([a, b], out)
+    assert not out.exists() and not list(tmp_path.glob("m.tmp*"))
+
+
+def test_runs_of_different_matrices_are_refused(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, matrix_hash="other")
+    message = f"{b} ran a different matrix (other) than {a} (m): refusing to merge"
+    with pytest.raises(InputError, match=re.escape(message)):
+        merge_runs([a, b], tmp_path / "m")
+
+
+@pytest.mark.parametrize(("change", "key", "theirs", "ours"), [
+    ({"cpu_model": "Other CPU"}, "cpu_model", "'Other CPU'", "'Test CPU'"),
+    ({"cpu_logical_cores": 4}, "cpu_logical_cores", "4", "2"),
+    ({"gpus": [{"name": "NVIDIA H200"}]}, "gpus", "['NVIDIA H200']", "[]"),
+    ({"libraries": {**ENV["libraries"], "torch": "2.14.0+cpu"}}, "lib:torch", "'2.14.0+cpu'", "'2.13.0+cpu'"),
+])
+def test_an_incompatible_environment_is_refused_unless_allowed_and_then_recorded(tmp_path, change, key, theirs, ours):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, env={**ENV, **change})
+    with pytest.raises(InputError, match=re.escape(f"{b} ran in an incompatible environment: {key} is {theirs} there, "
+                                                   f"{ours} in {a}: refusing to merge")):
+        merge_runs([a, b], tmp_path / "m")
+    merge_runs([a, b], tmp_path / "m", allow_env_mismatch=True)
+    meta = json.loads((tmp_path / "m" / RUN).read_text())
+    assert meta["environment_differences"] == [f"{b}: {key} is {theirs}, {ours} in {a}"]
+
+
+def test_facts_that_do_not_change_the_figures_do_not_stop_a_merge(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    other = {**ENV, "hostname": "runner-2", "cpu_affinity": 1, "libraries": {**ENV["libraries"], "rich": "99"}}
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, env=other)
+    merge_runs([a, b], tmp_path / "m")
+    assert "environment_differences" not in json.loads((tmp_path / "m" / RUN).read_text())
+    # A run recorded without its environment compares as unknown on every fact.
+    bare = _shard(tmp_path, "bare", [_ok("v2")], 2, environment=None)
+    with pytest.raises(InputError, match="incompatible environment: cpu_logical_cores is None there, 2 in"):
+        merge_runs([a, bare], tmp_path / "m2")
+
+
+def test_the_output_must_be_new_or_an_empty_directory(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    with pytest.raises(InputError, match="^merge needs at least one run directory$"):
+        merge_runs([], tmp_path / "m")
+    with pytest.raises(InputError, match=f"^--out {a} already holds a run$"):
+        merge_runs([a], a)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(InputError, match=f"^--out {busy} exists and is not an empty directory$"):
+        merge_runs([a], busy)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match="exists and is not an empty directory"):
+        merge_runs([a], tmp_path / "file")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert merge_runs([a], empty)["cells"] == 1 and (empty / RUN).exists()
