@@ -62,10 +62,10 @@ def test_runs_without_times_merge(tmp_path):
 
 def test_a_cell_retried_elsewhere_keeps_the_record_where_it_ran_ok(tmp_path):
     a = _shard(tmp_path, "a", [_ok("v0"), _failed("v1", "out of memory"), _failed("v2", "first"), _ok("v3")], 1)
-    retry = _shard(tmp_path, "retry", [_ok("v1"), _failed("v2", "second"), _failed("v3", "flaky")], 2)
-    assert merge_runs([a, retry], tmp_path / "m")["cells"] == 4
+    retry = _shard(tmp_path, "retry", [_ok("v1"), _failed("v2", "second"), _failed("v3", "flaky"), _ok("v4")], 2)
+    assert merge_runs([a, retry], tmp_path / "m")["cells"] == 5
     merged = {r["variant"]: r for r in read_records(tmp_path / "m")}
-    assert list(merged) == ["v0", "v1", "v2", "v3"]  # in the order first seen
+    assert list(merged) == ["v0", "v1", "v2", "v3", "v4"]  # in the order first seen
     assert merged["v1"]["status"] == "ok"  # failed in a, ok in the retry
     assert (merged["v2"]["status"], merged["v2"]["error"]) == ("failed", "first")  # failed in both: the first
     assert merged["v3"]["status"] == "ok"  # ok in a, failed later: the ok stays
@@ -134,3 +134,48 @@ def test_the_output_must_be_new_or_an_empty_directory(tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     assert merge_runs([a], empty)["cells"] == 1 and (empty / RUN).exists()
+
+
+def test_differences_from_every_run_are_recorded(tmp_path):
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, env={**ENV, "cpu_model": "B CPU"})
+    c = _shard(tmp_path, "c", [_ok("v2")], 2, env={**ENV, "gpus": [{"name": "NVIDIA H200"}, {"driver": "580"}]})
+    merge_runs([a, b, c], tmp_path / "m", allow_env_mismatch=True)
+    assert json.loads((tmp_path / "m" / RUN).read_text())["environment_differences"] == [
+        f"{b}: cpu_model is 'B CPU', 'Test CPU' in {a}",
+        f"{c}: gpus is ['', 'NVIDIA H200'], [] in {a}"]  # a GPU without a name still counts
+
+
+def test_the_merge_time_is_utc_on_a_host_in_another_zone(tmp_path, monkeypatch):
+    import datetime
+    import time
+
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    try:
+        a = _shard(tmp_path, "a", [_ok("v0")], 1)
+        merge_runs([a], tmp_path / "m")
+        stamp = json.loads((tmp_path / "m" / RUN).read_text())["merged_at"]
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+    merged_at = datetime.datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=datetime.timezone.utc)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - merged_at) < datetime.timedelta(minutes=5)
+
+
+def test_an_output_filled_by_another_process_meanwhile_is_reported(tmp_path, monkeypatch):
+    import bench.merge
+
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    out = tmp_path / "m"
+    real = bench.merge.build_dir_atomically
+
+    def racing(final, fill):
+        final.mkdir()
+        (final / "theirs.txt").write_text("another merge")  # lands while ours is being built
+        real(final, fill)
+
+    monkeypatch.setattr(bench.merge, "build_dir_atomically", racing)
+    with pytest.raises(InputError, match=f"^--out {out} was filled by another process during the merge$"):
+        merge_runs([a], out)
+    assert [p.name for p in out.iterdir()] == ["theirs.txt"]  # theirs kept, ours dropped
