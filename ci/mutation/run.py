@@ -24,7 +24,7 @@ import tomllib
 ROOT = Path(__file__).resolve().parents[2]
 HERE = Path(__file__).resolve().parent
 SCRATCH = ROOT / ".mutation"
-COPIED = ("bench", "optimize", "tests", "pyproject.toml")
+COPIED = ("bench", "optimize", "tests", "reports", "pyproject.toml")  # reports: the committed example run
 
 
 def _toml_list(values: list[str]) -> str:
@@ -54,6 +54,8 @@ def prepare(name: str, group: dict) -> Path:
         f"pytest_add_cli_args_test_selection = {_toml_list(tests)}\n"
         'pytest_add_cli_args = ["-p", "no:cacheprovider", "-p", "no:randomly"]\n'
         "use_git_change_detection = false\n"
+        # The committed example run: report-render's tests compare its reports with what the code renders.
+        'also_copy = ["reports"]\n'
         # Workers fork from a process that never ran torch: forking one whose OpenMP pool is
         # live leaves children hanging until the timeout, which counts as a kill and costs minutes.
         'process_isolation = "forkserver"\n'
