@@ -53,7 +53,7 @@ def test_plot_goes_where_asked_or_the_flag_is_refused(tmp_path, capsys):
         assert needle in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_the_cell_filter_matches_its_text_literally(tmp_path):
+def test_the_cell_filter_matches_its_text_literally(tmp_path, capsys):
     from tests.bench.gate_helpers import record, timing_samples, write_run
 
     rng = np.random.default_rng(0)
@@ -64,3 +64,6 @@ def test_the_cell_filter_matches_its_text_literally(tmp_path):
     assert [p["cell"].split()[1] for p in history.series(db, "tpot_ms", cell="kv_int4")] == ["kv_int4"]
     assert [p["cell"].split()[1] for p in history.series(db, "tpot_ms", cell="prune-50%")] == ["prune-50%"]
     assert len(history.series(db, "tpot_ms", cell="prune-50")) == 2 and len(history.series(db, "tpot_ms")) == 4
+    assert cli(["history", "show", "--db", str(db), "--metric", "tpot_ms", "--cell", "kv_int4"]) == 0
+    rows = capsys.readouterr().out.splitlines()[1:]
+    assert len(rows) == 1 and rows[0].endswith("kv_int4 cpu generate 1/16/8")

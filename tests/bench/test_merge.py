@@ -179,3 +179,17 @@ def test_an_output_filled_by_another_process_meanwhile_is_reported(tmp_path, mon
     with pytest.raises(InputError, match=f"^--out {out} was filled by another process during the merge$"):
         merge_runs([a], out)
     assert [p.name for p in out.iterdir()] == ["theirs.txt"]  # theirs kept, ours dropped
+
+
+def test_the_merge_command_takes_a_retried_cell_and_reports_an_overlap(tmp_path, capsys):
+    from bench.cli import main as cli
+
+    a = _shard(tmp_path, "a", [_ok("v0"), _failed("v1", "out of memory")], 1)
+    retry = _shard(tmp_path, "retry", [_ok("v1")], 2)
+    assert cli(["merge", str(a), str(retry), "--out", str(tmp_path / "m")]) == 0
+    assert {r["variant"]: r["status"] for r in read_records(tmp_path / "m")} == {"v0": "ok", "v1": "ok"}
+    capsys.readouterr()
+    assert cli(["merge", str(a), str(retry), str(retry), "--out", str(tmp_path / "m2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith(f"cell synthetic:llama-tiny-v1 ran ok in both {retry} and {retry}: shards overlap")
+    assert len(err.splitlines()) == 1 and not (tmp_path / "m2").exists()
