@@ -35,13 +35,11 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in (record.get("metrics") or {}).items():
         m = METRICS.get(key)
-        if m is None or m.shape == "object":
-            continue
-        if m.shape == "summary" and isinstance(value, dict):
+        if m is not None and m.shape == "summary" and isinstance(value, dict):
             ci = value.get("ci95_p50") or [None, None]
             out.update({f"{key}_{f}": value.get(f) for f in SUMMARY_FIELDS if f in value})
             out[f"{key}_ci95_low"], out[f"{key}_ci95_high"] = ci
-        else:
+        else:  # the writer drops keys that are no column: unknown metrics, structured ones
             out[key] = value
     return out
 
@@ -59,7 +57,7 @@ def csv_report(records: list[dict[str, Any]]) -> str:
             line = {"cell_id": r["cell_id"], "model": r["model"], "variant": r["variant"], "device": r["device"],
                     "scenario": s["name"], "batch_size": s["batch_size"], "prompt_tokens": s["prompt_tokens"],
                     "new_tokens": s["new_tokens"], "status": r["status"], "error": first[0] if first else "",
-                    "drift_ok": r.get("drift_ok", ""), "drift_protocol": drift_protocol_name(r) or "",
+                    "drift_ok": r.get("drift_ok"), "drift_protocol": drift_protocol_name(r) or "",
                     "reference_variant": g.reference or ""}
             if row.speedup:
                 line.update(speedup_vs_reference=row.speedup[0], speedup_ci95_low=row.speedup[1],

@@ -80,7 +80,7 @@ def cell_text(row: Row, key: str) -> str:
 
 def group_columns(group: Group) -> list[tuple[str, str]]:
     """The table's columns for one group: those with a figure in some row (a prefill sweep has no TPOT)."""
-    return [(h, k) for h, k in MD_COLUMNS if k == "status" or any(cell_text(row, k) != "-" for row in group.rows)]
+    return [(h, k) for h, k in MD_COLUMNS if any(cell_text(row, k) != "-" for row in group.rows)]
 
 
 def group_table(group: Group) -> list[str]:
@@ -146,7 +146,7 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         name = f"{r['model']} / {r['variant']} / {r['device']}"
         if r["status"] != "ok":
             first = (r.get("error") or "").strip().splitlines()
-            out.append((name, f"{r['status']}: {first[0][:300] if first else ''}"))
+            out.append((name, f"{r['status']}: {first[0][:300]}" if first else r["status"]))
         for label in r.get("labels", []):
             out.append((name, label))
         if r.get("drift_violations"):

@@ -6,8 +6,17 @@ import csv
 import io
 
 from bench.report.csv import csv_report
-from bench.report.markdown import environment_lines, md_escape
-from tests.bench.records import record
+from bench.report.markdown import (
+    NO_RECORDS,
+    environment_lines,
+    group_table,
+    markdown_report,
+    md_escape,
+    note_items,
+    recommendation_lines,
+)
+from bench.report.table import group_records
+from tests.bench.records import record, write_run
 
 
 def test_markdown_cells_escape_backslashes_pipes_and_html_and_stay_on_one_line():
@@ -50,3 +59,68 @@ def test_csv_identity_columns_are_empty_where_the_record_has_nothing():
     ok["method"]["drift"] = {"protocol": {"first": 1}, "protocol_name": "all-but-first"}
     (row,) = _rows([ok])
     assert (row["drift_ok"], row["drift_protocol"], row["reference_variant"]) == ("True", "all-but-first", "fp32")
+
+
+def test_a_summary_metric_recorded_as_null_leaves_its_columns_empty():
+    r = record("fp32", steps=0)
+    r["metrics"]["ttft_ms"] = None  # a figure the cell could not take
+    (row,) = _rows([r, record("q8")])[:1]
+    assert all(row[f"ttft_ms_{f}"] == "" for f in ("p50", "ci95_low", "ci95_high", "n"))
+    assert row["tpot_ms_p50"] != ""
+
+
+def _table(records):
+    (group,) = group_records(records)
+    header, _, *rows = group_table(group)
+    return [h.strip() for h in header.strip("|").split("|")], \
+        [[c.strip() for c in line.strip("|").split("|")] for line in rows]
+
+
+def test_the_status_column_says_when_a_variant_drifted_past_its_budget_or_its_drift_failed():
+    over = record("q4", kld=0.3)
+    over.update(drift_ok=False, drift_violations=["kld_mean 0.3 > 0.1", "top1_agreement 0.7 < 0.9"])
+    broken = record("q8")
+    broken.update(drift_ok=False, drift_violations=[], drift_error="Traceback\n  ...\nRuntimeError: " + "m" * 400)
+    header, rows = _table([record("fp32", steps=0, kld=0.0), over, broken])
+    status = [row[header.index("status")] for row in rows]
+    assert status == ["ok", "ok, over budget", "ok, drift failed"]
+    notes = note_items([over, broken])
+    assert notes == [("tiny / q4 / cpu", "drift over budget: kld_mean 0.3 > 0.1; top1_agreement 0.7 < 0.9"),
+                     ("tiny / q8 / cpu", "drift failed: " + ("RuntimeError: " + "m" * 400)[:300])]
+
+
+def test_columns_no_row_has_are_left_out_and_status_always_stays():
+    a, b = record("fp32", decode=None, kld=None, steps=0), record("q8", decode=None, kld=None)
+    header, rows = _table([a, b])
+    assert header == ["variant", "peak MiB", "weights MiB", "status"]  # no latency: no n, no speedup
+    assert rows == [["fp32", "400.0", "40.0", "ok"], ["q8", "400.0", "40.0", "ok"]]
+
+
+def test_a_group_without_a_speed_figure_has_nothing_to_recommend():
+    (group,) = group_records([record("fp32", steps=0, decode=None), record("q8", decode=None)])
+    assert recommendation_lines(group) == ["- nothing to recommend: no variant has every figure the choice needs"]
+
+
+def test_notes_give_the_first_line_of_an_error_cut_at_300_characters_and_each_label_once():
+    long = record("big", status="failed", error="x" * 400 + "\nsecond line")
+    silent = record("quiet", status="skipped")
+    silent["error"] = None  # skipped with no reason recorded
+    labelled = record("fp32", steps=0)
+    labelled["labels"] = ["noisy neighbour", "noisy neighbour", "thermal"]
+    assert note_items([long, silent, labelled]) == [
+        ("tiny / big / cpu", "failed: " + "x" * 300), ("tiny / quiet / cpu", "skipped"),
+        ("tiny / fp32 / cpu", "noisy neighbour"), ("tiny / fp32 / cpu", "thermal")]
+
+
+def test_the_markdown_of_a_run_without_records_is_its_heading_environment_and_the_reason(tmp_path):
+    lines = markdown_report(write_run(tmp_path / "run", [])).splitlines()
+    assert lines[0] == "# infermatrix run `handmade`" and lines[1] == ""
+    at = lines.index(f"**{NO_RECORDS}**")
+    assert lines[2:at - 1] == environment_lines(__import__("json").loads((tmp_path / "run/run.json").read_text()))
+    assert lines[at - 1] == "" and lines[at + 1:at + 4] == ["", "## How to read this", ""]
+
+
+def test_a_group_without_an_ok_reference_says_so_under_its_table(tmp_path):
+    text = markdown_report(write_run(tmp_path / "run", [record("q8"), record("q4")]))
+    assert "\nSpeedup: none (no ok reference variant) p50 e2e_ms / the variant's, with a bootstrap 95% " \
+           "interval.\n" in text
