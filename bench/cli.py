@@ -51,15 +51,28 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _one_line_warnings() -> None:
-    """The project's own warnings (corrupt records, rebuilt artifacts) as one plain line each."""
+    """The project's own warnings (corrupt records, rebuilt artifacts) as one plain line each, and each text
+    once per command (a report in four formats reads the records four times; it warns once).
+    """
     plain = warnings.formatwarning
+    if not getattr(plain, "infermatrix", False):
+        def fmt(message, category, filename, lineno, line=None):
+            if category.__module__.split(".")[0] in ("bench", "optimize"):
+                return f"infermatrix: warning: {message}\n"
+            return plain(message, category, filename, lineno, line)
 
-    def fmt(message, category, filename, lineno, line=None):
+        fmt.infermatrix = True
+        warnings.formatwarning = fmt
+    show, seen = warnings.showwarning, set()
+
+    def show_once(message, category, filename, lineno, file=None, line=None):
         if category.__module__.split(".")[0] in ("bench", "optimize"):
-            return f"infermatrix: warning: {message}\n"
-        return plain(message, category, filename, lineno, line)
+            if (category, str(message)) in seen:
+                return
+            seen.add((category, str(message)))
+        show(message, category, filename, lineno, file, line)
 
-    warnings.formatwarning = fmt
+    warnings.showwarning = show_once
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -74,7 +87,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    _one_line_warnings()
+    with warnings.catch_warnings():  # the command's warning display, undone when it returns
+        _one_line_warnings()
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except InputError as exc:
@@ -89,7 +107,8 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("infermatrix: interrupted; finished cells are in the run directory", file=sys.stderr)
+        kept = "; finished cells are in the run directory" if args.command in ("run", "ab") else ""
+        print(f"infermatrix: interrupted{kept}", file=sys.stderr)
         return 130
 
 

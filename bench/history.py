@@ -26,10 +26,33 @@ CREATE TABLE IF NOT EXISTS metrics (
 """
 
 
-def connect(db: Path) -> sqlite3.Connection:
-    Path(db).parent.mkdir(parents=True, exist_ok=True)
-    con = sqlite3.connect(db)
-    con.executescript(SCHEMA)
+def connect(db: Path, create: bool = True) -> sqlite3.Connection:
+    """The history database ``db``: created when missing (``create``), else opened read-only, so that showing
+    never writes. A file that is not such a database (another SQLite file, not SQLite) is an ``InputError``.
+    """
+    from optimize.errors import InputError
+
+    try:
+        with open(db, "rb") as f:
+            header = f.read(16)
+    except FileNotFoundError:
+        header = b""
+    except OSError as exc:
+        raise InputError(f"--db {db}: {exc.strerror}") from None
+    if header[:16] != b"SQLite format 3\x00" and (header or not create):  # SQLite would take a short file as empty
+        raise InputError(f"--db {db}: not an infermatrix history database (not an SQLite file)")
+    try:
+        if create:
+            Path(db).parent.mkdir(parents=True, exist_ok=True)
+            con = sqlite3.connect(db)
+            con.executescript(SCHEMA)
+        else:
+            con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True)
+        for table, columns in (("runs", "run_dir, commit_sha, started, fingerprint"),
+                               ("metrics", "run_id, cell, metric, median, n, unit")):
+            con.execute(f"SELECT {columns} FROM {table} LIMIT 0")
+    except (sqlite3.Error, OSError) as exc:
+        raise InputError(f"--db {db}: not an infermatrix history database ({exc})") from None
     return con
 
 
@@ -71,7 +94,8 @@ def series(db: Path, metric: str, cell: str | None = None) -> list[dict[str, Any
     query = ("SELECT r.id, r.commit_sha, r.started, m.cell, m.median, m.n, m.unit FROM metrics m "
              "JOIN runs r ON r.id = m.run_id WHERE m.metric = ?" + (" AND instr(m.cell, ?) > 0" if cell else "") +
              " ORDER BY r.started, r.id, m.cell")
-    with connect(db) as con:  # instr: the text as written (LIKE would read _ and % in a variant name as wildcards)
+    # instr: the text as written (LIKE would read _ and % in a variant name as wildcards)
+    with connect(db, create=False) as con:
         rows = con.execute(query, (metric, cell) if cell else (metric,)).fetchall()
     keys = ("run_id", "commit", "started", "cell", "median", "n", "unit")
     return [dict(zip(keys, r, strict=True)) for r in rows]

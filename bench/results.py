@@ -4,15 +4,19 @@ Records are appended whole or not at all: one ``O_APPEND`` write of a line endin
 newline, its byte count checked, fsynced; a short write (a full disk) is cut back off and
 raised. A torn last line left by a crash is moved to ``results.jsonl.torn`` (with a
 warning naming the line) before the next append, so it never glues onto a new record.
-The loader skips corrupt lines with a warning giving their numbers and keeps the good
-ones. When a cell was re-run (``--resume`` after a failure), the latest record for its
+The loader skips corrupt lines with a warning giving their numbers and why (not JSON, NaN
+or an out-of-range number, a field missing or of the wrong type by the record schema) and
+keeps the good ones. When a cell was re-run (``--resume`` after a failure), the latest record for its
 ``cell_id`` is the one that counts.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import os
+import stat
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +40,7 @@ class CorruptRecordWarning(UserWarning):
 class RecordWriteError(OSError):
     """A record could not be written whole (a full disk, an I/O error); nothing of it was kept."""
 SCHEMA_PATH = Path(__file__).parent / "schema" / "cell-record.schema.json"
+RUN_SCHEMA_PATH = Path(__file__).parent / "schema" / "run.schema.json"
 
 
 def new_record(cell: Cell) -> dict[str, Any]:
@@ -118,14 +123,79 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
         os.close(fd)
 
 
+# What a reader needs of a record; any other field of the contract is read with a default when missing.
+READ_REQUIRED = ["schema_version", "cell_id", "model", "variant", "device", "scenario", "status", "metrics", "samples"]
+
+
+@functools.cache
+def _validator(schema_path: Path = SCHEMA_PATH, for_reading: bool = False):
+    """A validator of ``schema_path``. For reading records: the fields a reader needs must be there, and every
+    field there must have the contract's type and range, but figures may be missing (a cell that measured
+    less, a metric another version does not take).
+    """
+    import jsonschema
+
+    schema = json.loads(schema_path.read_text())
+    if for_reading:
+        schema = {k: v for k, v in schema.items() if k != "allOf"} | {"required": READ_REQUIRED}
+    return jsonschema.validators.validator_for(schema)(schema)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text} is out of range")
+    return value
+
+
+def _bounded_int(text: str) -> int:
+    value = int(text)
+    if abs(value) >= 2**63:
+        raise ValueError(f"an integer of {len(text)} digits is out of range")
+    return value
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def loads_strict(text: str | bytes) -> Any:
+    """JSON as the results contract allows it: no NaN or Infinity, no number beyond a double or a 64-bit integer,
+    no lone surrogate in a string (each ``ValueError``).
+    """
+    value = json.loads(text, parse_float=_finite_float, parse_int=_bounded_int, parse_constant=_no_constant)
+    if ("\\ud" if isinstance(text, str) else b"\\ud") in text.lower():  # only an escape can carry a lone surrogate
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("a string holds a lone surrogate") from None
+    return value
+
+
 def _check_record(rec: Any) -> str | None:
-    """Why ``rec`` is not a usable record, or None."""
-    if not isinstance(rec, dict):
-        return f"not a JSON object ({type(rec).__name__})"
-    for key in ("cell_id", "status"):
-        if not isinstance(rec.get(key), str):
-            return f"no string {key!r}"
-    return None
+    """Why ``rec`` is not a usable record (the first way it breaks the record schema), or None."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator(SCHEMA_PATH, True).iter_errors(rec))
+    if error is None:
+        return None
+    where = "/".join(str(p) for p in error.absolute_path)
+    return f"{where + ': ' if where else ''}{error.message[:160]}"
+
+
+def _regular_file(path: Path, what: str) -> bool:
+    """Whether ``path`` exists; an ``InputError`` when it is there but no regular file (a folder, a device, a pipe)
+    or cannot be looked at.
+    """
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise InputError(f"{path}: {what} cannot be read ({exc.strerror})") from None
+    if not stat.S_ISREG(mode):
+        raise InputError(f"{path}: {what} is not a regular file")
+    return True
 
 
 def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]]:
@@ -135,17 +205,22 @@ def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]
     naming their line numbers; every good line still loads.
     """
     path = Path(run_dir) / RESULTS
-    if not path.exists():
+    if not _regular_file(path, "the run's records"):
         return []
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{path}: the run's records cannot be read ({exc.strerror})") from None
     records, bad = [], []
-    for number, raw in enumerate(path.read_bytes().split(b"\n"), start=1):
+    for number, raw in enumerate(data.split(b"\n"), start=1):
         if not raw.strip():
             continue
         try:
-            rec = json.loads(raw.decode("utf-8"))
-            why = _check_record(rec)
+            rec = loads_strict(raw.decode("utf-8"))
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            why = f"not valid JSON ({type(exc).__name__})"
+            why = f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+        else:
+            why = _check_record(rec)
         if why is None:
             records.append(rec)
         else:
@@ -167,20 +242,25 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def read_run(run_dir: Path) -> dict[str, Any]:
     """run.json of ``run_dir``; a missing or corrupt one is an ``InputError`` naming the file."""
     path = Path(run_dir) / RUN
+    if not _regular_file(path, "the run description"):
+        raise InputError(f"{run_dir}: no {RUN} there, not a run directory")
     try:
-        run = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(f"{run_dir}: no {RUN} there, not a run directory") from None
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise InputError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); it cannot be "
+        run = loads_strict(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise InputError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {str(exc)[:160]}); it cannot be "
                          "resumed or reported") from None
     if not isinstance(run, dict) or not isinstance(run.get("matrix"), dict):
         raise InputError(f"{path} is not a run description (no 'matrix' table); it cannot be resumed or reported")
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(_validator(RUN_SCHEMA_PATH).iter_errors(run))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path)
+        raise InputError(f"{path} is not a run description ({where + ': ' if where else ''}{error.message[:160]}); "
+                         "it cannot be resumed or reported")
     return run
 
 
 def validate_record(record: dict[str, Any]) -> None:
     """Raise ``jsonschema.ValidationError`` if ``record`` breaks the contract."""
-    import jsonschema
-
-    jsonschema.validate(record, json.loads(SCHEMA_PATH.read_text()))
+    _validator().validate(record)

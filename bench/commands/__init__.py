@@ -1,15 +1,92 @@
-"""The CLI's subcommands, each a thin add_arguments()/main() pair over library calls."""
+"""The CLI's subcommands, each a thin add_arguments()/main() pair over library calls.
+
+Outputs are checked before any work (``output_file``, ``output_dir``): a run's own files are
+never an output, and a path that cannot be written is bad input (exit 2), not a traceback
+after the work is done.
+"""
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
+
+from optimize.errors import InputError
+
+
+def _existing_ancestor(path: Path) -> Path:
+    for parent in path.absolute().parents:
+        if os.path.lexists(parent):
+            return parent
+    return Path("/")
+
+
+def _writable_folder(folder: Path, what: str, path: Path) -> None:
+    """``folder`` (created if missing) can take new files: its first existing ancestor is a writable directory."""
+    base = folder if os.path.lexists(folder) else _existing_ancestor(folder)
+    if not base.is_dir():
+        raise InputError(f"{what} {path}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise InputError(f"{what} {path}: cannot write in {base} (permission denied)")
+
+
+def output_file(path: Path | None, what: str = "--out") -> Path | None:
+    """``path`` if a file can be written there; else an ``InputError`` naming it. Checked before any work.
+
+    Refused: a run directory's own files (``run.json``, ``results.jsonl`` and its torn lines), a
+    directory, a file that cannot be written, a folder where nothing can be created. A device or
+    pipe (``/dev/stdout``) is taken as it is.
+    """
+    if path is None or str(path) == "-":
+        return path
+    from bench.results import RESULTS, RUN, TORN
+
+    if path.name in (RESULTS, RUN, TORN) and (path.parent / RUN).is_file():
+        raise InputError(f"{what} {path}: that is the run's own {path.name}; give another file")
+    try:
+        mode = path.stat().st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        mode = None
+    except OSError as exc:
+        raise InputError(f"{what} {path}: {exc.strerror}") from None
+    if mode is not None and stat.S_ISDIR(mode):
+        raise InputError(f"{what} {path} is a directory; give a file")
+    if mode is not None and not os.access(path, os.W_OK):
+        raise InputError(f"{what} {path}: cannot write it (permission denied)")
+    if mode is None or stat.S_ISREG(mode):
+        _writable_folder(path.parent, what, path)
+    return path
+
+
+def output_dir(path: Path, what: str = "--out") -> Path:
+    """``path`` if files can be written into it (created when missing); else an ``InputError`` naming it."""
+    if os.path.lexists(path) and not path.is_dir():
+        raise InputError(f"{what} {path} is not a directory")
+    _writable_folder(path, what, path)
+    return path
+
+
+def write_output(path: Path, data: str | bytes, what: str = "--out") -> None:
+    """Write ``data`` to ``path`` whole (a regular file: a temporary sibling renamed over it; a device or
+    pipe: directly); a failure to write is an ``InputError`` naming the path.
+    """
+    from optimize.atomic import write_atomic
+
+    try:
+        if os.path.exists(path) and not path.is_file():
+            with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+                f.write(data)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, data)
+    except OSError as exc:
+        raise InputError(f"{what} {path}: could not write it ({exc.strerror or exc})") from None
 
 
 def emit(text: str, out: Path | None) -> None:
     """Write a command's text output to ``out`` (its folder created), or to stdout without one."""
     if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text)
+        write_output(out, text)
     else:
         sys.stdout.write(text)

@@ -43,11 +43,32 @@ def gate_config(args: argparse.Namespace):
                       level=args.level, n_resamples=args.n_resamples, min_processes=args.min_processes)
 
 
+def _summary_file(args: argparse.Namespace) -> tuple[Path | None, str]:
+    if args.markdown:
+        return args.markdown, "--markdown"
+    step = os.environ.get("GITHUB_STEP_SUMMARY")
+    return (Path(step), "GITHUB_STEP_SUMMARY") if step else (None, "")
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse output files that cannot be written (or are a run's own files) before any comparing."""
+    from bench.commands import output_file
+
+    output_file(args.json, "--json")
+    summary, what = _summary_file(args)
+    output_file(summary, what)
+
+
 def emit(comparison, args: argparse.Namespace) -> int:
-    """Print the summary, write the requested files, and return the gate's exit code."""
+    """Print the summary, write the requested files, and return the gate's exit code.
+
+    A file that cannot be written is exit 2 (bad input), never the gate's 1.
+    """
     import sys
 
+    from bench.commands import write_output
     from bench.compare_output import markdown_summary
+    from optimize.errors import InputError
 
     text = markdown_summary(comparison, show_all=args.all)
     if args.json and str(args.json) == "-":
@@ -55,12 +76,14 @@ def emit(comparison, args: argparse.Namespace) -> int:
     else:
         print(text, end="")
         if args.json:
-            args.json.write_text(comparison.to_json() + "\n")
-    summary = args.markdown or (Path(os.environ["GITHUB_STEP_SUMMARY"]) if os.environ.get("GITHUB_STEP_SUMMARY")
-                                else None)
+            write_output(args.json, comparison.to_json() + "\n", "--json")
+    summary, what = _summary_file(args)
     if summary:
-        with open(summary, "a") as f:
-            f.write(text)
+        try:
+            with open(summary, "a") as f:
+                f.write(text)
+        except OSError as exc:
+            raise InputError(f"{what} {summary}: could not append the summary ({exc.strerror or exc})") from None
     for row in comparison.regressed:
         print(f"regressed: {row.cell}: {row.label} {((row.ratio or 1) - 1) * 100:+.1f}% {row.note}".rstrip(),
               file=sys.stderr)
@@ -76,6 +99,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     from bench.compare import compare_runs
 
+    check_outputs(args)
     comparison = compare_runs(args.base, args.head, gate_config(args), allow_env_mismatch=args.allow_env_mismatch,
                               allow_unmatched=args.allow_unmatched)
     return emit(comparison, args)

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from bench.commands import emit
+from bench.commands import emit, output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
 
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    output_file(args.out)
     data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
             else github_action_benchmark(args.run, args.direction))
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"

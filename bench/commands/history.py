@@ -33,10 +33,12 @@ def _head_commit() -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     from bench import history
+    from bench.commands import output_file
     from bench.compare import gated_metrics
     from optimize.errors import InputError
 
     if args.action == "add":
+        output_file(args.db, "--db")
         info = history.add_run(args.db, args.run, args.commit or _head_commit())
         print(f"added {args.run} (commit {info['commit'] or 'unknown'}): {info['cells']} cells, "
               f"{info['metrics']} figures to {args.db}")
@@ -48,8 +50,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--db {args.db} does not exist; add a run first with 'infermatrix history add DIR'")
     if args.plot and args.plot.suffix.lower() not in history.PLOT_SUFFIXES:
         raise InputError(f"--plot {str(args.plot)!r} must end in {' or '.join(history.PLOT_SUFFIXES)}")
-    if args.plot and args.plot.is_dir():
-        raise InputError(f"--plot {str(args.plot)!r} is a directory")
+    output_file(args.plot, "--plot")
     points = history.series(args.db, args.metric, args.cell)
     print(f"{'commit':10} {'started':20} {'median':>12} {'n':>4}  cell")
     for p in points:

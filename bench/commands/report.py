@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.commands import emit
+from bench.commands import emit, output_dir, output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -28,9 +28,11 @@ def main(args: argparse.Namespace) -> int:
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
     if len(formats) == 1 and formats[0] != "png":
+        output_file(args.out)
         text = render(args.run, formats[0])
         emit(text, args.out)
         return 0
+    output_dir(args.out or args.run, "--out" if args.out else "the run directory")
     written = write_reports(args.run, formats, args.out)
     for path in written:
         print(path)

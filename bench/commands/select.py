@@ -36,12 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.results import RUN, read_records
+    from bench.results import RUN, read_records, read_run
     from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, parse_where, select
     from optimize.errors import InputError
 
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    read_run(args.run)  # a corrupt run description is refused here as by every other reader
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
     constraints += [parse_where(text) for text in args.where]
     decisions = select(read_records(args.run), args.objective, constraints, args.device, args.scenario)

@@ -23,7 +23,7 @@ from bench.report.markdown import (
     note_items,
     reading_notes,
 )
-from bench.report.table import NOISY_REL_CI, Group, Row, gpus_text, group_records, speedup_text, sweeps
+from bench.report.table import NOISY_REL_CI, Group, Row, cpu_text, gpus_text, group_records, speedup_text, sweeps
 from bench.results import read_records, read_run
 from bench.select import decide, default_objective, front_text
 
@@ -206,8 +206,7 @@ def environment_html(run: dict[str, Any]) -> str:
     git = env.get("git") or {}
     rows = [("started / ended", f"{run.get('started')} / {run.get('ended')}"),
             ("launcher", f"{run.get('launcher')}" + (f", shard {run['shard']}" if run.get("shard") else "")),
-            ("CPU", f"{env.get('cpu_model')} ({env.get('cpu_logical_cores')} logical cores), "
-                    f"RAM {(env.get('ram_bytes') or 0) / 2**30:.1f} GiB"),
+            ("CPU", cpu_text(env)),
             ("GPUs", gpus_text(env)),
             ("libraries", ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs)),
             ("git", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""))]

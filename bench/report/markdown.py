@@ -12,6 +12,7 @@ from bench.report.table import (
     NOISY_REL_CI,
     Group,
     Row,
+    cpu_text,
     drift_protocol_name,
     gpus_text,
     group_records,
@@ -48,8 +49,7 @@ def environment_lines(run: dict[str, Any]) -> list[str]:
     lines = [
         f"- started {run.get('started')}, ended {run.get('ended')}; launcher {run.get('launcher')}"
         + (f", shard {run['shard']}" if run.get("shard") else ""),
-        f"- CPU {md_escape(env.get('cpu_model'))} ({env.get('cpu_logical_cores')} logical cores), "
-        f"RAM {(env.get('ram_bytes') or 0) / 2**30:.1f} GiB, GPUs: {md_escape(gpus)}",
+        f"- CPU {md_escape(cpu_text(env))}, GPUs: {md_escape(gpus)}",
         "- " + ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
         f"- git {(git.get('commit') or '?')[:12]}" + (" (dirty)" if git.get("dirty") else ""),
     ]
@@ -61,7 +61,7 @@ def ceiling_texts(run: dict[str, Any]) -> dict[str, str]:
     out = {}
     for device, c in (run.get("roofline") or {}).items():
         rates = ", ".join(f"{d} {m['tflops'] * 1e3:.0f} GFLOP/s" for d, m in c.get("matmul", {}).items())
-        out[device] = f"copy {c['memory']['bandwidth_gbps']:.1f} GB/s; matmul {rates}"
+        out[device] = f"copy {c['memory']['bandwidth_gbps']:.1f} GB/s" + (f"; matmul {rates}" if rates else "")
     return out
 
 

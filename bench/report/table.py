@@ -117,6 +117,14 @@ def figure(record: dict[str, Any], key: str) -> Figure:
     return Figure(key, point(record, key), interval(record, key), sample_count(record, key))
 
 
+def cpu_text(env: dict[str, Any]) -> str:
+    """The CPU and RAM of a run's environment; '?' for a figure it did not record."""
+    cores = env.get("cpu_logical_cores") or "?"
+    ram = env.get("ram_bytes")
+    return (f"{env.get('cpu_model') or '?'} ({cores} logical cores), "
+            + (f"RAM {ram / 2**30:.1f} GiB" if ram else "RAM ?"))
+
+
 def gpus_text(env: dict[str, Any]) -> str:
     """The GPUs of a run's environment; an empty list only reads "none" when NVML answered or no driver exists."""
     names = ", ".join(g.get("name", "?") for g in env.get("gpus", []))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from optimize.atomic import write_atomic
 from optimize.errors import InputError
 
 FORMATS = {"md": "report.md", "html": "report.html", "csv": "results.csv", "json": "report.json",
@@ -57,15 +56,20 @@ def render(run_dir: Path, fmt: str) -> str | dict[str, bytes]:
 
 
 def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None) -> list[Path]:
-    """Write each format's file (names in FORMATS) into ``out_dir`` (default: the run directory)."""
+    """Write each format's file (names in FORMATS) into ``out_dir`` (default: the run directory).
+
+    Every format is rendered before anything is written, so a run that cannot be rendered leaves
+    no partial set of reports (and no new folder) behind.
+    """
+    from bench.commands import write_output
+
     out_dir = Path(out_dir or run_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    files: dict[str, str | bytes] = {}
     for fmt in formats:
         content = render(run_dir, fmt)
-        items = content.items() if isinstance(content, dict) else [(FORMATS[fmt], content)]
-        for name, data in items:
-            path = out_dir / name
-            write_atomic(path, data)
-            written.append(path)
+        files.update(content if isinstance(content, dict) else {FORMATS[fmt]: content})
+    written = []
+    for name, data in files.items():
+        write_output(out_dir / name, data, "--out")
+        written.append(out_dir / name)
     return written

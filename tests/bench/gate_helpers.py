@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -24,10 +25,12 @@ def lognormal(rng: np.random.Generator, n: int, cv: float, scale: float = 1.0) -
 def record(variant: str, samples: dict[str, list[float]], peak_memory: float = 4e8, status: str = "ok",
            model: str = "synthetic:llama-tiny", scenario: dict | None = None) -> dict:
     scenario = scenario or {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 8}
-    return {"schema_version": 1, "cell_id": f"{model}-{variant}", "model": model, "variant": variant,
-            "device": "cpu", "scenario": scenario, "status": status, "error": None if status == "ok" else "boom",
-            "metrics": {"peak_memory_bytes": peak_memory} if status == "ok" else {},
-            "samples": samples if status == "ok" else {}}
+    cell_id = hashlib.sha256(json.dumps([model, variant, scenario], sort_keys=True).encode()).hexdigest()[:16]
+    return {"schema_version": 1, "cell_id": cell_id, "model": model, "variant": variant,
+            "recipe": {"name": variant, "steps": []}, "device": "cpu", "scenario": scenario, "status": status,
+            "error": None if status == "ok" else "boom",
+            "metrics": {"peak_memory_bytes": int(peak_memory)} if status == "ok" else {},
+            "samples": samples if status == "ok" else {}, "method": {}, "labels": [], "timing_s": {}}
 
 
 def write_run(path: Path, records: list[dict], env: dict | None = None, commit: str = "0" * 40) -> Path:

@@ -28,7 +28,7 @@ def _failed(variant: str, error: str = "boom") -> dict:
 def _shard(tmp_path, name: str, records: list[dict], index: int, env: dict | None = None, **run_fields):
     d = write_run(tmp_path / name, records, env=env)
     meta = json.loads((d / RUN).read_text())
-    meta.update(shard={"index": index, "count": 2}, **run_fields)
+    meta.update(shard=f"{index}/2", **run_fields)
     for key, value in run_fields.items():
         if value is None:
             del meta[key]
@@ -44,7 +44,7 @@ def test_shards_merge_into_one_run_that_says_where_it_came_from(tmp_path):
     assert [r["variant"] for r in read_records(out)] == ["v0", "v1", "v2"]
     meta = json.loads((out / RUN).read_text())
     assert meta["shard"] is None and meta["merged_from"] == [str(a), str(b)]
-    assert meta["shards"] == [{"index": 1, "count": 2}, {"index": 2, "count": 2}]
+    assert meta["shards"] == ["1/2", "2/2"]
     assert (meta["started"], meta["ended"]) == ("2026-01-01T00:00:01Z", "2026-01-01T00:02:00Z")  # the span of both
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["merged_at"])
     assert "environment_differences" not in meta and meta["matrix_hash"] == "m"
@@ -75,7 +75,7 @@ def test_a_cell_ok_in_two_runs_is_an_overlap_and_nothing_is_written(tmp_path):
     a = _shard(tmp_path, "a", [_failed("v0"), _ok("v1")], 1)
     b = _shard(tmp_path, "b", [_ok("v0"), _ok("v1")], 2)
     out = tmp_path / "m"
-    with pytest.raises(InputError, match=f"^cell synthetic:llama-tiny-v1 ran ok in both {a} and {b}: shards overlap$"):
+    with pytest.raises(InputError, match=f"^cell {_ok('v1')['cell_id']} ran ok in both {a} and {b}: shards overlap$"):
         merge_runs([a, b], out)
     assert not out.exists() and not list(tmp_path.glob("m.tmp*"))
 
@@ -191,5 +191,5 @@ def test_the_merge_command_takes_a_retried_cell_and_reports_an_overlap(tmp_path,
     capsys.readouterr()
     assert cli(["merge", str(a), str(retry), str(retry), "--out", str(tmp_path / "m2")]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"cell synthetic:llama-tiny-v1 ran ok in both {retry} and {retry}: shards overlap")
+    assert err.endswith(f"cell {_ok('v1')['cell_id']} ran ok in both {retry} and {retry}: shards overlap")
     assert len(err.splitlines()) == 1 and not (tmp_path / "m2").exists()

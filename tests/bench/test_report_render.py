@@ -8,6 +8,7 @@ import io
 from bench.report.csv import csv_report
 from bench.report.markdown import (
     NO_RECORDS,
+    ceiling_texts,
     environment_lines,
     group_table,
     markdown_report,
@@ -27,7 +28,7 @@ def test_markdown_cells_escape_backslashes_pipes_and_html_and_stay_on_one_line()
 def test_environment_lines_of_a_run_recorded_without_an_environment():
     lines = environment_lines({"started": "s", "ended": "e", "launcher": "local"})
     assert lines[0] == "- started s, ended e; launcher local"
-    assert lines[1] == "- CPU None (None logical cores), RAM 0.0 GiB, GPUs: none"
+    assert lines[1] == "- CPU ? (? logical cores), RAM ?, GPUs: none"  # not recorded, not zero
     assert lines[2:] == ["- ", "- git ?"]
     with_libs = environment_lines({"environment": {"libraries": {"torch": "2.13.0"}, "git": {"commit": "ab" * 20,
                                                                                            "dirty": True}}})
@@ -107,7 +108,9 @@ def test_notes_give_the_first_line_of_an_error_cut_at_300_characters_and_each_la
     silent["error"] = None  # skipped with no reason recorded
     labelled = record("fp32", steps=0)
     labelled["labels"] = ["noisy neighbour", "noisy neighbour", "thermal"]
-    assert note_items([long, silent, labelled]) == [
+    older = record("fp32", steps=0, model="older")
+    del older["labels"]  # a record from before labels
+    assert note_items([long, silent, labelled, older]) == [
         ("tiny / big / cpu", "failed: " + "x" * 300), ("tiny / quiet / cpu", "skipped"),
         ("tiny / fp32 / cpu", "noisy neighbour"), ("tiny / fp32 / cpu", "thermal")]
 
@@ -124,3 +127,12 @@ def test_a_group_without_an_ok_reference_says_so_under_its_table(tmp_path):
     text = markdown_report(write_run(tmp_path / "run", [record("q8"), record("q4")]))
     assert "\nSpeedup: none (no ok reference variant) p50 e2e_ms / the variant's, with a bootstrap 95% " \
            "interval.\n" in text
+
+
+def test_ceilings_read_in_gflops_and_a_run_without_matmul_ceilings_gives_its_copy_bandwidth_alone():
+    run = {"roofline": {"cuda": {"memory": {"bandwidth_gbps": 4108.04}, "matmul": {"bfloat16": {"tflops": 0.1234},
+                                                                                   "float32": {"tflops": 51.2}}},
+                        "cpu": {"memory": {"bandwidth_gbps": 25.0}}}}
+    assert ceiling_texts(run) == {"cuda": "copy 4108.0 GB/s; matmul bfloat16 123 GFLOP/s, float32 51200 GFLOP/s",
+                                  "cpu": "copy 25.0 GB/s"}
+    assert ceiling_texts({}) == {}

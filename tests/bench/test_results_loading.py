@@ -33,7 +33,16 @@ CELL = Cell(model="synthetic:llama-tiny", recipe=Recipe(name="fp32"), device="cp
             scenario=GenerateScenario(batch_size=1, prompt_tokens=16, new_tokens=4))
 
 
-A1, B2 = {"cell_id": "a", "status": "ok", "n": 1}, {"cell_id": "b", "status": "ok", "n": 2}
+
+
+def rec(cid: str, status: str = "ok", **extra) -> dict:
+    """The least a reader takes as a record: its identity, status, metrics and samples (cell id ``cid`` x 16)."""
+    return {"schema_version": SCHEMA_VERSION, "cell_id": cid * 16, "model": "m", "variant": "v", "device": "cpu",
+            "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4},
+            "status": status, "metrics": {}, "samples": {}, **extra}
+
+
+A1, B2 = rec("a", n=1), rec("b", n=2)
 TORN = '{"cell_id": "b", "status": "ok", "n"'  # a record cut off mid-write
 
 
@@ -43,37 +52,34 @@ def _write_lines(run_dir, *lines: str) -> None:
 
 def test_latest_record_of_a_cell_wins_on_load(tmp_path):
     _write_lines(tmp_path,
-                 json.dumps({"cell_id": "a", "status": "failed", "n": 1}),
-                 json.dumps({"cell_id": "b", "status": "ok", "n": 2}),
-                 json.dumps({"cell_id": "a", "status": "ok", "n": 3}),
-                 json.dumps({"cell_id": "a", "status": "skipped", "n": 4}))
+                 json.dumps(rec("a", "failed", n=1)), json.dumps(rec("b", "ok", n=2)),
+                 json.dumps(rec("a", "ok", n=3)), json.dumps(rec("a", "skipped", n=4)))
     latest = read_records(tmp_path)
-    assert sorted((r["cell_id"], r["n"]) for r in latest) == [("a", 4), ("b", 2)]
+    assert sorted((r["cell_id"][0], r["n"]) for r in latest) == [("a", 4), ("b", 2)]
     assert [r["n"] for r in read_records(tmp_path, latest_only=False)] == [1, 2, 3, 4]
 
 
 def test_torn_last_line_is_skipped_and_the_rest_kept(tmp_path):
     (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n" + TORN)
-    assert read_records(tmp_path) == [{"cell_id": "a", "status": "ok", "n": 1}]
+    assert read_records(tmp_path) == [A1]
 
 
 def test_an_unparseable_line_does_not_hide_the_records_after_it(tmp_path):
-    _write_lines(tmp_path, json.dumps(A1), TORN,
-                 json.dumps({"cell_id": "b", "status": "ok", "n": 2}))
+    _write_lines(tmp_path, json.dumps(A1), TORN, json.dumps(B2))
     assert read_records(tmp_path) == [A1, B2]
 
 
 def test_record_appended_after_a_torn_write_still_loads(tmp_path):
     """A kill during the write leaves a line without its newline; ``--resume`` then appends after it."""
     (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n" + TORN)
-    append_record(tmp_path, {"cell_id": "b", "status": "ok", "n": 2})
+    append_record(tmp_path, B2)
     assert read_records(tmp_path) == [A1, B2]
 
 
 def test_lines_that_are_not_cell_records_are_not_records(tmp_path):
     _write_lines(tmp_path, "[1, 2]", json.dumps({"status": "ok"}), json.dumps({"cell_id": "a"}),
-                 json.dumps({"cell_id": "a", "status": "ok"}))
-    assert read_records(tmp_path, latest_only=False) == [{"cell_id": "a", "status": "ok"}]
+                 json.dumps(rec("a")))
+    assert read_records(tmp_path, latest_only=False) == [rec("a")]
 
 
 def test_missing_results_file_reads_as_no_records(tmp_path):
@@ -81,12 +87,14 @@ def test_missing_results_file_reads_as_no_records(tmp_path):
 
 
 def test_append_adds_one_sorted_line_per_record_and_keeps_earlier_ones(tmp_path):
-    append_record(tmp_path, {"cell_id": "a", "status": "ok", "z": 1, "b": 2})
-    append_record(tmp_path, {"cell_id": "b", "status": "ok", "path": tmp_path})  # non-JSON values are stored as text
+    append_record(tmp_path, {"z": 1, **rec("a"), "b": 2})
+    append_record(tmp_path, rec("b", path=tmp_path))  # non-JSON values are stored as text
     lines = (tmp_path / RESULTS).read_text().splitlines()
-    assert lines == ['{"b": 2, "cell_id": "a", "status": "ok", "z": 1}',
-                     json.dumps({"cell_id": "b", "path": str(tmp_path), "status": "ok"})]
-    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "b"]
+    assert lines[0].startswith('{"b": 2, "cell_id": "aaaaaaaaaaaaaaaa", "device": "cpu", ') and \
+        lines[0].endswith(', "z": 1}')
+    assert lines == [json.dumps(rec("a", z=1, b=2), sort_keys=True),
+                     json.dumps(rec("b", path=str(tmp_path)), sort_keys=True)]
+    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a" * 16, "b" * 16]
     umask = os.umask(0)
     os.umask(umask)
     assert (tmp_path / RESULTS).stat().st_mode & 0o777 == 0o644 & ~umask  # a data file: never executable
@@ -145,23 +153,26 @@ def _warned(recorder) -> str:
 
 
 def test_corrupt_lines_are_named_by_number_and_reason(tmp_path):
-    lines = ['{"cell_id": "a", "status": "ok"}', "", "[1, 2]", "not json", '{"cell_id": "b", "status": "ok"}',
-             '{"cell_id": 3, "status": "ok"}', "\xff"]
+    lines = [json.dumps(rec("a")), "", "[1, 2]", "not json", json.dumps(rec("b")),
+             json.dumps({**rec("c"), "cell_id": 3}), "\xff"]
     (tmp_path / RESULTS).write_bytes("\n".join(lines).encode("utf-8").replace(b"\xc3\xbf", b"\xff") + b"\n")
     with pytest.warns(CorruptRecordWarning) as recorder:
         records = read_records(tmp_path, latest_only=False)
-    assert [r["cell_id"] for r in records] == ["a", "b"]  # the blank line 2 does not stop the reading
-    assert _warned(recorder) == (f"{tmp_path / RESULTS}: skipped 4 corrupt line(s): 3 (not a JSON object (list)), "
-                                 "4 (not valid JSON (JSONDecodeError)), 6 (no string 'cell_id'), "
-                                 "7 (not valid JSON (UnicodeDecodeError)); the other 2 records loaded")
+    assert [r["cell_id"] for r in records] == ["a" * 16, "b" * 16]  # the blank line 2 does not stop the reading
+    assert _warned(recorder) == (
+        f"{tmp_path / RESULTS}: skipped 4 corrupt line(s): 3 ([1, 2] is not of type 'object'), "
+        "4 (not valid JSON (JSONDecodeError: Expecting value: line 1 column 1 (char 0))), "
+        "6 (cell_id: 3 is not of type 'string'), 7 (not valid JSON (UnicodeDecodeError: 'utf-8' codec can't "
+        "decode byte 0xff in position 0: invalid start byte)); the other 2 records loaded")
 
 
 @pytest.mark.parametrize("count, tail", [(10, ""), (11, " and 1 more"), (13, " and 3 more")])
 def test_past_ten_corrupt_lines_the_rest_are_counted(tmp_path, count, tail):
-    (tmp_path / RESULTS).write_text("x\n" * count + '{"cell_id": "a", "status": "ok"}\n')
+    (tmp_path / RESULTS).write_text("x\n" * count + json.dumps(rec("a")) + "\n")
     with pytest.warns(CorruptRecordWarning) as recorder:
         assert len(read_records(tmp_path)) == 1
-    shown = ", ".join(f"{n} (not valid JSON (JSONDecodeError))" for n in range(1, 11))
+    shown = ", ".join(f"{n} (not valid JSON (JSONDecodeError: Expecting value: line 1 column 1 (char 0)))"
+                      for n in range(1, 11))
     assert _warned(recorder) == (f"{tmp_path / RESULTS}: skipped {count} corrupt line(s): {shown}{tail}; "
                                  "the other 1 records loaded")
 
@@ -192,8 +203,9 @@ def test_a_short_write_is_cut_back_and_raised_with_the_cell_and_file(tmp_path, m
     monkeypatch.setattr(os, "write", lambda fd, data: real_write(fd, data[:7]))  # a full disk mid-line
     with pytest.raises(RecordWriteError) as exc:
         append_record(tmp_path, B2)
-    # The line is '{"cell_id": "b", "n": 2, "status": "ok"}' and its newline: 41 bytes.
-    assert str(exc.value) == f"could not write the record of cell b to {tmp_path / RESULTS}: short write: 7 of 41 bytes"
+    size = len(json.dumps(B2, sort_keys=True)) + 1  # the line and its newline
+    assert str(exc.value) == (f"could not write the record of cell {'b' * 16} to {tmp_path / RESULTS}: short write: "
+                              f"7 of {size} bytes")
     assert (tmp_path / RESULTS).read_bytes() == before  # the fragment is gone, the earlier record kept
 
 
