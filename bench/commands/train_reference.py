@@ -10,7 +10,8 @@ from pathlib import Path
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from optimize.reference.train import TrainConfig
 
-    p.add_argument("--out", type=Path, required=True, help="output model directory")
+    p.add_argument("--out", type=Path, required=True,
+                   help="output model directory, new or empty; it appears only when complete")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):
         if f.name == "version":

@@ -13,6 +13,8 @@ import sysconfig
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from optimize.errors import InputError
+
 # Directories that are not Python source worth learning from, or not part of CPython.
 EXCLUDED_PARTS = frozenset({"site-packages", "dist-packages", "__pycache__", "idle_test"})
 MAX_FILE_BYTES = 400_000  # a few generated tables are huge and repetitive
@@ -73,13 +75,23 @@ def list_files(root: Path) -> list[tuple[str, Path]]:
 
 
 def build_corpus(config: CorpusConfig = CorpusConfig()) -> Corpus:
-    """Read the stdlib and split it into training text and a frozen evaluation text."""
+    """Read the stdlib and split it into training text and a frozen evaluation text.
+
+    Raises:
+        InputError: the root is not a directory or holds no ``*.py`` file.
+
+    """
     root = stdlib_root(config)
+    if not root.is_dir():
+        raise InputError(f"--stdlib-root {config.root or root}: not a directory")
+    files = list_files(root)
+    if not files:
+        raise InputError(f"--stdlib-root {config.root or root}: no *.py file under it to build the corpus from")
     train_parts: list[str] = []
     eval_parts: list[str] = []
     eval_bytes = 0
     listing = []
-    for rel, path in list_files(root):
+    for rel, path in files:
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError:

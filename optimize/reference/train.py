@@ -9,13 +9,21 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import platform
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optimize.reference.corpus import Corpus, CorpusConfig, build_corpus, write_manifest
+from optimize.atomic import build_dir_atomically
+from optimize.errors import InputError
+from optimize.reference.corpus import Corpus, CorpusConfig, build_corpus, stdlib_root, write_manifest
 from optimize.reference.tokenizer import train_tokenizer
+
+# The byte-level BPE always holds the 256 byte tokens and the two special tokens, whatever
+# vocabulary it is asked for; a smaller embedding would be indexed out of range.
+MIN_VOCAB_SIZE = 256 + 2
 
 
 @dataclass(frozen=True)
@@ -42,6 +50,86 @@ class TrainConfig:
     eval_context: int = 256  # perplexity windows for the model card
     log_every: int = 50
     version: int = 1
+
+    def validate(self) -> None:
+        """Raise ``InputError`` naming the first setting the model or the training loop cannot take."""
+        for name in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+                     "max_position_embeddings", "batch_size", "steps", "log_every"):
+            _check(name, getattr(self, name), _is_int(getattr(self, name)) and getattr(self, name) >= 1,
+                   "must be a positive integer")
+        _check("vocab_size", self.vocab_size, _is_int(self.vocab_size) and self.vocab_size >= MIN_VOCAB_SIZE,
+               f"must be an integer >= {MIN_VOCAB_SIZE} (256 byte tokens and 2 special tokens)")
+        for name in ("seq_len", "eval_context"):
+            value = getattr(self, name)
+            _check(name, value, _is_int(value) and value >= 2, "must be an integer >= 2 (a window needs a token to "
+                   "predict after its first)")
+            _check(name, value, value <= self.max_position_embeddings,
+                   f"must be at most --max-position-embeddings ({self.max_position_embeddings})")
+        _check("warmup_steps", self.warmup_steps, _is_int(self.warmup_steps) and self.warmup_steps >= 0,
+               "must be an integer >= 0")
+        _check("threads", self.threads, _is_int(self.threads) and self.threads >= 0,
+               "must be an integer >= 0 (0: torch's default)")
+        _check("seed", self.seed, _is_int(self.seed) and 0 <= self.seed < 2**63, "must be an integer in [0, 2**63)")
+        _check("lr", self.lr, _is_real(self.lr) and math.isfinite(self.lr) and self.lr > 0,
+               "must be a finite positive number")
+        _check("min_lr_fraction", self.min_lr_fraction, _is_real(self.min_lr_fraction)
+               and 0 <= self.min_lr_fraction <= 1, "must be in [0, 1]")
+        _check("weight_decay", self.weight_decay, _is_real(self.weight_decay) and math.isfinite(self.weight_decay)
+               and self.weight_decay >= 0, "must be a finite number >= 0")
+        _check("grad_clip", self.grad_clip, _is_real(self.grad_clip) and self.grad_clip > 0,
+               "must be a positive number (inf: no clipping)")
+        _check("hidden_size", self.hidden_size, self.hidden_size % self.num_heads == 0,
+               f"must be a multiple of --num-heads ({self.num_heads})")
+        head_dim = self.hidden_size // self.num_heads
+        _check("hidden_size", self.hidden_size, head_dim % 2 == 0,
+               f"gives an odd head size {head_dim} with --num-heads {self.num_heads}; rotary embeddings need an "
+               "even one")
+        _check("num_kv_heads", self.num_kv_heads, self.num_heads % self.num_kv_heads == 0,
+               f"must divide --num-heads ({self.num_heads}): each KV head serves a whole group of query heads")
+
+
+def _check(name: str, value, ok: bool, allowed: str) -> None:
+    if not ok:
+        raise InputError(f"--{name.replace('_', '-')} {value}: {allowed}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_out_dir(out_dir: Path) -> None:
+    """Refuse an ``--out`` that is not a new or empty directory we can create and rename into place."""
+    if out_dir.is_symlink():
+        raise InputError(f"--out {out_dir}: is a symbolic link; give a new or empty directory")
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise InputError(f"--out {out_dir}: is a file; give a new or empty directory")
+        if any(out_dir.iterdir()):
+            raise InputError(f"--out {out_dir}: exists and is not empty; give a new or empty directory")
+    # The model is built in a sibling and renamed into place, so the nearest existing ancestor
+    # must be a directory we may write in.
+    ancestor = out_dir.absolute().parent
+    while not ancestor.exists() and not ancestor.is_symlink():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise InputError(f"--out {out_dir}: {ancestor} is not a directory")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise InputError(f"--out {out_dir}: cannot create it, {ancestor} is not writable")
+
+
+def check_windows(corpus_cfg: CorpusConfig, cfg: TrainConfig, train_len: int, eval_len: int, unit: str) -> None:
+    """Refuse training text without one ``seq_len + 1`` window or evaluation text without one ``eval_context`` one."""
+    where = f"--stdlib-root {corpus_cfg.root or stdlib_root(corpus_cfg)}"
+    if train_len <= cfg.seq_len:
+        raise InputError(f"{where}: the training text is {train_len:,} {unit}, too short for one window of "
+                         f"--seq-len {cfg.seq_len} (needs more than {cfg.seq_len} tokens)")
+    if eval_len < cfg.eval_context:
+        raise InputError(f"{where}: the evaluation text (held-out library files) is {eval_len:,} {unit}, too short "
+                         f"for one window of --eval-context {cfg.eval_context}")
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -116,22 +204,54 @@ def unigram_nll(train_ids, eval_ids, vocab_size: int, context: int) -> float:
 
 def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
                     corpus_cfg: CorpusConfig = CorpusConfig(), progress=print) -> dict:
-    """Build corpus, tokenizer and model from scratch and save a Hugging Face model directory."""
+    """Build corpus, tokenizer and model from scratch and save a Hugging Face model directory.
+
+    Every input is checked before anything is written (``InputError`` otherwise). The directory
+    is built in a temporary sibling and renamed to ``out_dir`` when complete, so a failure or an
+    interrupt leaves nothing at ``out_dir``.
+    """
+    t_start = time.perf_counter()
+    cfg.validate()
+    check_out_dir(out_dir)
+    corpus = build_corpus(corpus_cfg)
+    # A byte-level BPE token covers at least one byte: the byte counts bound the token counts.
+    check_windows(corpus_cfg, cfg, len(corpus.train_text.encode()), len(corpus.eval_text.encode()), "bytes")
+    # Trained before the output exists, so a corpus too short in tokens is refused with nothing
+    # written; the tokenizer is saved into the model directory with the rest.
+    with tempfile.TemporaryDirectory(prefix="infermatrix-tokenizer-") as scratch:
+        tokenizer = train_tokenizer(corpus.train_text, cfg.vocab_size, Path(scratch))
+    train_ids = encode_stream(tokenizer, corpus.train_text)
+    eval_ids = encode_stream(tokenizer, corpus.eval_text)
+    check_windows(corpus_cfg, cfg, len(train_ids), len(eval_ids), "tokens")
+    progress(f"corpus: {len(train_ids):,} train tokens, {len(eval_ids):,} eval tokens")
+
+    summary: dict = {}
+
+    def fill(tmp: Path) -> None:
+        write_manifest(corpus, tmp / "corpus-manifest.json")
+        (tmp / "eval.txt").write_text(corpus.eval_text, encoding="utf-8")
+        tokenizer.save_pretrained(str(tmp))
+        summary.update(_train_and_save(tmp, cfg, corpus, tokenizer, train_ids, eval_ids, progress, t_start))
+
+    build_dir_atomically(out_dir, fill)
+    written = out_dir / "training.json"
+    if not written.is_file() or written.read_text() != _summary_json(summary):
+        raise InputError(f"--out {out_dir}: filled by another process during training; this model was discarded")
+    return summary
+
+
+def _summary_json(summary: dict) -> str:
+    return json.dumps(summary, indent=1) + "\n"
+
+
+def _train_and_save(out_dir: Path, cfg: TrainConfig, corpus: Corpus, tokenizer, train_ids, eval_ids, progress,
+                    t_start: float) -> dict:
+    """Train on ``train_ids``, measure on ``eval_ids``, save weights, summary and model card in ``out_dir``."""
     import torch
     from transformers import GenerationConfig, LlamaForCausalLM
 
-    t_start = time.perf_counter()
-    out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    corpus: Corpus = build_corpus(corpus_cfg)
-    write_manifest(corpus, out_dir / "corpus-manifest.json")
-    (out_dir / "eval.txt").write_text(corpus.eval_text, encoding="utf-8")
-    tokenizer = train_tokenizer(corpus.train_text, cfg.vocab_size, out_dir)
-    train_ids = encode_stream(tokenizer, corpus.train_text)
-    eval_ids = encode_stream(tokenizer, corpus.eval_text)
-    progress(f"corpus: {len(train_ids):,} train tokens, {len(eval_ids):,} eval tokens")
-
     torch.manual_seed(cfg.seed)
     model = LlamaForCausalLM(llama_config(cfg, tokenizer))
     n_params = sum(p.numel() for p in model.parameters())
@@ -192,7 +312,7 @@ def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
         "config": asdict(cfg),
         "log": log,
     }
-    (out_dir / "training.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (out_dir / "training.json").write_text(_summary_json(summary))
     (out_dir / "README.md").write_text(model_card(summary, corpus.manifest))
     return summary
 
