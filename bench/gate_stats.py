@@ -20,6 +20,9 @@ Blocks = Sequence[Sequence[float]]  # one inner sequence per process
 VERDICTS = ("regressed", "improved", "unchanged", "inconclusive")
 
 
+MAX_RESAMPLES = 100_000
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Thresholds and test settings of the gate (the defaults every entry point shares)."""
@@ -46,8 +49,8 @@ class GateConfig:
                 raise InputError(f"--{name} must be in (0, 1), got {getattr(self, name)}")
         if self.min_processes < 1:
             raise InputError(f"--min-processes must be >= 1, got {self.min_processes}")
-        if self.n_resamples < 100:
-            raise InputError(f"--n-resamples must be >= 100, got {self.n_resamples}")
+        if not 100 <= self.n_resamples <= MAX_RESAMPLES:  # beyond it the Monte Carlo error is far below the noise
+            raise InputError(f"--n-resamples must be in [100, {MAX_RESAMPLES}], got {self.n_resamples}")
 
     def threshold(self, kind: str) -> float:
         return self.memory_threshold if kind == "memory" else self.speed_threshold

@@ -85,7 +85,8 @@ def emit(comparison, args: argparse.Namespace) -> int:
         except OSError as exc:
             raise InputError(f"{what} {summary}: could not append the summary ({exc.strerror or exc})") from None
     for row in comparison.regressed:
-        print(f"regressed: {row.cell}: {row.label} {((row.ratio or 1) - 1) * 100:+.1f}% {row.note}".rstrip(),
+        change = f" {(row.ratio - 1) * 100:+.1f}%" if row.ratio is not None else ""
+        print(f"regressed: {row.cell}: {row.label}{change} {row.note}".rstrip(),
               file=sys.stderr)
     return comparison.exit_code()
 

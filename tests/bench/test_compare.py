@@ -177,7 +177,11 @@ def test_cell_failing_in_head_is_a_regression(tmp_path, capsys):
     base = write_run(tmp_path / "base", [record("fp32", timing_samples(rng, 5, 0.02))])
     head = write_run(tmp_path / "head", [record("fp32", {}, status="failed")])
     assert cli(["compare", str(base), str(head)]) == 1
-    assert "ok in base, failed in head" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "ok in base, failed in head" in captured.out
+    # No change figure for a cell that did not run (it once read "+0.0%").
+    assert captured.err == "regressed: synthetic:llama-tiny fp32 cpu generate 1/16/8: status ok in base, failed in " \
+                           "head: boom\n"
 
 
 def test_shards_from_differing_cpus_merge_when_allowed_and_compare_says_so(tmp_path, capsys):
