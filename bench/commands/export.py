@@ -30,6 +30,8 @@ def main(args: argparse.Namespace) -> int:
     output_file(args.out)
     data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
             else github_action_benchmark(args.run, args.direction))
+    if not (data["benchmarks"] if args.to == "pytest-benchmark" else data):  # a CI tracker would record nothing
+        raise InputError(f"{args.run} has no ok cell with figures to export")
     text = json.dumps(data, indent=2, allow_nan=False) + "\n"
     emit(text, args.out)
     return 0

@@ -199,3 +199,13 @@ def test_history_show_never_writes_into_the_file_it_reads(tmp_path, capsys):
     empty.write_bytes(b"")
     err = _one_line_error(capsys, cli(["history", "show", "--db", str(empty), "--metric", "tpot_ms"]))
     assert f"--db {empty}: not an infermatrix history database" in err and empty.read_bytes() == b""
+
+
+@pytest.mark.parametrize("to", ["pytest-benchmark", "github-action-benchmark"])
+def test_exporting_a_run_with_nothing_to_export_is_refused_not_an_empty_file(tmp_path, capsys, to):
+    from tests.bench.records import record, write_run
+
+    run = write_run(tmp_path / "run", [record("fp32", status="failed")])
+    out = tmp_path / "bench.json"
+    err = _one_line_error(capsys, cli(["export", str(run), "--to", to, "--out", str(out)]))
+    assert err.endswith(f"{run} has no ok cell with figures to export") and not out.exists()
