@@ -47,6 +47,19 @@ def resolve_rev(repo: Path, rev: str) -> str:
         raise InputError(f"revision {rev!r} is not a commit of {repo}") from None
 
 
+def remove_worktrees(repo: Path, trees: list[Path]) -> None:
+    """Remove ab's temporary worktrees and their registrations in ``repo``, whatever ended the job.
+
+    Runs on every exit path, an error included, so it raises nothing of its own (a tree
+    never added is simply not found). ``remove --force`` also drops a registration whose
+    directory is gone; ``worktree prune`` is not used, as it would also drop the user's own
+    registrations of worktrees that are only unreachable for now (an unmounted disk).
+    """
+    for tree in trees:
+        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True,
+                       timeout=120)
+
+
 @dataclass
 class AbSide:
     name: str  # "base" or "head"
@@ -60,9 +73,9 @@ class AbSide:
 
 def side_matrix(worktree: Path, matrix: str | None) -> Matrix:
     """The side's matrix (from its worktree), speed-only, local model paths made absolute."""
-    m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
-    if matrix and not (worktree / matrix).is_file():
+    if matrix and not (worktree / matrix).exists():
         raise InputError(f"matrix {matrix!r} does not exist at that revision")
+    m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
     models = tuple(str((worktree / s).resolve()) if not s.startswith(("builtin:", "synthetic:")) and
                    (worktree / s).exists() else s for s in m.models)
     eval_text = str((worktree / m.eval_text).resolve()) if m.eval_text and (worktree / m.eval_text).exists() \

@@ -118,14 +118,29 @@ def _eval_text(data: dict, where: str) -> str | None:
         raise _err(where, "eval_text", f"must name an existing text file: {exc}") from None
     except OSError as exc:
         raise _err(where, "eval_text", f"{value!r} cannot be read: {exc.strerror or exc}") from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise _err(where, "eval_text", f"{value!r} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset "
-                                       f"{exc.start} ({exc.reason})") from None
+    text = _utf8(raw, f"{where}: 'eval_text' {value!r}")
     if not text.strip():
         raise _err(where, "eval_text", f"{value!r} holds no text") from None
     return value
+
+
+def _utf8(raw: bytes, what: str) -> str:
+    """``raw`` decoded as UTF-8; else an ``InputError`` naming ``what``, the first bad byte and its offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{what} is not UTF-8 text: byte 0x{raw[exc.start]:02x} at offset {exc.start} "
+                         f"({exc.reason})") from None
+
+
+def _tokenizer(data: dict, where: str) -> str | None:
+    """The ``tokenizer`` key, checked as ``--tokenizer`` is: a missing one would fail every cell."""
+    from optimize.models import has_tokenizer_files
+
+    value = _text(data, "tokenizer", where, "")
+    if value and not has_tokenizer_files(Path(value).expanduser()):
+        raise _err(where, "tokenizer", f"{value!r} is not a directory with tokenizer.json or tokenizer_config.json")
+    return value or None
 
 
 def _number(value: Any) -> bool:
@@ -318,7 +333,7 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         exclude=tuple(exclude),
         trust_remote_code=_bool(data, "trust_remote_code", where, False),
         eval_text=_eval_text(data, where),
-        tokenizer=_text(data, "tokenizer", where, "") or None,
+        tokenizer=_tokenizer(data, where),
         prompt_source=_prompt_source(data.get("prompt_source", "auto"), where),
         source=where,
     )
@@ -335,12 +350,21 @@ def _prompt_source(value, where: str) -> str:
 def load_matrix(path: str | Path | None = None) -> Matrix:
     """Read a matrix file; the built-in default when ``path`` is None."""
     path = Path(path) if path else DEFAULT_MATRIX
+    what = f"matrix file {str(path)!r}"
+    if path.is_dir():
+        raise InputError(f"{what} is a directory, not a TOML file")
     if not path.is_file():
-        raise InputError(f"matrix file {str(path)!r} does not exist")
+        raise InputError(f"{what} does not exist" if not path.exists() else f"{what} is not a regular file")
     try:
-        data = tomllib.loads(path.read_text())
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise InputError(f"{what} cannot be read: {exc.strerror or exc}") from None
+    try:
+        data = tomllib.loads(_utf8(raw, what))
     except tomllib.TOMLDecodeError as exc:
         raise InputError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses once per level of nested arrays and inline tables
+        raise InputError(f"{path}: arrays or inline tables nested too deeply to read") from None
     return parse_matrix(data, str(path))
 
 

@@ -15,20 +15,17 @@ from pathlib import Path
 from optimize.errors import InputError
 
 
-def _existing_ancestor(path: Path) -> Path:
-    for parent in path.absolute().parents:
-        if os.path.lexists(parent):
-            return parent
-    return Path("/")
-
-
-def _writable_folder(folder: Path, what: str, path: Path) -> None:
-    """``folder`` (created if missing) can take new files: its first existing ancestor is a writable directory."""
-    base = folder if os.path.lexists(folder) else _existing_ancestor(folder)
+def folder_problem(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (created with its parents when missing), or None."""
+    base = folder
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent  # the nearest existing folder, in which the missing ones would be created
+    created = "" if base == folder else f"cannot be created: {base} "
     if not base.is_dir():
-        raise InputError(f"{what} {path}: {base} is not a directory")
+        return f"{created}is not a directory" if created else "is not a directory"
     if not os.access(base, os.W_OK | os.X_OK):
-        raise InputError(f"{what} {path}: cannot write in {base} (permission denied)")
+        return f"{created}is not writable" if created else "is not writable"
+    return None
 
 
 def output_file(path: Path | None, what: str = "--out") -> Path | None:
@@ -54,16 +51,19 @@ def output_file(path: Path | None, what: str = "--out") -> Path | None:
         raise InputError(f"{what} {path} is a directory; give a file")
     if mode is not None and not os.access(path, os.W_OK):
         raise InputError(f"{what} {path}: cannot write it (permission denied)")
-    if mode is None or stat.S_ISREG(mode):
-        _writable_folder(path.parent, what, path)
+    problem = folder_problem(path.parent) if mode is None or stat.S_ISREG(mode) else None
+    if problem:
+        raise InputError(f"{what} {path}: its folder {path.parent} {problem}")
     return path
 
 
 def output_dir(path: Path, what: str = "--out") -> Path:
-    """``path`` if files can be written into it (created when missing); else an ``InputError`` naming it."""
-    if os.path.lexists(path) and not path.is_dir():
-        raise InputError(f"{what} {path} is not a directory")
-    _writable_folder(path, what, path)
+    """``path`` if files can be written into it (created when missing, nothing created here); else an
+    ``InputError`` naming the setting, the path and why.
+    """
+    problem = folder_problem(path)
+    if problem:
+        raise InputError(f"{what} {path} {problem}")
     return path
 
 

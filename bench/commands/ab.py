@@ -8,6 +8,7 @@ and compares them like ``infermatrix compare``. Exit codes: 1 only on a regressi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -46,8 +47,29 @@ def _printer(quiet: bool):
     return on_event
 
 
+def _in_repo(matrix: str, repo: Path) -> str:
+    """MATRIX as a path inside the repository, read at each revision; ``InputError`` if it leaves it.
+
+    An absolute path, or a relative one that exists from here, is taken from here; any other
+    relative path is taken from the repository's root.
+    """
+    from optimize.errors import InputError
+
+    here = Path(matrix)
+    if here.is_absolute() or here.exists():
+        try:
+            return str(here.resolve().relative_to(repo))
+        except ValueError:
+            raise InputError(f"MATRIX {matrix} is outside the repository {repo}") from None
+    inside = os.path.normpath(matrix)
+    if inside == ".." or inside.startswith(".." + os.sep):
+        raise InputError(f"MATRIX {matrix} is outside the repository {repo}")
+    return inside
+
+
 def main(args: argparse.Namespace) -> int:
-    from bench.ab import AbSide, git, repo_root, resolve_rev, run_interleaved, side_matrix
+    from bench.ab import AbSide, git, remove_worktrees, repo_root, resolve_rev, run_interleaved, side_matrix
+    from bench.commands.run import check_cache_dirs
     from bench.compare import compare_runs
     from bench.env import device_resolver, environment
     from bench.orchestrate import make_launcher
@@ -58,27 +80,27 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--rounds must be >= 1, got {args.rounds}")
     cfg = gate_config(args)
     cfg.validate()
+    check_cache_dirs(args.cache_dir)
     repo = repo_root(args.repo.resolve())
     head_rev, matrix = args.head, args.matrix
     if matrix is None and head_rev.endswith(".toml"):
         head_rev, matrix = "HEAD", head_rev  # `ab BASE MATRIX.toml`
-    if matrix and Path(matrix).is_absolute():
-        try:
-            matrix = str(Path(matrix).resolve().relative_to(repo))
-        except ValueError:
-            raise InputError(f"MATRIX {args.matrix} is outside the repository {repo}") from None
-    elif matrix:
-        matrix = str((Path.cwd() / matrix).resolve().relative_to(repo)) if (Path.cwd() / matrix).exists() else matrix
+    if matrix:
+        matrix = _in_repo(matrix, repo)
     out = args.out or Path("reports") / "ab" / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()):
         raise InputError(f"--out {out} already exists and is not empty")
     shas = {"base": resolve_rev(repo, args.base), "head": resolve_rev(repo, head_rev)}
     revs = {"base": args.base, "head": head_rev}
     with tempfile.TemporaryDirectory(prefix="infermatrix-ab-") as tmp:
-        sides = {}
+        trees: list[Path] = []
         try:
+            sides = {}
             for name, sha in shas.items():
                 tree = Path(tmp) / name
+                trees.append(tree)  # before adding it: a failed add may leave a registration to remove
                 git(repo, "worktree", "add", "--detach", "--force", str(tree), sha)
                 sides[name] = AbSide(name, revs[name], sha, tree, out / name, side_matrix(tree, matrix))
             print(f"ab: base {revs['base']} ({shas['base'][:10]}) vs head {head_rev} ({shas['head'][:10]}), "
@@ -94,8 +116,7 @@ def main(args: argparse.Namespace) -> int:
             finally:
                 launcher.close()
         finally:
-            for side in sides.values():
-                git(repo, "worktree", "remove", "--force", str(side.worktree))
+            remove_worktrees(repo, trees)
     comparison = compare_runs(out / "base", out / "head", cfg, allow_env_mismatch=args.allow_env_mismatch,
                               allow_unmatched=args.allow_unmatched)
     return emit(comparison, args)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from bench.commands.run import _list
+from bench.commands.run import _fetch_hub_models, _list, check_cache_dirs
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -18,11 +18,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.cell import build
+    from optimize.errors import InputError
     from optimize.models import check_model_spec, resolve_device
     from optimize.registry import builtin_variant
 
     check_model_spec(args.model)
     recipes = [builtin_variant(v) for v in args.variants]
+    if not recipes:
+        raise InputError("--variants names no variant")
+    check_cache_dirs(args.cache_dir)
+    _fetch_hub_models([args.model])  # an unreachable hub id is bad input, as for run
     device = resolve_device(args.device)
     failed = False
     for recipe in recipes:

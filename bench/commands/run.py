@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import argparse
 import math
-import shutil
+import os
 import sys
 import tempfile
 from pathlib import Path
 
+from bench.commands import output_dir
 from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
@@ -92,9 +93,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.orchestrate import check_new_run_dir, plan_run_dir
     from bench.runlock import RunLock
 
     shard = _shard(args)
+    # settings whose faults would otherwise surface in every cell, or after run.json is written
+    check_cache_dirs(args.cache_dir)
+    if args.logs_dir is not None:
+        output_dir(args.logs_dir, "--logs-dir")
+    if args.ray_address and args.launcher != "ray":
+        raise InputError("--ray-address needs --launcher ray")
     if args.resume:
         if args.matrix:
             raise InputError("give either a matrix file or --resume DIR, not both")
@@ -102,36 +110,53 @@ def main(args: argparse.Namespace) -> int:
 
         if not (args.resume / RUN).is_file():
             raise InputError(f"--resume {args.resume}: no {RUN} there, not a run directory")
-        with RunLock(args.resume):  # held for the whole run, taken before anything else
-            return _run(args, args.resume, shard, None)
+        lock = RunLock(args.resume).acquire()  # held for the whole run, taken before anything else
+        return _locked(lock, lambda: _run(args, args.resume, shard, None))
     matrix = _matrix(args)
-    from bench.orchestrate import plan_run_dir
-
     run_dir = plan_run_dir(args.out, matrix)
-    existed = run_dir.exists()
-    if existed and not run_dir.is_dir():
-        raise InputError(f"--out {run_dir} is a file, not a directory")
+    check_new_run_dir(run_dir)  # a finished run is refused before the lock, which would write into it
     lock = RunLock(run_dir).acquire()  # before probing: a second run on this directory exits 2 at once
+    return _locked(lock, lambda: _run(args, run_dir, shard, matrix))  # _run checks again, under the lock
+
+
+def _locked(lock, run) -> int:
+    """``run()`` while holding ``lock``; a refusal (``InputError``) removes what taking the lock created."""
     try:
-        return _run(args, run_dir, shard, matrix)
+        return run()
     except InputError:
-        if not existed and _only_lock(run_dir):  # refused before anything was recorded: leave no empty directory
-            shutil.rmtree(run_dir, ignore_errors=True)  # still holding the lock, so no other run is using it
+        lock.discard()  # still holding the lock, so no other run is using what it removes
         raise
     finally:
         lock.release()
+
+
+def check_cache_dirs(cache_dir: str | None) -> None:
+    """Refuse cache directories a run could not write: the store's and the fork server's.
+
+    The store is ``cache_dir`` (``--cache-dir``) or else ``$INFERMATRIX_CACHE`` or the default;
+    the fork server writes its ``preload.log`` to the latter whatever ``--cache-dir`` says.
+    """
+    from optimize.models import default_cache_dir
+
+    if cache_dir:
+        output_dir(Path(cache_dir), "--cache-dir")
+    env = os.environ.get("INFERMATRIX_CACHE")
+    setting = "INFERMATRIX_CACHE" if env else "the default cache directory"
+    try:
+        output_dir(default_cache_dir(), setting)
+    except InputError as exc:
+        if cache_dir:
+            raise InputError(f"{exc} (the fork server writes its preload.log there whatever --cache-dir says)") \
+                from None
+        if not env:
+            raise InputError(f"{exc} (set INFERMATRIX_CACHE to use another)") from None
+        raise
 
 
 def _shard(args: argparse.Namespace):
     from bench.orchestrate import Shard
 
     return Shard.parse(args.shard) if args.shard else None
-
-
-def _only_lock(run_dir: Path) -> bool:
-    from bench.runlock import LOCK
-
-    return [p.name for p in run_dir.iterdir()] in ([], [LOCK])
 
 
 def _matrix(args: argparse.Namespace):

@@ -67,7 +67,15 @@ def _one_line_exit_2(proc: subprocess.CompletedProcess, *needles: str) -> str:
 
 
 def _record(cell_id: str, status: str = "ok", **extra) -> dict:
-    return {"cell_id": cell_id, "status": status, "model": "m", "variant": "fp32", **extra}
+    """The least a reader takes as a record; a one-letter ``cell_id`` is repeated to the 16 hex digits of one."""
+    return {"schema_version": 1, "cell_id": cell_id if len(cell_id) == 16 else cell_id * 16, "status": status,
+            "model": "m", "variant": "fp32", "device": "cpu",
+            "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4},
+            "metrics": {}, "samples": {}, **extra}
+
+
+def _ids(records: list[dict]) -> list[str]:
+    return [r["cell_id"][0] for r in records]
 
 
 # --- 1. security: a string is never a boolean -------------------------------------------
@@ -121,7 +129,7 @@ def test_short_write_raises_and_leaves_results_as_they_were(tmp_path, monkeypatc
     monkeypatch.undo()
     assert (tmp_path / "results.jsonl").read_bytes() == before
     append_record(tmp_path, _record("c"))
-    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "c"]
+    assert _ids(read_records(tmp_path)) == ["a", "c"]
 
 
 def test_torn_last_line_is_moved_aside_so_the_next_record_is_whole(tmp_path):
@@ -134,7 +142,7 @@ def test_torn_last_line_is_moved_aside_so_the_next_record_is_whole(tmp_path):
         append_record(tmp_path, _record("c"))
     lines = (tmp_path / "results.jsonl").read_bytes().splitlines(keepends=True)
     assert all(line.endswith(b"\n") for line in lines) and len(lines) == 2
-    assert [r["cell_id"] for r in read_records(tmp_path)] == ["a", "c"]
+    assert _ids(read_records(tmp_path)) == ["a", "c"]
     assert (tmp_path / TORN).read_bytes() == b'{"cell_id": "b", "status": "o\n'  # nothing is thrown away
     assert repair_torn_tail(tmp_path) is None
 
@@ -147,7 +155,7 @@ def test_loader_names_corrupt_lines_and_keeps_the_good_ones(tmp_path):
                                                         good[2]]).encode() + b"\n\xff\xfe\n")
     with pytest.warns(CorruptRecordWarning) as caught:
         records = read_records(tmp_path)
-    assert [r["cell_id"] for r in records] == ["a", "b", "c"]
+    assert _ids(records) == ["a", "b", "c"]
     message = str(caught[0].message)
     assert "skipped 4 corrupt line(s)" in message
     for number in ("2 (", "4 (", "5 (", "7 ("):
@@ -424,8 +432,8 @@ def test_failed_merge_leaves_no_partial_output(tmp_path):
         d = tmp_path / name
         d.mkdir()
         start_run(load_matrix(_matrix_file(tmp_path)), d, shard=None, launcher="local", environment={})
-        append_record(d, _record("first"))
-        append_record(d, _record("shared"))
+        append_record(d, _record("1"))
+        append_record(d, _record("2"))
         dirs.append(d)
     out = tmp_path / "merged"
     proc = _cli("merge", *map(str, dirs), "--out", str(out))

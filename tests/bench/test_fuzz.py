@@ -132,9 +132,12 @@ def test_recipe_parser_returns_a_recipe_or_raises_input_error(data):
     json.dumps(recipe.to_dict(), allow_nan=False)  # what gets hashed and stored must be plain JSON
 
 
-good_line = st.fixed_dictionaries({"cell_id": st.text(min_size=1, max_size=8), "status": st.sampled_from(["ok",
-                                                                                                       "failed"])},
-                                  optional={"metrics": values}).map(lambda r: json.dumps(r).encode())
+GOOD = {"schema_version": 1, "model": "m", "variant": "v", "recipe": {"name": "v", "steps": []}, "device": "cpu",
+        "scenario": {"name": "generate", "batch_size": 1, "prompt_tokens": 16, "new_tokens": 4}, "status": "failed",
+        "error": "boom", "metrics": {}, "samples": {}, "method": {}, "labels": [], "timing_s": {}}
+good_line = st.fixed_dictionaries({"cell_id": st.from_regex(r"[0-9a-f]{16}", fullmatch=True)},
+                                  optional={"extra": values, "labels": st.lists(st.text(max_size=4), max_size=2)}
+                                  ).map(lambda r: json.dumps({**GOOD, **r}, allow_nan=True).encode())
 lines = st.one_of(good_line, st.binary(max_size=40), values.map(lambda v: json.dumps(v, allow_nan=True).encode()))
 
 
@@ -153,11 +156,35 @@ def test_results_loader_keeps_every_good_line_whatever_surrounds_it(tmp_path_fac
 
 
 def _is_record(raw: bytes) -> bool:
+    """A whole record by the published schema, in JSON without NaN or infinities: the loader must keep it."""
+    import jsonschema
+
+    from bench.results import validate_record
+
+    def no_constant(name):
+        raise ValueError(name)
+
     try:
-        rec = json.loads(raw.decode())
-    except (UnicodeDecodeError, ValueError):
+        rec = json.loads(raw.decode(), parse_constant=no_constant)
+        json.dumps(rec, ensure_ascii=False).encode()  # a lone surrogate cannot be text
+        if any((isinstance(x, float) and not math.isfinite(x)) or (isinstance(x, int) and abs(x) >= 2**63)
+               for x in _leaves(rec)):
+            return False
+        validate_record(rec)
+    except (UnicodeError, ValueError, jsonschema.ValidationError):
         return False
-    return isinstance(rec, dict) and isinstance(rec.get("cell_id"), str) and isinstance(rec.get("status"), str)
+    return True
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _leaves(v)
+    else:
+        yield value
 
 
 @fuzz("run")

@@ -161,7 +161,8 @@ def test_unwritable_outputs_are_bad_input_named_before_any_work(run, tmp_path, c
     cases = [
         (["report", str(run), "--out", str(a_dir)], f"--out {a_dir} is a directory; give a file"),
         (["report", str(run), "--format", "md,html", "--out", str(a_file)], f"--out {a_file} is not a directory"),
-        (["report", str(run), "--out", str(a_file / "r.md")], f"--out {a_file / 'r.md'}: {a_file} is not a directory"),
+        (["report", str(run), "--out", str(a_file / "r.md")],
+         f"--out {a_file / 'r.md'}: its folder {a_file} is not a directory"),
         (["export", str(run), "--to", "pytest-benchmark", "--out", str(a_dir)], f"--out {a_dir} is a directory"),
         (["compare", str(run), str(run), "--json", str(a_dir)], f"--json {a_dir} is a directory; give a file"),
         (["history", "add", str(run), "--db", str(a_dir)], f"--db {a_dir} is a directory; give a file"),

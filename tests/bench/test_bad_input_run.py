@@ -1,0 +1,314 @@
+"""Bad input to ``run`` and ``ab`` through the command line: one stderr line, exit 2, nothing written.
+
+Each case was found by an audit ending in a traceback, a run of failing cells or a file left
+behind (README, "Failure modes": a refused run writes nothing). Every check here happens
+before a cell starts, so no test measures anything.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from bench.cli import main as cli
+from bench.runlock import LOCK, RunLock
+from optimize.errors import InputError
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = """
+name = "tiny"
+models = ["synthetic:llama-tiny"]
+variants = ["fp32"]
+devices = ["cpu"]
+{extra}
+[[scenarios]]
+name = "generate"
+batch_size = [1]
+prompt_tokens = [16]
+new_tokens = [4]
+
+[measure]
+warmup = 0
+min_reps = 1
+max_reps = 1
+budget_s = 0
+roofline = false
+
+[drift]
+enabled = false
+"""
+
+
+def _tiny(tmp_path: Path, extra: str = "", name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(TINY.format(extra=extra))
+    return path
+
+
+def _refused(rc: int, err: str, *needles: str) -> str:
+    """The one stderr line of a refusal (exit 2), which must contain every needle."""
+    lines = err.strip().splitlines()
+    assert rc == 2 and len(lines) == 1 and "Traceback" not in err, (rc, err[-3000:])
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    rc = cli(["run", *map(str, args)])
+    return rc, capsys.readouterr().err
+
+
+# --- matrix files that cannot be read --------------------------------------------------------
+
+
+def test_matrix_file_that_is_not_utf8_names_the_byte_and_its_offset(tmp_path, capsys):
+    path = tmp_path / "nonutf8.toml"
+    path.write_bytes(b'models = ["synthetic:llama-tiny"]\nname = "caf\xe9"\n')
+    rc, err = _run(capsys, path, "--out", tmp_path / "out")
+    _refused(rc, err, str(path), "is not UTF-8 text: byte 0xe9 at offset 45 (invalid continuation byte)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("value", ["[" * 5000 + "]" * 5000, "{a=" * 5000 + "}" * 5000])
+def test_deeply_nested_matrix_is_one_line_not_a_recursion_error(tmp_path, capsys, value):
+    path = tmp_path / "deep.toml"
+    path.write_text(f"x = {value}\n")
+    rc, err = _run(capsys, path, "--out", tmp_path / "out")
+    _refused(rc, err, str(path), "nested too deeply")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unreadable_matrix_file_exits_2_naming_it(tmp_path, capsys, monkeypatch):
+    path = _tiny(tmp_path)
+    path.chmod(0)
+    if os.geteuid() == 0:  # root reads it anyway: emulate the refusal a user meets, at the read itself
+        read_bytes = Path.read_bytes
+
+        def refuse(self):
+            if self == path:
+                raise PermissionError(13, "Permission denied", str(self))
+            return read_bytes(self)
+
+        monkeypatch.setattr(Path, "read_bytes", refuse)
+    rc, err = _run(capsys, path, "--out", tmp_path / "out")
+    _refused(rc, err, str(path), "cannot be read: Permission denied")
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_path_that_is_a_directory_says_it_is_a_directory(tmp_path, capsys):
+    rc, err = _run(capsys, tmp_path, "--out", tmp_path / "out")
+    _refused(rc, err, str(tmp_path), "is a directory")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the matrix key `tokenizer`, checked as --tokenizer is --------------------------------------
+
+
+@pytest.mark.parametrize("where", ["/nonexistent", "empty-dir"])
+def test_matrix_tokenizer_without_a_tokenizer_exits_2_before_anything_runs(tmp_path, capsys, monkeypatch, where):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty-dir").mkdir()
+    path = _tiny(tmp_path, f'tokenizer = "{where}"')
+    rc, err = _run(capsys, path, "--out", tmp_path / "out")
+    _refused(rc, err, str(path), "'tokenizer'", repr(where), "tokenizer.json")
+    assert not (tmp_path / "out").exists()
+
+
+def test_matrix_tokenizer_that_holds_a_tokenizer_is_accepted(tmp_path):
+    from bench.matrix import load_matrix
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text("{}")
+    assert load_matrix(_tiny(tmp_path, f'tokenizer = "{tmp_path / "tok"}"')).tokenizer == str(tmp_path / "tok")
+
+
+# --- cache and logs directories ---------------------------------------------------------------
+
+
+def test_cache_dir_flag_naming_a_file_exits_2_before_any_cell(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", "--cache-dir", blocker, "--quiet")
+    _refused(rc, err, "--cache-dir", str(blocker), "is not a directory")
+    assert not (tmp_path / "out").exists() and blocker.read_text() == "x"
+
+
+def test_cache_dir_under_a_file_cannot_be_created(tmp_path, capsys):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", "--cache-dir", blocker / "sub")
+    _refused(rc, err, "--cache-dir", "cannot be created", str(blocker), "is not a directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cache_env_naming_a_file_exits_2_instead_of_crashing_the_fork_server(tmp_path):
+    """Seen: the fork server's child died on FileExistsError and the parent printed 47 lines."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(_tiny(tmp_path)), "--out",
+                           str(tmp_path / "out"), "--quiet"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "INFERMATRIX_CACHE": str(blocker)})
+    _refused(proc.returncode, proc.stderr, "INFERMATRIX_CACHE", str(blocker), "is not a directory")
+    assert not (tmp_path / "out").exists() and blocker.read_text() == "x"
+
+
+@pytest.mark.parametrize("setting", ["--cache-dir", "INFERMATRIX_CACHE"])
+def test_unwritable_cache_dir_exits_2_naming_the_setting(tmp_path, capsys, monkeypatch, setting):
+    cache = tmp_path / "ro"
+    cache.mkdir()
+    cache.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    if os.geteuid() == 0:  # root writes there anyway: emulate the refusal a user meets, at the access check
+        access = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != cache and access(p, mode, **kw))
+    flag = ["--cache-dir", cache] if setting == "--cache-dir" else []
+    if setting == "INFERMATRIX_CACHE":
+        monkeypatch.setenv("INFERMATRIX_CACHE", str(cache))
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", *flag)
+    _refused(rc, err, setting, str(cache), "is not writable")
+    assert not (tmp_path / "out").exists() and not list(cache.iterdir())
+
+
+def test_logs_dir_naming_a_file_exits_2_before_run_json_is_written(tmp_path, capsys):
+    """Seen: FileExistsError after run.json was written, and the directory then refused new runs."""
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", "--logs-dir", blocker)
+    _refused(rc, err, "--logs-dir", str(blocker), "is not a directory")
+    assert not (tmp_path / "out").exists()
+
+
+def test_ray_address_without_the_ray_launcher_exits_2_before_run_json_is_written(tmp_path, capsys):
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", "--ray-address", "host:1")
+    _refused(rc, err, "--ray-address needs --launcher ray")
+    assert not (tmp_path / "out").exists()
+
+
+# --- the run directory and its lock -----------------------------------------------------------
+
+
+def _listing(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.iterdir()}
+
+
+def test_refusing_a_finished_run_directory_writes_no_lock_file_into_it(tmp_path, capsys):
+    finished = tmp_path / "finished"  # as merge leaves one: a run without a lock file
+    finished.mkdir()
+    (finished / "run.json").write_text('{"matrix": {}}')
+    (finished / "results.jsonl").write_text("")
+    before = _listing(finished)
+    rc, err = _run(capsys, _tiny(tmp_path), "--out", finished)
+    _refused(rc, err, str(finished), "already holds a run")
+    assert _listing(finished) == before and not (finished / LOCK).exists()
+
+
+def test_resume_refused_removes_the_lock_file_it_created(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")  # no matrix: refused once the lock is held
+    rc, err = _run(capsys, "--resume", run_dir)
+    _refused(rc, err, "run.json")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_discard_removes_the_lock_file_and_the_directories_the_lock_made(tmp_path):
+    lock = RunLock(tmp_path / "a" / "b" / "run").acquire()
+    assert (tmp_path / "a" / "b" / "run" / LOCK).exists()
+    lock.discard()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_discard_keeps_a_lock_file_that_was_there_before(tmp_path):
+    with RunLock(tmp_path):  # an earlier run's lock file, kept after it ended
+        pass
+    lock = RunLock(tmp_path).acquire()
+    lock.discard()
+    assert [p.name for p in tmp_path.iterdir()] == [LOCK]
+
+
+def test_a_racer_that_opened_a_discarded_lock_file_locks_the_new_one(tmp_path, monkeypatch):
+    """The race the lock guards: a run refused under the lock removes its file while another waits on it."""
+    run_dir = tmp_path / "run"
+    first = RunLock(run_dir).acquire()
+    racer = RunLock(run_dir)
+    stale = os.open(first.path, os.O_RDWR)  # opened before the refused run removes the file
+    opened = [stale]
+    real_open = racer._open
+    monkeypatch.setattr(racer, "_open", lambda: opened.pop() if opened else real_open())
+    first.discard()
+    racer.acquire()
+    try:
+        assert racer.path.read_text().strip() == str(os.getpid())
+        assert os.fstat(racer._fd).st_ino == racer.path.stat().st_ino  # it holds the file at the path
+        with pytest.raises(InputError, match="in use by another infermatrix run"):
+            RunLock(run_dir).acquire()
+    finally:
+        racer.release()
+
+
+# --- ab: the matrix path and the temporary worktrees ------------------------------------------
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
+                          check=True, capture_output=True, text=True).stdout
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A repository whose first commit holds a broken bench.toml (an unknown key) and second a valid one."""
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "-q")
+    (repo / "bench.toml").write_text(TINY.format(extra="stpes = 1"))
+    _git(repo, "add", "bench.toml")
+    _git(repo, "commit", "-qm", "broken matrix")
+    (repo / "bench.toml").write_text(TINY.format(extra=""))
+    _git(repo, "commit", "-qam", "valid matrix")
+    return repo
+
+
+def _no_worktrees_left(repo: Path) -> None:
+    assert len(_git(repo, "worktree", "list").splitlines()) == 1
+    assert not list((repo / ".git" / "worktrees").glob("*"))
+
+
+def test_ab_relative_matrix_outside_the_repository_exits_2(repo, tmp_path, capsys, monkeypatch):
+    _tiny(tmp_path, name="outside.toml")
+    monkeypatch.chdir(repo)
+    for matrix in ("../outside.toml", "../nosuch.toml"):
+        rc = cli(["ab", "HEAD~1", "HEAD", matrix, "--out", str(tmp_path / "out")])
+        _refused(rc, capsys.readouterr().err, f"MATRIX {matrix} is outside the repository")
+    assert not (tmp_path / "out").exists()
+    _no_worktrees_left(repo)
+
+
+@pytest.mark.parametrize(("matrix", "needle"), [
+    ("nosuch.toml", "'nosuch.toml' does not exist at that revision"),
+    ("bench.toml", "'stpes' is not a matrix key"),  # refused in the base's worktree, after it was added
+])
+def test_failed_ab_leaves_no_worktree_in_the_repository(repo, tmp_path, capsys, matrix, needle):
+    rc = cli(["ab", "HEAD~1", "HEAD", matrix, "--repo", str(repo), "--out", str(tmp_path / "out")])
+    _refused(rc, capsys.readouterr().err, needle)
+    assert not (tmp_path / "out").exists()
+    _no_worktrees_left(repo)
+
+
+def test_build_refuses_no_variants_an_unusable_cache_and_an_unreachable_hub_id(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    cases = ((["--variants", ""], "--variants names no variant"),
+             (["--variants", "fp32", "--cache-dir", str(blocker)], f"--cache-dir {blocker} is not a directory"),
+             (["--model", "nonexistent-org-zz/nonexistent-zz", "--variants", "fp32", "--cache-dir", str(tmp_path)],
+              "model 'nonexistent-org-zz/nonexistent-zz' is neither a built-in"))
+    for argv, needle in cases:
+        rc = cli(["build", *argv])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and needle in err[-1], (argv, err)
+        assert not [p for p in tmp_path.iterdir() if p != blocker]  # nothing built, nothing stored
