@@ -200,6 +200,9 @@ def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise RecipeError(f"{where}: an inline variant needs a non-empty 'name'")
+    if not name.isprintable() or name != name.strip():
+        raise RecipeError(f"{where}: variant name {name!r} has control characters or surrounding spaces (it is "
+                          "printed in terminals and reports as it is)")
     if not isinstance(data.get("description", ""), str):
         raise RecipeError(f"{where}: 'description' must be a string, got {data['description']!r}")
     steps = data.get("steps", [])

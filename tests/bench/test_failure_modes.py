@@ -489,3 +489,11 @@ def test_shipped_tokenizer_output_goes_straight_into_generate():
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=3, do_sample=False, pad_token_id=tok.pad_token_id)
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
+
+
+@pytest.mark.parametrize("name", ["\x1b[31mred\x1b[0m", "a\x00b", "two\nlines", "bell\x07", " padded"])
+def test_a_variant_name_with_control_characters_or_padding_is_refused(name):
+    with pytest.raises(InputError, match="control characters or surrounding spaces"):
+        parse_matrix({"recipe": [{"name": name, "steps": []}], "variants": [name]}, "m.toml")
+    assert parse_matrix({"recipe": [{"name": "int8 (κ=2)", "steps": []}], "variants": ["int8 (κ=2)"]},
+                        "m.toml").variants  # any printable text stays a name
