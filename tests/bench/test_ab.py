@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import pytest
 
 from bench.ab import schedule
 from bench.cli import main as cli
+from tests.bench.gitrepo import git as _git
 
 MATRIX = """
 name = "ab-test"
@@ -39,11 +39,6 @@ timeout_s = 300
 [drift]
 enabled = false
 """
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-                          check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture

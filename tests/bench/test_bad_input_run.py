@@ -18,30 +18,11 @@ import pytest
 from bench.cli import main as cli
 from bench.runlock import LOCK, RunLock
 from optimize.errors import InputError
+from tests.bench.gitrepo import git as _git
+from tests.bench.test_failure_modes import SMALL
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY = """
-name = "tiny"
-models = ["synthetic:llama-tiny"]
-variants = ["fp32"]
-devices = ["cpu"]
-{extra}
-[[scenarios]]
-name = "generate"
-batch_size = [1]
-prompt_tokens = [16]
-new_tokens = [4]
-
-[measure]
-warmup = 0
-min_reps = 1
-max_reps = 1
-budget_s = 0
-roofline = false
-
-[drift]
-enabled = false
-"""
+TINY = SMALL.replace("{measure}\n", "")  # the failure modes' one-cell matrix
 
 
 def _tiny(tmp_path: Path, extra: str = "", name: str = "tiny.toml") -> Path:
@@ -252,11 +233,6 @@ def test_a_racer_that_opened_a_discarded_lock_file_locks_the_new_one(tmp_path, m
 
 
 # --- ab: the matrix path and the temporary worktrees ------------------------------------------
-
-
-def _git(repo: Path, *args: str) -> str:
-    return subprocess.run(["git", "-C", str(repo), "-c", "user.email=t@example.com", "-c", "user.name=t", *args],
-                          check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture
