@@ -26,7 +26,7 @@ from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
 from optimize.recipe import Recipe
-from optimize.registry import recipe_from_dict
+from optimize.registry import did_you_mean, recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
@@ -181,7 +181,8 @@ def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
         fields = SCENARIOS[kind].settings()
         unknown = sorted(set(table) - set(fields) - {"name"})
         if unknown:
-            raise _err(f"{where} scenarios[{i}]", unknown[0], f"is not a {kind} setting; allowed: {fields}")
+            raise _err(f"{where} scenarios[{i}]", unknown[0],
+                       f"is not a {kind} setting{did_you_mean(unknown[0], fields)}; allowed: {fields}")
         out.append(_grid(kind, {k: table.get(k, getattr(SCENARIOS[kind](), k)) for k in fields},
                          f"{where} scenarios[{i}]"))
     return tuple(out)
@@ -206,7 +207,8 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
     allowed = repeat_fields | {"timeout_s", "seed", "roofline", "rounds", "threads"}
     unknown = sorted(set(raw) - allowed)
     if unknown:
-        raise _err(f"{where} [measure]", unknown[0], f"is not a measure setting; allowed: {sorted(allowed)}")
+        raise _err(f"{where} [measure]", unknown[0],
+                   f"is not a measure setting{did_you_mean(unknown[0], sorted(allowed))}; allowed: {sorted(allowed)}")
     roofline = raw.get("roofline", True)
     if not isinstance(roofline, bool):
         raise _err(f"{where} [measure]", "roofline", f"must be true or false, got {roofline!r}")
@@ -264,8 +266,6 @@ def exclude_keys() -> set[str]:
 
 
 def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
-    from optimize.registry import did_you_mean
-
     if not isinstance(raw, list) or not all(isinstance(e, dict) and e for e in raw):
         raise _err(where, "exclude", "must be an array of non-empty tables ([[exclude]])")
     allowed = exclude_keys()
@@ -278,7 +278,7 @@ def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
 
 
 def _check_variants(variants: tuple[str, ...], recipes: dict[str, Recipe], where: str) -> tuple[str, ...]:
-    from optimize.registry import did_you_mean, variant_names
+    from optimize.registry import variant_names
 
     known = set(variant_names()) | set(recipes)
     for name in variants:
@@ -306,7 +306,7 @@ def _check_models(models: tuple[str, ...], where: str) -> tuple[str, ...]:
 
 def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     """Validate a matrix given as parsed TOML."""
-    from optimize.registry import did_you_mean, variant_names
+    from optimize.registry import variant_names
 
     unknown = sorted(set(data) - TOP_KEYS)
     if unknown:
