@@ -274,6 +274,11 @@ def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
             if key not in allowed:
                 raise _err(f"{where} exclude[{i}]", key, f"is not something a cell has{did_you_mean(key, allowed)}; "
                                                          f"allowed: {', '.join(sorted(allowed))}")
+            text = key in ("model", "variant", "device", "name")  # the scenario's sizes are integers
+            value = rule[key]
+            if not (isinstance(value, str) if text else isinstance(value, int) and not isinstance(value, bool)):
+                raise _err(f"{where} exclude[{i}]", key, f"must be {'a string' if text else 'an integer'}, got "
+                                                         f"{value!r}: it would match no cell")
     return tuple(raw)
 
 

@@ -175,6 +175,7 @@ def _matrix(args: argparse.Namespace):
 def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     """Run (or, with ``matrix`` None, resume) the run in ``run_dir``, whose lock the caller holds."""
     from bench.env import device_resolver, environment
+    from bench.matrix import expand
     from bench.orchestrate import (
         check_new_run_dir,
         execute,
@@ -204,6 +205,8 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         resolve = device_resolver(torch_env)
         for device in matrix.devices:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
+        if not expand(matrix, resolve):
+            raise InputError(f"{matrix.source}: the [[exclude]] rules remove every cell; nothing to run")
         _fetch_hub_models(matrix.models)  # an unreachable hub id too
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),

@@ -288,3 +288,15 @@ def test_build_refuses_no_variants_an_unusable_cache_and_an_unreachable_hub_id(t
         err = capsys.readouterr().err.strip().splitlines()
         assert rc == 2 and needle in err[-1], (argv, err)
         assert not [p for p in tmp_path.iterdir() if p != blocker]  # nothing built, nothing stored
+
+
+def test_exclude_rules_that_remove_every_cell_or_can_match_none_are_refused(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc, err = _run(capsys, _tiny(tmp_path, '[[exclude]]\nvariant = "fp32"\n'), "--out", out)
+    _refused(rc, err, "the [[exclude]] rules remove every cell; nothing to run")
+    assert not out.exists()
+    rc, err = _run(capsys, _tiny(tmp_path, '[[exclude]]\nbatch_size = "1"\n', "typed.toml"), "--out", out)
+    _refused(rc, err, "exclude[0]", "'batch_size'", "must be an integer, got '1': it would match no cell")
+    rc, err = _run(capsys, _tiny(tmp_path, '[[exclude]]\nvariant = 5\n', "typed2.toml"), "--out", out)
+    _refused(rc, err, "'variant'", "must be a string, got 5")
+    assert not out.exists()
