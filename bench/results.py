@@ -172,11 +172,11 @@ def loads_strict(text: str | bytes) -> Any:
     return value
 
 
-def _check_record(rec: Any) -> str | None:
-    """Why ``rec`` is not a usable record (the first way it breaks the record schema), or None."""
+def schema_problem(value: Any, schema_path: Path = SCHEMA_PATH, for_reading: bool = True) -> str | None:
+    """The first way ``value`` breaks the schema, as ``where: what`` (``what`` alone at the top), or None."""
     import jsonschema
 
-    error = jsonschema.exceptions.best_match(_validator(SCHEMA_PATH, True).iter_errors(rec))
+    error = jsonschema.exceptions.best_match(_validator(schema_path, for_reading).iter_errors(value))
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
@@ -220,7 +220,7 @@ def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             why = f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
         else:
-            why = _check_record(rec)
+            why = schema_problem(rec)
         if why is None:
             records.append(rec)
         else:
@@ -247,17 +247,13 @@ def read_run(run_dir: Path) -> dict[str, Any]:
     try:
         run = loads_strict(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise InputError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {str(exc)[:160]}); it cannot be "
+        raise InputError(f"{path} is unreadable or corrupt ({type(exc).__name__}: {exc}); it cannot be "
                          "resumed or reported") from None
     if not isinstance(run, dict) or not isinstance(run.get("matrix"), dict):
         raise InputError(f"{path} is not a run description (no 'matrix' table); it cannot be resumed or reported")
-    import jsonschema
-
-    error = jsonschema.exceptions.best_match(_validator(RUN_SCHEMA_PATH).iter_errors(run))
-    if error is not None:
-        where = "/".join(str(p) for p in error.absolute_path)
-        raise InputError(f"{path} is not a run description ({where + ': ' if where else ''}{error.message[:160]}); "
-                         "it cannot be resumed or reported")
+    problem = schema_problem(run, RUN_SCHEMA_PATH, for_reading=False)
+    if problem:
+        raise InputError(f"{path} is not a run description ({problem}); it cannot be resumed or reported")
     return run
 
 

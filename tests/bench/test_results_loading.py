@@ -239,3 +239,107 @@ def test_read_run_names_the_file_and_why(tmp_path, content, message):
     assert str(exc.value) == message.format(d=tmp_path)
     (tmp_path / RUN).write_text('{"matrix": {}}')
     assert read_run(tmp_path) == {"matrix": {}}
+
+
+# --- what the loader takes as JSON, as a record and as a run description ------------------------
+
+
+@pytest.mark.parametrize("text, reason", [
+    ("[NaN]", "NaN is not a JSON number"), ("[-Infinity]", "-Infinity is not a JSON number"),
+    ("[Infinity]", "Infinity is not a JSON number"), ("[1e400]", "1e400 is out of range"),
+    ("[-1e400]", "-1e400 is out of range"), (f"[{2**63}]", "an integer of 19 digits is out of range"),
+    (f"[{-2**63}]", "an integer of 20 digits is out of range"),
+    ('["\\udc80"]', "a string holds a lone surrogate"), ('["\\uD800x"]', "a string holds a lone surrogate")])
+def test_strict_json_refuses_what_json_has_no_number_or_text_for(text, reason):
+    from bench.results import loads_strict
+
+    for raw in (text, text.encode()):
+        with pytest.raises(ValueError) as exc:
+            loads_strict(raw)
+        assert str(exc.value) == reason
+
+
+def test_strict_json_takes_the_largest_numbers_and_escaped_text():
+    from bench.results import loads_strict
+
+    assert loads_strict(f"[{2**63 - 1}, {-(2**63) + 1}, 1.7e308, -0.0]") == [2**63 - 1, -(2**63) + 1, 1.7e308, -0.0]
+    assert loads_strict(b'["\\ud83d\\ude00", "\\\\ud800"]') == ["\U0001f600", "\\ud800"]  # a pair; a backslash
+
+
+def test_schema_problems_name_where_the_record_breaks_and_cut_long_messages():
+    from bench.results import schema_problem
+
+    assert schema_problem(A1) is None
+    assert schema_problem({**A1, "metrics": {"ttft_ms": {"p50": "fast"}}}) == \
+        "metrics/ttft_ms: 'n' is a required property"
+    assert schema_problem({**A1, "samples": {"tpot_ms": [[1.0, -1.0]]}}) == \
+        "samples/tpot_ms/0/1: -1.0 is less than the minimum of 0"
+    no_id = {k: v for k, v in A1.items() if k != "cell_id"}
+    assert schema_problem(no_id) == "'cell_id' is a required property"  # the top: no place to name
+    long = schema_problem({**A1, "variant": "x" * 400})
+    assert long is None  # any string is a name
+    long = schema_problem({**A1, "device": "y" * 400})
+    assert long.startswith("device: 'yyy") and len(long) == len("device: ") + 160
+
+
+def test_a_record_need_not_hold_every_figure_but_the_full_contract_does():
+    from bench.results import schema_problem
+
+    ok_without_figures = rec("a", recipe={"name": "v", "steps": []}, error=None, method={}, labels=[], timing_s={})
+    assert schema_problem(ok_without_figures) is None
+    assert schema_problem(ok_without_figures, for_reading=False) == "metrics: 'ttft_ms' is a required property"
+
+
+def test_run_files_that_are_no_regular_file_or_cannot_be_looked_at(tmp_path, monkeypatch):
+    (tmp_path / RESULTS).mkdir()
+    with pytest.raises(InputError) as exc:
+        read_records(tmp_path)
+    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records is not a regular file"
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(InputError) as exc:
+        read_run(blocker)  # run.json under a file: stat says "Not a directory"
+    assert str(exc.value) == f"{blocker / RUN}: the run description cannot be read (Not a directory)"
+    with pytest.raises(InputError) as exc:
+        read_run(tmp_path)
+    assert str(exc.value) == f"{tmp_path}: no {RUN} there, not a run directory"
+    (tmp_path / RESULTS).rmdir()
+    (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n")
+
+    def refused(self):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(type(tmp_path), "read_bytes", refused)
+    with pytest.raises(InputError) as exc:
+        read_records(tmp_path)
+    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records cannot be read (Permission denied)"
+
+
+def test_a_line_that_is_not_json_names_the_parser_s_reason_cut_short(tmp_path):
+    (tmp_path / RESULTS).write_text('{"cell_id": ' + "1" * 5000 + "}\n" + json.dumps(A1) + "\n")
+    with pytest.warns(UserWarning) as caught:
+        assert read_records(tmp_path) == [A1]
+    reason = str(caught[0].message).split("line(s): 1 (", 1)[1].split("); the other")[0]
+    assert reason.startswith("not valid JSON (ValueError: Exceeds the limit (4300 digits) for integer string")
+    assert len(reason) == len("not valid JSON (ValueError: ") + 80 + 1
+
+
+@pytest.mark.parametrize("change, where", [
+    (lambda j: j.update(environment=None), "environment: None is not of type 'object'"),
+    (lambda j: j.update(schema_version=2), "schema_version: 1 was expected"),
+    (lambda j: j.update(roofline={"cpu": {"memory": {"bandwidth_gbps": 0}}}),
+     "roofline/cpu/memory/bandwidth_gbps: 0 is less than or equal to the minimum of 0")])
+def test_a_run_description_of_the_wrong_shape_names_where(tmp_path, change, where):
+    run = {"schema_version": 1, "matrix": {"name": "m"}, "environment": {}, "roofline": None}
+    write_json_atomic(tmp_path / RUN, run)
+    assert read_run(tmp_path) == run
+    change(run)
+    write_json_atomic(tmp_path / RUN, run)
+    with pytest.raises(InputError) as exc:
+        read_run(tmp_path)
+    assert str(exc.value) == f"{tmp_path / RUN} is not a run description ({where}); it cannot be resumed or reported"
+    (tmp_path / RUN).write_text('{"matrix": {}, "x": NaN}')
+    with pytest.raises(InputError) as exc:
+        read_run(tmp_path)
+    assert str(exc.value) == (f"{tmp_path / RUN} is unreadable or corrupt (ValueError: NaN is not a JSON number); "
+                              "it cannot be resumed or reported")
