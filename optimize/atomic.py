@@ -47,6 +47,18 @@ def write_atomic(path: Path, data: str | bytes) -> None:
         raise
 
 
+def write_file(path: Path, data: str | bytes) -> None:
+    """Write ``path`` whole: a regular file (or a new one, its folders created) through ``write_atomic``; a
+    device or pipe that is already there (``/dev/stdout``) directly, as nothing can be renamed over it.
+    """
+    if os.path.exists(path) and not Path(path).is_file():
+        with open(path, "wb" if isinstance(data, bytes) else "w") as f:
+            f.write(data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(Path(path), data)
+
+
 def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
     """``fill`` a temporary sibling of ``final``, then rename it to ``final``.
 

@@ -71,15 +71,10 @@ def write_output(path: Path, data: str | bytes, what: str = "--out") -> None:
     """Write ``data`` to ``path`` whole (a regular file: a temporary sibling renamed over it; a device or
     pipe: directly); a failure to write is an ``InputError`` naming the path.
     """
-    from optimize.atomic import write_atomic
+    from optimize.atomic import write_file
 
     try:
-        if os.path.exists(path) and not path.is_file():
-            with open(path, "wb" if isinstance(data, bytes) else "w") as f:
-                f.write(data)
-        else:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, data)
+        write_file(path, data)
     except OSError as exc:
         raise InputError(f"{what} {path}: could not write it ({exc.strerror or exc})") from None
 

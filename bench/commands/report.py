@@ -33,7 +33,11 @@ def main(args: argparse.Namespace) -> int:
         emit(text, args.out)
         return 0
     output_dir(args.out or args.run, "--out" if args.out else "the run directory")
-    written = write_reports(args.run, formats, args.out)
+    try:
+        written = write_reports(args.run, formats, args.out)
+    except OSError as exc:  # a full disk midway: the reports written so far are whole, the rest missing
+        raise InputError(f"--out {args.out or args.run}: could not write the reports ({exc.strerror or exc})") \
+            from None
     for path in written:
         print(path)
     if "png" in formats and not any(path.suffix == ".png" for path in written):

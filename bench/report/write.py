@@ -61,7 +61,7 @@ def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None
     Every format is rendered before anything is written, so a run that cannot be rendered leaves
     no partial set of reports (and no new folder) behind.
     """
-    from bench.commands import write_output
+    from optimize.atomic import write_file
 
     out_dir = Path(out_dir or run_dir)
     files: dict[str, str | bytes] = {}
@@ -70,6 +70,6 @@ def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None
         files.update(content if isinstance(content, dict) else {FORMATS[fmt]: content})
     written = []
     for name, data in files.items():
-        write_output(out_dir / name, data, "--out")
+        write_file(out_dir / name, data)
         written.append(out_dir / name)
     return written

@@ -210,3 +210,12 @@ def test_exporting_a_run_with_nothing_to_export_is_refused_not_an_empty_file(tmp
     out = tmp_path / "bench.json"
     err = _one_line_error(capsys, cli(["export", str(run), "--to", to, "--out", str(out)]))
     assert err.endswith(f"{run} has no ok cell with figures to export") and not out.exists()
+
+
+def test_an_output_that_is_a_device_is_written_in_place_not_replaced(run, capfd):
+    """``--out /dev/stdout`` writes to the stream; renaming a temporary over it would replace the device node."""
+    if not os.path.exists("/dev/stdout"):
+        pytest.skip("no /dev/stdout on this system")
+    assert cli(["report", str(run), "--out", "/dev/stdout"]) == 0
+    assert capfd.readouterr().out.startswith("# infermatrix run `")
+    assert not Path("/dev/stdout").is_file()
