@@ -48,10 +48,12 @@ def write_atomic(path: Path, data: str | bytes) -> None:
 
 
 def write_file(path: Path, data: str | bytes) -> None:
-    """Write ``path`` whole: a regular file (or a new one, its folders created) through ``write_atomic``; a
-    device or pipe that is already there (``/dev/stdout``) directly, as nothing can be renamed over it.
+    """Write ``path`` whole: a regular file (or a new one, its folders created) through ``write_atomic``.
+
+    A symbolic link (``/dev/stdout``), a device or a pipe is written through in place: a rename
+    would replace the link or node itself, not what it leads to.
     """
-    if os.path.exists(path) and not Path(path).is_file():
+    if os.path.islink(path) or (os.path.exists(path) and not Path(path).is_file()):
         with open(path, "wb" if isinstance(data, bytes) else "w") as f:
             f.write(data)
         return
