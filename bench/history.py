@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.compare import environment_fingerprint, gated_metrics, load_side, metric_blocks
-from optimize.atomic import write_atomic
+from optimize.atomic import write_file
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -123,6 +123,5 @@ def plot(points: list[dict[str, Any]], metric: str, out: Path) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format=Path(out).suffix.lstrip(".").lower())
     plt.close(fig)
-    Path(out).parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(Path(out), buf.getvalue())
+    write_file(Path(out), buf.getvalue())
     return out
