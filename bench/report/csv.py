@@ -3,7 +3,8 @@
 Identity columns first, then every catalogue metric present in any record: a summary
 metric becomes ``KEY_p50``, ``KEY_ci95_low``, ``KEY_ci95_high``, ``KEY_mean``, ``KEY_std``,
 ``KEY_min``, ``KEY_max``, ``KEY_p90``, ``KEY_p99``, ``KEY_n`` (the key carries the unit,
-e.g. ``ttft_ms_p50``); a scalar keeps its key (``peak_memory_bytes``).
+e.g. ``ttft_ms_p50``); a scalar keeps its key (``peak_memory_bytes``). A name or error that a
+spreadsheet would run as a formula is written with a leading apostrophe.
 """
 
 from __future__ import annotations
@@ -44,6 +45,16 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+TEXT_COLUMNS = ("model", "variant", "error", "drift_protocol", "reference_variant")
+
+
+def cell_text(value: Any) -> Any:
+    """Text a spreadsheet would run as a formula (a leading ``=``, ``+``, ``-``, ``@``, tab or carriage return)
+    gets a leading apostrophe, as OWASP advises for CSV files; any other value is left as it is.
+    """
+    return f"'{value}" if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r") else value
+
+
 def csv_report(records: list[dict[str, Any]]) -> str:
     """The CSV text of ``records`` (in report order: grouped by scenario)."""
     cols = IDENTITY + metric_columns(records)
@@ -63,5 +74,5 @@ def csv_report(records: list[dict[str, Any]]) -> str:
                 line.update(speedup_vs_reference=row.speedup[0], speedup_ci95_low=row.speedup[1],
                             speedup_ci95_high=row.speedup[2])
             line.update(_flat(r))
-            w.writerow(line)
+            w.writerow({k: cell_text(v) if k in TEXT_COLUMNS else v for k, v in line.items()})
     return buf.getvalue()

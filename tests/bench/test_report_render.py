@@ -136,3 +136,12 @@ def test_ceilings_read_in_gflops_and_a_run_without_matmul_ceilings_gives_its_cop
     assert ceiling_texts(run) == {"cuda": "copy 4108.0 GB/s; matmul bfloat16 123 GFLOP/s, float32 51200 GFLOP/s",
                                   "cpu": "copy 25.0 GB/s"}
     assert ceiling_texts({}) == {}
+
+
+def test_names_and_errors_a_spreadsheet_would_run_as_formulas_are_defused():
+    hostile = record('=cmd|" /C calc"!A0', model="@SUM(1)")
+    broken = record("+x", status="failed", error="-2+3\nmore")
+    rows = {row["variant"]: row for row in _rows([record("fp32", steps=0), hostile, broken])}
+    assert set(rows) == {"fp32", "'=cmd|\" /C calc\"!A0", "'+x"}
+    assert rows["'+x"]["error"] == "'-2+3" and rows["'=cmd|\" /C calc\"!A0"]["model"] == "'@SUM(1)"
+    assert rows["fp32"]["ttft_ms_p50"] == "10.0"  # figures are never touched (a negative number stays one)
