@@ -145,3 +145,10 @@ def test_names_and_errors_a_spreadsheet_would_run_as_formulas_are_defused():
     assert set(rows) == {"fp32", "'=cmd|\" /C calc\"!A0", "'+x"}
     assert rows["'+x"]["error"] == "'-2+3" and rows["'=cmd|\" /C calc\"!A0"]["model"] == "'@SUM(1)"
     assert rows["fp32"]["ttft_ms_p50"] == "10.0"  # figures are never touched (a negative number stays one)
+
+
+def test_the_formula_guard_covers_each_leading_character_and_leaves_other_values():
+    from bench.report.csv import cell_text
+
+    assert [cell_text(c + "x") for c in "=+-@\t\r"] == ["'" + c + "x" for c in "=+-@\t\r"]
+    assert [cell_text(v) for v in ("", "a=b", "x-1", -1.5, None, True)] == ["", "a=b", "x-1", -1.5, None, True]
