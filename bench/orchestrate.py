@@ -6,6 +6,7 @@ import dataclasses
 import hashlib
 import json
 import random
+import re
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -31,10 +32,10 @@ class Shard:
 
     @classmethod
     def parse(cls, text: str) -> Shard:
-        try:
-            i, n = (int(x) for x in text.split("/"))
-        except ValueError:
-            raise InputError(f"--shard must look like i/n (e.g. 1/2), got {text!r}") from None
+        match = re.fullmatch(r"\s*([0-9]+)\s*/\s*([0-9]+)\s*", text)  # ASCII digits only: int() would take '１/２'
+        if not match:
+            raise InputError(f"--shard must look like i/n (e.g. 1/2), got {text!r}")
+        i, n = int(match[1]), int(match[2])
         if not 1 <= i <= n:
             raise InputError(f"--shard {text}: need 1 <= i <= n")
         return cls(i, n)

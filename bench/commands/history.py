@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import subprocess
+import sys
 from pathlib import Path
 
 DEFAULT_DB = Path("reports") / "history.sqlite"
@@ -57,4 +58,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"{(p['commit'] or '?')[:10]:10} {p['started'] or '?':20} {p['median']:12.4g} {p['n']:4}  {p['cell']}")
     if args.plot and points:
         print(f"plot: {history.plot(points, args.metric, args.plot)}")
+    elif args.plot:
+        print(f"infermatrix history: no plot written: {args.db} holds no {args.metric} figures"
+              + (f" of cells matching {args.cell!r}" if args.cell else ""), file=sys.stderr)
     return 0

@@ -156,7 +156,7 @@ def check_cache_dirs(cache_dir: str | None) -> None:
 def _shard(args: argparse.Namespace):
     from bench.orchestrate import Shard
 
-    return Shard.parse(args.shard) if args.shard else None
+    return Shard.parse(args.shard) if args.shard is not None else None  # '' is refused, not ignored
 
 
 def _matrix(args: argparse.Namespace):

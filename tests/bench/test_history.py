@@ -67,3 +67,16 @@ def test_the_cell_filter_matches_its_text_literally(tmp_path, capsys):
     assert cli(["history", "show", "--db", str(db), "--metric", "tpot_ms", "--cell", "kv_int4"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 1 and rows[0].endswith("kv_int4 cpu generate 1/16/8")
+
+
+def test_a_plot_of_no_figures_says_so_instead_of_writing_nothing_silently(tmp_path, capsys):
+    db = tmp_path / "h.sqlite"
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="cd" * 20)
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 0
+    capsys.readouterr()
+    plot = tmp_path / "p.png"
+    assert cli(["history", "show", "--db", str(db), "--metric", "tpot_ms", "--cell", "nothing", "--plot",
+                str(plot)]) == 0
+    assert capsys.readouterr().err == (f"infermatrix history: no plot written: {db} holds no tpot_ms figures of "
+                                       "cells matching 'nothing'\n")
+    assert not plot.exists()

@@ -47,6 +47,8 @@ def test_shard_parse_and_str_round_trip():
     ("2", r"--shard must look like i/n \(e\.g\. 1/2\), got '2'"),
     ("a/b", "--shard must look like i/n"),
     ("1/2/3", "--shard must look like i/n"),
+    ("", "--shard must look like i/n"),
+    ("\uff11/\uff12", "--shard must look like i/n"),  # full-width digits, which int() would take
     ("0/2", r"--shard 0/2: need 1 <= i <= n"),
     ("3/2", r"--shard 3/2: need 1 <= i <= n"),
 ])
