@@ -14,8 +14,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.commands import folder_problem
     from bench.merge import merge_runs
+    from optimize.errors import InputError
 
+    problem = folder_problem(args.out.parent)  # the merged run is built in a sibling, then renamed into place
+    if problem:
+        raise InputError(f"--out {args.out}: its folder {args.out.parent} {problem}")
     info = merge_runs(args.runs, args.out, allow_env_mismatch=args.allow_env_mismatch)
     print(f"merged {info['cells']} cells into {info['out']}")
     return 0

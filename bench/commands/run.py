@@ -217,7 +217,8 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     for folder in folders + sorted(cache.glob("drift/*/variants")):
         sweep_stale_tmp(folder)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
-    resolve = device_resolver(read_run(run_dir)["environment"].get("torch") or probe_torch(run_dir / "logs"))
+    recorded_torch = (read_run(run_dir).get("environment") or {}).get("torch")
+    resolve = device_resolver(recorded_torch or probe_torch(run_dir / "logs"))
     if args.resume:  # refuse records of another matrix or shard before anything runs; the hub cache may
         # have been cleared since: fetch the models the cells left to run need
         todo = plan_cells(matrix, run_dir, shard, resolve)[2]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -220,3 +221,32 @@ def test_an_output_that_is_a_device_is_written_in_place_not_replaced(run, capfd)
     assert cli(["report", str(run), "--out", "/dev/stdout"]) == 0
     assert capfd.readouterr().out.startswith("# infermatrix run `")
     assert os.path.islink("/dev/stdout") and os.readlink("/dev/stdout") == target  # the link is still the link
+
+
+def test_merge_into_a_folder_that_cannot_take_it_is_refused_before_reading(run, tmp_path, capsys, monkeypatch):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if Path(p) == ro else real_access(p, mode))  # root
+    err = _one_line_error(capsys, cli(["merge", str(run), "--out", str(ro / "m")]))
+    assert err.endswith(f"--out {ro / 'm'}: its folder {ro} is not writable") and list(ro.iterdir()) == []
+
+
+@pytest.mark.parametrize("samples, reason", [
+    ([0.0, 1.0], "samples/tpot_ms/0: 0.0 is less than or equal to the minimum of 0"),
+    ([1e308, 1.0], "samples/tpot_ms/0: 1e+308 is greater than the maximum of 1000000000000000")])
+def test_times_of_zero_or_beyond_any_machine_make_a_record_corrupt(run, samples, reason):
+    records = _records(run)
+    records[0]["samples"]["tpot_ms"] = samples
+    _rewrite(run, json.dumps(records[0]))
+    with pytest.warns(CorruptRecordWarning, match=re.escape(f"1 ({reason})")):
+        assert len(read_records(run)) == len(records) - 1
+
+
+def test_resume_of_a_run_recorded_without_an_environment_runs_on(run, capsys):
+    data = json.loads((run / RUN).read_text())
+    data.pop("environment")
+    (run / RUN).write_text(json.dumps(data))
+    before = (run / RESULTS).read_bytes()
+    assert cli(["run", "--resume", str(run), "--quiet"]) == 0  # every cell is recorded ok: nothing to run
+    assert (run / RESULTS).read_bytes() == before
