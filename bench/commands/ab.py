@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.commands.compare import add_gate_arguments, emit, gate_config
+from bench.commands.compare import add_gate_arguments, check_outputs, emit, gate_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -80,6 +80,7 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--rounds must be >= 1, got {args.rounds}")
     cfg = gate_config(args)
     cfg.validate()
+    check_outputs(args)  # a typo in --json must not cost the whole A/B job at its end
     check_cache_dirs(args.cache_dir)
     repo = repo_root(args.repo.resolve())
     head_rev, matrix = args.head, args.matrix

@@ -300,3 +300,12 @@ def test_exclude_rules_that_remove_every_cell_or_can_match_none_are_refused(tmp_
     rc, err = _run(capsys, _tiny(tmp_path, '[[exclude]]\nvariant = 5\n', "typed2.toml"), "--out", out)
     _refused(rc, err, "'variant'", "must be a string, got 5")
     assert not out.exists()
+
+
+def test_ab_refuses_an_output_it_could_not_write_before_any_work(repo, tmp_path, capsys):
+    a_dir = tmp_path / "adir"
+    a_dir.mkdir()
+    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(tmp_path / "ab"),
+              "--json", str(a_dir)])
+    _refused(rc, capsys.readouterr().err, f"--json {a_dir} is a directory; give a file")
+    assert not (tmp_path / "ab").exists() and _git(repo, "worktree", "list").count("\n") == 1
