@@ -133,3 +133,12 @@ def test_three_samples_a_side_are_enough_for_the_bootstrap():
 ])
 def test_the_gpu_line_names_every_device(env, text):
     assert gpus_text(env) == text
+
+
+def test_the_machine_line_gives_cpu_cores_and_ram_and_a_question_mark_for_what_was_not_recorded():
+    from bench.report.table import cpu_text
+
+    env = {"cpu_model": "AMD EPYC 9B14", "cpu_logical_cores": 2, "ram_bytes": 24 * 2**30 + 2**29}
+    assert cpu_text(env) == "AMD EPYC 9B14 (2 logical cores), RAM 24.5 GiB"
+    assert cpu_text({}) == "? (? logical cores), RAM ?"
+    assert cpu_text({"cpu_model": "", "cpu_logical_cores": None, "ram_bytes": 0}) == "? (? logical cores), RAM ?"
