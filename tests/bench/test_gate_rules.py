@@ -188,6 +188,7 @@ def test_gate_settings_are_validated_naming_the_flag(field, value, flag):
 def test_settings_just_inside_their_ranges_are_accepted():
     gs.GateConfig(speed_threshold=1e-6, memory_threshold=0.999, fdr=0.5, level=0.999, power=0.01,
                   min_processes=1, n_resamples=100).validate()
+    gs.GateConfig(n_resamples=gs.MAX_RESAMPLES).validate()
     assert gs.GateConfig() == gs.GateConfig(0.05, 0.02, 0.01, 0.99, 2000, 0.8, 2, 0)
 
 
