@@ -56,7 +56,8 @@ BROKEN = [  # (how record 0 is broken, the reason the warning gives)
     (lambda r: r.update(status="weird"), "status: 'weird' is not one of ['ok', 'failed', 'skipped']"),
     (lambda r: r.update(variant=5), "variant: 5 is not of type 'string'"),
     (lambda r: r["samples"].update(ttft_ms=["a"]), "samples/ttft_ms/0: 'a' is not of type 'number', 'array'"),
-    (lambda r: r["samples"].update(tpot_ms=[1.0, -2.0]), "samples/tpot_ms/1: -2.0 is less than the minimum of 0"),
+    (lambda r: r["samples"].update(tpot_ms=[1.0, -2.0]),
+     "samples/tpot_ms/1: -2.0 is less than or equal to the minimum of 0"),
     (lambda r: r.update(error=["a"]), "error: ['a'] is not of type 'string', 'null'"),
     (lambda r: r["metrics"]["ttft_ms"].update(p50="fast"), "metrics/ttft_ms/p50: 'fast' is not of type 'number'"),
 ]

@@ -273,7 +273,7 @@ def test_schema_problems_name_where_the_record_breaks_and_cut_long_messages():
     assert schema_problem({**A1, "metrics": {"ttft_ms": {"p50": "fast"}}}) == \
         "metrics/ttft_ms: 'n' is a required property"
     assert schema_problem({**A1, "samples": {"tpot_ms": [[1.0, -1.0]]}}) == \
-        "samples/tpot_ms/0/1: -1.0 is less than the minimum of 0"
+        "samples/tpot_ms/0/1: -1.0 is less than or equal to the minimum of 0"
     no_id = {k: v for k, v in A1.items() if k != "cell_id"}
     assert schema_problem(no_id) == "'cell_id' is a required property"  # the top: no place to name
     long = schema_problem({**A1, "variant": "x" * 400})
