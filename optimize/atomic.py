@@ -61,6 +61,19 @@ def write_file(path: Path, data: str | bytes) -> None:
     write_atomic(Path(path), data)
 
 
+def folder_problem(folder: Path) -> str | None:
+    """Why no file can be created in ``folder`` (created with its parents when missing), or None."""
+    base = folder
+    while not os.path.lexists(base) and base != base.parent:
+        base = base.parent  # the nearest existing folder, in which the missing ones would be created
+    created = "" if base == folder else f"cannot be created: {base} "
+    if not base.is_dir():
+        return f"{created}is not a directory" if created else "is not a directory"
+    if not os.access(base, os.W_OK | os.X_OK):
+        return f"{created}is not writable" if created else "is not writable"
+    return None
+
+
 def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
     """``fill`` a temporary sibling of ``final``, then rename it to ``final``.
 

@@ -12,20 +12,10 @@ import stat
 import sys
 from pathlib import Path
 
+from optimize.atomic import folder_problem
 from optimize.errors import InputError
 
-
-def folder_problem(folder: Path) -> str | None:
-    """Why no file can be created in ``folder`` (created with its parents when missing), or None."""
-    base = folder
-    while not os.path.lexists(base) and base != base.parent:
-        base = base.parent  # the nearest existing folder, in which the missing ones would be created
-    created = "" if base == folder else f"cannot be created: {base} "
-    if not base.is_dir():
-        return f"{created}is not a directory" if created else "is not a directory"
-    if not os.access(base, os.W_OK | os.X_OK):
-        return f"{created}is not writable" if created else "is not writable"
-    return None
+__all__ = ["folder_problem", "output_dir", "output_file", "write_output"]
 
 
 def output_file(path: Path | None, what: str = "--out") -> Path | None:

@@ -14,8 +14,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.commands import folder_problem
     from bench.merge import merge_runs
+    from optimize.atomic import folder_problem
     from optimize.errors import InputError
 
     problem = folder_problem(args.out.parent)  # the merged run is built in a sibling, then renamed into place

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optimize.atomic import build_dir_atomically
+from optimize.atomic import build_dir_atomically, folder_problem
 from optimize.errors import InputError
 from optimize.reference.corpus import Corpus, CorpusConfig, build_corpus, stdlib_root, write_manifest
 from optimize.reference.tokenizer import train_tokenizer
@@ -110,15 +109,10 @@ def check_out_dir(out_dir: Path) -> None:
             raise InputError(f"--out {out_dir}: is a file; give a new or empty directory")
         if any(out_dir.iterdir()):
             raise InputError(f"--out {out_dir}: exists and is not empty; give a new or empty directory")
-    # The model is built in a sibling and renamed into place, so the nearest existing ancestor
-    # must be a directory we may write in.
-    ancestor = out_dir.absolute().parent
-    while not ancestor.exists() and not ancestor.is_symlink():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise InputError(f"--out {out_dir}: {ancestor} is not a directory")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
-        raise InputError(f"--out {out_dir}: cannot create it, {ancestor} is not writable")
+    # The model is built in a sibling and renamed into place: its folder must take new entries.
+    problem = folder_problem(out_dir.absolute().parent)
+    if problem:
+        raise InputError(f"--out {out_dir}: its folder {out_dir.absolute().parent} {problem}")
 
 
 def check_windows(corpus_cfg: CorpusConfig, cfg: TrainConfig, train_len: int, eval_len: int, unit: str) -> None:
