@@ -216,8 +216,11 @@ def environment_html(run: dict[str, Any]) -> str:
 
 def html_report(run_dir: Path) -> str:
     """The self-contained HTML report of ``run_dir``."""
-    run = read_run(run_dir)
-    records = read_records(run_dir)
+    return html_text(read_run(run_dir), read_records(run_dir))
+
+
+def html_text(run: dict, records: list[dict]) -> str:
+    """The HTML report of a run description and its records (as ``read_run``/``read_records`` give them)."""
     groups = group_records(records)
     name = run["matrix"]["name"]
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}

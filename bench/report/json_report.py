@@ -18,9 +18,14 @@ def _clean(value: Any) -> Any:
 
 
 def json_report(run_dir: Path) -> str:
-    run = read_run(run_dir)
+    """The JSON report of ``run_dir``."""
+    return json_text(read_run(run_dir), read_records(run_dir))
+
+
+def json_text(run: dict, records: list[dict]) -> str:
+    """The JSON report of a run description and its records (as ``read_run``/``read_records`` give them)."""
     groups = []
-    for g in group_records(read_records(run_dir)):
+    for g in group_records(records):
         rows = []
         for row in g.rows:
             figs = {k: {"value": f.value, "ci95": list(f.ci) if f.ci else None, "n": f.n, "noisy": f.noisy,

@@ -162,8 +162,11 @@ NO_RECORDS = ("No cell records: results.jsonl holds none (the run was stopped, o
 
 def markdown_report(run_dir: Path) -> str:
     """The Markdown report of ``run_dir``."""
-    run = read_run(run_dir)
-    records = read_records(run_dir)
+    return markdown_text(read_run(run_dir), read_records(run_dir))
+
+
+def markdown_text(run: dict, records: list[dict]) -> str:
+    """The Markdown report of a run description and its records (as ``read_run``/``read_records`` give them)."""
     lines = [f"# infermatrix run `{md_escape(run['matrix']['name'])}`", "", *environment_lines(run)]
     groups = group_records(records)
     if not records:

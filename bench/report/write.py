@@ -20,30 +20,37 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def render(run_dir: Path, fmt: str) -> str | dict[str, bytes]:
-    """The report text in ``fmt``; for png, {file name: bytes}, one speed-against-drift figure per group."""
+def render(run_dir: Path, fmt: str, loaded: tuple[dict, list[dict]] | None = None) -> str | dict[str, bytes]:
+    """The report text in ``fmt``; for png, {file name: bytes}, one speed-against-drift figure per group.
+
+    ``loaded`` is ``(read_run(run_dir), read_records(run_dir))`` when the caller has read them
+    already (several formats of one run are rendered from one reading).
+    """
+    if loaded is None:
+        from bench.results import read_records, read_run
+
+        loaded = read_run(run_dir), read_records(run_dir)
+    run, records = loaded
     if fmt == "md":
-        from bench.report.markdown import markdown_report
+        from bench.report.markdown import markdown_text
 
-        return markdown_report(run_dir)
+        return markdown_text(run, records)
     if fmt == "html":
-        from bench.report.html import html_report
+        from bench.report.html import html_text
 
-        return html_report(run_dir)
+        return html_text(run, records)
     if fmt == "csv":
         from bench.report.csv import csv_report
-        from bench.results import read_records
 
-        return csv_report(read_records(run_dir))
+        return csv_report(records)
     if fmt == "json":
-        from bench.report.json_report import json_report
+        from bench.report.json_report import json_text
 
-        return json_report(run_dir)
+        return json_text(run, records)
     from bench.report import plots
     from bench.report.table import group_records
-    from bench.results import read_records
 
-    groups = group_records(read_records(run_dir))
+    groups = group_records(records)
     figures = {}
     for g in groups:
         fig = plots.speed_vs_drift(g)
@@ -58,15 +65,17 @@ def render(run_dir: Path, fmt: str) -> str | dict[str, bytes]:
 def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None) -> list[Path]:
     """Write each format's file (names in FORMATS) into ``out_dir`` (default: the run directory).
 
-    Every format is rendered before anything is written, so a run that cannot be rendered leaves
+    The run is read once; every format is rendered before anything is written, so a run that cannot be rendered leaves
     no partial set of reports (and no new folder) behind.
     """
+    from bench.results import read_records, read_run
     from optimize.atomic import write_file
 
     out_dir = Path(out_dir or run_dir)
+    loaded = read_run(run_dir), read_records(run_dir)  # once for every format
     files: dict[str, str | bytes] = {}
     for fmt in formats:
-        content = render(run_dir, fmt)
+        content = render(run_dir, fmt, loaded)
         files.update(content if isinstance(content, dict) else {FORMATS[fmt]: content})
     written = []
     for name, data in files.items():

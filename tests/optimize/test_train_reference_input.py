@@ -139,7 +139,7 @@ def test_a_non_empty_directory_as_out_is_refused_and_kept(work, capsys, no_corpu
 def test_out_below_a_file_is_refused(work, capsys, no_corpus):
     (work / "file").write_text("mine")
     out = work / "file" / "sub" / "model"
-    _refused(capsys, ["--out", str(out), *TINY], 
+    _refused(capsys, ["--out", str(out), *TINY],
              f"--out {out}: its folder {out.parent} cannot be created: {work / 'file'} is not a directory")
     assert [p.name for p in work.iterdir()] == ["file"]
 
