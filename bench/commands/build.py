@@ -26,7 +26,7 @@ def main(args: argparse.Namespace) -> int:
     recipes = [builtin_variant(v) for v in args.variants]
     if not recipes:
         raise InputError("--variants names no variant")
-    check_cache_dirs(args.cache_dir)
+    check_cache_dirs(args.cache_dir, fork_server=False)  # build starts no fork server
     _fetch_hub_models([args.model])  # an unreachable hub id is bad input, as for run
     device = resolve_device(args.device)
     failed = False

@@ -130,16 +130,19 @@ def _locked(lock, run) -> int:
         lock.release()
 
 
-def check_cache_dirs(cache_dir: str | None) -> None:
-    """Refuse cache directories a run could not write: the store's and the fork server's.
+def check_cache_dirs(cache_dir: str | None, fork_server: bool = True) -> None:
+    """Refuse cache directories a command could not write: the store's and the fork server's.
 
     The store is ``cache_dir`` (``--cache-dir``) or else ``$INFERMATRIX_CACHE`` or the default;
-    the fork server writes its ``preload.log`` to the latter whatever ``--cache-dir`` says.
+    the fork server (``fork_server``: the command measures cells) writes its ``preload.log`` to
+    the latter whatever ``--cache-dir`` says.
     """
     from optimize.models import default_cache_dir
 
     if cache_dir:
         output_dir(Path(cache_dir), "--cache-dir")
+        if not fork_server:
+            return
     env = os.environ.get("INFERMATRIX_CACHE")
     setting = "INFERMATRIX_CACHE" if env else "the default cache directory"
     try:

@@ -7,6 +7,7 @@ before a cell starts, so no test measures anything.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 import subprocess
@@ -309,3 +310,16 @@ def test_ab_refuses_an_output_it_could_not_write_before_any_work(repo, tmp_path,
               "--json", str(a_dir)])
     _refused(rc, capsys.readouterr().err, f"--json {a_dir} is a directory; give a file")
     assert not (tmp_path / "ab").exists() and _git(repo, "worktree", "list").count("\n") == 1
+
+
+def test_build_with_a_cache_dir_ignores_an_unusable_default_cache_but_run_does_not(tmp_path, capsys, monkeypatch):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    monkeypatch.setenv("INFERMATRIX_CACHE", str(blocker))  # where a fork server would write its preload.log
+    rc = cli(["build", "--variants", "fp32", "--cache-dir", str(tmp_path / "store")])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert json.loads(out.splitlines()[-1])["status"] == "ok" and blocker.read_text() == "x"
+    rc, err = _run(capsys, _tiny(tmp_path), "--cache-dir", str(tmp_path / "store"), "--out", tmp_path / "run")
+    _refused(rc, err, "INFERMATRIX_CACHE", str(blocker), "is not a directory", "whatever --cache-dir says")
+    assert not (tmp_path / "run").exists()
