@@ -141,6 +141,20 @@ def _validator(schema_path: Path = SCHEMA_PATH, for_reading: bool = False):
     return jsonschema.validators.validator_for(schema)(schema)
 
 
+def metric_domain(key: str, stat: str | None = None) -> tuple[float | None, bool, float | None]:
+    """The range the record contract allows a metric's figure: ``(low, low_excluded, high)``, None where
+    unbounded. ``stat`` names a statistic of a summary metric (its point value is the p50).
+    """
+    schema = _validator().schema
+    prop = schema["properties"]["metrics"]["properties"].get(key, {})
+    if "$ref" in prop:  # a summary: each statistic has its own range
+        summary = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+        prop = summary["properties"].get(stat or "p50", {})
+    if "exclusiveMinimum" in prop:
+        return prop["exclusiveMinimum"], True, prop.get("maximum")
+    return prop.get("minimum"), False, prop.get("maximum")
+
+
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):

@@ -110,7 +110,24 @@ def parse_where(text: str) -> Constraint:
         bound = math.nan
     if not math.isfinite(bound):
         raise InputError(f"--where {text!r}: the bound must be a finite number, got {number!r}")
-    return Constraint(key, bound, "max" if op == "<=" else "min", f"--where {text.strip()}", bound, stat)
+    c = Constraint(key, bound, "max" if op == "<=" else "min", f"--where {text.strip()}", bound, stat)
+    return satisfiable(c, f"--where {text!r}")
+
+
+def satisfiable(c: Constraint, what: str) -> Constraint:
+    """``c``, or an ``InputError`` naming ``what`` when no figure the record contract allows can meet it
+    (``ttft_ms<=0``): a bound every cell would violate is a mistake, not a question.
+    """
+    from bench.results import metric_domain
+
+    low, low_excluded, high = metric_domain(c.key, c.stat)
+    name = f"{c.key}.{c.stat}" if c.stat else c.key
+    if c.side == "max" and low is not None and (c.bound < low or (low_excluded and c.bound == low)):
+        raise InputError(f"{what} can hold for no cell: {name} is {'above' if low_excluded else 'at least'} "
+                         f"{low:g}")
+    if c.side == "min" and high is not None and c.bound > high:
+        raise InputError(f"{what} can hold for no cell: {name} is at most {high:g}")
+    return c
 
 
 # flag: (metric, side, multiplier from the flag's unit to the stored unit)
@@ -139,7 +156,7 @@ def constraints_from(values: dict[str, float | None]) -> list[Constraint]:
             raise InputError(f"{flag} must be a finite number >= 0, got {value!r}")
         if name == "min_top1" and value > 1:
             raise InputError(f"{flag} is a fraction in [0, 1], got {value!r}")
-        out.append(Constraint(key, float(value) * scale, side, flag, float(value)))
+        out.append(satisfiable(Constraint(key, float(value) * scale, side, flag, float(value)), f"{flag} {value:g}"))
     return out
 
 

@@ -130,6 +130,7 @@ def test_groups_are_decided_separately_and_filters_apply():
 @pytest.mark.parametrize("argv, message", [
     (["--max-kld", "-1"], "--max-kld must be a finite number >= 0"),
     (["--min-top1", "2"], "--min-top1 is a fraction in [0, 1]"),
+    (["--max-ttft-ms", "0"], "--max-ttft-ms 0 can hold for no cell: ttft_ms is above 0"),
     (["--objective", "decode_tokens_per_sec"], "did you mean decode_tokens_per_s"),
     (["--objective", "measured_wall_s"], "informational"),
 ])
@@ -227,12 +228,25 @@ def test_where_on_a_real_run_judges_each_variant_by_its_own_figure(capsys):
     ("ttft_ms<=nan", "the bound must be a finite number, got 'nan'"),
     ("ttft_ms<=fast", "the bound must be a finite number, got 'fast'"),
     ("roofline_ceilings<=1", "not a number a bound can apply to"),
+    ("ttft_ms.p99<=-1", "can hold for no cell: ttft_ms.p99 is above 0"),
+    ("tpot_ms<=0", "can hold for no cell: tpot_ms is above 0"),
+    ("kld_mean<=-0.001", "can hold for no cell: kld_mean is at least 0"),
+    ("top1_agreement>=1.01", "can hold for no cell: top1_agreement is at most 1"),
+    ("ttft_ms.max>=2e15", "can hold for no cell: ttft_ms.max is at most 1e+15"),
 ])
 def test_a_bad_where_is_one_line_and_exit_2(tmp_path, capsys, where, message):
     run = write_run(tmp_path / "run", [record("a")])
     assert main(["select", str(run), "--where", where]) == 2
     err = capsys.readouterr().err
     assert f"--where {where!r}" in err and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_bounds_at_the_edge_of_a_metric_range_are_accepted():
+    """The edge itself is a question with an answer: KLD 0 (the reference), top-1 agreement 1, any log ratio."""
+    for where in ("kld_mean<=0", "top1_agreement>=1", "ttft_ms>=0", "ln_ppl_ratio<=-5", "rss_increase_bytes<=-1",
+                  "ttft_ms<=1e-9", "ttft_ms.max>=1e15"):
+        assert parse_where(where).key == where.split("<")[0].split(">")[0].split(".")[0]
+    assert [c.bound for c in constraints_from({"max_kld": 0.0, "min_top1": 1.0})] == [0.0, 1.0]
 
 
 def test_an_unknown_where_metric_lists_only_the_metrics_a_bound_applies_to(tmp_path, capsys):
