@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 
 from bench.compare import Comparison, Row
+from bench.report.markdown import md_code
+from bench.report.markdown import md_escape as _esc
 
 ICON = {"regressed": "❌ regressed", "improved": "✅ improved", "unchanged": "unchanged",
         "inconclusive": "❔ inconclusive"}
@@ -30,18 +32,15 @@ def _value(x: float | None, unit: str) -> str:
 
 def _row(r: Row) -> str:
     if r.kind == "status":
-        return f"| {r.cell} | status | | | | | {ICON[r.verdict]} | | {_esc(r.note)} |"
+        return f"| {_esc(r.cell)} | status | | | | | {ICON[r.verdict]} | | {_esc(r.note)} |"
     interval = f"[{_change(r.low)}, {_change(r.high)}]"
     q = "range" if r.q is None else f"{r.q:.2g}"
     better = "↓" if r.direction == "lower" else "↑"
-    return (f"| {r.cell} | {r.label} ({better}) | {_value(r.base_median, r.unit)} → {_value(r.head_median, r.unit)} "
+    return (f"| {_esc(r.cell)} | {r.label} ({better}) "
+            f"| {_value(r.base_median, r.unit)} → {_value(r.head_median, r.unit)} "
             f"| {_change(r.ratio)} | {interval} | {q} | {ICON[r.verdict]} | {_pct(r.mde)} (±{_pct(r.threshold)}) "
             f"| n={r.n_base}/{r.n_head} in {r.blocks_base}/{r.blocks_head} processes"
             f"{'; ' + _esc(r.note) if r.note else ''} |")
-
-
-def _esc(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
 
 
 def markdown_summary(c: Comparison, show_all: bool = False) -> str:
@@ -51,10 +50,11 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     if c.env_diffs:
         lead = "Environments differ (compared anyway: --allow-env-mismatch)" if c.env_mismatch_allowed else \
             "**Environments differ: no regression or improvement is called** (use --allow-env-mismatch to override)"
-        lines += [f"{lead}:", "", *[f"- {d}" for d in c.env_diffs], ""]
+        lines += [f"{lead}:", "", *[f"- {_esc(d)}" for d in c.env_diffs], ""]
     counts = {v: sum(r.verdict == v for r in c.rows) for v in ICON}
-    lines.append(f"base `{c.base}` → head `{c.head}`: " + ", ".join(f"{n} {v}" for v, n in counts.items()) +
-                 f" of {len(c.rows)} comparisons. **Result: {'FAIL' if c.exit_code() else 'pass'}**")
+    tally = ", ".join(f"{n} {v}" for v, n in counts.items())
+    lines.append(f"base {md_code(c.base)} → head {md_code(c.head)}: {tally} of {len(c.rows)} comparisons. "
+                 f"**Result: {'FAIL' if c.exit_code() else 'pass'}**")
     lines += ["", f"Ratio of medians head/base with a {cfg['level']:.0%} block-bootstrap interval; Mann-Whitney U, "
                   f"Benjamini-Hochberg q ≤ {cfg['fdr']}; threshold ±{cfg['speed_threshold']:.0%} speed, "
                   f"±{cfg['memory_threshold']:.0%} memory. MDE: smallest change detectable at {cfg['power']:.0%} "
@@ -75,7 +75,8 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     else:
         lines.append("Every comparison is unchanged.")
     if c.unmatched:
-        lines += ["", f"Cells in only one run (skipped): {len(c.unmatched)}", "", *[f"- {u}" for u in c.unmatched]]
+        lines += ["", f"Cells in only one run (skipped): {len(c.unmatched)}", "",
+                  *[f"- {_esc(u)}" for u in c.unmatched]]
     noise = noise_table(c)
     if noise:
         lines += ["", "Observed noise per metric (median robust CV over cells, both sides) and median MDE:", "",

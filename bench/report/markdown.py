@@ -4,6 +4,7 @@ the recommended variant, the Pareto front and notes. Renders in a PR comment or 
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,27 @@ MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpo
               ("gen prefix", "gen_common_prefix_mean"), ("status", "status")]
 
 
+# Markdown that data (names, errors, paths) must not produce: a table cell's end, HTML, a code span,
+# emphasis, or a link or image (a name ``![x](https://...)`` would load an image in a PR comment). An
+# inline link needs ``](`` with nothing between; our own bracketed intervals ``[1.2, 3.4]`` stay as they are.
+_MD_SPECIAL = str.maketrans({c: "\\" + c for c in "\\|`*"} | {"<": "&lt;", ">": "&gt;"})
+
+
 def md_escape(text: Any) -> str:
-    """Text safe inside a GFM table cell: no pipes, no HTML, one line."""
-    s = str(text).replace("\\", "\\\\").replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
-    return " ".join(s.split())
+    """Data shown as itself in GitHub-flavoured Markdown, in a table cell or a list: no pipes, no HTML,
+    no links, images, code spans or emphasis, one line.
+    """
+    return " ".join(str(text).translate(_MD_SPECIAL).replace("](", "\\](").split())
+
+
+def md_code(text: Any) -> str:
+    """``text`` as an inline code span that nothing in it can end (CommonMark: a fence longer than any run
+    of backticks inside), one line; not for table cells, where a pipe still ends the cell.
+    """
+    body = " ".join(str(text).split())
+    fence = "`" * (max((len(run) for run in re.findall("`+", body)), default=0) + 1)
+    pad = " " if body.startswith("`") or body.endswith("`") else ""
+    return f"{fence}{pad}{body}{pad}{fence}"
 
 
 def environment_lines(run: dict[str, Any]) -> list[str]:
@@ -167,7 +185,7 @@ def markdown_report(run_dir: Path) -> str:
 
 def markdown_text(run: dict, records: list[dict]) -> str:
     """The Markdown report of a run description and its records (as ``read_run``/``read_records`` give them)."""
-    lines = [f"# infermatrix run `{md_escape(run['matrix']['name'])}`", "", *environment_lines(run)]
+    lines = [f"# infermatrix run {md_code(run['matrix']['name'])}", "", *environment_lines(run)]
     groups = group_records(records)
     if not records:
         lines += ["", f"**{NO_RECORDS}**"]

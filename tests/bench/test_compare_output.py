@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from bench.compare import Comparison, Row
 from bench.compare_output import markdown_summary
@@ -27,6 +28,21 @@ def _comparison(**kw) -> Comparison:
             note="ok in base, failed in head: shape | mismatch\nat line 2"),
     ]
     return Comparison("runs/base", "runs/head", dataclasses.asdict(GateConfig()), [], False, rows=rows, **kw)
+
+
+def test_names_from_the_runs_cannot_inject_markdown_into_the_comment():
+    """Cell ids, notes, paths and environment differences come from run directories: data, not markup."""
+    row = Row("![x](https://e.test/p.png) <img src=y> `q` | x", "status", "status", "", "", "status", "regressed",
+              note="failed: [a](b) *c*")
+    c = Comparison("runs/`base`", "runs/head", dataclasses.asdict(GateConfig()), ["torch: [a](https://e.test)"],
+                   False, rows=[row], unmatched=["<b>bold</b> (only in head)"])
+    text = markdown_summary(c)
+    assert "](" not in text.replace("\\](", "") and "<img" not in text and "<b>" not in text
+    assert "| ![x\\](https://e.test/p.png) &lt;img src=y&gt; \\`q\\` \\| x | status |" in text
+    assert "failed: [a\\](b) \\*c\\*" in text and "- torch: [a\\](https://e.test)" in text
+    assert "base `` runs/`base` `` → head `runs/head`: 1 regressed" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("| ![x")]
+    assert len(re.split(r"(?<!\\)\|", line)) == 11  # nine columns: the name's pipe does not end its cell
 
 
 def test_the_summary_states_the_outcome_method_and_changed_rows():

@@ -24,6 +24,7 @@ from bench.metrics.drift import (
     measure_drift,
     reference_path,
 )
+from bench.report.markdown import md_escape
 from optimize.errors import InputError
 
 # 8 windows of 64 tokens: rows 32..62 of each window are scored under llama.cpp's protocol (31 tokens).
@@ -251,7 +252,7 @@ def test_a_run_with_the_llama_cpp_protocol_says_so_in_records_and_reports(tmp_pa
         assert r["metrics"]["scored_tokens"] == WINDOWS * SCORED_PER_WINDOW
     assert records["fp32"]["metrics"]["kld_mean"] < 1e-6 < records["bf16"]["metrics"]["kld_mean"]
     line = f"- Drift protocol: llama.cpp, windows of 64 tokens, {WINDOWS * SCORED_PER_WINDOW} scored tokens: "
-    assert line + PROTOCOL_LLAMA_CPP + "\n" in (out / "report.md").read_text()  # once: both variants share it
+    assert line + md_escape(PROTOCOL_LLAMA_CPP) + "\n" in (out / "report.md").read_text()  # once: both share it
     assert (out / "report.md").read_text().count("- Drift protocol:") == 1
     assert "<h2>Drift protocol</h2>" in (out / "report.html").read_text()
     import csv

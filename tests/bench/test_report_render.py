@@ -25,6 +25,22 @@ def test_markdown_cells_escape_backslashes_pipes_and_html_and_stay_on_one_line()
     assert md_escape(3.5) == "3.5"
 
 
+def test_markdown_data_makes_no_link_image_code_span_or_emphasis():
+    """A name or error from a record is shown as itself: in a PR comment an image would be fetched."""
+    assert md_escape("![x](https://e.test/p.png)") == "![x\\](https://e.test/p.png)"
+    assert md_escape("[docs](https://e.test)") == "[docs\\](https://e.test)"
+    assert md_escape("`rm -rf` *bold*") == "\\`rm -rf\\` \\*bold\\*"
+    assert md_escape("1.2 [1.0, 1.4] pip install 'x[gpu]'") == "1.2 [1.0, 1.4] pip install 'x[gpu]'"  # as they are
+
+
+def test_a_code_span_holds_any_text_whole():
+    from bench.report.markdown import md_code
+
+    assert md_code("runs/base") == "`runs/base`"
+    assert md_code("a`b") == "``a`b``"  # a longer fence than any run of backticks inside
+    assert md_code("`x") == "`` `x ``" and md_code("a```b\nc") == "````a```b c````"
+
+
 def test_environment_lines_of_a_run_recorded_without_an_environment():
     lines = environment_lines({"started": "s", "ended": "e", "launcher": "local"})
     assert lines[0] == "- started s, ended e; launcher local"
