@@ -224,7 +224,9 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     resolve = device_resolver(recorded_torch or probe_torch(run_dir / "logs"))
     if args.resume:  # refuse records of another matrix or shard before anything runs; the hub cache may
         # have been cleared since: fetch the models the cells left to run need
-        todo = plan_cells(matrix, run_dir, shard, resolve)[2]
+        cells, _, todo = plan_cells(matrix, run_dir, shard, resolve)
+        if not todo and run.get("ended"):  # finished: its records, end time and reports stay as they are
+            return _finished(args, run_dir, run, {c.cell_id for c in cells})
         _fetch_hub_models(sorted({c.model for c in todo}))
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)
@@ -238,8 +240,29 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     print_summary(records, run_dir)
     if not args.no_report:
         _write_reports(run_dir)
-    # Exit 1 when a check failed: a cell failed, or a variant drifted past the matrix's budget.
+    return _exit_code(records)
+
+
+def _exit_code(records: list[dict]) -> int:
+    """1 when a check failed: a cell failed, or a variant drifted past the matrix's budget; else 0."""
     return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0
+
+
+def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[str]) -> int:
+    """``--resume`` of a run whose every cell has its ok record: nothing runs, ``ended`` is kept, and only
+    missing reports are written (``infermatrix report`` renders them again).
+    """
+    from bench.report.write import FORMATS, RUN_END_FORMATS
+    from bench.results import read_records
+    from bench.summary import print_summary
+
+    records = [r for r in read_records(run_dir) if r["cell_id"] in cell_ids]
+    print(f"infermatrix run: every cell of {run_dir} already has its record (ended {run['ended']}); "
+          "nothing to run", file=sys.stderr)
+    print_summary(records, run_dir)
+    if not args.no_report and not all((run_dir / FORMATS[f]).exists() for f in RUN_END_FORMATS):
+        _write_reports(run_dir)
+    return _exit_code(records)
 
 
 def _fetch_hub_models(models) -> None:

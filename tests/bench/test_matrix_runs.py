@@ -89,6 +89,29 @@ def test_sigkilled_run_resumes_with_every_cell_exactly_once(full_run, matrix_fil
     assert run["ended"] and run["environment"]["cpu_logical_cores"] >= 1
 
 
+def test_resuming_a_finished_run_runs_nothing_and_keeps_its_end_and_reports(full_run):
+    run_json, results = (full_run / "run.json").read_bytes(), (full_run / "results.jsonl").read_bytes()
+    report = full_run / "report.md"
+    stamp = report.stat().st_mtime_ns
+    proc = _infermatrix("run", "--resume", str(full_run), "--quiet")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out
+    assert f"every cell of {full_run} already has its record (ended " in out and "nothing to run" in out
+    assert (full_run / "run.json").read_bytes() == run_json and (full_run / "results.jsonl").read_bytes() == results
+    assert report.stat().st_mtime_ns == stamp
+    report.unlink()  # a report lost since: written again, the run's files untouched
+    proc = _infermatrix("run", "--resume", str(full_run), "--quiet")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0 and report.read_text() == _render_md(full_run), out
+    assert (full_run / "run.json").read_bytes() == run_json
+
+
+def _render_md(run_dir: Path) -> str:
+    from bench.report.write import render
+
+    return render(run_dir, "md")
+
+
 def test_two_shards_merged_equal_the_unsharded_run(full_run, matrix_file, tmp_path):
     shards = []
     for i in (1, 2):
