@@ -105,8 +105,11 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def sweep_stale_tmp(parent: Path) -> list[Path]:
+def sweep_stale_tmp(parent: Path, of: str | None = None) -> list[Path]:
     """Remove ``*.tmpPID`` entries of ``parent`` whose writing process is gone (killed, timed out).
+
+    ``of`` limits the sweep to the temporaries of one entry (``NAME.tmpPID@HOST`` for ``of="NAME"``),
+    for a folder that is the user's, not the harness's.
 
     Returns:
         The removed paths.
@@ -119,6 +122,8 @@ def sweep_stale_tmp(parent: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = TMP_SUFFIX.search(entry.name)
+        if of is not None and m and entry.name[:m.start()] != of:
+            continue
         if not m or (m.group(2) and m.group(2) != _host()):
             continue  # not a build directory, or another machine's
         if int(m.group(1)) == os.getpid() or _alive(int(m.group(1))):

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from optimize.atomic import build_dir_atomically, folder_problem
+from optimize.atomic import build_dir_atomically, folder_problem, sweep_stale_tmp
 from optimize.errors import InputError
 from optimize.reference.corpus import Corpus, CorpusConfig, build_corpus, stdlib_root, write_manifest
 from optimize.reference.tokenizer import train_tokenizer
@@ -202,11 +202,13 @@ def train_reference(out_dir: Path, cfg: TrainConfig = TrainConfig(),
 
     Every input is checked before anything is written (``InputError`` otherwise). The directory
     is built in a temporary sibling and renamed to ``out_dir`` when complete, so a failure or an
-    interrupt leaves nothing at ``out_dir``.
+    interrupt leaves nothing at ``out_dir``; the sibling of a build killed outright is removed by
+    the next build of the same ``out_dir`` (only that one: the folder is the user's).
     """
     t_start = time.perf_counter()
     cfg.validate()
     check_out_dir(out_dir)
+    sweep_stale_tmp(out_dir.absolute().parent, of=out_dir.name)  # an earlier build of it, killed
     corpus = build_corpus(corpus_cfg)
     # A byte-level BPE token covers at least one byte: the byte counts bound the token counts.
     check_windows(corpus_cfg, cfg, len(corpus.train_text.encode()), len(corpus.eval_text.encode()), "bytes")

@@ -221,8 +221,22 @@ def test_sweep_leaves_build_directories_of_other_machines_alone(tmp_path):
     here = tmp_sibling(tmp_path / "def").with_name(f"def.tmp{dead}@{tmp_sibling(tmp_path).name.split('@')[1]}")
     for d in (other, here):
         d.mkdir()
-    assert sweep_stale_tmp(tmp_path) == [here]
+    with pytest.warns(UserWarning, match="removed 1 temporary entry"):
+        assert sweep_stale_tmp(tmp_path) == [here]
     assert other.exists()
+
+
+def test_a_sweep_of_one_entry_leaves_the_other_temporaries_of_its_folder(tmp_path):
+    from optimize.atomic import sweep_stale_tmp
+
+    dead = _dead_pid()
+    mine, similar, other = (tmp_path / f"{name}.tmp{dead}" for name in ("model", "model.tmp1", "notes"))
+    for d in (mine, similar, other):
+        d.mkdir()
+    with pytest.warns(UserWarning, match="removed 1 temporary entry"):
+        assert sweep_stale_tmp(tmp_path, of="model") == [mine]
+    assert similar.exists() and other.exists()
+    assert sweep_stale_tmp(tmp_path, of="absent") == []
 
 
 @pytest.mark.parametrize("data", ['{"a": 1}', b"\x00\x01 bytes"])

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import subprocess
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -210,6 +212,21 @@ def test_an_empty_directory_as_out_is_filled(stdlib, work, capsys, monkeypatch):
     assert cli(["train-reference", "--out", str(out), "--stdlib-root", str(stdlib), *TINY]) == 0
     assert [p.name for p in work.iterdir()] == ["model"]
     assert {"training.json", "eval.txt", "corpus-manifest.json", "tokenizer.json"} <= {p.name for p in out.iterdir()}
+
+
+def test_the_sibling_of_a_killed_build_of_out_is_removed_and_nothing_else(stdlib, work, capsys, monkeypatch):
+    from optimize.atomic import tmp_sibling
+
+    monkeypatch.setattr(train, "_train_and_save", _fake_training)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True).stdout.strip()
+    host = tmp_sibling(work / "x").name.split("@")[1]
+    killed, others = work / f"model.tmp{dead}@{host}", work / f"notes.tmp{dead}@{host}"
+    for d in (killed, others):
+        d.mkdir()
+    with pytest.warns(UserWarning, match="removed 1 temporary entry"):
+        assert cli(["train-reference", "--out", str(work / "model"), "--stdlib-root", str(stdlib), *TINY]) == 0
+    assert sorted(p.name for p in work.iterdir()) == ["model", others.name]  # another name's: the user's
 
 
 @pytest.mark.parametrize("failure", [RuntimeError("boom"), KeyboardInterrupt()], ids=["error", "interrupt"])
