@@ -343,3 +343,20 @@ def test_a_run_description_of_the_wrong_shape_names_where(tmp_path, change, wher
         read_run(tmp_path)
     assert str(exc.value) == (f"{tmp_path / RUN} is unreadable or corrupt (ValueError: NaN is not a JSON number); "
                               "it cannot be resumed or reported")
+
+
+@pytest.mark.parametrize("key, stat, domain", [
+    ("ttft_ms", None, (0, True, 1e15)),  # a summary's point value is its p50: above 0, at most 1e15
+    ("ttft_ms", "p99", (0, True, 1e15)),
+    ("ttft_ms", "max", (0, True, 1e15)),
+    ("decode_tokens_per_s", None, (0, True, None)),
+    ("kld_mean", None, (0, False, None)),
+    ("top1_agreement", None, (0, False, 1)),
+    ("ln_ppl_ratio", None, (None, False, None)),  # a log ratio: any sign
+    ("rss_increase_bytes", None, (None, False, None)),
+    ("not_a_metric", None, (None, False, None)),
+])
+def test_the_range_a_metric_may_take_comes_from_the_record_schema(key, stat, domain):
+    from bench.results import metric_domain
+
+    assert metric_domain(key, stat) == domain
