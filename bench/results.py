@@ -148,7 +148,7 @@ def metric_domain(key: str, stat: str | None = None) -> tuple[float | None, bool
     schema = _validator().schema
     prop = schema["properties"]["metrics"]["properties"].get(key, {})
     if "$ref" in prop:  # a summary: each statistic has its own range
-        summary = schema["$defs"][prop["$ref"].rsplit("/", 1)[-1]]
+        summary = schema["$defs"][prop["$ref"].removeprefix("#/$defs/")]
         prop = summary["properties"].get(stat or "p50", {})
     if "exclusiveMinimum" in prop:
         return prop["exclusiveMinimum"], True, prop.get("maximum")

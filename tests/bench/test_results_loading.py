@@ -349,6 +349,7 @@ def test_a_run_description_of_the_wrong_shape_names_where(tmp_path, change, wher
     ("ttft_ms", None, (0, True, 1e15)),  # a summary's point value is its p50: above 0, at most 1e15
     ("ttft_ms", "p99", (0, True, 1e15)),
     ("ttft_ms", "max", (0, True, 1e15)),
+    ("ttft_ms", "p75", (None, False, None)),  # a statistic summaries do not hold: no range
     ("decode_tokens_per_s", None, (0, True, None)),
     ("kld_mean", None, (0, False, None)),
     ("top1_agreement", None, (0, False, 1)),
