@@ -4,7 +4,8 @@ Each group (ci/mutation/groups.toml) runs in a scratch copy of the tree under
 ``.mutation/<group>`` whose pyproject.toml carries that group's mutmut settings, so a
 module is judged by its own tests only. Prints the score per group and every surviving
 mutant; survivors listed in ci/mutation/MUTANTS.md (equivalent mutants, with the reason)
-are marked as explained. Exits 1 when an unexplained mutant survives.
+are marked as explained. Exits 1 when an unexplained mutant survives, or when no test of the
+group runs one of its functions (mutmut's "no tests": such a function's mutants all live).
 
 Usage: python ci/mutation/run.py [GROUP ...] [--jobs N] [--keep] [--reuse]
 """
@@ -164,12 +165,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {'explained' if note else 'SURVIVED '} {key}" + (f": {note}" if note else ""))
             if note is None:
                 print("    " + diff(result["work"], key).replace("\n", "\n    "))
+        untested: dict[str, int] = {}  # a function no test of the group reaches: every mutant of it "lives"
+        for key, value in result["status"].items():
+            if value == "no tests" and key not in reasons:
+                function = re.sub(r"__mutmut_\d+$", "", key)
+                untested[function] = untested.get(function, 0) + 1
+        for function, n in sorted(untested.items()):
+            unexplained += 1
+            print(f"  NO TESTS  {function}: {n} mutant(s), and no test of the group runs it")
         if not (args.keep or args.reuse):
             shutil.rmtree(result["work"], ignore_errors=True)
     print("\ngroup      mutants  killed  survived  no-tests  score   time_s")
     for name, total, killed, survived, no_tests, score, elapsed in rows:
         print(f"{name:<10} {total:>7} {killed:>7} {survived:>9} {no_tests:>9}  {score:6.1%} {elapsed:>7.0f}")
-    print(f"\n{unexplained} unexplained surviving mutant(s)")
+    print(f"\n{unexplained} unexplained surviving mutant(s) or untested function(s)")
     return 1 if unexplained else 0
 
 
