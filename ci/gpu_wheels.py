@@ -24,7 +24,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 PACKAGES = ("transformers", "huggingface_hub", "tokenizers", "optimum", "optimum-onnx", "optimum-quanto",
-            "torchao", "bitsandbytes", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py")
+            "torchao", "bitsandbytes", "jsonschema", "jsonschema-specifications", "referencing", "rpds-py",
+            "fastjsonschema")
 PLATFORMS = ("manylinux_2_17_x86_64", "manylinux2014_x86_64", "manylinux_2_24_x86_64",
              "manylinux_2_27_x86_64", "manylinux_2_28_x86_64", "manylinux_2_31_x86_64",
              "manylinux_2_34_x86_64", "manylinux_2_35_x86_64", "manylinux1_x86_64")
