@@ -208,7 +208,7 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
                                         scenario.prompt_tokens, cell.measure.seed, cell.eval_text,
                                         cell.trust_remote_code, cell.prompt_source)
-    footprint = Footprint(memory.weights_bytes(state), kv_bytes_per_token(state))
+    footprint = Footprint(memory.weights_bytes(state), kv_bytes_per_token(state, scenario))
     with machine_load() as record["load"]:
         metrics, samples, method = scenario.run(state, prompts, repeat, footprint)
     record.update(noise_mark(samples, repeat.target_rel_ci))
@@ -278,8 +278,11 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
         metrics.update(figures)
         parts = [f"prefill FLOPs counted by torch.utils.flop_counter on the architecture, {logits}"]
         if "roofline_fraction" in figures:
+            kv = "KV shape read off a real cache"
+            if state.generate_kwargs.get("cache_implementation") == "quantized":
+                kv += "; a quantized cache's bytes, scales and full-precision tail included, held over this decode"
             parts.insert(0, "decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
-                            "KV bytes/token (KV shape read off a real cache)")
+                            f"KV bytes/token ({kv})")
         method["roofline"] = "; ".join(parts)
     except Exception as exc:
         method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
@@ -323,17 +326,24 @@ def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> flo
     return time.perf_counter() - t0
 
 
-def kv_bytes_per_token(state) -> float:
-    """Bytes the variant's KV cache stores per token of context (every sequence's, every layer's).
+def kv_bytes_per_token(state, scenario) -> float:
+    """Bytes the variant's KV cache stores per token of context (every layer's, one sequence's).
 
-    At the cache's stored element size: a quantized cache's ``nbits``, else the graph's past
-    inputs or the first float weight; 0 for a variant that keeps no cache (``use_cache=False``:
-    every step recomputes the prefix, and there is nothing to hold or to read).
+    At the cache's stored element size (the graph's past inputs or the first float weight); for a
+    quantized cache, what it holds over ``scenario``'s decode, scales and full-precision recent
+    tokens included (``optimize.introspect.quantized_kv_bytes_per_token``); 0 for a variant that
+    keeps no cache (``use_cache=False``: every step recomputes the prefix, and there is nothing to
+    hold or to read).
     """
     if state.generate_kwargs.get("use_cache") is False:
         return 0.0
-    kv_elem = state.generate_kwargs.get("cache_config", {}).get("nbits", 0) / 8 or _elem_bytes(state)
-    return _kv_geometry(state).bytes_per_token(kv_elem)
+    geometry = _kv_geometry(state)
+    if state.generate_kwargs.get("cache_implementation") == "quantized":
+        from optimize.introspect import quantized_kv_bytes_per_token
+
+        return quantized_kv_bytes_per_token(state.model, geometry, state.generate_kwargs.get("cache_config") or {},
+                                            scenario.prompt_tokens, getattr(scenario, "new_tokens", 1))
+    return geometry.bytes_per_token(_elem_bytes(state))
 
 
 def _kv_geometry(state):

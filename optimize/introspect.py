@@ -153,6 +153,55 @@ def kv_geometry(model) -> KVGeometry:
     return KVGeometry(len(keys), int(heads), int(head_dim), "cache")
 
 
+def stored_bytes(tensor) -> int:
+    """Bytes ``tensor`` holds: a tensor subclass (optimum-quanto's packed values with their scales and zero
+    points) counted through the inner tensors it flattens to, as ``torch.compile`` sees it.
+    """
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(stored_bytes(getattr(tensor, name)) for name in names)
+    return tensor.numel() * tensor.element_size()
+
+
+def quantized_kv_bytes_per_token(model, geometry: KVGeometry, cache_config: dict[str, Any], prompt_tokens: int,
+                                 new_tokens: int) -> float:
+    """Bytes transformers' quantized KV cache holds per token of context, over a decode of ``new_tokens`` after a
+    ``prompt_tokens`` prompt: the mean bytes held after each decode step over the mean context.
+
+    What the cache itself stores: packed values with their scales and zero points, and the most
+    recent tokens at full precision (up to ``residual_length``, then quantized with the rest). One
+    layer of the cache ``generate()`` builds from ``cache_config`` is filled with random keys and
+    values of the model's shape and dtype and decoded token by token; every layer holds the same.
+    """
+    import torch
+    from transformers.cache_utils import QuantizedCache
+
+    settings = {k: v for k, v in cache_config.items() if k in ("nbits", "axis_key", "axis_value", "q_group_size",
+                                                                "residual_length")}
+    cache = QuantizedCache(backend=cache_config.get("backend", "quanto"), config=model.config, **settings)
+    layer = cache.layers[0]
+    weight = next(p for p in model.parameters() if p.is_floating_point())
+    generator = torch.Generator(device="cpu").manual_seed(0)
+
+    def states(tokens: int):
+        shape = (1, geometry.kv_heads, tokens, geometry.head_dim)
+        return (torch.randn(shape, generator=generator).to(weight.device, weight.dtype) for _ in range(2))
+
+    def held() -> int:
+        return sum(stored_bytes(t) for t in (layer._quantized_keys, layer._quantized_values, layer.keys, layer.values))
+
+    with torch.no_grad():
+        layer.update(*states(prompt_tokens))
+        held_per_step, contexts = [held()], [prompt_tokens]  # a prefill-only scenario: what the prompt left
+        for step in range(1, new_tokens):
+            layer.update(*states(1))
+            held_per_step.append(held())
+            contexts.append(prompt_tokens + step)
+    if new_tokens > 1:  # the decode steps, not the prompt's
+        held_per_step, contexts = held_per_step[1:], contexts[1:]
+    return geometry.layers * sum(held_per_step) / sum(contexts)
+
+
 def state_tensors(model):
     """Every distinct tensor of the state dict once (tied and shared storages counted once)."""
     import torch

@@ -39,13 +39,38 @@ def test_lossless_variants_reproduce_reference_greedy_tokens(variant, tiny_ref, 
 def test_kv_bytes_per_token_follow_the_cache_each_variant_keeps(tiny_ref, cache_dir):
     """The tiny Llama: 2 layers x K and V x 2 KV heads x head dim 32; none for a variant that keeps no cache."""
     from bench.cell import kv_bytes_per_token
+    from bench.scenarios.generate import GenerateScenario
 
+    scenario = GenerateScenario(batch_size=1, prompt_tokens=16, new_tokens=8)
     per_element = 2 * 2 * 2 * 32
-    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "fp32")) == per_element * 4
-    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "bf16")) == per_element * 2
-    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "static-kv")) == per_element * 4
-    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "no-kv-cache")) == 0.0
-    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "kv-int4")) == per_element / 2  # 4 bits an element
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "fp32"), scenario) == per_element * 4
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "bf16"), scenario) == per_element * 2
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "static-kv"), scenario) == per_element * 4
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "no-kv-cache"), scenario) == 0.0
+    # 4 bits an element, plus an fp32 scale and zero point per 64 elements: 0.625 bytes for the prompt's 16
+    # tokens; the k tokens decoded so far stay fp32 (fewer than residual_length = 128): mean over steps 1..7.
+    held = sum(per_element * 0.625 * 16 + per_element * 4 * k for k in range(1, 8))
+    contexts = sum(16 + k for k in range(1, 8))
+    assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "kv-int4"), scenario) == held / contexts
+
+
+def test_a_quantized_cache_is_measured_through_its_flushes_to_the_quantized_part(tiny_ref, cache_dir):
+    """residual_length 4: the full-precision tail grows to 3 tokens, then the 4th step quantizes all of it."""
+    from optimize.introspect import kv_geometry, quantized_kv_bytes_per_token
+
+    model = _load(tiny_ref, cache_dir, "fp32").model
+    per_token = 2 * 32  # one layer's K (or V): 2 KV heads x head dim 32
+    quantized, tail, held, contexts = 8, 0, [], []
+    for step in range(1, 10):
+        if tail > 0 and tail + 1 >= 4:
+            quantized, tail = quantized + tail + 1, 0
+        else:
+            tail += 1
+        held.append(2 * 2 * (quantized * per_token * 0.625 + tail * per_token * 4))  # 2 layers, K and V
+        contexts.append(8 + step)
+    config = {"backend": "quanto", "nbits": 4, "residual_length": 4}
+    assert quantized_kv_bytes_per_token(model, kv_geometry(model), config, 8, 10) == sum(held) / sum(contexts)
+    assert quantized_kv_bytes_per_token(model, kv_geometry(model), config, 8, 1) == 2 * 2 * per_token * 0.625
 
 
 def test_bf16_cast_changes_dtype_and_halves_weights(tiny_ref, cache_dir):
