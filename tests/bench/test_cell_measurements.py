@@ -128,13 +128,20 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
     monkeypatch.setattr(cell, "_roofline", roofline)
     metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0}, {}
     c = dataclasses.replace(_cell({"cpu": {}}), cache_dir="CACHE")
-    cell._add_roofline(SimpleNamespace(labels=[], name="STATE"), c, metrics, method, {"embedding_table_bytes": 8})
+    cell._add_roofline(SimpleNamespace(labels=[], name="STATE", generate_kwargs={}), c, metrics, method,
+                       {"embedding_table_bytes": 8})
     assert metrics["roofline_fraction"] == 0.25 and method["roofline"] == (
         "decode bytes/step = weights (less an untied input embedding) + batch x mean context x KV bytes/token "
         "(KV shape read off a real cache); prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW")
+    quantized = SimpleNamespace(labels=[], name="STATE", generate_kwargs={"cache_implementation": "quantized"})
+    cell._add_roofline(quantized, c, dict(metrics), method)
+    assert method["roofline"].startswith(
+        "decode bytes/step = weights (less an untied input embedding) + batch x mean context x KV bytes/token "
+        "(KV shape read off a real cache; a quantized cache's bytes, scales and full-precision tail included, held "
+        "over this decode); prefill FLOPs")
     # the cell's state, the cell and the stored artifact's manifest reach the roofline
-    assert seen == [("STATE", "CACHE", {"embedding_table_bytes": 8})]
+    assert seen == [("STATE", "CACHE", {"embedding_table_bytes": 8}), ("STATE", "CACHE", None)]
     prefill_only, method = {"prefill_tokens_per_s": 5.0}, {}  # the prefill sweep: its FLOP figures, no decode words
-    cell._add_roofline(SimpleNamespace(labels=[], name="STATE"), c, prefill_only, method)
+    cell._add_roofline(SimpleNamespace(labels=[], name="STATE", generate_kwargs={}), c, prefill_only, method)
     assert prefill_only == {"prefill_tokens_per_s": 5.0, "prefill_flops_fraction": 0.5}
     assert method["roofline"] == "prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW"
