@@ -153,7 +153,7 @@ def _compiled_check(schema_path: Path = SCHEMA_PATH, for_reading: bool = True) -
     reading a run of thousands of records stays quick; it raises on the first problem, which jsonschema then
     explains. Our schemas use only keywords draft-07 and 2020-12 read alike (no ``$ref`` with siblings,
     ``items`` a single schema), so it is compiled as draft-07, the newest fastjsonschema knows;
-    ``tests/bench/test_results_loading.py`` holds the two to the same verdicts.
+    ``tests/bench/test_schema_agreement.py`` holds the two to the same verdicts.
     """
     import fastjsonschema
 
