@@ -104,13 +104,11 @@ def schedule(keys: list[str], rounds: int, seed: int = 0) -> list[tuple[str, str
     return order
 
 
-def prepare(side: AbSide, launcher, cache_dir: str | None, resolve_device,
+def prepare(side: AbSide, launcher, cache_dir: str | None,
             on_event: Callable[[str, dict[str, Any]], None]) -> dict[str, dict[str, Any]]:
-    """Expand the side's cells and build its variants; returns cells that cannot run, with their outcome."""
+    """Build the variants of the side's cells; returns cells that cannot run, with their outcome."""
     from bench.orchestrate import _already_stored
 
-    for c in expand(side.matrix, resolve_device):
-        side.cells[c.key] = dataclasses.replace(c, cache_dir=cache_dir)
     builds: dict[str, dict[str, Any]] = {}
     for c in side.cells.values():
         bid = build_id(c)
@@ -133,18 +131,24 @@ def prepare(side: AbSide, launcher, cache_dir: str | None, resolve_device,
 def run_interleaved(base: AbSide, head: AbSide, launcher, *, rounds: int, seed: int, environment: dict[str, Any],
                     cache_dir: str | None, resolve_device, allow_unmatched: bool = False,
                     on_event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None) -> list[str]:
-    """Build both sides, then run their matched cells interleaved; returns the unmatched cells."""
+    """Build both sides, then run their matched cells interleaved; returns the unmatched cells.
+
+    Cells in only one side's matrix are refused (``InputError``, unless ``allow_unmatched``) before
+    anything is built or written.
+    """
     sides = {"base": base, "head": head}
     for s in sides.values():
-        s.run_dir.mkdir(parents=True, exist_ok=True)
-        start_run(s.matrix, s.run_dir, shard=None, launcher=launcher.name, environment=environment,
-                  extra={"ab": {"side": s.name, "rev": s.rev, "commit": s.sha, "rounds": rounds, "seed": seed}})
-    blocked = {name: prepare(s, launcher, cache_dir, resolve_device, on_event) for name, s in sides.items()}
+        s.cells = {c.key: dataclasses.replace(c, cache_dir=cache_dir) for c in expand(s.matrix, resolve_device)}
     unmatched = [f"{k} (only in base)" for k in sorted(set(base.cells) - set(head.cells))] + \
                 [f"{k} (only in head)" for k in sorted(set(head.cells) - set(base.cells))]
     if unmatched and not allow_unmatched:
         raise InputError(f"{len(unmatched)} cells are in only one revision's matrix (use --allow-unmatched to skip "
                          f"them): {'; '.join(unmatched[:8])}")
+    for s in sides.values():
+        s.run_dir.mkdir(parents=True, exist_ok=True)
+        start_run(s.matrix, s.run_dir, shard=None, launcher=launcher.name, environment=environment,
+                  extra={"ab": {"side": s.name, "rev": s.rev, "commit": s.sha, "rounds": rounds, "seed": seed}})
+    blocked = {name: prepare(s, launcher, cache_dir, on_event) for name, s in sides.items()}
     keys = sorted(set(base.cells) & set(head.cells))
     for name, s in sides.items():
         for key, outcome in blocked[name].items():

@@ -303,6 +303,19 @@ def test_exclude_rules_that_remove_every_cell_or_can_match_none_are_refused(tmp_
     assert not out.exists()
 
 
+def test_ab_refuses_cells_in_only_one_revision_before_anything_is_built_or_written(repo, tmp_path, capsys):
+    (repo / "bench.toml").write_text(TINY.format(extra="").replace('variants = ["fp32"]', 'variants = ["bf16"]'))
+    _git(repo, "commit", "-qam", "another variant")
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--cache-dir", str(cache)])
+    started, refusal = capsys.readouterr().err.strip().splitlines()  # what ab compares, then why it will not
+    assert started.startswith("ab: base HEAD~1 (") and rc == 2
+    _refused(rc, refusal, "2 cells are in only one revision's matrix (use --allow-unmatched",
+             "fp32 cpu generate 1/16/4 (only in base)", "bf16 cpu generate 1/16/4 (only in head)")
+    assert not out.exists() and not list(cache.glob("variants/*"))  # no run begun, no variant built
+    _no_worktrees_left(repo)
+
+
 def test_ab_refuses_an_output_it_could_not_write_before_any_work(repo, tmp_path, capsys):
     a_dir = tmp_path / "adir"
     a_dir.mkdir()
