@@ -205,10 +205,11 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
 
     scenario, repeat = cell.scenario, cell.measure.repeat
     check_context(state.model.config, scenario)
+    footprint = Footprint(memory.weights_bytes(state), kv_bytes_per_token(state, scenario))
+    check_memory(state, scenario, footprint)
     prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
                                         scenario.prompt_tokens, cell.measure.seed, cell.eval_text,
                                         cell.trust_remote_code, cell.prompt_source)
-    footprint = Footprint(memory.weights_bytes(state), kv_bytes_per_token(state, scenario))
     with machine_load() as record["load"]:
         metrics, samples, method = scenario.run(state, prompts, repeat, footprint)
     record.update(noise_mark(samples, repeat.target_rel_ci))
@@ -287,6 +288,21 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
     except Exception as exc:
         method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         state.labels.append(method["roofline_error"])
+
+
+def check_memory(state, scenario, footprint) -> None:
+    """A workload whose prompt ids, KV cache and logits alone exceed the memory available on its device (the
+    weights are loaded already) is skipped with the figures, never run into the out-of-memory killer.
+    """
+    from bench.scenarios.sweeps import available_bytes, estimated_decode_bytes
+
+    b, p = scenario.batch_size, scenario.prompt_tokens
+    need = estimated_decode_bytes(state, scenario, 0, footprint.kv_bytes_per_token) + b * p * 8  # int64 ids
+    free = available_bytes(state.device)
+    if need > free:
+        raise NotApplicable(f"batch {b} x prompt {p} + {scenario.new_tokens} new tokens: the prompt, KV cache and "
+                            f"logits alone need an estimated {need / 2**30:.1f} GiB, more than the "
+                            f"{free / 2**30:.1f} GiB available on {state.device}")
 
 
 def check_context(config, scenario) -> None:

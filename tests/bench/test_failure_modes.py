@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -385,6 +386,20 @@ def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_pa
                        resolve_device=lambda d: "cpu")
     assert record["status"] == "skipped", record
     assert "exceeds the model's context of 512 positions" in record["error"]
+
+
+def test_a_batch_beyond_the_memory_available_is_skipped_with_the_figures_not_run(tmp_path, cache_dir):
+    from bench.launchers.local import LocalLauncher
+
+    matrix = narrow(load_matrix(_matrix_file(tmp_path)), batch_size=[10**9])  # 128 GB of prompt ids alone
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+    [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir),
+                       resolve_device=lambda d: "cpu")
+    assert record["status"] == "skipped", record
+    assert re.search(r"^batch 1000000000 x prompt 16 \+ 4 new tokens: the prompt, KV cache and logits alone need "
+                     r"an estimated [0-9.]+ GiB, more than the [0-9.]+ GiB available on cpu$", record["error"])
 
 
 # --- 7. consistency: resume, shards, merge, run names ------------------------------------
