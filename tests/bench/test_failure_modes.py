@@ -374,29 +374,28 @@ def test_weights_in_shards_or_pytorch_files_are_weights(tmp_path):
         check_model_spec(str(model))
 
 
-def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_path, cache_dir):
+def _one_cell(tmp_path: Path, cache_dir: Path, **narrowed) -> dict:
+    """The record of the one cell of the small matrix, narrowed (``prompt_tokens=[600]``), run through the runner."""
     from bench.launchers.local import LocalLauncher
 
-    # llama-tiny has 512 positions; the evaluation text holds enough tokens for the prompt.
-    matrix = narrow(load_matrix(_matrix_file(tmp_path)), prompt_tokens=[600])
+    matrix = narrow(load_matrix(_matrix_file(tmp_path)), **narrowed)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     start_run(matrix, run_dir, shard=None, launcher="local", environment={})
     [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir),
                        resolve_device=lambda d: "cpu")
+    return record
+
+
+def test_prompt_longer_than_the_models_context_is_skipped_with_the_reason(tmp_path, cache_dir):
+    # llama-tiny has 512 positions; the evaluation text holds enough tokens for the prompt.
+    record = _one_cell(tmp_path, cache_dir, prompt_tokens=[600])
     assert record["status"] == "skipped", record
     assert "exceeds the model's context of 512 positions" in record["error"]
 
 
 def test_a_batch_beyond_the_memory_available_is_skipped_with_the_figures_not_run(tmp_path, cache_dir):
-    from bench.launchers.local import LocalLauncher
-
-    matrix = narrow(load_matrix(_matrix_file(tmp_path)), batch_size=[10**9])  # 128 GB of prompt ids alone
-    run_dir = tmp_path / "run"
-    run_dir.mkdir()
-    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
-    [record] = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir),
-                       resolve_device=lambda d: "cpu")
+    record = _one_cell(tmp_path, cache_dir, batch_size=[10**9])  # 128 GB of prompt ids alone
     assert record["status"] == "skipped", record
     assert re.search(r"^batch 1000000000 x prompt 16 \+ 4 new tokens: the prompt, KV cache and logits alone need "
                      r"an estimated [0-9.]+ GiB, more than the [0-9.]+ GiB available on cpu$", record["error"])
