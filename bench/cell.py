@@ -358,7 +358,7 @@ def kv_bytes_per_token(state, scenario) -> float:
         from optimize.introspect import quantized_kv_bytes_per_token
 
         return quantized_kv_bytes_per_token(state.model, geometry, state.generate_kwargs.get("cache_config") or {},
-                                            scenario.prompt_tokens, getattr(scenario, "new_tokens", 1))
+                                            scenario.prompt_tokens, scenario.new_tokens)
     return geometry.bytes_per_token(_elem_bytes(state))
 
 

@@ -52,6 +52,13 @@ def test_kv_bytes_per_token_follow_the_cache_each_variant_keeps(tiny_ref, cache_
     held = sum(per_element * 0.625 * 16 + per_element * 4 * k for k in range(1, 8))
     contexts = sum(16 + k for k in range(1, 8))
     assert kv_bytes_per_token(_load(tiny_ref, cache_dir, "kv-int4"), scenario) == held / contexts
+    # The cache's own settings: 2 bits, and a full-precision tail quantized with the rest at its 4th token.
+    kv2 = Recipe(name="kv2-r4", steps=(KVCache(mode="quantized", nbits=2, residual_length=4),))
+    state, _ = load_variant(tiny_ref, kv2, "cpu", VariantStore(cache_dir))
+    tails = [1, 2, 3, 0, 1, 2, 3]  # after decode steps 1..7; step 4 quantizes the prompt's 16 and 4 decoded tokens
+    quantized = [16, 16, 16, 20, 20, 20, 20]
+    held = sum(per_element * (0.375 * q + 4 * t) for q, t in zip(quantized, tails, strict=True))  # 2 bits + 8/64
+    assert kv_bytes_per_token(state, scenario) == held / contexts
 
 
 def test_a_quantized_cache_is_measured_through_its_flushes_to_the_quantized_part(tiny_ref, cache_dir):
