@@ -257,8 +257,8 @@ def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[
     from bench.summary import print_summary
 
     records = [r for r in read_records(run_dir) if r["cell_id"] in cell_ids]
-    print(f"infermatrix run: every cell of {run_dir} already has its record (ended {run['ended']}); "
-          "nothing to run", file=sys.stderr)
+    print(f"infermatrix run: every cell of {run_dir} already has its record (ended {run['ended']}); nothing to run "
+          f"('infermatrix report {run_dir}' renders its reports again)", file=sys.stderr)
     print_summary(records, run_dir)
     if not args.no_report and not all((run_dir / FORMATS[f]).exists() for f in RUN_END_FORMATS):
         _write_reports(run_dir)
