@@ -45,9 +45,6 @@ def _flat(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-TEXT_COLUMNS = ("model", "variant", "error", "drift_protocol", "reference_variant")
-
-
 def cell_text(value: Any) -> Any:
     """Text a spreadsheet would run as a formula (a leading ``=``, ``+``, ``-``, ``@``, tab or carriage return)
     gets a leading apostrophe, as OWASP advises for CSV files; any other value is left as it is.
@@ -74,5 +71,5 @@ def csv_report(records: list[dict[str, Any]]) -> str:
                 line.update(speedup_vs_reference=row.speedup[0], speedup_ci95_low=row.speedup[1],
                             speedup_ci95_high=row.speedup[2])
             line.update(_flat(r))
-            w.writerow({k: cell_text(v) if k in TEXT_COLUMNS else v for k, v in line.items()})
+            w.writerow({k: cell_text(v) for k, v in line.items()})  # text only: a figure is never touched
     return buf.getvalue()

@@ -38,7 +38,7 @@ def test_a_code_span_holds_any_text_whole():
 
     assert md_code("runs/base") == "`runs/base`"
     assert md_code("a`b") == "``a`b``"  # a longer fence than any run of backticks inside
-    assert md_code("`x") == "`` `x ``" and md_code("a```b\nc") == "````a```b c````"
+    assert md_code("`x") == "`` `x ``" and md_code("x`") == "`` x` ``" and md_code("a```b\nc") == "````a```b c````"
 
 
 def test_environment_lines_of_a_run_recorded_without_an_environment():
