@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import html
 import math
-from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS
@@ -24,7 +23,6 @@ from bench.report.markdown import (
     reading_notes,
 )
 from bench.report.table import NOISY_REL_CI, Group, Row, cpu_text, gpus_text, group_records, speedup_text, sweeps
-from bench.results import read_records, read_run
 from bench.select import decide, default_objective, front_text
 
 
@@ -212,11 +210,6 @@ def environment_html(run: dict[str, Any]) -> str:
             ("git", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""))]
     rows += [(f"{d} ceilings (measured)", t) for d, t in ceiling_texts(run).items()]
     return '<dl class="env">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows) + "</dl>"
-
-
-def html_report(run_dir: Path) -> str:
-    """The self-contained HTML report of ``run_dir``."""
-    return html_text(read_run(run_dir), read_records(run_dir))
 
 
 def html_text(run: dict, records: list[dict]) -> str:

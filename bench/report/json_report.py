@@ -4,22 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS
 from bench.report.table import NOISY_REL_CI, drift_protocol_name, group_records
-from bench.results import read_records, read_run
 from bench.select import decide, default_objective
 
 
 def _clean(value: Any) -> Any:
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def json_report(run_dir: Path) -> str:
-    """The JSON report of ``run_dir``."""
-    return json_text(read_run(run_dir), read_records(run_dir))
 
 
 def json_text(run: dict, records: list[dict]) -> str:

@@ -5,7 +5,6 @@ the recommended variant, the Pareto front and notes. Renders in a PR comment or 
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS
@@ -19,7 +18,6 @@ from bench.report.table import (
     group_records,
     speedup_text,
 )
-from bench.results import read_records, read_run
 from bench.select import decide, default_objective, front_text
 from optimize.libraries import libraries
 
@@ -176,11 +174,6 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
 NO_RECORDS = ("No cell records: results.jsonl holds none (the run was stopped, or is still running, before its "
               "first cell ended).")
-
-
-def markdown_report(run_dir: Path) -> str:
-    """The Markdown report of ``run_dir``."""
-    return markdown_text(read_run(run_dir), read_records(run_dir))
 
 
 def markdown_text(run: dict, records: list[dict]) -> str:

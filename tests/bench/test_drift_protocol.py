@@ -259,9 +259,9 @@ def test_a_run_with_the_llama_cpp_protocol_says_so_in_records_and_reports(tmp_pa
 
     rows = list(csv.DictReader((out / "results.csv").open()))
     assert [row["drift_protocol"] for row in rows] == ["llama.cpp", "llama.cpp"]
-    from bench.report.json_report import json_report
+    from bench.report.write import render
 
-    (group,) = json.loads(json_report(out))["groups"]
+    (group,) = json.loads(render(out, "json"))["groups"]
     assert [row["drift_protocol"] for row in group["rows"]] == ["llama.cpp", "llama.cpp"]
 
     bad = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--drift-protocol", "half",

@@ -10,8 +10,8 @@ import re
 import pytest
 
 from bench.cli import main
-from bench.report.markdown import markdown_report
 from bench.report.table import NOISY_REL_CI
+from bench.report.write import render
 from tests.bench.records import record, write_run
 
 EVIL = "<script>alert(1)</script>"
@@ -32,7 +32,7 @@ def run(tmp_path):
 
 
 def test_markdown_has_a_table_per_scenario_with_intervals_speedups_and_noise_marks(run):
-    text = markdown_report(run)
+    text = render(run, "md")
     assert text.count("\n## ") >= 4  # three scenario groups + how to read
     q8 = next(line for line in text.splitlines() if line.startswith("| q8 |"))
     cells = [c.strip() for c in q8.strip("|").split("|")]
@@ -50,7 +50,6 @@ def test_markdown_has_a_table_per_scenario_with_intervals_speedups_and_noise_mar
 
 
 def test_a_prefill_sweep_table_shows_its_figures_and_drops_the_columns_no_row_has(tmp_path):
-    from bench.report.html import html_report
     from bench.stats import summarize
 
     def prefill(variant, ttft, frac):
@@ -60,7 +59,7 @@ def test_a_prefill_sweep_table_shows_its_figures_and_drops_the_columns_no_row_ha
 
     run_dir = write_run(tmp_path / "run", [prefill("fp32", 40.0, 0.61), prefill("bf16", 20.0, 0.45),
                                            record("fp32", decode=100, kld=0.0, steps=0)])
-    lines = markdown_report(run_dir).splitlines()
+    lines = render(run_dir, "md").splitlines()
     head_prefill, head_generate = [line for line in lines if line.startswith("| variant |")]
     assert "prefill FLOP frac" in head_prefill and "TTFT p50" in head_prefill and "prefill tok/s" in head_prefill
     for column in ("TPOT", "decode tok/s", "roofline", "ppl ratio", "KLD"):  # no row of the sweep has them
@@ -69,7 +68,7 @@ def test_a_prefill_sweep_table_shows_its_figures_and_drops_the_columns_no_row_ha
     assert "| fp32 |" in lines[lines.index(head_prefill) + 2] + lines[lines.index(head_prefill) + 3]
     assert "0.61" in "".join(lines) and "0.45" in "".join(lines)
     assert "TPOT" in head_generate and "KLD" in head_generate  # the generate table keeps its own
-    html = html_report(run_dir)
+    html = render(run_dir, "html")
     prefill_table = html.split("<table")[1]  # groups in the Markdown's order
     assert "prefill FLOP frac" in prefill_table and "TPOT" not in prefill_table
 
@@ -121,19 +120,16 @@ def test_png_of_a_run_without_drift_says_why_nothing_was_written(tmp_path, capsy
 
 
 def test_a_run_without_records_says_so_in_every_report(tmp_path):
-    from bench.report.html import html_report
     from bench.report.markdown import NO_RECORDS
 
     run = write_run(tmp_path / "run", [])
-    assert f"**{NO_RECORDS}**" in markdown_report(run)
-    assert f"<p><b>{NO_RECORDS}</b></p>" in html_report(run)
-    assert "No cell records" not in markdown_report(write_run(tmp_path / "other", [record("fp32")]))
+    assert f"**{NO_RECORDS}**" in render(run, "md")
+    assert f"<p><b>{NO_RECORDS}</b></p>" in render(run, "html")
+    assert "No cell records" not in render(write_run(tmp_path / "other", [record("fp32")]), "md")
 
 
 def test_html_escapes_input_and_fetches_nothing(run):
-    from bench.report.html import html_report
-
-    page = html_report(run)
+    page = render(run, "html")
     assert EVIL not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
     assert page.count("<script>") == 1  # only the report's own inline script
     # Nothing that loads: no src/href to another document, no CSS import or url(); SVG namespaces are names only.
@@ -203,17 +199,13 @@ def test_the_committed_example_reports_are_what_this_version_renders(fmt, name):
     """reports/example is read as documentation: its reports must follow its records and today's code."""
     from pathlib import Path
 
-    from bench.report.write import render
-
     example = Path(__file__).resolve().parents[2] / "reports" / "example"
     assert render(example, fmt) == (example / name).read_text(encoding="utf-8"), (
         "regenerate: infermatrix report reports/example --format md,html,csv,png --out reports/example")
 
 
 def test_both_reports_say_what_the_roofline_columns_divide_by(run):
-    from bench.report.html import html_report
-
-    md, html = markdown_report(run), html_report(run)
+    md, html = render(run, "md"), render(run, "html")
     for text in (md, html):
         assert "How to read this" in text
         assert "over the copy bandwidth measured at the start of the run" in text

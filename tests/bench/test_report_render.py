@@ -11,12 +11,12 @@ from bench.report.markdown import (
     ceiling_texts,
     environment_lines,
     group_table,
-    markdown_report,
     md_escape,
     note_items,
     recommendation_lines,
 )
 from bench.report.table import group_records
+from bench.report.write import render
 from tests.bench.records import record, write_run
 
 
@@ -132,7 +132,7 @@ def test_notes_give_the_first_line_of_an_error_cut_at_300_characters_and_each_la
 
 
 def test_the_markdown_of_a_run_without_records_is_its_heading_environment_and_the_reason(tmp_path):
-    lines = markdown_report(write_run(tmp_path / "run", [])).splitlines()
+    lines = render(write_run(tmp_path / "run", []), "md").splitlines()
     assert lines[0] == "# infermatrix run `handmade`" and lines[1] == ""
     at = lines.index(f"**{NO_RECORDS}**")
     assert lines[2:at - 1] == environment_lines(__import__("json").loads((tmp_path / "run/run.json").read_text()))
@@ -140,7 +140,7 @@ def test_the_markdown_of_a_run_without_records_is_its_heading_environment_and_th
 
 
 def test_a_group_without_an_ok_reference_says_so_under_its_table(tmp_path):
-    text = markdown_report(write_run(tmp_path / "run", [record("q8"), record("q4")]))
+    text = render(write_run(tmp_path / "run", [record("q8"), record("q4")]), "md")
     assert "\nSpeedup: none (no ok reference variant) p50 e2e_ms / the variant's, with a bootstrap 95% " \
            "interval.\n" in text
 

@@ -292,9 +292,9 @@ def test_a_prefill_group_is_judged_on_the_prompt_pass_by_default(tmp_path, capsy
     groups = json.loads(capsys.readouterr().out)["groups"]
     assert {g["scenario"]["name"]: g["objective"] for g in groups} == {"prefill": "prefill_tokens_per_s",
                                                                        "generate": "decode_tokens_per_s"}
-    from bench.report.markdown import markdown_report
+    from bench.report.write import render
 
-    assert "**recommended: bf16**: best prefill tok/s: 9000" in markdown_report(run)
+    assert "**recommended: bf16**: best prefill tok/s: 9000" in render(run, "md")
 
 
 def _golden_records() -> list[dict]:
