@@ -172,13 +172,14 @@ def plan_cells(matrix: Matrix, run_dir: Path, shard: Shard | None,
 
 def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = None,
             on_event: Callable[[str, dict[str, Any]], None] = lambda kind, info: None,
-            cache_dir: str | None = None, resolve_device=None) -> list[dict[str, Any]]:
+            cache_dir: str | None = None, resolve_device=None, plan=None) -> list[dict[str, Any]]:
     """Run every cell of ``matrix`` not yet recorded ``ok`` in ``run_dir``; returns the final records.
 
     Variants are built first, once each, in build jobs of their own; a cell whose build
-    failed or was skipped gets that outcome without running.
+    failed or was skipped gets that outcome without running. ``plan`` is ``plan_cells``'s answer
+    when the caller has it already (a resume reads the run's records once).
     """
-    cells, ok_rounds, todo = plan_cells(matrix, run_dir, shard, resolve_device)
+    cells, ok_rounds, todo = plan or plan_cells(matrix, run_dir, shard, resolve_device)
     todo = [dataclasses.replace(c, cache_dir=cache_dir) for c in todo]
     builds: dict[str, dict[str, Any]] = {}
     for c in todo:

@@ -224,16 +224,19 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     resolve = device_resolver(recorded_torch or probe_torch(run_dir / "logs"))
     if args.resume:  # refuse records of another matrix or shard before anything runs; the hub cache may
         # have been cleared since: fetch the models the cells left to run need
-        cells, _, todo = plan_cells(matrix, run_dir, shard, resolve)
+        plan = plan_cells(matrix, run_dir, shard, resolve)
+        cells, _, todo = plan
         if not todo and run.get("ended"):  # finished: its records, end time and reports stay as they are
             return _finished(args, run_dir, run, {c.cell_id for c in cells})
         _fetch_hub_models(sorted({c.model for c in todo}))
+    else:
+        plan = None
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
     launcher = make_launcher(args.launcher, run_dir, args.ray_address, args.logs_dir)
     try:
         with Progress(quiet=args.quiet) as progress:
             records = execute(matrix, run_dir, launcher, shard=shard, on_event=progress.event,
-                              cache_dir=args.cache_dir, resolve_device=resolve)
+                              cache_dir=args.cache_dir, resolve_device=resolve, plan=plan)
     finally:
         launcher.close()
     finish_run(run_dir)
