@@ -167,10 +167,12 @@ class Verdict:
     reason: str = ""
     objective: float | None = None
     objective_ci: tuple[float, float] | None = None
+    dominated_by: str | None = None  # the variant at least as good on every axis and better on one
 
     def to_dict(self) -> dict[str, Any]:
         return {"variant": self.variant, "outcome": self.outcome, "reason": self.reason,
-                "objective": self.objective, "objective_ci": list(self.objective_ci) if self.objective_ci else None}
+                "objective": self.objective, "objective_ci": list(self.objective_ci) if self.objective_ci else None,
+                "dominated_by": self.dominated_by}
 
 
 @dataclass
@@ -286,6 +288,7 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
             if dom is not None:
                 # Each axis says how it compares: a faster variant can be dominated where its
                 # speed is inside the noise of the other's and its drift clearly worse.
+                v.dominated_by = dom["variant"]
                 v.reason = "dominated by " + dom["variant"] + " (" + "; ".join(
                     f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}: {_versus(dom, r, m)}" for m in axes) + ")"
             else:

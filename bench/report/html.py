@@ -13,16 +13,8 @@ from typing import Any
 
 from bench.catalogue import METRICS
 from bench.report import plots
-from bench.report.markdown import (
-    LIBRARIES,
-    NO_RECORDS,
-    ceiling_texts,
-    drift_protocols,
-    group_columns,
-    note_items,
-    reading_notes,
-)
-from bench.report.table import NOISY_REL_CI, Group, Row, cpu_text, gpus_text, group_records, speedup_text, sweeps
+from bench.report.markdown import NO_RECORDS, drift_protocols, group_columns, note_items, reading_notes, run_facts
+from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_basis, speedup_text, sweeps
 from bench.select import decide, default_objective, front_text
 
 
@@ -146,6 +138,13 @@ def _cell(row: Row, key: str) -> str:
     return f'<td class="{cls}" data-v="{_num_attr(fig.value)}"{title}>{esc(m.format(fig.value))}{mark}{ci}</td>'
 
 
+def _step_name(step: Any) -> str:
+    """A recipe step's technique (the record contract leaves steps free-form: older records name them)."""
+    if isinstance(step, dict):
+        return str(step.get("technique") or step.get("name") or "?")
+    return str(step)
+
+
 def group_table(group: Group, chosen: str | None) -> str:
     columns = group_columns(group)
     head = "".join(f'<th class="{"" if k == "status" else "num"}">{esc(h)}</th>' for h, k in columns)
@@ -153,8 +152,7 @@ def group_table(group: Group, chosen: str | None) -> str:
     for row in group.rows:
         cls = ' class="chosen"' if row.variant == chosen else ""
         recipe = row.record.get("recipe") or {}
-        steps = ", ".join(str(s.get("technique", s.get("name", s))) if isinstance(s, dict) else str(s)
-                          for s in recipe.get("steps", []))
+        steps = ", ".join(_step_name(s) for s in recipe.get("steps") or [])
         rows.append(f'<tr{cls}><td data-v="{esc(row.variant)}" title="{esc(steps or "reference")}">'
                     f'{esc(row.variant)}</td>' + "".join(_cell(row, k) for _, k in columns) + "</tr>")
     return (f'<div class="table-wrap"><table class="sortable"><thead><tr><th>variant</th>{head}</tr></thead>'
@@ -170,12 +168,11 @@ def _figure(fig, caption: str) -> str:
 def group_section(group: Group, index: int) -> str:
     d = decide(group, default_objective(group), [])
     if d.chosen:
-        dominated = [v for v in d.verdicts.values() if v.reason.startswith("dominated by")]
+        dominated = [v for v in d.verdicts.values() if v.dominated_by]
         items = [f"<li><b>Recommended: {esc(d.chosen)}</b>: {esc(d.verdicts[d.chosen].reason)}</li>",
                  f"<li>Pareto front ({esc(d.objective.label)} against KLD): {esc(front_text(d))}</li>"]
         if dominated:
-            short = ", ".join(f"{v.variant} (by {v.reason.removeprefix('dominated by ').split(' (')[0]})"
-                              for v in dominated)
+            short = ", ".join(f"{v.variant} (by {v.dominated_by})" for v in dominated)
             items.append(f"<li>Dominated (no faster and less accurate, or no more accurate and slower): "
                          f"{esc(short)}</li>")
         why = "".join(f"<li><b>{esc(v.variant)}</b> [{esc(v.outcome)}]: {esc(v.reason)}</li>"
@@ -185,7 +182,6 @@ def group_section(group: Group, index: int) -> str:
                f'<details><summary>why each other variant lost</summary><ul>{why}</ul></details></div>')
     else:
         rec = '<div class="rec">Nothing to recommend: no variant has every figure the choice needs.</div>'
-    ref = group.reference or "none"
     figs = "".join([
         _figure(plots.speed_vs_drift(group), "Speed against drift; dashed: the Pareto front."),
         _figure(plots.throughput_bars(group), "Decode tokens/s with 95% CI of the median; roofline fraction."),
@@ -193,23 +189,15 @@ def group_section(group: Group, index: int) -> str:
         _figure(plots.latency_distributions(group), "Every repetition's TTFT and TPOT; boxes: quartiles."),
     ])
     return (f'<section id="g{index}"><h2>{esc(group.title)}</h2>{rec}{group_table(group, d.chosen)}'
-            f'<p class="note">Speedup: {esc(ref)} p50 {esc(group.speedup_metric)} / the variant\'s, bootstrap 95% '
-            f'interval. <code>~</code>: 95% interval wider than {NOISY_REL_CI:.0%} of the value.</p>'
+            f'<p class="note">Speedup: {esc(speedup_basis(group))} <code>~</code>: 95% interval wider than '
+            f'{NOISY_REL_CI:.0%} of the value.</p>'
             f'<div class="figs">{figs}</div></section>')
 
 
 def environment_html(run: dict[str, Any]) -> str:
-    env = run.get("environment", {})
-    libs = env.get("libraries", {})
-    git = env.get("git") or {}
-    rows = [("started / ended", f"{run.get('started')} / {run.get('ended')}"),
-            ("launcher", f"{run.get('launcher')}" + (f", shard {run['shard']}" if run.get("shard") else "")),
-            ("CPU", cpu_text(env)),
-            ("GPUs", gpus_text(env)),
-            ("libraries", ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs)),
-            ("git", (git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else ""))]
-    rows += [(f"{d} ceilings (measured)", t) for d, t in ceiling_texts(run).items()]
-    return '<dl class="env">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows) + "</dl>"
+    f = run_facts(run)
+    rows = [("started / ended", f"{f.pop('started')} / {f.pop('ended')}"), *f.items()]
+    return '<dl class="env">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows if v) + "</dl>"
 
 
 def html_text(run: dict, records: list[dict]) -> str:

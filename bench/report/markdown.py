@@ -16,6 +16,7 @@ from bench.report.table import (
     drift_protocol_name,
     gpus_text,
     group_records,
+    speedup_basis,
     speedup_text,
 )
 from bench.select import decide, default_objective, front_text
@@ -57,19 +58,36 @@ def md_code(text: Any) -> str:
     return f"{fence}{pad}{body}{pad}{fence}"
 
 
-def environment_lines(run: dict[str, Any]) -> list[str]:
-    env = run.get("environment", {})
-    gpus = gpus_text(env)
-    libs = env.get("libraries", {})
+NOT_ENDED = "not ended (interrupted, or still running)"
+
+
+def run_facts(run: dict[str, Any]) -> dict[str, str]:
+    """What a report's header says about the run, raw text.
+
+    '?' stands for what run.json does not hold (only ``matrix`` is required); an unfinished run
+    says so rather than "ended None".
+    """
+    env = run.get("environment") or {}
+    libs = env.get("libraries") or {}
     git = env.get("git") or {}
-    lines = [
-        f"- started {run.get('started')}, ended {run.get('ended')}; launcher {run.get('launcher')}"
-        + (f", shard {run['shard']}" if run.get("shard") else ""),
-        f"- CPU {md_escape(cpu_text(env))}, GPUs: {md_escape(gpus)}",
-        "- " + ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
-        f"- git {(git.get('commit') or '?')[:12]}" + (" (dirty)" if git.get("dirty") else ""),
-    ]
-    lines += [f"- {d} ceilings (measured): {t}" for d, t in ceiling_texts(run).items()]
+    facts = {"started": str(run.get("started") or "?"), "ended": str(run.get("ended") or NOT_ENDED),
+             "launcher": str(run.get("launcher") or "?") + (f", shard {run['shard']}" if run.get("shard") else ""),
+             "CPU": cpu_text(env), "GPUs": gpus_text(env),
+             "libraries": ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
+             "git": str(git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")}
+    facts.update({f"{d} ceilings (measured)": t for d, t in ceiling_texts(run).items()})
+    return facts
+
+
+def environment_lines(run: dict[str, Any]) -> list[str]:
+    f = {k: md_escape(v) for k, v in run_facts(run).items()}
+    lines = [f"- started {f['started']}, " + (f"ended {f['ended']}" if run.get("ended") else f["ended"])
+             + f"; launcher {f['launcher']}",
+             f"- CPU {f['CPU']}, GPUs: {f['GPUs']}"]
+    if f["libraries"]:
+        lines.append(f"- {f['libraries']}")
+    lines.append(f"- git {f['git']}")
+    lines += [f"- {k}: {v}" for k, v in f.items() if k.endswith(" ceilings (measured)")]
     return lines
 
 
@@ -116,10 +134,11 @@ def recommendation_lines(group: Group) -> list[str]:
     lines = [f"- **recommended: {md_escape(d.chosen)}**: {md_escape(d.verdicts[d.chosen].reason)} "
              "(`infermatrix select` with no constraints; add `--max-kld` etc. for yours)"]
     lines.append(f"- Pareto front ({d.objective.label} against KLD): {md_escape(front_text(d))}")
-    dominated = [v for v in d.verdicts.values() if v.reason.startswith("dominated by")]
+    dominated = [v for v in d.verdicts.values() if v.dominated_by]
     if dominated:
         lines.append("- dominated (slower and less accurate, or equal on one and worse on the other): "
-                     + "; ".join(f"{md_escape(v.variant)} ({md_escape(v.reason.split(' (')[0])})" for v in dominated))
+                     + "; ".join(f"{md_escape(v.variant)} (dominated by {md_escape(v.dominated_by)})"
+                                 for v in dominated))
     return lines
 
 
@@ -185,8 +204,7 @@ def markdown_text(run: dict, records: list[dict]) -> str:
     for g in groups:
         lines += ["", f"## {md_escape(g.title)}", ""]
         lines += group_table(g)
-        ref = md_escape(g.reference) if g.reference else "none (no ok reference variant)"
-        lines += ["", f"Speedup: {ref} p50 {g.speedup_metric} / the variant's, with a bootstrap 95% interval.", ""]
+        lines += ["", f"Speedup: {md_escape(speedup_basis(g))}", ""]
         lines += recommendation_lines(g)
     lines += ["", "## How to read this", "", *(f"- {item}" for item in reading_notes("`~`"))]
     lines += [f"- Drift protocol: {md_escape(text)}" for text in drift_protocols(records)]

@@ -247,7 +247,7 @@ def sweep_plot(series: dict[tuple, list[tuple[int, dict[str, Any]]]], axis: str)
     key, xlabel, title = (("decode_tokens_per_s", "batch size", "Decode throughput against batch size")
                           if axis == "batch_size" else ("ttft_ms", "prompt tokens", "TTFT against prompt length"))
     if axis == "batch_size" and not any(point(r, key) for pts in series.values() for _, r in pts):
-        key = "prefill_tokens_per_s"
+        key, title = "prefill_tokens_per_s", "Prefill throughput against batch size"  # a prefill sweep
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.0))
     for i, (k, pts) in enumerate(series.items()):
         pts = [(x, r) for x, r in pts if point(r, key) is not None]

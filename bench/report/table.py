@@ -152,6 +152,12 @@ def group_records(records: list[dict[str, Any]]) -> list[Group]:
     return list(groups.values())
 
 
+def speedup_basis(group: Group) -> str:
+    """What the group's speedups divide, raw text: the reference's p50 latency over each variant's."""
+    ref = group.reference or "none (no ok reference variant)"
+    return f"{ref} p50 {group.speedup_metric} / the variant's, with a bootstrap 95% interval."
+
+
 def _reference_row(group: Group) -> Row | None:
     ok = [row for row in group.rows if row.status == "ok"]
     for row in ok:

@@ -45,12 +45,14 @@ def test_environment_lines_of_a_run_recorded_without_an_environment():
     lines = environment_lines({"started": "s", "ended": "e", "launcher": "local"})
     assert lines[0] == "- started s, ended e; launcher local"
     assert lines[1] == "- CPU ? (? logical cores), RAM ?, GPUs: none"  # not recorded, not zero
-    assert lines[2:] == ["- ", "- git ?"]
+    assert lines[2:] == ["- git ?"]  # no empty libraries line
     with_libs = environment_lines({"environment": {"libraries": {"torch": "2.13.0"}, "git": {"commit": "ab" * 20,
                                                                                            "dirty": True}}})
     assert with_libs[2] == "- torch 2.13.0" and with_libs[3] == f"- git {'ab' * 6} (dirty)"
     shard = environment_lines({"started": "s", "ended": "e", "launcher": "ray", "shard": "2/4"})
     assert shard[0] == "- started s, ended e; launcher ray, shard 2/4"
+    assert environment_lines({"started": "s", "ended": None})[0] == (
+        "- started s, not ended (interrupted, or still running); launcher ?")
 
 
 def _rows(records):

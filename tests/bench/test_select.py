@@ -36,6 +36,7 @@ def test_differences_inside_the_noise_are_ties_broken_by_drift_then_memory():
     d = _one([a, b, c])
     assert d.chosen == "c" and not d.ties  # tied on speed, clearly less drift: a and b are dominated
     assert d.verdicts["a"].reason.startswith("dominated by c") and d.verdicts["b"].reason.startswith("dominated by c")
+    assert [d.verdicts[v].dominated_by for v in "abc"] == ["c", "c", None]
     # The same medians measured tightly are a clear win for b.
     d = _one([record("a", decode=100, noise=0.01, kld=0.001), record("b", decode=105, noise=0.01, kld=0.001)])
     assert d.chosen == "b" and not d.ties and d.verdicts["a"].reason.startswith("dominated by b")
@@ -352,7 +353,9 @@ def test_every_verdict_of_a_constrained_choice_word_for_word():
     assert variants["slow"]["outcome"] == "lost" and variants["slow"]["objective_ci"] == pytest.approx([49.5, 50.5])
     assert variants["big"] == {"variant": "big", "outcome": "violates",
                                "reason": "peak MiB 900.0 > 800.0 (--max-memory-mib)", "objective": None,
-                               "objective_ci": None}
+                               "objective_ci": None, "dominated_by": None}
+    assert variants["slow"]["dominated_by"] == "fp32" and variants["slow"]["reason"].startswith("dominated by fp32 (")
+    assert [v["variant"] for v in data["variants"] if v["dominated_by"]] == ["slow"]
 
 
 def test_tie_breaks_rank_a_variant_without_drift_last_and_say_why():
