@@ -182,20 +182,24 @@ def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s
     argv = [*flags, str(spec_path), str(out_path)]
     proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda),
                                     name=f"infermatrix-{kind}-{name}")
-    proc.start()
 
     def kill() -> None:
         timed_out.set()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # the child leads its own group: take its helpers too
-        except ProcessLookupError:
-            pass
+        _kill_group(proc)
 
     timer = threading.Timer(timeout_s, kill)
     timer.daemon = True
-    timer.start()
     try:
+        proc.start()
+        timer.start()
         proc.join()  # blocks on the child's sentinel: no CPU taken from the child
+    except BaseException:
+        # Ctrl-C (or any error) in the parent: the child is in its own session, out of the terminal's
+        # reach, so take its group down now rather than leave it measuring for nobody.
+        _kill_group(proc)
+        if proc.pid is not None:
+            proc.join()
+        raise
     finally:
         timer.cancel()
     returncode = proc.exitcode
@@ -212,6 +216,19 @@ def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s
         error = f"cell process exited with code {returncode} and no result"
     tail = _tail(log_path)
     return {"status": "failed", "error": error + (f"\n{tail}" if tail else ""), "timing_s": {"process_wall": wall_s}}
+
+
+def _kill_group(proc) -> None:
+    """SIGKILL the job's process group (the child leads its own: its helpers go too)."""
+    if proc.pid is None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:  # no group yet (killed before its setsid): the process itself
+        try:
+            os.kill(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
 
 
 def cell_result_to_record(cell, result: dict[str, Any]) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from bench.select import decide, default_objective, front_text
 
 
 def esc(value: Any) -> str:
-    return html.escape(str(value), quote=True)
+    return html.escape(str(value))  # quotes too: values go into attributes
 
 
 STYLE = """

@@ -27,6 +27,11 @@ class FaultyForCausalLM(LlamaForCausalLM):
         if fault == "abort":
             os.abort()
         if fault == "hang":
+            marker = os.environ.get("FAULTY_HANG_MARKER")  # where a test learns which process hangs
+            if marker:
+                with open(marker + ".tmp", "w") as f:
+                    f.write(str(os.getpid()))
+                os.replace(marker + ".tmp", marker)
             time.sleep(3600)
         return super().forward(*args, **kwargs)
 '''

@@ -272,12 +272,14 @@ def test_a_bare_run_description_reads_as_unknown_and_unfinished(tmp_path):
 
 
 def test_two_scenarios_are_enough_for_a_contents_list_and_free_form_recipe_steps_are_named(tmp_path):
-    odd = record("odd", decode=90)
+    odd = record('o"d d=\'<x>', decode=90)  # a name that would end an attribute, or open a tag, unescaped
     odd["recipe"]["steps"] = [{"technique": "cast"}, {"name": "older-record"}, "onnx", {}]
     other = {"name": "decode", "batch_size": 2, "prompt_tokens": 64, "new_tokens": 16}
     page = parse(render(write_run(tmp_path / "run", [odd, record("fp32", scenario=other)]), "html"))
     assert page.one("h3").text() == "Scenarios" and len(page.one("main").kids("ul")[0].kids("li")) == 2
-    assert page.all("table")[0].one("tbody").kids("tr")[0].kids("td")[0].attrs["title"] == "cast, older-record, onnx, ?"
+    name = page.all("table")[0].one("tbody").kids("tr")[0].kids("td")[0]
+    assert name.attrs == {"data-v": 'o"d d=\'<x>', "title": "cast, older-record, onnx, ?"}
+    assert name.text() == 'o"d d=\'<x>'
 
 
 def _h2(page: Node) -> list[str]:
@@ -306,26 +308,32 @@ def test_one_scenario_gets_no_contents_list_and_its_four_figures(page, drawn):
                      "tiny / gpu / cpu: skipped: needs CUDA"]
 
 
-def test_several_scenarios_get_a_contents_list_a_sweep_section_and_the_drift_protocol(tmp_path, drawn):
+def test_several_scenarios_get_a_contents_list_a_sweep_section_and_the_drift_protocols(tmp_path, drawn):
     sweep = {"name": "decode", "prompt_tokens": 64, "new_tokens": 16}
-    with_protocol = record("fp32", decode=100, kld=0.0, steps=0)
-    with_protocol["method"]["drift"] = {"protocol": "every window scored", "protocol_name": "strided",
-                                        "context": 64, "scored_tokens": 512}
+
+    def with_protocol(variant, name, text):
+        r = record(variant, decode=100, kld=0.0 if variant == "fp32" else 0.01, steps=0 if variant == "fp32" else 1)
+        r["method"]["drift"] = {"protocol": text, "protocol_name": name, "context": 64, "scored_tokens": 512}
+        return r
+
     run = write_run(tmp_path / "run", [
-        with_protocol, *[record("fp32", decode=100 * b, kld=None, steps=0, scenario={**sweep, "batch_size": b})
-                         for b in (1, 2)]])
+        with_protocol("fp32", "strided", "every window scored"), with_protocol("q8", "first", "first window only"),
+        *[record("fp32", decode=100 * b, kld=None, steps=0, scenario={**sweep, "batch_size": b, "prompt_tokens": p})
+          for b, p in ((1, 64), (2, 64), (1, 32))]])
     page = parse(render(run, "html"))
     titles = ["tiny on cpu: generate, batch 1, prompt 128, new 32", "tiny on cpu: decode, batch 1, prompt 64, new 16",
-              "tiny on cpu: decode, batch 2, prompt 64, new 16"]
+              "tiny on cpu: decode, batch 2, prompt 64, new 16", "tiny on cpu: decode, batch 1, prompt 32, new 16"]
     assert _h2(page) == [*titles, "Sweeps", "How to read this", "Drift protocol"]
     assert page.one("h3").text() == "Scenarios"
-    links = [(a.attrs["href"], a.text()) for a in page.one("main").kids("ul")[0].all("a")]
-    assert links == [(f"#g{i}", t) for i, t in enumerate(titles)]
-    assert [s.attrs["id"] for s in page.all("section") if "id" in s.attrs] == ["g0", "g1", "g2"]
-    sweeps = next(s for s in page.all("section") if s.one("h2").text() == "Sweeps")
-    assert [f.one("figcaption").text() for f in sweeps.all("figure")] == ["Throughput against batch size."]
-    assert drawn[-1] == "Decode throughput against batch size"
     contents = page.one("main").kids("ul")[0]
+    assert [(a.attrs["href"], a.text()) for a in contents.all("a")] == [(f"#g{i}", t) for i, t in enumerate(titles)]
     assert contents.children == contents.kids("li")  # nothing between the items
-    protocol = next(s for s in page.all("section") if s.one("h2").text() == "Drift protocol")
-    assert protocol.one("li").text() == "strided, windows of 64 tokens, 512 scored tokens: every window scored"
+    assert [s.attrs["id"] for s in page.all("section") if "id" in s.attrs] == ["g0", "g1", "g2", "g3"]
+    sweeps = next(s for s in page.all("section") if s.one("h2").text() == "Sweeps")
+    assert [f.one("figcaption").text() for f in sweeps.all("figure")] == [
+        "Throughput against batch size.", "TTFT against prompt length."]
+    assert drawn[-2:] == ["Decode throughput against batch size", "TTFT against prompt length"]
+    protocols = next(s for s in page.all("section") if s.one("h2").text() == "Drift protocol").one("ul")
+    assert protocols.children == protocols.kids("li") and [li.text() for li in protocols.kids("li")] == [
+        "strided, windows of 64 tokens, 512 scored tokens: every window scored",
+        "first, windows of 64 tokens, 512 scored tokens: first window only"]

@@ -174,3 +174,63 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
     lines = (run_dir / "results.jsonl").read_text().splitlines()
     assert len(lines) == 4 and all(json.loads(line)["cell_id"] for line in lines)
     assert len(read_records(run_dir)) == 4
+
+
+def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tmp_path, tiny_ref, cache_dir):
+    """The cell leads its own session, out of the terminal's reach: SIGINT to the command must end it.
+
+    Seen: the command printed "interrupted" and then waited minutes for a cell that went on
+    measuring at 100% CPU (multiprocessing joins its children at exit), or left it orphaned.
+    """
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    model = make_faulty(Path(tiny_ref.path), tmp_path / "faulty-hang", "hang")
+    (tmp_path / "m.toml").write_text(f"""
+name = "hang"
+models = [{json.dumps(str(model))}]
+variants = ["fp32"]
+devices = ["cpu"]
+trust_remote_code = true
+[[scenarios]]
+name = "generate"
+batch_size = [1]
+prompt_tokens = [16]
+new_tokens = [4]
+[measure]
+warmup = 0
+min_reps = 1
+max_reps = 1
+budget_s = 0
+timeout_s = 600
+roofline = false
+[drift]
+enabled = false
+""")
+    marker = tmp_path / "hanging.pid"
+    cli = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(tmp_path / "m.toml"), "--out",
+                            str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           text=True, env={**os.environ, "FAULTY_HANG_MARKER": str(marker)},
+                           cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not marker.exists():
+            assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+            time.sleep(0.2)
+        cell = psutil.Process(int(marker.read_text()))
+        started = [p for p in psutil.Process(cli.pid).children(recursive=True)]
+        assert cell in started  # forked from the command's fork server, in a session of its own
+        assert os.getsid(cell.pid) != os.getsid(cli.pid)
+        cli.send_signal(signal.SIGINT)
+        _, err = cli.communicate(timeout=60)  # not the cell's 600 s timeout
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+    assert cli.returncode == 130, err
+    assert "infermatrix: interrupted; finished cells are in the run directory" in err
+    assert "Traceback" not in err, err
+    gone, alive = psutil.wait_procs(started, timeout=30)  # the fork server ends once the command has
+    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [(p.pid, p.cmdline()) for p in alive]
