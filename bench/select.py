@@ -363,8 +363,12 @@ def select(records: list[dict[str, Any]], objective: str | None = None, constrai
 
 
 def front_text(d: Decision) -> str:
-    """The Pareto front's variants, or why there is none (no variant has both figures: drift not measured)."""
-    return ", ".join(d.front) or f"none: no variant has both {d.objective.label} and KLD"
+    """The Pareto front's variants, or why there is none (no eligible variant, or drift not measured)."""
+    if d.front:
+        return ", ".join(d.front)
+    if d.chosen is None:
+        return "none: no variant is eligible (each failed, was skipped, lacks a figure or breaks a constraint)"
+    return f"none: no variant has both {d.objective.label} and KLD"
 
 
 def format_decisions(decisions: list[Decision]) -> str:
@@ -385,5 +389,7 @@ def format_decisions(decisions: list[Decision]) -> str:
             if v.outcome != "chosen":
                 lines.append(f"  - {v.variant} [{v.outcome}]: {v.reason}")
         lines.append(f"  Pareto front ({d.objective.label} vs KLD): {front_text(d)}")
+        if any(r.get("drift_meaningful") is False for r in g.records()):
+            lines.append(f"  note: {g.model} has random weights: its drift checks the mechanics, not accuracy")
         lines.append("")
     return "\n".join(lines)

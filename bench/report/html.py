@@ -13,7 +13,15 @@ from typing import Any
 
 from bench.catalogue import METRICS
 from bench.report import plots
-from bench.report.markdown import NO_RECORDS, drift_protocols, group_columns, note_items, reading_notes, run_facts
+from bench.report.markdown import (
+    NO_RECORDS,
+    drift_protocols,
+    group_columns,
+    note_items,
+    random_weight_caveat,
+    reading_notes,
+    run_facts,
+)
 from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_basis, speedup_text, sweeps
 from bench.select import decide, default_objective, front_text
 
@@ -220,7 +228,7 @@ def html_text(run: dict, records: list[dict]) -> str:
     ])
     if sweep_figs:
         body.append(f'<section><h2>Sweeps</h2><div class="figs">{sweep_figs}</div></section>')
-    reading = "".join(f"<li>{esc(item)}</li>" for item in reading_notes("~"))
+    reading = "".join(f"<li>{esc(item)}</li>" for item in reading_notes("~") + random_weight_caveat(records))
     body.append(f'<section><h2>How to read this</h2><ul class="notes">{reading}</ul></section>')
     protocols = drift_protocols(records)
     if protocols:

@@ -159,6 +159,16 @@ def reading_notes(noisy_mark: str) -> list[str]:
     ]
 
 
+def random_weight_caveat(records: list[dict[str, Any]]) -> list[str]:
+    """A reading note for drift scored on models with random weights (``drift_meaningful: false``), raw text."""
+    models = list(dict.fromkeys(r["model"] for r in records if r.get("drift_meaningful") is False))
+    if not models:
+        return []
+    return [f"Drift of {', '.join(models)} is scored on random weights: it checks the mechanics, not the "
+            "variants' accuracy, yet the recommendations and Pareto fronts weigh it as they would a trained "
+            "model's."]
+
+
 def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
     """Each drift protocol the records' figures were scored under, raw text, in first-seen order.
 
@@ -206,7 +216,8 @@ def markdown_text(run: dict, records: list[dict]) -> str:
         lines += group_table(g)
         lines += ["", f"Speedup: {md_escape(speedup_basis(g))}", ""]
         lines += recommendation_lines(g)
-    lines += ["", "## How to read this", "", *(f"- {item}" for item in reading_notes("`~`"))]
+    lines += ["", "## How to read this", "",
+              *(f"- {item}" for item in reading_notes("`~`") + random_weight_caveat(records))]
     lines += [f"- Drift protocol: {md_escape(text)}" for text in drift_protocols(records)]
     extra = note_items(records)
     if extra:

@@ -154,8 +154,9 @@ def group_records(records: list[dict[str, Any]]) -> list[Group]:
 
 def speedup_basis(group: Group) -> str:
     """What the group's speedups divide, raw text: the reference's p50 latency over each variant's."""
-    ref = group.reference or "none (no ok reference variant)"
-    return f"{ref} p50 {group.speedup_metric} / the variant's, with a bootstrap 95% interval."
+    if not group.reference:
+        return "none: no ok reference variant in this group (fp32, or a variant whose recipe has no steps)."
+    return f"{group.reference} p50 {group.speedup_metric} / the variant's, with a bootstrap 95% interval."
 
 
 def _reference_row(group: Group) -> Row | None:

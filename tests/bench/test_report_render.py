@@ -143,8 +143,22 @@ def test_the_markdown_of_a_run_without_records_is_its_heading_environment_and_th
 
 def test_a_group_without_an_ok_reference_says_so_under_its_table(tmp_path):
     text = render(write_run(tmp_path / "run", [record("q8"), record("q4")]), "md")
-    assert "\nSpeedup: none (no ok reference variant) p50 e2e_ms / the variant's, with a bootstrap 95% " \
-           "interval.\n" in text
+    assert ("\nSpeedup: none: no ok reference variant in this group (fp32, or a variant whose recipe has no "
+            "steps).\n") in text
+
+
+def test_drift_on_random_weights_is_called_out_once_in_each_report(tmp_path):
+    records = [record("fp32", kld=0.0, steps=0), record("q8"), record("fp32", model="trained", kld=0.0, steps=0)]
+    for r in records[:2]:
+        r["drift_meaningful"] = False
+    records[2]["drift_meaningful"] = True
+    run = write_run(tmp_path / "run", records)
+    caveat = ("Drift of tiny is scored on random weights: it checks the mechanics, not the variants' accuracy, yet "
+              "the recommendations and Pareto fronts weigh it as they would a trained model's.")
+    md = render(run, "md")
+    assert md.count(caveat) == 1 and f"\n- {caveat}\n" in md.split("## How to read this")[1]
+    assert render(run, "html").count(caveat.replace("'", "&#x27;")) == 1
+    assert "random weights" not in render(write_run(tmp_path / "trained", records[2:]), "md")
 
 
 def test_ceilings_read_in_gflops_and_a_run_without_matmul_ceilings_gives_its_copy_bandwidth_alone():

@@ -65,7 +65,16 @@ def test_every_variant_violating_chooses_nothing_and_exits_1(tmp_path, capsys):
     assert "--max-memory-mib" in d.verdicts["b"].reason and "--max-kld" in d.verdicts["b"].reason
     run = write_run(tmp_path / "run", recs)
     assert main(["select", str(run), "--max-kld", "0.01"]) == 1
-    assert "no variant satisfies the constraints" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "no variant satisfies the constraints" in out
+    # both variants have both figures: the front is empty because nothing is eligible
+    assert ("Pareto front (decode tok/s vs KLD): none: no variant is eligible (each failed, was skipped, lacks a "
+            "figure or breaks a constraint)") in out
+    assert "random weights" not in out
+    for r in recs:
+        r["drift_meaningful"] = False
+    assert main(["select", str(write_run(tmp_path / "random", recs))]) == 0
+    assert "  note: tiny has random weights: its drift checks the mechanics, not accuracy\n" in capsys.readouterr().out
 
 
 def test_the_serving_memory_bound_judges_the_peak_after_load(tmp_path, capsys):
