@@ -227,9 +227,33 @@ def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
     return None
 
 
-def sample_count(record: dict[str, Any], key: str) -> int | None:
-    """How many repetitions the metric's point value summarises, when known."""
+def _summary(record: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The summary over repetitions behind the metric's point value (its own, or its ``ci_key``'s)."""
     metrics = record.get("metrics") or {}
     m = METRICS.get(key)
     summary = metrics.get(key) if m is None or m.shape == "summary" else metrics.get(m.ci_key or "")
-    return int(summary["n"]) if isinstance(summary, dict) and "n" in summary else None
+    return summary if isinstance(summary, dict) else None
+
+
+def sample_count(record: dict[str, Any], key: str) -> int | None:
+    """How many repetitions the metric's point value summarises, when known."""
+    summary = _summary(record, key)
+    return int(summary["n"]) if summary and "n" in summary else None
+
+
+# Below this coverage an interval of the median says little: [min, max] of 4 repetitions holds the
+# median 87.5% of the time, of 2 only half, of 1 never (it has no width). 5 repetitions give 93.75%.
+MIN_CI_COVERAGE = 0.9
+
+
+def interval_coverage(record: dict[str, Any], key: str) -> float | None:
+    """The true coverage of the metric's interval of the median (``ci_coverage``), when recorded."""
+    summary = _summary(record, key)
+    cov = summary.get("ci_coverage") if summary else None
+    return float(cov) if isinstance(cov, (int, float)) and not isinstance(cov, bool) else None
+
+
+def too_few_repetitions(record: dict[str, Any], key: str) -> bool:
+    """True when the metric's interval rests on too few repetitions to tell it from another's."""
+    cov = interval_coverage(record, key)
+    return cov is not None and cov < MIN_CI_COVERAGE

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count
+from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count, too_few_repetitions
 from bench.report.table import Group, group_records
 from optimize.errors import InputError
 
@@ -202,9 +202,15 @@ def overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> boo
 
 
 def _compare(record_a, record_b, m: Metric) -> int:
-    """+1 when a is clearly better than b, -1 clearly worse, 0 tied within noise (intervals overlap) or equal."""
+    """+1 when a is clearly better than b, -1 clearly worse, 0 when tied.
+
+    Tied: within noise (intervals overlap), equal, or not to be told apart (either figure rests on
+    too few repetitions for its interval to mean anything).
+    """
     va, vb = point(record_a, m.key), point(record_b, m.key)
     if va == vb or overlap(interval(record_a, m.key), interval(record_b, m.key)):
+        return 0
+    if too_few_repetitions(record_a, m.key) or too_few_repetitions(record_b, m.key):
         return 0
     return 1 if m.better(va, vb) else -1
 
@@ -213,7 +219,25 @@ def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
     """How a dominating record compares with b on one metric, in a verdict's words (never worse: it dominates)."""
     if _compare(dominator, b, m) > 0:
         return "better"
-    return "equal" if point(dominator, m.key) == point(b, m.key) else "tied within noise"
+    if point(dominator, m.key) == point(b, m.key):
+        return "equal"
+    few = _too_few(dominator, b, m)
+    return f"not told apart: {few}" if few else "tied within noise"
+
+
+def _tied_with(winner: dict[str, Any], others: list[dict[str, Any]], m: Metric) -> str:
+    names = ", ".join(o["variant"] for o in others)
+    few = [f for f in (_too_few(winner, o, m) for o in others if point(o, m.key) != point(winner, m.key)) if f]
+    return f"tied with {names} (within noise, or {few[0]})" if few else f"tied within noise with {names}"
+
+
+def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
+    """Why two figures whose intervals do not overlap still tie (too few repetitions), or None."""
+    if overlap(interval(a, m.key), interval(b, m.key)) or not (too_few_repetitions(a, m.key)
+                                                                or too_few_repetitions(b, m.key)):
+        return None
+    n = min(x for x in (sample_count(a, m.key), sample_count(b, m.key)) if x is not None)
+    return f"{n} repetition{'s are' if n != 1 else ' is'} too few for an interval"
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
@@ -276,13 +300,16 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
         if r is winner:
             v.outcome = "chosen"
             v.reason = f"best {objective.label}: {_describe(r, objective)}" + (
-                f"; tied within noise with {', '.join(d.ties)}; tie-break: "
+                f"; {_tied_with(winner, [o for o in tied if o is not winner], objective)}; tie-break: "
                 + ", ".join(f"{_tie_reason(winner, o)} than {o['variant']}" for o in tied if o is not winner)
                 if d.ties else "")
         elif r in tied:
             v.outcome = "tie"
-            v.reason = (f"tied with {d.chosen} within noise on {objective.label} ({_describe(r, objective)} vs "
-                        f"{_describe(winner, objective)}); {d.chosen} won the tie-break: {_tie_reason(winner, r)}")
+            few = _too_few(r, winner, objective) if point(r, objective.key) != point(winner, objective.key) else None
+            v.reason = ((f"tied with {d.chosen} within noise" if not few else f"not told apart from {d.chosen}")
+                        + f" on {objective.label} ({_describe(r, objective)} vs {_describe(winner, objective)}"
+                        + (f"; {few}" if few else "")
+                        + f"); {d.chosen} won the tie-break: {_tie_reason(winner, r)}")
         else:
             dom = next((o for o in on_axes if dominates(o, r, axes)), None) if r in on_axes else None
             if dom is not None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from bench.catalogue import METRICS
+from bench.catalogue import METRICS, MIN_CI_COVERAGE
 from bench.report.table import (
     NOISY_REL_CI,
     Group,
@@ -146,9 +146,12 @@ def reading_notes(noisy_mark: str) -> list[str]:
     """What the table's figures mean, one item each (Markdown and HTML render them)."""
     return [
         "Latencies are the median (p50) over n repetitions, with the distribution-free 95% confidence "
-        "interval of the median in brackets; rates are medians too.",
+        "interval of the median in brackets; rates are medians too. Fewer than 6 repetitions cannot reach 95%: "
+        "the interval is then their [min, max], which holds the median 93.75% of the time at 5, 87.5% at 4.",
         f"{noisy_mark} marks a noisy figure: its 95% interval is wider than {NOISY_REL_CI:.0%} of its value "
-        "(something else ran, or too few repetitions). Differences inside overlapping intervals are ties.",
+        "(something else ran, or too few repetitions), or it rests on fewer than 5 repetitions (an interval "
+        f"covering under {MIN_CI_COVERAGE:.0%}; of one repetition it has no width). Differences inside "
+        "overlapping intervals, or between such figures, are ties.",
         "roofline: the decode step's bytes (weights, and the KV cache of every sequence) x steps/s over the "
         "copy bandwidth measured at the start of the run; prefill FLOP frac: the prompt pass's FLOP/s (counted "
         "as the variant runs it) over the measured matmul rate of its compute dtype. The ceilings are torch's "

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.catalogue import METRICS, interval, point, sample_count
+from bench.catalogue import METRICS, MIN_CI_COVERAGE, interval, interval_coverage, point, sample_count
 from bench.metrics.drift_config import DEFAULT_PROTOCOL
 
 # A figure whose 95% interval is wider than this fraction of its value is marked noisy:
@@ -39,6 +39,7 @@ class Figure:
     value: float | None
     ci: tuple[float, float] | None = None
     n: int | None = None
+    coverage: float | None = None  # the interval's true coverage, when recorded (0.9375 at n = 5)
 
     @property
     def rel_ci_width(self) -> float | None:
@@ -51,6 +52,8 @@ class Figure:
         # Drift intervals come from standard errors over thousands of tokens: not run noise.
         if METRICS[self.key].kind == "drift":
             return False
+        if self.value is not None and self.coverage is not None and self.coverage < MIN_CI_COVERAGE:
+            return True  # too few repetitions: the interval (of 1 repetition: no width at all) says nothing
         width = self.rel_ci_width
         return width is not None and width > NOISY_REL_CI
 
@@ -114,7 +117,8 @@ class Group:
 
 
 def figure(record: dict[str, Any], key: str) -> Figure:
-    return Figure(key, point(record, key), interval(record, key), sample_count(record, key))
+    return Figure(key, point(record, key), interval(record, key), sample_count(record, key),
+                  interval_coverage(record, key))
 
 
 def cpu_text(env: dict[str, Any]) -> str:

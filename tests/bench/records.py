@@ -12,12 +12,15 @@ from bench.stats import summarize
 
 def spread(p50: float, rel: float, n: int = 5) -> list[float]:
     """n samples with median p50 whose min..max spans p50 * (1 +- rel) (the CI of the median at n=5)."""
+    if n == 1:
+        return [p50]
     return [p50 * (1 + rel * (2 * i / (n - 1) - 1)) for i in range(n)]
 
 
 def record(variant: str, decode: float | None = 100.0, noise: float = 0.02, kld: float | None = 0.01,
            status: str = "ok", error: str | None = None, model: str = "tiny", device: str = "cpu",
-           scenario: dict | None = None, peak_mib: float = 400.0, steps: int = 1, **extra_metrics) -> dict:
+           scenario: dict | None = None, peak_mib: float = 400.0, steps: int = 1, reps: int = 5,
+           **extra_metrics) -> dict:
     """A record as a real run writes it: latency summaries from samples, decode rate with its summary."""
     scenario = scenario or {"name": "generate", "batch_size": 1, "prompt_tokens": 128, "new_tokens": 32}
     cid = hashlib.sha256(json.dumps([variant, model, device, scenario], sort_keys=True).encode()).hexdigest()[:16]
@@ -31,9 +34,9 @@ def record(variant: str, decode: float | None = 100.0, noise: float = 0.02, kld:
         return rec
     m, s = rec["metrics"], rec["samples"]
     if decode is not None:
-        rates = spread(decode, noise)
+        rates = spread(decode, noise, reps)
         tpot = [1e3 / r for r in rates]
-        ttft = spread(10.0, noise)
+        ttft = spread(10.0, noise, reps)
         e2e = [t + 31 * p for t, p in zip(ttft, tpot, strict=True)]
         s.update(decode_tokens_per_s=rates, tpot_ms=tpot, ttft_ms=ttft, e2e_ms=e2e,
                  prefill_tokens_per_s=[128 / (t / 1e3) for t in ttft])

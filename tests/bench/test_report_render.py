@@ -184,3 +184,14 @@ def test_the_formula_guard_covers_each_leading_character_and_leaves_other_values
 
     assert [cell_text(c + "x") for c in "=+-@\t\r"] == ["'" + c + "x" for c in "=+-@\t\r"]
     assert [cell_text(v) for v in ("", "a=b", "x-1", -1.5, None, True)] == ["", "a=b", "x-1", -1.5, None, True]
+
+
+def test_a_figure_on_fewer_than_five_repetitions_is_marked_noisy_whatever_its_width(tmp_path):
+    text = render(write_run(tmp_path / "run", [record("fp32", reps=1, steps=0), record("q8", reps=4, noise=0.01),
+                                               record("q4", reps=5, noise=0.01)]), "md")
+    rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| q") or
+            line.startswith("| fp32")}
+    assert "| 10.00 [10.00, 10.00] ~ |" in rows["fp32"]  # a zero-width interval of one repetition
+    assert "| 10.00 [9.90, 10.10] ~ |" in rows["q8"]  # 2% wide, but [min, max] of 4 holds the median 87.5%
+    assert "~" not in rows["q4"]
+    assert "Fewer than 6 repetitions cannot reach 95%" in text and "fewer than 5 repetitions" in text

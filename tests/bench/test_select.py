@@ -514,3 +514,23 @@ def test_every_broken_bound_is_named_and_a_drift_objective_is_one_axis():
         "dominated by exact (KLD mean 1.00e-03 vs 5.00e-02: better)")  # KLD is the objective: not a second axis
     with pytest.raises(InputError, match=r"^--scenario 'decode' matches no cell; the run has: none$"):
         filter_records([], scenario="decode")
+
+
+@pytest.mark.parametrize("reps", [1, 2, 4])
+def test_figures_on_too_few_repetitions_are_never_told_apart(reps):
+    """One repetition gives a zero-width interval: 180 tok/s against 100 would read as a clear win."""
+    few = f"{reps} {'repetition is' if reps == 1 else 'repetitions are'} too few for an interval"
+    d = _one([record("fast", decode=180, kld=0.001, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
+    assert d.chosen == "fast" and d.ties == ["slow"]  # tied; the better point value breaks the tie
+    assert d.verdicts["slow"].reason.startswith("not told apart from fast on decode tok/s (100.0")
+    assert d.verdicts["slow"].reason.endswith(f"; {few}); fast won the tie-break: better objective point value")
+    assert d.verdicts["fast"].reason.endswith(f"; tied with slow (within noise, or {few}); tie-break: better "
+                                              "objective point value than slow")
+    # tied on speed for want of repetitions, clearly less drift: the slower variant dominates
+    d = _one([record("fast", decode=180, kld=0.01, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
+    assert d.chosen == "slow" and not d.ties and d.verdicts["fast"].dominated_by == "slow"
+    assert f"vs 180.0 [180.0, 180.0]: not told apart: {few}; KLD mean" in d.verdicts["fast"].reason or reps > 1
+    assert f": not told apart: {few}; KLD mean 1.00e-03 vs 1.00e-02: better)" in d.verdicts["fast"].reason
+    five = _one([record("fast", decode=180, kld=0.01), record("slow", decode=100, kld=0.001)])
+    assert five.chosen == "fast" and not five.ties  # 5 repetitions (93.75%) tell them apart
+    assert five.front == ["fast", "slow"]
