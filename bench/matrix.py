@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,12 +107,18 @@ def _run_name(data: dict, where: str) -> str:
 
 
 def _eval_text(data: dict, where: str) -> str | None:
-    """A user evaluation text must be an existing file: a missing one never falls back to random prompts."""
+    """A user evaluation text must be an existing file: a missing one never falls back to random prompts.
+
+    A relative path is taken from the working directory, as a model directory's or ``tokenizer``'s
+    is (the cells read it from there); the error names the path that was tried.
+    """
     from optimize.models import eval_text_path
 
     if "eval_text" not in data:
         return None
     value = _text(data, "eval_text", where, "")
+    if not value or not Path(value).is_file():
+        raise _err(where, "eval_text", f"must name an existing text file: {_missing_path(value, where)}")
     try:
         raw = eval_text_path(value).read_bytes()
     except InputError as exc:
@@ -122,6 +129,23 @@ def _eval_text(data: dict, where: str) -> str | None:
     if not text.strip():
         raise _err(where, "eval_text", f"{value!r} holds no text") from None
     return value
+
+
+def _missing_path(value: str, where: str) -> str:
+    """Why ``value``, a path a matrix file gives, names no file: the absolute path tried and, for a relative
+    one that is beside the matrix file, the path to give instead.
+    """
+    if not value:
+        return "got an empty path"
+    path = Path(value)
+    if path.is_absolute():
+        return f"{value!r} is not a file"
+    tried = Path.cwd() / path
+    text = f"{value!r} is not a file (a relative path is taken from the working directory: tried {tried})"
+    beside = Path(where).parent / path
+    if beside.is_file():
+        text += f"; the matrix file's folder has one: give {os.path.relpath(beside)!r} or an absolute path"
+    return text
 
 
 def _utf8(raw: bytes, what: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,24 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
     build_dir_atomically(out, lambda tmp: info.update(_write_merged(run_dirs, runs, tmp, differences)))
     if not (out / RUN).exists():
         raise InputError(f"--out {out} was filled by another process during the merge")
-    return {"cells": info["cells"], "out": str(out)}
+    return {"cells": info["cells"], "out": str(out), "missing_shards": missing_shards(runs),
+            "unfinished": [str(d) for d, r in zip(run_dirs, runs, strict=True) if not r.get("ended")]}
+
+
+def missing_shards(runs: list[dict[str, Any]]) -> list[str]:
+    """The shards I/N of the runs' N that none of them ran (runs of a whole matrix, or of mixed N: none)."""
+    parsed = []
+    for r in runs:
+        m = re.fullmatch(r"(\d+)/(\d+)", str(r.get("shard") or ""))
+        if not m:
+            return []
+        parsed.append((int(m[1]), int(m[2])))
+    totals = {n for _, n in parsed}
+    if len(totals) != 1:
+        return []
+    (n,) = totals
+    have = {i for i, _ in parsed}
+    return [f"{i}/{n}" for i in range(1, n + 1) if i not in have]
 
 
 def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
@@ -83,8 +101,11 @@ def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
     starts = [r["started"] for r in runs if r.get("started")]
     merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
               "shards": [r.get("shard") for r in runs],
-              "started": min(starts) if starts else None, "ended": max((r.get("ended") or "") for r in runs) or None,
+              # a shard that never ended leaves the merged run unfinished (its reports say so)
+              "started": min(starts) if starts else None,
+              "ended": max(r["ended"] for r in runs) if all(r.get("ended") for r in runs) else None,
               "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              **({"environment_differences": differences} if differences else {})}
+              **({"environment_differences": differences} if differences else {}),
+              **({"missing_shards": missing_shards(runs)} if missing_shards(runs) else {})}
     write_json_atomic(out / RUN, merged)
     return {"cells": len(kept)}

@@ -7,6 +7,7 @@ after the work is done.
 
 from __future__ import annotations
 
+import argparse
 import os
 import stat
 import sys
@@ -15,7 +16,29 @@ from pathlib import Path
 from optimize.atomic import folder_problem
 from optimize.errors import InputError
 
-__all__ = ["folder_problem", "output_dir", "output_file", "write_output"]
+__all__ = ["folder_problem", "names", "nonempty", "output_dir", "output_file", "write_output"]
+
+
+def names(flag: str, what: str):
+    """A comma list of names; an empty one is refused, never taken as the flag left out."""
+    def parse(text: str) -> list[str]:
+        values = [x.strip() for x in text.split(",") if x.strip()]
+        if not values:
+            raise argparse.ArgumentTypeError(f"{flag} names no {what}, got {text!r}")
+        return values
+    return parse
+
+
+def nonempty(flag: str, convert=str):
+    """A string or path flag's value; an empty one is refused, never taken as the flag left out
+    (``Path("")`` is the working directory).
+    """
+    def parse(text: str):
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{flag} must not be empty, got {text!r}")
+        return convert(text)
+    return parse
+
 
 
 def output_file(path: Path | None, what: str = "--out") -> Path | None:

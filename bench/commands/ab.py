@@ -14,21 +14,27 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.commands import nonempty
 from bench.commands.compare import add_gate_arguments, check_outputs, emit, gate_config
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", metavar="BASE_REV", help="base revision (e.g. the merge base: origin/main, HEAD~1)")
-    p.add_argument("head", metavar="HEAD_REV", nargs="?", default="HEAD", help="head revision (default HEAD)")
-    p.add_argument("matrix", metavar="MATRIX", nargs="?",
+    p.add_argument("base", metavar="BASE_REV", type=nonempty("BASE_REV"),
+                   help="base revision (e.g. the merge base: origin/main, HEAD~1)")
+    p.add_argument("head", metavar="HEAD_REV", nargs="?", default="HEAD", type=nonempty("HEAD_REV"),
+                   help="head revision (default HEAD)")
+    p.add_argument("matrix", metavar="MATRIX", nargs="?", type=nonempty("MATRIX"),
                    help="matrix file, a path inside the repository read at each revision "
                         "(default: the built-in default matrix)")
     p.add_argument("--rounds", type=int, default=2,
                    help="fresh processes per cell and side, interleaved A B / B A (default 2; more narrows the MDE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round cell order")
-    p.add_argument("--out", type=Path, help="directory for the two runs (default reports/ab/TIMESTAMP)")
-    p.add_argument("--cache-dir", help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
-    p.add_argument("--repo", type=Path, default=Path("."), help="the git repository (default: the one here)")
+    p.add_argument("--out", type=nonempty("--out", Path),
+                   help="directory for the two runs (default reports/ab/TIMESTAMP)")
+    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
+                   help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
+    p.add_argument("--repo", type=nonempty("--repo", Path), default=Path("."),
+                   help="the git repository (default: the one here)")
     p.add_argument("--quiet", action="store_true", help="no per-cell lines")
     add_gate_arguments(p)
 

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.commands.run import _fetch_hub_models, _names, _nonempty, check_cache_dirs
+from bench.commands import names, nonempty
+from bench.commands.run import _fetch_hub_models, check_cache_dirs
 
 if TYPE_CHECKING:
     from optimize.recipe import Recipe
@@ -31,12 +32,12 @@ BUILD_LOG = "build.log"  # in the cache directory, beside the fork server's prel
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=_nonempty("--model"), default="builtin:pycode",
+    p.add_argument("--model", type=nonempty("--model"), default="builtin:pycode",
                    help="model spec (default: builtin:pycode)")
-    p.add_argument("--variants", type=_names("--variants", "variant"), required=True,
+    p.add_argument("--variants", type=names("--variants", "variant"), required=True,
                    help="variant names, comma-separated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="target device")
-    p.add_argument("--cache-dir", type=_nonempty("--cache-dir"),
+    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
                    help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code to run")
 

@@ -10,6 +10,8 @@ import argparse
 import os
 from pathlib import Path
 
+from bench.commands import nonempty
+
 
 def add_gate_arguments(p: argparse.ArgumentParser) -> None:
     """Options shared by ``compare`` and ``ab``; defaults come from ``GateConfig``."""
@@ -30,8 +32,9 @@ def add_gate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--allow-env-mismatch", action="store_true",
                    help="call regressions even when the two runs' environments differ")
     p.add_argument("--allow-unmatched", action="store_true", help="skip cells present in only one run (listed)")
-    p.add_argument("--json", type=Path, metavar="FILE", help="also write the full comparison as JSON ('-': stdout)")
-    p.add_argument("--markdown", type=Path, metavar="FILE",
+    p.add_argument("--json", type=nonempty("--json", Path), metavar="FILE",
+                   help="also write the full comparison as JSON ('-': stdout)")
+    p.add_argument("--markdown", type=nonempty("--markdown", Path), metavar="FILE",
                    help="also write the Markdown summary here (default: $GITHUB_STEP_SUMMARY when set, appended)")
     p.add_argument("--all", action="store_true", help="list unchanged comparisons too")
 
@@ -92,8 +95,8 @@ def emit(comparison, args: argparse.Namespace) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("base", type=Path, help="base run directory")
-    p.add_argument("head", type=Path, help="head run directory")
+    p.add_argument("base", type=nonempty("BASE", Path), help="base run directory")
+    p.add_argument("head", type=nonempty("HEAD", Path), help="head run directory")
     add_gate_arguments(p)
 
 

@@ -7,21 +7,25 @@ import subprocess
 import sys
 from pathlib import Path
 
+from bench.commands import nonempty
+
 DEFAULT_DB = Path("reports") / "history.sqlite"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="append a run's key metrics with its commit and environment")
-    add.add_argument("run", type=Path, help="run directory")
+    add.add_argument("run", type=nonempty("RUN", Path), help="run directory")
     add.add_argument("--commit", help="commit the run measured (default: HEAD of the git repository here, "
                                       "else the commit recorded in the run)")
     show = sub.add_parser("show", help="print a metric across commits")
     show.add_argument("--metric", default="decode_tokens_per_s", help="metric key (default decode_tokens_per_s)")
     show.add_argument("--cell", help="only cells whose identity contains this text")
-    show.add_argument("--plot", type=Path, metavar="FILE", help="also draw the series (.png or .svg)")
+    show.add_argument("--plot", type=nonempty("--plot", Path), metavar="FILE",
+                      help="also draw the series (.png or .svg)")
     for sp in (add, show):
-        sp.add_argument("--db", type=Path, default=DEFAULT_DB, help=f"SQLite file (default {DEFAULT_DB})")
+        sp.add_argument("--db", type=nonempty("--db", Path), default=DEFAULT_DB,
+                        help=f"SQLite file (default {DEFAULT_DB})")
 
 
 def _head_commit() -> str | None:

@@ -6,14 +6,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.commands import emit, output_dir, output_file
+from bench.commands import emit, nonempty, output_dir, output_file
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("run", type=nonempty("RUN", Path), help="run directory")
     p.add_argument("--format", default="md",
                    help="comma-separated: md, html, csv, json, png (speed against drift) (default: md)")
-    p.add_argument("--out", type=Path,
+    p.add_argument("--out", type=nonempty("--out", Path),
                    help="one text format: write to this file (default: print it); several formats or png: "
                         "write report.md, report.html, results.csv, report.json, speed-vs-drift.png into this "
                         "directory (default: the run directory)")

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.commands import output_dir
+from bench.commands import names, nonempty, output_dir
 from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
@@ -49,20 +49,26 @@ def _seconds(flag: str, positive: bool):
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("matrix", nargs="?", help="matrix TOML file (default: the built-in default matrix)")
-    p.add_argument("--model", type=_list, help="model spec(s), comma-separated: builtin:pycode, synthetic:llama-134m, "
-                                               "a local HF directory or a hub id")
-    p.add_argument("--variants", type=_list, help="variant names, comma-separated (see 'infermatrix variants')")
+    p.add_argument("matrix", nargs="?", type=nonempty("MATRIX"),
+                   help="matrix TOML file (default: the built-in default matrix)")
+    p.add_argument("--model", type=names("--model", "model"),
+                   help="model spec(s), comma-separated: builtin:pycode, synthetic:llama-134m, "
+                        "a local HF directory or a hub id")
+    p.add_argument("--variants", type=names("--variants", "variant"),
+                   help="variant names, comma-separated (see 'infermatrix variants')")
     p.add_argument("--batch-size", type=_ints("--batch-size"), help="batch sizes, e.g. 1,8")
     p.add_argument("--prompt-tokens", type=_ints("--prompt-tokens"), help="prompt lengths in tokens, e.g. 128")
     p.add_argument("--new-tokens", type=_ints("--new-tokens"), help="generated tokens per request, e.g. 32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the matrix's, usually auto)")
-    p.add_argument("--out", type=Path, help="run directory to create (default: reports/runs/TIMESTAMP-NAME)")
-    p.add_argument("--resume", type=Path, metavar="DIR", help="continue the run in DIR: skip cells recorded ok")
+    p.add_argument("--out", type=nonempty("--out", Path),
+                   help="run directory to create (default: reports/runs/TIMESTAMP-NAME)")
+    p.add_argument("--resume", type=nonempty("--resume", Path), metavar="DIR",
+                   help="continue the run in DIR with the settings it was started with: skip cells recorded ok")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (deterministic, balanced; see 'merge')")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: cells one after another here; ray: each cell a Ray task (pip install '.[ray]')")
-    p.add_argument("--ray-address", help="existing Ray cluster address (default: start a local Ray instance)")
+    p.add_argument("--ray-address", type=nonempty("--ray-address"),
+                   help="existing Ray cluster address (default: start a local Ray instance)")
     p.add_argument("--warmup", type=int, help="warm-up runs per cell")
     p.add_argument("--min-reps", type=int, help="minimum measured repetitions per cell")
     p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
@@ -79,23 +85,46 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or llama-perplexity's (BOS first where the tokenizer adds one, second half of each window "
                         "scored: perplexities comparable with llama.cpp's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow models' own modelling code to run")
-    p.add_argument("--tokenizer", metavar="DIR", help="tokenizer directory for models saved without one")
+    p.add_argument("--tokenizer", type=nonempty("--tokenizer"), metavar="DIR",
+                   help="tokenizer directory for models saved without one")
     p.add_argument("--prompt-source", choices=("auto", "eval-text", "random"),
                    help="prompts from the evaluation text, or seeded random ids within the vocabulary "
                         "(default auto: random only where the model has no tokenizer)")
-    p.add_argument("--cache-dir",
+    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
                    help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.md, report.html and results.csv into the run directory at the end")
-    p.add_argument("--logs-dir", type=Path, metavar="DIR",
+    p.add_argument("--logs-dir", type=nonempty("--logs-dir", Path), metavar="DIR",
                    help="where each job's spec, output and log go (default: the run directory's logs/)")
+
+
+# A resumed run keeps what it was started with (run.json's matrix, the flags it was given then folded in):
+# with --resume, a flag that would shape the matrix or move the run is refused, never ignored. These say how
+# and where this invocation works, and apply: --shard is checked against the run's own.
+RESUME_REFUSES = ("out", "model", "variants", "batch_size", "prompt_tokens", "new_tokens", "device", "warmup",
+                  "min_reps", "max_reps", "budget_s", "timeout_s", "threads", "no_drift", "drift_protocol",
+                  "trust_remote_code", "tokenizer", "prompt_source")
+RESUME_APPLIES = ("shard", "launcher", "ray_address", "cache_dir", "logs_dir", "quiet", "no_report")
+
+
+def check_resume_flags(args: argparse.Namespace) -> None:
+    """Refuse, with ``--resume``, a matrix file and every flag in ``RESUME_REFUSES`` that was given."""
+    if args.matrix:
+        raise InputError("give either a matrix file or --resume DIR, not both")
+    given = [f"--{dest.replace('_', '-')}" for dest in RESUME_REFUSES
+             if getattr(args, dest) is not None and getattr(args, dest) is not False]
+    if given:
+        raise InputError(f"--resume {args.resume} keeps the settings the run was started with; it cannot take "
+                         f"{', '.join(given)} (start a new run with --out to change them)")
 
 
 def main(args: argparse.Namespace) -> int:
     from bench.orchestrate import check_new_run_dir, plan_run_dir
     from bench.runlock import RunLock
 
+    if args.resume:
+        check_resume_flags(args)
     shard = _shard(args)
     # settings whose faults would otherwise surface in every cell, or after run.json is written
     check_cache_dirs(args.cache_dir)
@@ -104,8 +133,6 @@ def main(args: argparse.Namespace) -> int:
     if args.ray_address and args.launcher != "ray":
         raise InputError("--ray-address needs --launcher ray")
     if args.resume:
-        if args.matrix:
-            raise InputError("give either a matrix file or --resume DIR, not both")
         from bench.orchestrate import RUN
 
         if not (args.resume / RUN).is_file():
@@ -253,7 +280,8 @@ def _exit_code(records: list[dict]) -> int:
 
 def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[str]) -> int:
     """``--resume`` of a run whose every cell has its ok record: nothing runs, ``ended`` is kept, and only
-    missing reports are written (``infermatrix report`` renders them again).
+    missing reports are written; the others stay byte for byte, hand edits too (``infermatrix report``
+    renders them again).
     """
     from bench.report.write import FORMATS, RUN_END_FORMATS
     from bench.results import read_records
@@ -263,8 +291,9 @@ def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[
     print(f"infermatrix run: every cell of {run_dir} already has its record (ended {run['ended']}); nothing to run "
           f"('infermatrix report {run_dir}' renders its reports again)", file=sys.stderr)
     print_summary(records, run_dir)
-    if not args.no_report and not all((run_dir / FORMATS[f]).exists() for f in RUN_END_FORMATS):
-        _write_reports(run_dir)
+    missing = [f for f in RUN_END_FORMATS if not (run_dir / FORMATS[f]).exists()]
+    if not args.no_report and missing:
+        _write_reports(run_dir, missing)
     return _exit_code(records)
 
 
@@ -277,14 +306,17 @@ def _fetch_hub_models(models) -> None:
             fetch_hub_model(spec)
 
 
-def _write_reports(run_dir: Path) -> None:
-    """Reports at the end of a run; a report that fails to render never costs the recorded results."""
+def _write_reports(run_dir: Path, formats: list[str] | None = None) -> None:
+    """The reports in ``formats`` (default: every end-of-run format) at the end of a run; a report that fails
+    to render never costs the recorded results.
+    """
     from bench.report.write import RUN_END_FORMATS, write_reports
 
+    formats = list(RUN_END_FORMATS) if formats is None else formats
     try:
-        paths = write_reports(run_dir, list(RUN_END_FORMATS))
+        paths = write_reports(run_dir, formats)
     except Exception as exc:  # the records are safe on disk; say so and carry on
         print(f"infermatrix run: reports not written ({type(exc).__name__}: {exc}); "
-              f"retry with 'infermatrix report {run_dir} --format md,html,csv'", file=sys.stderr)
+              f"retry with 'infermatrix report {run_dir} --format {','.join(formats)}'", file=sys.stderr)
         return
     print("reports: " + ", ".join(str(p) for p in paths), file=sys.stderr)

@@ -11,9 +11,11 @@ import json
 import sys
 from pathlib import Path
 
+from bench.commands import nonempty
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run directory")
+    p.add_argument("run", type=nonempty("RUN", Path), help="run directory")
     p.add_argument("--objective",
                    help="catalogue metric to optimise; its direction comes from the catalogue (default: "
                         "decode_tokens_per_s, and prefill_tokens_per_s for a prefill sweep's cells; e.g. ttft_ms, "

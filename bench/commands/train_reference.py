@@ -6,11 +6,13 @@ import argparse
 import dataclasses
 from pathlib import Path
 
+from bench.commands import nonempty
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from optimize.reference.train import TrainConfig
 
-    p.add_argument("--out", type=Path, required=True,
+    p.add_argument("--out", type=nonempty("--out", Path), required=True,
                    help="output model directory, new or empty; it appears only when complete")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):

@@ -76,6 +76,9 @@ def run_facts(run: dict[str, Any]) -> dict[str, str]:
              "libraries": ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
              "git": str(git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")}
     facts.update({f"{d} ceilings (measured)": t for d, t in ceiling_texts(run).items()})
+    if run.get("missing_shards"):
+        facts["missing shards"] = (", ".join(map(str, run["missing_shards"]))
+                                   + ": merged without them, their cells have no record")
     return facts
 
 
@@ -87,7 +90,7 @@ def environment_lines(run: dict[str, Any]) -> list[str]:
     if f["libraries"]:
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
-    lines += [f"- {k}: {v}" for k, v in f.items() if k.endswith(" ceilings (measured)")]
+    lines += [f"- {k}: {v}" for k, v in f.items() if k.endswith(" ceilings (measured)") or k == "missing shards"]
     return lines
 
 

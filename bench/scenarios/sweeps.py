@@ -44,13 +44,15 @@ class PrefillScenario(Scenario):
 class DecodeScenario(GenerateScenario):
     """Token generation throughput versus batch size, skipped past ``memory_percent`` of free memory."""
 
-    memory_percent: int = 80  # of the memory available when the cell starts
+    memory_percent: int = 80  # of the memory available when the cell starts, 1..100
     name: ClassVar[str] = "decode"
 
     def validate(self) -> None:
         super().validate()
-        if self.memory_percent < 1:
-            raise InputError(f"decode memory_percent must be >= 1, got {self.memory_percent}")
+        # a share of the memory free when the cell starts: past 100 the limit is memory that is not there
+        if not 1 <= self.memory_percent <= 100:
+            raise InputError(f"decode memory_percent must be in 1..100 (percent of the memory available when "
+                             f"the cell starts), got {self.memory_percent}")
 
     def run(self, state, prompts, repeat_cfg: RepeatConfig,
             footprint: Footprint | None = None) -> tuple[dict, dict, dict]:

@@ -7,6 +7,7 @@ before a cell starts, so no test measures anything.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import stat
@@ -110,6 +111,43 @@ def test_matrix_tokenizer_that_holds_a_tokenizer_is_accepted(tmp_path):
     assert load_matrix(_tiny(tmp_path, f'tokenizer = "{tmp_path / "tok"}"')).tokenizer == str(tmp_path / "tok")
 
 
+# --- the matrix key `eval_text`: a relative path is the working directory's, as a model's is ---------
+
+
+def test_relative_eval_text_missing_here_names_the_path_tried_and_the_one_beside_the_matrix(tmp_path, capsys,
+                                                                                            monkeypatch):
+    """Seen: 'bad.txt' beside the matrix file was refused with "'bad.txt' is not a file" alone."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "bad.txt").write_text("def f():\n    return 1\n")
+    _tiny(tmp_path / "cfg", 'eval_text = "bad.txt"')
+    rc, err = _run(capsys, "cfg/tiny.toml", "--out", "out")
+    _refused(rc, err, "infermatrix run: error: cfg/tiny.toml: 'eval_text' must name an existing text file: 'bad.txt' "
+                      f"is not a file (a relative path is taken from the working directory: tried "
+                      f"{Path.cwd() / 'bad.txt'}); the matrix file's folder has one: give 'cfg/bad.txt' or an "
+                      "absolute path")
+    _tiny(tmp_path / "cfg", 'eval_text = "nothere.txt"', "nothere.toml")
+    rc, err = _run(capsys, "cfg/nothere.toml", "--out", "out")
+    line = _refused(rc, err, f"'nothere.txt' is not a file (a relative path is taken from the working directory: "
+                             f"tried {Path.cwd() / 'nothere.txt'})")
+    assert line.endswith("nothere.txt)")  # no file beside the matrix to point at
+    assert not (tmp_path / "out").exists()
+
+
+def test_relative_eval_text_is_read_from_the_working_directory(tmp_path, monkeypatch):
+    from bench.matrix import load_matrix
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "bad.txt").write_text("def f():\n    return 1\n")
+    assert load_matrix(_tiny(tmp_path / "cfg", 'eval_text = "cfg/bad.txt"')).eval_text == "cfg/bad.txt"
+
+
+def test_empty_eval_text_is_refused_not_the_built_in_text(tmp_path, capsys):
+    rc, err = _run(capsys, _tiny(tmp_path, 'eval_text = ""'), "--out", tmp_path / "out")
+    _refused(rc, err, "'eval_text' must name an existing text file: got an empty path")
+
+
 # --- cache and logs directories ---------------------------------------------------------------
 
 
@@ -169,6 +207,111 @@ def test_ray_address_without_the_ray_launcher_exits_2_before_run_json_is_written
     rc, err = _run(capsys, _tiny(tmp_path), "--out", tmp_path / "out", "--ray-address", "host:1")
     _refused(rc, err, "--ray-address needs --launcher ray")
     assert not (tmp_path / "out").exists()
+
+
+# --- empty values: refused, never taken as the flag left out -----------------------------------
+
+
+@pytest.mark.parametrize(("argv", "needle"), [
+    # Seen: both ran (the default matrix's 10 variants; builtin:pycode) and exited 0.
+    (["run", "--variants", "", "--out", "X"], "argument --variants: --variants names no variant, got ''"),
+    (["run", "--variants", "fp32", "--model", "", "--out", "Y"], "argument --model: --model names no model, got ''"),
+    (["run", "--model", " , ", "--out", "X"], "--model names no model, got ' , '"),
+    (["run", "", "--out", "X"], "argument matrix: MATRIX must not be empty, got ''"),  # was the default matrix
+    (["run", "--out", ""], "argument --out: --out must not be empty"),  # was the working directory
+    (["run", "--resume", ""], "argument --resume: --resume must not be empty"),
+    (["run", "--tokenizer", "", "--out", "X"], "argument --tokenizer: --tokenizer must not be empty"),
+    (["run", "--cache-dir", "", "--out", "X"], "argument --cache-dir: --cache-dir must not be empty"),
+    (["run", "--logs-dir", "", "--out", "X"], "argument --logs-dir: --logs-dir must not be empty"),
+    (["run", "--launcher", "ray", "--ray-address", "", "--out", "X"], "argument --ray-address: --ray-address must"),
+    (["build", "--variants", ""], "argument --variants: --variants names no variant, got ''"),
+    (["build", "--variants", "fp32", "--model", ""], "argument --model: --model must not be empty"),
+    (["build", "--variants", "fp32", "--cache-dir", ""], "argument --cache-dir: --cache-dir must not be empty"),
+    (["ab", "", "HEAD"], "argument BASE_REV: BASE_REV must not be empty"),
+    (["ab", "HEAD~1", ""], "argument HEAD_REV: HEAD_REV must not be empty"),
+    (["ab", "HEAD~1", "HEAD", ""], "argument MATRIX: MATRIX must not be empty"),  # was the default matrix
+    (["ab", "HEAD~1", "--out", ""], "argument --out: --out must not be empty"),
+    (["ab", "HEAD~1", "--cache-dir", ""], "argument --cache-dir: --cache-dir must not be empty"),
+    (["ab", "HEAD~1", "--repo", ""], "argument --repo: --repo must not be empty"),
+    # the commands that read runs: an empty RUN was the working directory
+    (["report", ""], "argument run: RUN must not be empty"),
+    (["report", "r", "--out", ""], "argument --out: --out must not be empty"),
+    (["select", ""], "argument run: RUN must not be empty"),
+    (["export", "", "--to", "pytest-benchmark"], "argument run: RUN must not be empty"),
+    (["compare", "", "b"], "argument base: BASE must not be empty"),
+    (["compare", "a", ""], "argument head: HEAD must not be empty"),
+    (["compare", "a", "b", "--json", ""], "argument --json: --json must not be empty"),
+    (["compare", "a", "b", "--markdown", ""], "argument --markdown: --markdown must not be empty"),
+    (["merge", "a", "", "--out", "m"], "argument runs: RUN must not be empty"),
+    (["merge", "a", "--out", ""], "argument --out: --out must not be empty"),
+    (["history", "add", ""], "argument run: RUN must not be empty"),
+    (["history", "show", "--db", ""], "argument --db: --db must not be empty"),
+    (["history", "show", "--plot", ""], "argument --plot: --plot must not be empty"),
+    (["train-reference", "--out", ""], "argument --out: --out must not be empty"),
+])
+def test_an_empty_value_is_refused_not_taken_as_the_flag_left_out(tmp_path, capsys, monkeypatch, argv, needle):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    _refused(exc.value.code, capsys.readouterr().err, needle)
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- --resume keeps the settings the run was started with ---------------------------------------
+
+
+def _resumable(tmp_path: Path) -> Path:
+    """A directory --resume takes up to its run.json, which has no matrix: refused there, after the flags."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    return run_dir
+
+
+def test_resume_refuses_every_matrix_shaping_flag_given_naming_them(tmp_path, capsys):
+    """Seen: --out, --variants, --model, --timeout-s and --no-drift were silently ignored by --resume."""
+    run_dir = _resumable(tmp_path)
+    rc, err = _run(capsys, "--resume", run_dir, "--out", tmp_path / "other", "--variants", "fp32", "--model",
+                   "builtin:pycode", "--timeout-s", "5", "--no-drift", "--threads", "0", "--quiet")
+    _refused(rc, err, f"infermatrix run: error: --resume {run_dir} keeps the settings the run was started with; it "
+                      "cannot take --out, --model, --variants, --timeout-s, --threads, --no-drift (start a new run "
+                      "with --out to change them)")
+    assert sorted(p.name for p in run_dir.iterdir()) == ["run.json"] and not (tmp_path / "other").exists()
+
+
+RESUME_REFUSED_ARGV = {  # one use of each flag RESUME_REFUSES names
+    "out": ["--out", "X"], "model": ["--model", "builtin:pycode"], "variants": ["--variants", "fp32"],
+    "batch_size": ["--batch-size", "1"], "prompt_tokens": ["--prompt-tokens", "16"],
+    "new_tokens": ["--new-tokens", "4"], "device": ["--device", "cpu"], "warmup": ["--warmup", "0"],
+    "min_reps": ["--min-reps", "1"], "max_reps": ["--max-reps", "1"], "budget_s": ["--budget-s", "0"],
+    "timeout_s": ["--timeout-s", "5"], "threads": ["--threads", "0"], "no_drift": ["--no-drift"],
+    "drift_protocol": ["--drift-protocol", "llama.cpp"], "trust_remote_code": ["--trust-remote-code"],
+    "tokenizer": ["--tokenizer", "tok"], "prompt_source": ["--prompt-source", "random"],
+}
+
+
+@pytest.mark.parametrize("dest", sorted(RESUME_REFUSED_ARGV))
+def test_resume_refuses_each_matrix_shaping_flag(tmp_path, capsys, dest):
+    rc, err = _run(capsys, "--resume", _resumable(tmp_path), *RESUME_REFUSED_ARGV[dest])
+    _refused(rc, err, f"it cannot take {RESUME_REFUSED_ARGV[dest][0]} (start a new run")
+
+
+def test_resume_takes_the_flags_that_say_how_and_where_this_invocation_works(tmp_path, capsys):
+    run_dir = _resumable(tmp_path)
+    rc, err = _run(capsys, "--resume", run_dir, "--shard", "1/1", "--launcher", "local", "--cache-dir",
+                   tmp_path / "cache", "--logs-dir", tmp_path / "logs", "--quiet", "--no-report")
+    line = _refused(rc, err, "run.json")  # refused for the run.json without a matrix, past the flags
+    assert "cannot take" not in line
+
+
+def test_every_run_flag_is_either_refused_or_taken_by_resume():
+    from bench.cli import parser
+    from bench.commands.run import RESUME_APPLIES, RESUME_REFUSES
+
+    sub = next(a for a in parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["run"]
+    dests = {a.dest for a in sub._actions} - {"help", "matrix", "resume"}
+    assert not set(RESUME_REFUSES) & set(RESUME_APPLIES)
+    assert dests == set(RESUME_REFUSES) | set(RESUME_APPLIES) and set(RESUME_REFUSES) == set(RESUME_REFUSED_ARGV)
 
 
 # --- the run directory and its lock -----------------------------------------------------------
@@ -276,12 +419,11 @@ def test_failed_ab_leaves_no_worktree_in_the_repository(repo, tmp_path, capsys, 
     _no_worktrees_left(repo)
 
 
-def test_build_refuses_no_variants_an_unusable_cache_and_an_unreachable_hub_id(tmp_path, capsys, monkeypatch):
+def test_build_refuses_an_unusable_cache_and_an_unreachable_hub_id(tmp_path, capsys, monkeypatch):
     blocker = tmp_path / "afile"
     blocker.write_text("x")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    cases = ((["--variants", ""], "--variants names no variant"),
-             (["--variants", "fp32", "--cache-dir", str(blocker)], f"--cache-dir {blocker} is not a directory"),
+    cases = ((["--variants", "fp32", "--cache-dir", str(blocker)], f"--cache-dir {blocker} is not a directory"),
              (["--model", "nonexistent-org-zz/nonexistent-zz", "--variants", "fp32", "--cache-dir", str(tmp_path)],
               "model 'nonexistent-org-zz/nonexistent-zz' is neither a built-in"))
     for argv, needle in cases:

@@ -171,3 +171,22 @@ def test_a_run_recorded_without_environment_or_method_still_exports(tmp_path):
     assert before <= stamp <= datetime.datetime.now(datetime.timezone.utc)
     assert data["benchmarks"][0]["options"] == {"disable_gc": False, "timer": "perf_counter", "min_rounds": None,
                                                 "max_time": None, "min_time": 0, "warmup": False}
+
+
+@pytest.mark.parametrize("direction", ["smaller", "bigger"])
+def test_direction_with_pytest_benchmark_is_refused_not_ignored(run, tmp_path, capsys, direction):
+    out = tmp_path / "bench.json"
+    assert main(["export", str(run), "--to", "pytest-benchmark", "--direction", direction, "--out", str(out)]) == 2
+    assert capsys.readouterr().err == ("infermatrix export: error: --direction is for --to github-action-benchmark "
+                                       "only, not --to pytest-benchmark\n")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(("argv", "needle"), [(["", "--to", "pytest-benchmark"], "argument run: RUN must not be empty"),
+                                              (["RUN", "--to", "pytest-benchmark", "--out", ""],
+                                               "argument --out: --out must not be empty")])
+def test_an_empty_run_or_out_is_refused_not_taken_as_the_working_directory(run, capsys, argv, needle):
+    with pytest.raises(SystemExit) as exc:
+        main(["export", *[str(run) if a == "RUN" else a for a in argv]])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and len(err.splitlines()) == 1 and needle in err, err

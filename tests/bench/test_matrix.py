@@ -40,7 +40,10 @@ def test_inline_recipe_is_usable_as_variant():
     ({"variants": ["fp32"], "devices": ["tpu"]}, "'devices' must be among"),
     ({"scenarios": [{"name": "generate", "batch_size": [0]}]}, "batch_size must be >= 1, got 0"),
     ({"scenarios": [{"name": "generate", "batch_size": [1, "2"]}]}, "'batch_size' must be an integer or a non-empty"),
-    ({"scenarios": [{"name": "decode", "memory_percent": 0}]}, "memory_percent must be >= 1, got 0"),
+    ({"scenarios": [{"name": "decode", "memory_percent": 0}]}, "memory_percent must be in 1..100 (percent of the "
+                                                               "memory available when the cell starts), got 0"),
+    ({"scenarios": [{"name": "decode", "memory_percent": [80, 150]}]}, "memory_percent must be in 1..100"),
+    ({"scenarios": [{"name": "decode", "memory_percent": 101}]}, "memory_percent must be in 1..100"),
     ({"scenarios": [{"name": "nope"}]}, "'name' must be one of"),
     ({"measure": {"min_reps": 5, "max_reps": 2}}, "min_reps <= max_reps"),
     ({"measure": {"warmups": 1}}, "'warmups' is not a measure setting (did you mean 'warmup'?)"),
@@ -81,6 +84,12 @@ def test_prefill_and_decode_sweeps_expand_over_their_axes():
     assert prefill == [32, 64, 128] and decode == [1, 2, 4]
     assert all(c.scenario.to_dict()["new_tokens"] == 1 for c in cells if c.scenario.name == "prefill")
     assert all(c.scenario.memory_percent == 50 for c in cells if c.scenario.name == "decode")
+
+
+def test_decode_memory_percent_takes_the_bounds_of_1_to_100():
+    m = parse_matrix({"models": ["synthetic:llama-tiny"], "variants": ["fp32"], "scenarios": [
+        {"name": "decode", "batch_size": 1, "memory_percent": [1, 100]}]}, "bounds.toml")
+    assert sorted(c.scenario.memory_percent for c in expand(m, cpu)) == [1, 100]
 
 
 @pytest.mark.parametrize("value", [-1, 1.5, "2", True])

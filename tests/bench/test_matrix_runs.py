@@ -99,11 +99,17 @@ def test_resuming_a_finished_run_runs_nothing_and_keeps_its_end_and_reports(full
     assert f"every cell of {full_run} already has its record (ended " in out and "nothing to run" in out
     assert (full_run / "run.json").read_bytes() == run_json and (full_run / "results.jsonl").read_bytes() == results
     assert report.stat().st_mtime_ns == stamp
-    report.unlink()  # a report lost since: written again, the run's files untouched
+    # Seen: one report lost since made the resume render all three again, losing a hand edit in another.
+    edited = {name: (full_run / name).read_bytes() + b"\nedited by hand\n" for name in ("report.html", "results.csv")}
+    for name, data in edited.items():
+        (full_run / name).write_bytes(data)
+    report.unlink()  # a report lost since: written again, the other reports and the run's files untouched
     proc = _infermatrix("run", "--resume", str(full_run), "--quiet")
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0 and report.read_text() == _render_md(full_run), out
-    assert (full_run / "run.json").read_bytes() == run_json
+    assert f"reports: {report}\n" in out  # the missing one alone
+    assert {name: (full_run / name).read_bytes() for name in edited} == edited
+    assert (full_run / "run.json").read_bytes() == run_json and (full_run / "results.jsonl").read_bytes() == results
 
 
 def _render_md(run_dir: Path) -> str:

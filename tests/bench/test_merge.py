@@ -40,7 +40,7 @@ def test_shards_merge_into_one_run_that_says_where_it_came_from(tmp_path):
     a = _shard(tmp_path, "a", [_ok("v0"), _ok("v1")], 1, started="2026-01-01T00:00:05Z", ended="2026-01-01T00:02:00Z")
     b = _shard(tmp_path, "b", [_ok("v2")], 2, started="2026-01-01T00:00:01Z", ended="2026-01-01T00:01:00Z")
     out = tmp_path / "merged"
-    assert merge_runs([a, b], out) == {"cells": 3, "out": str(out)}
+    assert merge_runs([a, b], out) == {"cells": 3, "out": str(out), "missing_shards": [], "unfinished": []}
     assert [r["variant"] for r in read_records(out)] == ["v0", "v1", "v2"]
     meta = json.loads((out / RUN).read_text())
     assert meta["shard"] is None and meta["merged_from"] == [str(a), str(b)]
@@ -193,3 +193,35 @@ def test_the_merge_command_takes_a_retried_cell_and_reports_an_overlap(tmp_path,
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"cell {_ok('v1')['cell_id']} ran ok in both {retry} and {retry}: shards overlap")
     assert len(err.splitlines()) == 1 and not (tmp_path / "m2").exists()
+
+
+def test_a_merge_missing_a_shard_or_of_an_unfinished_one_says_so_everywhere(tmp_path, capsys):
+    from bench.cli import main as cli
+    from bench.report.write import render
+
+    done = _shard(tmp_path, "a", [_ok("v0")], 1, started="2026-01-01T00:00:05Z", ended="2026-01-01T00:02:00Z")
+    assert cli(["merge", str(done), "--out", str(tmp_path / "m")]) == 0
+    out, err = capsys.readouterr()
+    assert out == f"merged 1 cells into {tmp_path / 'm'}\n"
+    assert err == ("infermatrix merge: warning: shard 2/2 not among the runs: its cells have no record in the "
+                   "merged run (run.json: missing_shards)\n")
+    meta = json.loads((tmp_path / "m" / RUN).read_text())
+    assert meta["missing_shards"] == ["2/2"] and meta["ended"] == "2026-01-01T00:02:00Z"
+    assert "- missing shards: 2/2: merged without them, their cells have no record" in render(tmp_path / "m", "md")
+    # shard 2 was interrupted: the merged run has both shards but is not finished
+    cut = _shard(tmp_path, "b", [_ok("v1")], 2, started="2026-01-01T00:00:01Z", ended=None)
+    assert cli(["merge", str(done), str(cut), "--out", str(tmp_path / "m2")]) == 0
+    err = capsys.readouterr().err
+    assert err == (f"infermatrix merge: warning: {cut} never ended (interrupted, or still running): the merged run "
+                   f"is unfinished ('infermatrix run --resume {cut}' completes it; merge again after)\n")
+    meta = json.loads((tmp_path / "m2" / RUN).read_text())
+    assert meta["ended"] is None and "missing_shards" not in meta
+    assert "not ended (interrupted, or still running)" in render(tmp_path / "m2", "md")
+
+
+@pytest.mark.parametrize(("shards", "missing"), [(["1/3", "3/3"], ["2/3"]), (["2/2", "1/2"], []),
+                                                 ([None], []), (["1/2", "1/3"], []), (["1/2", None], [])])
+def test_missing_shards_are_those_of_the_runs_count_none_ran(shards, missing):
+    from bench.merge import missing_shards
+
+    assert missing_shards([{"shard": s} for s in shards]) == missing
