@@ -241,11 +241,14 @@ def _samples(record, key) -> list[float]:
 
 def sweep_plot(series: dict[tuple, list[tuple[int, dict[str, Any]]]], axis: str):
     """tokens/s against batch size, or TTFT against prompt length, one line per variant with CI bars."""
+    axes = {"batch_size": ("decode_tokens_per_s", "batch size", "Decode throughput against batch size"),
+            "prompt_tokens": ("ttft_ms", "prompt tokens", "TTFT against prompt length")}
+    if axis not in axes:
+        raise ValueError(f"sweep_plot: no swept axis {axis!r} (batch_size or prompt_tokens)")
     if not series:
         return None
     plt = _plt()
-    key, xlabel, title = (("decode_tokens_per_s", "batch size", "Decode throughput against batch size")
-                          if axis == "batch_size" else ("ttft_ms", "prompt tokens", "TTFT against prompt length"))
+    key, xlabel, title = axes[axis]
     if axis == "batch_size" and not any(point(r, key) for pts in series.values() for _, r in pts):
         key, title = "prefill_tokens_per_s", "Prefill throughput against batch size"  # a prefill sweep
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.0))

@@ -133,6 +133,8 @@ def test_sweep_plots_draw_each_variant_along_its_axis():
     assert ax.get_ylabel() == "decode tok/s (p50, 95% CI)"
     assert ax.get_title(loc="left") == "Decode throughput against batch size"
     assert plots.sweep_plot({}, "batch_size") is None
+    with pytest.raises(ValueError, match="no swept axis 'new_tokens'"):
+        plots.sweep_plot({}, "new_tokens")
 
 
 def test_a_prefill_batch_sweep_is_titled_by_what_it_draws():
