@@ -188,30 +188,13 @@ def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tm
 
     import psutil
 
+    from tests.bench.test_failure_modes import _matrix_file
+
     model = make_faulty(Path(tiny_ref.path), tmp_path / "faulty-hang", "hang")
-    (tmp_path / "m.toml").write_text(f"""
-name = "hang"
-models = [{json.dumps(str(model))}]
-variants = ["fp32"]
-devices = ["cpu"]
-trust_remote_code = true
-[[scenarios]]
-name = "generate"
-batch_size = [1]
-prompt_tokens = [16]
-new_tokens = [4]
-[measure]
-warmup = 0
-min_reps = 1
-max_reps = 1
-budget_s = 0
-timeout_s = 600
-roofline = false
-[drift]
-enabled = false
-""")
+    matrix = _matrix_file(tmp_path, extra="trust_remote_code = true")  # a 120 s cell timeout: far past the wait
+    matrix.write_text(matrix.read_text().replace('"synthetic:llama-tiny"', json.dumps(str(model))))
     marker = tmp_path / "hanging.pid"
-    cli = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(tmp_path / "m.toml"), "--out",
+    cli = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out",
                             str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "FAULTY_HANG_MARKER": str(marker)},
                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
@@ -225,7 +208,7 @@ enabled = false
         assert cell in started  # forked from the command's fork server, in a session of its own
         assert os.getsid(cell.pid) != os.getsid(cli.pid)
         cli.send_signal(signal.SIGINT)
-        _, err = cli.communicate(timeout=60)  # not the cell's 600 s timeout
+        _, err = cli.communicate(timeout=60)  # not the cell's 120 s timeout
     finally:
         if cli.poll() is None:
             os.killpg(cli.pid, signal.SIGKILL)
