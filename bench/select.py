@@ -227,7 +227,7 @@ def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
 
 def _tied_with(winner: dict[str, Any], others: list[dict[str, Any]], m: Metric) -> str:
     names = ", ".join(o["variant"] for o in others)
-    few = [f for f in (_too_few(winner, o, m) for o in others if point(o, m.key) != point(winner, m.key)) if f]
+    few = [f for f in (_too_few(winner, o, m) for o in others) if f]
     return f"tied with {names} (within noise, or {few[0]})" if few else f"tied within noise with {names}"
 
 
@@ -236,7 +236,10 @@ def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
     if overlap(interval(a, m.key), interval(b, m.key)) or not (too_few_repetitions(a, m.key)
                                                                 or too_few_repetitions(b, m.key)):
         return None
-    n = min(x for x in (sample_count(a, m.key), sample_count(b, m.key)) if x is not None)
+    counts = [x for x in (sample_count(a, m.key), sample_count(b, m.key)) if x is not None]
+    if not counts:
+        return "too few repetitions for an interval"
+    n = min(counts)
     return f"{n} repetition{'s are' if n != 1 else ' is'} too few for an interval"
 
 
@@ -305,7 +308,7 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
                 if d.ties else "")
         elif r in tied:
             v.outcome = "tie"
-            few = _too_few(r, winner, objective) if point(r, objective.key) != point(winner, objective.key) else None
+            few = _too_few(r, winner, objective)
             v.reason = ((f"tied with {d.chosen} within noise" if not few else f"not told apart from {d.chosen}")
                         + f" on {objective.label} ({_describe(r, objective)} vs {_describe(winner, objective)}"
                         + (f"; {few}" if few else "")

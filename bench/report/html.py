@@ -140,7 +140,7 @@ def _cell(row: Row, key: str) -> str:
     show_ci = fig.ci is not None and fig.value is not None and m.kind != "drift"
     ci = f' <span class="ci">[{esc(m.format(fig.ci[0]))}, {esc(m.format(fig.ci[1]))}]</span>' if show_ci else ""
     cls = "num noisy" if fig.noisy else "num"
-    cover = (f"; it holds the median {fig.coverage:.2%} of the time ({fig.n} repetitions)"
+    cover = (f"; it holds the median {fig.coverage:.2%} of the time ({fig.n} repetition{'s' * (fig.n != 1)})"
              if fig.coverage is not None and fig.coverage < 0.95 else "")
     title = (f' title="95% CI width {fig.rel_ci_width:.0%} of the value (noisy above {NOISY_REL_CI:.0%}){cover}"'
              if fig.rel_ci_width is not None else "")

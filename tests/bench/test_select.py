@@ -534,3 +534,13 @@ def test_figures_on_too_few_repetitions_are_never_told_apart(reps):
     five = _one([record("fast", decode=180, kld=0.01), record("slow", decode=100, kld=0.001)])
     assert five.chosen == "fast" and not five.ties  # 5 repetitions (93.75%) tell them apart
     assert five.front == ["fast", "slow"]
+
+
+def test_a_summary_without_its_count_still_says_why_two_figures_tie():
+    a, b = record("a", decode=180, kld=0.001, reps=1), record("b", decode=100, kld=0.001, reps=1)
+    for r in (a, b):
+        del r["metrics"]["decode_tokens_per_s_summary"]["n"]
+    d = _one([a, b])
+    assert d.ties == ["b"] and d.verdicts["b"].reason.startswith(
+        "not told apart from a on decode tok/s (100.0 [100.0, 100.0] vs 180.0 [180.0, 180.0]; too few repetitions "
+        "for an interval)")
