@@ -44,15 +44,21 @@ def main(args: argparse.Namespace) -> int:
 
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
-    read_run(args.run)  # a corrupt run description is refused here as by every other reader
+    run = read_run(args.run)  # a corrupt run description is refused here as by every other reader
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
     constraints += [parse_where(text) for text in args.where]
     decisions = select(read_records(args.run), args.objective, constraints, args.device, args.scenario)
     satisfied = all(d.chosen for d in decisions)
+    unfinished = not run.get("ended") or bool(run.get("missing_shards"))
     if args.json:
-        json.dump({"satisfied": satisfied, "groups": [d.to_dict() for d in decisions]}, sys.stdout, indent=1,
-                  allow_nan=False)
+        json.dump({"satisfied": satisfied, "run_ended": not unfinished, "groups": [d.to_dict() for d in decisions]},
+                  sys.stdout, indent=1, allow_nan=False)
         print()
     else:
         print(format_decisions(decisions), end="")
+    if unfinished:  # a choice among the cells that ran: one that never ran might have won
+        why = (f"shards {', '.join(run['missing_shards'])} were not merged" if run.get("missing_shards")
+               else "it has not ended (interrupted, or still running)")
+        print(f"infermatrix select: warning: {args.run}: {why}; the choice is among the cells recorded so far",
+              file=sys.stderr)
     return 0 if satisfied else 1

@@ -544,3 +544,23 @@ def test_a_summary_without_its_count_still_says_why_two_figures_tie():
     assert d.ties == ["b"] and d.verdicts["b"].reason.startswith(
         "not told apart from a on decode tok/s (100.0 [100.0, 100.0] vs 180.0 [180.0, 180.0]; too few repetitions "
         "for an interval)")
+
+
+def test_a_choice_on_an_unfinished_run_warns_that_cells_are_missing(tmp_path, capsys):
+    run = write_run(tmp_path / "run", [record("fp32", kld=0.0, steps=0), record("q8")])
+    assert main(["select", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["run_ended"] is True and err == ""
+    meta = json.loads((run / "run.json").read_text())
+    meta["ended"] = None
+    (run / "run.json").write_text(json.dumps(meta))
+    assert main(["select", str(run)]) == 0
+    out, err = capsys.readouterr()
+    assert "  chosen: fp32: " in out
+    assert err == (f"infermatrix select: warning: {run}: it has not ended (interrupted, or still running); the "
+                   "choice is among the cells recorded so far\n")
+    meta.update(ended="2026-01-01T00:01:00Z", missing_shards=["2/2"])
+    (run / "run.json").write_text(json.dumps(meta))
+    assert main(["select", str(run), "--json"]) == 0
+    out, err = capsys.readouterr()
+    assert json.loads(out)["run_ended"] is False and "shards 2/2 were not merged" in err
