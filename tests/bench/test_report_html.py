@@ -338,3 +338,14 @@ def test_several_scenarios_get_a_contents_list_a_sweep_section_and_the_drift_pro
     assert protocols.children == protocols.kids("li") and [li.text() for li in protocols.kids("li")] == [
         "strided, windows of 64 tokens, 512 scored tokens: every window scored",
         "first, windows of 64 tokens, 512 scored tokens: first window only"]
+
+
+def test_a_figure_on_too_few_repetitions_says_how_often_its_interval_holds_the_median(tmp_path):
+    page = parse(render(write_run(tmp_path / "run", [record("one", reps=1), record("two", reps=2, noise=0.01)]),
+                        "html"))
+    rows = _rows(page.one("table", class_="sortable"))
+    one, two = rows["one"][HEADERS.index("TPOT p50 ms [95% CI]")], rows["two"][HEADERS.index("TPOT p50 ms [95% CI]")]
+    assert one.attrs["class"] == "num noisy" and one.text() == "10.00 ~ [10.00, 10.00]"  # no width, still marked
+    assert one.attrs["title"] == ("95% CI width 0% of the value (noisy above 10%); it holds the median 0.00% of the "
+                                  "time (1 repetition)")
+    assert two.attrs["title"].endswith("; it holds the median 50.00% of the time (2 repetitions)")
