@@ -564,3 +564,22 @@ def test_a_choice_on_an_unfinished_run_warns_that_cells_are_missing(tmp_path, ca
     assert main(["select", str(run), "--json"]) == 0
     out, err = capsys.readouterr()
     assert json.loads(out)["run_ended"] is False and "shards 2/2 were not merged" in err
+
+
+@pytest.mark.parametrize("few_first", [True, False])
+def test_one_side_on_too_few_repetitions_is_enough_to_tie_and_the_fewer_count_is_named(few_first):
+    """A 5-repetition figure beside a 1-repetition one: the pair cannot be told apart either way round."""
+    fast = record("fast", decode=180, kld=0.001, reps=5)
+    slow = record("slow", decode=100, kld=0.001, reps=1)
+    d = _one([slow, fast] if few_first else [fast, slow])
+    assert d.chosen == "fast" and d.ties == ["slow"]
+    few = "1 repetition is too few for an interval"
+    assert d.verdicts["slow"].reason == ("not told apart from fast on decode tok/s (100.0 [100.0, 100.0] vs 180.0 "
+                                         f"[176.4, 183.6]; {few}); fast won the tie-break: better objective point "
+                                         "value")
+    assert d.verdicts["fast"].reason.endswith(f"tied with slow (within noise, or {few}); tie-break: better objective "
+                                              "point value than slow")
+    wide = record("wide", decode=180, kld=0.001, reps=5, noise=0.5)  # 90..270: the 1-repetition 100 is inside
+    d = _one([wide, slow] if few_first else [slow, wide])
+    assert d.verdicts["slow"].reason.startswith("tied with wide within noise on decode tok/s")  # overlap says it
+    assert "too few" not in d.verdicts["wide"].reason
