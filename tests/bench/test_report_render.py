@@ -195,3 +195,20 @@ def test_a_figure_on_fewer_than_five_repetitions_is_marked_noisy_whatever_its_wi
     assert "| 10.00 [9.90, 10.10] ~ |" in rows["q8"]  # 2% wide, but [min, max] of 4 holds the median 87.5%
     assert "~" not in rows["q4"]
     assert "Fewer than 6 repetitions cannot reach 95%" in text and "fewer than 5 repetitions" in text
+
+
+def test_a_merge_short_of_shards_and_a_run_with_no_start_say_so_in_the_header():
+    lines = environment_lines({"ended": "e", "missing_shards": ["2/4", "4/4"]})
+    assert lines[0] == "- started ?, ended e; launcher ?"
+    assert lines[-1] == "- missing shards: 2/4, 4/4: merged without them, their cells have no record"
+    assert not any("missing shards" in line for line in environment_lines({"ended": "e", "missing_shards": []}))
+
+
+def test_the_random_weight_caveat_names_every_such_model_once(tmp_path):
+    from bench.report.markdown import random_weight_caveat
+
+    records = [record("fp32", model=m) for m in ("a", "b", "a")] + [record("fp32", model="trained")]
+    for r in records[:3]:
+        r["drift_meaningful"] = False
+    (text,) = random_weight_caveat(records)
+    assert text.startswith("Drift of a, b is scored on random weights")
