@@ -142,3 +142,23 @@ def test_the_machine_line_gives_cpu_cores_and_ram_and_a_question_mark_for_what_w
     assert cpu_text(env) == "AMD EPYC 9B14 (2 logical cores), RAM 24.5 GiB"
     assert cpu_text({}) == "? (? logical cores), RAM ?"
     assert cpu_text({"cpu_model": "", "cpu_logical_cores": None, "ram_bytes": 0}) == "? (? logical cores), RAM ?"
+
+
+def test_a_figure_carries_its_interval_coverage_and_is_noisy_below_ninety_percent():
+    from bench.report.table import figure
+
+    one, five = record("one", reps=1), record("five", reps=5, noise=0.01)
+    assert figure(one, "tpot_ms").coverage == 0.0 and figure(one, "tpot_ms").noisy
+    assert figure(one, "decode_tokens_per_s").coverage == 0.0  # a rate reads its summary's coverage
+    assert figure(five, "tpot_ms").coverage == 0.9375 and not figure(five, "tpot_ms").noisy
+    assert figure(five, "kld_mean").coverage is None  # drift: a standard error, no repetitions
+
+
+def test_the_speedup_basis_names_the_reference_or_says_there_is_none():
+    from bench.report.table import group_records, speedup_basis
+
+    (with_ref,) = group_records([record("fp32", steps=0), record("q8")])
+    assert speedup_basis(with_ref) == "fp32 p50 e2e_ms / the variant's, with a bootstrap 95% interval."
+    (without,) = group_records([record("q8"), record("q4")])
+    assert speedup_basis(without) == ("none: no ok reference variant in this group (fp32, or a variant whose recipe "
+                                      "has no steps).")
