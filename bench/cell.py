@@ -58,12 +58,15 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
         validation = None if artifact.reused else validate_build(ref, artifact_recipe, job["device"], store, job)
         return {"status": "ok", "reused": artifact.reused, "path": str(artifact.path), "validation": validation,
                 "build_s": time.perf_counter() - t0, "manifest": artifact.manifest}
-    except NotApplicable as exc:
-        return {"status": "skipped", "error": str(exc), "build_s": time.perf_counter() - t0}
-    except InputError as exc:
-        return {"status": "failed", "error": str(exc), "build_s": time.perf_counter() - t0}
     except Exception as exc:  # a technique that crashed: recorded for every cell of the variant
-        return {"status": "failed", "error": error_tail(exc), "build_s": time.perf_counter() - t0}
+        return {**build_outcome(exc), "build_s": time.perf_counter() - t0}
+
+
+def build_outcome(exc: Exception) -> dict[str, str]:
+    """A build's status and error for what it raised: skipped where the technique does not apply here."""
+    if isinstance(exc, NotApplicable):
+        return {"status": "skipped", "error": str(exc)}
+    return {"status": "failed", "error": str(exc) if isinstance(exc, InputError) else error_tail(exc)}
 
 
 VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS, VALIDATION_NEW_TOKENS = 2, 16, 8

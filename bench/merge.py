@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -57,31 +56,32 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
         raise InputError(f"--out {out} exists and is not an empty directory")
     # Built in a temporary sibling and renamed into place: a failed merge leaves no partial output.
     info: dict[str, Any] = {}
-    build_dir_atomically(out, lambda tmp: info.update(_write_merged(run_dirs, runs, tmp, differences)))
+    missing = missing_shards(runs)
+    build_dir_atomically(out, lambda tmp: info.update(_write_merged(run_dirs, runs, tmp, differences, missing)))
     if not (out / RUN).exists():
         raise InputError(f"--out {out} was filled by another process during the merge")
-    return {"cells": info["cells"], "out": str(out), "missing_shards": missing_shards(runs),
+    return {"cells": info["cells"], "out": str(out), "missing_shards": missing,
             "unfinished": [str(d) for d, r in zip(run_dirs, runs, strict=True) if not r.get("ended")]}
 
 
 def missing_shards(runs: list[dict[str, Any]]) -> list[str]:
     """The shards I/N of the runs' N that none of them ran (runs of a whole matrix, or of mixed N: none)."""
-    parsed = []
-    for r in runs:
-        m = re.fullmatch(r"(\d+)/(\d+)", str(r.get("shard") or ""))
-        if not m:
-            return []
-        parsed.append((int(m[1]), int(m[2])))
-    totals = {n for _, n in parsed}
-    if len(totals) != 1:
+    from bench.orchestrate import Shard
+
+    try:
+        shards = [Shard.parse(str(r.get("shard") or "")) for r in runs]
+    except InputError:  # a run of a whole matrix: no shard to count against
         return []
-    (n,) = totals
-    have = {i for i, _ in parsed}
-    return [f"{i}/{n}" for i in range(1, n + 1) if i not in have]
+    counts = {s.count for s in shards}
+    if len(counts) != 1:
+        return []
+    (n,) = counts
+    have = {s.index for s in shards}
+    return [str(Shard(i, n)) for i in range(1, n + 1) if i not in have]
 
 
 def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
-                  differences: list[str]) -> dict[str, Any]:
+                  differences: list[str], missing: list[str]) -> dict[str, Any]:
     # A cell in two runs: the one where it ran ok wins (a retried cell merged beside its failed shard);
     # ok in both means the shards overlap. Otherwise the first run's record stays.
     kept: dict[str, tuple[Path, dict[str, Any]]] = {}
@@ -106,6 +106,6 @@ def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
               "ended": max(r["ended"] for r in runs) if all(r.get("ended") for r in runs) else None,
               "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               **({"environment_differences": differences} if differences else {}),
-              **({"missing_shards": missing_shards(runs)} if missing_shards(runs) else {})}
+              **({"missing_shards": missing} if missing else {})}
     write_json_atomic(out / RUN, merged)
     return {"cells": len(kept)}

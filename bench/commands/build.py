@@ -91,21 +91,15 @@ def build_variant(job: dict[str, Any]) -> dict[str, Any]:
 
 def _runtime_refusal(job: dict[str, Any], recipe: Recipe) -> dict[str, Any] | None:
     """Why the job's variant cannot be loaded with its runtime steps (status and error), or None when it can."""
-    from bench.cell import error_tail
-    from optimize.errors import InputError, NotApplicable
+    from bench.cell import _cache, build_outcome
     from optimize.models import resolve_model
     from optimize.store import VariantStore, load_variant
 
-    cache = Path(job["cache_dir"]) if job.get("cache_dir") else None
     try:
-        ref = resolve_model(job["model"], cache, job.get("tokenizer"))
-        load_variant(ref, recipe, job["device"], VariantStore(cache), job["trust_remote_code"])
-    except NotApplicable as exc:  # the outcomes and errors of bench.cell.build, for the same causes
-        return {"status": "skipped", "error": str(exc)}
-    except InputError as exc:
-        return {"status": "failed", "error": str(exc)}
-    except Exception as exc:
-        return {"status": "failed", "error": error_tail(exc)}
+        ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
+        load_variant(ref, recipe, job["device"], VariantStore(_cache(job)), job["trust_remote_code"])
+    except Exception as exc:  # the outcomes and errors of bench.cell.build, for the same causes
+        return build_outcome(exc)
     return None
 
 
