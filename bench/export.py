@@ -12,11 +12,12 @@
 from __future__ import annotations
 
 import datetime
+import math
 import platform
 from pathlib import Path
 from typing import Any, Literal
 
-from bench.catalogue import METRICS, interval, point
+from bench.catalogue import METRICS, interval, interval_coverage, point
 from bench.results import read_records, read_run
 from optimize.errors import InputError
 
@@ -84,6 +85,19 @@ def pytest_benchmark_json(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def _interval_label(record: dict[str, Any], key: str) -> str | None:
+    """How sure the metric's interval is: "95% CI" when it reaches that level, else its true coverage.
+
+    None when the interval covers nothing (a single repetition gives [x, x]): no range to chart.
+    """
+    cov = interval_coverage(record, key)
+    if cov is None or cov >= 0.95:
+        return "95% CI"
+    if cov <= 0:
+        return None
+    return f"{math.floor(cov * 100)}% CI"
+
+
 def github_action_benchmark(run_dir: Path, direction: Literal["smaller", "bigger"]) -> list[dict[str, Any]]:
     """The run as github-action-benchmark's customSmallerIsBetter / customBiggerIsBetter list."""
     if direction not in ("smaller", "bigger"):
@@ -100,10 +114,13 @@ def github_action_benchmark(run_dir: Path, direction: Literal["smaller", "bigger
                 continue
             entry = {"name": f"{r['variant']} [{r['model']} {r['device']} {_scenario_text(r)}] {m.label}",
                      "unit": m.shown_unit, "value": value * m.scale}
-            ci = interval(r, key)
-            if ci is not None:
-                entry["range"] = f"95% CI [{m.format(ci[0])}, {m.format(ci[1])}]"
-            entry["extra"] = f"cell {r['cell_id']}; p50 over repetitions" if m.shape == "summary" or m.ci_key \
+            extra = f"cell {r['cell_id']}; p50 over repetitions" if m.shape == "summary" or m.ci_key \
                 else f"cell {r['cell_id']}"
+            ci, label = interval(r, key), _interval_label(r, key)
+            if ci is not None and label is not None:
+                entry["range"] = f"{label} [{m.format(ci[0])}, {m.format(ci[1])}]"
+            elif ci is not None:
+                extra += "; one repetition: no interval"
+            entry["extra"] = extra
             out.append(entry)
     return out

@@ -49,7 +49,7 @@ def test_github_action_benchmark_lists_follow_the_catalogue_direction(run, tmp_p
         assert set(entry) <= {"name", "unit", "value", "range", "extra"} and isinstance(entry["value"], float)
     names = {e["name"]: e for e in smaller}
     assert names["int8 [tiny cpu generate:1/128/32] TTFT ms"]["unit"] == "ms"
-    assert names["int8 [tiny cpu generate:1/128/32] TTFT ms"]["range"].startswith("95% CI [")
+    assert names["int8 [tiny cpu generate:1/128/32] TTFT ms"]["range"].startswith("93% CI [")  # 5 repetitions: 93.75%
     assert names["int8 [tiny cpu generate:1/128/32] peak MiB"]["value"] == pytest.approx(400.0)
     assert "int8 [tiny cpu generate:1/128/32] KLD mean" in names
     up = {e["name"]: e for e in bigger}
@@ -99,7 +99,7 @@ def test_github_action_benchmark_entries_say_what_each_value_is(run):
     smaller = {e["name"]: e for e in github_action_benchmark(run, "smaller")}
     prefix = "int8 [tiny cpu generate:1/128/32]"
     assert smaller[f"{prefix} TPOT ms"] == {"name": f"{prefix} TPOT ms", "unit": "ms",
-                                           "value": pytest.approx(1e3 / 150), "range": "95% CI [6.54, 6.80]",
+                                           "value": pytest.approx(1e3 / 150), "range": "93% CI [6.54, 6.80]",
                                            "extra": f"cell {cid}; p50 over repetitions"}
     # Scaled figures take the unit their label shows; a figure with no interval has no range.
     assert smaller[f"{prefix} peak MiB"] == {"name": f"{prefix} peak MiB", "unit": "MiB", "value": 400.0,
@@ -109,6 +109,26 @@ def test_github_action_benchmark_entries_say_what_each_value_is(run):
                                         "extra": f"cell {cid}"}
     with pytest.raises(InputError, match="^--direction must be smaller or bigger, got 'up'$"):
         github_action_benchmark(run, "up")
+
+
+@pytest.mark.parametrize(("reps", "label"), [(1, None), (3, "75% CI"), (5, "93% CI"), (9, "95% CI")])
+def test_an_exported_range_says_how_sure_it_is(tmp_path, reps, label):
+    from bench.catalogue import interval_coverage
+    from bench.export import github_action_benchmark
+
+    rec = record("int8", reps=reps)
+    run = write_run(tmp_path / "run", [rec])
+    entries = {e["name"].split("] ", 1)[1]: e for e in github_action_benchmark(run, "smaller")}
+    tpot, cid = entries["TPOT ms"], rec["cell_id"]
+    coverage = interval_coverage(rec, "tpot_ms")
+    if label is None:  # one repetition: [x, x] would chart as certainty
+        assert coverage == 0 and "range" not in tpot
+        assert tpot["extra"] == f"cell {cid}; p50 over repetitions; one repetition: no interval"
+    else:  # the label never claims more than the order statistics give
+        assert tpot["range"].startswith(f"{label} [") and int(label[:2]) <= round(coverage * 100)
+        assert tpot["extra"] == f"cell {cid}; p50 over repetitions"
+    # A mean's interval from its standard error is a 95% one whatever the repetitions.
+    assert entries["KLD mean"]["range"].startswith("95% CI [")
 
 
 def test_scaled_metrics_show_the_unit_their_label_ends_in():
