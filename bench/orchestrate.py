@@ -143,6 +143,49 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
     return matrix, run
 
 
+# Paths a report's host may not have; a cell's identity holds none of them.
+_HOST_PATHS = {"eval_text": None, "tokenizer": None, "prompt_source": "auto"}
+
+
+def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list[Cell] | None:
+    """The cells of the run's matrix (its shard's, for a shard run) with no record, in matrix order.
+
+    Expanded from run.json alone, devices resolved as the run resolved them (its torch probe), so it
+    answers on any host. None when run.json cannot say: a hand-made or older description whose matrix
+    does not hash to its ``matrix_hash``, or an ``auto`` device with no recorded probe.
+    """
+    try:
+        m = dict(run["matrix"])
+        m.pop("source", None)
+        kept = {k: m.pop(k, None) for k in _HOST_PATHS}
+        matrix = parse_matrix(m, "run.json")
+        matrix = dataclasses.replace(matrix, **{k: v if v is not None else _HOST_PATHS[k] for k, v in kept.items()})
+        if run.get("matrix_hash") != matrix_hash(matrix):
+            return None
+        torch_env = (run.get("environment") or {}).get("torch") or {}
+        if "cuda_available" in torch_env:
+            from bench.env import device_resolver
+
+            resolve = device_resolver(torch_env)
+        elif "auto" in matrix.devices:
+            return None
+        else:
+            def resolve(device: str) -> str:
+                return device
+        cells = expand(matrix, resolve)
+        if run.get("shard"):
+            cells = Shard.parse(run["shard"]).select(cells)
+    except (InputError, KeyError, TypeError, ValueError):
+        return None
+    seen = {r.get("cell_id") for r in records}
+    return [c for c in cells if c.cell_id not in seen]
+
+
+def unrecorded_count(missing: list[Cell], records: list[dict[str, Any]]) -> str:
+    """'3 of 10 cells have no record', of ``unrecorded_cells``'s answer and the records it was given."""
+    return f"{len(missing)} of {len(missing) + len({r.get('cell_id') for r in records})} cells have no record"
+
+
 def check_records_belong(run_dir: Path, all_cells: list[Cell], shard_cells: list[Cell],
                          shard: Shard | None) -> None:
     """Refuse to resume a directory whose results.jsonl holds cells of another matrix or another shard."""

@@ -38,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from bench.orchestrate import unrecorded_cells, unrecorded_count
     from bench.results import RUN, read_records, read_run
     from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, parse_where, select
     from optimize.errors import InputError
@@ -47,18 +48,22 @@ def main(args: argparse.Namespace) -> int:
     run = read_run(args.run)  # a corrupt run description is refused here as by every other reader
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
     constraints += [parse_where(text) for text in args.where]
-    decisions = select(read_records(args.run), args.objective, constraints, args.device, args.scenario)
+    records = read_records(args.run)
+    decisions = select(records, args.objective, constraints, args.device, args.scenario)
     satisfied = all(d.chosen for d in decisions)
-    unfinished = not run.get("ended") or bool(run.get("missing_shards"))
+    unrecorded = unrecorded_cells(run, records)
+    ended = bool(run.get("ended")) and not run.get("missing_shards")
     if args.json:
-        json.dump({"satisfied": satisfied, "run_ended": not unfinished, "groups": [d.to_dict() for d in decisions]},
-                  sys.stdout, indent=1, allow_nan=False)
+        json.dump({"satisfied": satisfied, "run_ended": ended,
+                   "unrecorded_cells": None if unrecorded is None else [c.key for c in unrecorded],
+                   "groups": [d.to_dict() for d in decisions]}, sys.stdout, indent=1, allow_nan=False)
         print()
     else:
         print(format_decisions(decisions), end="")
-    if unfinished:  # a choice among the cells that ran: one that never ran might have won
-        why = (f"shards {', '.join(run['missing_shards'])} were not merged" if run.get("missing_shards")
-               else "it has not ended (interrupted, or still running)")
-        print(f"infermatrix select: warning: {args.run}: {why}; the choice is among the cells recorded so far",
-              file=sys.stderr)
+    if not ended or unrecorded:  # a choice among the cells that ran: one that never ran might have won
+        why = [f"shards {', '.join(run['missing_shards'])} were not merged" if run.get("missing_shards")
+               else "" if run.get("ended") else "it has not ended (interrupted, or still running)"]
+        why += [unrecorded_count(unrecorded, records)] if unrecorded else []
+        print(f"infermatrix select: warning: {args.run}: {'; '.join(w for w in why if w)}; the choice is among "
+              "the cells recorded so far", file=sys.stderr)
     return 0 if satisfied else 1

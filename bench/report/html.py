@@ -204,8 +204,8 @@ def group_section(group: Group, index: int) -> str:
             f'<div class="figs">{figs}</div></section>')
 
 
-def environment_html(run: dict[str, Any]) -> str:
-    f = run_facts(run)
+def environment_html(run: dict[str, Any], records: list[dict[str, Any]] | None = None) -> str:
+    f = run_facts(run, records)
     rows = [("started / ended", f"{f.pop('started')} / {f.pop('ended')}"), *f.items()]
     return '<dl class="env">' + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in rows if v) + "</dl>"
 
@@ -217,7 +217,7 @@ def html_text(run: dict, records: list[dict]) -> str:
     counts = {s: sum(r["status"] == s for r in records) for s in ("ok", "skipped", "failed")}
     sub = f"{len(records)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
     toc = "".join(f'<li><a href="#g{i}">{esc(g.title)}</a></li>' for i, g in enumerate(groups))
-    body = [environment_html(run)]
+    body = [environment_html(run, records)]
     if not records:
         body.append(f"<p><b>{esc(NO_RECORDS)}</b></p>")
     if len(groups) > 1:

@@ -7,6 +7,7 @@ import math
 from typing import Any
 
 from bench.catalogue import METRICS
+from bench.orchestrate import unrecorded_cells
 from bench.report.table import NOISY_REL_CI, drift_protocol_name, group_records
 from bench.select import decide, default_objective
 
@@ -31,5 +32,7 @@ def json_text(run: dict, records: list[dict]) -> str:
         groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,
                        "speedup_metric": g.speedup_metric, "rows": rows,
                        "selection": decide(g, default_objective(g), []).to_dict()})
+    unrecorded = unrecorded_cells(run, records)  # None: run.json cannot say which cells its matrix holds
     return json.dumps({"run": run["matrix"]["name"], "started": run.get("started"), "ended": run.get("ended"),
+                       "unrecorded_cells": None if unrecorded is None else [c.key for c in unrecorded],
                        "noisy_rel_ci": NOISY_REL_CI, "groups": groups}, indent=1, allow_nan=False) + "\n"

@@ -61,11 +61,11 @@ def md_code(text: Any) -> str:
 NOT_ENDED = "not ended (interrupted, or still running)"
 
 
-def run_facts(run: dict[str, Any]) -> dict[str, str]:
+def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) -> dict[str, str]:
     """What a report's header says about the run, raw text.
 
     '?' stands for what run.json does not hold (only ``matrix`` is required); an unfinished run
-    says so rather than "ended None".
+    says so rather than "ended None", and names the cells of its matrix that have no record.
     """
     env = run.get("environment") or {}
     libs = env.get("libraries") or {}
@@ -79,18 +79,42 @@ def run_facts(run: dict[str, Any]) -> dict[str, str]:
     if run.get("missing_shards"):
         facts["missing shards"] = (", ".join(map(str, run["missing_shards"]))
                                    + ": merged without them, their cells have no record")
+    if records is not None:
+        text = unrecorded_text(run, records)
+        if text:
+            facts["not recorded"] = text
     return facts
 
 
-def environment_lines(run: dict[str, Any]) -> list[str]:
-    f = {k: md_escape(v) for k, v in run_facts(run).items()}
+UNRECORDED_SHOWN = 10
+
+
+def unrecorded_text(run: dict[str, Any], records: list[dict[str, Any]]) -> str | None:
+    """'3 of 10 cells have no record: <cell>; ...' for a run whose matrix holds cells that never ended;
+    None when every cell has its record or run.json cannot say which cells the matrix holds.
+    """
+    from bench.orchestrate import unrecorded_cells, unrecorded_count
+
+    missing = unrecorded_cells(run, records)
+    if not missing:
+        return None
+    shown = "; ".join(c.key for c in missing[:UNRECORDED_SHOWN])
+    more = f"; and {len(missing) - UNRECORDED_SHOWN} more" if len(missing) > UNRECORDED_SHOWN else ""
+    how = ("" if run.get("missing_shards") else
+           " ('infermatrix run --resume' on the run directory runs them)")
+    return f"{unrecorded_count(missing, records)}: {shown}{more}{how}"
+
+
+def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None = None) -> list[str]:
+    f = {k: md_escape(v) for k, v in run_facts(run, records).items()}
     lines = [f"- started {f['started']}, " + (f"ended {f['ended']}" if run.get("ended") else f["ended"])
              + f"; launcher {f['launcher']}",
              f"- CPU {f['CPU']}, GPUs: {f['GPUs']}"]
     if f["libraries"]:
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
-    lines += [f"- {k}: {v}" for k, v in f.items() if k.endswith(" ceilings (measured)") or k == "missing shards"]
+    lines += [f"- {k}: {v}" for k, v in f.items()
+              if k.endswith(" ceilings (measured)") or k in ("missing shards", "not recorded")]
     return lines
 
 
@@ -213,7 +237,7 @@ NO_RECORDS = ("No cell records: results.jsonl holds none (the run was stopped, o
 
 def markdown_text(run: dict, records: list[dict]) -> str:
     """The Markdown report of a run description and its records (as ``read_run``/``read_records`` give them)."""
-    lines = [f"# infermatrix run {md_code(run['matrix']['name'])}", "", *environment_lines(run)]
+    lines = [f"# infermatrix run {md_code(run['matrix']['name'])}", "", *environment_lines(run, records)]
     groups = group_records(records)
     if not records:
         lines += ["", f"**{NO_RECORDS}**"]

@@ -1,0 +1,147 @@
+"""The cells of a run's matrix that have no record: named by report and select, from run.json alone."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.cli import main
+from bench.matrix import expand, parse_matrix
+from bench.orchestrate import Shard, start_run, unrecorded_cells
+from bench.results import RUN, read_records, read_run, write_json_atomic
+from tests.bench.records import record, write_run
+
+MATRIX = {"name": "grid", "models": ["builtin:pycode"], "devices": ["auto"],
+          "variants": ["fp32", "bf16", "bnb-int8", "prune-50"],
+          "scenarios": [{"name": "generate", "batch_size": [1, 2], "prompt_tokens": [16], "new_tokens": [4]}]}
+CPU_HOST = {"torch": {"cuda_available": False, "version": "2.13.0+cpu"}}
+SHOWN = 10
+
+
+def _started(tmp_path, data=MATRIX, environment=CPU_HOST, shard=None):
+    """A run directory as `infermatrix run` starts it, and its cells as this host would expand them."""
+    matrix = parse_matrix(data, str(tmp_path / "grid.toml"))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=shard, launcher="local", environment=environment)
+    cells = expand(matrix, lambda d: "cpu" if d == "auto" else d)
+    return run_dir, shard.select(cells) if shard else cells
+
+
+def _record(run_dir, cell, status="ok"):
+    """A record of ``cell`` appended as the runner appends one."""
+    from bench.results import append_record
+
+    rec = record(cell.recipe.name, status=status, model=cell.model, device=cell.device,
+                 scenario=cell.scenario.to_dict())
+    rec["cell_id"] = cell.cell_id
+    append_record(run_dir, rec)
+
+
+def test_the_cells_without_a_record_are_the_matrix_cells_no_record_names(tmp_path):
+    run_dir, cells = _started(tmp_path)
+    assert len(cells) == 8
+    for cell in cells[:3]:
+        _record(run_dir, cell)
+    _record(run_dir, cells[5], status="failed")  # a failed cell has its record: it ran
+    missing = unrecorded_cells(read_run(run_dir), read_records(run_dir))
+    assert [c.cell_id for c in missing] == [c.cell_id for c in cells[3:5] + cells[6:]]
+    assert all(c.device == "cpu" for c in missing)  # `auto` resolved as the run's own torch probe did
+    for cell in cells:
+        _record(run_dir, cell)
+    assert unrecorded_cells(read_run(run_dir), read_records(run_dir)) == []
+
+
+def test_auto_resolves_to_the_device_the_run_saw_not_the_reporting_hosts(tmp_path):
+    run_dir, _ = _started(tmp_path, environment={"torch": {"cuda_available": True, "version": "2.11.0+cu130"}})
+    missing = unrecorded_cells(read_run(run_dir), [])
+    assert len(missing) == 8 and {c.device for c in missing} == {"cuda"}
+
+
+def test_a_shard_run_counts_only_its_own_cells(tmp_path):
+    shard = Shard.parse("2/3")
+    run_dir, cells = _started(tmp_path, shard=shard)
+    assert len(cells) == 3
+    _record(run_dir, cells[0])
+    assert [c.cell_id for c in unrecorded_cells(read_run(run_dir), read_records(run_dir))] == \
+        [c.cell_id for c in cells[1:]]
+
+
+@pytest.mark.parametrize("spoil", ["hand-made", "edited matrix", "auto without a probe", "no matrix"])
+def test_a_run_description_that_cannot_say_gives_no_answer_rather_than_a_wrong_one(tmp_path, spoil):
+    run_dir, _ = _started(tmp_path)
+    run = read_run(run_dir)
+    if spoil == "hand-made":
+        run = json.loads(((write_run(tmp_path / "made", [record("fp32")])) / RUN).read_text())
+    elif spoil == "edited matrix":  # its hash no longer says which cells it had
+        run["matrix"]["variants"] = ["fp32"]
+    elif spoil == "auto without a probe":
+        del run["environment"]["torch"]
+    else:
+        del run["matrix"]
+    assert unrecorded_cells(run, []) is None
+
+
+def test_a_fixed_device_needs_no_probe_and_host_paths_are_not_checked(tmp_path):
+    text = tmp_path / "eval.txt"
+    text.write_text("def f():\n    return 1\n")
+    data = {**MATRIX, "devices": ["cpu"], "eval_text": str(text), "prompt_source": "eval-text"}
+    run_dir, cells = _started(tmp_path, data=data, environment={})
+    text.unlink()  # the report's host need not have the evaluation text the run read
+    assert [c.cell_id for c in unrecorded_cells(read_run(run_dir), [])] == [c.cell_id for c in cells]
+
+
+def test_the_reports_name_the_cells_without_a_record(tmp_path):
+    variants = ["fp32", "bf16", "bnb-int8", "prune-50", "prune-ffn-25", "torch-int8-dynamic", "no-kv-cache"]
+    run_dir, cells = _started(tmp_path, data={**MATRIX, "variants": variants})
+    assert len(cells) == 14
+    _record(run_dir, cells[0])
+    assert main(["report", str(run_dir), "--format", "md,html,json"]) == 0
+    md = (run_dir / "report.md").read_text()
+    (line,) = [x for x in md.splitlines() if x.startswith("- not recorded: ")]
+    keys = [c.key for c in cells[1:]]
+    assert line == (f"- not recorded: 13 of 14 cells have no record: {'; '.join(keys[:SHOWN])}; and 3 more "
+                    "('infermatrix run --resume' on the run directory runs them)")
+    assert keys[SHOWN - 1] in (run_dir / "report.html").read_text()
+    assert json.loads((run_dir / "report.json").read_text())["unrecorded_cells"] == keys
+    for cell in cells[1:]:
+        _record(run_dir, cell)
+    assert main(["report", str(run_dir), "--format", "md,json"]) == 0
+    assert "not recorded" not in (run_dir / "report.md").read_text()
+    assert json.loads((run_dir / "report.json").read_text())["unrecorded_cells"] == []
+
+
+def test_a_merge_without_a_shard_names_that_shards_cells_and_suggests_no_resume(tmp_path):
+    run_dir, cells = _started(tmp_path)
+    for cell in Shard.parse("1/2").select(cells):
+        _record(run_dir, cell)
+    meta = read_run(run_dir)
+    write_json_atomic(run_dir / RUN, {**meta, "ended": "2026-01-01T00:01:00Z", "missing_shards": ["2/2"]})
+    assert main(["report", str(run_dir), "--format", "md,json"]) == 0
+    (line,) = [x for x in (run_dir / "report.md").read_text().splitlines() if x.startswith("- not recorded: ")]
+    assert line.startswith("- not recorded: 4 of 8 cells have no record: ") and "--resume" not in line
+
+
+def test_select_counts_the_cells_without_a_record_even_on_an_ended_run(tmp_path, capsys):
+    run_dir, cells = _started(tmp_path)
+    for cell in cells[:6]:
+        _record(run_dir, cell)
+    write_json_atomic(run_dir / RUN, {**read_run(run_dir), "ended": "2026-01-01T00:01:00Z"})
+    main(["select", str(run_dir), "--json"])
+    out, err = capsys.readouterr()
+    data = json.loads(out)
+    assert data["run_ended"] is True and data["unrecorded_cells"] == [c.key for c in cells[6:]]
+    assert err == (f"infermatrix select: warning: {run_dir}: 2 of 8 cells have no record; the choice is among the "
+                   "cells recorded so far\n")
+    write_json_atomic(run_dir / RUN, {**read_run(run_dir), "ended": None})
+    main(["select", str(run_dir)])
+    assert capsys.readouterr().err == (
+        f"infermatrix select: warning: {run_dir}: it has not ended (interrupted, or still running); 2 of 8 cells "
+        "have no record; the choice is among the cells recorded so far\n")
+    for cell in cells[6:]:
+        _record(run_dir, cell)
+    write_json_atomic(run_dir / RUN, {**read_run(run_dir), "ended": "2026-01-01T00:02:00Z"})
+    main(["select", str(run_dir), "--json"])
+    out, err = capsys.readouterr()
+    assert json.loads(out)["unrecorded_cells"] == [] and err == ""
