@@ -110,6 +110,22 @@ def load_side(run_dir: Path) -> Side:
     return Side(run_dir, read_run(run_dir), dict(ok), not_ok)
 
 
+def _recorded_in_neither(base: Side, head: Side) -> list[str]:
+    """Cells a run's matrix holds that neither run recorded (both stopped before them): never gated, so
+    listed with the unmatched ones. Runs whose run.json cannot say which cells they hold add none.
+    """
+    from bench.orchestrate import unrecorded_cells
+
+    holders: dict[str, list[str]] = defaultdict(list)
+    for name, s in (("base", base), ("head", head)):
+        records = [r for recs in s.ok.values() for r in recs] + list(s.not_ok.values())
+        for cell in unrecorded_cells(s.run, records) or []:
+            if cell.key not in base.keys | head.keys:
+                holders[cell.key].append(name)
+    where = {("base",): "base's matrix", ("head",): "head's matrix", ("base", "head"): "both matrices"}
+    return [f"{k} (in {where[tuple(holders[k])]}, recorded in neither run)" for k in sorted(holders)]
+
+
 def metric_blocks(records: list[dict[str, Any]], key: str) -> list[list[float]] | None:
     """One block per record: the raw repetitions, or the single figure of a per-process metric."""
     blocks = []
@@ -190,11 +206,13 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
     out.load = {name: _other_cpu([r for recs in s.ok.values() for r in recs])
                 for name, s in (("base", base), ("head", head))}
+    neither = _recorded_in_neither(base, head)
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
-                    [f"{k} (only in head)" for k in sorted(head.keys - base.keys)]
+                    [f"{k} (only in head)" for k in sorted(head.keys - base.keys)] + neither
     if out.unmatched and not allow_unmatched:
         more = f"; and {len(out.unmatched) - 8} more" if len(out.unmatched) > 8 else ""
-        raise InputError(f"{len(out.unmatched)} cells are in only one run (use --allow-unmatched to skip them): "
+        how = "are not recorded in both runs" if neither else "are in only one run"
+        raise InputError(f"{len(out.unmatched)} cells {how} (use --allow-unmatched to skip them): "
                          f"{'; '.join(out.unmatched[:8])}{more}")
     tested: list[Row] = []
     for key in sorted(base.keys & head.keys):

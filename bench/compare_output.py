@@ -75,7 +75,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     else:
         lines.append("Every comparison is unchanged.")
     if c.unmatched:
-        lines += ["", f"Cells in only one run (skipped): {len(c.unmatched)}", "",
+        one = all(u.endswith(("(only in base)", "(only in head)")) for u in c.unmatched)
+        lines += ["", f"Cells {'in only one run' if one else 'not recorded in both runs'} (skipped): "
+                  f"{len(c.unmatched)}", "",
                   *[f"- {_esc(u)}" for u in c.unmatched]]
     noise = noise_table(c)
     if noise:

@@ -92,6 +92,15 @@ def test_a_fixed_device_needs_no_probe_and_host_paths_are_not_checked(tmp_path):
     assert [c.cell_id for c in unrecorded_cells(read_run(run_dir), [])] == [c.cell_id for c in cells]
 
 
+def test_a_description_without_the_optional_keys_still_answers(tmp_path):
+    """run.json as a version before these keys wrote it: each takes its default, as the run took it."""
+    run_dir, cells = _started(tmp_path)
+    run = read_run(run_dir)
+    for key in ("source", "eval_text", "tokenizer", "prompt_source"):
+        del run["matrix"][key]
+    assert [c.cell_id for c in unrecorded_cells(run, [])] == [c.cell_id for c in cells]
+
+
 def test_the_reports_name_the_cells_without_a_record(tmp_path):
     variants = ["fp32", "bf16", "bnb-int8", "prune-50", "prune-ffn-25", "torch-int8-dynamic", "no-kv-cache"]
     run_dir, cells = _started(tmp_path, data={**MATRIX, "variants": variants})
@@ -156,3 +165,27 @@ def test_select_counts_the_cells_without_a_record_even_on_an_ended_run(tmp_path,
     main(["select", str(run_dir), "--json"])
     out, err = capsys.readouterr()
     assert json.loads(out)["unrecorded_cells"] == [] and err == ""
+
+
+def test_the_gate_refuses_to_pass_over_cells_neither_run_recorded(tmp_path, capsys):
+    """Two runs stopped at the same cell: the cells after it were never gated, and compare says so."""
+    runs = {}
+    for side in ("base", "head"):
+        (tmp_path / side).mkdir()
+        runs[side], cells = _started(tmp_path / side)
+        for cell in cells[:5]:
+            _record(runs[side], cell)
+    assert main(["compare", str(runs["base"]), str(runs["head"])]) == 2
+    keys = [c.key for c in cells[5:]]
+    assert capsys.readouterr().err == (
+        "infermatrix compare: error: 3 cells are not recorded in both runs (use --allow-unmatched to skip them): "
+        + "; ".join(f"{k} (in both matrices, recorded in neither run)" for k in keys) + "\n")
+    assert main(["compare", str(runs["base"]), str(runs["head"]), "--allow-unmatched"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("Cells not recorded in both runs (skipped): 3")
+    assert out[at + 2:at + 5] == [f"- {k} (in both matrices, recorded in neither run)" for k in keys]
+    _record(runs["head"], cells[5])  # now only in head: the unmatched listing says so, once
+    assert main(["compare", str(runs["base"]), str(runs["head"])]) == 2
+    err = capsys.readouterr().err
+    assert f"{keys[0]} (only in head)" in err and err.count(keys[0]) == 1
+    assert f"{keys[1]} (in both matrices, recorded in neither run)" in err
