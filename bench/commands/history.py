@@ -18,6 +18,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add.add_argument("run", type=nonempty("RUN", Path), help="run directory")
     add.add_argument("--commit", help="commit the run measured (default: HEAD of the git repository here, "
                                       "else the commit recorded in the run)")
+    add.add_argument("--partial", action="store_true",
+                     help="add a run that has not ended or lacks cells of its matrix (refused otherwise: once "
+                          "added, the finished run could not be)")
     show = sub.add_parser("show", help="print a metric across commits")
     show.add_argument("--metric", default="decode_tokens_per_s", help="metric key (default decode_tokens_per_s)")
     show.add_argument("--cell", help="only cells whose identity contains this text")
@@ -36,6 +39,24 @@ def _head_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def _short_of_cells(run_dir: Path) -> str | None:
+    """Why a run is not whole ('it has not ended; 3 of 10 cells have no record'), or None when it is."""
+    from bench.orchestrate import unrecorded_cells, unrecorded_count
+    from bench.results import RUN, read_records, read_run
+    from optimize.errors import InputError
+
+    if not (run_dir / RUN).exists():
+        raise InputError(f"{run_dir} is not a run directory (no {RUN})")
+    run, records = read_run(run_dir), read_records(run_dir)
+    why = [] if run.get("ended") else ["it has not ended (interrupted, or still running)"]
+    if run.get("missing_shards"):
+        why.append(f"it was merged without shards {', '.join(run['missing_shards'])}")
+    missing = unrecorded_cells(run, records)
+    if missing:
+        why.append(unrecorded_count(missing, records))
+    return "; ".join(why) or None
+
+
 def main(args: argparse.Namespace) -> int:
     from bench import history
     from bench.commands import output_file
@@ -44,6 +65,12 @@ def main(args: argparse.Namespace) -> int:
 
     if args.action == "add":
         output_file(args.db, "--db")
+        short = _short_of_cells(args.run)
+        if short and not args.partial:
+            raise InputError(f"{args.run}: {short}: finish it ('infermatrix run --resume {args.run}'), or add what "
+                             "it holds with --partial (a run is added once)")
+        if short:
+            print(f"infermatrix history: warning: {args.run}: {short}; adding the cells it holds", file=sys.stderr)
         info = history.add_run(args.db, args.run, args.commit or _head_commit())
         print(f"added {args.run} (commit {info['commit'] or 'unknown'}): {info['cells']} cells, "
               f"{info['metrics']} figures to {args.db}")

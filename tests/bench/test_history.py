@@ -80,3 +80,25 @@ def test_a_plot_of_no_figures_says_so_instead_of_writing_nothing_silently(tmp_pa
     assert capsys.readouterr().err == (f"infermatrix history: no plot written: {db} holds no tpot_ms figures of "
                                        "cells matching 'nothing'\n")
     assert not plot.exists()
+
+
+def test_a_run_short_of_cells_is_added_only_when_asked_and_then_with_a_warning(tmp_path, capsys):
+    """Once added, a run cannot be added again: an interrupted one would keep its finished self out."""
+    import json
+
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=2, commit="ef" * 20)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "ended": None, "missing_shards": ["2/2"]}))
+    db = tmp_path / "h.sqlite"
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 2
+    assert capsys.readouterr().err == (
+        f"infermatrix history: error: {run}: it has not ended (interrupted, or still running); it was merged without "
+        f"shards 2/2: finish it ('infermatrix run --resume {run}'), or add what it holds with --partial (a run is "
+        "added once)\n")
+    assert not db.exists()
+    assert cli(["history", "add", str(run), "--db", str(db), "--partial"]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith(f"infermatrix history: warning: {run}: it has not ended") and "2 cells" in out
+    assert len({p["cell"] for p in history.series(db, "tpot_ms")}) == 2
+    assert cli(["history", "add", str(tmp_path / "nowhere", ), "--db", str(db)]) == 2
+    assert capsys.readouterr().err.endswith("nowhere is not a run directory (no run.json)\n")

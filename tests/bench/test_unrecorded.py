@@ -189,3 +189,17 @@ def test_the_gate_refuses_to_pass_over_cells_neither_run_recorded(tmp_path, caps
     err = capsys.readouterr().err
     assert f"{keys[0]} (only in head)" in err and err.count(keys[0]) == 1
     assert f"{keys[1]} (in both matrices, recorded in neither run)" in err
+
+
+def test_history_refuses_an_ended_run_short_of_cells_unless_partial(tmp_path, capsys):
+    run_dir, cells = _started(tmp_path)
+    for cell in cells[:7]:
+        _record(run_dir, cell)
+    write_json_atomic(run_dir / RUN, {**read_run(run_dir), "ended": "2026-01-01T00:01:00Z"})
+    db = tmp_path / "h.sqlite"
+    assert main(["history", "add", str(run_dir), "--db", str(db)]) == 2
+    assert capsys.readouterr().err.startswith(
+        f"infermatrix history: error: {run_dir}: 1 of 8 cells have no record: finish it")
+    assert main(["history", "add", str(run_dir), "--db", str(db), "--partial"]) == 0
+    assert capsys.readouterr().err == (f"infermatrix history: warning: {run_dir}: 1 of 8 cells have no record; "
+                                       "adding the cells it holds\n")
