@@ -143,8 +143,10 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
     return matrix, run
 
 
-# Paths a report's host may not have; a cell's identity holds none of them.
+# Paths a report's host may not have, taken out before the matrix is checked; a cell's identity holds none
+# of them but the model's name (a local model directory is checked for its config.json).
 _HOST_PATHS = {"eval_text": None, "tokenizer": None, "prompt_source": "auto"}
+_ANY_MODEL = ["builtin:pycode"]
 
 
 def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list[Cell] | None:
@@ -158,8 +160,10 @@ def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list
         m = dict(run["matrix"])
         m.pop("source", None)
         kept = {k: m.pop(k, None) for k in _HOST_PATHS}
-        matrix = parse_matrix(m, "run.json")
-        matrix = dataclasses.replace(matrix, **{k: v if v is not None else _HOST_PATHS[k] for k, v in kept.items()})
+        models = m.pop("models", _ANY_MODEL)
+        matrix = parse_matrix({**m, "models": _ANY_MODEL}, "run.json")
+        matrix = dataclasses.replace(matrix, models=tuple(models),
+                                     **{k: v if v is not None else _HOST_PATHS[k] for k, v in kept.items()})
         if run.get("matrix_hash") != matrix_hash(matrix):
             return None
         torch_env = (run.get("environment") or {}).get("torch") or {}

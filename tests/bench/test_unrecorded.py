@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -86,9 +87,17 @@ def test_a_run_description_that_cannot_say_gives_no_answer_rather_than_a_wrong_o
 def test_a_fixed_device_needs_no_probe_and_host_paths_are_not_checked(tmp_path):
     text = tmp_path / "eval.txt"
     text.write_text("def f():\n    return 1\n")
-    data = {**MATRIX, "devices": ["cpu"], "eval_text": str(text), "prompt_source": "eval-text"}
+    model = tmp_path / "model"  # a local model directory, as check_model_spec wants one
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    (model / "model.safetensors").write_bytes(b"")
+    data = {**MATRIX, "devices": ["cpu"], "eval_text": str(text), "prompt_source": "eval-text",
+            "models": [str(model), "synthetic:llama-tiny"]}
     run_dir, cells = _started(tmp_path, data=data, environment={})
-    text.unlink()  # the report's host need not have the evaluation text the run read
+    assert {c.model for c in cells} == {str(model), "synthetic:llama-tiny"}
+    # The report's host need not have the evaluation text the run read, nor its model directory.
+    text.unlink()
+    shutil.rmtree(model)
     assert [c.cell_id for c in unrecorded_cells(read_run(run_dir), [])] == [c.cell_id for c in cells]
 
 
