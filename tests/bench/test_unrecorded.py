@@ -122,7 +122,13 @@ def test_the_reports_name_the_cells_without_a_record(tmp_path):
     assert line == (f"- not recorded: 13 of 14 cells have no record: {'; '.join(keys[:SHOWN])}; and 3 more "
                     "('infermatrix run --resume' on the run directory runs them)")
     assert json.loads((run_dir / "report.json").read_text())["unrecorded_cells"] == keys
-    for cell in cells[1:]:
+    for cell in cells[1:4]:  # ten left: every one named, no "more"
+        _record(run_dir, cell)
+    assert main(["report", str(run_dir), "--format", "md,json"]) == 0
+    (line,) = [x for x in (run_dir / "report.md").read_text().splitlines() if x.startswith("- not recorded: ")]
+    assert line == (f"- not recorded: 10 of 14 cells have no record: {'; '.join(keys[3:])} "
+                    "('infermatrix run --resume' on the run directory runs them)")
+    for cell in cells[4:]:
         _record(run_dir, cell)
     assert main(["report", str(run_dir), "--format", "md,json"]) == 0
     assert "not recorded" not in (run_dir / "report.md").read_text()
@@ -149,7 +155,8 @@ def test_a_merge_without_a_shard_names_that_shards_cells_and_suggests_no_resume(
     write_json_atomic(run_dir / RUN, {**meta, "ended": "2026-01-01T00:01:00Z", "missing_shards": ["2/2"]})
     assert main(["report", str(run_dir), "--format", "md,json"]) == 0
     (line,) = [x for x in (run_dir / "report.md").read_text().splitlines() if x.startswith("- not recorded: ")]
-    assert line.startswith("- not recorded: 4 of 8 cells have no record: ") and "--resume" not in line
+    keys = [c.key for c in Shard.parse("2/2").select(cells)]
+    assert line == f"- not recorded: 4 of 8 cells have no record: {'; '.join(keys)}"  # no resume: a merge
 
 
 def test_select_counts_the_cells_without_a_record_even_on_an_ended_run(tmp_path, capsys):
