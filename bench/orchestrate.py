@@ -146,7 +146,7 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
 # Paths a report's host may not have, taken out before the matrix is checked; a cell's identity holds none
 # of them but the model's name (a local model directory is checked for its config.json).
 _HOST_PATHS = {"eval_text": None, "tokenizer": None, "prompt_source": "auto"}
-_ANY_MODEL = ["builtin:pycode"]
+_ANY_MODEL = ["builtin:pycode"]  # also a matrix's default models
 
 
 def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list[Cell] | None:

@@ -6,6 +6,8 @@ import dataclasses
 import math
 import re
 
+import pytest
+
 from bench.compare import Comparison, Row
 from bench.compare_output import markdown_summary
 from bench.gate_stats import GateConfig
@@ -153,3 +155,15 @@ def test_a_row_without_figures_prints_dashes():
     line = (f"| {CELL} | TTFT ms (↓) | - → - | - | [-, -] | range | ❔ inconclusive | - (±5.0%) "
             "| n=0/0 in 0/0 processes |")
     assert line in markdown_summary(c).splitlines()
+
+
+@pytest.mark.parametrize(("unmatched", "heading"), [
+    (["a (only in base)"], "Cells in only one run (skipped): 1"),
+    (["a (only in base)", "b (only in head)"], "Cells in only one run (skipped): 2"),
+    (["a (only in base)", "c (in both matrices, recorded in neither run)"],
+     "Cells not recorded in both runs (skipped): 2"),
+])
+def test_the_unmatched_heading_says_whether_a_cell_ran_at_all(unmatched, heading):
+    lines = markdown_summary(_comparison(unmatched=unmatched)).splitlines()
+    at = lines.index(heading)
+    assert lines[at + 2:at + 2 + len(unmatched)] == [f"- {u}" for u in unmatched]

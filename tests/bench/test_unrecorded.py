@@ -105,7 +105,7 @@ def test_a_description_without_the_optional_keys_still_answers(tmp_path):
     """run.json as a version before these keys wrote it: each takes its default, as the run took it."""
     run_dir, cells = _started(tmp_path)
     run = read_run(run_dir)
-    for key in ("source", "eval_text", "tokenizer", "prompt_source"):
+    for key in ("source", "eval_text", "tokenizer", "prompt_source", "models"):  # models: builtin:pycode
         del run["matrix"][key]
     assert [c.cell_id for c in unrecorded_cells(run, [])] == [c.cell_id for c in cells]
 
@@ -219,3 +219,21 @@ def test_history_refuses_an_ended_run_short_of_cells_unless_partial(tmp_path, ca
     assert main(["history", "add", str(run_dir), "--db", str(db), "--partial"]) == 0
     assert capsys.readouterr().err == (f"infermatrix history: warning: {run_dir}: 1 of 8 cells have no record; "
                                        "adding the cells it holds\n")
+
+
+def test_the_gate_says_whose_matrix_holds_a_cell_neither_run_recorded(tmp_path, capsys):
+    """Revisions differ in their matrices: a cell only base's, or only head's, matrix holds is named so."""
+    variants = {"base": ["fp32", "bf16", "prune-50"], "head": ["fp32", "bf16", "prune-ffn-25"]}
+    runs, planned = {}, {}
+    for side, names in variants.items():
+        (tmp_path / side).mkdir()
+        runs[side], planned[side] = _started(tmp_path / side, data={**MATRIX, "variants": names})
+        for cell in planned[side]:
+            if cell.recipe.name == "fp32":
+                _record(runs[side], cell)
+    assert main(["compare", str(runs["base"]), str(runs["head"]), "--allow-unmatched"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    at = out.index("Cells not recorded in both runs (skipped): 6")
+    where = {"bf16": "both matrices", "prune-50": "base's matrix", "prune-ffn-25": "head's matrix"}
+    assert out[at + 2:at + 8] == sorted(f"- {c.key} (in {where[c.recipe.name]}, recorded in neither run)"
+                                        for c in planned["base"][2:] + planned["head"][4:])
