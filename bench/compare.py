@@ -117,10 +117,11 @@ def _recorded_in_neither(base: Side, head: Side) -> list[str]:
     from bench.orchestrate import unrecorded_cells
 
     holders: dict[str, list[str]] = defaultdict(list)
+    recorded = base.keys | head.keys
     for name, s in (("base", base), ("head", head)):
         records = [r for recs in s.ok.values() for r in recs] + list(s.not_ok.values())
         for cell in unrecorded_cells(s.run, records) or []:
-            if cell.key not in base.keys | head.keys:
+            if cell.key not in recorded:
                 holders[cell.key].append(name)
     where = {("base",): "base's matrix", ("head",): "head's matrix", ("base", "head"): "both matrices"}
     return [f"{k} (in {where[tuple(holders[k])]}, recorded in neither run)" for k in sorted(holders)]
