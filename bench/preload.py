@@ -65,6 +65,8 @@ if not CUDA_DEVICE_VISIBLE:
     import transformers.modeling_utils  # noqa: F401  (imports torchao: ~1.4 s more per child where it is skipped)
     from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
+import scipy.stats  # noqa: E402, F401  (every cell's summaries use it: 1.5 s to import in each cell otherwise)
+
 import bench.cell  # noqa: E402, F401
 import bench.scenarios  # noqa: E402, F401
 import optimize.registry  # noqa: E402, F401

@@ -10,14 +10,24 @@ the harness (the evaluation text at the same seeded offset).
 ``--onnx-dir DIR`` times an exported graph instead (a directory holding ``model.onnx`` and its
 config, e.g. a stored ``onnx-fp32`` artifact), loaded with optimum's ``ORTModelForCausalLM`` on
 ONNX Runtime's CPU provider with its KV cache.
+
+``--serve`` measures one window per line read from stdin, until stdin closes, each in a child
+forked from this process after it has imported torch and transformers and nothing else: the
+child loads the model, warms up and times ``--reps`` calls, prints the window's JSON line and
+exits, as the harness's cells start from its fork server. A caller then takes windows between
+measurements of its own seconds apart instead of an interpreter start apart, and every window
+runs in a process as young as a harness cell.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
+import sys
 import time
+import traceback
 
 
 def main() -> None:
@@ -27,11 +37,43 @@ def main() -> None:
     p.add_argument("--prompt-tokens", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=1, help="untimed N-token calls before the timed ones")
     p.add_argument("--threads", type=int, default=0,
                    help="torch's (and ONNX Runtime's) intra-op threads (0: each library's default)")
     p.add_argument("--onnx-dir", help="time this exported ONNX graph (model.onnx + config) with ONNX Runtime")
+    p.add_argument("--serve", action="store_true",
+                   help="measure one window per line read from stdin, each in a freshly forked child")
     args = p.parse_args()
 
+    # What every window needs, imported once here, before any fork (as the harness's fork server does).
+    import torch  # noqa: F401
+    from transformers import AutoModelForCausalLM  # noqa: F401
+
+    import bench.prompts  # noqa: F401
+    import optimize.models  # noqa: F401
+
+    if args.onnx_dir:
+        import optimum.onnxruntime  # noqa: F401
+
+    if not args.serve:
+        print(json.dumps(_measure(args)))
+        return
+    for _ in sys.stdin:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                print(json.dumps(_measure(args)), flush=True)
+            except BaseException:
+                traceback.print_exc()
+                os._exit(1)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if status:
+            sys.exit(f"a window's process ended with wait status {status}")
+
+
+def _measure(args) -> dict:
+    """Load the model, warm up, and time one window of calls."""
     import torch
 
     if args.threads:
@@ -63,7 +105,15 @@ def main() -> None:
                            do_sample=False, pad_token_id=pad)
         return time.perf_counter() - t0
 
-    timed(args.new_tokens)  # warm-up
+    for _ in range(args.warmup):
+        timed(args.new_tokens)
+    return _window(args, timed, baseline_rss)
+
+
+def _window(args, timed, baseline_rss: int | None) -> dict:
+    """``args.reps`` one-token and N-token calls, interleaved, and what they measured."""
+    import torch
+
     # One-token and N-token calls interleaved in pairs, so a busy spell of a neighbour process
     # falls on both kinds alike instead of on one block of them.
     one, full = [], []
@@ -72,7 +122,7 @@ def main() -> None:
         full.append(timed(args.new_tokens))
     ttft_s, e2e_s = statistics.median(one), statistics.median(full)
     decode = args.batch_size * (args.new_tokens - 1)
-    print(json.dumps({
+    return {
         "model": args.model, "onnx_dir": args.onnx_dir, "batch_size": args.batch_size,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "reps": args.reps, "torch_threads": torch.get_num_threads(),
@@ -85,7 +135,7 @@ def main() -> None:
         # Memory as the kernel counts it for this process: resident set before the load, and its peak
         # (VmHWM) over load and generation.
         "rss_baseline_bytes": baseline_rss, "peak_rss_bytes": _status_bytes("VmHWM"),
-    }))
+    }
 
 
 def _status_bytes(field: str) -> int | None:
