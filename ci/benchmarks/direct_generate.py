@@ -12,8 +12,8 @@ config, e.g. a stored ``onnx-fp32`` artifact), loaded with optimum's ``ORTModelF
 ONNX Runtime's CPU provider with its KV cache.
 
 ``--serve`` measures one window per line read from stdin, until stdin closes, each in a child
-forked from this process after it has imported torch and transformers and nothing else: the
-child loads the model, warms up and times ``--reps`` calls, prints the window's JSON line and
+forked from this process after it has imported the libraries and done nothing else: the child
+loads the model, warms up and times ``--reps`` calls, prints the window's JSON line and
 exits, as the harness's cells start from its fork server. A caller then takes windows between
 measurements of its own seconds apart instead of an interpreter start apart, and every window
 runs in a process as young as a harness cell.
@@ -52,12 +52,11 @@ def main() -> None:
     import bench.prompts  # noqa: F401
     import optimize.models  # noqa: F401
 
-    if args.onnx_dir:
-        import optimum.onnxruntime  # noqa: F401
-
     if not args.serve:
         print(json.dumps(_measure(args)))
         return
+    if args.onnx_dir:
+        import optimum.onnxruntime  # noqa: F401  (a plain measurement imports it after its RSS baseline)
     for _ in sys.stdin:
         pid = os.fork()
         if pid == 0:

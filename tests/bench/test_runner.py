@@ -35,7 +35,7 @@ SCRIPT = Path(__file__).resolve().parents[2] / "ci" / "benchmarks" / "direct_gen
 class _Independent:
     """Windows of TTFT and decode time of the same generate call, timed from outside the harness.
 
-    ``ci/benchmarks/direct_generate.py --serve`` imports torch and transformers, then for each
+    ``ci/benchmarks/direct_generate.py --serve`` imports the libraries, then for each
     window asked of it forks a child that loads the model with plain transformers (or, given
     ``onnx_dir``, the exported graph with optimum's ONNX Runtime model), warms it up as the
     harness does and times ``REPS`` ``generate`` calls with perf_counter: TTFT is the wall time
@@ -45,19 +45,21 @@ class _Independent:
     between the two sides is the harness's, not the age or the start of a process.
     """
 
-    def __init__(self, onnx_dir: Path | None):
+    def __init__(self, onnx_dir: Path | None, log: Path):
         graph = ["--onnx-dir", str(onnx_dir)] if onnx_dir else []
-        self.proc = subprocess.Popen(
-            [sys.executable, str(SCRIPT), "--model", "synthetic:llama-tiny", "--prompt-tokens", str(PROMPT),
-             "--new-tokens", str(NEW), "--reps", str(REPS), "--warmup", "2", "--threads", str(THREADS), "--serve",
-             *graph], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.log = log
+        with log.open("w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, str(SCRIPT), "--model", "synthetic:llama-tiny", "--prompt-tokens", str(PROMPT),
+                 "--new-tokens", str(NEW), "--reps", str(REPS), "--warmup", "2", "--threads", str(THREADS),
+                 "--serve", *graph], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=err, text=True)
 
     def window(self) -> dict:
         """(TTFT, decode time) in ms: the fastest one-token call, and the fastest N-token call less it."""
         self.proc.stdin.write("\n")
         self.proc.stdin.flush()
         line = self.proc.stdout.readline()
-        assert line, f"direct_generate.py --serve ended (exit {self.proc.wait()})"
+        assert line, f"direct_generate.py --serve ended (exit {self.proc.wait()}): {self.log.read_text()[-2000:]}"
         s = json.loads(line)["samples"]
         return {"ttft": min(s["ttft_ms"]), "decode": min(s["e2e_ms"]) - min(s["ttft_ms"])}
 
@@ -108,7 +110,8 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     [record] = execute(base, first, LocalLauncher(first / "logs"), cache_dir=str(cache_dir))
     assert record["status"] == "ok", record["error"]
     matrix = dataclasses.replace(base, measure=dataclasses.replace(base.measure, rounds=BATCH))
-    independent = _Independent(_stored_artifact(tiny_ref, variant, cache_dir) if variant.startswith("onnx") else None)
+    onnx_dir = _stored_artifact(tiny_ref, variant, cache_dir) if variant.startswith("onnx") else None
+    independent = _Independent(onnx_dir, tmp_path / "independent.log")
     harness_windows, independent_windows = [], [independent.window()]
 
     def after_cell(kind: str, info: dict) -> None:
