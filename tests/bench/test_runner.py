@@ -109,6 +109,7 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     start_run(base, first, shard=None, launcher="local", environment={})
     [record] = execute(base, first, LocalLauncher(first / "logs"), cache_dir=str(cache_dir))
     assert record["status"] == "ok", record["error"]
+    ceilings = read_run(first)["roofline"]
     matrix = dataclasses.replace(base, measure=dataclasses.replace(base.measure, rounds=BATCH))
     onnx_dir = _stored_artifact(tiny_ref, variant, cache_dir) if variant.startswith("onnx") else None
     independent = _Independent(onnx_dir, tmp_path / "independent.log")
@@ -123,7 +124,7 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
             run_dir = tmp_path / f"run{len(harness_windows) // BATCH}"
             run_dir.mkdir()
             start_run(matrix, run_dir, shard=None, launcher="local", environment={},
-                      extra={"roofline": read_run(first)["roofline"]})
+                      extra={"roofline": ceilings})
             execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir), on_event=after_cell)
             records = read_records(run_dir, latest_only=False)  # one per round
             assert len(records) == BATCH
@@ -182,8 +183,7 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
     assert proc.returncode == 0, proc.stderr[-2000:]
     [record] = read_records(run_dir)
     assert record["status"] == "ok", record["error"]
-    script = Path(__file__).resolve().parents[2] / "ci" / "benchmarks" / "direct_generate.py"
-    out = subprocess.run([sys.executable, str(script), "--model", str(model_dir), *shape, "--reps", "2"],
+    out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), *shape, "--reps", "2"],
                          capture_output=True, text=True, timeout=600, check=True).stdout
     direct = json.loads(out.strip().splitlines()[-1])
     harness_growth = record["metrics"]["rss_increase_bytes"]
