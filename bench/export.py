@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from bench.catalogue import METRICS, interval, interval_coverage, point
-from bench.results import read_records, read_run
+from bench.results import read_run
+from bench.rounds import read_cell_records
 from optimize.errors import InputError
 
 LATENCIES = ("ttft_ms", "tpot_ms", "e2e_ms")
@@ -41,7 +42,7 @@ def pytest_benchmark_json(run_dir: Path) -> dict[str, Any]:
     run = read_run(run_dir)
     env = run.get("environment", {})
     benchmarks = []
-    for r in read_records(run_dir):
+    for r in read_cell_records(run_dir, run):  # a cell measured in rounds: one benchmark of all its repetitions
         if r["status"] != "ok":
             continue
         for key in LATENCIES:
@@ -104,7 +105,7 @@ def github_action_benchmark(run_dir: Path, direction: Literal["smaller", "bigger
         raise InputError(f"--direction must be smaller or bigger, got {direction!r}")
     want = "lower" if direction == "smaller" else "higher"
     out = []
-    for r in read_records(run_dir):
+    for r in read_cell_records(run_dir, read_run(run_dir)):
         if r["status"] != "ok":
             continue
         for key in ACTION_METRICS:

@@ -83,20 +83,24 @@ def missing_shards(runs: list[dict[str, Any]]) -> list[str]:
 def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], out: Path,
                   differences: list[str], missing: list[str]) -> dict[str, Any]:
     # A cell in two runs: the one where it ran ok wins (a retried cell merged beside its failed shard);
-    # ok in both means the shards overlap. Otherwise the first run's record stays.
-    kept: dict[str, tuple[Path, dict[str, Any]]] = {}
+    # ok in both means the shards overlap. Otherwise the first run's records stay. Every record of the
+    # chosen run is kept: a cell measured in rounds keeps all of them.
+    kept: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
     for d in run_dirs:
-        for record in read_records(d):
-            cid = record["cell_id"]
+        mine: dict[str, list[dict[str, Any]]] = {}
+        for record in read_records(d, latest_only=False):
+            mine.setdefault(record["cell_id"], []).append(record)
+        for cid, records in mine.items():
             if cid in kept:
                 where, other = kept[cid]
-                if record["status"] != "ok":
+                if not any(r["status"] == "ok" for r in records):
                     continue
-                if other["status"] == "ok":
+                if any(r["status"] == "ok" for r in other):
                     raise InputError(f"cell {cid} ran ok in both {where} and {d}: shards overlap")
-            kept[cid] = (d, record)
-    for _, record in kept.values():
-        append_record(out, record)
+            kept[cid] = (d, records)
+    for _, records in kept.values():
+        for record in records:
+            append_record(out, record)
     first = runs[0]
     starts = [r["started"] for r in runs if r.get("started")]
     merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],

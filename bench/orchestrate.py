@@ -284,8 +284,11 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
             record.setdefault("build", {}).update(build_job_s=outcome.get("build_s"), built_now=not outcome["reused"])
         append_record(run_dir, record)
         on_event("cell", record)
+    from bench.rounds import cell_records
+
     ids = {c.cell_id for c in cells}
-    return [r for r in read_records(run_dir) if r["cell_id"] in ids]
+    return cell_records([r for r in read_records(run_dir, latest_only=False) if r["cell_id"] in ids],
+                        matrix.measure.rounds)
 
 
 def build_job(bid: str, cell: Cell) -> dict[str, Any]:

@@ -274,8 +274,13 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
 
 
 def _exit_code(records: list[dict]) -> int:
-    """1 when a check failed: a cell failed, or a variant drifted past the matrix's budget; else 0."""
-    return 1 if any(r["status"] == "failed" or r.get("drift_ok") is False for r in records) else 0
+    """1 when a check failed: a cell failed (a round of one short of its rounds too), or a variant drifted past
+    the matrix's budget; else 0. ``records`` are one per cell (``bench.rounds.cell_records``).
+    """
+    from bench.rounds import failed_rounds
+
+    return 1 if any(r["status"] == "failed" or failed_rounds(r) or r.get("drift_ok") is False
+                    for r in records) else 0
 
 
 def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[str]) -> int:
@@ -284,10 +289,10 @@ def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[
     renders them again).
     """
     from bench.report.write import FORMATS, RUN_END_FORMATS
-    from bench.results import read_records
+    from bench.rounds import read_cell_records
     from bench.summary import print_summary
 
-    records = [r for r in read_records(run_dir) if r["cell_id"] in cell_ids]
+    records = [r for r in read_cell_records(run_dir, run) if r["cell_id"] in cell_ids]
     print(f"infermatrix run: every cell of {run_dir} already has its record (ended {run['ended']}); nothing to run "
           f"('infermatrix report {run_dir}' renders its reports again)", file=sys.stderr)
     print_summary(records, run_dir)

@@ -39,7 +39,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.orchestrate import unrecorded_cells, unrecorded_count
-    from bench.results import RUN, read_records, read_run
+    from bench.results import RUN, read_run
+    from bench.rounds import read_cell_records
     from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, parse_where, select
     from optimize.errors import InputError
 
@@ -48,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
     run = read_run(args.run)  # a corrupt run description is refused here as by every other reader
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
     constraints += [parse_where(text) for text in args.where]
-    records = read_records(args.run)
+    records = read_cell_records(args.run, run)
     decisions = select(records, args.objective, constraints, args.device, args.scenario)
     satisfied = all(d.chosen for d in decisions)
     unrecorded = unrecorded_cells(run, records)

@@ -1,10 +1,11 @@
 """results.csv: one row per cell, flat columns named with their units.
 
-Identity columns first, then every catalogue metric present in any record: a summary
-metric becomes ``KEY_p50``, ``KEY_ci95_low``, ``KEY_ci95_high``, ``KEY_mean``, ``KEY_std``,
-``KEY_min``, ``KEY_max``, ``KEY_p90``, ``KEY_p99``, ``KEY_n`` (the key carries the unit,
-e.g. ``ttft_ms_p50``); a scalar keeps its key (``peak_memory_bytes``). A name or error that a
-spreadsheet would run as a formula is written with a leading apostrophe.
+Identity columns first (``rounds_ok``: how many ok rounds a row's figures pool), then every
+catalogue metric present in any record: a summary metric becomes ``KEY_p50``,
+``KEY_ci95_low``, ``KEY_ci95_high``, ``KEY_mean``, ``KEY_std``, ``KEY_min``, ``KEY_max``,
+``KEY_p90``, ``KEY_p99``, ``KEY_n`` (the key carries the unit, e.g. ``ttft_ms_p50``); a
+scalar keeps its key (``peak_memory_bytes``). A name or error that a spreadsheet would run as
+a formula is written with a leading apostrophe.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from bench.catalogue import METRICS
 from bench.report.table import drift_protocol_name, group_records
 
 IDENTITY = ["cell_id", "model", "variant", "device", "scenario", "batch_size", "prompt_tokens", "new_tokens",
-            "status", "error", "drift_ok", "drift_protocol", "speedup_vs_reference", "speedup_ci95_low",
+            "status", "error", "rounds_ok", "drift_ok", "drift_protocol", "speedup_vs_reference", "speedup_ci95_low",
             "speedup_ci95_high", "reference_variant"]
 SUMMARY_FIELDS = ["p50", "ci95_low", "ci95_high", "mean", "std", "min", "max", "p90", "p99", "n"]
 
@@ -65,6 +66,7 @@ def csv_report(records: list[dict[str, Any]]) -> str:
             line = {"cell_id": r["cell_id"], "model": r["model"], "variant": r["variant"], "device": r["device"],
                     "scenario": s["name"], "batch_size": s["batch_size"], "prompt_tokens": s["prompt_tokens"],
                     "new_tokens": s["new_tokens"], "status": r["status"], "error": first[0] if first else "",
+                    "rounds_ok": (r.get("rounds") or {}).get("ok", int(r["status"] == "ok")),
                     "drift_ok": r.get("drift_ok"), "drift_protocol": drift_protocol_name(r) or "",
                     "reference_variant": g.reference or ""}
             if row.speedup:

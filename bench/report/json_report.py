@@ -26,7 +26,8 @@ def json_text(run: dict, records: list[dict]) -> str:
                         "unit": METRICS[k].unit, "direction": METRICS[k].direction}
                     for k, f in row.figures.items() if f.value is not None}
             rows.append({"variant": row.variant, "cell_id": row.record["cell_id"], "status": row.status,
-                         "error": row.record.get("error"), "drift_ok": row.record.get("drift_ok"),
+                         "error": row.record.get("error"), "rounds": row.record.get("rounds"),
+                         "drift_ok": row.record.get("drift_ok"),
                          "drift_protocol": drift_protocol_name(row.record),
                          "speedup": [_clean(x) for x in row.speedup] if row.speedup else None, "metrics": figs})
         groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,

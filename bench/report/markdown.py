@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from bench.catalogue import METRICS, MIN_CI_COVERAGE
+from bench.cells import identity
 from bench.report.table import (
     NOISY_REL_CI,
     Group,
@@ -19,6 +20,7 @@ from bench.report.table import (
     speedup_basis,
     speedup_text,
 )
+from bench.rounds import configured_rounds, short_of_rounds
 from bench.select import decide, default_objective, front_text
 from optimize.libraries import libraries
 
@@ -79,11 +81,31 @@ def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     if run.get("missing_shards"):
         facts["missing shards"] = (", ".join(map(str, run["missing_shards"]))
                                    + ": merged without them, their cells have no record")
+    rounds = configured_rounds(run)
+    if rounds > 1:
+        facts["rounds"] = (f"{rounds} per cell, each in a fresh process; the figures pool every ok round's "
+                           "repetitions (n counts them all; memory, roofline and drift: the median over rounds)")
     if records is not None:
         text = unrecorded_text(run, records)
         if text:
             facts["not recorded"] = text
+        text = short_of_rounds_text(records)
+        if text:
+            facts["short of rounds"] = text
     return facts
+
+
+def short_of_rounds_text(records: list[dict[str, Any]]) -> str | None:
+    """'2 of 6 cells have fewer ok rounds than the 3 asked for: <cell> (1 ok); ...', or None."""
+    short = [r for r in records if r["status"] == "ok" and short_of_rounds(r)]
+    if not short:
+        return None
+    wanted = short[0]["rounds"]["configured"]
+    shown = "; ".join(f"{identity(r['model'], r['variant'], r['device'], r['scenario'])} ({r['rounds']['ok']} ok)"
+                      for r in short[:UNRECORDED_SHOWN])
+    more = f"; and {len(short) - UNRECORDED_SHOWN} more" if len(short) > UNRECORDED_SHOWN else ""
+    return (f"{len(short)} of {len(records)} cells have fewer ok rounds than the {wanted} asked for: {shown}{more} "
+            "(their figures pool the rounds they have; 'infermatrix run --resume' runs the rest)")
 
 
 UNRECORDED_SHOWN = 10
@@ -114,7 +136,8 @@ def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None 
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
     lines += [f"- {k}: {v}" for k, v in f.items()
-              if k.endswith(" ceilings (measured)") or k in ("missing shards", "not recorded")]
+              if k.endswith(" ceilings (measured)") or k in ("rounds", "missing shards", "not recorded",
+                                                             "short of rounds")]
     return lines
 
 
@@ -222,6 +245,10 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if r["status"] != "ok":
             first = (r.get("error") or "").strip().splitlines()
             out.append((name, f"{r['status']}: {first[0][:300]}" if first else r["status"]))
+        for x in (r.get("rounds") or {}).get("not_ok", []) if r["status"] == "ok" else []:
+            which = f"round {x['round'] + 1}" if isinstance(x["round"], int) else "a round"
+            out.append((name, f"{which} {x['status']}" + (f": {x['error']}" if x["error"] else "")
+                        + ("" if short_of_rounds(r) else " (the cell has its ok rounds since)")))
         for label in r.get("labels", []):
             out.append((name, label))
         if r.get("drift_violations"):

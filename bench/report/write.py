@@ -20,16 +20,23 @@ def parse_formats(text: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
+def _load(run_dir: Path) -> tuple[dict, list[dict]]:
+    """run.json and one record per cell (a cell's rounds pooled)."""
+    from bench.results import read_run
+    from bench.rounds import read_cell_records
+
+    run = read_run(run_dir)
+    return run, read_cell_records(run_dir, run)
+
+
 def render(run_dir: Path, fmt: str, loaded: tuple[dict, list[dict]] | None = None) -> str | dict[str, bytes]:
     """The report text in ``fmt``; for png, {file name: bytes}, one speed-against-drift figure per group.
 
-    ``loaded`` is ``(read_run(run_dir), read_records(run_dir))`` when the caller has read them
+    ``loaded`` is ``(run, read_cell_records(run_dir, run))`` when the caller has read them
     already (several formats of one run are rendered from one reading).
     """
     if loaded is None:
-        from bench.results import read_records, read_run
-
-        loaded = read_run(run_dir), read_records(run_dir)
+        loaded = _load(run_dir)
     run, records = loaded
     if fmt == "md":
         from bench.report.markdown import markdown_text
@@ -68,11 +75,10 @@ def write_reports(run_dir: Path, formats: list[str], out_dir: Path | None = None
     The run is read once; every format is rendered before anything is written, so a run that cannot be rendered leaves
     no partial set of reports (and no new folder) behind.
     """
-    from bench.results import read_records, read_run
     from optimize.atomic import write_file
 
     out_dir = Path(out_dir or run_dir)
-    loaded = read_run(run_dir), read_records(run_dir)  # once for every format
+    loaded = _load(run_dir)  # once for every format
     files: dict[str, str | bytes] = {}
     for fmt in formats:
         content = render(run_dir, fmt, loaded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from collections import Counter
 
@@ -87,6 +88,9 @@ def test_run_with_rounds_pools_processes_and_records_load(tmp_path, cache_dir, c
         validate_record(r)
         assert isinstance(r["noisy"], bool) and r["noise"]["target_rel_ci"] == 0.05
         assert r["load"]["wall_s"] > 0 and "loadavg_1m_start" in r["load"]
+    with (run / "results.csv").open() as f:  # the run's own report: one row per cell, its rounds pooled
+        rows = list(csv.DictReader(f))
+    assert [r["rounds_ok"] for r in rows] == ["2", "2"] and all(int(r["tpot_ms_n"]) >= 6 for r in rows)
     capsys.readouterr()
     assert cli(["compare", str(run), str(run), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
