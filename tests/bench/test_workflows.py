@@ -53,6 +53,12 @@ def test_bench_workflow_shards_merges_and_summarises():
     assert "infermatrix merge" in runs(merge) and "--allow-env-mismatch" in runs(merge)
     assert '>> "$GITHUB_STEP_SUMMARY"' in runs(merge) and "infermatrix report" in runs(merge)
     assert "infermatrix history add" in runs(merge)
+    # the history database is carried between runs: restored from the newest cache, saved under a new key
+    history_cache = [s["with"] for s in steps(merge) if s.get("uses", "").startswith("actions/cache")
+                     and s["with"]["path"] == "history"]
+    assert history_cache and "github.run_id" in history_cache[0]["key"]
+    assert history_cache[0]["key"].startswith(history_cache[0]["restore-keys"])
+    assert "infermatrix history show --db history/history.sqlite" in runs(merge)
 
 
 @pytest.mark.parametrize(("name", "runner"), [("pr-gate.yml", "ubuntu-latest"), ("gpu-gate.yml", "gpu")])
