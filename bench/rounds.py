@@ -26,7 +26,7 @@ SUMMARY_SUFFIX = "_summary"
 def configured_rounds(run: dict[str, Any]) -> int:
     """The rounds per cell the run's matrix asked for (1 when run.json does not say)."""
     value = ((run.get("matrix") or {}).get("measure") or {}).get("rounds")
-    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else 1
+    return max(value, 1) if isinstance(value, int) and not isinstance(value, bool) else 1
 
 
 def read_cell_records(run_dir: Path, run: dict[str, Any]) -> list[dict[str, Any]]:
@@ -49,7 +49,7 @@ def cell_records(records: list[dict[str, Any]], rounds: int = 1) -> list[dict[st
     out = []
     for recs in by_cell.values():
         ok = [r for r in recs if r["status"] == "ok"]
-        rec = pool(ok) if ok else copy.deepcopy(recs[-1])
+        rec = pool(ok) if ok else dict(recs[-1])  # only a top-level key is added below
         if rounds > 1 or len(recs) > 1:
             rec["rounds"] = {"configured": rounds, "ok": len(ok),
                              "not_ok": [{"round": r.get("round"), "status": r["status"],
@@ -75,16 +75,16 @@ def pool(ok: list[dict[str, Any]]) -> dict[str, Any]:
     if len(ok) == 1:
         return rec
     rec.pop("round", None)
-    samples = {key: [x for r in ok for x in r["samples"][key]] for key in rec.get("samples", {})
-               if all(isinstance(r.get("samples", {}).get(key), list) for r in ok)}
+    samples = {key: [x for r in ok for x in r["samples"][key]] for key in rec["samples"]
+               if all(isinstance(r["samples"].get(key), list) for r in ok)}
     rec["samples"] = samples
     metrics = rec["metrics"]
-    for key, value in ok[-1]["metrics"].items():
+    for key, value in list(metrics.items()):
         per_round = [r["metrics"].get(key) for r in ok]
         if isinstance(value, dict) and "p50" in value:
             source = samples.get(key.removesuffix(SUMMARY_SUFFIX))
             if source is None:  # its repetitions are not kept: nothing to pool
-                rec.setdefault("labels", []).append(f"{key}: the last round's figures alone (its repetitions "
+                rec["labels"].append(f"{key}: the last round's figures alone (its repetitions "
                                                     "are not kept, so the rounds cannot be pooled)")
             else:
                 metrics[key] = _pooled_summary(_flat(source), per_round)

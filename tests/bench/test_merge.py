@@ -219,7 +219,7 @@ def test_a_merge_missing_a_shard_or_of_an_unfinished_one_says_so_everywhere(tmp_
     assert "not ended (interrupted, or still running)" in render(tmp_path / "m2", "md")
 
 
-@pytest.mark.parametrize(("shards", "missing"), [(["1/3", "3/3"], ["2/3"]), (["2/2", "1/2"], []),
+@pytest.mark.parametrize(("shards", "missing"), [(["1/3", "3/3"], ["2/3"]), (["2/2", "1/2"], []), (["2/2"], ["1/2"]),
                                                  ([None], []), (["1/2", "1/3"], []), (["1/2", None], [])])
 def test_missing_shards_are_those_of_the_runs_count_none_ran(shards, missing):
     from bench.merge import missing_shards

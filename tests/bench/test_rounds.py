@@ -9,7 +9,8 @@ import pytest
 
 from bench.cli import main
 from bench.results import RUN, read_records, write_json_atomic
-from bench.rounds import cell_records, failed_rounds, pool, short_of_rounds
+from bench.rounds import cell_records, configured_rounds, failed_rounds, pool, short_of_rounds
+from bench.stats import summarize
 from tests.bench.records import record, write_run
 
 
@@ -40,16 +41,58 @@ def test_pooled_rounds_summarise_every_repetition_and_span_each_rounds_median():
     tpot = a["samples"]["tpot_ms"] + b["samples"]["tpot_ms"]
     assert p["samples"]["tpot_ms"] == tpot and p["metrics"]["tpot_ms"]["n"] == 10
     assert p["metrics"]["tpot_ms"]["p50"] == pytest.approx(statistics.median(tpot))
-    low, high = p["metrics"]["tpot_ms"]["ci95_p50"]
-    assert low <= a["metrics"]["tpot_ms"]["p50"] * (1 + 1e-12) and high >= a["metrics"]["tpot_ms"]["p50"]
-    assert low <= b["metrics"]["tpot_ms"]["p50"] <= high  # a shift between processes widens the interval
+    # both rounds' medians lie inside the pooled interval: it is the order statistics' own
+    assert p["metrics"]["tpot_ms"]["ci95_p50"] == summarize(tpot)["ci95_p50"]
     rates = a["samples"]["decode_tokens_per_s"] + b["samples"]["decode_tokens_per_s"]
     assert p["metrics"]["decode_tokens_per_s"] == pytest.approx(statistics.median(rates))  # the rate: pooled median
     assert p["metrics"]["decode_tokens_per_s_summary"]["n"] == 10
     assert p["metrics"]["peak_memory_bytes"] == a["metrics"]["peak_memory_bytes"]  # once per process: median_low
     assert isinstance(p["metrics"]["peak_memory_bytes"], int)
     assert p["noise"]["n"] == 10 and "round" not in p
-    assert a["samples"]["tpot_ms"] != tpot  # the rounds' own records are left as they were
+    assert a == _round("int8", 0, decode=100.0, peak_mib=400) | {"noise": a["noise"]}  # the rounds are untouched
+
+
+def test_a_shift_between_processes_widens_the_pooled_interval_to_each_rounds_median():
+    # 3 repetitions near 100 ms and 12 near 200 ms: the pooled order-statistic interval alone sits among
+    # the second round's values and would claim ~200 ms tightly; it must reach the first round's median
+    a, b = _round("fp32", 0, 10.0, reps=3), _round("fp32", 1, 5.0, reps=12)
+    alone = summarize(a["samples"]["tpot_ms"] + b["samples"]["tpot_ms"])["ci95_p50"]
+    assert alone[0] > a["metrics"]["tpot_ms"]["p50"] * 1.9
+    for order in ([a, b], [b, a]):
+        p = pool(order)["metrics"]["tpot_ms"]
+        assert p["n"] == 15 and p["p50"] == pytest.approx(statistics.median(b["samples"]["tpot_ms"]), rel=0.02)
+        assert p["ci95_p50"] == [a["metrics"]["tpot_ms"]["p50"], alone[1]]  # b's median lies inside already
+
+
+def test_per_process_figures_are_the_median_over_rounds_and_other_fields_the_latest_rounds():
+    rounds = [_round("fp32", i, 100.0 + i, peak_mib=400 + 10 * i, roofline_fraction=0.3 + 0.2 * i,
+                     drift_meaningful=i == 1) for i in range(2)]
+    for i, r in enumerate(rounds):
+        r["samples"]["itl_ms"] = [[1.0 + i, 2.0 + i], [3.0 + i, 4.0 + i]]  # per repetition: its gaps
+        r["metrics"]["itl_ms"] = {"p50": 2.5 + i, "n": 4, "ci95_p50": [1.0 + i, 4.0 + i]}
+        r["metrics"]["ttft_ms"] = {"p50": 10.0, "n": 1}  # a summary without its repetitions: not poolable
+        del r["samples"]["ttft_ms"]
+    p = pool(rounds)
+    assert p["metrics"]["roofline_fraction"] == pytest.approx(0.4)  # floats: their median
+    assert p["metrics"]["peak_memory_bytes"] == rounds[0]["metrics"]["peak_memory_bytes"]  # ints: a measured one
+    assert p["metrics"]["drift_meaningful"] is True  # not a number: the latest round's
+    assert p["metrics"]["itl_ms"]["n"] == 8 and p["metrics"]["itl_ms"]["p50"] == 3.0  # every gap pooled
+    assert p["metrics"]["ttft_ms"] == {"p50": 10.0, "n": 1}
+    assert p["labels"] == ["ttft_ms: the last round's figures alone (its repetitions are not kept, so the rounds "
+                           "cannot be pooled)"]
+    del rounds[0]["round"], rounds[1]["round"]  # records of a run without rounds (an ab side, say) pool as well
+    assert pool(rounds)["metrics"]["roofline_fraction"] == pytest.approx(0.4)
+    del rounds[0]["metrics"]["tpot_ms"]  # a round without the summary: its repetitions still count
+    assert pool(rounds)["metrics"]["tpot_ms"]["n"] == 10
+
+
+def test_configured_rounds_reads_the_runs_matrix_and_takes_one_for_anything_else():
+    assert configured_rounds({"matrix": {"measure": {"rounds": 3}}}) == 3
+    assert configured_rounds({"matrix": {"measure": {"rounds": 1}}}) == 1
+    for bad in ({}, {"matrix": {}}, {"matrix": {"measure": {}}}, {"matrix": {"measure": {"rounds": True}}},
+                {"matrix": {"measure": {"rounds": 0}}}, {"matrix": {"measure": {"rounds": "2"}}},
+                {"matrix": {"measure": {"rounds": 2.0}}}):
+        assert configured_rounds(bad) == 1, bad
 
 
 def test_a_single_round_is_its_record_unchanged():
@@ -69,6 +112,22 @@ def test_cells_say_which_rounds_failed_and_whether_they_are_short_of_rounds():
     assert a["metrics"]["tpot_ms"]["n"] == 10
     assert b["rounds"]["ok"] == 3 and not short_of_rounds(b) and failed_rounds(b) == []  # made good since
     assert c["status"] == "failed" and c["error"] == "again" and c["rounds"]["ok"] == 0  # the latest failure
+    assert c["rounds"]["not_ok"][1] == {"round": 1, "status": "failed", "error": "again"}
+
+
+def test_rounds_are_told_where_asked_for_or_where_a_cell_has_several_records():
+    one = [_round("a", 0, 100.0)]
+    retried = [_failed_round("a", 0), _failed_round("a", 1, "x" * 400), _round("a", 2, 1.0)]
+    assert "rounds" not in cell_records(one, rounds=1)[0]
+    assert cell_records([_failed_round("a", 0), *one], rounds=1)[0]["rounds"]["ok"] == 1  # a retried cell
+    assert cell_records(one, rounds=2)[0]["rounds"] == {"configured": 2, "ok": 1, "not_ok": []}
+    [a] = cell_records(retried, rounds=1)  # a resumed run of one round: a failed record, then the ok one
+    assert a["status"] == "ok" and a["rounds"]["ok"] == 1 and not short_of_rounds(a)
+    assert [x["error"] for x in a["rounds"]["not_ok"]] == ["CUDA out of memory", "x" * 300]
+    no_error = _failed_round("b", 0)
+    no_error["error"] = None
+    [b] = cell_records([no_error, _failed_round("b", 1), _failed_round("b", 2, "last")], rounds=3)
+    assert b["error"] == "last" and b["rounds"]["not_ok"][0]["error"] is None
 
 
 @pytest.mark.parametrize("fmt", ["md", "html"])
