@@ -35,7 +35,9 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
 
     from bench.progress import error_cause
 
-    table = Table(title=escape(f"{run_dir} (p50 over repetitions)"))
+    rounds = max(((r.get("rounds") or {}).get("configured", 1) for r in records), default=1)
+    over = "the repetitions of every ok round" if rounds > 1 else "repetitions"
+    table = Table(title=escape(f"{run_dir} (p50 over {over})"))
     for h in HEADER:
         table.add_column(h, justify="right" if h not in ("model", "variant", "status") else "left")
     for row in summary_rows(records):

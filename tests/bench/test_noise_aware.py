@@ -91,7 +91,7 @@ def test_run_with_rounds_pools_processes_and_records_load(tmp_path, cache_dir, c
     with (run / "results.csv").open() as f:  # the run's own report: one row per cell, its rounds pooled
         rows = list(csv.DictReader(f))
     assert [r["rounds_ok"] for r in rows] == ["2", "2"] and all(int(r["tpot_ms_n"]) >= 6 for r in rows)
-    capsys.readouterr()
+    assert "(p50 over the repetitions of every ok round)" in capsys.readouterr().out  # the end-of-run table
     assert cli(["compare", str(run), str(run), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)["rows"]
     tpot = [r for r in rows if r["metric"] == "tpot_ms"]
