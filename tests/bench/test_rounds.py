@@ -199,3 +199,71 @@ def test_exports_carry_every_rounds_repetitions(tmp_path):
     decode = next(e for e in github_action_benchmark(run, "bigger") if "decode" in e["name"])
     assert decode["value"] == pytest.approx(statistics.median([*_round("fp32", 0, 100.0)["samples"][
         "decode_tokens_per_s"], *_round("fp32", 1, 110.0)["samples"]["decode_tokens_per_s"]]), rel=1e-3)
+
+
+def test_the_reports_words_for_rounds_name_each_cell_and_round():
+    from bench.report.markdown import note_items, run_facts
+
+    recs = [_round(f"v{i}", 0, 100.0) for i in range(11)] + [_failed_round("v0", 1, "boom\ntrace")]
+    no_round = _failed_round("w", 0)
+    no_round["round"], no_round["error"] = None, None
+    recs += [no_round, _round("w", 1, 90.0), _round("w", 2, 91.0), _failed_round("x", 0, "first"),
+             _failed_round("x", 1, "second")]
+    cells = cell_records(recs, rounds=2)
+    facts = run_facts({"matrix": {"name": "m", "measure": {"rounds": 2}}}, cells)
+    assert facts["rounds"] == ("2 per cell, each in a fresh process; the figures pool every ok round's repetitions "
+                               "(n counts them all; memory, roofline and drift: the median over rounds)")
+    shown = "; ".join(f"tiny v{i} cpu generate 1/128/32 (1 ok)" for i in range(10))
+    assert facts["short of rounds"] == (
+        f"11 of 13 cells have fewer ok rounds than the 2 asked for: {shown}; and 1 more (their figures pool the "
+        "rounds they have; 'infermatrix run --resume' runs the rest)")
+    notes = note_items(cells)
+    assert ("tiny / v0 / cpu", "round 2 failed: boom") in notes
+    assert ("tiny / w / cpu", "a round failed (the cell has its ok rounds since)") in notes
+    assert [n for n in notes if n[0] == "tiny / x / cpu"] == [("tiny / x / cpu", "failed: second")]
+    assert "rounds" not in run_facts({"matrix": {"name": "m", "measure": {"rounds": 1}}}, cells[-1:])
+    ten = run_facts({"matrix": {"name": "m"}}, cell_records([_round(f"v{i}", 0, 1.0) for i in range(10)], 2))
+    assert ten["short of rounds"] == (  # ten: every one named, no "more"
+        f"10 of 10 cells have fewer ok rounds than the 2 asked for: {shown} (their figures pool the rounds they "
+        "have; 'infermatrix run --resume' runs the rest)")
+
+
+def test_report_json_rows_carry_their_figures_rounds_and_choice(tmp_path):
+    from bench.report.write import render
+
+    run = _with_rounds(write_run(tmp_path / "run", [
+        _round("fp32", 0, 100.0), _round("int8", 0, 150.0), _round("fp32", 1, 101.0), _failed_round("int8", 1),
+        _failed_round("bf16", 0, "no bf16 kernels"), _failed_round("bf16", 1, "no bf16 kernels")]), 2)
+    text = render(run, "json")
+    assert text.startswith('{\n "run": "handmade",\n "started": "2026-01-01T00:00:00Z",\n '
+                           '"ended": "2026-01-01T00:01:00Z"')
+    doc = json.loads(text)
+    assert set(doc) == {"run", "started", "ended", "unrecorded_cells", "noisy_rel_ci", "groups"}
+    assert doc["noisy_rel_ci"] == 0.10 and doc["unrecorded_cells"] is None  # a hand-written run.json
+    [group] = doc["groups"]
+    assert set(group) == {"model", "device", "scenario", "reference", "speedup_metric", "rows", "selection"}
+    assert (group["model"], group["device"], group["reference"]) == ("tiny", "cpu", "fp32")
+    rows = {r["variant"]: r for r in group["rows"]}
+    assert set(rows["int8"]) == {"variant", "cell_id", "status", "error", "rounds", "drift_ok", "drift_protocol",
+                                 "speedup", "metrics"}
+    fp32, int8 = rows["fp32"], rows["int8"]
+    assert (int8["cell_id"], int8["status"], int8["error"], int8["drift_ok"]) == (
+        _round("int8", 0, 1.0)["cell_id"], "ok", None, True)
+    assert int8["rounds"] == {"configured": 2, "ok": 1, "not_ok": [{"round": 1, "status": "failed",
+                                                                    "error": "CUDA out of memory"}]}
+    assert fp32["speedup"] == [1.0, 1.0, 1.0] and int8["speedup"][0] > 1.4
+    tpot = fp32["metrics"]["tpot_ms"]
+    assert set(tpot) == {"value", "ci95", "n", "noisy", "unit", "direction"}
+    assert (tpot["n"], tpot["noisy"], tpot["unit"], tpot["direction"]) == (10, False, "ms", "lower")
+    assert tpot["ci95"][0] < tpot["value"] < tpot["ci95"][1]
+    assert group["selection"]["chosen"] == "int8"
+    bf16 = rows["bf16"]
+    assert (bf16["status"], bf16["error"], bf16["speedup"], bf16["metrics"]) == ("failed", "no bf16 kernels", None, {})
+
+
+def test_report_json_writes_a_figure_that_is_not_finite_as_null():
+    import math
+
+    from bench.report.json_report import _clean
+
+    assert [_clean(x) for x in (math.inf, -math.inf, math.nan, 1.5, 0, None)] == [None, None, None, 1.5, 0, None]
