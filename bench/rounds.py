@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.progress import error_cause
 from bench.stats import summarize
 
 # The sample a summary metric is computed from, where its name differs (a rate's summary).
@@ -53,7 +54,8 @@ def cell_records(records: list[dict[str, Any]], rounds: int = 1) -> list[dict[st
         if rounds > 1 or len(recs) > 1:
             rec["rounds"] = {"configured": rounds, "ok": len(ok),
                              "not_ok": [{"round": r.get("round"), "status": r["status"],
-                                         "error": _first_line(r.get("error"))} for r in recs if r["status"] != "ok"]}
+                                         "error": error_cause(r.get("error"))[:300] or None}
+                                        for r in recs if r["status"] != "ok"]}
         out.append(rec)
     return out
 
@@ -118,8 +120,3 @@ def _flat(values: list[Any]) -> list[float]:
 
 def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
-def _first_line(text: Any) -> str | None:
-    lines = str(text).strip().splitlines() if text else []
-    return lines[0][:300] if lines else None

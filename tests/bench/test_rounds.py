@@ -128,6 +128,10 @@ def test_rounds_are_told_where_asked_for_or_where_a_cell_has_several_records():
     no_error["error"] = None
     [b] = cell_records([no_error, _failed_round("b", 1), _failed_round("b", 2, "last")], rounds=3)
     assert b["error"] == "last" and b["rounds"]["not_ok"][0]["error"] is None
+    trace = ('Traceback (most recent call last):\n  File "/x/bench/cell.py", line 120, in measure\n'
+             "    record.update(_measure(cell, record))\ntorch.OutOfMemoryError: CUDA out of memory")
+    [c] = cell_records([_failed_round("c", 0, trace), _round("c", 1, 1.0)], rounds=2)
+    assert c["rounds"]["not_ok"][0]["error"] == "torch.OutOfMemoryError: CUDA out of memory"  # the cause, not line 1
 
 
 @pytest.mark.parametrize("fmt", ["md", "html"])
