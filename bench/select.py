@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count, too_few_repetitions
+from bench.progress import error_cause
 from bench.report.table import Group, group_records
 from optimize.errors import InputError
 
@@ -267,8 +268,8 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
     for r in group.records():
         name = r["variant"]
         if r["status"] != "ok":
-            first = (r.get("error") or "").strip().splitlines()
-            d.verdicts[name] = Verdict(name, r["status"], f"{r['status']}: {first[0][:200] if first else '(no error)'}")
+            cause = error_cause(r.get("error"))[:200] or "(no error)"  # a traceback's exception line
+            d.verdicts[name] = Verdict(name, r["status"], f"{r['status']}: {cause}")
             continue
         broken = [v for v in (c.violation(r) for c in constraints) if v]
         missing = [v for v in broken if v.startswith("no ")]

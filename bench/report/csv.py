@@ -15,6 +15,7 @@ import io
 from typing import Any
 
 from bench.catalogue import METRICS
+from bench.progress import error_cause
 from bench.report.table import drift_protocol_name, group_records
 
 IDENTITY = ["cell_id", "model", "variant", "device", "scenario", "batch_size", "prompt_tokens", "new_tokens",
@@ -62,10 +63,9 @@ def csv_report(records: list[dict[str, Any]]) -> str:
     for g in group_records(records):
         for row in g.rows:
             r, s = row.record, row.record["scenario"]
-            first = (r.get("error") or "").strip().splitlines()
             line = {"cell_id": r["cell_id"], "model": r["model"], "variant": r["variant"], "device": r["device"],
                     "scenario": s["name"], "batch_size": s["batch_size"], "prompt_tokens": s["prompt_tokens"],
-                    "new_tokens": s["new_tokens"], "status": r["status"], "error": first[0] if first else "",
+                    "new_tokens": s["new_tokens"], "status": r["status"], "error": error_cause(r.get("error")),
                     "rounds_ok": (r.get("rounds") or {}).get("ok", int(r["status"] == "ok")),
                     "drift_ok": r.get("drift_ok"), "drift_protocol": drift_protocol_name(r) or "",
                     "reference_variant": g.reference or ""}

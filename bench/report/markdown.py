@@ -9,6 +9,7 @@ from typing import Any
 
 from bench.catalogue import METRICS, MIN_CI_COVERAGE
 from bench.cells import identity
+from bench.progress import error_cause
 from bench.report.table import (
     NOISY_REL_CI,
     Group,
@@ -238,13 +239,13 @@ def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
 
 
 def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """(cell, note) pairs, raw text: failures and skips first line, labels, drift problems."""
+    """(cell, note) pairs, raw text: the cause of failures and skips, labels, drift problems."""
     out = []
     for r in records:
         name = f"{r['model']} / {r['variant']} / {r['device']}"
         if r["status"] != "ok":
-            first = (r.get("error") or "").strip().splitlines()
-            out.append((name, f"{r['status']}: {first[0][:300]}" if first else r["status"]))
+            cause = error_cause(r.get("error"))  # a traceback's exception line, not its first line
+            out.append((name, f"{r['status']}: {cause[:300]}" if cause else r["status"]))
         for x in (r.get("rounds") or {}).get("not_ok", []) if r["status"] == "ok" else []:
             which = f"round {x['round'] + 1}" if isinstance(x["round"], int) else "a round"
             out.append((name, f"{which} {x['status']}" + (f": {x['error']}" if x["error"] else "")

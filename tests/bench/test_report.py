@@ -45,7 +45,7 @@ def test_markdown_has_a_table_per_scenario_with_intervals_speedups_and_noise_mar
     assert NOISY_REL_CI == 0.10 and "wider than 10% of its value" in text
     assert "| q4\\|odd |" in text  # a pipe in a name cannot break the table
     assert "**recommended: q8**" in text and "Pareto front (decode tok/s against KLD): fp32, q8" in text
-    assert "broken / cpu: failed: Traceback" in text and "needs CUDA" in text
+    assert "broken / cpu: failed: RuntimeError: kaput\n" in text and "needs CUDA" in text  # the cause, not line 1
     assert EVIL not in text and "&lt;script&gt;alert(1)&lt;/script&gt;" in text
 
 
@@ -87,7 +87,7 @@ def test_csv_has_one_row_per_cell_and_unit_named_columns(run):
     assert float(q8["decode_tokens_per_s"]) == pytest.approx(180.0)
     assert float(q8["ttft_ms_ci95_low"]) < float(q8["ttft_ms_p50"]) < float(q8["ttft_ms_ci95_high"])
     broken = next(r for r in rows if r["variant"] == "broken")
-    assert broken["status"] == "failed" and broken["error"] == "Traceback (most recent call last):"
+    assert broken["status"] == "failed" and broken["error"] == "RuntimeError: kaput"
     assert broken["ttft_ms_p50"] == ""  # a failure is not a zero
 
 
