@@ -34,9 +34,13 @@ browser:
 			sudo apt-get update -q && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium fonts-dejavu-core; \
 		else echo "chromium missing and apt-get unavailable without root: the browser test will skip"; fi; }
 
+# The suite in parallel over the cores (at most 4 workers: each runs its own cells), then the
+# truth tests, which time the harness against an independent measurement, apart from it: the
+# two of them side by side, each with one measured process on one thread at a time.
 test: $(STAMP) browser
 	$(VENV)/bin/ruff check optimize bench tests
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -n auto --maxprocesses 4 --dist worksteal -m "not truth"
+	$(VENV)/bin/pytest -q -n 2 -m truth
 
 # Mutation testing of the core (not part of `make test`): mutmut per module group, each judged by
 # its own tests; prints the score per group and every surviving mutant. See ci/mutation/.

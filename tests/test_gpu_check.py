@@ -111,6 +111,9 @@ def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_pa
     env = {**os.environ, "OUT": str(out), "INFERMATRIX_CACHE": str(tmp_path / "cache"),
            "GPU_CHECK_WHEELS": str(wheels), "GPU_CHECK_BUDGET_S": "1500", "PYTHON": sys.executable}
     env.pop("CUDA_VISIBLE_DEVICES", None)
+    # The script runs as on a GPU host, not as part of this suite's xdist worker
+    for name in [n for n in env if n.startswith("PYTEST_")]:
+        env.pop(name)
     proc = subprocess.run(["bash", str(ROOT / "ci" / "gpu-check")], env=env, capture_output=True, text=True,
                           timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -133,3 +136,4 @@ def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_pa
     assert "| synthetic:llama-tiny | 1/32/8 |" in summary and "Static KV cache + CUDA-graph decode step" in summary
     tests = (out / "cuda-tests.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ skipped, \d+ deselected.*", tests), tests  # the CUDA tests ran, none failed
+    assert f"gpu-check: cuda tests: {tests}\n" in log

@@ -84,6 +84,7 @@ def _stored_artifact(tiny_ref, variant: str, cache_dir) -> Path:
 
 
 # fp32: plain transformers; onnx-fp32: the exported graph in ONNX Runtime, through optimum
+@pytest.mark.truth
 @pytest.mark.parametrize("variant", ["fp32", "onnx-fp32"])
 def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir, variant):
     """Harness and independent timing in interleaved windows: their ratio must be within 15% of 1.
