@@ -364,11 +364,14 @@ def eval_text_path(text: str | None = None) -> Path:
     return path
 
 
-def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trust_remote_code: bool = False):
+def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trust_remote_code: bool = False,
+                   cache_dir: Path | None = None):
     """Token ids of the evaluation text for this model (a 1-D int64 tensor).
 
     Synthetic models use the built-in tokenizer's ids, which are valid for any vocabulary
-    at least as large as its 8192 entries.
+    at least as large as its 8192 entries. Encoded once per text, tokenizer and library
+    versions, then read from ``cache_dir/tokens`` (the built-in text takes ~0.4 s to encode,
+    and every cell is a fresh process that needs its prompts).
 
     Raises:
         NotApplicable: the model has no tokenizer.
@@ -377,13 +380,80 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
     """
     import torch
 
-    tok = load_tokenizer(ref, trust_remote_code)
-    # The whole text is one sequence here, cut into windows within the model's context later
-    # (check_context, the drift windows): transformers' warning that it exceeds model_max_length
-    # ("will result in indexing errors") would only mislead a reader of the cell's log.
-    ids = tok(eval_text_path(text).read_text(encoding="utf-8"), add_special_tokens=False, verbose=False)["input_ids"]
-    ids = torch.tensor(ids, dtype=torch.long)
+    if ref.tokenizer is None:
+        raise NotApplicable(no_tokenizer_reason(ref))
+    content = eval_text_path(text).read_text(encoding="utf-8")
+    path = _token_cache_path(Path(ref.tokenizer), content.encode("utf-8"), trust_remote_code, cache_dir)
+    ids = _read_token_cache(path) if path is not None else None
+    if ids is None:
+        tok = load_tokenizer(ref, trust_remote_code)
+        # The whole text is one sequence here, cut into windows within the model's context later
+        # (check_context, the drift windows): transformers' warning that it exceeds model_max_length
+        # ("will result in indexing errors") would only mislead a reader of the cell's log.
+        encoded = tok(content, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = torch.tensor(encoded, dtype=torch.long)
+        if path is not None:
+            _write_token_cache(path, ids)
     if int(ids.max()) >= vocab_size:
         raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the ids of tokenizer "
                          f"{ref.tokenizer}; give its own tokenizer with --tokenizer DIR")
     return ids
+
+
+_NOT_TOKENIZER = {".safetensors", ".bin", ".onnx", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
+
+
+def _token_cache_path(tokenizer_dir: Path, text: bytes, trust_remote_code: bool, cache_dir: Path | None):
+    """Where the ids of ``text`` under this tokenizer are kept; None where the tokenizer is no directory.
+
+    The key hashes the text, every file of the tokenizer's directory but weights (its
+    vocabulary, merges, settings and any code), ``trust_remote_code`` and the versions of
+    transformers and tokenizers.
+    """
+    import transformers
+
+    if not tokenizer_dir.is_dir():
+        return None
+    try:
+        import tokenizers
+
+        tokenizers_version = tokenizers.__version__
+    except ImportError:
+        tokenizers_version = None
+    h = hashlib.sha256()
+    h.update(json.dumps(["eval-token-ids-1", transformers.__version__, tokenizers_version, trust_remote_code,
+                         hashlib.sha256(text).hexdigest()]).encode())
+    for f in sorted(tokenizer_dir.iterdir()):
+        if f.is_file() and f.suffix not in _NOT_TOKENIZER and not f.name.endswith(".onnx_data"):
+            h.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}".encode())
+    return Path(cache_dir or default_cache_dir()) / "tokens" / f"{h.hexdigest()[:24]}.npy"
+
+
+def _read_token_cache(path: Path):
+    """The ids stored at ``path``; None where there are none or they are damaged (they are encoded again)."""
+    import numpy as np
+    import torch
+
+    try:
+        ids = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError):
+        return None
+    if ids.dtype != np.int64 or ids.ndim != 1 or ids.size == 0 or int(ids.min()) < 0:
+        return None
+    return torch.from_numpy(ids)
+
+
+def _write_token_cache(path: Path, ids) -> None:
+    import io
+
+    import numpy as np
+
+    from optimize.atomic import write_atomic
+
+    buf = io.BytesIO()
+    np.save(buf, ids.numpy(), allow_pickle=False)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, buf.getvalue())  # whole or absent: a concurrent cell reads the old state or the new
+    except OSError:
+        pass  # a read-only cache costs the encoding again next time, nothing else

@@ -243,7 +243,7 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
                                "torch": torch_env})
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     # builds and cache writes killed by an earlier timeout or crash left these (this host's only)
-    folders = [cache / sub for sub in ("variants", "models", "flops", "drift")]
+    folders = [cache / sub for sub in ("variants", "models", "flops", "tokens", "drift")]
     for folder in folders + sorted(cache.glob("drift/*/variants")):
         sweep_stale_tmp(folder)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out

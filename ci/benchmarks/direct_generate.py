@@ -45,9 +45,11 @@ def main() -> None:
                    help="measure one window per line read from stdin, each in a freshly forked child")
     args = p.parse_args()
 
-    # What every window needs, imported once here, before any fork (as the harness's fork server does).
+    # What every window needs, imported once here, before any fork: what the harness's fork server
+    # imports (bench.preload), so that neither side's windows pay for imports the other's do not.
     import torch  # noqa: F401
-    from transformers import AutoModelForCausalLM  # noqa: F401
+    import transformers.generation.utils  # noqa: F401
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM  # noqa: F401
 
     import bench.prompts  # noqa: F401
     import optimize.models  # noqa: F401

@@ -177,9 +177,11 @@ def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
     dead.wait()
     (run_dir / f"run.json.tmp{dead.pid}").write_text("{")  # a run.json write killed before its rename
     (run_dir / f"notes.tmp{os.getpid()}").write_text("")  # a live process's: kept
-    # Cache writes killed before their rename: a FLOPs count, a drift reference, a variant's drift figures.
+    # Cache writes killed before their rename: a FLOPs count, encoded text, a drift reference, a variant's
+    # drift figures.
     host = tmp_sibling(tmp_path).name.split("@")[1]
-    stale = [cache_dir / "flops" / f"abc.json.tmp{dead.pid}@{host}", cache_dir / "drift" / f"ref.tmp{dead.pid}@{host}",
+    stale = [cache_dir / "flops" / f"abc.json.tmp{dead.pid}@{host}",
+             cache_dir / "tokens" / f"t.npy.tmp{dead.pid}@{host}", cache_dir / "drift" / f"ref.tmp{dead.pid}@{host}",
              cache_dir / "drift" / "ref0" / "variants" / f"v.json.tmp{dead.pid}@{host}"]
     elsewhere = cache_dir / "drift" / "ref0" / "variants" / f"w.json.tmp{dead.pid}@another-host"  # not ours to judge
     for path in [*stale, elsewhere]:
@@ -191,7 +193,8 @@ def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
     assert not (run_dir / f"run.json.tmp{dead.pid}").exists() and (run_dir / f"notes.tmp{os.getpid()}").exists()
     assert f"removed 1 temporary entry left by killed processes in {run_dir}" in resumed.stderr
     assert not any(path.exists() for path in stale) and elsewhere.exists()
-    for folder in (cache_dir / "flops", cache_dir / "drift", cache_dir / "drift" / "ref0" / "variants"):
+    for folder in (cache_dir / "flops", cache_dir / "tokens", cache_dir / "drift",
+                   cache_dir / "drift" / "ref0" / "variants"):
         assert f"removed 1 temporary entry left by killed processes in {folder}\n" in resumed.stderr
     lines = results.read_bytes().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["status"] == "ok"  # the re-run cell's record, whole

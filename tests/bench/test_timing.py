@@ -98,6 +98,21 @@ def test_token_stamper_marks_each_call():
     assert stamper.marks == [3, 4]
 
 
+def test_token_stamper_is_called_by_transformers_with_its_precomputed_signature():
+    """LogitsProcessorList inspects each processor's signature per token: the stamper's is ready-made."""
+    import inspect
+
+    import torch
+    from transformers import LogitsProcessorList
+
+    stamper = TokenStamper(ScriptedClock([7]))
+    assert "__signature__" in vars(TokenStamper.__call__)  # returned as is, not worked out at every token
+    assert list(inspect.signature(stamper.__call__).parameters) == ["input_ids", "scores"]
+    scores = torch.zeros(1, 4)
+    assert LogitsProcessorList([stamper])(torch.zeros(1, 2, dtype=torch.long), scores) is scores
+    assert stamper.marks == [7]
+
+
 def test_clocks():
     assert CpuClock().elapsed_ms(1_000_000, [1_500_000, 3_000_000]) == [0.5, 2.0]
     assert clock_for("cpu").name == "perf_counter_ns" and timing.CudaClock.name == "cuda_event"
