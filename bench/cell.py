@@ -91,7 +91,7 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
     state, artifact = load_variant(ref, recipe, device, store, job["trust_remote_code"])
     prompts, _ = prompt_ids(ref, state.model.config.vocab_size, VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS,
                             eval_text=job.get("eval_text"), trust_remote_code=job["trust_remote_code"],
-                            source=job.get("prompt_source", "auto"))
+                            source=job.get("prompt_source", "auto"), cache_dir=store.root.parent)
     tokens = greedy_generate(state, prompts, VALIDATION_NEW_TOKENS).cpu()
     result = {"generates": True, "lossless": recipe.lossless}
     if recipe.lossless:
@@ -217,7 +217,7 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     check_memory(state, scenario, footprint)
     prompts, prompt_source = prompt_ids(state.ref, state.model.config.vocab_size, scenario.batch_size,
                                         scenario.prompt_tokens, cell.measure.seed, cell.eval_text,
-                                        cell.trust_remote_code, cell.prompt_source)
+                                        cell.trust_remote_code, cell.prompt_source, cell.cache_path)
     with machine_load() as record["load"]:
         metrics, samples, method = scenario.run(state, prompts, repeat, footprint)
     record.update(noise_mark(samples, repeat.target_rel_ci))

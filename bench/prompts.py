@@ -31,8 +31,11 @@ def random_prompt_ids(vocab_size: int, batch_size: int, prompt_tokens: int, seed
 
 
 def prompt_ids(ref, vocab_size: int, batch_size: int, prompt_tokens: int, seed: int = 0,
-               eval_text: str | None = None, trust_remote_code: bool = False, source: str = "auto"):
+               eval_text: str | None = None, trust_remote_code: bool = False, source: str = "auto",
+               cache_dir=None):
     """A (batch_size, prompt_tokens) int64 tensor, the same for every variant of a model.
+
+    The evaluation text's ids are read from ``cache_dir`` (None: the default cache) once encoded.
 
     Returns:
         (ids, source): source is "eval-text" or "random".
@@ -52,7 +55,7 @@ def prompt_ids(ref, vocab_size: int, batch_size: int, prompt_tokens: int, seed: 
         return random_prompt_ids(vocab_size, batch_size, prompt_tokens, seed), "random"
     eval_text_path(eval_text)  # a missing evaluation file is an input error, never a fall back to random ids
     try:
-        stream = eval_token_ids(ref, vocab_size, eval_text, trust_remote_code)
+        stream = eval_token_ids(ref, vocab_size, eval_text, trust_remote_code, cache_dir)
     except (NotApplicable, InputError) as exc:
         if source == "eval-text":
             raise InputError(f"prompt_source 'eval-text': {exc}") from None

@@ -129,3 +129,5 @@ def test_a_run_measures_the_recipe_whose_runtime_steps_can_run_and_skips_the_oth
         assert records["prune-2of4"]["status"] == "ok", (attempt, records["prune-2of4"].get("error"))
         assert records["prune-2of4-fp16"]["status"] == "skipped", attempt
         assert FP16_ON_CPU in records["prune-2of4-fp16"]["error"], attempt
+    # the build's check and the cells encoded their prompts' text once, into the run's own cache
+    assert len(list((tmp_path / "cache" / "tokens").glob("*.npy"))) == 1

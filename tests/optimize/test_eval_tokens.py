@@ -101,3 +101,13 @@ def test_a_model_without_tokenizer_says_so_before_reading_anything(tiny_ref, tmp
     with pytest.raises(NotApplicable, match="has no tokenizer"):
         models.eval_token_ids(dataclasses.replace(tiny_ref, tokenizer=None), 8192, cache_dir=tmp_path)
     assert not (tmp_path / "tokens").exists()
+
+
+def test_prompts_from_the_text_come_from_the_cache_they_are_given(tiny_ref, tmp_path, monkeypatch):
+    from bench.prompts import prompt_ids
+
+    ids, source = prompt_ids(tiny_ref, 8192, 2, 32, seed=3, cache_dir=tmp_path)
+    assert source == "eval-text" and len(list((tmp_path / "tokens").glob("*.npy"))) == 1
+    _no_tokenizer(monkeypatch)
+    again, _ = prompt_ids(tiny_ref, 8192, 2, 32, seed=3, cache_dir=tmp_path)
+    assert torch.equal(ids, again)
