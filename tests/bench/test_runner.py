@@ -196,13 +196,18 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
     assert abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib, (harness_growth, direct_growth)
 
 
+# Every cell of the matrix gets it: ten times what a cell of this shape takes on a loaded 2-core
+# machine (1-2 s), and the test waits it out once, for the hanging cell.
+HANG_TIMEOUT_S = 20
+
+
 def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, cache_dir):
     base = Path(tiny_ref.path)
     models = [make_faulty(base, tmp_path / f"faulty-{f}", f) for f in ("raise", "abort", "hang")]
     matrix = narrow(load_matrix(), models=[str(m) for m in models] + ["synthetic:llama-tiny"], variants=["fp32"],
                     devices=["cpu"],
                     batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
-                    repeat={"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0}, timeout_s=45,
+                    repeat={"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
                     drift=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -215,7 +220,7 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
     assert records["faulty-abort"]["status"] == "failed"
     assert "SIGABRT" in records["faulty-abort"]["error"]
     assert records["faulty-hang"]["status"] == "failed"
-    assert "timed out after 45 s" in records["faulty-hang"]["error"]
+    assert f"timed out after {HANG_TIMEOUT_S} s" in records["faulty-hang"]["error"]
     for record in records.values():
         validate_record(record)
     lines = (run_dir / "results.jsonl").read_text().splitlines()
