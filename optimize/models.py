@@ -87,6 +87,10 @@ class ModelRef:
         return asdict(self)
 
 
+def _is_weights(f: Path) -> bool:
+    return f.suffix in {".safetensors", ".bin", ".onnx", ".pt"} or f.name.endswith(".onnx_data")
+
+
 def _dir_fingerprint(path: Path) -> str:
     """sha256 over config.json and each weight file's name, size, head and tail.
 
@@ -97,7 +101,7 @@ def _dir_fingerprint(path: Path) -> str:
     config = path / "config.json"
     h.update(config.read_bytes() if config.exists() else b"")
     for f in sorted(path.iterdir()):
-        if f.suffix in {".safetensors", ".bin", ".onnx", ".pt"} or f.name.endswith(".onnx_data"):
+        if _is_weights(f):
             size = f.stat().st_size
             h.update(f"{f.name}:{size}".encode())
             with f.open("rb") as fh:
@@ -400,9 +404,6 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
     return ids
 
 
-_NOT_TOKENIZER = {".safetensors", ".bin", ".onnx", ".pt", ".pth", ".gguf", ".h5", ".msgpack"}
-
-
 def _token_cache_path(tokenizer_dir: Path, text: bytes, trust_remote_code: bool, cache_dir: Path | None):
     """Where the ids of ``text`` under this tokenizer are kept; None where the tokenizer is no directory.
 
@@ -410,21 +411,16 @@ def _token_cache_path(tokenizer_dir: Path, text: bytes, trust_remote_code: bool,
     vocabulary, merges, settings and any code), ``trust_remote_code`` and the versions of
     transformers and tokenizers.
     """
+    import tokenizers
     import transformers
 
     if not tokenizer_dir.is_dir():
         return None
-    try:
-        import tokenizers
-
-        tokenizers_version = tokenizers.__version__
-    except ImportError:
-        tokenizers_version = None
     h = hashlib.sha256()
-    h.update(json.dumps(["eval-token-ids-1", transformers.__version__, tokenizers_version, trust_remote_code,
+    h.update(json.dumps(["eval-token-ids-1", transformers.__version__, tokenizers.__version__, trust_remote_code,
                          hashlib.sha256(text).hexdigest()]).encode())
     for f in sorted(tokenizer_dir.iterdir()):
-        if f.is_file() and f.suffix not in _NOT_TOKENIZER and not f.name.endswith(".onnx_data"):
+        if f.is_file() and not _is_weights(f):
             h.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}".encode())
     return Path(cache_dir or default_cache_dir()) / "tokens" / f"{h.hexdigest()[:24]}.npy"
 
