@@ -33,6 +33,28 @@ def tiny_ref(cache_dir):
     return resolve_model("synthetic:llama-tiny", cache_dir)
 
 
+@pytest.fixture(scope="session")
+def bos_ref(tiny_ref, tmp_path_factory):
+    """The tiny model with a copy of its tokenizer that puts BOS before every text it encodes."""
+    import shutil
+    from dataclasses import replace
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    source = Path(tiny_ref.tokenizer)
+    directory = tmp_path_factory.mktemp("bos-tokenizer")
+    for f in source.iterdir():
+        if f.is_file() and (f.name.startswith("tokenizer") or f.name == "special_tokens_map.json"):
+            shutil.copy(f, directory / f.name)
+    tok = AutoTokenizer.from_pretrained(str(directory))
+    assert tok.bos_token_id is not None
+    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
+                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.save_pretrained(str(directory))
+    return replace(tiny_ref, tokenizer=str(directory))
+
+
 @pytest.fixture
 def tiny_prompts(tiny_ref):
     """(2, 16) prompt ids from the evaluation text."""

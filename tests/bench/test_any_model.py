@@ -96,27 +96,6 @@ def test_tokenizer_flag_must_name_a_tokenizer_directory(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("infermatrix run: error: --tokenizer")
 
 
-def test_encoding_the_evaluation_text_warns_of_no_sequence_length(tiny_ref, tmp_path):
-    """The text is longer than the tokenizer's model_max_length by design: it is cut into windows."""
-    import logging
-
-    from transformers.utils import logging as hf_logging
-
-    from optimize.models import eval_token_ids, load_tokenizer
-
-    seen = []
-    handler = logging.Handler()
-    handler.emit = seen.append
-    hf_logger = hf_logging.get_logger("transformers")
-    hf_logger.addHandler(handler)
-    try:
-        ids = eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path)  # an empty cache: the text is encoded here
-    finally:
-        hf_logger.removeHandler(handler)
-    assert len(ids) > load_tokenizer(tiny_ref).model_max_length  # the case transformers warns of
-    assert [r.getMessage() for r in seen] == []
-
-
 def test_prompt_source_random_is_seeded_and_within_the_vocabulary(tiny_ref):
     from bench.prompts import prompt_ids
 

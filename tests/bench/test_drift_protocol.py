@@ -8,7 +8,6 @@ import shutil
 import subprocess
 import sys
 from dataclasses import replace
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -32,25 +31,6 @@ SMALL = DriftConfig(context=64, max_tokens=512, batch_windows=4, gen_prompts=2, 
                     gen_new_tokens=8)
 LLAMA_CPP = replace(SMALL, protocol="llama.cpp")
 FIRST, SCORED_PER_WINDOW, WINDOWS = 32, 31, 8
-
-
-@pytest.fixture(scope="module")
-def bos_ref(tiny_ref, tmp_path_factory):
-    """The tiny model with a copy of its tokenizer that puts BOS before every text it encodes."""
-    from tokenizers.processors import TemplateProcessing
-    from transformers import AutoTokenizer
-
-    source = Path(tiny_ref.tokenizer)
-    directory = tmp_path_factory.mktemp("bos-tokenizer")
-    for f in source.iterdir():
-        if f.is_file() and (f.name.startswith("tokenizer") or f.name == "special_tokens_map.json"):
-            shutil.copy(f, directory / f.name)
-    tok = AutoTokenizer.from_pretrained(str(directory))
-    assert tok.bos_token_id is not None
-    tok._tokenizer.post_processor = TemplateProcessing(single=f"{tok.bos_token} $A",
-                                                       special_tokens=[(tok.bos_token, tok.bos_token_id)])
-    tok.save_pretrained(str(directory))
-    return replace(tiny_ref, tokenizer=str(directory))
 
 
 def _plain_windows(tokenizer_dir: str) -> tuple[torch.Tensor, int | None]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -111,3 +112,136 @@ def test_prompts_from_the_text_come_from_the_cache_they_are_given(tiny_ref, tmp_
     _no_tokenizer(monkeypatch)
     again, _ = prompt_ids(tiny_ref, 8192, 2, 32, seed=3, cache_dir=tmp_path)
     assert torch.equal(ids, again)
+
+
+class _Plant:
+    """Pickled into a planted entry: loading that pickle would create ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.mkdir, (self.marker,)
+
+
+def test_a_planted_pickle_in_the_cache_is_never_loaded(tiny_ref, tmp_path):
+    """The cache holds plain int64 arrays: an entry that needs unpickling is encoded again, its code never run."""
+    expected = models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path)
+    [entry] = (tmp_path / "tokens").glob("*.npy")
+    marker = tmp_path / "the-pickle-ran"
+    with entry.open("wb") as f:
+        np.save(f, np.array([_Plant(marker)], dtype=object), allow_pickle=True)
+    assert torch.equal(models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path), expected)
+    assert not marker.exists()
+    assert np.array_equal(np.load(entry), expected.numpy())
+
+
+def test_an_entry_is_returned_as_stored_token_id_zero_included(tiny_ref, tmp_path, monkeypatch):
+    models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path)
+    [entry] = (tmp_path / "tokens").glob("*.npy")
+    stored = np.array([0, 5, 0, 8191, 3], dtype=np.int64)  # 0 is a token id like any other
+    with entry.open("wb") as f:
+        np.save(f, stored)
+    _no_tokenizer(monkeypatch)
+    assert models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path).tolist() == stored.tolist()
+
+
+def test_a_cache_directory_that_does_not_exist_yet_is_made(tiny_ref, tmp_path):
+    cache = tmp_path / "not" / "made" / "yet"
+    ids = models.eval_token_ids(tiny_ref, 8192, cache_dir=cache)
+    [entry] = (cache / "tokens").glob("*.npy")
+    assert np.array_equal(np.load(entry), ids.numpy())
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin", "model.onnx", "model.onnx_data",
+                                     "consolidated.pt"])
+def test_weight_files_beside_the_tokenizer_leave_the_key_alone(tiny_ref, tmp_path, weights):
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tiny_ref.tokenizer, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    before = models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache")
+    (tok_dir / weights).write_bytes(b"\x00" * 64)
+    assert models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache") == before
+    (tok_dir / "added_tokens.json").write_text("{}")  # any other file is part of the tokenizer
+    assert models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache") != before
+
+
+def test_trust_remote_code_is_off_by_default_and_keeps_its_own_entry(tiny_ref, tmp_path, monkeypatch):
+    loads = []
+    real = models.load_tokenizer
+
+    def recording(ref, trust_remote_code=False):
+        loads.append(trust_remote_code)
+        return real(ref, trust_remote_code)
+
+    monkeypatch.setattr(models, "load_tokenizer", recording)
+    default = models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path)
+    assert models.eval_token_ids(tiny_ref, 8192, trust_remote_code=False, cache_dir=tmp_path).tolist() == \
+        default.tolist()
+    assert loads == [False]  # the untrusted call read what the default one stored
+    # A trusted tokenizer may run its own code, so its ids are its own entry, encoded with trust
+    assert torch.equal(models.eval_token_ids(tiny_ref, 8192, trust_remote_code=True, cache_dir=tmp_path), default)
+    assert loads == [False, True]
+    assert len(list((tmp_path / "tokens").glob("*.npy"))) == 2
+
+
+def test_the_text_is_encoded_without_the_tokenizers_special_tokens(bos_ref, tmp_path):
+    """A tokenizer that puts BOS before every text it encodes: the evaluation text's ids carry none."""
+    tok = models.load_tokenizer(bos_ref)
+    assert tok("x")["input_ids"][0] == tok.bos_token_id  # the tokenizer adds one when asked
+    ids = models.eval_token_ids(bos_ref, 8192, cache_dir=tmp_path)
+    assert torch.equal(ids, _encoded(bos_ref)) and int(ids[0]) != tok.bos_token_id
+
+
+def test_encoding_the_evaluation_text_warns_of_no_sequence_length(tiny_ref, tmp_path):
+    """The text is longer than the tokenizer's model_max_length by design: it is cut into windows."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    seen = []
+    handler = logging.Handler()
+    handler.emit = seen.append
+    hf_logger = hf_logging.get_logger("transformers")
+    hf_logger.addHandler(handler)
+    try:
+        ids = models.eval_token_ids(tiny_ref, 8192, cache_dir=tmp_path)  # an empty cache: the text is encoded here
+    finally:
+        hf_logger.removeHandler(handler)
+    assert len(ids) > models.load_tokenizer(tiny_ref).model_max_length  # the case transformers warns of
+    assert [r.getMessage() for r in seen] == []
+
+
+def test_a_tokenizer_directory_that_is_gone_fails_loading_it_and_writes_no_entry(tiny_ref, tmp_path):
+    gone = tmp_path / "gone"
+    shutil.copytree(tiny_ref.tokenizer, gone)
+    ref = dataclasses.replace(tiny_ref, tokenizer=str(gone))
+    shutil.rmtree(gone)
+    with pytest.raises((OSError, ValueError)) as raised:  # transformers' own error for a tokenizer it cannot find
+        models.eval_token_ids(ref, 8192, cache_dir=tmp_path / "cache")
+    assert "gone" in str(raised.value)
+    assert not (tmp_path / "cache" / "tokens").exists()
+
+
+def test_the_text_is_read_as_utf8_whatever_the_locale(tiny_ref, tmp_path):
+    """A user's text with non-ASCII characters gives the same ids under an ASCII locale as here."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    text = tmp_path / "eval.txt"
+    text.write_text("def café(naïve):\n    return 'ünïcode ✓'\n" * 50, encoding="utf-8")
+    here = models.eval_token_ids(tiny_ref, 8192, str(text), cache_dir=tmp_path / "here")
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0", "PYTHONUTF8": "0"}
+    code = ("import json, locale, sys; from optimize import models; "
+            "ids = models.eval_token_ids(models.resolve_model('synthetic:llama-tiny'), 8192, sys.argv[1], "
+            "cache_dir=sys.argv[2]); print(json.dumps([locale.getpreferredencoding(False), ids.tolist()]))")
+    root = Path(__file__).resolve().parents[2]  # where `optimize` is imported from
+    proc = subprocess.run([sys.executable, "-c", code, str(text), str(tmp_path / "ascii-locale")], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    encoding, ids = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert encoding.lower() in {"ansi_x3.4-1968", "ascii", "us-ascii"}  # the locale really is not UTF-8
+    assert ids == here.tolist()
