@@ -91,7 +91,7 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
     state, artifact = load_variant(ref, recipe, device, store, job["trust_remote_code"])
     prompts, _ = prompt_ids(ref, state.model.config.vocab_size, VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS,
                             eval_text=job.get("eval_text"), trust_remote_code=job["trust_remote_code"],
-                            source=job.get("prompt_source", "auto"), cache_dir=store.root.parent)
+                            source=job.get("prompt_source", "auto"), cache_dir=_cache(job))
     tokens = greedy_generate(state, prompts, VALIDATION_NEW_TOKENS).cpu()
     result = {"generates": True, "lossless": recipe.lossless}
     if recipe.lossless:

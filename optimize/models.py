@@ -102,14 +102,19 @@ def _dir_fingerprint(path: Path) -> str:
     h.update(config.read_bytes() if config.exists() else b"")
     for f in sorted(path.iterdir()):
         if _is_weights(f):
-            size = f.stat().st_size
-            h.update(f"{f.name}:{size}".encode())
-            with f.open("rb") as fh:
-                h.update(fh.read(1 << 20))
-                if size > 2 << 20:
-                    fh.seek(-(1 << 20), os.SEEK_END)
-                    h.update(fh.read())
+            _hash_head_and_tail(h, f)
     return h.hexdigest()[:16]
+
+
+def _hash_head_and_tail(h, f: Path) -> None:
+    """Feed ``h`` the file's name, size, first MiB and (past 2 MiB) last MiB."""
+    size = f.stat().st_size
+    h.update(f"{f.name}:{size}".encode())
+    with f.open("rb") as fh:
+        h.update(fh.read(1 << 20))
+        if size > 2 << 20:
+            fh.seek(-(1 << 20), os.SEEK_END)
+            h.update(fh.read())
 
 
 def synthetic_config(arch: SyntheticArch):
@@ -404,12 +409,17 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
     return ids
 
 
+# Tokenizer files are hashed whole up to this size (a 256k-entry tokenizer.json is ~35 MB); a larger file
+# beside them is some framework's weights, identified by its size, head and tail as weights are.
+_TOKENIZER_FILE_MAX_BYTES = 64 << 20
+
+
 def _token_cache_path(tokenizer_dir: Path, text: bytes, trust_remote_code: bool, cache_dir: Path | None):
     """Where the ids of ``text`` under this tokenizer are kept; None where the tokenizer is no directory.
 
     The key hashes the text, every file of the tokenizer's directory but weights (its
-    vocabulary, merges, settings and any code), ``trust_remote_code`` and the versions of
-    transformers and tokenizers.
+    vocabulary, merges, settings and any code; a file over 64 MiB by its size, head and tail),
+    ``trust_remote_code`` and the versions of transformers and tokenizers.
     """
     import tokenizers
     import transformers
@@ -420,8 +430,13 @@ def _token_cache_path(tokenizer_dir: Path, text: bytes, trust_remote_code: bool,
     h.update(json.dumps(["eval-token-ids-1", transformers.__version__, tokenizers.__version__, trust_remote_code,
                          hashlib.sha256(text).hexdigest()]).encode())
     for f in sorted(tokenizer_dir.iterdir()):
-        if f.is_file() and not _is_weights(f):
-            h.update(f"{f.name}:{hashlib.sha256(f.read_bytes()).hexdigest()}".encode())
+        if not f.is_file() or _is_weights(f):
+            continue
+        if f.stat().st_size > _TOKENIZER_FILE_MAX_BYTES:  # another framework's weights (tf_model.h5, ...)
+            _hash_head_and_tail(h, f)
+        else:  # streamed: a cell's memory figures never see the tokenizer's files
+            with f.open("rb") as fh:
+                h.update(f"{f.name}:{hashlib.file_digest(fh, 'sha256').hexdigest()}".encode())
     return Path(cache_dir or default_cache_dir()) / "tokens" / f"{h.hexdigest()[:24]}.npy"
 
 

@@ -245,3 +245,30 @@ def test_the_text_is_read_as_utf8_whatever_the_locale(tiny_ref, tmp_path):
     encoding, ids = json.loads(proc.stdout.strip().splitlines()[-1])
     assert encoding.lower() in {"ansi_x3.4-1968", "ascii", "us-ascii"}  # the locale really is not UTF-8
     assert ids == here.tolist()
+
+
+def test_a_large_file_beside_the_tokenizer_counts_by_its_size_head_and_tail(tiny_ref, tmp_path):
+    """Another framework's weights (tf_model.h5, flax_model.msgpack) are not read whole for every cell."""
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tiny_ref.tokenizer, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    big = tok_dir / "tf_model.h5"
+    size = models._TOKENIZER_FILE_MAX_BYTES + 4096
+    with big.open("wb") as f:
+        f.truncate(size)
+
+    def key():
+        return models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache")
+
+    def poke(offset: int) -> None:
+        with big.open("r+b") as f:
+            f.seek(offset)
+            f.write(b"\x01")
+
+    base = key()
+    poke(size // 2)  # the middle is not read
+    assert key() == base
+    poke(size - 1)  # the tail is
+    assert key() != base
+    tail = key()
+    poke(10)  # and the head
+    assert key() != tail
