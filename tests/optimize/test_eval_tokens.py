@@ -272,3 +272,16 @@ def test_a_large_file_beside_the_tokenizer_counts_by_its_size_head_and_tail(tiny
     tail = key()
     poke(10)  # and the head
     assert key() != tail
+
+
+def test_a_file_of_exactly_the_limit_is_hashed_whole(tiny_ref, tmp_path):
+    tok_dir = tmp_path / "tok"
+    shutil.copytree(tiny_ref.tokenizer, tok_dir, ignore=shutil.ignore_patterns("*.safetensors"))
+    big = tok_dir / "tokenizer.model"
+    with big.open("wb") as f:
+        f.truncate(models._TOKENIZER_FILE_MAX_BYTES)
+    base = models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache")
+    with big.open("r+b") as f:
+        f.seek(models._TOKENIZER_FILE_MAX_BYTES // 2)
+        f.write(b"\x01")
+    assert models._token_cache_path(tok_dir, b"text", False, tmp_path / "cache") != base
