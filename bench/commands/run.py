@@ -230,6 +230,9 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
             shard = Shard.parse(run["shard"])
     else:
         check_new_run_dir(run_dir)
+        # the models first: an unreachable hub id or a model that cannot give the prompts asked for is
+        # refused in a second, not after the fork server's imports (the probe below)
+        _check_text_prompts(matrix, _fetch_hub_models(matrix.models))
         with tempfile.TemporaryDirectory(prefix="infermatrix-probe-") as tmp:
             torch_env = probe_torch(Path(tmp))
         resolve = device_resolver(torch_env)
@@ -237,7 +240,6 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
             resolve(device)  # a CUDA matrix on a machine without CUDA fails before anything is written
         if not expand(matrix, resolve):
             raise InputError(f"{matrix.source}: the [[exclude]] rules remove every cell; nothing to run")
-        _fetch_hub_models(matrix.models)  # an unreachable hub id too
         start_run(matrix, run_dir, shard=shard, launcher=args.launcher,
                   environment={**environment(with_torch=False, user_path=Path(args.matrix) if args.matrix else None),
                                "torch": torch_env})
@@ -302,13 +304,30 @@ def _finished(args: argparse.Namespace, run_dir: Path, run: dict, cell_ids: set[
     return _exit_code(records)
 
 
-def _fetch_hub_models(models) -> None:
+def _fetch_hub_models(models) -> dict:
+    """The hub models among ``models``, fetched (``InputError`` for one that cannot be had): spec -> ``ModelRef``."""
     from optimize.models import fetch_hub_model, is_hub_spec
 
+    refs = {}
     for spec in models:
         if is_hub_spec(spec):
             print(f"fetching hub model {spec}", file=sys.stderr, flush=True)
-            fetch_hub_model(spec)
+            refs[spec] = fetch_hub_model(spec)
+    return refs
+
+
+def _check_text_prompts(matrix, hub_refs: dict) -> None:
+    """``prompt_source = "eval-text"`` needs a tokenizer for every model: refuse one without (``InputError``),
+    rather than fail each of its cells with the same cause. Built-in and synthetic models always have one.
+    """
+    from optimize.models import no_tokenizer_reason, peek_model
+
+    if matrix.prompt_source != "eval-text" or matrix.tokenizer:
+        return
+    for spec in matrix.models:
+        ref = hub_refs.get(spec) or peek_model(spec)
+        if ref is not None and ref.tokenizer is None:
+            raise InputError(f"prompt_source 'eval-text': {no_tokenizer_reason(ref)}")
 
 
 def _write_reports(run_dir: Path, formats: list[str] | None = None) -> None:

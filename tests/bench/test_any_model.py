@@ -81,14 +81,48 @@ def test_gpt2_without_tokenizer_runs_every_cell_with_random_prompts(gpt2_dir, tm
     assert records["torch-int8-dynamic"]["metrics"]["weights_bytes"] < records["fp32"]["metrics"]["weights_bytes"]
 
 
-def test_eval_text_prompts_without_a_tokenizer_is_one_line_exit_2(gpt2_dir, tmp_path):
-    proc = _run("--model", str(gpt2_dir), "--variants", "fp32", "--device", "cpu", "--prompt-source", "eval-text",
-                "--no-drift", "--out", str(tmp_path / "r"), "--quiet")
-    records = _records(tmp_path / "r")
-    assert records["fp32"]["status"] == "failed"
-    assert "prompt_source 'eval-text'" in records["fp32"]["error"] and "no tokenizer" in records["fp32"]["error"]
-    assert proc.returncode == 1
+def _forked_nothing(cache) -> bool:
+    """True when no command using ``cache`` started the fork server (it writes its preload.log there)."""
+    from bench.preload import PRELOAD_LOG
 
+    return not (cache / PRELOAD_LOG).exists()
+
+
+def test_eval_text_prompts_without_a_tokenizer_is_one_line_exit_2(gpt2_dir, tmp_path):
+    """Refused before the fork server starts, not a failed record per cell with the same cause."""
+    import os
+
+    out, cache = tmp_path / "r", tmp_path / "cache"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", str(gpt2_dir), "--variants",
+                           "fp32,bf16", "--device", "cpu", "--prompt-source", "eval-text", "--out", str(out)],
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "INFERMATRIX_CACHE": str(cache)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line == (f"infermatrix run: error: prompt_source 'eval-text': model {str(gpt2_dir)!r} has no tokenizer: "
+                    "text-based steps need one (give a tokenizer directory with --tokenizer DIR)")
+    assert not out.exists() and _forked_nothing(cache)
+
+
+def test_the_text_prompt_check_refuses_only_a_model_known_to_lack_a_tokenizer(gpt2_dir, tiny_ref, tmp_path):
+    from dataclasses import replace
+
+    from bench.commands.run import _check_text_prompts
+    from bench.matrix import load_matrix, narrow
+    from optimize.errors import InputError
+
+    def matrix(models, source="eval-text", tokenizer=None):
+        return replace(narrow(load_matrix(), models=models, variants=["fp32"], prompt_source=source),
+                       tokenizer=tokenizer)
+
+    no_tok = replace(tiny_ref, spec="org/no-tokenizer", tokenizer=None)
+    with pytest.raises(InputError, match=f"^prompt_source 'eval-text': model {str(gpt2_dir)!r} has no tokenizer"):
+        _check_text_prompts(matrix(["synthetic:llama-tiny", str(gpt2_dir)]), {})
+    with pytest.raises(InputError, match="^prompt_source 'eval-text': model 'org/no-tokenizer' has no tokenizer"):
+        _check_text_prompts(matrix(["org/no-tokenizer"]), {"org/no-tokenizer": no_tok})
+    _check_text_prompts(matrix([str(gpt2_dir)], source="auto"), {})  # random prompts for it
+    _check_text_prompts(matrix([str(gpt2_dir)], tokenizer=tiny_ref.tokenizer), {})  # --tokenizer stands in
+    _check_text_prompts(matrix(["builtin:pycode", "synthetic:llama-134m", "org/has-one"]), {"org/has-one": tiny_ref})
 
 def test_tokenizer_flag_must_name_a_tokenizer_directory(tmp_path):
     proc = _run("--tokenizer", str(tmp_path), "--device", "cpu", "--out", str(tmp_path / "r"))
@@ -168,11 +202,12 @@ def test_an_unreachable_hub_id_is_one_line_exit_2_before_any_cell(tmp_path):
     out = tmp_path / "r"
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", "testorg/not-there", "--variants",
                            "fp32", "--device", "cpu", "--out", str(out)], capture_output=True, text=True, timeout=300,
-                          env=_hub_env(tmp_path))
+                          env={**_hub_env(tmp_path), "INFERMATRIX_CACHE": str(tmp_path / "cache")})
     assert proc.returncode == 2
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("infermatrix run: error: model 'testorg/not-there' is neither") and "hub id" in last
     assert "roofline" not in proc.stderr and not out.exists()
+    assert _forked_nothing(tmp_path / "cache")  # refused before the fork server's imports
 
 
 def test_a_resumed_run_fetches_the_hub_models_its_remaining_cells_need(tiny_ref, tmp_path, cache_dir):
