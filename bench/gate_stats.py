@@ -176,6 +176,18 @@ def worse_is_higher(direction: str) -> bool:
     return direction == "lower"
 
 
+def beyond_mde(ratio: float, mde_value: float | None) -> bool:
+    """True when the change (a head/base ratio) is at least the MDE on either side, symmetric on the log
+    scale, or there is no MDE to hold it to (``None``: untested or no noise figure).
+
+    A gate whose threshold is below the MDE reports noise (changes it cannot reliably tell from the
+    noise it observed): a change smaller than the MDE gets no verdict, whatever its interval.
+    """
+    if mde_value is None:
+        return True
+    return abs(math.log(ratio)) >= math.log(1 + mde_value)
+
+
 def verdict(ratio_low: float, ratio_high: float, significant: bool, threshold: float, direction: str) -> str:
     """The verdict for one comparison.
 

@@ -93,8 +93,47 @@ def test_the_rank_test_runs_when_its_smallest_p_equals_the_false_discovery_rate(
     cfg = gs.GateConfig(n_resamples=500, min_processes=1, fdr=gs.min_rank_p(5, 5) * 0.99)
     row = _rows(compare_sides(side(_separated("v0", 1.0)), side(_separated("v0", 1.3)), cfg))["v0:tpot_ms"]
     assert (row.p, row.q, row.mde) == (None, None, None)
-    # Untested: significant only when the range of every pairing excludes 1 (here 3.9/3.12 > 1).
-    assert row.low == pytest.approx(3.9 / (3.0 * 1.04)) and row.verdict == "regressed"
+    # Untested: no verdict for speed, though the range of every pairing lies beyond the band (3.9/3.12 > 1.05).
+    assert row.low == pytest.approx(3.9 / (3.0 * 1.04)) and row.verdict == "inconclusive"
+
+
+def test_a_speed_row_too_small_for_the_rank_test_gets_no_verdict_and_memory_keeps_its_range_rule():
+    """3 against 2 repetitions fall wholly apart in one ordering of 10 by chance: speed says nothing; peak
+    memory (one figure a process, never testable) counts when the two sides' ranges do not overlap."""
+    base = side([record("v0", _steady([3.0, 3.03, 3.06]), peak_memory=4.0e8)])
+    head = side([record("v0", _steady([3.9, 3.93]), peak_memory=4.4e8)])
+    rows = _rows(compare_sides(base, head, ONE))
+    for metric in ("tpot_ms", "ttft_ms", "e2e_ms", "decode_tokens_per_s"):
+        row = rows[f"v0:{metric}"]
+        assert (row.p, row.q, row.verdict, row.note) == (None, None, "inconclusive", ""), metric
+    tpot = rows["v0:tpot_ms"]
+    assert (tpot.low, tpot.high) == pytest.approx((3.9 / 3.06, 3.93 / 3.0))  # wholly beyond +5%
+    assert rows["v0:peak_memory_bytes"].verdict == "regressed"
+    lower = side([record("v0", _steady([3.9, 3.93]), peak_memory=3.6e8)])
+    assert _rows(compare_sides(base, lower, ONE))["v0:peak_memory_bytes"].verdict == "improved"
+
+
+def _normal_quantiles(n: int, cv: float, scale: float) -> list[float]:
+    """``n`` log-normal timings at evenly spaced quantiles: spread ``cv``, median ``scale``, no chance draw."""
+    from scipy.stats import norm
+
+    return list(scale * np.exp(cv * norm.ppf((np.arange(n) + 0.5) / n)))
+
+
+@pytest.mark.parametrize(("cv", "verdict", "note"), [
+    (0.14, "regressed", ""),  # MDE 26.9%: a 30% change is beyond it
+    (0.16, "inconclusive", "regressed withheld: the change is smaller than the MDE (30.7%), the smallest change "
+                           "this noise lets the gate detect"),
+])
+def test_a_change_smaller_than_the_mde_gets_no_verdict(cv, verdict, note):
+    """10 against 10, 30% slower: both significant with the interval beyond +5%; the noisier pair's MDE
+    exceeds the change, and a threshold below the MDE would report noise."""
+    base = side([record("v0", _steady(_normal_quantiles(10, cv, 3.0)))])
+    head = side([record("v0", _steady(_normal_quantiles(10, cv, 3.9)))])
+    row = _rows(compare_sides(base, head, ONE))["v0:tpot_ms"]
+    assert row.q <= 0.01 and row.low > 1.05 and row.ratio == pytest.approx(1.3)
+    assert row.mde == pytest.approx(gs.mde(gs.robust_cv([_normal_quantiles(10, cv, 3.0)]), 10, 10))
+    assert (row.verdict, row.note) == (verdict, note)
 
 
 def _loaded(variant: str, tpots: list[float], busy: float | None) -> dict:

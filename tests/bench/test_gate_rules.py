@@ -38,6 +38,18 @@ def test_verdict_bands_are_symmetric_on_the_log_scale_with_strict_edges(low, hig
     assert gs.verdict(low, high, significant, 0.05, direction) == want
 
 
+@pytest.mark.parametrize(("ratio", "mde", "want"), [
+    (1 + 0.3, 0.3, True),  # a change of exactly the MDE is detectable by its definition
+    (1.2999, 0.3, False),
+    (1 / (1 + 0.3), 0.3, True),  # symmetric on the log scale
+    (1 / 1.2999, 0.3, False),
+    (1.0, 0.0, True),  # no noise: any change at all
+    (1.0001, None, True),  # no MDE (untested, or no noise figure): nothing to hold the change to
+])
+def test_beyond_mde_compares_the_change_with_the_mde_on_the_log_scale(ratio, mde, want):
+    assert gs.beyond_mde(ratio, mde) is want
+
+
 def test_memory_has_its_own_tighter_threshold():
     cfg = gs.GateConfig()
     assert (cfg.threshold("memory"), cfg.threshold("speed")) == (0.02, 0.05)
