@@ -125,7 +125,10 @@ def start_run(matrix: Matrix, run_dir: Path, *, shard: Shard | None, launcher: s
 
 
 def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[str, Any]]:
-    """The matrix and run.json of ``run_dir``; a different ``--shard`` than the run's is refused."""
+    """The matrix and run.json of ``run_dir``; a different ``--shard`` than the run's is refused.
+
+    Call with the run's lock held: a merged run's ``missing_shards`` are settled against its records first.
+    """
     if not (Path(run_dir) / RUN).exists():
         raise InputError(f"--resume {run_dir}: no {RUN} there, not a run directory")
     run = read_run(run_dir)
@@ -140,7 +143,10 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
         raise InputError(f"--resume {run_dir} --shard {shard}: the run was started as "
                          f"{'shard ' + recorded if recorded else 'a whole matrix (no shard)'}; resume it with "
                          f"{'--shard ' + recorded if recorded else 'no --shard'} or start a new run")
-    return matrix, run
+    settled = settle_missing_shards(run_dir, run)
+    if settled != run:  # a resume stopped after recording the missing shards' cells, before run.json said so
+        write_json_atomic(run_dir / RUN, settled)
+    return matrix, settled
 
 
 # Paths a report's host may not have, taken out before the matrix is checked; a cell's identity holds none
@@ -151,6 +157,18 @@ _ANY_MODEL = ["builtin:pycode"]  # also a matrix's default models
 
 def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list[Cell] | None:
     """The cells of the run's matrix (its shard's, for a shard run) with no record, in matrix order.
+
+    None when run.json cannot say which cells its matrix holds (see ``run_cells``).
+    """
+    cells = run_cells(run)
+    if cells is None:
+        return None
+    seen = {r.get("cell_id") for r in records}
+    return [c for c in cells if c.cell_id not in seen]
+
+
+def run_cells(run: dict[str, Any]) -> list[Cell] | None:
+    """The cells of the run's matrix (its shard's, for a shard run), in matrix order.
 
     Expanded from run.json alone, devices resolved as the run resolved them (its torch probe), so it
     answers on any host. None when run.json cannot say: a hand-made or older description whose matrix
@@ -181,8 +199,7 @@ def unrecorded_cells(run: dict[str, Any], records: list[dict[str, Any]]) -> list
             cells = Shard.parse(run["shard"]).select(cells)
     except (InputError, KeyError, TypeError, ValueError):
         return None
-    seen = {r.get("cell_id") for r in records}
-    return [c for c in cells if c.cell_id not in seen]
+    return cells
 
 
 def unrecorded_count(missing: list[Cell], records: list[dict[str, Any]]) -> str:
@@ -363,6 +380,21 @@ def _already_stored(builds: dict[str, dict], references: dict[str, dict], cache_
 
 
 def finish_run(run_dir: Path) -> None:
-    run = read_run(run_dir)
+    """Set ``ended``; a merged run's ``missing_shards`` keep only the shards still lacking records (one write)."""
+    run = settle_missing_shards(run_dir, read_run(run_dir))
     run["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     write_json_atomic(run_dir / RUN, run)
+
+
+def settle_missing_shards(run_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
+    """``run`` (run.json of ``run_dir``) with ``missing_shards`` narrowed to the shards whose cells still lack
+    a record, the key dropped when none does: a resume of a merged run records the cells of the shards it
+    was merged without, and report, select and history read the key as "these cells have no record".
+    """
+    if not run.get("missing_shards"):
+        return run
+    from bench.merge import shards_still_missing
+
+    still = shards_still_missing(run, read_records(run_dir))
+    settled = {k: v for k, v in run.items() if k != "missing_shards"}
+    return {**settled, "missing_shards": still} if still else settled

@@ -225,3 +225,136 @@ def test_missing_shards_are_those_of_the_runs_count_none_ran(shards, missing):
     from bench.merge import missing_shards
 
     assert missing_shards([{"shard": s} for s in shards]) == missing
+
+
+GRID = {"name": "grid", "models": ["builtin:pycode"], "devices": ["cpu"], "variants": ["fp32", "bf16"],
+        "scenarios": [{"name": "generate", "batch_size": [1, 2], "prompt_tokens": [16], "new_tokens": [4]}]}
+
+
+def _merged_without(tmp_path, missing: list[str]):
+    """A merged run as `merge` leaves it when shards ``missing`` were not among the runs, and its 4 cells."""
+    from bench.matrix import expand, parse_matrix
+    from bench.orchestrate import start_run
+
+    matrix = parse_matrix(GRID, str(tmp_path / "grid.toml"))
+    run_dir = tmp_path / "merged"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local",
+              environment={"torch": {"cuda_available": False, "version": "2.13.0+cpu"}})
+    meta = json.loads((run_dir / RUN).read_text())
+    write_json_atomic(run_dir / RUN, {**meta, "ended": "2026-01-01T00:02:00Z", "missing_shards": missing})
+    return run_dir, expand(matrix)
+
+
+def _append(run_dir, cell, status="ok"):
+    from bench.results import append_record
+    from tests.bench.records import record as made
+
+    rec = made(cell.recipe.name, status=status, model=cell.model, device=cell.device,
+               scenario=cell.scenario.to_dict())
+    append_record(run_dir, {**rec, "cell_id": cell.cell_id})
+
+
+def test_a_resume_keeps_only_the_missing_shards_whose_cells_still_lack_a_record(tmp_path):
+    """Seen: a merged run resumed until every cell had its record still said 'missing shards: 2/2' for good."""
+    from bench.orchestrate import Shard, finish_run
+
+    run_dir, cells = _merged_without(tmp_path, ["2/3", "3/3"])
+    for cell in Shard.parse("1/3").select(cells):
+        _append(run_dir, cell)
+    finish_run(run_dir)  # an interrupted resume recorded nothing of them yet
+    assert json.loads((run_dir / RUN).read_text())["missing_shards"] == ["2/3", "3/3"]
+    (two,) = Shard.parse("2/3").select(cells)
+    _append(run_dir, two, status="failed")  # a failed cell has its record: its shard is no longer missing
+    finish_run(run_dir)
+    assert json.loads((run_dir / RUN).read_text())["missing_shards"] == ["3/3"]
+    (three,) = Shard.parse("3/3").select(cells)
+    _append(run_dir, three)
+    finish_run(run_dir)
+    meta = json.loads((run_dir / RUN).read_text())
+    assert "missing_shards" not in meta and meta["ended"] != "2026-01-01T00:02:00Z"
+    assert not list(run_dir.glob("*.tmp*"))  # written whole: a temporary sibling renamed into place
+
+
+def test_a_hand_written_run_keeps_its_missing_shards_it_cannot_check(tmp_path):
+    from bench.merge import shards_still_missing
+
+    run_dir, cells = _merged_without(tmp_path, ["2/2"])
+    meta = json.loads((run_dir / RUN).read_text())
+    records = [{"cell_id": c.cell_id} for c in cells]
+    assert shards_still_missing(meta, records) == []
+    assert shards_still_missing({**meta, "matrix_hash": "other"}, records) == ["2/2"]  # cells unknown: kept
+    assert shards_still_missing({**meta, "missing_shards": ["two"]}, records) == ["two"]  # not a shard: kept
+    assert shards_still_missing({**meta, "missing_shards": None}, records) == []
+
+
+def test_resuming_a_merged_run_whose_missing_cells_are_all_recorded_says_so(tmp_path, capsys):
+    """A resume stopped after its last record, before run.json was written: the next resume settles it."""
+    from bench.cli import main as cli
+
+    run_dir, cells = _merged_without(tmp_path, ["2/2"])
+    for cell in cells:
+        _append(run_dir, cell)
+    assert cli(["run", "--resume", str(run_dir), "--quiet", "--no-report"]) == 0
+    meta = json.loads((run_dir / RUN).read_text())
+    assert "missing_shards" not in meta and meta["ended"] == "2026-01-01T00:02:00Z"  # nothing ran: its end kept
+    assert "nothing to run" in capsys.readouterr().err
+
+
+TINY = """
+name = "tiny"
+models = ["synthetic:llama-tiny"]
+variants = ["fp32"]
+devices = ["cpu"]
+
+[[scenarios]]
+name = "generate"
+batch_size = [1, 2]
+prompt_tokens = [8]
+new_tokens = [2]
+
+[measure]
+warmup = 0
+min_reps = 1
+max_reps = 1
+budget_s = 0
+timeout_s = 120
+roofline = false
+
+[drift]
+enabled = false
+"""
+
+
+@pytest.mark.slow
+def test_a_merge_short_of_a_shard_resumed_to_the_end_is_whole_for_report_and_history(tmp_path, cache_dir, capsys):
+    """Seen: after 'run --resume' recorded shard 2's cells, report still said 'missing shards: 2/2' and
+    'history add' still refused the run, telling the user to resume it."""
+    import subprocess
+    import sys
+
+    from bench.cli import main as cli
+    from bench.report.write import render
+
+    matrix = tmp_path / "tiny.toml"
+    matrix.write_text(TINY)
+    shard1, merged, db = tmp_path / "sh1", tmp_path / "merged", tmp_path / "h.sqlite"
+
+    def infermatrix(*args: str) -> None:
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", *args, "--quiet", "--no-report"],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+    infermatrix("run", str(matrix), "--shard", "1/2", "--out", str(shard1))
+    assert cli(["merge", str(shard1), "--out", str(merged)]) == 0
+    assert json.loads((merged / RUN).read_text())["missing_shards"] == ["2/2"]
+    assert cli(["history", "add", str(merged), "--db", str(db)]) == 2  # short of a shard: refused
+    capsys.readouterr()
+    infermatrix("run", "--resume", str(merged))
+    meta = json.loads((merged / RUN).read_text())
+    assert "missing_shards" not in meta and meta["ended"]
+    assert [r["status"] for r in read_records(merged)] == ["ok", "ok"]
+    report = render(merged, "md")
+    assert "missing shards" not in report and "not recorded" not in report
+    assert cli(["history", "add", str(merged), "--db", str(db)]) == 0
+    assert capsys.readouterr().err == ""
