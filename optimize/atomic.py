@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -62,16 +63,40 @@ def write_file(path: Path, data: str | bytes) -> None:
 
 
 def folder_problem(folder: Path) -> str | None:
-    """Why no file can be created in ``folder`` (created with its parents when missing), or None."""
+    """Why no file can be created in ``folder`` (created with its parents when missing), or None.
+
+    Tried, not inferred: ``os.access`` says yes to root everywhere, on ``/proc`` and ``/sys``
+    too, where nothing can be created. An existing ``folder`` gets a temporary file, a missing
+    one a temporary directory in its nearest existing ancestor; both are removed at once.
+    """
     base = folder
     while not os.path.lexists(base) and base != base.parent:
         base = base.parent  # the nearest existing folder, in which the missing ones would be created
     created = "" if base == folder else f"cannot be created: {base} "
     if not base.is_dir():
-        return f"{created}is not a directory" if created else "is not a directory"
-    if not os.access(base, os.W_OK | os.X_OK):
-        return f"{created}is not writable" if created else "is not writable"
+        return f"{created}is not a directory"
+    if not os.access(base, os.W_OK | os.X_OK) or not _can_create(base, folder=bool(created)):
+        return f"{created}is not writable"
     return None
+
+
+def _can_create(parent: Path, folder: bool) -> bool:
+    """Whether a file (or, with ``folder``, a directory) can be made in ``parent``: made, then removed.
+
+    The name is a temporary sibling's (``.tmpPID@HOST``), so ``sweep_stale_tmp`` removes one that a
+    killed process left.
+    """
+    suffix = f".tmp{os.getpid()}@{_host()}"
+    try:
+        if folder:
+            os.rmdir(tempfile.mkdtemp(prefix=".infermatrix-check-", suffix=suffix, dir=parent))
+        else:
+            fd, path = tempfile.mkstemp(prefix=".infermatrix-check-", suffix=suffix, dir=parent)
+            os.close(fd)
+            os.unlink(path)
+    except OSError:
+        return False
+    return True
 
 
 def build_dir_atomically(final: Path, fill: Callable[[Path], None]) -> None:
