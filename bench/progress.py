@@ -92,8 +92,9 @@ class Progress:
             tps = info.get("metrics", {}).get("decode_tokens_per_s")
             extra = f" decode {tps:.1f} tok/s" if tps else ""
             cause = error_cause(info.get("error"))
+            which = f" round {info['round'] + 1}" if isinstance(info.get("round"), int) else ""  # [measure] rounds
             self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
-                      f"{info['device']}: {info['status']}{extra}" + (f" ({cause[:160]})" if cause else ""))
+                      f"{info['device']}{which}: {info['status']}{extra}" + (f" ({cause[:160]})" if cause else ""))
         counted = info.get("counted", True)
         if self._bar and self._task is not None and counted and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)

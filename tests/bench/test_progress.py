@@ -82,6 +82,15 @@ def test_quiet_progress_lines_show_the_cause(capsys):
     assert "failed (RuntimeError: CUDA error" in err and "roofline cuda: failed (RuntimeError" in err
 
 
+def test_a_cells_round_is_named_counting_from_one(capsys):
+    with Progress(quiet=True) as progress:
+        progress.event("cell", {**_cell("ok", None), "round": 0})
+        progress.event("cell", {**_cell("ok", None), "round": 2})
+        progress.event("cell", _cell("ok", None))  # a run of one round
+    assert capsys.readouterr().err.splitlines() == [
+        "bnb-nf4 b1 p8 n4 cuda round 1: ok", "bnb-nf4 b1 p8 n4 cuda round 3: ok", "bnb-nf4 b1 p8 n4 cuda: ok"]
+
+
 def test_summary_keeps_brackets_of_paths_and_errors(capsys, tmp_path):
     run_dir = tmp_path / "[gpu]-run"
     print_summary([_cell("skipped", SKIP, model="/models/[exp]/llama")], Path(run_dir))
