@@ -262,7 +262,7 @@ def execute(matrix: Matrix, run_dir: Path, launcher, *, shard: Shard | None = No
     outcomes: dict[str, dict[str, Any]] = _already_stored(builds, references, cache_dir)
     rounds_left = sum(matrix.measure.rounds - ok_rounds[c.cell_id] for c in todo)
     on_event("plan", {"cells": len(cells), "todo": rounds_left, "done": len(cells) - len(todo),
-                      "builds": len(builds) + len(references) - len(outcomes)})
+                      "builds": len(set(builds) - set(outcomes)), "references": len(set(references) - set(outcomes))})
     for bid in outcomes:
         if bid in builds:
             on_event("build", {"variant": builds[bid]["variant"]["name"], "status": "ok", "reused": True,

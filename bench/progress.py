@@ -71,9 +71,12 @@ class Progress:
 
     def event(self, kind: str, info: dict[str, Any]) -> None:
         if kind == "plan":
-            self._say(f"{info['cells']} cells ({info['done']} already done), {info['builds']} variant builds")
+            refs = info.get("references", 0)
+            self._say(f"{_count(info['cells'], 'cell')} ({info['done']} already done), "
+                      f"{_count(info['builds'], 'variant build')} to make"
+                      + (f", {_count(refs, 'drift reference pass', 'drift reference passes')}" if refs else ""))
             if self._bar:
-                self._task = self._bar.add_task("cells", total=info["todo"] + info["builds"])
+                self._task = self._bar.add_task("cells", total=info["todo"] + info["builds"] + refs)
         elif kind == "build":
             how = "reused" if info.get("reused") else f"built in {info.get('build_s') or 0:.1f} s"
             self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
@@ -99,3 +102,7 @@ class Progress:
         if self._bar and self._task is not None and counted and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)
             self._bar.refresh()
+
+
+def _count(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"

@@ -82,6 +82,17 @@ def test_quiet_progress_lines_show_the_cause(capsys):
     assert "failed (RuntimeError: CUDA error" in err and "roofline cuda: failed (RuntimeError" in err
 
 
+def test_the_plan_counts_builds_and_drift_reference_passes_apart(capsys):
+    with Progress(quiet=True) as progress:
+        progress.event("plan", {"cells": 3, "done": 1, "todo": 2, "builds": 1, "references": 2})
+        progress.event("plan", {"cells": 1, "done": 0, "todo": 1, "builds": 0, "references": 0})
+        progress.event("plan", {"cells": 2, "done": 0, "todo": 2, "builds": 2, "references": 1})
+    assert capsys.readouterr().err.splitlines() == [
+        "3 cells (1 already done), 1 variant build to make, 2 drift reference passes",
+        "1 cell (0 already done), 0 variant builds to make",
+        "2 cells (0 already done), 2 variant builds to make, 1 drift reference pass"]
+
+
 def test_a_cells_round_is_named_counting_from_one(capsys):
     with Progress(quiet=True) as progress:
         progress.event("cell", {**_cell("ok", None), "round": 0})
