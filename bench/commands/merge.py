@@ -29,6 +29,10 @@ def main(args: argparse.Namespace) -> int:
     if info["missing_shards"]:
         print(f"infermatrix merge: warning: shard {', '.join(info['missing_shards'])} not among the runs: its "
               "cells have no record in the merged run (run.json: missing_shards)", file=sys.stderr)
+    if info["roofline_differences"]:
+        print(f"infermatrix merge: warning: the runs measured different roofline ceilings "
+              f"({'; '.join(info['roofline_differences'])}): each record's fractions are of its own run's ceilings "
+              "(its metrics.roofline_ceilings; run.json: shard_rooflines, roofline_differences)", file=sys.stderr)
     for d in info["unfinished"]:
         print(f"infermatrix merge: warning: {d} never ended (interrupted, or still running): the merged run is "
               f"unfinished ('infermatrix run --resume {d}' completes it; merge again after)", file=sys.stderr)

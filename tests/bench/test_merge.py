@@ -40,7 +40,8 @@ def test_shards_merge_into_one_run_that_says_where_it_came_from(tmp_path):
     a = _shard(tmp_path, "a", [_ok("v0"), _ok("v1")], 1, started="2026-01-01T00:00:05Z", ended="2026-01-01T00:02:00Z")
     b = _shard(tmp_path, "b", [_ok("v2")], 2, started="2026-01-01T00:00:01Z", ended="2026-01-01T00:01:00Z")
     out = tmp_path / "merged"
-    assert merge_runs([a, b], out) == {"cells": 3, "out": str(out), "missing_shards": [], "unfinished": []}
+    assert merge_runs([a, b], out) == {"cells": 3, "out": str(out), "missing_shards": [], "unfinished": [],
+                                       "roofline_differences": []}
     assert [r["variant"] for r in read_records(out)] == ["v0", "v1", "v2"]
     meta = json.loads((out / RUN).read_text())
     assert meta["shard"] is None and meta["merged_from"] == [str(a), str(b)]
@@ -48,6 +49,55 @@ def test_shards_merge_into_one_run_that_says_where_it_came_from(tmp_path):
     assert (meta["started"], meta["ended"]) == ("2026-01-01T00:00:01Z", "2026-01-01T00:02:00Z")  # the span of both
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["merged_at"])
     assert "environment_differences" not in meta and meta["matrix_hash"] == "m"
+
+
+def _ceilings(bandwidth_gbps: float, tflops: dict[str, float]) -> dict:
+    """A device's ceilings as a run's roofline job stores them in run.json."""
+    return {"device": "cpu", "memory": {"copy_bytes": 2**28, "bandwidth_gbps": bandwidth_gbps},
+            "matmul": {dtype: {"n": 1024, "tflops": t} for dtype, t in tflops.items()}, "torch_threads": 2}
+
+
+def test_a_merge_keeps_every_runs_ceilings_and_names_those_that_differ(tmp_path, capsys):
+    """Seen: a merge kept shard 1's 15.9 GB/s in run.json while shard 2's fractions were of its own 20.5 GB/s."""
+    from bench.cli import main as cli
+
+    one, two = _ceilings(15.9, {"float32": 0.38, "bfloat16": 0.9}), _ceilings(20.5, {"float32": 0.38})
+    a = _shard(tmp_path, "a", [_ok("v0")], 1, roofline={"cpu": one})
+    b = _shard(tmp_path, "b", [_ok("v1")], 2, roofline={"cpu": two})
+    shard2 = read_records(b)
+    assert cli(["merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 0
+    meta = json.loads((tmp_path / "m" / RUN).read_text())
+    assert meta["roofline"] == {"cpu": one}  # the first run's: what the report shows and a resume reuses
+    assert meta["shard_rooflines"] == [{"run": str(a), "shard": "1/2", "roofline": {"cpu": one}},
+                                       {"run": str(b), "shard": "2/2", "roofline": {"cpu": two}}]
+    differences = [f"{b}: cpu matmul.bfloat16.tflops is None, 0.9 in {a}",
+                   f"{b}: cpu memory.bandwidth_gbps is 20.5, 15.9 in {a}"]
+    assert meta["roofline_differences"] == differences
+    assert "environment_differences" not in meta  # the timings the gate compares rest on no ceiling
+    assert [r for r in read_records(tmp_path / "m") if r["variant"] == "v1"] == shard2  # figures kept as measured
+    assert capsys.readouterr().err == (
+        f"infermatrix merge: warning: the runs measured different roofline ceilings ({'; '.join(differences)}): "
+        "each record's fractions are of its own run's ceilings (its metrics.roofline_ceilings; run.json: "
+        "shard_rooflines, roofline_differences)\n")
+
+
+def test_ceilings_are_compared_with_the_first_run_that_measured_the_device(tmp_path):
+    from bench.merge import merged_ceilings
+
+    cpu, gpu = _ceilings(15.9, {"float32": 0.38}), {**_ceilings(3000.0, {"float32": 50.0}), "device": "cuda"}
+    same = {**cpu, "torch_threads": 4, "memory": {**cpu["memory"], "copy_bytes": 1}}  # only the divisors count
+    runs = [{"shard": "1/3", "roofline": None}, {"shard": "2/3", "roofline": {"cpu": cpu}},
+            {"shard": "3/3", "roofline": {"cpu": same, "cuda": gpu}}]
+    dirs = [tmp_path / n for n in ("a", "b", "c")]
+    assert merged_ceilings(dirs, runs) == {
+        "roofline": {"cpu": cpu, "cuda": gpu},  # a device none measured before is taken where it was measured
+        "shard_rooflines": [{"run": str(d), "shard": r["shard"], "roofline": r["roofline"]}
+                            for d, r in zip(dirs, runs, strict=True)]}
+    assert merged_ceilings(dirs[:1], runs[:1]) == {"shard_rooflines": [
+        {"run": str(dirs[0]), "shard": "1/3", "roofline": None}]}  # no ceilings anywhere: no roofline made up
+    other = {"cpu": _ceilings(15.9, {"float32": 0.41})}
+    assert merged_ceilings(dirs, [*runs[:2], {"shard": "3/3", "roofline": other}])["roofline_differences"] == [
+        f"{dirs[2]}: cpu matmul.float32.tflops is 0.41, 0.38 in {dirs[1]}"]
 
 
 def test_runs_without_times_merge(tmp_path):
