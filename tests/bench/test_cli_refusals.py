@@ -41,3 +41,36 @@ def test_run_refuses_a_pseudo_filesystem_folder_before_anything_is_written(tmp_p
     proc = _cli("run", "--model", "synthetic:llama-tiny", "--variants", "fp32", "--out", out, flag, value, "--quiet")
     _refused(proc, f"infermatrix run: error: {cause}")
     assert not out.exists()
+
+
+# --- merge into a place that cannot hold the merged run --------------------------------------
+
+
+@pytest.fixture
+def shards(tmp_path) -> list[Path]:
+    """Two hand-made shard runs of one matrix (no cell runs)."""
+    from tests.bench.test_merge import _ok, _shard
+
+    return [_shard(tmp_path, "a", [_ok("v0")], 1), _shard(tmp_path, "b", [_ok("v1")], 2)]
+
+
+@pytest.mark.parametrize(("out", "folder"), [("/sys/x", "/sys"), ("/proc/x", "/proc")])
+def test_merge_into_a_pseudo_filesystem_is_one_line_naming_out(shards, out, folder):
+    _needs(folder)
+    _refused(_cli("merge", *shards, "--out", out), f"infermatrix merge: error: --out {out}: its folder {folder} "
+                                                   "is not writable")
+    assert not os.path.lexists(out)
+
+
+def test_merge_whose_output_fails_after_the_check_is_one_line_naming_out(shards, capsys, monkeypatch):
+    """A folder that passed the check but refuses the merged run's temporary sibling (it changed since, or
+    the check could not tell): exit 2 naming --out, not a PermissionError traceback.
+    """
+    from bench.cli import main
+
+    _needs("/sys")
+    monkeypatch.setattr("optimize.atomic.folder_problem", lambda folder: None)
+    assert main(["merge", *map(str, shards), "--out", "/sys/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("infermatrix merge: error: --out /sys/x: cannot write the merged run there (") \
+        and err.endswith(")\n") and err.count("\n") == 1, err
