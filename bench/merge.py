@@ -30,6 +30,8 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
 
     Allowed differences (hosted CI runners of one label often differ in CPU model) are
     recorded in the merged run.json as ``environment_differences``, which ``compare`` reports.
+    Roofline ceilings measured differently by the runs are recorded too (``merged_ceilings``), apart:
+    they change no timing the gate compares, only which ceiling each record's fractions are of.
     """
     if not run_dirs:
         raise InputError("merge needs at least one run directory")
@@ -66,7 +68,48 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
     if not (out / RUN).exists():
         raise InputError(f"--out {out} was filled by another process during the merge")
     return {"cells": info["cells"], "out": str(out), "missing_shards": missing,
-            "unfinished": [str(d) for d, r in zip(run_dirs, runs, strict=True) if not r.get("ended")]}
+            "unfinished": [str(d) for d, r in zip(run_dirs, runs, strict=True) if not r.get("ended")],
+            "roofline_differences": info["roofline_differences"]}
+
+
+# The measured figures a record's fractions divide by (``bench.metrics.roofline.cell_roofline``), by path in
+# a device's ceilings: the copy bandwidth, and each dtype's matmul rate.
+def _ceiling_figures(ceilings: dict[str, Any]) -> dict[str, Any]:
+    figures = {"memory.bandwidth_gbps": (ceilings.get("memory") or {}).get("bandwidth_gbps")}
+    for dtype, m in sorted((ceilings.get("matmul") or {}).items()):
+        figures[f"matmul.{dtype}.tflops"] = (m or {}).get("tflops")
+    return figures
+
+
+def merged_ceilings(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the merged run.json says of the runs' roofline ceilings.
+
+    Each run measured its own, and each record's fractions are of its own run's (the record keeps
+    them as ``metrics.roofline_ceilings``), so one ``roofline`` cannot stand for every cell:
+
+    - ``roofline``: per device, the ceilings of the first run that measured it (what the report shows
+      and a resume of the merged run reuses);
+    - ``shard_rooflines``: every run's ceilings, with its directory and shard;
+    - ``roofline_differences``: one line per figure a run measured differently from the first run that
+      measured that device, as ``environment_differences`` has them; left out when every cell shares one.
+
+    A device a run has no ceilings for gives its cells no fractions: no difference.
+    """
+    first: dict[str, tuple[Path, dict[str, Any]]] = {}
+    differences: list[str] = []
+    for d, run in zip(run_dirs, runs, strict=True):
+        for device, ceilings in sorted((run.get("roofline") or {}).items()):
+            if device not in first:
+                first[device] = (d, ceilings)
+                continue
+            where, theirs = first[device]
+            a, b = _ceiling_figures(theirs), _ceiling_figures(ceilings)
+            differences += [f"{d}: {device} {k} is {b.get(k)!r}, {a.get(k)!r} in {where}"
+                            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return {**({"roofline": {device: c for device, (_, c) in first.items()}} if first else {}),
+            "shard_rooflines": [{"run": str(d), "shard": r.get("shard"), "roofline": r.get("roofline")}
+                                for d, r in zip(run_dirs, runs, strict=True)],
+            **({"roofline_differences": differences} if differences else {})}
 
 
 def missing_shards(runs: list[dict[str, Any]]) -> list[str]:
@@ -139,7 +182,8 @@ def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], kept: dict[s
             append_record(out, record)
     first = runs[0]
     starts = [r["started"] for r in runs if r.get("started")]
-    merged = {**first, "shard": None, "merged_from": [str(d) for d in run_dirs],
+    ceilings = merged_ceilings(run_dirs, runs)
+    merged = {**first, **ceilings, "shard": None, "merged_from": [str(d) for d in run_dirs],
               "shards": [r.get("shard") for r in runs],
               # a shard that never ended leaves the merged run unfinished (its reports say so)
               "started": min(starts) if starts else None,
@@ -148,4 +192,4 @@ def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], kept: dict[s
               **({"environment_differences": differences} if differences else {}),
               **({"missing_shards": missing} if missing else {})}
     write_json_atomic(out / RUN, merged)
-    return {"cells": len(kept)}
+    return {"cells": len(kept), "roofline_differences": ceilings.get("roofline_differences", [])}
