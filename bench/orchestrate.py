@@ -88,11 +88,26 @@ def plan_run_dir(out: Path | None, matrix: Matrix) -> Path:
 
 
 def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse a directory that already holds a run, or that is a file (call with the run's lock held)."""
+    """Refuse a directory that already holds a run, that is a file, or that holds anything else (the
+    user's files, which a run would mix its own into). Called before the run's lock is taken and again
+    while holding it: the lock file, and a run.json write of a run killed before it was whole, are a
+    new run's own.
+    """
+    from bench.runlock import LOCK
+    from optimize.atomic import TMP_SUFFIX
+
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"--out {run_dir} is a file, not a directory")
     if (run_dir / RUN).exists():
         raise InputError(f"--out {run_dir} already holds a run; use --resume {run_dir} or another directory")
+    try:
+        names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+    except OSError as exc:
+        raise InputError(f"--out {run_dir}: cannot list it ({exc.strerror or exc})") from None
+    others = sorted(n for n in names if n != LOCK and not ((m := TMP_SUFFIX.search(n)) and n[:m.start()] == RUN))
+    if others:
+        raise InputError(f"--out {run_dir} exists and is not an empty directory (it holds {others[0]!r}"
+                         f"{f' and {len(others) - 1} more' if len(others) > 1 else ''}); give a new or empty one")
 
 
 def new_run_dir(out: Path | None, matrix: Matrix) -> Path:

@@ -74,3 +74,52 @@ def test_merge_whose_output_fails_after_the_check_is_one_line_naming_out(shards,
     err = capsys.readouterr().err
     assert err.startswith("infermatrix merge: error: --out /sys/x: cannot write the merged run there (") \
         and err.endswith(")\n") and err.count("\n") == 1, err
+
+
+# --- run --out: a new or empty directory, never a folder of the user's files ------------------
+
+
+def test_run_refuses_an_out_folder_holding_other_files_before_the_lock(tmp_path):
+    folder = tmp_path / "matrices"
+    folder.mkdir()
+    (folder / "a.toml").write_text("a")
+    (folder / "b.toml").write_text("b")
+    proc = _cli("run", "--model", "synthetic:llama-tiny", "--variants", "fp32", "--out", folder, "--quiet")
+    _refused(proc, f"infermatrix run: error: --out {folder} exists and is not an empty directory (it holds "
+                   "'a.toml' and 1 more); give a new or empty one")
+    assert sorted(p.name for p in folder.iterdir()) == ["a.toml", "b.toml"]  # no lock, run.json or logs/
+
+
+def test_run_into_a_finished_run_keeps_its_own_message(tmp_path):
+    run_dir = tmp_path / "done"
+    run_dir.mkdir()
+    (run_dir / "run.json").write_text("{}")
+    (run_dir / "results.jsonl").write_text("")
+    proc = _cli("run", "--model", "synthetic:llama-tiny", "--variants", "fp32", "--out", run_dir, "--quiet")
+    _refused(proc, f"infermatrix run: error: --out {run_dir} already holds a run; use --resume {run_dir} or "
+                   "another directory")
+
+
+def test_run_takes_an_existing_empty_out_folder(tmp_path):
+    """Accepted: the run goes on to its next check (here a hub id that cannot be fetched offline), and the
+    folder, which was there before, stays, empty again.
+    """
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    proc = _cli("run", "--model", "nosuch-org-zz/nosuch-zz", "--variants", "fp32", "--out", folder, "--quiet",
+                env={"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf")})
+    lines = proc.stderr.splitlines()
+    assert proc.returncode == 2 and lines[-1].startswith("infermatrix run: error: model 'nosuch-org-zz/nosuch-zz' "
+                                                          "is neither a built-in"), proc.stderr[-3000:]
+    assert folder.is_dir() and list(folder.iterdir()) == []
+
+
+def test_a_new_runs_own_lock_and_torn_run_json_do_not_make_its_folder_not_empty(tmp_path):
+    """What a run killed before its run.json was whole leaves: the same --out is taken again."""
+    from bench.orchestrate import check_new_run_dir
+    from bench.runlock import LOCK
+    from optimize.atomic import tmp_sibling
+
+    (tmp_path / LOCK).write_text("1\n")
+    tmp_sibling(tmp_path / "run.json").write_text("{")
+    check_new_run_dir(tmp_path)
