@@ -24,7 +24,7 @@ from typing import Any, Literal
 
 from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count, too_few_repetitions
 from bench.progress import error_cause
-from bench.report.table import Group, group_records
+from bench.report.table import Group, drift_on_random_weights, group_records
 from optimize.errors import InputError
 
 DRIFT_AXIS = "kld_mean"
@@ -420,7 +420,7 @@ def format_decisions(decisions: list[Decision]) -> str:
             if v.outcome != "chosen":
                 lines.append(f"  - {v.variant} [{v.outcome}]: {v.reason}")
         lines.append(f"  Pareto front ({d.objective.label} vs KLD): {front_text(d)}")
-        if any(r.get("drift_meaningful") is False for r in g.records()):
+        if any(drift_on_random_weights(r) for r in g.records()):
             lines.append(f"  note: {g.model} has random weights: its drift checks the mechanics, not accuracy")
         lines.append("")
     return "\n".join(lines)

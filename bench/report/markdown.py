@@ -15,6 +15,7 @@ from bench.report.table import (
     Group,
     Row,
     cpu_text,
+    drift_on_random_weights,
     drift_protocol_name,
     gpus_text,
     group_records,
@@ -214,8 +215,10 @@ def reading_notes(noisy_mark: str) -> list[str]:
 
 
 def random_weight_caveat(records: list[dict[str, Any]]) -> list[str]:
-    """A reading note for drift scored on models with random weights (``drift_meaningful: false``), raw text."""
-    models = list(dict.fromkeys(r["model"] for r in records if r.get("drift_meaningful") is False))
+    """A reading note for drift scored on models with random weights (``metrics.drift_meaningful: false``),
+    raw text.
+    """
+    models = list(dict.fromkeys(r["model"] for r in records if drift_on_random_weights(r)))
     if not models:
         return []
     return [f"Drift of {', '.join(models)} is scored on random weights: it checks the mechanics, not the "

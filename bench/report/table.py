@@ -246,6 +246,13 @@ def sweeps(records: list[dict[str, Any]]) -> dict[str, dict[tuple, list[tuple[in
             for axis, series in out.items()}
 
 
+def drift_on_random_weights(record: dict[str, Any]) -> bool:
+    """True when the record's drift was scored against a reference with random weights (a ``synthetic:``
+    model): its figures check the mechanics, not accuracy. The cell stores the flag among its metrics.
+    """
+    return (record.get("metrics") or {}).get("drift_meaningful") is False
+
+
 def drift_protocol_name(record: dict[str, Any]) -> str | None:
     """The drift protocol a record's figures were scored under; None without drift.
 

@@ -17,6 +17,7 @@ from bench.report.markdown import (
 )
 from bench.report.table import group_records
 from bench.report.write import render
+from tests.bench.example_records import example_records
 from tests.bench.records import record, write_run
 
 
@@ -150,8 +151,8 @@ def test_a_group_without_an_ok_reference_says_so_under_its_table(tmp_path):
 def test_drift_on_random_weights_is_called_out_once_in_each_report(tmp_path):
     records = [record("fp32", kld=0.0, steps=0), record("q8"), record("fp32", model="trained", kld=0.0, steps=0)]
     for r in records[:2]:
-        r["drift_meaningful"] = False
-    records[2]["drift_meaningful"] = True
+        r["metrics"]["drift_meaningful"] = False  # where a cell stores it
+    records[2]["metrics"]["drift_meaningful"] = True
     run = write_run(tmp_path / "run", records)
     caveat = ("Drift of tiny is scored on random weights: it checks the mechanics, not the variants' accuracy, yet "
               "the recommendations and Pareto fronts weigh it as they would a trained model's.")
@@ -209,6 +210,21 @@ def test_the_random_weight_caveat_names_every_such_model_once(tmp_path):
 
     records = [record("fp32", model=m) for m in ("a", "b", "a")] + [record("fp32", model="trained")]
     for r in records[:3]:
-        r["drift_meaningful"] = False
+        r["metrics"]["drift_meaningful"] = False
     (text,) = random_weight_caveat(records)
     assert text.startswith("Drift of a, b is scored on random weights")
+
+
+def test_the_caveat_reads_the_flag_where_cells_store_it(tmp_path):
+    """The committed example's records as its cells wrote them, then as a synthetic model's would read."""
+    records = example_records()
+    assert {r["metrics"]["drift_meaningful"] for r in records} == {True} and "drift_meaningful" not in records[0]
+    assert "random weights" not in render(write_run(tmp_path / "trained", records), "md")
+    for r in records:
+        r["metrics"]["drift_meaningful"] = False
+    run = write_run(tmp_path / "random", records)
+    caveat = ("Drift of builtin:pycode is scored on random weights: it checks the mechanics, not the variants' "
+              "accuracy, yet the recommendations and Pareto fronts weigh it as they would a trained model's.")
+    assert f"\n- {caveat}\n" in render(run, "md")
+    html_caveat = caveat.replace("'", "&#x27;")
+    assert f"<li>{html_caveat}</li>" in render(run, "html")

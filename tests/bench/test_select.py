@@ -9,6 +9,7 @@ import pytest
 from bench.cli import main
 from bench.select import constraints_from, format_decisions, parse_where, select
 from optimize.errors import InputError
+from tests.bench.example_records import example_records
 from tests.bench.records import record, write_run
 
 
@@ -72,7 +73,7 @@ def test_every_variant_violating_chooses_nothing_and_exits_1(tmp_path, capsys):
             "figure or breaks a constraint)") in out
     assert "random weights" not in out
     for r in recs:
-        r["drift_meaningful"] = False
+        r["metrics"]["drift_meaningful"] = False  # where a cell stores it
     assert main(["select", str(write_run(tmp_path / "random", recs))]) == 0
     assert "  note: tiny has random weights: its drift checks the mechanics, not accuracy\n" in capsys.readouterr().out
 
@@ -583,3 +584,17 @@ def test_one_side_on_too_few_repetitions_is_enough_to_tie_and_the_fewer_count_is
     d = _one([wide, slow] if few_first else [slow, wide])
     assert d.verdicts["slow"].reason.startswith("tied with wide within noise on decode tok/s")  # overlap says it
     assert "too few" not in d.verdicts["wide"].reason
+
+
+def test_a_run_on_random_weights_says_so_under_its_choice(tmp_path, capsys):
+    """Cells store ``drift_meaningful`` among their metrics; a synthetic model's records say false there."""
+    trained = example_records()
+    assert {r["metrics"]["drift_meaningful"] for r in trained} == {True} and "drift_meaningful" not in trained[0]
+    assert main(["select", str(write_run(tmp_path / "trained", trained))]) == 0
+    assert "random weights" not in capsys.readouterr().out
+    random = example_records()
+    for r in random:
+        r["metrics"]["drift_meaningful"] = False
+    assert main(["select", str(write_run(tmp_path / "random", random))]) == 0
+    out = capsys.readouterr().out
+    assert out.endswith("  note: builtin:pycode has random weights: its drift checks the mechanics, not accuracy\n")
