@@ -8,11 +8,13 @@ Per group (one model, device and scenario; see ``bench.report.table``):
    a bound loses with the figure and the bound;
 3. among the rest, the best objective value wins, but every cell whose objective interval
    (95% CI of the median) overlaps the best one's is *tied* with it: differences inside the
-   noise are not wins. Ties are broken by lower KLD, then lower peak memory, and the report
-   says so;
+   noise are not wins. So is every cell whose figure, or the best one's, rests on too few
+   repetitions for its interval to mean anything (*not told apart*). Ties are broken by lower
+   KLD, then lower peak memory; the choice is then not called best, and says so;
 4. the Pareto front is taken over the objective and KLD (speed against drift): a cell is
    dominated when another is at least as good on both (within noise) and clearly better
-   (intervals apart) on one.
+   (intervals apart) on one. A figure on too few repetitions is never judged at least as
+   good or as bad as another: a cell it belongs to is neither dominated nor dominating on it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,17 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from bench.catalogue import MIB, Metric, comparable, interval, metric, point, sample_count, too_few_repetitions
+from bench.catalogue import (
+    MIB,
+    MIN_CI_COVERAGE,
+    Metric,
+    comparable,
+    interval,
+    metric,
+    point,
+    sample_count,
+    too_few_repetitions,
+)
 from bench.progress import error_cause
 from bench.report.table import Group, drift_on_random_weights, group_records
 from optimize.errors import InputError
@@ -216,20 +228,26 @@ def _compare(record_a, record_b, m: Metric) -> int:
     return 1 if m.better(va, vb) else -1
 
 
+def _at_least_as_good(a: dict[str, Any], b: dict[str, Any], m: Metric) -> bool:
+    """True when a is clearly better than b, or tied with it where both figures rest on enough repetitions.
+
+    A tie of figures on too few repetitions says nothing either way (a 1-repetition interval has no
+    width), so it cannot make a the equal of b, let alone better.
+    """
+    c = _compare(a, b, m)
+    return c > 0 or (c == 0 and not too_few_repetitions(a, m.key) and not too_few_repetitions(b, m.key))
+
+
 def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
     """How a dominating record compares with b on one metric, in a verdict's words (never worse: it dominates)."""
     if _compare(dominator, b, m) > 0:
         return "better"
-    if point(dominator, m.key) == point(b, m.key):
-        return "equal"
-    few = _too_few(dominator, b, m)
-    return f"not told apart: {few}" if few else "tied within noise"
+    return "equal" if point(dominator, m.key) == point(b, m.key) else "tied within noise"
 
 
-def _tied_with(winner: dict[str, Any], others: list[dict[str, Any]], m: Metric) -> str:
-    names = ", ".join(o["variant"] for o in others)
-    few = [f for f in (_too_few(winner, o, m) for o in others) if f]
-    return f"tied with {names} (within noise, or {few[0]})" if few else f"tied within noise with {names}"
+# [min, max] of n repetitions holds the median with probability 1 - 2 / 2**n: the fewest whose interval
+# covers at least MIN_CI_COVERAGE (5 for 90%: 93.75%).
+REPETITIONS_NEEDED = next(n for n in range(1, 64) if 1 - 2 / 2**n >= MIN_CI_COVERAGE)
 
 
 def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
@@ -239,15 +257,27 @@ def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
         return None
     counts = [x for x in (sample_count(a, m.key), sample_count(b, m.key)) if x is not None]
     if not counts:
-        return "too few repetitions for an interval"
+        return f"too few repetitions for an interval, which needs {REPETITIONS_NEEDED}"
     n = min(counts)
-    return f"{n} repetition{'s are' if n != 1 else ' is'} too few for an interval"
+    return f"{n} repetition{'s are' if n != 1 else ' is'} too few for an interval, which needs {REPETITIONS_NEEDED}"
+
+
+def _level_with(winner: dict[str, Any], others: list[dict[str, Any]], m: Metric) -> str:
+    """'could not be told apart from fp32, bf16 (3 repetitions are too few ...) and tied within noise with
+    q8': how the winner's figure stands against each of ``others``, grouped by why it could not win on it.
+    """
+    why: dict[str | None, list[str]] = {}
+    for o in others:
+        why.setdefault(_too_few(winner, o, m), []).append(o["variant"])
+    parts = [f"could not be told apart from {', '.join(names)} ({few})" for few, names in why.items() if few]
+    if None in why:
+        parts.append(f"is tied within noise with {', '.join(why[None])}")
+    return " and ".join(parts)
 
 
 def dominates(a: dict[str, Any], b: dict[str, Any], axes: list[Metric]) -> bool:
     """Record a is at least as good as b on every axis (within noise) and clearly better on one."""
-    results = [_compare(a, b, m) for m in axes]
-    return all(r >= 0 for r in results) and any(r > 0 for r in results)
+    return all(_at_least_as_good(a, b, m) for m in axes) and any(_compare(a, b, m) > 0 for m in axes)
 
 
 def pareto_front(records: list[dict[str, Any]], axes: list[Metric]) -> list[dict[str, Any]]:
@@ -291,29 +321,26 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
     front = pareto_front(on_axes, axes) if on_axes else []
     d.front = [r["variant"] for r in front]
     best = max(feasible, key=lambda r: point(r, objective.key) * (1 if objective.direction == "higher" else -1))
-    tied = [r for r in feasible if r is best or _compare(r, best, objective) == 0]
-    winner = min(tied, key=lambda r: _tie_key(r, d.front, objective))
+    level = [r for r in feasible if r is best or _compare(r, best, objective) == 0]
+    winner = min(level, key=lambda r: _tie_key(r, d.front, objective))
     d.chosen = winner["variant"]
     dominated = {id(r) for r in on_axes if any(dominates(o, r, axes) for o in on_axes if o is not r)}
     # A variant tied on the objective but clearly worse on drift is dominated, not tied.
-    tied = [r for r in tied if r is winner or id(r) not in dominated]
+    tied = [r for r in level if r is winner or id(r) not in dominated]
     d.ties = [r["variant"] for r in tied if r is not winner]
     for r in feasible:
         name = r["variant"]
         v = Verdict(name, "lost", objective=point(r, objective.key), objective_ci=interval(r, objective.key))
         if r is winner:
             v.outcome = "chosen"
-            v.reason = f"best {objective.label}: {_describe(r, objective)}" + (
-                f"; {_tied_with(winner, [o for o in tied if o is not winner], objective)}; tie-break: "
-                + ", ".join(f"{_tie_reason(winner, o)} than {o['variant']}" for o in tied if o is not winner)
-                if d.ties else "")
+            v.reason = _chosen_reason(winner, [o for o in level if o is not winner], d.front, objective)
         elif r in tied:
             v.outcome = "tie"
             few = _too_few(r, winner, objective)
             v.reason = ((f"tied with {d.chosen} within noise" if not few else f"not told apart from {d.chosen}")
                         + f" on {objective.label} ({_describe(r, objective)} vs {_describe(winner, objective)}"
                         + (f"; {few}" if few else "")
-                        + f"); {d.chosen} won the tie-break: {_tie_reason(winner, r)}")
+                        + f"); {d.chosen} won the tie-break: {_tie_reason(winner, r, d.front, objective)}")
         else:
             dom = next((o for o in on_axes if dominates(o, r, axes)), None) if r in on_axes else None
             if dom is not None:
@@ -335,23 +362,46 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
 _RANK = {"chosen": 0, "tie": 1, "lost": 2, "violates": 3, "missing": 4, "skipped": 5, "failed": 6}
 
 
+def _chosen_reason(winner: dict[str, Any], level: list[dict[str, Any]], front: list[str], objective: Metric) -> str:
+    """Why the winner was chosen: its objective where it is clearly ahead of every other candidate; else
+    which candidates its figure could not be told apart from, and why, and that the tie-break chose.
+
+    ``level`` holds the candidates its objective could not tell from the best one (those dominated on
+    drift too): the tie-break, not the objective, is what put the winner before them.
+    """
+    if not level:
+        return f"best {objective.label}: {_describe(winner, objective)}"
+    why: dict[str, list[str]] = {}
+    for o in level:
+        why.setdefault(_tie_reason(winner, o, front, objective), []).append(o["variant"])
+    breaks = "; ".join(f"{reason} than {', '.join(names)}" if reason != FRONT_REASON
+                       else f"{reason}, unlike {', '.join(names)}" for reason, names in why.items())
+    return (f"{objective.label} {_describe(winner, objective)} {_level_with(winner, level, objective)}; "
+            f"the choice rests on the tie-break: {breaks}")
+
+
 def _tie_key(r, front: list[str], objective: Metric) -> tuple:
     kld, mem = point(r, DRIFT_AXIS), point(r, "peak_memory_bytes")
     obj = point(r, objective.key) * (-1 if objective.direction == "higher" else 1)
     return (r["variant"] not in front, math.inf if kld is None else kld, math.inf if mem is None else mem, obj)
 
 
-def _tie_reason(winner, loser) -> str:
+FRONT_REASON = "on the Pareto front"
+
+
+def _tie_reason(winner, loser, front: list[str], objective: Metric) -> str:
     """Why ``winner`` ranks before ``loser`` in ``_tie_key`` order (both tied on the objective).
 
-    The first key where they differ decides, in the winner's favour: a tied loser still in the
-    ties is not dominated, so it is on the Pareto front exactly when it has a KLD, and then so is
-    the winner (a front variant ranks first). Lower (or present against absent) KLD, then memory.
+    The first key where they differ decides, in the winner's favour. A loser off the Pareto front
+    either has no KLD or is dominated: where the winner's KLD is lower (or present against absent)
+    that is the reason, else being on the front is. Then lower memory, then the point value.
     """
-    for key, label in ((DRIFT_AXIS, "lower KLD"), ("peak_memory_bytes", "lower peak memory")):
-        if point(winner, key) != point(loser, key):
-            return label
-    return "better objective point value"
+    labels = (FRONT_REASON, "lower KLD", "lower peak memory", "better objective point value")
+    keys = zip(labels, _tie_key(winner, front, objective), _tie_key(loser, front, objective), strict=True)
+    label = next((label for label, w, lo in keys if w != lo), labels[-1])
+    if label == FRONT_REASON and _tie_key(winner, front, objective)[1] < _tie_key(loser, front, objective)[1]:
+        return "lower KLD"
+    return label
 
 
 def filter_records(records: list[dict[str, Any]], device: str | None = None,

@@ -183,8 +183,8 @@ def group_section(group: Group, index: int) -> str:
                  f"<li>Pareto front ({esc(d.objective.label)} against KLD): {esc(front_text(d))}</li>"]
         if dominated:
             short = ", ".join(f"{v.variant} (by {v.dominated_by})" for v in dominated)
-            items.append(f"<li>Dominated (no faster and less accurate, or no more accurate and slower): "
-                         f"{esc(short)}</li>")
+            items.append(f"<li>Dominated (another variant clearly better on {esc(d.objective.label)} or KLD and at "
+                         f"least as good, within noise, on the other): {esc(short)}</li>")
         why = "".join(f"<li><b>{esc(v.variant)}</b> [{esc(v.outcome)}]: {esc(v.reason)}</li>"
                       for v in d.verdicts.values() if v.outcome != "chosen")
         rec = ('<div class="rec"><b>Choice with no constraints</b> (<code>infermatrix select</code>; add '

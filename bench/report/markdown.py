@@ -188,7 +188,8 @@ def recommendation_lines(group: Group) -> list[str]:
     lines.append(f"- Pareto front ({d.objective.label} against KLD): {md_escape(front_text(d))}")
     dominated = [v for v in d.verdicts.values() if v.dominated_by]
     if dominated:
-        lines.append("- dominated (slower and less accurate, or equal on one and worse on the other): "
+        lines.append(f"- dominated (another variant clearly better on {md_escape(d.objective.label)} or KLD and at "
+                     "least as good, within noise, on the other): "
                      + "; ".join(f"{md_escape(v.variant)} (dominated by {md_escape(v.dominated_by)})"
                                  for v in dominated))
     return lines

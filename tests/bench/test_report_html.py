@@ -204,9 +204,11 @@ def test_status_cells_badge_the_outcome_and_a_drift_budget_overrun(page):
 def test_the_choice_box_names_the_choice_the_front_and_why_each_other_variant_lost(page):
     box = page.one("div", class_="rec")
     items = [li.text() for li in box.kids("ul")[0].kids("li")]
-    assert items == ["Recommended: q8: best decode tok/s: 180.0 [144.0, 216.0]",
+    assert items == ["Recommended: q8: decode tok/s 180.0 [144.0, 216.0] is tied within noise with q4; the choice "
+                     "rests on the tie-break: lower KLD than q4",
                      "Pareto front (decode tok/s against KLD): fp32, q8",
-                     "Dominated (no faster and less accurate, or no more accurate and slower): q4 (by q8)"]
+                     "Dominated (another variant clearly better on decode tok/s or KLD and at least as good, within "
+                     "noise, on the other): q4 (by q8)"]
     why = {li.one("b").text(): li.text() for li in box.one("details").all("li")}
     assert set(why) == {"fp32", "q4", "gpu", "broken"}
     assert why["fp32"].startswith("fp32 [lost]: decode tok/s 100.0 [98.0, 102.0] vs q8's 180.0")

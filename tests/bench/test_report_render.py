@@ -17,7 +17,7 @@ from bench.report.markdown import (
 )
 from bench.report.table import group_records
 from bench.report.write import render
-from tests.bench.example_records import example_records
+from tests.bench.example_records import example_records, first_repetitions
 from tests.bench.records import record, write_run
 
 
@@ -228,3 +228,24 @@ def test_the_caveat_reads_the_flag_where_cells_store_it(tmp_path):
     assert f"\n- {caveat}\n" in render(run, "md")
     html_caveat = caveat.replace("'", "&#x27;")
     assert f"<li>{html_caveat}</li>" in render(run, "html")
+
+
+def test_a_recommendation_on_too_few_repetitions_says_the_tie_break_chose_and_lists_nothing_as_dominated(tmp_path):
+    """The example's cells as they would read after 3 repetitions: bf16's median is the highest, yet fp32's
+    lower drift wins the tie; neither report calls bf16 slower or dominated.
+    """
+    records = [first_repetitions(r, 3) for r in example_records() if r["variant"] in ("fp32", "no-kv-cache", "bf16")]
+    run = write_run(tmp_path / "run", records)
+    reason = ("decode tok/s 173.1 [168.8, 180.7] could not be told apart from no-kv-cache, bf16 (3 repetitions are "
+              "too few for an interval, which needs 5); the choice rests on the tie-break: lower peak memory than "
+              "no-kv-cache; lower KLD than bf16")
+    md = render(run, "md")
+    assert (f"\n- **recommended: fp32**: {reason} (`infermatrix select` with no constraints; add `--max-kld` etc. for "
+            "yours)\n- Pareto front (decode tok/s against KLD): fp32, no-kv-cache, bf16\n\n## How to read this") in md
+    assert "dominated" not in md and "best" not in md
+    html = render(run, "html")
+    assert f"<li><b>Recommended: fp32</b>: {reason}</li>" in html and "Dominated" not in html
+    # Tied within noise on 5 repetitions and clearly more drift: dominated, in words that call it no slower.
+    md = render(write_run(tmp_path / "five", [r for r in example_records() if r["variant"] in ("fp32", "bf16")]), "md")
+    assert ("\n- dominated (another variant clearly better on decode tok/s or KLD and at least as good, within noise, "
+            "on the other): bf16 (dominated by fp32)\n") in md

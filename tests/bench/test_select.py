@@ -9,7 +9,7 @@ import pytest
 from bench.cli import main
 from bench.select import constraints_from, format_decisions, parse_where, select
 from optimize.errors import InputError
-from tests.bench.example_records import example_records
+from tests.bench.example_records import example_records, first_repetitions
 from tests.bench.records import record, write_run
 
 
@@ -32,10 +32,14 @@ def test_differences_inside_the_noise_are_ties_broken_by_drift_then_memory():
     d = _one([a, b])
     assert d.chosen == "a" and d.ties == ["b"]
     assert d.verdicts["b"].outcome == "tie" and "a won the tie-break: lower peak memory" in d.verdicts["b"].reason
-    assert "tied within noise with b" in d.verdicts["a"].reason
+    assert d.verdicts["a"].reason == ("decode tok/s 100.0 [90.0, 110.0] is tied within noise with b; the choice "
+                                      "rests on the tie-break: lower peak memory than b")
     c = record("c", decode=103, noise=0.1, kld=0.0005, peak_mib=900)
     d = _one([a, b, c])
     assert d.chosen == "c" and not d.ties  # tied on speed, clearly less drift: a and b are dominated
+    # not "best": b's median is higher, and drift, not speed, put c first
+    assert d.verdicts["c"].reason == ("decode tok/s 103.0 [92.7, 113.3] is tied within noise with a, b; the choice "
+                                      "rests on the tie-break: lower KLD than a, b")
     assert d.verdicts["a"].reason.startswith("dominated by c") and d.verdicts["b"].reason.startswith("dominated by c")
     assert [d.verdicts[v].dominated_by for v in "abc"] == ["c", "c", None]
     # The same medians measured tightly are a clear win for b.
@@ -331,8 +335,8 @@ def test_every_verdict_of_a_constrained_choice_word_for_word():
     assert format_decisions([d]) == "\n".join([
         "tiny on cpu: generate, batch 1, prompt 128, new 32",
         "  objective: decode tok/s (higher is better); constraints: --max-memory-mib 800, --where kld_mean<=0.05",
-        "  chosen: fp32: best decode tok/s: 100.0 [90.0, 110.0]; tied within noise with wide; tie-break: lower peak "
-        "memory than wide",
+        "  chosen: fp32: decode tok/s 100.0 [90.0, 110.0] is tied within noise with wide; the choice rests on the "
+        "tie-break: lower peak memory than wide",
         "  - wide [tie]: tied with fp32 within noise on decode tok/s (104.0 [93.6, 114.4] vs 100.0 [90.0, 110.0]); "
         "fp32 won the tie-break: lower peak memory",
         "  - slow [lost]: dominated by fp32 (decode tok/s 100.0 [90.0, 110.0] vs 50.0 [49.5, 50.5]: better; "
@@ -372,7 +376,7 @@ def test_tie_breaks_rank_a_variant_without_drift_last_and_say_why():
     recs = [r for r in _golden_records() if r["variant"] in ("fp32", "wide", "nokld")]
     (d,) = select(recs)
     assert d.chosen == "fp32" and d.ties == ["wide", "nokld"] and d.front == ["fp32", "wide"]
-    assert d.verdicts["fp32"].reason.endswith("tie-break: lower peak memory than wide, lower KLD than nokld")
+    assert d.verdicts["fp32"].reason.endswith("tie-break: lower peak memory than wide; lower KLD than nokld")
     assert d.verdicts["nokld"].reason.endswith("fp32 won the tie-break: lower KLD")
 
 
@@ -436,8 +440,9 @@ def test_lost_verdicts_say_whether_the_loser_is_on_the_front_and_what_dominated_
 def test_two_ties_are_listed_and_each_tie_break_named():
     recs = [r for r in _golden_records() if r["variant"] in ("fp32", "wide", "nokld")]
     (d,) = select(recs)
-    assert d.verdicts["fp32"].reason == ("best decode tok/s: 100.0 [90.0, 110.0]; tied within noise with wide, nokld; "
-                                         "tie-break: lower peak memory than wide, lower KLD than nokld")
+    assert d.verdicts["fp32"].reason == ("decode tok/s 100.0 [90.0, 110.0] is tied within noise with wide, nokld; "
+                                         "the choice rests on the tie-break: lower peak memory than wide; lower KLD "
+                                         "than nokld")
 
 
 def test_ranking_tied_variants_with_and_without_drift_or_memory_figures():
@@ -520,21 +525,27 @@ def test_every_broken_bound_is_named_and_a_drift_objective_is_one_axis():
 @pytest.mark.parametrize("reps", [1, 2, 4])
 def test_figures_on_too_few_repetitions_are_never_told_apart(reps):
     """One repetition gives a zero-width interval: 180 tok/s against 100 would read as a clear win."""
-    few = f"{reps} {'repetition is' if reps == 1 else 'repetitions are'} too few for an interval"
+    few = f"{reps} {'repetition is' if reps == 1 else 'repetitions are'} too few for an interval, which needs 5"
+    fast_ci, slow_ci = ("[180.0, 180.0]", "[100.0, 100.0]") if reps == 1 else ("[176.4, 183.6]", "[98.0, 102.0]")
     d = _one([record("fast", decode=180, kld=0.001, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
     assert d.chosen == "fast" and d.ties == ["slow"]  # tied; the better point value breaks the tie
-    assert d.verdicts["slow"].reason.startswith("not told apart from fast on decode tok/s (100.0")
-    assert d.verdicts["slow"].reason.endswith(f"; {few}); fast won the tie-break: better objective point value")
-    assert d.verdicts["fast"].reason.endswith(f"; tied with slow (within noise, or {few}); tie-break: better "
-                                              "objective point value than slow")
-    # tied on speed for want of repetitions, clearly less drift: the slower variant dominates
+    assert d.verdicts["slow"].reason == (f"not told apart from fast on decode tok/s (100.0 {slow_ci} vs 180.0 "
+                                         f"{fast_ci}; {few}); fast won the tie-break: better objective point value")
+    # not "best": the choice says the figures could not be told apart, why, and that the tie-break chose
+    assert d.verdicts["fast"].reason == (f"decode tok/s 180.0 {fast_ci} could not be told apart from slow ({few}); "
+                                         "the choice rests on the tie-break: better objective point value than slow")
+    # Tied on speed for want of repetitions, clearly less drift: the choice falls to the tie-break, and the
+    # faster median is neither dominated nor called slower.
     d = _one([record("fast", decode=180, kld=0.01, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
-    assert d.chosen == "slow" and not d.ties and d.verdicts["fast"].dominated_by == "slow"
-    assert f"vs 180.0 [180.0, 180.0]: not told apart: {few}; KLD mean" in d.verdicts["fast"].reason or reps > 1
-    assert f": not told apart: {few}; KLD mean 1.00e-03 vs 1.00e-02: better)" in d.verdicts["fast"].reason
+    assert d.chosen == "slow" and d.ties == ["fast"] and d.front == ["fast", "slow"]
+    assert d.verdicts["fast"].outcome == "tie" and d.verdicts["fast"].dominated_by is None
+    assert d.verdicts["fast"].reason == (f"not told apart from slow on decode tok/s (180.0 {fast_ci} vs 100.0 "
+                                         f"{slow_ci}; {few}); slow won the tie-break: lower KLD")
+    assert d.verdicts["slow"].reason == (f"decode tok/s 100.0 {slow_ci} could not be told apart from fast ({few}); "
+                                         "the choice rests on the tie-break: lower KLD than fast")
     five = _one([record("fast", decode=180, kld=0.01), record("slow", decode=100, kld=0.001)])
     assert five.chosen == "fast" and not five.ties  # 5 repetitions (93.75%) tell them apart
-    assert five.front == ["fast", "slow"]
+    assert five.front == ["fast", "slow"] and five.verdicts["fast"].reason == "best decode tok/s: 180.0 [176.4, 183.6]"
 
 
 def test_a_summary_without_its_count_still_says_why_two_figures_tie():
@@ -544,7 +555,7 @@ def test_a_summary_without_its_count_still_says_why_two_figures_tie():
     d = _one([a, b])
     assert d.ties == ["b"] and d.verdicts["b"].reason.startswith(
         "not told apart from a on decode tok/s (100.0 [100.0, 100.0] vs 180.0 [180.0, 180.0]; too few repetitions "
-        "for an interval)")
+        "for an interval, which needs 5)")
 
 
 def test_a_choice_on_an_unfinished_run_warns_that_cells_are_missing(tmp_path, capsys):
@@ -574,12 +585,13 @@ def test_one_side_on_too_few_repetitions_is_enough_to_tie_and_the_fewer_count_is
     slow = record("slow", decode=100, kld=0.001, reps=1)
     d = _one([slow, fast] if few_first else [fast, slow])
     assert d.chosen == "fast" and d.ties == ["slow"]
-    few = "1 repetition is too few for an interval"
+    few = "1 repetition is too few for an interval, which needs 5"
     assert d.verdicts["slow"].reason == ("not told apart from fast on decode tok/s (100.0 [100.0, 100.0] vs 180.0 "
                                          f"[176.4, 183.6]; {few}); fast won the tie-break: better objective point "
                                          "value")
-    assert d.verdicts["fast"].reason.endswith(f"tied with slow (within noise, or {few}); tie-break: better objective "
-                                              "point value than slow")
+    assert d.verdicts["fast"].reason == ("decode tok/s 180.0 [176.4, 183.6] could not be told apart from slow "
+                                         f"({few}); the choice rests on the tie-break: better objective point value "
+                                         "than slow")
     wide = record("wide", decode=180, kld=0.001, reps=5, noise=0.5)  # 90..270: the 1-repetition 100 is inside
     d = _one([wide, slow] if few_first else [slow, wide])
     assert d.verdicts["slow"].reason.startswith("tied with wide within noise on decode tok/s")  # overlap says it
@@ -598,3 +610,45 @@ def test_a_run_on_random_weights_says_so_under_its_choice(tmp_path, capsys):
     assert main(["select", str(write_run(tmp_path / "random", random))]) == 0
     out = capsys.readouterr().out
     assert out.endswith("  note: builtin:pycode has random weights: its drift checks the mechanics, not accuracy\n")
+
+
+def test_on_three_repetitions_the_choice_rests_on_the_tie_break_and_a_faster_median_is_not_dominated(
+        tmp_path, capsys):
+    """The example's cells as they would read after 3 repetitions: no speed difference can be told apart,
+    so nothing is "best" and bf16, whose median is the highest, is not called dominated by fp32.
+    """
+    records = [first_repetitions(r, 3) for r in example_records() if r["variant"] in ("fp32", "no-kv-cache", "bf16")]
+    assert main(["select", str(write_run(tmp_path / "run", records))]) == 0
+    few = "3 repetitions are too few for an interval, which needs 5"
+    assert capsys.readouterr().out.splitlines()[2:6] == [
+        f"  chosen: fp32: decode tok/s 173.1 [168.8, 180.7] could not be told apart from no-kv-cache, bf16 ({few}); "
+        "the choice rests on the tie-break: lower peak memory than no-kv-cache; lower KLD than bf16",
+        "  - no-kv-cache [tie]: not told apart from fp32 on decode tok/s (49.2 [49.1, 49.5] vs 173.1 [168.8, 180.7]; "
+        f"{few}); fp32 won the tie-break: lower peak memory",
+        "  - bf16 [tie]: not told apart from fp32 on decode tok/s (197.8 [191.9, 199.2] vs 173.1 [168.8, 180.7]; "
+        f"{few}); fp32 won the tie-break: lower KLD",
+        "  Pareto front (decode tok/s vs KLD): fp32, no-kv-cache, bf16"]
+    # Figures not told apart beside figures tied within noise: each is named with its reason.
+    records = [first_repetitions(r, 3) for r in example_records() if r["variant"] in ("fp32", "bf16", "prune-50")]
+    (d,) = select(records)
+    assert d.verdicts["fp32"].reason == (
+        f"decode tok/s 173.1 [168.8, 180.7] could not be told apart from bf16 ({few}) and is tied within noise with "
+        "prune-50; the choice rests on the tie-break: lower KLD than bf16, prune-50")
+    assert d.verdicts["prune-50"].outcome == "tie" and d.verdicts["prune-50"].dominated_by is None
+    # On all 5 repetitions bf16's speed is tied within noise with fp32's: dominated (fp32 clearly less drift).
+    (d,) = select([r for r in example_records() if r["variant"] in ("fp32", "bf16")])
+    assert d.verdicts["fp32"].reason == ("decode tok/s 176.5 [168.8, 184.0] is tied within noise with bf16; the "
+                                         "choice rests on the tie-break: lower KLD than bf16")
+    assert d.verdicts["bf16"].reason == ("dominated by fp32 (decode tok/s 176.5 [168.8, 184.0] vs 191.9 [181.9, "
+                                         "199.2]: tied within noise; KLD mean 0.00e+00 vs 1.26e-04: better)")
+
+
+def test_a_tie_won_by_being_on_the_front_says_so_rather_than_lower_drift():
+    """w and l tie on speed and nearly on drift; z dominates l (tied speed, clearly less drift), so l is off
+    the front and w, on it, wins although l's KLD point is lower: "lower KLD" would be false.
+    """
+    d = _one([record("w", decode=105, noise=0.05, kld=0.0100), record("l", decode=98, noise=0.03, kld=0.0099),
+              record("z", decode=97, noise=0.02, kld=0.001)])
+    assert d.front == ["w", "z"] and d.verdicts["l"].dominated_by == "z"
+    assert d.verdicts["w"].reason == ("decode tok/s 105.0 [99.8, 110.2] is tied within noise with l; the choice "
+                                      "rests on the tie-break: on the Pareto front, unlike l")
