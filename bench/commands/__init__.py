@@ -20,11 +20,16 @@ __all__ = ["folder_problem", "names", "nonempty", "output_dir", "output_file", "
 
 
 def names(flag: str, what: str):
-    """A comma list of names; an empty one is refused, never taken as the flag left out."""
+    """A comma list of names; an empty one is refused, never taken as the flag left out, and so is an
+    empty name in it (``fp32,,``: a name left out, or a stray comma; never dropped in silence).
+    """
     def parse(text: str) -> list[str]:
-        values = [x.strip() for x in text.split(",") if x.strip()]
-        if not values:
+        values = [x.strip() for x in text.split(",")]
+        if not any(values):
             raise argparse.ArgumentTypeError(f"{flag} names no {what}, got {text!r}")
+        if not all(values):
+            raise argparse.ArgumentTypeError(f"{flag} has an empty {what} name in {text!r} (a comma too many, "
+                                             "or a name left out)")
         return values
     return parse
 

@@ -18,15 +18,13 @@ from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
 
-def _list(text: str) -> list[str]:
-    return [x.strip() for x in text.split(",") if x.strip()]
-
-
 def _ints(flag: str):
-    """Comma-separated integers; their ranges are checked once, by the matrix, with the file's rules."""
+    """Comma-separated integers, none left out (``1,,8``); their ranges are checked once, by the matrix, with
+    the file's rules.
+    """
     def parse(text: str) -> list[int]:
         try:
-            values = [int(x) for x in _list(text)]
+            values = [int(x) for x in text.split(",")]
         except ValueError:
             values = []
         if not values:

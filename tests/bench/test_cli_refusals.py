@@ -123,3 +123,26 @@ def test_a_new_runs_own_lock_and_torn_run_json_do_not_make_its_folder_not_empty(
     (tmp_path / LOCK).write_text("1\n")
     tmp_sibling(tmp_path / "run.json").write_text("{")
     check_new_run_dir(tmp_path)
+
+
+# --- comma lists: an empty item is refused, never dropped -------------------------------------
+
+
+@pytest.mark.parametrize(("argv", "line"), [
+    (["run", "--variants", "fp32,,"], "infermatrix run: error: argument --variants: --variants has an empty variant "
+                                      "name in 'fp32,,' (a comma too many, or a name left out)"),
+    (["run", "--model", ",synthetic:llama-tiny", "--variants", "fp32"],
+     "infermatrix run: error: argument --model: --model has an empty model name in ',synthetic:llama-tiny' (a comma "
+     "too many, or a name left out)"),
+    (["build", "--variants", "fp32, ,bf16"], "infermatrix build: error: argument --variants: --variants has an empty "
+                                             "variant name in 'fp32, ,bf16' (a comma too many, or a name left out)"),
+    (["run", "--variants", "fp32", "--batch-size", "1,,8"],
+     "infermatrix run: error: argument --batch-size: --batch-size takes comma-separated integers, got '1,,8'"),
+])
+def test_an_empty_item_in_a_comma_list_is_refused_naming_the_flag(tmp_path, argv, line):
+    blocker = tmp_path / "afile"  # a cache that is a file: a later refusal, so that a regression runs no cell
+    blocker.write_text("x")
+    command = argv[0]
+    proc = _cli(*argv, "--cache-dir", blocker, *(["--out", tmp_path / "out"] if command == "run" else []))
+    _refused(proc, f"{line} (see 'infermatrix {command} --help')")
+    assert sorted(tmp_path.iterdir()) == [blocker]
