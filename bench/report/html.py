@@ -22,7 +22,7 @@ from bench.report.markdown import (
     reading_notes,
     run_facts,
 )
-from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_basis, speedup_text, sweeps
+from bench.report.table import NOISY_REL_CI, Group, Row, group_records, speedup_basis, speedup_parts, sweeps
 from bench.select import decide, default_objective, front_text
 
 
@@ -116,6 +116,10 @@ SCRIPT = """
 """
 
 
+SPEEDUP_NOISY = (f"noisy: its interval is wider than {NOISY_REL_CI:.0%} of the ratio, or the reference's or this "
+                 "variant's figure rests on fewer than 5 repetitions")
+
+
 def _num_attr(value: float | None) -> str:
     return "" if value is None or (isinstance(value, float) and not math.isfinite(value)) else repr(float(value))
 
@@ -123,10 +127,12 @@ def _num_attr(value: float | None) -> str:
 def _cell(row: Row, key: str) -> str:
     if key == "speedup":
         v = row.speedup[0] if row.speedup else None
-        text = speedup_text(row)
-        main, _, ci = text.partition(" ")
+        main, ci = speedup_parts(row)
         ci_html = f' <span class="ci">{esc(ci)}</span>' if ci else ""
-        return f'<td class="num" data-v="{_num_attr(v)}">{esc(main)}{ci_html}</td>'
+        if not row.speedup_noisy:
+            return f'<td class="num" data-v="{_num_attr(v)}">{esc(main)}{ci_html}</td>'
+        return (f'<td class="num noisy" data-v="{_num_attr(v)}" title="{esc(SPEEDUP_NOISY)}">{esc(main)} '
+                f'<span class="mark">~</span>{ci_html}</td>')
     if key == "status":
         drift = row.drift_text()
         badge = f'<span class="badge {esc(row.status)}">{esc(row.status)}</span>'
@@ -200,7 +206,7 @@ def group_section(group: Group, index: int) -> str:
     ])
     return (f'<section id="g{index}"><h2>{esc(group.title)}</h2>{rec}{group_table(group, d.chosen)}'
             f'<p class="note">Speedup: {esc(speedup_basis(group))} <code>~</code>: 95% interval wider than '
-            f'{NOISY_REL_CI:.0%} of the value.</p>'
+            f'{NOISY_REL_CI:.0%} of the value, or fewer than 5 repetitions (a speedup: on either side).</p>'
             f'<div class="figs">{figs}</div></section>')
 
 

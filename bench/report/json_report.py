@@ -29,7 +29,8 @@ def json_text(run: dict, records: list[dict]) -> str:
                          "error": row.record.get("error"), "rounds": row.record.get("rounds"),
                          "drift_ok": row.record.get("drift_ok"),
                          "drift_protocol": drift_protocol_name(row.record),
-                         "speedup": [_clean(x) for x in row.speedup] if row.speedup else None, "metrics": figs})
+                         "speedup": [_clean(x) for x in row.speedup] if row.speedup else None,
+                         "speedup_noisy": row.speedup_noisy if row.speedup else None, "metrics": figs})
         groups.append({"model": g.model, "device": g.device, "scenario": g.scenario, "reference": g.reference,
                        "speedup_metric": g.speedup_metric, "rows": rows,
                        "selection": decide(g, default_objective(g), []).to_dict()})

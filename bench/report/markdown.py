@@ -203,7 +203,8 @@ def reading_notes(noisy_mark: str) -> list[str]:
         "the interval is then their [min, max], which holds the median 93.75% of the time at 5, 87.5% at 4.",
         f"{noisy_mark} marks a noisy figure: its 95% interval is wider than {NOISY_REL_CI:.0%} of its value "
         "(something else ran, or too few repetitions), or it rests on fewer than 5 repetitions (an interval "
-        f"covering under {MIN_CI_COVERAGE:.0%}; of one repetition it has no width). Differences inside "
+        f"covering under {MIN_CI_COVERAGE:.0%}; of one repetition it has no width); a speedup, when its "
+        "interval is that wide against its ratio or either side rests on so few. Differences inside "
         "overlapping intervals, or between such figures, are ties.",
         "roofline: the decode step's bytes (weights, and the KV cache of every sequence) x steps/s over the "
         "copy bandwidth measured at the start of the run; prefill FLOP frac: the prompt pass's FLOP/s (counted "

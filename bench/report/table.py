@@ -48,12 +48,17 @@ class Figure:
         return (self.ci[1] - self.ci[0]) / abs(self.value)
 
     @property
+    def too_few_repetitions(self) -> bool:
+        """The interval rests on too few repetitions to say anything (of 1 repetition it has no width)."""
+        return self.value is not None and self.coverage is not None and self.coverage < MIN_CI_COVERAGE
+
+    @property
     def noisy(self) -> bool:
         # Drift intervals come from standard errors over thousands of tokens: not run noise.
         if METRICS[self.key].kind == "drift":
             return False
-        if self.value is not None and self.coverage is not None and self.coverage < MIN_CI_COVERAGE:
-            return True  # too few repetitions: the interval (of 1 repetition: no width at all) says nothing
+        if self.too_few_repetitions:
+            return True
         width = self.rel_ci_width
         return width is not None and width > NOISY_REL_CI
 
@@ -70,6 +75,7 @@ class Row:
     record: dict[str, Any]
     figures: dict[str, Figure]
     speedup: tuple[float, float, float] | None = None  # (ratio, low, high) of reference / variant latency
+    speedup_noisy: bool = False  # marked as a figure is: interval wider than NOISY_REL_CI, or too few repetitions
 
     @property
     def variant(self) -> str:
@@ -188,6 +194,17 @@ def _add_speedups(group: Group) -> None:
         samples = (row.record.get("samples") or {}).get(key)
         low, high = speedup_interval(ref_samples, samples, ref.record, row.record, key)
         row.speedup = (ref_p50 / value, low, high)
+        row.speedup_noisy = row is not ref and speedup_noisy(row.speedup, ref.figures[key], row.figures[key])
+
+
+def speedup_noisy(speedup: tuple[float, float, float], ref: Figure, var: Figure) -> bool:
+    """The rule a figure is marked by, for a ratio of two: either side rests on too few repetitions, or the
+    ratio's interval is wider than ``NOISY_REL_CI`` of it. A ratio without an interval is judged on the first.
+    """
+    ratio, low, high = speedup
+    if ref.too_few_repetitions or var.too_few_repetitions:
+        return True
+    return math.isfinite(low) and math.isfinite(high) and ratio > 0 and (high - low) / ratio > NOISY_REL_CI
 
 
 def speedup_interval(ref_samples, var_samples, ref_record, var_record, key) -> tuple[float, float]:
@@ -218,15 +235,22 @@ def _numbers(values) -> bool:
                                             and math.isfinite(v) for v in values)
 
 
-def speedup_text(row: Row) -> str:
+def speedup_parts(row: Row) -> tuple[str, str]:
+    """The speedup as (ratio, interval) texts: ("1.21x", "[1.18, 1.24]"), ("1.00x", "(ref)"), ("1.25x", "")."""
     if row.speedup is None:
-        return "-"
+        return "-", ""
     ratio, low, high = row.speedup
     if math.isnan(low):
-        return f"{ratio:.2f}x"
+        return f"{ratio:.2f}x", ""
     if low == high == 1.0:
-        return "1.00x (ref)"
-    return f"{ratio:.2f}x [{low:.2f}, {high:.2f}]"
+        return "1.00x", "(ref)"
+    return f"{ratio:.2f}x", f"[{low:.2f}, {high:.2f}]"
+
+
+def speedup_text(row: Row) -> str:
+    """'1.21x [1.18, 1.24]', with ' ~' where it is noisy, as a figure's text is."""
+    main, ci = speedup_parts(row)
+    return main + (f" {ci}" if ci else "") + (" ~" if row.speedup_noisy else "")
 
 
 def sweeps(records: list[dict[str, Any]]) -> dict[str, dict[tuple, list[tuple[int, dict[str, Any]]]]]:

@@ -16,6 +16,7 @@ import pytest
 
 from bench.report import plots
 from bench.report.write import render
+from tests.bench.example_records import example_records, first_repetitions
 from tests.bench.records import record, write_run
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "reports" / "example"
@@ -303,7 +304,8 @@ def test_one_scenario_gets_no_contents_list_and_its_four_figures(page, drawn):
     assert all(len(f.kids("svg")) == 1 for f in section.all("figure"))
     note = section.one("p", class_="note").text()
     assert note == ("Speedup: fp32 p50 e2e_ms / the variant's, with a bootstrap 95% interval. "
-                    "~: 95% interval wider than 10% of the value.")
+                    "~: 95% interval wider than 10% of the value, or fewer than 5 repetitions (a speedup: on either "
+                    "side).")
     notes = [li.text() for li in page.all("ul", class_="notes")[0].kids("li")]
     assert notes[1].startswith("~ marks a noisy figure: its 95% interval is wider than 10%")
     extra = [li.text() for li in page.all("ul", class_="notes")[1].kids("li")]
@@ -351,3 +353,18 @@ def test_a_figure_on_too_few_repetitions_says_how_often_its_interval_holds_the_m
     assert one.attrs["title"] == ("95% CI width 0% of the value (noisy above 10%); it holds the median 0.00% of the "
                                   "time (1 repetition)")
     assert two.attrs["title"].endswith("; it holds the median 50.00% of the time (2 repetitions)")
+
+
+def test_a_speedup_on_too_few_repetitions_is_marked_and_shaded_as_a_figure_is(tmp_path):
+    """The example's fp32 and bf16 cells as they would read after 2 repetitions."""
+    records = [first_repetitions(r, 2) for r in example_records() if r["variant"] in ("fp32", "bf16")]
+    page = parse(render(write_run(tmp_path / "run", records), "html"))
+    table = page.one("table", class_="sortable")
+    i = [th.text() for th in table.one("thead").all("th")].index("speedup")
+    rows = _rows(table)
+    cell, ref = rows["bf16"][i], rows["fp32"][i]
+    assert cell.attrs["class"] == "num noisy" and cell.text() == "1.14x ~ [1.10, 1.18]"
+    assert cell.one("span", class_="mark").text() == "~" and cell.one("span", class_="ci").text() == "[1.10, 1.18]"
+    assert cell.attrs["title"] == ("noisy: its interval is wider than 10% of the ratio, or the reference's or this "
+                                   "variant's figure rests on fewer than 5 repetitions")
+    assert ref.attrs["class"] == "num" and ref.text() == "1.00x (ref)"

@@ -7,8 +7,10 @@ import math
 import pytest
 
 from bench.report.table import group_records, speedup_interval, speedup_text
+from bench.report.write import render
 from bench.stats import summarize
-from tests.bench.records import record
+from tests.bench.example_records import example_records, first_repetitions
+from tests.bench.records import record, write_run
 
 
 def _with_e2e(variant: str, samples: list[float], steps: int = 1, **kw) -> dict:
@@ -126,3 +128,32 @@ def test_rows_without_samples_take_the_interval_ends_of_their_figure():
     ratio, low, high = rows["v"].speedup
     assert (low, high) == (300.0 / 170.0, 340.0 / 150.0) and ratio == pytest.approx(
         ref["metrics"]["e2e_ms"]["p50"] / var["metrics"]["e2e_ms"]["p50"])
+
+
+def _example(*variants: str, reps: int | None = None) -> list[dict]:
+    records = [r for r in example_records() if r["variant"] in variants]
+    return [first_repetitions(r, reps) for r in records] if reps else records
+
+
+def test_a_speedup_resting_on_too_few_repetitions_is_marked_however_narrow_its_interval(tmp_path):
+    """The example's cells as they would read after 2 repetitions: the row's every other timing is marked,
+    and so is its speedup, whose interval is 7% wide.
+    """
+    records = _example("fp32", "bf16", reps=2)
+    _, rows = _rows(records)
+    assert speedup_text(rows["bf16"]) == "1.14x [1.10, 1.18] ~" and rows["bf16"].speedup_noisy
+    assert speedup_text(rows["fp32"]) == "1.00x (ref)" and not rows["fp32"].speedup_noisy  # exact by definition
+    run = write_run(tmp_path / "run", records)
+    bf16 = next(line for line in render(run, "md").splitlines() if line.startswith("| bf16 |"))
+    assert bf16.startswith("| bf16 | 13.46 [13.33, 13.59] ~ | 5.12 [5.02, 5.21] ~ | 2 | 1.14x [1.10, 1.18] ~ | ")
+    (group,) = __import__("json").loads(render(run, "json"))["groups"]
+    assert {row["variant"]: row["speedup_noisy"] for row in group["rows"]} == {"fp32": False, "bf16": True}
+    # One side is enough: the reference on 2 repetitions, the variant on all 5.
+    _, rows = _rows(_example("fp32", reps=2) + _example("bf16"))
+    assert rows["bf16"].speedup_noisy
+
+
+def test_a_speedup_is_marked_when_its_interval_is_wider_than_a_tenth_of_it_as_a_figure_is():
+    _, rows = _rows(_example("fp32", "bf16", "torch-int8-dynamic"))
+    assert speedup_text(rows["bf16"]) == "1.12x [1.04, 1.18] ~"  # 12.5% of the ratio, on 5 repetitions a side
+    assert speedup_text(rows["torch-int8-dynamic"]) == "1.15x [1.09, 1.19]"  # 8.7%

@@ -249,7 +249,7 @@ def test_report_json_rows_carry_their_figures_rounds_and_choice(tmp_path):
     assert (group["model"], group["device"], group["reference"]) == ("tiny", "cpu", "fp32")
     rows = {r["variant"]: r for r in group["rows"]}
     assert set(rows["int8"]) == {"variant", "cell_id", "status", "error", "rounds", "drift_ok", "drift_protocol",
-                                 "speedup", "metrics"}
+                                 "speedup", "speedup_noisy", "metrics"}
     fp32, int8 = rows["fp32"], rows["int8"]
     assert (int8["cell_id"], int8["status"], int8["error"], int8["drift_ok"]) == (
         _round("int8", 0, 1.0)["cell_id"], "ok", None, True)
