@@ -28,6 +28,28 @@ def _drift_flag(r: dict[str, Any]) -> str:
     return "ok" if r["drift_ok"] else "OVER" if r.get("drift_violations") else "error"
 
 
+def drift_lines(records: list[dict[str, Any]]) -> list[str]:
+    """One line per variant whose drift failed the run's check (``run`` exits 1 for it; the table only flags it):
+    each limit of the matrix's budget it broke, as the cell recorded it, or why drift failed.
+
+    Drift is measured once per variant and shared by its cells, so a variant's cells repeat its line once.
+    A variant is named alone unless the run holds more than one model or device.
+    """
+    from bench.progress import error_cause
+
+    several = len({(r["model"], r["device"]) for r in records}) > 1
+    lines = []
+    for r in records:
+        if r.get("drift_ok") is not False:
+            continue
+        name = f"{r['variant']} ({r['model']}, {r['device']})" if several else r["variant"]
+        if r.get("drift_violations"):
+            lines.append(f"{name} over its drift budget: {'; '.join(r['drift_violations'])}")
+        else:
+            lines.append(f"{name} drift failed: {error_cause(r.get('drift_error'))[:200] or '(no error recorded)'}")
+    return list(dict.fromkeys(lines))
+
+
 def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     from rich.console import Console
     from rich.markup import escape
@@ -47,4 +69,6 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     for r in records:
         if r["status"] != "ok" and r.get("error"):
             console.print(f"{r['variant']} ({r['status']}): {error_cause(r['error'])[:200]}", markup=False)
+    for line in drift_lines(records):
+        console.print(line, markup=False)
     print(f"results: {run_dir / 'results.jsonl'}")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from bench.metrics.drift_config import DriftBudget
 from bench.metrics.load import noise_mark
 from bench.stats import summarize
 
@@ -53,4 +54,34 @@ def first_repetitions(record: dict[str, Any], k: int) -> dict[str, Any]:
     rec.pop("noisy", None)
     rec.pop("noise", None)
     rec.update(noise_mark(s, repeat["target_rel_ci"]))
+    return rec
+
+
+def under_drift_budget(record: dict[str, Any], budget: DriftBudget) -> dict[str, Any]:
+    """``record`` as its cell would have written it under the matrix's drift ``budget``: the budget checks the
+    drift figures and the record states the limits broken (``bench.metrics.drift_cell``, ``bench.cell``).
+    """
+    rec = copy.deepcopy(record)
+    violations = budget.check(rec["metrics"])
+    rec.update(drift_ok=not violations, drift_violations=violations)
+    return rec
+
+
+# Metrics the drift measurement adds beside those of kind "drift" (bench.metrics.drift_cell).
+DRIFT_INFO = ("drift_meaningful", "drift_through_cache", "drift_wall_s", "scored_tokens")
+
+
+def with_drift_failed(record: dict[str, Any], exc: BaseException) -> dict[str, Any]:
+    """``record`` as its cell would have written it had the drift measurement raised ``exc``: no drift figures
+    or method, ``drift_ok`` false and the traceback's tail in ``drift_error`` (``bench.cell``).
+    """
+    from bench.catalogue import METRICS
+    from bench.cell import error_tail
+
+    rec = copy.deepcopy(record)
+    rec["metrics"] = {k: v for k, v in rec["metrics"].items()
+                      if k not in DRIFT_INFO and (k not in METRICS or METRICS[k].kind != "drift")}
+    rec["method"].pop("drift", None)
+    rec.pop("drift_violations", None)
+    rec.update(drift_ok=False, drift_error=error_tail(exc))
     return rec
