@@ -238,24 +238,24 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
         raise _err(f"{where} [measure]", "roofline", f"must be true or false, got {roofline!r}")
     base = MeasureConfig()
     for key, value in raw.items():
-        if key == "roofline":
-            continue
+        if key in ("roofline", "rounds", "timeout_s") or key in repeat_fields:
+            continue  # checked below, each with its own range
         if not _number(value) or value < 0:
             raise _err(f"{where} [measure]", key, f"must be a finite non-negative number, got {value!r}")
-        default = getattr(base.repeat, key, None) if key in repeat_fields else getattr(base, key)
-        if isinstance(default, int) and not isinstance(value, int):
+        if isinstance(getattr(base, key), int) and not isinstance(value, int):
             raise _err(f"{where} [measure]", key, f"must be an integer, got {value!r}")
-    if "timeout_s" in raw and raw["timeout_s"] <= 0:
-        raise _err(f"{where} [measure]", "timeout_s", f"must be > 0 seconds, got {raw['timeout_s']!r}")
+    if "timeout_s" in raw and not (_number(raw["timeout_s"]) and raw["timeout_s"] > 0):
+        raise _err(f"{where} [measure]", "timeout_s",
+                   f"must be a finite number of seconds > 0, got {raw['timeout_s']!r}")
     rounds = raw.get("rounds", base.rounds)
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise _err(f"{where} [measure]", "rounds", f"must be a whole number >= 1, got {rounds!r}")
-    repeat = dataclasses.replace(base.repeat, **{k: type(getattr(base.repeat, k))(v) for k, v in raw.items()
-                                                  if k in repeat_fields})
+    repeat = dataclasses.replace(base.repeat, **{k: v for k, v in raw.items() if k in repeat_fields})
     try:
-        repeat.validate()
+        repeat.validate({k: f"'{k}'" for k in repeat_fields})
     except InputError as exc:
         raise InputError(f"{where} [measure]: {exc}") from None
+    repeat = dataclasses.replace(repeat, budget_s=float(repeat.budget_s), target_rel_ci=float(repeat.target_rel_ci))
     return MeasureConfig(repeat=repeat, timeout_s=float(raw.get("timeout_s", base.timeout_s)),
                          seed=int(raw.get("seed", base.seed)), roofline=roofline, rounds=rounds,
                          threads=raw.get("threads", base.threads))
@@ -423,7 +423,7 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
             for i, s in enumerate(matrix.scenarios))
     if repeat or timeout_s is not None or threads is not None:
         rep = dataclasses.replace(matrix.measure.repeat, **(repeat or {}))
-        rep.validate()
+        rep.validate({k: f"--{k.replace('_', '-')}" for k in repeat or {}})  # the flags given, by name
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InputError(f"threads must be a whole number >= 0 (0: torch's default), got {threads!r}")
         if timeout_s is not None and not (_number(timeout_s) and timeout_s > 0):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,6 +106,12 @@ def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSam
     return GenerateSample(token_ms=times[:-1], e2e_ms=times[-1])
 
 
+# What each repetition setting allows, as its error says it.
+REPEAT_ALLOWED = {"warmup": "a whole number >= 0", "min_reps": "a whole number >= 1",
+                  "max_reps": "a whole number >= 1", "budget_s": "a finite number of seconds >= 0",
+                  "target_rel_ci": "a number >= 0 and < 1 (0: no early stop)"}
+
+
 @dataclass(frozen=True)
 class RepeatConfig:
     """Warm-up and repetition policy (llama-bench: 1 warm-up, 5 repetitions by default)."""
@@ -121,16 +127,36 @@ class RepeatConfig:
     # (0 turns it off); a cell that ends wider than this is marked noisy.
     target_rel_ci: float = 0.05
 
-    def validate(self) -> None:
+    def validate(self, names: Mapping[str, str] | None = None) -> None:
+        """Raise ``InputError`` for the first setting out of its range, naming it as ``names`` spells it (a
+        flag, a matrix key; the field's own name by default), with the value given and what is allowed.
+        """
         import math
 
         from optimize.errors import InputError
 
-        if not all(math.isfinite(v) for v in (self.budget_s, self.target_rel_ci)) or self.warmup < 0 or \
-                self.min_reps < 1 or self.max_reps < self.min_reps or self.budget_s < 0 or \
-                not 0 <= self.target_rel_ci < 1:
-            raise InputError("repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, budget_s >= 0, "
-                             f"0 <= target_rel_ci < 1; got {self}")
+        def name(field: str) -> str:
+            return (names or {}).get(field, field)
+
+        def whole(value: Any, low: int) -> bool:
+            return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+        def finite(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        ok = {"warmup": whole(self.warmup, 0), "min_reps": whole(self.min_reps, 1),
+              "max_reps": whole(self.max_reps, 1), "budget_s": finite(self.budget_s) and self.budget_s >= 0,
+              "target_rel_ci": finite(self.target_rel_ci) and 0 <= self.target_rel_ci < 1}
+        for field_name, good in ok.items():
+            if not good:
+                raise InputError(f"{name(field_name)} must be {REPEAT_ALLOWED[field_name]}, "
+                                 f"got {getattr(self, field_name)!r}")
+        if self.min_reps > self.max_reps and "max_reps" in (names or {}) and "min_reps" not in names:
+            raise InputError(f"{name('max_reps')} must be >= {name('min_reps')} ({self.min_reps}), "
+                             f"got {self.max_reps}")  # the setting given is the one named wrong
+        if self.min_reps > self.max_reps:
+            raise InputError(f"{name('min_reps')} must be <= {name('max_reps')} ({self.max_reps}), "
+                             f"got {self.min_reps}")
 
 
 @dataclass

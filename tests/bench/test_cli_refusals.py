@@ -146,3 +146,33 @@ def test_an_empty_item_in_a_comma_list_is_refused_naming_the_flag(tmp_path, argv
     proc = _cli(*argv, "--cache-dir", blocker, *(["--out", tmp_path / "out"] if command == "run" else []))
     _refused(proc, f"{line} (see 'infermatrix {command} --help')")
     assert sorted(tmp_path.iterdir()) == [blocker]
+
+
+# --- repetition settings: the flag or key, the value and the true range -----------------------
+
+
+@pytest.mark.parametrize(("flags", "cause"), [
+    (["--min-reps", "0"], "--min-reps must be a whole number >= 1, got 0"),
+    (["--warmup", "-1"], "--warmup must be a whole number >= 0, got -1"),
+    (["--max-reps", "2"], "--max-reps must be >= min_reps (5), got 2"),  # the default matrix's min_reps
+    (["--min-reps", "3", "--max-reps", "2"], "--min-reps must be <= --max-reps (2), got 3"),
+])
+def test_repetition_flags_out_of_range_name_the_flag_and_value(tmp_path, flags, cause):
+    proc = _cli("run", "--model", "synthetic:llama-tiny", "--variants", "fp32", "--out", tmp_path / "out", *flags)
+    _refused(proc, f"infermatrix run: error: {cause}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("line", "cause"), [
+    ("min_reps = 0", "'min_reps' must be a whole number >= 1, got 0"),
+    ("min_reps = -1", "'min_reps' must be a whole number >= 1, got -1"),
+    ("warmup = -1", "'warmup' must be a whole number >= 0, got -1"),
+    ("max_reps = 2", "'min_reps' must be <= 'max_reps' (2), got 5"),
+    ("timeout_s = 0", "'timeout_s' must be a finite number of seconds > 0, got 0"),
+    ("timeout_s = -1", "'timeout_s' must be a finite number of seconds > 0, got -1"),
+])
+def test_repetition_keys_out_of_range_name_the_key_value_and_range(tmp_path, line, cause):
+    matrix = tmp_path / "m.toml"
+    matrix.write_text(f'models = ["synthetic:llama-tiny"]\nvariants = ["fp32"]\n[measure]\n{line}\n')
+    _refused(_cli("run", matrix, "--out", tmp_path / "out"), f"infermatrix run: error: {matrix} [measure]: {cause}")
+    assert not (tmp_path / "out").exists()

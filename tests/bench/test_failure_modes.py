@@ -262,7 +262,7 @@ def test_nan_infinite_or_mistyped_measure_settings_are_rejected(line):
 
 
 def test_nan_budget_given_to_narrow_is_rejected():
-    with pytest.raises(InputError, match="budget_s"):
+    with pytest.raises(InputError, match=r"^--budget-s must be a finite number of seconds >= 0, got nan$"):
         narrow(load_matrix(), repeat={"budget_s": float("nan")})
 
 

@@ -45,7 +45,7 @@ def test_inline_recipe_is_usable_as_variant():
     ({"scenarios": [{"name": "decode", "memory_percent": [80, 150]}]}, "memory_percent must be in 1..100"),
     ({"scenarios": [{"name": "decode", "memory_percent": 101}]}, "memory_percent must be in 1..100"),
     ({"scenarios": [{"name": "nope"}]}, "'name' must be one of"),
-    ({"measure": {"min_reps": 5, "max_reps": 2}}, "min_reps <= max_reps"),
+    ({"measure": {"min_reps": 5, "max_reps": 2}}, "file.toml [measure]: 'min_reps' must be <= 'max_reps' (2), got 5"),
     ({"measure": {"warmups": 1}}, "'warmups' is not a measure setting (did you mean 'warmup'?)"),
     ({"scenarios": [{"name": "generate", "batch": [1]}]},
      "'batch' is not a generate setting (did you mean 'batch_size'?)"),

@@ -151,13 +151,19 @@ def test_repeat_continues_past_min_reps_until_the_budget_is_spent(monkeypatch):
     assert out.samples == [2, 3, 4, 5, 6] and out.measured_wall_s == 6.0
 
 
-@pytest.mark.parametrize("fields", [{"warmup": -1}, {"min_reps": 0}, {"min_reps": 5, "max_reps": 4},
-                                    {"budget_s": -0.5}, {"budget_s": math.nan}, {"budget_s": math.inf},
-                                    {"target_rel_ci": -0.01}, {"target_rel_ci": 1.0}])
-def test_repeat_config_rejects_bad_settings(fields):
-    with pytest.raises(InputError, match=r"repetition settings need warmup >= 0, 1 <= min_reps <= max_reps, "
-                                         r"budget_s >= 0, 0 <= target_rel_ci < 1; got RepeatConfig\("):
+@pytest.mark.parametrize(("fields", "message"), [
+    ({"warmup": -1}, "warmup must be a whole number >= 0, got -1"),
+    ({"min_reps": 0}, "min_reps must be a whole number >= 1, got 0"),
+    ({"min_reps": 5, "max_reps": 4}, "min_reps must be <= max_reps (4), got 5"),
+    ({"budget_s": -0.5}, "budget_s must be a finite number of seconds >= 0, got -0.5"),
+    ({"budget_s": math.nan}, "budget_s must be a finite number of seconds >= 0, got nan"),
+    ({"budget_s": math.inf}, "budget_s must be a finite number of seconds >= 0, got inf"),
+    ({"target_rel_ci": -0.01}, "target_rel_ci must be a number >= 0 and < 1 (0: no early stop), got -0.01"),
+    ({"target_rel_ci": 1.0}, "target_rel_ci must be a number >= 0 and < 1 (0: no early stop), got 1.0")])
+def test_repeat_config_rejects_bad_settings(fields, message):
+    with pytest.raises(InputError) as exc:
         RepeatConfig(**fields).validate()
+    assert str(exc.value) == message
     RepeatConfig(warmup=0, min_reps=1, max_reps=1, budget_s=0).validate()
     RepeatConfig(target_rel_ci=0).validate()  # 0 turns the early stop off
     RepeatConfig(target_rel_ci=0.99).validate()
