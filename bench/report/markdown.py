@@ -80,6 +80,10 @@ def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) 
              "libraries": ", ".join(f"{k} {libs[k]}" for k in LIBRARIES if k in libs),
              "git": str(git.get("commit") or "?")[:12] + (" (dirty)" if git.get("dirty") else "")}
     facts.update({f"{d} ceilings (measured)": t for d, t in ceiling_texts(run).items()})
+    differences = run.get("roofline_differences")  # a merge of runs whose ceilings differ
+    if isinstance(differences, list) and differences:
+        facts["ceilings differ"] = ("; ".join(map(str, differences)) + ": each record's roofline fractions are of "
+                                    "its own run's ceilings (its metrics.roofline_ceilings), not all of those above")
     if run.get("missing_shards"):
         facts["missing shards"] = (", ".join(map(str, run["missing_shards"]))
                                    + ": merged without them, their cells have no record")
@@ -138,8 +142,8 @@ def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None 
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
     lines += [f"- {k}: {v}" for k, v in f.items()
-              if k.endswith(" ceilings (measured)") or k in ("rounds", "missing shards", "not recorded",
-                                                             "short of rounds")]
+              if k.endswith(" ceilings (measured)") or k in ("ceilings differ", "rounds", "missing shards",
+                                                             "not recorded", "short of rounds")]
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import json
 import re
 
@@ -79,6 +80,16 @@ def test_a_merge_keeps_every_runs_ceilings_and_names_those_that_differ(tmp_path,
         f"infermatrix merge: warning: the runs measured different roofline ceilings ({'; '.join(differences)}): "
         "each record's fractions are of its own run's ceilings (its metrics.roofline_ceilings; run.json: "
         "shard_rooflines, roofline_differences)\n")
+    from bench.report.markdown import md_escape, run_facts
+    from bench.report.write import render
+
+    fact = (f"{'; '.join(differences)}: each record's roofline fractions are of its own run's ceilings (its "
+            "metrics.roofline_ceilings), not all of those above")
+    assert run_facts(meta)["ceilings differ"] == fact
+    lines = render(tmp_path / "m", "md").splitlines()
+    at = lines.index("- cpu ceilings (measured): copy 15.9 GB/s; matmul bfloat16 900 GFLOP/s, float32 380 GFLOP/s")
+    assert lines[at + 1] == f"- ceilings differ: {md_escape(fact)}"
+    assert f"<dt>ceilings differ</dt><dd>{html.escape(fact)}</dd>" in render(tmp_path / "m", "html")
 
 
 def test_ceilings_are_compared_with_the_first_run_that_measured_the_device(tmp_path):
