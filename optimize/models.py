@@ -208,9 +208,23 @@ def check_model_spec(spec: str) -> None:
         raise InputError(f"model directory {spec!r} does not exist or has no config.json")
     if looks_local:
         _check_model_dir(spec, path)
-    if not looks_local and spec.count("/") != 1:
+    if not looks_local and not _is_hub_id(spec):
         raise InputError(f"model {spec!r} is not builtin:NAME, synthetic:NAME, a local directory or a hub id "
-                         "like org/name")
+                         "like gpt2 or org/name")
+
+
+def _is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` can name a hub repository: ``NAME`` (root-level models such as ``gpt2``) or ``ORG/NAME``,
+    by the hub library's own rules (no ``a//b``, ``--``, ``..`` or spaces).
+    """
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 # Weight files transformers loads into a torch model (one file, or shards with their index).

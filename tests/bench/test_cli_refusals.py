@@ -176,3 +176,34 @@ def test_repetition_keys_out_of_range_name_the_key_value_and_range(tmp_path, lin
     matrix.write_text(f'models = ["synthetic:llama-tiny"]\nvariants = ["fp32"]\n[measure]\n{line}\n')
     _refused(_cli("run", matrix, "--out", tmp_path / "out"), f"infermatrix run: error: {matrix} [measure]: {cause}")
     assert not (tmp_path / "out").exists()
+
+
+# --- hub ids without an org (gpt2) --------------------------------------------------------------
+
+
+def _offline(tmp_path: Path) -> dict:
+    """No network and an empty hub cache: a hub id gets as far as its fetch, which fails."""
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path / "hf-home")}
+
+
+@pytest.mark.parametrize("command", ["run", "build"])
+def test_a_root_level_hub_id_is_taken_as_a_hub_id_and_fetched(tmp_path, command):
+    out = ["--out", tmp_path / "out"] if command == "run" else ["--cache-dir", tmp_path / "out"]
+    proc = _cli(command, "--model", "gpt2", "--variants", "fp32", *out, env=_offline(tmp_path))
+    fetching, error = proc.stderr.splitlines()
+    assert proc.returncode == 2 and fetching == "fetching hub model gpt2", proc.stderr[-3000:]
+    assert error.startswith(f"infermatrix {command}: error: model 'gpt2' is neither a built-in, a synthetic, a "
+                            "local directory nor a reachable hub id (") and error.endswith(")"), error
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("spec", "cause"), [
+    *[(spec, f"model {spec!r} is not builtin:NAME, synthetic:NAME, a local directory or a hub id like gpt2 or "
+             "org/name") for spec in ("a//b", "a b", "org/name/extra", "org/na--me", "gpt2.git")],
+    ("./nope", "model directory './nope' does not exist or has no config.json"),
+])
+def test_a_spec_that_cannot_be_a_hub_id_is_refused_without_a_fetch(tmp_path, spec, cause):
+    proc = _cli("run", "--model", spec, "--variants", "fp32", "--out", tmp_path / "out", env=_offline(tmp_path))
+    _refused(proc, f"infermatrix run: error: {ROOT / 'bench' / 'matrices' / 'default.toml'} (with the command-line "
+                   f"flags): 'models' {cause}")
+    assert not (tmp_path / "out").exists()
