@@ -12,10 +12,12 @@ from bench.commands import emit, nonempty, output_dir, output_file
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=nonempty("RUN", Path), help="run directory")
     p.add_argument("--format", default="md",
-                   help="comma-separated: md, html, csv, json, png (speed against drift) (default: md)")
+                   help="comma-separated: md, html, csv, json, png (default: md). png: decode tokens/s against "
+                        "drift, a figure per scenario group that has both: speed-vs-drift.png for a run of one "
+                        "group, else speed-vs-drift-MODEL-DEVICE-SCENARIO-bBATCH-pPROMPT-nNEW.png")
     p.add_argument("--out", type=nonempty("--out", Path),
                    help="one text format: write to this file (default: print it); several formats or png: "
-                        "write report.md, report.html, results.csv, report.json, speed-vs-drift.png into this "
+                        "write report.md, report.html, results.csv, report.json and the png figures into this "
                         "directory (default: the run directory)")
 
 

@@ -207,3 +207,28 @@ def test_a_spec_that_cannot_be_a_hub_id_is_refused_without_a_fetch(tmp_path, spe
     _refused(proc, f"infermatrix run: error: {ROOT / 'bench' / 'matrices' / 'default.toml'} (with the command-line "
                    f"flags): 'models' {cause}")
     assert not (tmp_path / "out").exists()
+
+
+# --- report --help says the png files' true names ------------------------------------------------
+
+
+def test_report_help_names_the_png_files_report_writes(tmp_path):
+    from tests.bench.records import record, write_run
+
+    help_text = _cli("report", "--help", env={"COLUMNS": "1000"}).stdout  # one line per option: no wrapping
+    assert ("png: decode tokens/s against drift, a figure per scenario group that has both: speed-vs-drift.png for "
+            "a run of one group, else speed-vs-drift-MODEL-DEVICE-SCENARIO-bBATCH-pPROMPT-nNEW.png") in help_text
+    assert "report.json and the png figures into this directory" in help_text
+
+    def pngs(run, out):
+        assert _cli("report", run, "--format", "png", "--out", out).returncode == 0
+        return sorted(p.name for p in out.iterdir())
+
+    b8 = {"name": "generate", "batch_size": 8, "prompt_tokens": 128, "new_tokens": 32}
+    one = write_run(tmp_path / "one", [record("fp32", model="org/tiny"), record("int8", model="org/tiny")])
+    two = write_run(tmp_path / "two", [record("fp32", model="org/tiny"), record("int8", model="org/tiny"),
+                                       record("fp32", model="org/tiny", scenario=b8),
+                                       record("int8", model="org/tiny", scenario=b8)])
+    assert pngs(one, tmp_path / "out1") == ["speed-vs-drift.png"]
+    assert pngs(two, tmp_path / "out2") == ["speed-vs-drift-org-tiny-cpu-generate-b1-p128-n32.png",
+                                            "speed-vs-drift-org-tiny-cpu-generate-b8-p128-n32.png"]
