@@ -128,32 +128,6 @@ def missing_shards(runs: list[dict[str, Any]]) -> list[str]:
     return [str(Shard(i, n)) for i in range(1, n + 1) if i not in have]
 
 
-def shards_still_missing(run: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
-    """The run's ``missing_shards`` that still have a cell without a record in ``records``.
-
-    A resume of a merged run records the cells of the shards it was merged without; a shard whose
-    every cell has its record (ok or failed, as ``unrecorded_cells`` counts) is no longer missing.
-    Where run.json cannot say which cells its matrix holds, every listed shard stays listed.
-    """
-    from bench.orchestrate import Shard, run_cells
-
-    listed = list(run.get("missing_shards") or [])
-    cells = run_cells(run) if listed and not run.get("shard") else None
-    if cells is None:
-        return listed
-    seen = {r.get("cell_id") for r in records}
-    still = []
-    for text in listed:
-        try:
-            shard = Shard.parse(str(text))
-        except InputError:  # not a shard this version wrote: kept as it was
-            still.append(text)
-            continue
-        if any(c.cell_id not in seen for c in shard.select(cells)):
-            still.append(text)
-    return still
-
-
 def _kept_records(run_dirs: list[Path]) -> dict[str, tuple[Path, list[dict[str, Any]]]]:
     """Cell id -> (the run whose records the merged run keeps, those records); shards that overlap are refused."""
     # A cell in two runs: the one where it ran ok wins (a retried cell merged beside its failed shard);

@@ -408,8 +408,30 @@ def settle_missing_shards(run_dir: Path, run: dict[str, Any]) -> dict[str, Any]:
     """
     if not run.get("missing_shards"):
         return run
-    from bench.merge import shards_still_missing
-
     still = shards_still_missing(run, read_records(run_dir))
     settled = {k: v for k, v in run.items() if k != "missing_shards"}
     return {**settled, "missing_shards": still} if still else settled
+
+
+def shards_still_missing(run: dict[str, Any], records: list[dict[str, Any]]) -> list[str]:
+    """The run's ``missing_shards`` that still have a cell without a record in ``records``.
+
+    A resume of a merged run records the cells of the shards it was merged without; a shard whose
+    every cell has its record (ok or failed, as ``unrecorded_cells`` counts) is no longer missing.
+    Where run.json cannot say which cells its matrix holds, every listed shard stays listed.
+    """
+    listed = list(run.get("missing_shards") or [])
+    cells = run_cells(run) if listed and not run.get("shard") else None
+    if cells is None:
+        return listed
+    seen = {r.get("cell_id") for r in records}
+    still = []
+    for text in listed:
+        try:
+            shard = Shard.parse(str(text))
+        except InputError:  # not a shard this version wrote: kept as it was
+            still.append(text)
+            continue
+        if any(c.cell_id not in seen for c in shard.select(cells)):
+            still.append(text)
+    return still

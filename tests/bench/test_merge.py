@@ -338,7 +338,7 @@ def test_a_resume_keeps_only_the_missing_shards_whose_cells_still_lack_a_record(
 
 
 def test_a_hand_written_run_keeps_its_missing_shards_it_cannot_check(tmp_path):
-    from bench.merge import shards_still_missing
+    from bench.orchestrate import shards_still_missing
 
     run_dir, cells = _merged_without(tmp_path, ["2/2"])
     meta = json.loads((run_dir / RUN).read_text())
