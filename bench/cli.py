@@ -17,7 +17,7 @@ from optimize.errors import InputError
 COMMANDS = {
     "run": ("bench.commands.run", "run a benchmark matrix (the built-in default with no argument)"),
     "build": ("bench.commands.build", "build variants into the store without benchmarking them"),
-    "report": ("bench.commands.report", "comparison reports of a run directory: Markdown, HTML, CSV, JSON"),
+    "report": ("bench.commands.report", "comparison reports of a run directory: Markdown, HTML, CSV, JSON, PNG"),
     "select": ("bench.commands.select", "choose the variant to deploy under constraints, with reasons"),
     "export": ("bench.commands.export", "export a run for pytest-benchmark or github-action-benchmark"),
     "merge": ("bench.commands.merge", "combine shard runs of one matrix into one run directory"),

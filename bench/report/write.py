@@ -12,10 +12,10 @@ RUN_END_FORMATS = ("md", "html", "csv")
 
 
 def parse_formats(text: str) -> list[str]:
-    """``"md,html"`` -> ``["md", "html"]``; unknown names raise InputError."""
-    names = [x.strip() for x in text.split(",") if x.strip()]
+    """``"md,html"`` -> ``["md", "html"]``; unknown or empty names (``md,,html``) raise InputError."""
+    names = [x.strip() for x in text.split(",")]
     bad = [x for x in names if x not in FORMATS]
-    if bad or not names:
+    if bad:
         raise InputError(f"--format {text!r}: allowed formats are {', '.join(FORMATS)} (comma-separated)")
     return list(dict.fromkeys(names))
 

@@ -106,6 +106,10 @@ def test_report_command_writes_each_format(run, tmp_path, capsys):
     assert first["rows"][1]["metrics"]["tpot_ms"]["noisy"] is True
     assert main(["report", str(run), "--format", "pdf"]) == 2
     assert "allowed formats are md, html, csv, json, png" in capsys.readouterr().err
+    for text in ("md,,html", "md,", ",", " "):  # a stray comma or a format left out is never dropped in silence
+        assert main(["report", str(run), "--format", text]) == 2
+        assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+            f"--format {text!r}: allowed formats are md, html, csv, json, png (comma-separated)")
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
