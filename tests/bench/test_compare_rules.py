@@ -120,19 +120,24 @@ def _normal_quantiles(n: int, cv: float, scale: float) -> list[float]:
     return list(scale * np.exp(cv * norm.ppf((np.arange(n) + 0.5) / n)))
 
 
-@pytest.mark.parametrize(("cv", "verdict", "note"), [
-    (0.14, "regressed", ""),  # MDE 26.9%: a 30% change is beyond it
-    (0.16, "inconclusive", "regressed withheld: the change is smaller than the MDE (30.7%), the smallest change "
-                           "this noise lets the gate detect"),
+WITHHELD = "{} withheld: the change is smaller than the MDE ({}), the smallest change this noise lets the gate detect"
+
+
+@pytest.mark.parametrize(("n", "cv", "change", "verdict", "note"), [
+    (10, 0.14, 1.3, "regressed", ""),  # MDE 26.9%: a 30% slowdown is beyond it
+    (10, 0.16, 1.3, "inconclusive", WITHHELD.format("regressed", "30.7%")),
+    (14, 0.14, 1 / 1.25, "improved", ""),  # MDE 22.7%: 25% faster is beyond it
+    (14, 0.16, 1 / 1.25, "inconclusive", WITHHELD.format("improved", "25.9%")),
 ])
-def test_a_change_smaller_than_the_mde_gets_no_verdict(cv, verdict, note):
-    """10 against 10, 30% slower: both significant with the interval beyond +5%; the noisier pair's MDE
-    exceeds the change, and a threshold below the MDE would report noise."""
-    base = side([record("v0", _steady(_normal_quantiles(10, cv, 3.0)))])
-    head = side([record("v0", _steady(_normal_quantiles(10, cv, 3.9)))])
+def test_a_change_smaller_than_the_mde_gets_no_verdict(n, cv, change, verdict, note):
+    """n against n, 30% slower or 25% faster: each significant with its interval beyond the band; the
+    noisier pair's MDE exceeds the change, and a threshold below the MDE would report noise."""
+    base = side([record("v0", _steady(_normal_quantiles(n, cv, 3.0)))])
+    head = side([record("v0", _steady(_normal_quantiles(n, cv, 3.0 * change)))])
     row = _rows(compare_sides(base, head, ONE))["v0:tpot_ms"]
-    assert row.q <= 0.01 and row.low > 1.05 and row.ratio == pytest.approx(1.3)
-    assert row.mde == pytest.approx(gs.mde(gs.robust_cv([_normal_quantiles(10, cv, 3.0)]), 10, 10))
+    assert row.q <= 0.01 and row.ratio == pytest.approx(change)
+    assert row.low > 1.05 if change > 1 else row.high < 1 / 1.05
+    assert row.mde == pytest.approx(gs.mde(gs.robust_cv([_normal_quantiles(n, cv, 3.0)]), n, n))
     assert (row.verdict, row.note) == (verdict, note)
 
 
