@@ -374,8 +374,7 @@ def _chosen_reason(winner: dict[str, Any], level: list[dict[str, Any]], front: l
     why: dict[str, list[str]] = {}
     for o in level:
         why.setdefault(_tie_reason(winner, o, front, objective), []).append(o["variant"])
-    breaks = "; ".join(f"{reason} than {', '.join(names)}" if reason != FRONT_REASON
-                       else f"{reason}, unlike {', '.join(names)}" for reason, names in why.items())
+    breaks = "; ".join(_break_text(reason, ", ".join(names)) for reason, names in why.items())
     return (f"{objective.label} {_describe(winner, objective)} {_level_with(winner, level, objective)}; "
             f"the choice rests on the tie-break: {breaks}")
 
@@ -387,6 +386,15 @@ def _tie_key(r, front: list[str], objective: Metric) -> tuple:
 
 
 FRONT_REASON = "on the Pareto front"
+EQUAL_REASON = "equal on every tie-break key, listed first"
+
+
+def _break_text(reason: str, names: str) -> str:
+    if reason == FRONT_REASON:
+        return f"{reason}, unlike {names}"
+    if reason == EQUAL_REASON:
+        return f"{reason} (before {names})"
+    return f"{reason} than {names}"
 
 
 def _tie_reason(winner, loser, front: list[str], objective: Metric) -> str:
@@ -394,11 +402,12 @@ def _tie_reason(winner, loser, front: list[str], objective: Metric) -> str:
 
     The first key where they differ decides, in the winner's favour. A loser off the Pareto front
     either has no KLD or is dominated: where the winner's KLD is lower (or present against absent)
-    that is the reason, else being on the front is. Then lower memory, then the point value.
+    that is the reason, else being on the front is. Then lower memory, then the point value; equal on
+    all of them, the winner is merely listed first.
     """
     labels = (FRONT_REASON, "lower KLD", "lower peak memory", "better objective point value")
     keys = zip(labels, _tie_key(winner, front, objective), _tie_key(loser, front, objective), strict=True)
-    label = next((label for label, w, lo in keys if w != lo), labels[-1])
+    label = next((label for label, w, lo in keys if w != lo), EQUAL_REASON)
     if label == FRONT_REASON and _tie_key(winner, front, objective)[1] < _tie_key(loser, front, objective)[1]:
         return "lower KLD"
     return label

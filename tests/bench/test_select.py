@@ -652,3 +652,31 @@ def test_a_tie_won_by_being_on_the_front_says_so_rather_than_lower_drift():
     assert d.front == ["w", "z"] and d.verdicts["l"].dominated_by == "z"
     assert d.verdicts["w"].reason == ("decode tok/s 105.0 [99.8, 110.2] is tied within noise with l; the choice "
                                       "rests on the tie-break: on the Pareto front, unlike l")
+
+
+@pytest.mark.parametrize("short", ["a", "b"])
+def test_a_speed_tie_on_too_few_repetitions_on_either_side_dominates_nothing(short):
+    """a is clearly less drifted and level on speed; level on too few repetitions (either side's) is no
+    "at least as good", so b stays on the front. On 5 a side the tie counts and a dominates b."""
+    d = _one([record("a", decode=100, reps=3 if short == "a" else 5, kld=0.001),
+              record("b", decode=100, reps=3 if short == "b" else 5, kld=0.01)])
+    assert d.front == ["a", "b"] and d.verdicts["b"].dominated_by is None and d.verdicts["b"].outcome == "tie"
+    d = _one([record("a", decode=100, kld=0.001), record("b", decode=100, kld=0.01)])
+    assert d.front == ["a"] and d.verdicts["b"].dominated_by == "a"
+
+
+def test_tie_break_reasons_name_every_loser_and_never_claim_a_difference_there_is_none_of():
+    d = _one([record("w", decode=105, noise=0.05, kld=0.0100), record("l", decode=98, noise=0.03, kld=0.0099),
+              record("m", decode=99, noise=0.03, kld=0.0098), record("z", decode=97, noise=0.02, kld=0.001)])
+    assert d.verdicts["w"].reason == ("decode tok/s 105.0 [99.8, 110.2] is tied within noise with l, m; the choice "
+                                      "rests on the tie-break: on the Pareto front, unlike l, m")
+    # l's KLD is w's to the last digit: being on the front, not a lower KLD, is why w won
+    d = _one([record("w", decode=105, noise=0.05, kld=0.0100), record("l", decode=98, noise=0.03, kld=0.0100),
+              record("z", decode=97, noise=0.02, kld=0.001)])
+    assert d.verdicts["w"].reason.endswith("the choice rests on the tie-break: on the Pareto front, unlike l")
+    d = _one([record("w", decode=100, kld=0.01), record("v", decode=100, kld=0.01)])  # equal in every figure
+    assert d.verdicts["w"].reason == ("decode tok/s 100.0 [98.0, 102.0] is tied within noise with v; the choice "
+                                      "rests on the tie-break: equal on every tie-break key, listed first (before v)")
+    assert d.verdicts["v"].reason == ("tied with w within noise on decode tok/s (100.0 [98.0, 102.0] vs 100.0 "
+                                      "[98.0, 102.0]); w won the tie-break: equal on every tie-break key, listed first")
+
