@@ -253,7 +253,11 @@ def interval_coverage(record: dict[str, Any], key: str) -> float | None:
     return float(cov) if isinstance(cov, (int, float)) and not isinstance(cov, bool) else None
 
 
+def coverage_too_low(coverage: float | None) -> bool:
+    """True when an interval of this true coverage rests on too few repetitions to say anything."""
+    return coverage is not None and coverage < MIN_CI_COVERAGE
+
+
 def too_few_repetitions(record: dict[str, Any], key: str) -> bool:
     """True when the metric's interval rests on too few repetitions to tell it from another's."""
-    cov = interval_coverage(record, key)
-    return cov is not None and cov < MIN_CI_COVERAGE
+    return coverage_too_low(interval_coverage(record, key))

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from bench.catalogue import METRICS, MIN_CI_COVERAGE, interval, interval_coverage, point, sample_count
+from bench.catalogue import METRICS, coverage_too_low, interval, interval_coverage, point, sample_count
 from bench.metrics.drift_config import DEFAULT_PROTOCOL
 
 # A figure whose 95% interval is wider than this fraction of its value is marked noisy:
@@ -50,7 +50,7 @@ class Figure:
     @property
     def too_few_repetitions(self) -> bool:
         """The interval rests on too few repetitions to say anything (of 1 repetition it has no width)."""
-        return self.value is not None and self.coverage is not None and self.coverage < MIN_CI_COVERAGE
+        return self.value is not None and coverage_too_low(self.coverage)
 
     @property
     def noisy(self) -> bool:
