@@ -15,6 +15,7 @@ import traceback
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bench import job_phase
 from bench.results import new_record, write_json_atomic
 from optimize.errors import InputError, NotApplicable
 
@@ -46,6 +47,7 @@ def build(job: dict[str, Any]) -> dict[str, Any]:
     from optimize.store import VariantStore
 
     t0 = time.perf_counter()
+    job_phase.enter("building the variant")
     try:
         ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
         recipe = recipe_from_dict(job["variant"])
@@ -111,6 +113,7 @@ def reference(job: dict[str, Any]) -> dict[str, Any]:
     from optimize.models import default_cache_dir, resolve_model
 
     t0 = time.perf_counter()
+    job_phase.enter("the fp32 reference pass for drift")
     try:
         ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
         path = ensure_reference(ref, DriftConfig(**job["drift"]), _cache(job) or default_cache_dir(), job["device"],
@@ -158,6 +161,7 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     load_peaks = _close_load_window(cell.device)
     metrics, samples, method = _measure_latency(state, cell, record)
     metrics["rss_baseline_bytes"] = baseline_rss
+    job_phase.enter("reading memory and roofline figures")
     # Memory figures are read before drift runs: drift's own buffers must not count.
     metrics.update(_measure_memory(cell.device, baseline_rss, load_peaks))
     _add_roofline(state, cell, metrics, method, artifact.manifest)
@@ -193,12 +197,14 @@ def _load(cell: Cell, record: dict[str, Any]):
     from optimize.models import resolve_model
     from optimize.store import VariantStore, load_variant
 
+    job_phase.enter("preparing the variant", "model resolved, variant fetched from the store or built")
     ref = resolve_model(cell.model, cell.cache_path, cell.tokenizer)
     record["model_info"] = ref.to_dict()
     if cell.device == "cuda":
         memory.reset_cuda_peaks()
     store = VariantStore(cell.cache_path)
     built = store.get_or_build(ref, cell.recipe, cell.device, cell.trust_remote_code)  # checksums verified first
+    job_phase.enter("loading the variant")
     t0 = time.perf_counter()
     state, artifact = load_variant(ref, cell.recipe, cell.device, store, cell.trust_remote_code)
     return state, dataclasses.replace(artifact, reused=built.reused), time.perf_counter() - t0
@@ -335,6 +341,7 @@ def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> flo
         return 0.0
 
     t0 = time.perf_counter()
+    job_phase.enter("scoring drift")
     try:
         drift = cell_drift(state, cell, artifact_path)
     except NotApplicable:
@@ -431,6 +438,7 @@ def roofline(job: dict[str, Any]) -> dict[str, Any]:
 
     from bench.metrics.roofline import measure_ceilings
 
+    job_phase.enter("measuring the device's ceilings")
     try:
         if job.get("threads"):
             torch.set_num_threads(job["threads"])  # the cells' threads: the ceiling their fractions divide by

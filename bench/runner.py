@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import job_phase
 from bench.results import failed_record
 
 LOG_TAIL_LINES = 15
@@ -89,7 +90,7 @@ def _cuda_unusable_here() -> bool:
     return torch is not None and bool(torch.cuda._is_in_bad_fork())
 
 
-def _child(argv: list[str], log_path: str, uses_cuda: bool = False) -> None:
+def _child(argv: list[str], log_path: str, uses_cuda: bool = False, phase_path: str | None = None) -> None:
     """Entry point of a job's process: own process group, dies with its parent, output to the log."""
     os.setsid()
     note = _die_with_parent()
@@ -98,6 +99,8 @@ def _child(argv: list[str], log_path: str, uses_cuda: bool = False) -> None:
     os.dup2(fd, 1)
     os.dup2(fd, 2)
     os.close(fd)
+    if phase_path:
+        job_phase.track(phase_path, "starting")
     out_path = Path(argv[-1])
     if uses_cuda and _cuda_unusable_here():
         out_path.write_text(json.dumps({"respawn": "the fork server had initialised CUDA"}))
@@ -149,7 +152,7 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     keys = {"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device",
             "probe": "probe_id"}
     name = spec[keys[kind]]
-    paths = tuple(work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log"))
+    paths = tuple(work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log", "phase.json"))
     paths[0].write_text(json.dumps(spec))
     uses_cuda = spec.get("device") == "cuda" or kind == "probe"  # the probe asks torch about the device
     method = SPAWN_AFTER_CUDA if uses_cuda and _SERVER_HAS_CUDA else FORKSERVER
@@ -172,15 +175,16 @@ def probe_torch(work_dir) -> dict[str, Any]:
     return result["torch"]
 
 
-def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s: float, method: str,
+def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float, method: str,
                  uses_cuda: bool) -> dict[str, Any]:
-    spec_path, out_path, log_path = paths
+    spec_path, out_path, log_path, phase_path = paths
     out_path.unlink(missing_ok=True)
+    phase_path.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
     timed_out = threading.Event()
     t0 = time.perf_counter()
     argv = [*flags, str(spec_path), str(out_path)]
-    proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda),
+    proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda, str(phase_path)),
                                     name=f"infermatrix-{kind}-{name}")
 
     def kill() -> None:
@@ -209,11 +213,13 @@ def _run_process(kind: str, name: str, paths: tuple[Path, Path, Path], timeout_s
     elif out_path.exists() and returncode == 0:
         result = json.loads(out_path.read_text())
         result.setdefault("timing_s", {})["process_wall"] = wall_s
+        phase_path.unlink(missing_ok=True)  # kept only where a job ended without its result
         return result
     elif returncode < 0:
         error = f"cell process died with signal {signal.Signals(-returncode).name}"
     else:
         error = f"cell process exited with code {returncode} and no result"
+    error += job_phase.describe(phase_path)  # what it was doing: the job cannot say so itself
     tail = _tail(log_path)
     return {"status": "failed", "error": error + (f"\n{tail}" if tail else ""), "timing_s": {"process_wall": wall_s}}
 

@@ -187,19 +187,29 @@ def repeat(fn: Callable[[], Any], cfg: RepeatConfig) -> Repeated:
     Tight: the median end-to-end time's 95% CI within ``target_rel_ci`` of it. Never more
     than ``max_reps`` calls.
     """
+    from bench import job_phase
+
     out = Repeated()
-    for _ in range(cfg.warmup):
+    for i in range(cfg.warmup):
+        job_phase.enter("warming up", f"call {i + 1} of {cfg.warmup}")
         t0 = time.perf_counter()
         fn()
         out.warmup_wall_s.append(time.perf_counter() - t0)
+    asked = f"min_reps {cfg.min_reps}, max_reps {cfg.max_reps}, budget_s {cfg.budget_s:g}"
+    job_phase.enter("measuring", f"{_count(0)} done ({asked})")
     t_start = time.perf_counter()
     while len(out.samples) < cfg.max_reps:
         out.samples.append(fn())
         elapsed = time.perf_counter() - t_start
+        job_phase.enter("measuring", f"{_count(len(out.samples))} done in {elapsed:.1f} s ({asked})")
         if len(out.samples) >= cfg.min_reps and (elapsed >= cfg.budget_s or _tight(out.samples, cfg)):
             break
     out.measured_wall_s = time.perf_counter() - t_start
     return out
+
+
+def _count(n: int) -> str:
+    return f"{n} repetition{'' if n == 1 else 's'}"
 
 
 def _tight(samples: list[Any], cfg: RepeatConfig) -> bool:

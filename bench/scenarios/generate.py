@@ -89,6 +89,9 @@ def _compile_call(state, once) -> float | None:
     """Run the call that compiles a compiled decode step, apart from warm-up and repetitions; its wall time."""
     if "compile_config" not in state.generate_kwargs:
         return None
+    from bench import job_phase
+
+    job_phase.enter("compiling the decode step", "the first call compiles it (and captures CUDA graphs)")
     t0 = time.perf_counter()
     once()
     return time.perf_counter() - t0

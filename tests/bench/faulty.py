@@ -20,8 +20,15 @@ from transformers import LlamaConfig, LlamaForCausalLM
 class FaultyForCausalLM(LlamaForCausalLM):
     config_class = LlamaConfig
 
+    prefills = 0
+
     def forward(self, *args, **kwargs):
         fault = self.config.fault
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None and ids.shape[-1] > 1:  # a prompt's forward: one per generate call
+            type(self).prefills += 1
+        if type(self).prefills < self.config.fault_on_prefill:
+            fault = None  # behave until the generate call the fault is due in
         if fault == "raise":
             raise RuntimeError("faulty model: forward raised on purpose")
         if fault == "abort":
@@ -37,11 +44,13 @@ class FaultyForCausalLM(LlamaForCausalLM):
 '''
 
 
-def make_faulty(base: Path, out: Path, fault: str) -> Path:
-    """Copy the model at ``base`` to ``out`` with a forward that does ``fault``."""
+def make_faulty(base: Path, out: Path, fault: str, on_call: int = 1) -> Path:
+    """Copy the model at ``base`` to ``out`` with a forward that does ``fault`` from the ``on_call``-th
+    generate call of its process on (each generate call runs one forward over the prompt)."""
     shutil.copytree(base, out)
     config = json.loads((out / "config.json").read_text())
     config["fault"] = fault
+    config["fault_on_prefill"] = on_call
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_faulty.FaultyForCausalLM"}
     (out / "config.json").write_text(json.dumps(config))
     (out / "modeling_faulty.py").write_text(MODELING)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import statistics
 import subprocess
 import sys
@@ -202,12 +203,16 @@ HANG_TIMEOUT_S = 20
 
 
 def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, cache_dir):
+    """Each failure is its cell's record, saying what the process was doing when it ended (a hung or
+    crashed process cannot say so itself: the parent reads the phase the job kept beside its log)."""
     base = Path(tiny_ref.path)
-    models = [make_faulty(base, tmp_path / f"faulty-{f}", f) for f in ("raise", "abort", "hang")]
+    # abort in the warm-up call, hang in the second measured repetition
+    models = [make_faulty(base, tmp_path / "faulty-raise", "raise"), make_faulty(base, tmp_path / "faulty-abort",
+              "abort"), make_faulty(base, tmp_path / "faulty-hang", "hang", on_call=3)]
     matrix = narrow(load_matrix(), models=[str(m) for m in models] + ["synthetic:llama-tiny"], variants=["fp32"],
                     devices=["cpu"],
                     batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
-                    repeat={"warmup": 0, "min_reps": 1, "max_reps": 1, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
+                    repeat={"warmup": 1, "min_reps": 3, "max_reps": 3, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
                     drift=False)
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -218,9 +223,14 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
     assert records["faulty-raise"]["status"] == "failed"
     assert "forward raised on purpose" in records["faulty-raise"]["error"]
     assert records["faulty-abort"]["status"] == "failed"
-    assert "SIGABRT" in records["faulty-abort"]["error"]
+    assert "died with signal SIGABRT while warming up: call 1 of 1 (last step " in records["faulty-abort"]["error"]
     assert records["faulty-hang"]["status"] == "failed"
-    assert f"timed out after {HANG_TIMEOUT_S} s" in records["faulty-hang"]["error"]
+    hang = records["faulty-hang"]["error"].splitlines()[0]
+    assert re.fullmatch(rf"timed out after {HANG_TIMEOUT_S} s \(process group killed\) while measuring: "
+                        r"1 repetition done in \d+\.\d s \(min_reps 3, max_reps 3, budget_s 0\) "
+                        r"\(last step (\d+\.\d) s before the end\)", hang), hang
+    assert float(hang.rsplit("last step ", 1)[1].split()[0]) >= HANG_TIMEOUT_S / 2  # hung long after its step
+    assert len(list((run_dir / "logs").glob("*.phase.json"))) == 2  # kept for the two jobs that left no result
     for record in records.values():
         validate_record(record)
     lines = (run_dir / "results.jsonl").read_text().splitlines()
