@@ -137,3 +137,20 @@ def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_pa
     tests = (out / "cuda-tests.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ skipped, \d+ deselected.*", tests), tests  # the CUDA tests ran, none failed
     assert f"gpu-check: cuda tests: {tests}\n" in log
+
+
+def test_the_cuda_test_files_gpu_check_collects_hold_every_cuda_marked_test(request):
+    """gpu-check collects only the files its grep finds: every test the ``cuda`` marker selects must be in one."""
+    script = (ROOT / "ci" / "gpu-check").read_text()
+    [command] = re.findall(r"^CUDA_TEST_FILES=\$\((.*)\)$", script, flags=re.M)
+    found = set(subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                               check=True).stdout.split())
+    test_files = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
+    items = request.session.items
+    if {str(Path(i.path).relative_to(ROOT)) for i in items} == test_files:  # this session collected the whole suite
+        marked = {str(Path(i.path).relative_to(ROOT)) for i in items if i.get_closest_marker("cuda")}
+    else:
+        out = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "cuda",
+                              "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True, text=True).stdout
+        marked = {line.split("::")[0] for line in out.splitlines() if "::" in line}
+    assert len(marked) >= 5 and marked <= found, sorted(marked - found)
