@@ -7,6 +7,14 @@ from pathlib import Path
 
 import pytest
 
+COLLECTED = pytest.StashKey[list]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(session, config, items):
+    """Keep every collected test, before ``-m`` and ``-k`` deselect any (tests/test_gpu_check.py reads them)."""
+    config.stash[COLLECTED] = list(items)
+
 
 @pytest.fixture
 def cuda_only():

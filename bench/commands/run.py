@@ -93,6 +93,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
     p.add_argument("--no-report", action="store_true",
                    help="do not write report.md, report.html and results.csv into the run directory at the end")
+    p.add_argument("--allow-env-mismatch", action="store_true",
+                   help="with --resume: measure the remaining cells although this machine differs from where the run "
+                        "started (CPU, GPUs, driver, threads, library versions); run.json records the difference and "
+                        "compare withholds its verdicts on the run")
     p.add_argument("--logs-dir", type=nonempty("--logs-dir", Path), metavar="DIR",
                    help="where each job's spec, output and log go (default: the run directory's logs/)")
 
@@ -103,7 +107,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 RESUME_REFUSES = ("out", "model", "variants", "batch_size", "prompt_tokens", "new_tokens", "device", "warmup",
                   "min_reps", "max_reps", "budget_s", "timeout_s", "threads", "no_drift", "drift_protocol",
                   "trust_remote_code", "tokenizer", "prompt_source")
-RESUME_APPLIES = ("shard", "launcher", "ray_address", "cache_dir", "logs_dir", "quiet", "no_report")
+RESUME_APPLIES = ("shard", "launcher", "ray_address", "cache_dir", "logs_dir", "quiet", "no_report",
+                  "allow_env_mismatch")
 
 
 def check_resume_flags(args: argparse.Namespace) -> None:
@@ -130,6 +135,8 @@ def main(args: argparse.Namespace) -> int:
         output_dir(args.logs_dir, "--logs-dir")
     if args.ray_address and args.launcher != "ray":
         raise InputError("--ray-address needs --launcher ray")
+    if args.allow_env_mismatch and not args.resume:
+        raise InputError("--allow-env-mismatch applies to --resume only (a new run has one environment)")
     if args.resume:
         from bench.orchestrate import RUN
 
@@ -222,12 +229,14 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
 
     if matrix is None:
         matrix, run = resume_run(run_dir, shard)
+        _check_threads(matrix, args.launcher)
         if run.get("shard") and not shard:
             from bench.orchestrate import Shard
 
             shard = Shard.parse(run["shard"])
     else:
         check_new_run_dir(run_dir)
+        _check_threads(matrix, args.launcher)
         # the models first: an unreachable hub id or a model that cannot give the prompts asked for is
         # refused in a second, not after the fork server's imports (the probe below)
         _check_text_prompts(matrix, _fetch_hub_models(matrix.models))
@@ -256,6 +265,8 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         if not todo and run.get("ended"):  # finished: its records, end time and reports stay as they are
             return _finished(args, run_dir, run, {c.cell_id for c in cells})
         _fetch_hub_models(sorted({c.model for c in todo}))
+        _check_resume_environment(run_dir, run, len(todo), args.allow_env_mismatch,
+                                  lambda: probe_torch(run_dir / "logs"))
     else:
         plan = None
     print(f"run directory: {run_dir}", file=sys.stderr, flush=True)
@@ -312,6 +323,59 @@ def _fetch_hub_models(models) -> dict:
             print(f"fetching hub model {spec}", file=sys.stderr, flush=True)
             refs[spec] = fetch_hub_model(spec)
     return refs
+
+
+def _check_resume_environment(run_dir: Path, run: dict, todo: int, allow: bool, probe) -> None:
+    """Refuse to measure a run's remaining cells where the gate would not compare them with its recorded
+    ones (another CPU, GPU, driver, thread count or library version): one run would mix two environments
+    under one run.json. With ``allow``, the differences are added to run.json's ``environment_differences``,
+    and the roofline ceilings are measured again here (the earlier ones move to ``earlier_rooflines``), so
+    the new cells' fractions are of this machine's ceilings, as their records' ``roofline_ceilings`` say.
+    """
+    import time
+
+    from bench.compare import environment_changes
+    from bench.env import environment
+    from bench.results import write_json_atomic
+
+    recorded = run.get("environment")
+    if not isinstance(recorded, dict) or "cpu_model" not in recorded:
+        return  # a run that recorded no machine (only torch's view, or nothing) has nothing to hold this one to
+    here = {**environment(with_torch=False), "torch": probe()}
+    changes = environment_changes(recorded, here)
+    if not changes:
+        return
+    said = [f"{k} is {b!r} here, {a!r} where the run started" for k, a, b in changes]
+    if not allow:
+        more = f" (and {len(said) - 1} more)" if len(said) > 1 else ""
+        cells = f"{todo} remaining cell{'' if todo == 1 else 's'}"
+        raise InputError(f"--resume {run_dir}: this machine differs from where the run started: {said[0]}{more}; "
+                         f"its {cells} would be measured in another environment than the one run.json records "
+                         "(start a new run, or resume with --allow-env-mismatch: run.json then records the "
+                         "difference)")
+    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    host = here.get("hostname") or "?"
+    updated = {**run, "environment_differences": [*run.get("environment_differences", []),
+                                                  *(f"resumed {at} on {host}: {s}" for s in said)]}
+    if updated.get("roofline"):
+        updated["earlier_rooflines"] = [*run.get("earlier_rooflines", []),
+                                        {"until": at, "roofline": updated.pop("roofline")}]
+        updated["roofline_differences"] = [*run.get("roofline_differences", []),
+                                           f"resumed {at} on {host}: the ceilings were measured again there"]
+    write_json_atomic(run_dir / "run.json", updated)
+    print(f"infermatrix run: warning: resuming in a differing environment ({'; '.join(said)}); recorded in "
+          "run.json's environment_differences: compare withholds its verdicts on this run", file=sys.stderr)
+
+
+def _check_threads(matrix, launcher: str) -> None:
+    """Refuse more threads per cell than this machine lets the run use (local cells only: a Ray node may
+    have more cores than the host that parses the matrix); each cell would time its own contention.
+    """
+    threads = matrix.measure.threads
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if launcher == "local" and threads and usable and threads > usable:
+        raise InputError(f"threads must be at most the {usable} CPUs this process may run on, got {threads} "
+                         "(--threads or [measure] threads; 0 leaves it to torch)")
 
 
 def _check_text_prompts(matrix, hub_refs: dict) -> None:

@@ -478,3 +478,37 @@ def test_build_with_a_cache_dir_ignores_an_unusable_default_cache_but_run_does_n
     rc, err = _run(capsys, _tiny(tmp_path), "--cache-dir", str(tmp_path / "store"), "--out", tmp_path / "run")
     _refused(rc, err, "INFERMATRIX_CACHE", str(blocker), "is not a directory", "whatever --cache-dir says")
     assert not (tmp_path / "run").exists()
+
+
+# --- more threads than the machine lets the run use -------------------------------------------
+
+
+def test_more_threads_than_usable_cpus_is_refused_from_the_flag_the_matrix_and_a_resume(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """Seen: --threads 100000 was accepted, then the ceilings' job and every cell failed on mmap ENOMEM."""
+    from bench.commands.run import _check_threads
+    from bench.matrix import load_matrix
+    from bench.orchestrate import start_run
+
+    usable = len(os.sched_getaffinity(0))
+    too_many = str(usable + 1)
+    needle = f"threads must be at most the {usable} CPUs this process may run on, got {too_many}"
+    rc, err = _run(capsys, _tiny(tmp_path), "--threads", too_many, "--out", tmp_path / "out")
+    _refused(rc, err, needle)
+    path = _tiny(tmp_path, name="threads.toml")
+    path.write_text(path.read_text().replace("[drift]", f"threads = {too_many}\n[drift]"))
+    rc, err = _run(capsys, path, "--out", tmp_path / "out")
+    _refused(rc, err, needle, "[measure] threads")
+    assert not (tmp_path / "out").exists()
+
+    matrix = load_matrix(path)  # a run started where these threads fit, resumed where they do not
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+    before = sorted(p.name for p in run_dir.iterdir())
+    rc, err = _run(capsys, "--resume", run_dir, "--quiet")
+    _refused(rc, err, needle)
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+    _check_threads(matrix, "ray")  # a Ray node may have more cores than this host: not judged here
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable + 1)))
+    _check_threads(matrix, "local")
