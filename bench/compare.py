@@ -66,10 +66,15 @@ def environment_fingerprint(env: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def environment_changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(fact, before, after) for each environment fact the gate compares that differs between the two."""
+    a, b = environment_fingerprint(before), environment_fingerprint(after)
+    return [(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+
+
 def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
     """One line per environment fact that differs between the two runs."""
-    a, b = environment_fingerprint(base), environment_fingerprint(head)
-    return [f"{k}: {a.get(k)!r} in base, {b.get(k)!r} in head" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+    return [f"{k}: {a!r} in base, {b!r} in head" for k, a, b in environment_changes(base, head)]
 
 
 def cell_key(record: dict[str, Any]) -> str:
@@ -202,7 +207,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
     cfg.validate()
     diffs = environment_diffs(base.run.get("environment", {}), head.run.get("environment", {}))
     for name, s in (("base", base), ("head", head)):
-        diffs += [f"{name} merges shards from differing environments: {d}" for d in
+        diffs += [f"{name} mixes environments (merged shards or a resume elsewhere): {d}" for d in
                   s.run.get("environment_differences", [])]
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
     out.load = {name: _other_cpu([r for recs in s.ok.values() for r in recs])

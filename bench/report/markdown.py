@@ -84,6 +84,10 @@ def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     if isinstance(differences, list) and differences:
         facts["ceilings differ"] = ("; ".join(map(str, differences)) + ": each record's roofline fractions are of "
                                     "its own run's ceilings (its metrics.roofline_ceilings), not all of those above")
+    mixed = run.get("environment_differences")  # shards merged, or a resume, from differing environments
+    if isinstance(mixed, list) and mixed:
+        facts["environments differ"] = ("; ".join(map(str, mixed)) + ": its cells were not all measured in one "
+                                        "environment (compare withholds its verdicts on this run)")
     if run.get("missing_shards"):
         facts["missing shards"] = (", ".join(map(str, run["missing_shards"]))
                                    + ": merged without them, their cells have no record")
@@ -142,7 +146,8 @@ def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None 
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
     lines += [f"- {k}: {v}" for k, v in f.items()
-              if k.endswith(" ceilings (measured)") or k in ("ceilings differ", "rounds", "missing shards",
+              if k.endswith(" ceilings (measured)") or k in ("ceilings differ", "environments differ", "rounds",
+                                                             "missing shards",
                                                              "not recorded", "short of rounds")]
     return lines
 

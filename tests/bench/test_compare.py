@@ -195,7 +195,7 @@ def test_shards_from_differing_cpus_merge_when_allowed_and_compare_says_so(tmp_p
     assert "cpu_model is 'Other'" in merged["environment_differences"][0]
     capsys.readouterr()
     assert cli(["compare", str(tmp_path / "m"), str(tmp_path / "m")]) == 0
-    assert "base merges shards from differing environments" in capsys.readouterr().out
+    assert "base mixes environments (merged shards or a resume elsewhere)" in capsys.readouterr().out
 
 
 def test_a_regression_measured_under_heavier_load_is_withheld(tmp_path, capsys):

@@ -362,10 +362,11 @@ def test_merged_shards_from_differing_environments_are_named_per_side():
     base, head = side(_separated("v0", 1.0)), side(_separated("v0", 1.0))
     head.run["environment_differences"] = ["cpu_model is 'Other' in shard 1"]
     c = compare_sides(base, head, ONE)
-    assert c.env_diffs == ["head merges shards from differing environments: cpu_model is 'Other' in shard 1"]
+    assert c.env_diffs == ["head mixes environments (merged shards or a resume elsewhere): "
+                           "cpu_model is 'Other' in shard 1"]
     base.run["environment_differences"] = ["torch threads differ"]
     assert compare_sides(base, head, ONE).env_diffs[0] == \
-        "base merges shards from differing environments: torch threads differ"
+        "base mixes environments (merged shards or a resume elsewhere): torch threads differ"
 
 
 def test_runs_without_an_environment_record_compare():
