@@ -140,6 +140,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     cell = Cell.from_dict(job)
     baseline_rss = memory.rss_bytes()
     record = new_record(cell)
+    record["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     try:
         record.update(_measure(cell, record, baseline_rss, t_start))
     except NotApplicable as exc:

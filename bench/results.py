@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import os
+import platform
 import stat
 import warnings
 from collections.abc import Callable
@@ -61,6 +62,7 @@ def new_record(cell: Cell) -> dict[str, Any]:
         "method": {},
         "labels": [],
         "timing_s": {},
+        "host": platform.node(),  # where it was measured: a resumed, merged or Ray run may span machines
     }
 
 

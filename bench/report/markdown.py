@@ -5,6 +5,7 @@ the recommended variant, the Pareto front and notes. Renders in a PR comment or 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from typing import Any
 
 from bench.catalogue import METRICS, MIN_CI_COVERAGE
@@ -84,6 +85,9 @@ def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) 
     if isinstance(differences, list) and differences:
         facts["ceilings differ"] = ("; ".join(map(str, differences)) + ": each record's roofline fractions are of "
                                     "its own run's ceilings (its metrics.roofline_ceilings), not all of those above")
+    hosts = hosts_text(records or [])
+    if hosts:
+        facts["hosts"] = hosts
     mixed = run.get("environment_differences")  # shards merged, or a resume, from differing environments
     if isinstance(mixed, list) and mixed:
         facts["environments differ"] = ("; ".join(map(str, mixed)) + ": its cells were not all measured in one "
@@ -103,6 +107,15 @@ def run_facts(run: dict[str, Any], records: list[dict[str, Any]] | None = None) 
         if text:
             facts["short of rounds"] = text
     return facts
+
+
+def hosts_text(records: list[dict[str, Any]]) -> str | None:
+    """'measured on 2 hosts: a (6 cells), b (4 cells)' when the records name more than one host; else None."""
+    counts = Counter(r["host"] for r in records if isinstance(r.get("host"), str))
+    if len(counts) < 2:
+        return None
+    return f"measured on {len(counts)} hosts: " + ", ".join(
+        f"{h} ({n} cell{'' if n == 1 else 's'})" for h, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def short_of_rounds_text(records: list[dict[str, Any]]) -> str | None:
@@ -137,6 +150,11 @@ def unrecorded_text(run: dict[str, Any], records: list[dict[str, Any]]) -> str |
     return f"{unrecorded_count(missing, records)}: {shown}{more}{how}"
 
 
+# run facts listed as they are, after the environment's own lines
+LISTED_FACTS = ("ceilings differ", "environments differ", "hosts", "rounds", "missing shards", "not recorded",
+                "short of rounds")
+
+
 def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None = None) -> list[str]:
     f = {k: md_escape(v) for k, v in run_facts(run, records).items()}
     lines = [f"- started {f['started']}, " + (f"ended {f['ended']}" if run.get("ended") else f["ended"])
@@ -146,9 +164,7 @@ def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None 
         lines.append(f"- {f['libraries']}")
     lines.append(f"- git {f['git']}")
     lines += [f"- {k}: {v}" for k, v in f.items()
-              if k.endswith(" ceilings (measured)") or k in ("ceilings differ", "environments differ", "rounds",
-                                                             "missing shards",
-                                                             "not recorded", "short of rounds")]
+              if k.endswith(" ceilings (measured)") or k in LISTED_FACTS]
     return lines
 
 

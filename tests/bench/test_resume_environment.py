@@ -1,8 +1,11 @@
-"""A resume measures its remaining cells only where the gate would compare them with the recorded ones."""
+"""A resume measures its remaining cells only where the gate would compare them with the recorded ones;
+records say where and when they were measured, and reports say when a run spans machines."""
 
 from __future__ import annotations
 
 import json
+import platform
+import re
 
 from bench.cli import main as cli
 from bench.compare import environment_changes
@@ -59,6 +62,8 @@ def test_a_resume_on_another_cpu_is_refused_then_recorded_when_allowed(tmp_path,
     assert run["environment"] == json.loads(before)["environment"]  # what the run started with stays
     [record] = read_records(run_dir)
     assert record["status"] == "ok"
+    assert record["host"] == platform.node() == env["hostname"]
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", record["started_at"])
     # the ceilings were measured again here: the new cell's fraction is of this machine's, as its record says
     assert [e["roofline"] for e in run["earlier_rooflines"]] == [elsewhere]
     assert run["roofline"]["cpu"]["memory"]["bandwidth_gbps"] > 1.0
@@ -75,3 +80,17 @@ def test_allow_env_mismatch_is_for_a_resume_only(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == ("infermatrix run: error: --allow-env-mismatch applies to --resume "
                                                "only (a new run has one environment)")
     assert not (tmp_path / "out").exists()
+
+
+def test_a_run_whose_records_name_two_hosts_says_so_in_its_facts():
+    from tests.bench.example_records import example_records
+
+    records = example_records()
+    assert run_facts({"matrix": {"name": "x"}}, records).get("hosts") is None  # one host (or none recorded)
+    for i, r in enumerate(records):
+        r["host"] = "node-b" if i % 3 == 0 else "node-a"
+    a, b = sum(r["host"] == "node-a" for r in records), sum(r["host"] == "node-b" for r in records)
+    assert run_facts({"matrix": {"name": "x"}}, records)["hosts"] == \
+        f"measured on 2 hosts: node-a ({a} cells), node-b ({b} cells)"
+    records[0]["host"] = "node-c"
+    assert "node-c (1 cell)" in run_facts({"matrix": {"name": "x"}}, records)["hosts"]
