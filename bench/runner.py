@@ -2,7 +2,7 @@
 
 Each job is forked from a server that has only imported torch and transformers (and never
 initialised CUDA: see ``bench.preload``). The parent never polls: it blocks on the child's
-exit while the child runs (a timer thread kills the child's process group at the timeout),
+exit while the child runs, and kills the child's process group at the timeout,
 so the measured process has every core to itself. Children die with their parent
 (PR_SET_PDEATHSIG), so a killed run leaves no orphan competing with the next one; where
 that cannot be set, the record says so.
@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -181,22 +180,20 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
     out_path.unlink(missing_ok=True)
     phase_path.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
-    timed_out = threading.Event()
     t0 = time.perf_counter()
     argv = [*flags, str(spec_path), str(out_path)]
     proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda, str(phase_path)),
                                     name=f"infermatrix-{kind}-{name}")
-
-    def kill() -> None:
-        timed_out.set()
-        _kill_group(proc)
-
-    timer = threading.Timer(timeout_s, kill)
-    timer.daemon = True
     try:
         proc.start()
-        timer.start()
-        proc.join()  # blocks on the child's sentinel: no CPU taken from the child
+        # Blocks on the child's sentinel until it exits or the time is up: no CPU taken from the child.
+        # No helper thread waits for the timeout: a signal sent to the process (the user's Ctrl-C) may
+        # land in any thread that does not block it, and only this one's wait is then interrupted.
+        proc.join(timeout_s)
+        timed_out = proc.exitcode is None
+        if timed_out:
+            _kill_group(proc)
+            proc.join()
     except BaseException:
         # Ctrl-C (or any error) in the parent: the child is in its own session, out of the terminal's
         # reach, so take its group down now rather than leave it measuring for nobody.
@@ -204,11 +201,9 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
         if proc.pid is not None:
             proc.join()
         raise
-    finally:
-        timer.cancel()
     returncode = proc.exitcode
     wall_s = time.perf_counter() - t0
-    if timed_out.is_set():
+    if timed_out:
         error = f"timed out after {timeout_s:g} s (process group killed)"
     elif out_path.exists() and returncode == 0:
         result = json.loads(out_path.read_text())

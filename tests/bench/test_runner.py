@@ -261,7 +261,11 @@ def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tm
     matrix.write_text(matrix.read_text().replace('"synthetic:llama-tiny"', json.dumps(str(model)))
                       .replace("timeout_s = 120", f"timeout_s = {CELL_TIMEOUT_S}"))
     marker = tmp_path / "hanging.pid"
-    cli = subprocess.Popen([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out",
+    # SIGINT as a terminal's user has it: a suite started as a background job of a non-interactive shell
+    # (`(make test &)`) runs with SIGINT ignored, which every process it starts inherits and Python keeps.
+    as_in_a_terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
+                        "runpy.run_module('bench.cli', run_name='__main__', alter_sys=True)")
+    cli = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "run", str(matrix), "--out",
                             str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                            text=True, env={**os.environ, "FAULTY_HANG_MARKER": str(marker), "PYTHONFAULTHANDLER": "1"},
                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
