@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bench import job_phase
-from bench.results import new_record, write_json_atomic
+from bench.results import new_record, utc_now, write_json_atomic
 from optimize.errors import InputError, NotApplicable
 
 if TYPE_CHECKING:
@@ -140,7 +140,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     cell = Cell.from_dict(job)
     baseline_rss = memory.rss_bytes()
     record = new_record(cell)
-    record["started_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    record["started_at"] = utc_now()
     try:
         record.update(_measure(cell, record, baseline_rss, t_start))
     except NotApplicable as exc:

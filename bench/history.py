@@ -9,11 +9,11 @@ import io
 import json
 import sqlite3
 import statistics
-import time
 from pathlib import Path
 from typing import Any
 
 from bench.compare import environment_fingerprint, gated_metrics, load_side, metric_blocks
+from bench.results import utc_now
 from optimize.atomic import write_file
 
 SCHEMA = """
@@ -73,7 +73,7 @@ def add_run(db: Path, run_dir: Path, commit: str | None = None) -> dict[str, Any
             cur = con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint) "
                               "VALUES (?, ?, ?, ?, ?, ?)",
                               (str(Path(run_dir).resolve()), commit, side.run.get("started"),
-                               time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), json.dumps(env, default=str),
+                               utc_now(), json.dumps(env, default=str),
                                json.dumps(environment_fingerprint(env), sort_keys=True, default=str)))
         except sqlite3.IntegrityError:
             raise InputError(f"{run_dir} (started {side.run.get('started')}) is already in {db}") from None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
-from bench.results import RUN, append_record, read_records, read_run, write_json_atomic
+from bench.results import RUN, append_record, read_records, read_run, utc_now, write_json_atomic
 from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
 from optimize.libraries import libraries
@@ -162,7 +161,7 @@ def _write_merged(run_dirs: list[Path], runs: list[dict[str, Any]], kept: dict[s
               # a shard that never ended leaves the merged run unfinished (its reports say so)
               "started": min(starts) if starts else None,
               "ended": max(r["ended"] for r in runs) if all(r.get("ended") for r in runs) else None,
-              "merged_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "merged_at": utc_now(),
               **({"environment_differences": differences} if differences else {}),
               **({"missing_shards": missing} if missing else {})}
     write_json_atomic(out / RUN, merged)

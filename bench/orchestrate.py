@@ -17,7 +17,7 @@ from typing import Any
 from bench import __version__
 from bench.cells import Cell
 from bench.matrix import Matrix, expand, parse_matrix
-from bench.results import RUN, append_record, failed_record, read_records, read_run, write_json_atomic
+from bench.results import RUN, append_record, failed_record, read_records, read_run, utc_now, write_json_atomic
 from bench.runner import JOB_TIMEOUTS, cell_result_to_record
 from optimize.errors import InputError
 from optimize.registry import recipe_from_dict
@@ -131,7 +131,7 @@ def start_run(matrix: Matrix, run_dir: Path, *, shard: Shard | None, launcher: s
         "shard": str(shard) if shard else None,
         "launcher": launcher,
         "environment": environment,
-        "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "started": utc_now(),
         "ended": None,
         **(extra or {}),
     }
@@ -397,7 +397,7 @@ def _already_stored(builds: dict[str, dict], references: dict[str, dict], cache_
 def finish_run(run_dir: Path) -> None:
     """Set ``ended``; a merged run's ``missing_shards`` keep only the shards still lacking records (one write)."""
     run = settle_missing_shards(run_dir, read_run(run_dir))
-    run["ended"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    run["ended"] = utc_now()
     write_json_atomic(run_dir / RUN, run)
 
 

@@ -45,6 +45,13 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "cell-record.schema.json"
 RUN_SCHEMA_PATH = Path(__file__).parent / "schema" / "run.schema.json"
 
 
+def utc_now() -> str:
+    """The current UTC time as run.json and records write it (ISO 8601, seconds, ``Z``)."""
+    import time
+
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
 def new_record(cell: Cell) -> dict[str, Any]:
     """A record with the cell's identity filled in and no outcome yet."""
     return {

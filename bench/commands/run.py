@@ -332,11 +332,9 @@ def _check_resume_environment(run_dir: Path, run: dict, todo: int, allow: bool, 
     and the roofline ceilings are measured again here (the earlier ones move to ``earlier_rooflines``), so
     the new cells' fractions are of this machine's ceilings, as their records' ``roofline_ceilings`` say.
     """
-    import time
-
     from bench.compare import environment_changes
     from bench.env import environment
-    from bench.results import write_json_atomic
+    from bench.results import RUN, utc_now, write_json_atomic
 
     recorded = run.get("environment")
     if not isinstance(recorded, dict) or "cpu_model" not in recorded:
@@ -353,7 +351,7 @@ def _check_resume_environment(run_dir: Path, run: dict, todo: int, allow: bool, 
                          f"its {cells} would be measured in another environment than the one run.json records "
                          "(start a new run, or resume with --allow-env-mismatch: run.json then records the "
                          "difference)")
-    at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    at = utc_now()
     host = here.get("hostname") or "?"
     updated = {**run, "environment_differences": [*run.get("environment_differences", []),
                                                   *(f"resumed {at} on {host}: {s}" for s in said)]}
@@ -362,7 +360,7 @@ def _check_resume_environment(run_dir: Path, run: dict, todo: int, allow: bool, 
                                         {"until": at, "roofline": updated.pop("roofline")}]
         updated["roofline_differences"] = [*run.get("roofline_differences", []),
                                            f"resumed {at} on {host}: the ceilings were measured again there"]
-    write_json_atomic(run_dir / "run.json", updated)
+    write_json_atomic(run_dir / RUN, updated)
     print(f"infermatrix run: warning: resuming in a differing environment ({'; '.join(said)}); recorded in "
           "run.json's environment_differences: compare withholds its verdicts on this run", file=sys.stderr)
 

@@ -37,6 +37,7 @@ from typing import Any
 
 from bench.metrics.drift_config import SCORINGS, DriftBudget, DriftConfig  # noqa: F401 (re-exported)
 from bench.metrics.drift_figures import generation_agreement, summarize_drift, token_drift
+from bench.results import utc_now
 from optimize.atomic import build_dir_atomically
 from optimize.errors import InputError
 
@@ -184,7 +185,7 @@ def _compute_reference(ref, cfg: DriftConfig, device: str, eval_text: str | None
         "file_bytes": (out / REFERENCE_TENSORS).stat().st_size,
         "reference_wall_s": round(time.perf_counter() - t0, 3),
         "versions": library_versions(libraries("reference")),
-        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "created": utc_now(),
     }
     (out / REFERENCE_JSON).write_text(json.dumps(info, indent=1) + "\n")
 
