@@ -167,6 +167,9 @@ class Row:
     q: float | None = None
     threshold: float = 0.0
     cv: float | None = None
+    process_sd: float | None = None  # sd of a whole process's log level beyond its repetitions (pooled over cells)
+    p_rank: float | None = None  # Mann-Whitney U on the repetitions
+    p_process: float | None = None  # t test on the processes' levels; p is the larger of the two
     mde: float | None = None
     note: str = ""
 
@@ -221,6 +224,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         raise InputError(f"{len(out.unmatched)} cells {how} (use --allow-unmatched to skip them): "
                          f"{'; '.join(out.unmatched[:8])}{more}")
     tested: list[Row] = []
+    noise = _process_noise(base, head)
     for key in sorted(base.keys & head.keys):
         rows = _status_rows(key, base, head)
         if rows is not None:
@@ -234,7 +238,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
                 side = "base" if b is None else "head"
                 raise InputError(f"cell {key}: metric {m.key} has no samples in {side} "
                                  f"({base.run_dir if b is None else head.run_dir})")
-            row = _measure_row(key, m, b, h, cfg)
+            row = _measure_row(key, m, b, h, cfg, noise.get((m.key, base.ok[key][0]["device"])))
             noisy = [s for s, recs in (("base", base.ok[key]), ("head", head.ok[key]))
                      if any(r.get("noisy") for r in recs)]
             if noisy:
@@ -257,8 +261,9 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
                         f"{cfg.min_processes} needed to see noise between processes")
             row.verdict = "inconclusive"
         elif row.verdict in ("regressed", "improved") and not gs.beyond_mde(row.ratio, row.mde):
+            between = f"; whole processes vary by {row.process_sd:.1%} (sd)" if row.process_sd else ""
             row.note = (f"{row.verdict} withheld: the change is smaller than the MDE ({row.mde:.1%}), the smallest "
-                        f"change this noise lets the gate detect")
+                        f"change this noise lets the gate detect{between}")
             row.verdict = "inconclusive"
         elif row.verdict in ("regressed", "improved"):
             _check_load(row, base, head)
@@ -298,11 +303,32 @@ def _other_cpu(records: list[dict[str, Any]]) -> float | None:
     return statistics.median(shares) if shares else None
 
 
-def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[float]], cfg: gs.GateConfig) -> Row:
+def _process_noise(base: Side, head: Side) -> dict[tuple[str, str], gs.ProcessNoise]:
+    """Between-process noise of each speed metric per device, pooled over every cell of both runs.
+
+    Two runs measured one after the other share no process: a machine that runs some processes
+    slower than others (load, clocks) moves whole processes, which the rank test on pooled
+    repetitions takes for a real change. ``gs.process_noise`` estimates that component from the
+    processes of each cell in each run; each row's test and MDE then include it.
+    """
+    cell_sides: dict[tuple[str, str], list[list[list[float]]]] = defaultdict(list)
+    for s in (base, head):
+        for records in s.ok.values():
+            for m in gated_metrics():
+                blocks = metric_blocks(records, m.key) if m.kind == "speed" else None
+                if blocks:
+                    cell_sides[(m.key, records[0]["device"])].append(blocks)
+    return {k: n for k, sides in cell_sides.items() for n in [gs.process_noise(sides)] if n is not None}
+
+
+def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[float]], cfg: gs.GateConfig,
+                 noise: gs.ProcessNoise | None = None) -> Row:
     """One metric of one cell; p stays None where too few samples for the rank test to reach ``fdr``.
 
     Those comparisons (peak memory, one figure per process) take the range of all pairings as
     their interval and count as significant only when the two sides' ranges do not overlap.
+    ``noise`` (speed metrics): the pooled between-process noise; the row's p is then the larger of the
+    rank test's and a t test's on the processes' levels (``gs.process_p``), and its MDE includes it.
     """
     import numpy as np
 
@@ -314,11 +340,16 @@ def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[fl
         ratio = float(np.median(ph) / np.median(pb))
         low, high = float(ph.min() / pb.max()), float(ph.max() / pb.min())
     cv = max(gs.robust_cv(b), gs.robust_cv(h))
+    p_rank = gs.rank_p(b, h) if tested else None
+    p_process = gs.process_p(b, h, noise) if tested and noise is not None else None
     return Row(cell=key, metric=m.key, label=m.label, unit=m.unit, direction=m.direction, kind=m.kind,
                n_base=len(pb), n_head=len(ph), blocks_base=len(b), blocks_head=len(h),
                base_median=float(np.median(pb)), head_median=float(np.median(ph)), ratio=ratio, low=low, high=high,
-               p=gs.rank_p(b, h) if tested else None, threshold=cfg.threshold(m.kind), cv=_clean(cv),
-               mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr)))  # infinite when untested
+               p=None if p_rank is None else max(p_rank, p_process or 0.0), p_rank=p_rank, p_process=p_process,
+               threshold=cfg.threshold(m.kind), cv=_clean(cv),
+               process_sd=None if noise is None else math.sqrt(noise.var),
+               mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr, noise and noise.var,
+                                 (len(b), len(h)))))  # infinite when untested
 
 
 def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:

@@ -55,7 +55,8 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     tally = ", ".join(f"{n} {v}" for v, n in counts.items())
     lines.append(f"base {md_code(c.base)} → head {md_code(c.head)}: {tally} of {len(c.rows)} comparisons. "
                  f"**Result: {'FAIL' if c.exit_code() else 'pass'}**")
-    lines += ["", f"Ratio of medians head/base with a {cfg['level']:.0%} block-bootstrap interval; Mann-Whitney U, "
+    lines += ["", f"Ratio of medians head/base with a {cfg['level']:.0%} block-bootstrap interval; Mann-Whitney U "
+                  "on the repetitions and a t test on the processes' levels (the larger p), "
                   f"Benjamini-Hochberg q ≤ {cfg['fdr']}; threshold ±{cfg['speed_threshold']:.0%} speed, "
                   f"±{cfg['memory_threshold']:.0%} memory. MDE: smallest change detectable at {cfg['power']:.0%} "
                   "power with the observed noise (a threshold below it reports noise, so such changes stay "
@@ -81,8 +82,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   *[f"- {_esc(u)}" for u in c.unmatched]]
     noise = noise_table(c)
     if noise:
-        lines += ["", "Observed noise per metric (median robust CV over cells, both sides) and median MDE:", "",
-                  "| metric | noise (CV) | MDE | comparisons |", "|---|---|---|---|", *noise]
+        lines += ["", "Observed noise per metric (median robust CV over cells, both sides; sd of a whole process's "
+                      "level beyond its repetitions, pooled over cells) and median MDE:", "",
+                  "| metric | noise (CV) | between processes | MDE | comparisons |", "|---|---|---|---|---|", *noise]
     return "\n".join(lines) + "\n"
 
 
@@ -93,7 +95,9 @@ def noise_table(c: Comparison) -> list[str]:
     for label in dict.fromkeys(r.label for r in c.rows if r.kind != "status"):
         rows = [r for r in c.rows if r.label == label]
         cvs = [r.cv for r in rows if r.cv is not None]
+        sds = [r.process_sd for r in rows if r.process_sd is not None]  # one pooled figure per device
         mdes = [r.mde for r in rows if r.mde is not None and not math.isnan(r.mde)]
         out.append(f"| {label} | {_pct(float(np.median(cvs)) if cvs else None)} | "
+                   f"{' / '.join(_pct(x) for x in dict.fromkeys(sds)) or '-'} | "
                    f"{_pct(float(np.median(mdes)) if mdes else None)} | {len(rows)} |")
     return out

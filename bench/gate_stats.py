@@ -154,12 +154,16 @@ def robust_cv(blocks: Blocks) -> float:
     return float(1.4826 * np.median(np.abs(x - med)) / abs(med))
 
 
-def mde(cv: float, n_base: int, n_head: int, level: float = 0.99, power: float = 0.8, fdr: float = 0.01) -> float:
+def mde(cv: float, n_base: int, n_head: int, level: float = 0.99, power: float = 0.8, fdr: float = 0.01,
+        process_var: float | None = None, blocks: tuple[int, int] = (1, 1)) -> float:
     """Minimum detectable relative change of the median at ``power``, given noise ``cv``.
 
     (z_{1-alpha/2} + z_power) x CV x sqrt(1/n_base + 1/n_head) x sqrt(pi/2): the usual formula
     for a mean, times the median's efficiency loss under normal noise. Infinite when the rank
-    test cannot reach ``fdr`` with so few samples.
+    test cannot reach ``fdr`` with so few samples. With ``process_var`` (the variance of a whole
+    process's log level beyond its repetitions' noise, see ``process_noise``) the standard
+    error gains that variance over the ``blocks`` (processes per side): repetitions of one process
+    share its level, so more of them do not average a shift of the whole process away.
     """
     from scipy.stats import norm
 
@@ -168,7 +172,83 @@ def mde(cv: float, n_base: int, n_head: int, level: float = 0.99, power: float =
     if math.isnan(cv):
         return math.nan
     z = norm.ppf(1 - (1 - level) / 2) + norm.ppf(power)
-    return float(z * cv * math.sqrt(1 / n_base + 1 / n_head) * math.sqrt(math.pi / 2))
+    var = cv ** 2 * (1 / n_base + 1 / n_head) * math.pi / 2
+    if process_var:
+        var += process_var * (1 / blocks[0] + 1 / blocks[1])
+    return float(z * math.sqrt(var))
+
+
+@dataclass(frozen=True)
+class ProcessNoise:
+    """How much whole processes vary beyond their repetitions' noise, pooled over a run pair's cells."""
+
+    var: float  # variance of a process's log level beyond what its repetitions explain (>= 0)
+    df: int  # degrees of freedom of the pooled estimate (processes less one, summed over the cell-sides kept)
+
+
+def _log_levels(blocks: Blocks) -> tuple[np.ndarray, float] | None:
+    """Each process's log median, and the variance its own repetitions give that median on average
+    (pi/2 x s^2 / n, s the robust sd of the log repetitions about their process's median).
+    """
+    values = [np.asarray(b, dtype=float) for b in blocks if len(b)]
+    if not values or not all((np.isfinite(v) & (v > 0)).all() for v in values):
+        return None
+    logs = [np.log(v) for v in values]
+    medians = np.array([np.median(b) for b in logs])
+    deviations = np.concatenate([b - m for b, m in zip(logs, medians, strict=True) if len(b) > 1] or [[]])
+    s = 1.4826 * float(np.median(np.abs(deviations))) if len(deviations) else 0.0
+    return medians, math.pi / 2 * s ** 2 * float(np.mean([1 / len(b) for b in logs]))
+
+
+def process_noise(cell_sides: Sequence[Blocks]) -> ProcessNoise | None:
+    """The between-process component of a one-way random-effects model, pooled over cell-sides.
+
+    Each cell-side (one cell's processes in one run) with two or more processes gives the sample
+    variance of its processes' log medians; the pooled variance less the part the repetitions'
+    own noise explains is the component. A machine whose speed moves between processes (a
+    neighbour's load, clocks) moves every cell alike, so one estimate serves all of them. Pooled
+    as a df-weighted mean, after dropping cell-sides whose spread lies beyond the 99.9th
+    percentile of what a median-based estimate predicts (one process slowed 30x in one cell does
+    not set it for every cell). None when no cell-side has two processes.
+    """
+    from scipy.stats import chi2
+
+    spreads, within, dfs = [], [], []
+    for blocks in cell_sides:
+        levels = _log_levels(blocks) if len(blocks) > 1 else None
+        if levels is None or len(levels[0]) < 2:
+            continue
+        spreads.append(float(np.var(levels[0], ddof=1)))
+        within.append(levels[1])
+        dfs.append(len(levels[0]) - 1)
+    if not spreads:
+        return None
+    s2, w, df = np.array(spreads), np.array(within), np.array(dfs, dtype=float)
+    if len(s2) > 2:
+        scale = float(np.median(s2 * df / chi2.median(df)))
+        keep = s2 <= scale * chi2.ppf(0.999, df) / df
+        s2, w, df = s2[keep], w[keep], df[keep]
+    return ProcessNoise(max(0.0, float(np.average(s2 - w, weights=df))), int(df.sum()))
+
+
+def process_p(base: Blocks, head: Blocks, noise: ProcessNoise) -> float:
+    """Two-sided p-value of the change in mean log process level, against the variation of whole processes.
+
+    Each process counts once: Var = (var + w_base)/k_base + (var + w_head)/k_head with ``var``
+    the pooled between-process component and w each side's repetition noise of a process median;
+    Student's t with the pooled degrees of freedom. Repetitions of one process share its level,
+    so this is the test of a change that processes, not repetitions, must show.
+    """
+    from scipy.stats import t
+
+    b, h = _log_levels(base), _log_levels(head)
+    if b is None or h is None:
+        return 1.0
+    delta = float(np.mean(h[0]) - np.mean(b[0]))
+    se2 = (noise.var + b[1]) / len(b[0]) + (noise.var + h[1]) / len(h[0])
+    if se2 <= 0:
+        return 1.0 if delta == 0 else 0.0
+    return float(2 * t.sf(abs(delta) / math.sqrt(se2), noise.df))
 
 
 def worse_is_higher(direction: str) -> bool:

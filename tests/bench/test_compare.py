@@ -42,15 +42,17 @@ def test_aa_pairs_are_never_regressed(cv):
 
 @pytest.mark.parametrize(("cv", "rounds", "reps", "min_fraction"), [(0.03, 2, 5, 1.0), (0.10, 5, 10, 0.95)])
 def test_twenty_percent_slowdown_is_regressed(cv, rounds, reps, min_fraction):
+    # Two cells, fp32 slowed: the test on the processes' levels pools their spread over both cells (with one
+    # cell and two processes a side it would have 2 degrees of freedom, and miss this change 16 times in 40).
     rng = np.random.default_rng(7)
     hits = 0
     for seed in range(40):
-        base = side(processes(rng, rounds, reps, cv))
-        head = side(processes(rng, rounds, reps, cv, slowdown=1.2))
+        base = side(processes(rng, rounds, reps, cv) + processes(rng, rounds, reps, cv, variant="bf16"))
+        head = side(processes(rng, rounds, reps, cv, slowdown=1.2) + processes(rng, rounds, reps, cv, variant="bf16"))
         c = compare_sides(base, head, gs.GateConfig(n_resamples=1000, seed=seed, min_processes=1))
         v = verdicts(c)
         hits += v["fp32:tpot_ms"] == "regressed" and v["fp32:decode_tokens_per_s"] == "regressed"
-        assert "improved" not in v.values()
+        assert "improved" not in v.values() and not [r for r in c.regressed if "bf16" in r.cell]
         tpot = next(r for r in c.rows if r.metric == "tpot_ms")
         assert tpot.mde < 0.15  # the gate itself says a 20% change is within its reach here
     assert hits / 40 >= min_fraction
@@ -83,6 +85,67 @@ def test_outlier_block_widens_the_interval_instead_of_moving_it():
     wild = normal[:3] + [lognormal(rng, 5, 0.05, 300.0)]
     ratio, low, high = gs.ratio_interval(normal, wild, 0.99, 1000, 0)
     assert low <= 1.05 and high > 2
+
+
+def drifting_run(rng, cells: int, shift_sd: float, slowed: dict[str, float] | None = None) -> list[dict]:
+    """A run of ``cells`` cells in 2 rounds of 10 repetitions (3% noise) on a machine whose speed moves between
+    processes: each process's whole level is scaled by exp(N(0, shift_sd)), as a neighbour's load or clock
+    changes do between two runs measured one after the other."""
+    slowed = slowed or {}
+    return [record(f"v{i}", timing_samples(rng, 10, 0.03, slowed.get(f"v{i}", 1.0) * math.exp(rng.normal(0, shift_sd))))
+            for _ in range(2) for i in range(cells)]
+
+
+def test_two_runs_on_a_machine_that_drifts_between_processes_are_never_regressed(monkeypatch):
+    # Identical code, run after run: 8 cells, 2 processes a side, 8% between processes, 3% within.
+    rng = np.random.default_rng(21)
+    pairs = [(side(drifting_run(rng, 8, 0.08)), side(drifting_run(rng, 8, 0.08))) for _ in range(40)]
+    cfg = gs.GateConfig(n_resamples=500)
+    called, estimates = 0, []
+    for base, head in pairs:
+        c = compare_sides(base, head, cfg)
+        called += any(r.verdict in ("regressed", "improved") for r in c.rows)
+        tpot = [r for r in c.rows if r.metric == "tpot_ms"]
+        assert len({r.process_sd for r in tpot}) == 1  # one pooled figure for every cell of the metric
+        estimates.append(tpot[0].process_sd)
+    assert called <= 1  # the gate's false discovery rate is 1%: 100 such pairs gave 1 (a 14% change in 2 v 2)
+    assert 0.06 < float(np.median(estimates)) < 0.10  # the pooled estimate finds the 8%
+    # The same pairs judged without the between-process term: repetitions of one process are not independent
+    # samples of the machine, and the pooled rank test calls changes that are whole processes moving.
+    import bench.compare as compare
+
+    monkeypatch.setattr(compare, "_process_noise", lambda base, head: {})
+    assert sum(bool(compare_sides(b, h, cfg).regressed) for b, h in pairs) >= 20
+
+
+def test_a_real_slowdown_still_stands_out_of_the_drift_between_processes():
+    rng = np.random.default_rng(22)
+    hits = others = 0
+    for _ in range(20):
+        c = compare_sides(side(drifting_run(rng, 8, 0.08)), side(drifting_run(rng, 8, 0.08, {"v3": 1.6})),
+                          gs.GateConfig(n_resamples=500))
+        hits += verdicts(c)["v3:tpot_ms"] == "regressed"
+        others += any(r.verdict in ("regressed", "improved") and "v3" not in r.cell for r in c.rows)
+        tpot = next(r for r in c.rows if r.metric == "tpot_ms" and "v3" in r.cell)
+        assert 0.15 < tpot.mde < 0.45  # wider than the repetitions alone would say (about 4%), within 60%
+    assert hits >= 17 and others <= 1  # 50 such pairs: 47 regressed, no other cell called
+
+
+def test_process_variance_is_the_excess_over_the_repetitions_noise_and_robust_to_one_wild_cell():
+    rng = np.random.default_rng(4)
+
+    def cell_side(shift_sd, wild=1.0, k=3):
+        return [lognormal(rng, 10, 0.05, (wild if j == 0 else 1.0) * math.exp(rng.normal(0, shift_sd)))
+                for j in range(k)]
+
+    steady = gs.process_noise([cell_side(0.0) for _ in range(30)])
+    assert steady.var < 0.01 ** 2 and steady.df == 60  # processes agreeing as their repetitions predict: ~nothing
+    drifting = gs.process_noise([cell_side(0.10) for _ in range(30)])
+    assert 0.07 ** 2 < drifting.var < 0.14 ** 2
+    one_wild = gs.process_noise([cell_side(0.0, wild=30.0)] + [cell_side(0.0) for _ in range(29)])
+    assert one_wild.var < 0.01 ** 2 and one_wild.df == 58  # one process slowed 30x does not set it for every cell
+    assert gs.process_noise([[lognormal(rng, 10, 0.05)] for _ in range(5)]) is None  # one process a cell
+    assert gs.mde(0.03, 20, 20) < gs.mde(0.03, 20, 20, process_var=0.05 ** 2, blocks=(2, 2))
 
 
 def test_verdict_rules():

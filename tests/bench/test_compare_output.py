@@ -19,7 +19,7 @@ def _comparison(**kw) -> Comparison:
     rows = [
         Row(CELL, "tpot_ms", "TPOT ms", "ms", "lower", "speed", "regressed", n_base=10, n_head=10, blocks_base=2,
             blocks_head=2, base_median=3.0, head_median=3.6, ratio=1.2, low=1.12, high=1.29, p=1e-4, q=4e-4,
-            threshold=0.05, cv=0.02, mde=0.031),
+            threshold=0.05, cv=0.02, process_sd=0.012, mde=0.031),
         Row(CELL, "decode_tokens_per_s", "decode tok/s", "tok/s", "higher", "speed", "unchanged", n_base=10,
             n_head=10, blocks_base=2, blocks_head=1, base_median=333.3, head_median=334.0, ratio=1.002, low=0.99,
             high=1.01, p=0.8, q=0.8, threshold=0.05, cv=0.04, mde=math.inf, note="marked noisy in head"),
@@ -53,7 +53,8 @@ def test_the_summary_states_the_outcome_method_and_changed_rows():
     assert lines[0] == "## infermatrix regression gate"
     assert lines[2] == ("base `runs/base` → head `runs/head`: 2 regressed, 0 improved, 1 unchanged, 1 inconclusive "
                         "of 4 comparisons. **Result: FAIL**")
-    assert lines[4].startswith("Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U, "
+    assert lines[4].startswith("Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U "
+                               "on the repetitions and a t test on the processes' levels (the larger p), "
                                "Benjamini-Hochberg q ≤ 0.01; threshold ±5% speed, ±2% memory. MDE: smallest change "
                                "detectable at 80% power")
     assert lines[6].startswith("1 speed comparisons have one process on a side")  # decode tok/s: 1 head process
@@ -69,9 +70,9 @@ def test_the_summary_states_the_outcome_method_and_changed_rows():
         "mismatch at line 2 |",
     ]  # the unchanged decode row is left out; a pipe in an error cannot break the table
     assert "Cells in only one run (skipped): 1" in lines and "- tiny bf16 cpu generate 1/16/8 (only in head)" in lines
-    noise = lines[lines.index("| metric | noise (CV) | MDE | comparisons |") + 2:]
-    assert noise == ["| TPOT ms | 2.0% | 3.1% | 1 |", "| decode tok/s | 4.0% | ∞ | 1 |",
-                     "| peak memory MiB | - | - | 1 |"]
+    noise = lines[lines.index("| metric | noise (CV) | between processes | MDE | comparisons |") + 2:]
+    assert noise == ["| TPOT ms | 2.0% | 1.2% | 3.1% | 1 |", "| decode tok/s | 4.0% | - | ∞ | 1 |",
+                     "| peak memory MiB | - | - | - | 1 |"]
 
 
 def test_show_all_lists_unchanged_rows_and_a_clean_run_says_so():
@@ -105,9 +106,10 @@ FULL = """## infermatrix regression gate
 base `runs/base` → head `runs/head`: 2 regressed, 0 improved, 1 unchanged, 1 inconclusive of 4 comparisons. \
 **Result: FAIL**
 
-Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U, Benjamini-Hochberg q ≤ 0.01; \
-threshold ±5% speed, ±2% memory. MDE: smallest change detectable at 80% power with the observed noise (a threshold \
-below it reports noise, so such changes stay inconclusive).
+Ratio of medians head/base with a 99% block-bootstrap interval; Mann-Whitney U on the repetitions and a t test \
+on the processes' levels (the larger p), Benjamini-Hochberg q ≤ 0.01; threshold ±5% speed, ±2% memory. MDE: \
+smallest change detectable at 80% power with the observed noise (a threshold below it reports noise, so such \
+changes stay inconclusive).
 
 2 speed comparisons have one process on a side: noise between processes (a neighbour's burst of load) is not seen \
 in their intervals, so they give no verdict unless --min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` \
@@ -128,13 +130,14 @@ Cells in only one run (skipped): 1
 
 - tiny bf16 cpu generate 1/16/8 (only in head)
 
-Observed noise per metric (median robust CV over cells, both sides) and median MDE:
+Observed noise per metric (median robust CV over cells, both sides; sd of a whole process's level beyond its \
+repetitions, pooled over cells) and median MDE:
 
-| metric | noise (CV) | MDE | comparisons |
-|---|---|---|---|
-| TPOT ms | 2.0% | 3.1% | 1 |
-| decode tok/s | 4.0% | ∞ | 1 |
-| peak memory MiB | - | - | 1 |
+| metric | noise (CV) | between processes | MDE | comparisons |
+|---|---|---|---|---|
+| TPOT ms | 2.0% | 1.2% | 3.1% | 1 |
+| decode tok/s | 4.0% | - | ∞ | 1 |
+| peak memory MiB | - | - | - | 1 |
 """
 
 

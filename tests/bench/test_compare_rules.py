@@ -43,11 +43,16 @@ def test_a_row_holds_every_figure_of_its_comparison():
     assert (tpot.n_base, tpot.n_head, tpot.blocks_base, tpot.blocks_head) == (10, 10, 2, 2)
     assert (tpot.base_median, tpot.head_median) == (np.median(pb), np.median(ph))
     assert (tpot.ratio, tpot.low, tpot.high) == gs.ratio_interval(base_tpot, head_tpot, 0.95, 700, 3)
-    assert tpot.p == gs.rank_p(base_tpot, head_tpot) and tpot.q is not None and tpot.q >= tpot.p
+    noise = gs.process_noise([base_tpot, head_tpot])  # the one cell's two sides: 2 degrees of freedom
+    assert noise.df == 2 and tpot.process_sd == 0
+    assert tpot.p_rank == gs.rank_p(base_tpot, head_tpot)
+    assert tpot.p_process == gs.process_p(base_tpot, head_tpot, noise)
+    assert tpot.p == max(tpot.p_rank, tpot.p_process) == tpot.p_process and tpot.q is not None and tpot.q >= tpot.p
     assert tpot.threshold == 0.05
     cv = max(gs.robust_cv(base_tpot), gs.robust_cv(head_tpot))
     assert tpot.cv == cv == gs.robust_cv(head_tpot)
-    assert tpot.mde == gs.mde(cv, 10, 10, 0.95, 0.9, 0.05)
+    assert tpot.mde == gs.mde(cv, 10, 10, 0.95, 0.9, 0.05, noise.var, (2, 2))
+    assert noise.var == 0  # the processes agree as closely as their repetitions predict: no MDE added
     assert tpot.verdict == "regressed" and tpot.note == ""
 
     mem = rows["fp32:peak_memory_bytes"]  # one figure per process: 2 + 2 can never reach q = 0.05

@@ -11,7 +11,8 @@ import re
 
 import numpy as np
 import pytest
-from scipy.stats import mannwhitneyu, norm
+from scipy.stats import chi2, mannwhitneyu, norm
+from scipy.stats import t as student_t
 
 from bench import gate_stats as gs
 from optimize.errors import InputError
@@ -106,6 +107,77 @@ def test_mde_is_the_normal_formula_times_the_medians_efficiency_loss():
     # 3 + 3 samples can reach p = 0.1 but not 0.01: infinite (the smallest p is 2/20).
     assert math.isinf(gs.mde(0.1, 3, 3, fdr=0.01)) and math.isfinite(gs.mde(0.1, 3, 3, fdr=0.1))
     assert math.isfinite(gs.mde(0.1, 3, 3, fdr=0.1 + 1e-12)) and math.isinf(gs.mde(0.1, 3, 3, fdr=0.0999))
+
+
+def test_mde_adds_the_between_process_variance_over_the_processes_per_side():
+    z = norm.ppf(0.995) + norm.ppf(0.8)
+    within = 0.1 ** 2 * (1 / 10 + 1 / 10) * math.pi / 2
+    assert gs.mde(0.1, 10, 10, process_var=0.04, blocks=(2, 5)) == pytest.approx(
+        z * math.sqrt(within + 0.04 * (1 / 2 + 1 / 5)))
+    assert gs.mde(0.1, 10, 10, process_var=0.0, blocks=(2, 2)) == gs.mde(0.1, 10, 10)
+    assert math.isinf(gs.mde(0.1, 2, 2, process_var=0.04, blocks=(2, 2)))  # still untestable
+
+
+E = math.e
+
+
+def test_log_levels_are_process_medians_with_their_repetitions_share():
+    # Log repetitions about each process's median: (0, 0.1, -0.1) and (0, 0.3, -0.3, 0.2): |dev| median 0.1 of
+    # 0, .1, .1, 0, .3, .3, .2; s = 1.4826 x 0.1; a median's variance pi/2 s^2 / n, averaged over n = 3 and 4.
+    levels, w = gs._log_levels([[1.0, E ** 0.1, E ** -0.1], [E, E ** 1.3, E ** 0.7, E ** 1.2]])
+    assert levels == pytest.approx([0.0, 1.1])  # the median of 0.7, 1, 1.2, 1.3 is 1.1
+    devs = [0, 0.1, -0.1, -0.1, 0.2, -0.4, 0.1]
+    s = 1.4826 * float(np.median(np.abs(devs)))
+    assert w == pytest.approx(math.pi / 2 * s ** 2 * (1 / 3 + 1 / 4) / 2)
+    assert gs._log_levels([[2.0], [3.0]])[1] == 0.0  # one figure a process: nothing within it
+    assert gs._log_levels([[1.0, 0.0]]) is None and gs._log_levels([[1.0, -1.0]]) is None  # no log level
+
+
+def test_process_noise_pools_spreads_less_the_repetitions_share_weighted_by_degrees_of_freedom():
+    flat = [1.0, 1.0, 1.0]  # no noise within: the spread is all between processes
+    two = [[flat, [E ** 0.2] * 3]]  # log levels 0, 0.2: variance 0.02, 1 df
+    three = [[flat, [E ** 0.1] * 3, [E ** 0.2] * 3]]  # 0, 0.1, 0.2: variance 0.01, 2 df
+    noise = gs.process_noise(two + three)
+    assert noise.var == pytest.approx((1 * 0.02 + 2 * 0.01) / 3) and noise.df == 3
+    assert gs.process_noise([[flat], [flat, flat]]) == gs.ProcessNoise(0.0, 1)  # a single process adds nothing
+    noisy = [[1.0, E ** 0.1, E ** -0.1], [E ** 0.05, E ** 0.15, E ** -0.05]]  # levels 0, 0.05: spread 0.00125
+    within = gs._log_levels(noisy)[1]
+    assert gs.process_noise([noisy]).var == pytest.approx(max(0.0, 0.00125 - within))
+    assert gs.process_noise([noisy]).var == 0.0  # repetitions this noisy explain the whole spread
+
+
+def test_process_noise_leaves_out_a_cell_side_beyond_the_999th_percentile():
+    def spread_of(d):
+        return [[1.0] * 3, [E ** d] * 3]  # variance d^2 / 2, 1 df
+
+    usual = [spread_of(0.1 * (1 + i / 20)) for i in range(9)]
+    spreads = [(0.1 * (1 + i / 20)) ** 2 / 2 for i in range(9)]
+    median_scale = float(np.median([*spreads, math.inf])) / chi2.median(1)  # the tenth is the largest
+    limit = math.sqrt(2 * median_scale * chi2.ppf(0.999, 1))  # the largest d whose spread is kept
+    kept = gs.process_noise(usual + [spread_of(limit * 0.99)])
+    dropped = gs.process_noise(usual + [spread_of(limit * 1.01)])
+    assert kept.df == 10 and dropped.df == 9
+    assert dropped.var == pytest.approx(float(np.mean(spreads)))
+    pair = gs.process_noise([spread_of(0.1), spread_of(3.0)])  # two cell-sides: a plain mean, none dropped
+    assert pair.df == 2 and pair.var == pytest.approx((0.01 / 2 + 9 / 2) / 2)
+
+
+def test_process_p_is_students_t_on_the_mean_process_levels():
+    base = [[1.0] * 3, [E ** 0.1] * 3]  # levels 0, 0.1; no noise within
+    head = [[E ** 0.3] * 3, [E ** 0.4] * 3, [E ** 0.5] * 3]  # levels 0.3, 0.4, 0.5
+    noise = gs.ProcessNoise(0.01, 7)
+    t = (0.4 - 0.05) / math.sqrt(0.01 / 2 + 0.01 / 3)
+    assert gs.process_p(base, head, noise) == pytest.approx(2 * student_t.sf(t, 7))
+    assert gs.process_p(head, base, noise) == gs.process_p(base, head, noise)  # two-sided
+    noisy = [[1.0, E ** 0.1, E ** -0.1], [E ** 0.1, E ** 0.2, E ** 0.0]]  # levels 0, 0.1 with noise within
+    w = gs._log_levels(noisy)[1]
+    t = (0.4 - 0.05) / math.sqrt((0.01 + w) / 2 + 0.01 / 3)
+    assert gs.process_p(noisy, head, noise) == pytest.approx(2 * student_t.sf(t, 7))
+    same = [[1.0] * 3, [1.0] * 3]
+    assert gs.process_p(same, same, gs.ProcessNoise(0.0, 2)) == 1.0  # no noise, no change
+    assert gs.process_p(same, base, gs.ProcessNoise(0.0, 2)) < 0.1
+    assert gs.process_p([[2.0], [2.0]], [[3.0], [3.0]], gs.ProcessNoise(0.0, 2)) == 0.0  # no noise, a change
+    assert gs.process_p([[1.0, 0.0]], head, noise) == 1.0  # no log level: no test
 
 
 def test_robust_cv_is_the_scaled_median_absolute_deviation_over_the_median():

@@ -33,7 +33,8 @@ def test_one_comparison_statistics(benchmark):
     rng = np.random.default_rng(0)
     base = [list(np.exp(rng.normal(0, 0.05, 5))) for _ in range(2)]
     head = [list(1.1 * np.exp(rng.normal(0, 0.05, 5))) for _ in range(2)]
-    ratio, low, high = benchmark(gs.ratio_interval, base, head)
+    cfg = gs.GateConfig()
+    ratio, low, high = benchmark(gs.ratio_interval, base, head, cfg.level, cfg.n_resamples, cfg.seed)
     assert low <= ratio <= high
 
 
