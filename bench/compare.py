@@ -184,6 +184,7 @@ class Comparison:
     rows: list[Row] = field(default_factory=list)
     unmatched: list[str] = field(default_factory=list)
     load: dict[str, float | None] = field(default_factory=dict)  # median share of CPU other processes used
+    hosts: dict[str, list[str]] = field(default_factory=dict)  # the hosts each side's ok records name
 
     @property
     def regressed(self) -> list[Row]:
@@ -215,6 +216,8 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
     out = Comparison(str(base.run_dir), str(head.run_dir), dataclasses.asdict(cfg), diffs, allow_env_mismatch)
     out.load = {name: _other_cpu([r for recs in s.ok.values() for r in recs])
                 for name, s in (("base", base), ("head", head))}
+    out.hosts = {name: sorted({r["host"] for recs in s.ok.values() for r in recs if isinstance(r.get("host"), str)})
+                 for name, s in (("base", base), ("head", head))}
     neither = _recorded_in_neither(base, head)
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
                     [f"{k} (only in head)" for k in sorted(head.keys - base.keys)] + neither

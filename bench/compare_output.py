@@ -69,6 +69,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     if any(v is not None for v in c.load.values()):
         lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]
+    apart = separate_hosts(c)
+    if apart:
+        lines += [apart, ""]
     rows = c.rows if show_all else [r for r in c.rows if r.verdict != "unchanged"]
     if rows:
         lines += ["| cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |",
@@ -86,6 +89,16 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                       "level beyond its repetitions, pooled over cells) and median MDE:", "",
                   "| metric | noise (CV) | between processes | MDE | comparisons |", "|---|---|---|---|---|", *noise]
     return "\n".join(lines) + "\n"
+
+
+def separate_hosts(c: Comparison) -> str | None:
+    """A line when base and head were measured on machines that share no host (None otherwise)."""
+    base, head = c.hosts.get("base") or [], c.hosts.get("head") or []
+    if not base or not head or set(base) & set(head):
+        return None
+    return (f"Base and head were measured on different hosts (base: {_esc(', '.join(base))}; head: "
+            f"{_esc(', '.join(head))}): a difference between the machines moves every cell alike, and no test "
+            "here can tell it from a change of the code; `infermatrix ab` measures both revisions in one job.")
 
 
 def noise_table(c: Comparison) -> list[str]:

@@ -117,6 +117,10 @@ measure it.
 
 Machine load while measuring (median share of all CPUs used by other processes): base 5.0%, head -.
 
+Base and head were measured on different hosts (base: ci-7; head: ci-2, ci_9): a difference between the machines \
+moves every cell alike, and no test here can tell it from a change of the code; `infermatrix ab` measures both \
+revisions in one job.
+
 | cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |
 |---|---|---|---|---|---|---|---|---|
 | tiny fp32 cpu generate 1/16/8 | TPOT ms (↓) | 3 ms → 3.6 ms | +20.0% | [+12.0%, +29.0%] | 0.0004 | ❌ regressed \
@@ -144,12 +148,24 @@ repetitions, pooled over cells) and median MDE:
 def test_the_whole_summary_with_every_section():
     import warnings
 
-    c = _comparison(load={"base": 0.05, "head": None}, unmatched=["tiny bf16 cpu generate 1/16/8 (only in head)"])
+    c = _comparison(load={"base": 0.05, "head": None}, unmatched=["tiny bf16 cpu generate 1/16/8 (only in head)"],
+                    hosts={"base": ["ci-7"], "head": ["ci-2", "ci_9"]})
     c.env_diffs = ["cpu_model: 'A' in base, 'B' in head"]
     c.rows[0].blocks_base = 1  # TPOT from one base process, decode tok/s from one head process: 2 such comparisons
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a median of no figures would warn: the noise table must not take one
         assert markdown_summary(c) == FULL
+
+
+@pytest.mark.parametrize(("hosts", "said"), [
+    ({"base": ["a"], "head": ["b"]}, True),
+    ({"base": ["a", "b"], "head": ["b"]}, False),  # one host measured both: its own shifts are in the tests
+    ({"base": [], "head": ["b"]}, False),  # records that name no host say nothing either way
+    ({}, False),
+])
+def test_separate_hosts_are_said_only_when_no_host_measured_both_sides(hosts, said):
+    text = markdown_summary(_comparison(hosts=hosts))
+    assert ("measured on different hosts" in text) == said
 
 
 def test_a_row_without_figures_prints_dashes():

@@ -407,3 +407,15 @@ def test_environment_facts_of_partial_records():
     assert environment_diffs(two, {"gpus": [{"name": "NVIDIA H200", "driver": "580.1"}]}) == [
         "gpu driver: ['', '580.1'] in base, ['580.1'] in head",
         "gpus: ['', 'NVIDIA H200'] in base, ['NVIDIA H200'] in head"]
+
+
+def test_the_comparison_names_the_hosts_each_side_measured_on():
+    def on(host, variant="fp32"):
+        r = record(variant, _steady([3.0, 3.1, 2.9, 3.0, 3.05]))
+        if host:
+            r["host"] = host
+        return r
+
+    c = compare_sides(side([on("a"), on("b"), on("a", "bf16")]), side([on("c"), on(None, "bf16")]), ONE)
+    assert c.hosts == {"base": ["a", "b"], "head": ["c"]}
+    assert json.loads(c.to_json())["hosts"] == {"base": ["a", "b"], "head": ["c"]}
