@@ -315,12 +315,13 @@ def _process_noise(base: Side, head: Side) -> dict[tuple[str, str], gs.ProcessNo
     processes of each cell in each run; each row's test and MDE then include it.
     """
     cell_sides: dict[tuple[str, str], list[list[list[float]]]] = defaultdict(list)
+    speed = [m.key for m in gated_metrics() if m.kind == "speed"]
     for s in (base, head):
         for records in s.ok.values():
-            for m in gated_metrics():
-                blocks = metric_blocks(records, m.key) if m.kind == "speed" else None
+            for key in speed:
+                blocks = metric_blocks(records, key) if len(records) > 1 else None  # one process: no spread
                 if blocks:
-                    cell_sides[(m.key, records[0]["device"])].append(blocks)
+                    cell_sides[(key, records[0]["device"])].append(blocks)
     return {k: n for k, sides in cell_sides.items() for n in [gs.process_noise(sides)] if n is not None}
 
 
