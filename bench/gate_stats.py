@@ -190,12 +190,12 @@ def _log_levels(blocks: Blocks) -> tuple[np.ndarray, float] | None:
     """Each process's log median, and the variance its own repetitions give that median on average
     (pi/2 x s^2 / n, s the robust sd of the log repetitions about their process's median).
     """
-    values = [np.asarray(b, dtype=float) for b in blocks if len(b)]
+    values = [np.asarray(b) for b in blocks if len(b)]  # numbers (``bench.compare.metric_blocks`` makes floats)
     if not values or not all((np.isfinite(v) & (v > 0)).all() for v in values):
         return None
     logs = [np.log(v) for v in values]
     medians = np.array([np.median(b) for b in logs])
-    deviations = np.concatenate([b - m for b, m in zip(logs, medians, strict=True) if len(b) > 1] or [[]])
+    deviations = np.concatenate([b - np.median(b) for b in logs if len(b) > 1] or [[]])
     s = 1.4826 * float(np.median(np.abs(deviations))) if len(deviations) else 0.0
     return medians, math.pi / 2 * s ** 2 * float(np.mean([1 / len(b) for b in logs]))
 
@@ -215,7 +215,7 @@ def process_noise(cell_sides: Sequence[Blocks]) -> ProcessNoise | None:
 
     spreads, within, dfs = [], [], []
     for blocks in cell_sides:
-        levels = _log_levels(blocks) if len(blocks) > 1 else None
+        levels = _log_levels(blocks)
         if levels is None or len(levels[0]) < 2:
             continue
         spreads.append(float(np.var(levels[0], ddof=1)))
@@ -223,7 +223,7 @@ def process_noise(cell_sides: Sequence[Blocks]) -> ProcessNoise | None:
         dfs.append(len(levels[0]) - 1)
     if not spreads:
         return None
-    s2, w, df = np.array(spreads), np.array(within), np.array(dfs, dtype=float)
+    s2, w, df = np.array(spreads), np.array(within), np.array(dfs)
     if len(s2) > 2:
         scale = float(np.median(s2 * df / chi2.median(df)))
         keep = s2 <= scale * chi2.ppf(0.999, df) / df

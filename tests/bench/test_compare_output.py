@@ -186,3 +186,11 @@ def test_the_unmatched_heading_says_whether_a_cell_ran_at_all(unmatched, heading
     lines = markdown_summary(_comparison(unmatched=unmatched)).splitlines()
     at = lines.index(heading)
     assert lines[at + 2:at + 2 + len(unmatched)] == [f"- {u}" for u in unmatched]
+
+
+def test_the_noise_table_lists_the_process_noise_of_each_device_once():
+    rows = [Row(f"tiny fp32 {dev} generate 1/16/8 {i}", "tpot_ms", "TPOT ms", "ms", "lower", "speed", "unchanged",
+                cv=0.02, process_sd=sd, mde=0.1) for i, (dev, sd) in enumerate([("cpu", 0.02), ("cuda", 0.1),
+                                                                               ("cpu", 0.02)])]
+    c = Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=rows)
+    assert "| TPOT ms | 2.0% | 2.0% / 10.0% | 10.0% | 3 |" in markdown_summary(c).splitlines()

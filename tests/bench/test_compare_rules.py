@@ -419,3 +419,45 @@ def test_the_comparison_names_the_hosts_each_side_measured_on():
     c = compare_sides(side([on("a"), on("b"), on("a", "bf16")]), side([on("c"), on(None, "bf16")]), ONE)
     assert c.hosts == {"base": ["a", "b"], "head": ["c"]}
     assert json.loads(c.to_json())["hosts"] == {"base": ["a", "b"], "head": ["c"]}
+
+
+def _levels(variant: str, shift: float, d: float = 0.05, device: str = "cpu") -> list[dict]:
+    """Three processes of one cell at log levels shift - d, shift, shift + d, five steady repetitions each."""
+    out = []
+    for level in (-d, 0.0, d):
+        r = record(variant, _steady([3.0 * math.exp(shift + level + x) for x in (-0.01, 0, 0.01, 0.005, -0.005)]))
+        r["device"] = device
+        out.append(r)
+    return out
+
+
+def test_rows_carry_the_pooled_process_noise_into_their_test_and_mde():
+    # Four cells, three processes a side 5% apart (sd): v0's head is 16% slower. The repetitions alone call it
+    # (p ~ 1e-6); against processes that vary by 5% it is significant at q 0.05 but below the MDE at 95% power.
+    base = side([r for i in range(4) for r in _levels(f"v{i}", 0.0)])
+    head = side([r for i in range(4) for r in _levels(f"v{i}", 0.15 if i == 0 else 0.0)])
+    cfg = gs.GateConfig(n_resamples=500, fdr=0.05, power=0.95)
+    c = compare_sides(base, head, cfg)
+    rows = _rows(c)
+    tpot = rows["v0:tpot_ms"]
+    cells = [[[x for x in r["samples"]["tpot_ms"]] for r in s.ok[k]] for s in (base, head) for k in sorted(s.ok)]
+    noise = gs.process_noise(cells)
+    assert noise.df == 16 and tpot.process_sd == pytest.approx(0.05, rel=0.01) == math.sqrt(noise.var)
+    b, h = metric_blocks(base.ok[tpot.cell], "tpot_ms"), metric_blocks(head.ok[tpot.cell], "tpot_ms")
+    assert tpot.p_process == gs.process_p(b, h, noise) > tpot.p_rank and tpot.p == tpot.p_process
+    assert tpot.mde == gs.mde(tpot.cv, 15, 15, cfg.level, cfg.power, cfg.fdr, noise.var, (3, 3))
+    assert tpot.mde < gs.mde(tpot.cv, 15, 15, cfg.level, cfg.power, cfg.fdr, noise.var)  # 3 processes a side, not 1
+    assert tpot.q <= cfg.fdr and tpot.verdict == "inconclusive"
+    assert tpot.note == ("regressed withheld: the change is smaller than the MDE (21.3%), the smallest change this "
+                         "noise lets the gate detect; whole processes vary by 5.0% (sd)")
+    mem = rows["v0:peak_memory_bytes"]
+    assert mem.process_sd is None and mem.p_process is None  # one figure per process: not a speed row
+    head = side([r for i in range(4) for r in _levels(f"v{i}", 0.25 if i == 0 else 0.0)])
+    assert _rows(compare_sides(base, head, cfg))["v0:tpot_ms"].verdict == "regressed"  # 28% is beyond the MDE
+
+
+def test_process_noise_is_pooled_per_device():
+    base = side(_levels("fp32", 0.0, 0.02) + _levels("fp32", 0.0, 0.10, device="cuda"))
+    head = side(_levels("fp32", 0.0, 0.02) + _levels("fp32", 0.0, 0.10, device="cuda"))
+    sds = {r.cell.split()[2]: r.process_sd for r in compare_sides(base, head, ONE).rows if r.metric == "tpot_ms"}
+    assert sds == {"cpu": pytest.approx(0.02, rel=0.1), "cuda": pytest.approx(0.10, rel=0.02)}

@@ -130,6 +130,12 @@ def test_log_levels_are_process_medians_with_their_repetitions_share():
     s = 1.4826 * float(np.median(np.abs(devs)))
     assert w == pytest.approx(math.pi / 2 * s ** 2 * (1 / 3 + 1 / 4) / 2)
     assert gs._log_levels([[2.0], [3.0]])[1] == 0.0  # one figure a process: nothing within it
+    # A process of one figure adds no deviation (a zero would halve this MAD), one of two figures adds both.
+    _, w = gs._log_levels([[1.0, E ** 0.1, E ** -0.1], [5.0]])
+    assert w == pytest.approx(math.pi / 2 * (1.4826 * 0.1) ** 2 * (1 / 3 + 1) / 2)
+    _, w = gs._log_levels([[1.0, E ** 0.6], [1.0, E ** 0.6], [1.0, E ** 0.1, E ** -0.1]])  # |dev| .3 x4, 0, .1, .1
+    assert w == pytest.approx(math.pi / 2 * (1.4826 * 0.3) ** 2 * (1 / 2 + 1 / 2 + 1 / 3) / 3)
+    assert gs._log_levels([[2, 3], [4]])[0] == pytest.approx([math.log(6) / 2, math.log(4)])  # integers too
     assert gs._log_levels([[1.0, 0.0]]) is None and gs._log_levels([[1.0, -1.0]]) is None  # no log level
 
 
@@ -147,19 +153,26 @@ def test_process_noise_pools_spreads_less_the_repetitions_share_weighted_by_degr
 
 
 def test_process_noise_leaves_out_a_cell_side_beyond_the_999th_percentile():
-    def spread_of(d):
-        return [[1.0] * 3, [E ** d] * 3]  # variance d^2 / 2, 1 df
+    def spread_of(d, k=3):
+        return [[1.0] * 3] + [[E ** (d * j / (k - 1))] * 3 for j in range(1, k)]  # levels 0 .. d evenly
 
-    usual = [spread_of(0.1 * (1 + i / 20)) for i in range(9)]
-    spreads = [(0.1 * (1 + i / 20)) ** 2 / 2 for i in range(9)]
-    median_scale = float(np.median([*spreads, math.inf])) / chi2.median(1)  # the tenth is the largest
-    limit = math.sqrt(2 * median_scale * chi2.ppf(0.999, 1))  # the largest d whose spread is kept
+    def variance(d, k=3):
+        return float(np.var([d * j / (k - 1) for j in range(k)], ddof=1))
+
+    usual = [spread_of(0.1 * (1 + i / 20)) for i in range(9)]  # 3 processes a cell-side: 2 df each
+    spreads = [variance(0.1 * (1 + i / 20)) for i in range(9)]
+    median_scale = float(np.median([*spreads, math.inf])) * 2 / chi2.median(2)  # the tenth is the largest
+    limit = math.sqrt(median_scale * chi2.ppf(0.999, 2) / 2 / variance(1.0))  # the largest d whose spread is kept
     kept = gs.process_noise(usual + [spread_of(limit * 0.99)])
     dropped = gs.process_noise(usual + [spread_of(limit * 1.01)])
-    assert kept.df == 10 and dropped.df == 9
+    assert kept.df == 20 and dropped.df == 18
     assert dropped.var == pytest.approx(float(np.mean(spreads)))
-    pair = gs.process_noise([spread_of(0.1), spread_of(3.0)])  # two cell-sides: a plain mean, none dropped
-    assert pair.df == 2 and pair.var == pytest.approx((0.01 / 2 + 9 / 2) / 2)
+    three = gs.process_noise([spread_of(0.1), spread_of(0.1), spread_of(5.0)])  # three: the median rule applies
+    assert three.df == 4 and three.var == pytest.approx(variance(0.1))
+    pair = gs.process_noise([spread_of(0.1, 40), spread_of(3.0, 40)])  # two cell-sides: a plain mean, none dropped
+    assert pair.df == 78 and pair.var == pytest.approx((variance(0.1, 40) + variance(3.0, 40)) / 2)
+    flat = gs.process_noise([[[2.0] * 3, [2.0] * 3] for _ in range(4)])  # no spread anywhere: none dropped
+    assert flat == gs.ProcessNoise(0.0, 4)
 
 
 def test_process_p_is_students_t_on_the_mean_process_levels():
