@@ -77,6 +77,30 @@ def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
     return [f"{k}: {a!r} in base, {b!r} in head" for k, a, b in environment_changes(base, head)]
 
 
+def _ceilings(run: dict[str, Any]) -> dict[tuple[str, str, str], float]:
+    """(device, figure, unit) -> value of the roofline ceilings a run.json holds (positive numbers only)."""
+    out = {}
+    for device, c in sorted((run.get("roofline") or {}).items()):
+        c = c if isinstance(c, dict) else {}
+        figures = [("copy bandwidth", "GB/s", (c.get("memory") or {}).get("bandwidth_gbps"))]
+        figures += [(f"{dtype} matmul", "TFLOP/s", (m or {}).get("tflops") if isinstance(m, dict) else None)
+                    for dtype, m in sorted((c.get("matmul") or {}).items())]
+        out.update({(device, name, unit): float(v) for name, unit, v in figures
+                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0})
+    return out
+
+
+def ceiling_pairs(base_run: dict[str, Any], head_run: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each roofline ceiling both runs measured (at their start): device, figure, unit, base, head, ratio.
+
+    The ceilings are the machine's own speed (copy bandwidth, matmul throughput) measured with no model:
+    where they differ between two runs, every cell's figures move with the machine, whatever the code did.
+    """
+    b, h = _ceilings(base_run), _ceilings(head_run)
+    return [{"device": k[0], "figure": k[1], "unit": k[2], "base": b[k], "head": h[k], "ratio": h[k] / b[k]}
+            for k in sorted(set(b) & set(h))]
+
+
 def cell_key(record: dict[str, Any]) -> str:
     """The identity two runs' cells are matched on: ``bench.cells.identity`` of the record."""
     return identity(record["model"], record["variant"], record["device"], record["scenario"])
@@ -185,6 +209,7 @@ class Comparison:
     unmatched: list[str] = field(default_factory=list)
     load: dict[str, float | None] = field(default_factory=dict)  # median share of CPU other processes used
     hosts: dict[str, list[str]] = field(default_factory=dict)  # the hosts each side's ok records name
+    ceilings: list[dict[str, Any]] = field(default_factory=list)  # each run's roofline ceilings, side by side
 
     @property
     def regressed(self) -> list[Row]:
@@ -218,6 +243,7 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
                 for name, s in (("base", base), ("head", head))}
     out.hosts = {name: sorted({r["host"] for recs in s.ok.values() for r in recs if isinstance(r.get("host"), str)})
                  for name, s in (("base", base), ("head", head))}
+    out.ceilings = ceiling_pairs(base.run, head.run)
     neither = _recorded_in_neither(base, head)
     out.unmatched = [f"{k} (only in base)" for k in sorted(base.keys - head.keys)] + \
                     [f"{k} (only in head)" for k in sorted(head.keys - base.keys)] + neither
@@ -319,7 +345,7 @@ def _process_noise(base: Side, head: Side) -> dict[tuple[str, str], gs.ProcessNo
     for s in (base, head):
         for records in s.ok.values():
             for key in speed:
-                blocks = metric_blocks(records, key) if len(records) > 1 else None  # one process: no spread
+                blocks = metric_blocks(records, key)
                 if blocks:
                     cell_sides[(key, records[0]["device"])].append(blocks)
     return {k: n for k, sides in cell_sides.items() for n in [gs.process_noise(sides)] if n is not None}

@@ -69,9 +69,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     if any(v is not None for v in c.load.values()):
         lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]
-    apart = separate_hosts(c)
-    if apart:
-        lines += [apart, ""]
+    for line in (separate_hosts(c), machine_changes(c)):
+        if line:
+            lines += [line, ""]
     rows = c.rows if show_all else [r for r in c.rows if r.verdict != "unchanged"]
     if rows:
         lines += ["| cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |",
@@ -99,6 +99,19 @@ def separate_hosts(c: Comparison) -> str | None:
     return (f"Base and head were measured on different hosts (base: {_esc(', '.join(base))}; head: "
             f"{_esc(', '.join(head))}): a difference between the machines moves every cell alike, and no test "
             "here can tell it from a change of the code; `infermatrix ab` measures both revisions in one job.")
+
+
+def machine_changes(c: Comparison) -> str | None:
+    """A line when a roofline ceiling the two runs measured differs by more than the speed threshold."""
+    band = math.log(1 + c.config["speed_threshold"])
+    moved = [x for x in c.ceilings if abs(math.log(x["ratio"])) > band]
+    if not moved:
+        return None
+    figures = "; ".join(f"{_esc(x['device'])} {_esc(x['figure'])} {x['base']:.4g} → {x['head']:.4g} {x['unit']} "
+                        f"({_change(x['ratio'])})" for x in moved)
+    return (f"The machine's own ceilings, measured at each run's start, differ beyond "
+            f"±{c.config['speed_threshold']:.0%}: {figures}. A change of that size in every cell is the machine's, "
+            "not the code's.")
 
 
 def noise_table(c: Comparison) -> list[str]:

@@ -117,9 +117,13 @@ measure it.
 
 Machine load while measuring (median share of all CPUs used by other processes): base 5.0%, head -.
 
-Base and head were measured on different hosts (base: ci-7; head: ci-2, ci_9): a difference between the machines \
+Base and head were measured on different hosts (base: ci-7, ci-8; head: ci-2, ci_9): a difference between the machines \
 moves every cell alike, and no test here can tell it from a change of the code; `infermatrix ab` measures both \
 revisions in one job.
+
+The machine's own ceilings, measured at each run's start, differ beyond ±5%: cpu copy bandwidth 42.1 → 35 GB/s \
+(-16.9%); c\\*da bfloat16 matmul 700 → 800 TFLOP/s (+14.3%). A change of that size in every cell is the machine's, \
+not the code's.
 
 | cell | metric | base → head | change | interval | q | verdict | MDE (threshold) | samples |
 |---|---|---|---|---|---|---|---|---|
@@ -149,8 +153,14 @@ def test_the_whole_summary_with_every_section():
     import warnings
 
     c = _comparison(load={"base": 0.05, "head": None}, unmatched=["tiny bf16 cpu generate 1/16/8 (only in head)"],
-                    hosts={"base": ["ci-7"], "head": ["ci-2", "ci_9"]})
+                    hosts={"base": ["ci-7", "ci-8"], "head": ["ci-2", "ci_9"]})
     c.env_diffs = ["cpu_model: 'A' in base, 'B' in head"]
+    c.ceilings = [{"device": "cpu", "figure": "copy bandwidth", "unit": "GB/s", "base": 42.1, "head": 35.0,
+                   "ratio": 35.0 / 42.1},
+                  {"device": "cpu", "figure": "float32 matmul", "unit": "TFLOP/s", "base": 0.2, "head": 0.21,
+                   "ratio": 1.05},  # on the band's edge: not beyond it
+                  {"device": "c*da", "figure": "bfloat16 matmul", "unit": "TFLOP/s", "base": 700, "head": 800,
+                   "ratio": 8 / 7}]
     c.rows[0].blocks_base = 1  # TPOT from one base process, decode tok/s from one head process: 2 such comparisons
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a median of no figures would warn: the noise table must not take one

@@ -461,3 +461,46 @@ def test_process_noise_is_pooled_per_device():
     head = side(_levels("fp32", 0.0, 0.02) + _levels("fp32", 0.0, 0.10, device="cuda"))
     sds = {r.cell.split()[2]: r.process_sd for r in compare_sides(base, head, ONE).rows if r.metric == "tpot_ms"}
     assert sds == {"cpu": pytest.approx(0.02, rel=0.1), "cuda": pytest.approx(0.10, rel=0.02)}
+
+
+def _roofline(gbps, fp32, bf16=None) -> dict:
+    matmul = {"float32": {"n": 2048, "tflops": fp32}}
+    if bf16 is not None:
+        matmul["bfloat16"] = {"n": 2048, "tflops": bf16}
+    return {"cpu": {"device": "cpu", "memory": {"bandwidth_gbps": gbps}, "matmul": matmul}}
+
+
+def test_ceiling_pairs_set_each_ceiling_both_runs_measured_side_by_side():
+    from bench.compare import ceiling_pairs
+
+    pairs = ceiling_pairs({"roofline": _roofline(40.0, 0.2, 0.4)}, {"roofline": _roofline(30.0, 0.2)})
+    assert pairs == [
+        {"device": "cpu", "figure": "copy bandwidth", "unit": "GB/s", "base": 40.0, "head": 30.0, "ratio": 0.75},
+        {"device": "cpu", "figure": "float32 matmul", "unit": "TFLOP/s", "base": 0.2, "head": 0.2, "ratio": 1.0},
+    ]  # bfloat16 was measured in base only
+    hostile = {"cpu": {"memory": {"bandwidth_gbps": True}, "matmul": {"float32": {"tflops": -1}, "x": "y"}},
+               "cuda": "broken", "npu": {"memory": {"bandwidth_gbps": float("nan")}}}
+    assert ceiling_pairs({"roofline": hostile}, {"roofline": hostile}) == []
+    assert ceiling_pairs({}, {"roofline": None}) == []  # ab and partial runs measure none
+
+
+def test_a_comparison_of_runs_on_a_slower_machine_says_so(tmp_path, capsys):
+    from bench.cli import main as cli
+
+    rng = np.random.default_rng(0)
+
+    def run(name, roofline):
+        path = write_run(tmp_path / name, [record("fp32", _steady(list(3.0 * np.exp(rng.normal(0, 0.02, 10)))))
+                                           for _ in range(2)])
+        data = json.loads((path / "run.json").read_text())
+        (path / "run.json").write_text(json.dumps({**data, "roofline": roofline}))
+        return str(path)
+
+    base = run("base", _roofline(42.1, 0.19))
+    assert cli(["compare", base, run("same", _roofline(41.0, 0.185)), "--json", str(tmp_path / "c.json")]) == 0
+    assert "ceilings" not in capsys.readouterr().out  # within ±5%: nothing to say
+    assert json.loads((tmp_path / "c.json").read_text())["ceilings"][0]["ratio"] == pytest.approx(41.0 / 42.1)
+    assert cli(["compare", base, run("slow", _roofline(35.0, 0.19))]) == 0
+    assert ("The machine's own ceilings, measured at each run's start, differ beyond ±5%: cpu copy bandwidth "
+            "42.1 → 35 GB/s (-16.9%). A change of that size in every cell is the machine's, not the code's.") \
+        in capsys.readouterr().out
