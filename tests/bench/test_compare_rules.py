@@ -479,7 +479,8 @@ def test_ceiling_pairs_set_each_ceiling_both_runs_measured_side_by_side():
         {"device": "cpu", "figure": "float32 matmul", "unit": "TFLOP/s", "base": 0.2, "head": 0.2, "ratio": 1.0},
     ]  # bfloat16 was measured in base only
     hostile = {"cpu": {"memory": {"bandwidth_gbps": True}, "matmul": {"float32": {"tflops": -1}, "x": "y"}},
-               "cuda": "broken", "npu": {"memory": {"bandwidth_gbps": float("nan")}}}
+               "cuda": "broken", "npu": {"memory": {"bandwidth_gbps": float("nan")}},
+               "xpu": {"memory": {"bandwidth_gbps": 0}}}
     assert ceiling_pairs({"roofline": hostile}, {"roofline": hostile}) == []
     assert ceiling_pairs({}, {"roofline": None}) == []  # ab and partial runs measure none
 
