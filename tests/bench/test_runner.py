@@ -161,10 +161,12 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
     A Llama of 40M parameters (160 MB of fp32 weights, so the load dominates) saved to a
     directory; the harness's fp32 cell (``rss_increase_bytes``: peak RSS less the RSS before
     the load) and ``ci/benchmarks/direct_generate.py`` (VmHWM less VmRSS after its imports)
-    load it and generate the same tokens. Memory does not move with a neighbour's CPU load.
-    Measured: 209 vs 227 MiB (the fork server has already touched some pages a plain process
-    touches during its first call). A peak read before the run, or in another process, misses
-    the weights: safetensors maps them lazily, and only generation makes them resident.
+    load it and generate the same tokens. Measured: 209 vs 227 MiB, 194 vs 172 and 194 vs 179 alone;
+    256 vs 193 once inside the parallel suite (the other tests' processes around it). A busy machine
+    adds to a process's growth (pages faulted again, allocator state), never takes the weights away:
+    each side's figure is the smallest of its attempts, and a disagreement is measured again, both
+    sides, up to three times. A peak read before the run, or in another process, misses the weights:
+    safetensors maps them lazily, and only generation makes them resident.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -177,24 +179,29 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
     LlamaForCausalLM(config).save_pretrained(str(model_dir), safe_serialization=True)
     weights = sum(p.numel() * 4 for p in LlamaForCausalLM(config).parameters())
     shape = ["--prompt-tokens", "64", "--new-tokens", "8", "--threads", "1"]
-    run_dir = tmp_path / "run"
-    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", str(model_dir), "--variants", "fp32",
-                           "--device", "cpu", "--batch-size", "1", *shape, "--no-drift", "--min-reps", "2",
-                           "--max-reps", "2", "--warmup", "0", "--budget-s", "0", "--out", str(run_dir), "--quiet",
-                           "--no-report"], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    [record] = read_records(run_dir)
-    assert record["status"] == "ok", record["error"]
-    out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), *shape, "--reps", "2"],
-                         capture_output=True, text=True, timeout=600, check=True).stdout
-    direct = json.loads(out.strip().splitlines()[-1])
-    harness_growth = record["metrics"]["rss_increase_bytes"]
-    direct_growth = direct["peak_rss_bytes"] - direct["rss_baseline_bytes"]
     mib = 2**20
-    print(json.dumps({"harness_growth_mib": harness_growth / mib, "direct_growth_mib": direct_growth / mib,
-                      "weights_mib": weights / mib}))
+    harness, direct = [], []
+    for attempt in range(3):
+        run_dir = tmp_path / f"run{attempt}"
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", str(model_dir), "--variants",
+                               "fp32", "--device", "cpu", "--batch-size", "1", *shape, "--no-drift", "--min-reps", "2",
+                               "--max-reps", "2", "--warmup", "0", "--budget-s", "0", "--out", str(run_dir), "--quiet",
+                               "--no-report"], capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        [record] = read_records(run_dir)
+        assert record["status"] == "ok", record["error"]
+        out = subprocess.run([sys.executable, str(SCRIPT), "--model", str(model_dir), *shape, "--reps", "2"],
+                             capture_output=True, text=True, timeout=600, check=True).stdout
+        measured = json.loads(out.strip().splitlines()[-1])
+        harness.append(record["metrics"]["rss_increase_bytes"])
+        direct.append(measured["peak_rss_bytes"] - measured["rss_baseline_bytes"])
+        print(json.dumps({"harness_growth_mib": harness[-1] / mib, "direct_growth_mib": direct[-1] / mib,
+                          "weights_mib": weights / mib}))
+        harness_growth, direct_growth = min(harness), min(direct)
+        if abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib:
+            break
     assert direct_growth >= 0.9 * weights  # the weights dominate both sides' growth: the comparison means something
-    assert abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib, (harness_growth, direct_growth)
+    assert abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib, (harness, direct)
 
 
 # Every cell of the matrix gets it: ten times what a cell of this shape takes on a loaded 2-core
