@@ -449,9 +449,10 @@ def roofline(job: dict[str, Any]) -> dict[str, Any]:
 
 
 def probe(job: dict[str, Any]) -> dict[str, Any]:
-    from bench.env import torch_info
+    from bench.env import recorded_env_vars, torch_info
 
-    return {"status": "ok", "torch": torch_info()}
+    # env_vars: what a job process sees, which must be what the run records from the process that started it.
+    return {"status": "ok", "torch": torch_info(), "env_vars": recorded_env_vars()}
 
 
 JOBS = {"--build": build, "--reference": reference, "--roofline": roofline, "--probe": probe}

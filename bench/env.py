@@ -93,6 +93,14 @@ def user_repository(where: Path | None = None) -> dict[str, Any]:
     return {"path": str(folder), **git_info(folder)}
 
 
+RECORDED_ENV_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES", "HF_HUB_OFFLINE")
+
+
+def recorded_env_vars() -> dict[str, str]:
+    """The environment variables a run records (those set, of ``RECORDED_ENV_VARS``)."""
+    return {k: os.environ[k] for k in RECORDED_ENV_VARS if k in os.environ}
+
+
 def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[str, Any]:
     """The machine, libraries and both revisions: the harness's own and the user's repository's.
 
@@ -117,8 +125,7 @@ def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[
         "git": git_info(),  # the harness's own checkout (None for an installed package)
         "harness_version": library_versions(("infermatrix",)).get("infermatrix"),
         "user_repository": user_repository(user_path),
-        "env_vars": {k: os.environ[k] for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUDA_VISIBLE_DEVICES",
-                                                "HF_HUB_OFFLINE") if k in os.environ},
+        "env_vars": recorded_env_vars(),
     }
     env["gpus"], env["gpus_source"] = gpu_info()
     if with_torch:

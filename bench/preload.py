@@ -35,8 +35,7 @@ def _quiet_imports() -> None:
 
 _quiet_imports()
 NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
-USER_NVML_CHECK = os.environ.get(NVML_CHECK)  # restored in the children (bench.runner)
-os.environ[NVML_CHECK] = "1"
+os.environ[NVML_CHECK] = "1"  # for the server's imports only: each job takes its starter's environment (bench.runner)
 
 import torch  # noqa: E402
 

@@ -73,14 +73,17 @@ def _die_with_parent() -> str | None:
     return None
 
 
-def _restore_environment() -> None:
-    """Undo what the fork server set for its own imports, so the job sees the user's environment."""
-    preload = sys.modules.get("bench.preload")
-    if preload is not None:
-        if preload.USER_NVML_CHECK is None:
-            os.environ.pop(preload.NVML_CHECK, None)
-        else:
-            os.environ[preload.NVML_CHECK] = preload.USER_NVML_CHECK
+def _adopt_environment(environ: dict[str, str]) -> None:
+    """Take the environment of the process that started the job, as it is now.
+
+    A forked job inherits the fork server's, which is the starter's at the moment the server started
+    (plus what the server set for its own imports): a program that changes ``CUDA_VISIBLE_DEVICES``
+    or ``HF_HUB_OFFLINE`` between two runs would otherwise measure with the old values. Variables
+    a library read while the server imported it (``OMP_NUM_THREADS`` for OpenMP) keep the server's.
+    """
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _cuda_unusable_here() -> bool:
@@ -89,11 +92,15 @@ def _cuda_unusable_here() -> bool:
     return torch is not None and bool(torch.cuda._is_in_bad_fork())
 
 
-def _child(argv: list[str], log_path: str, uses_cuda: bool = False, phase_path: str | None = None) -> None:
-    """Entry point of a job's process: own process group, dies with its parent, output to the log."""
+def _child(argv: list[str], log_path: str, uses_cuda: bool = False, phase_path: str | None = None,
+           environ: dict[str, str] | None = None) -> None:
+    """Entry point of a job's process: own process group, dies with its parent, the starter's environment,
+    output to the log.
+    """
     os.setsid()
     note = _die_with_parent()
-    _restore_environment()
+    if environ is not None:
+        _adopt_environment(environ)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -182,8 +189,8 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
     flags = [] if kind == "cell" else [f"--{kind}"]
     t0 = time.perf_counter()
     argv = [*flags, str(spec_path), str(out_path)]
-    proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda, str(phase_path)),
-                                    name=f"infermatrix-{kind}-{name}")
+    proc = _context(method).Process(target=_child, args=(argv, str(log_path), uses_cuda, str(phase_path),
+                                                         dict(os.environ)), name=f"infermatrix-{kind}-{name}")
     try:
         proc.start()
         # Blocks on the child's sentinel until it exits or the time is up: no CPU taken from the child.
