@@ -192,6 +192,7 @@ class Row:
     threshold: float = 0.0
     cv: float | None = None
     process_sd: float | None = None  # sd of a whole process's log level beyond its repetitions (pooled over cells)
+    process_df: int | None = None  # degrees of freedom of that estimate (and of the t test on process levels)
     p_rank: float | None = None  # Mann-Whitney U on the repetitions
     p_process: float | None = None  # t test on the processes' levels; p is the larger of the two
     mde: float | None = None
@@ -377,7 +378,7 @@ def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[fl
                base_median=float(np.median(pb)), head_median=float(np.median(ph)), ratio=ratio, low=low, high=high,
                p=None if p_rank is None else max(p_rank, p_process or 0.0), p_rank=p_rank, p_process=p_process,
                threshold=cfg.threshold(m.kind), cv=_clean(cv),
-               process_sd=None if noise is None else math.sqrt(noise.var),
+               process_sd=None if noise is None else math.sqrt(noise.var), process_df=noise and noise.df,
                mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr, noise and noise.var,
                                  (len(b), len(h)))))  # infinite when untested
 

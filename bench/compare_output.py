@@ -86,7 +86,8 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     noise = noise_table(c)
     if noise:
         lines += ["", "Observed noise per metric (median robust CV over cells, both sides; sd of a whole process's "
-                      "level beyond its repetitions, pooled over cells) and median MDE:", "",
+                      "level beyond its repetitions, pooled over cells, with its degrees of freedom: the fewer, the "
+                      "larger a change must be to be called) and median MDE:", "",
                   "| metric | noise (CV) | between processes | MDE | comparisons |", "|---|---|---|---|---|", *noise]
     return "\n".join(lines) + "\n"
 
@@ -121,9 +122,9 @@ def noise_table(c: Comparison) -> list[str]:
     for label in dict.fromkeys(r.label for r in c.rows if r.kind != "status"):
         rows = [r for r in c.rows if r.label == label]
         cvs = [r.cv for r in rows if r.cv is not None]
-        sds = [r.process_sd for r in rows if r.process_sd is not None]  # one pooled figure per device
+        sds = [f"{_pct(r.process_sd)} ({r.process_df} df)" for r in rows if r.process_sd is not None]  # one per device
         mdes = [r.mde for r in rows if r.mde is not None and not math.isnan(r.mde)]
         out.append(f"| {label} | {_pct(float(np.median(cvs)) if cvs else None)} | "
-                   f"{' / '.join(_pct(x) for x in dict.fromkeys(sds)) or '-'} | "
+                   f"{' / '.join(dict.fromkeys(sds)) or '-'} | "
                    f"{_pct(float(np.median(mdes)) if mdes else None)} | {len(rows)} |")
     return out

@@ -19,7 +19,7 @@ def _comparison(**kw) -> Comparison:
     rows = [
         Row(CELL, "tpot_ms", "TPOT ms", "ms", "lower", "speed", "regressed", n_base=10, n_head=10, blocks_base=2,
             blocks_head=2, base_median=3.0, head_median=3.6, ratio=1.2, low=1.12, high=1.29, p=1e-4, q=4e-4,
-            threshold=0.05, cv=0.02, process_sd=0.012, mde=0.031),
+            threshold=0.05, cv=0.02, process_sd=0.012, process_df=6, mde=0.031),
         Row(CELL, "decode_tokens_per_s", "decode tok/s", "tok/s", "higher", "speed", "unchanged", n_base=10,
             n_head=10, blocks_base=2, blocks_head=1, base_median=333.3, head_median=334.0, ratio=1.002, low=0.99,
             high=1.01, p=0.8, q=0.8, threshold=0.05, cv=0.04, mde=math.inf, note="marked noisy in head"),
@@ -71,7 +71,7 @@ def test_the_summary_states_the_outcome_method_and_changed_rows():
     ]  # the unchanged decode row is left out; a pipe in an error cannot break the table
     assert "Cells in only one run (skipped): 1" in lines and "- tiny bf16 cpu generate 1/16/8 (only in head)" in lines
     noise = lines[lines.index("| metric | noise (CV) | between processes | MDE | comparisons |") + 2:]
-    assert noise == ["| TPOT ms | 2.0% | 1.2% | 3.1% | 1 |", "| decode tok/s | 4.0% | - | ∞ | 1 |",
+    assert noise == ["| TPOT ms | 2.0% | 1.2% (6 df) | 3.1% | 1 |", "| decode tok/s | 4.0% | - | ∞ | 1 |",
                      "| peak memory MiB | - | - | - | 1 |"]
 
 
@@ -139,11 +139,12 @@ Cells in only one run (skipped): 1
 - tiny bf16 cpu generate 1/16/8 (only in head)
 
 Observed noise per metric (median robust CV over cells, both sides; sd of a whole process's level beyond its \
-repetitions, pooled over cells) and median MDE:
+repetitions, pooled over cells, with its degrees of freedom: the fewer, the larger a change must be to be called) and \
+median MDE:
 
 | metric | noise (CV) | between processes | MDE | comparisons |
 |---|---|---|---|---|
-| TPOT ms | 2.0% | 1.2% | 3.1% | 1 |
+| TPOT ms | 2.0% | 1.2% (6 df) | 3.1% | 1 |
 | decode tok/s | 4.0% | - | ∞ | 1 |
 | peak memory MiB | - | - | - | 1 |
 """
@@ -200,7 +201,7 @@ def test_the_unmatched_heading_says_whether_a_cell_ran_at_all(unmatched, heading
 
 def test_the_noise_table_lists_the_process_noise_of_each_device_once():
     rows = [Row(f"tiny fp32 {dev} generate 1/16/8 {i}", "tpot_ms", "TPOT ms", "ms", "lower", "speed", "unchanged",
-                cv=0.02, process_sd=sd, mde=0.1) for i, (dev, sd) in enumerate([("cpu", 0.02), ("cuda", 0.1),
-                                                                               ("cpu", 0.02)])]
+                cv=0.02, process_sd=sd, process_df=df, mde=0.1)
+            for i, (dev, sd, df) in enumerate([("cpu", 0.02, 8), ("cuda", 0.1, 2), ("cpu", 0.02, 8)])]
     c = Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=rows)
-    assert "| TPOT ms | 2.0% | 2.0% / 10.0% | 10.0% | 3 |" in markdown_summary(c).splitlines()
+    assert "| TPOT ms | 2.0% | 2.0% (8 df) / 10.0% (2 df) | 10.0% | 3 |" in markdown_summary(c).splitlines()

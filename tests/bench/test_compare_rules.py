@@ -442,7 +442,8 @@ def test_rows_carry_the_pooled_process_noise_into_their_test_and_mde():
     tpot = rows["v0:tpot_ms"]
     cells = [[[x for x in r["samples"]["tpot_ms"]] for r in s.ok[k]] for s in (base, head) for k in sorted(s.ok)]
     noise = gs.process_noise(cells)
-    assert noise.df == 16 and tpot.process_sd == pytest.approx(0.05, rel=0.01) == math.sqrt(noise.var)
+    assert noise.df == tpot.process_df == 16
+    assert tpot.process_sd == pytest.approx(0.05, rel=0.01) == math.sqrt(noise.var)
     b, h = metric_blocks(base.ok[tpot.cell], "tpot_ms"), metric_blocks(head.ok[tpot.cell], "tpot_ms")
     assert tpot.p_process == gs.process_p(b, h, noise) > tpot.p_rank and tpot.p == tpot.p_process
     assert tpot.mde == gs.mde(tpot.cv, 15, 15, cfg.level, cfg.power, cfg.fdr, noise.var, (3, 3))
@@ -451,7 +452,7 @@ def test_rows_carry_the_pooled_process_noise_into_their_test_and_mde():
     assert tpot.note == ("regressed withheld: the change is smaller than the MDE (21.3%), the smallest change this "
                          "noise lets the gate detect; whole processes vary by 5.0% (sd)")
     mem = rows["v0:peak_memory_bytes"]
-    assert mem.process_sd is None and mem.p_process is None  # one figure per process: not a speed row
+    assert mem.process_sd is None and mem.process_df is None and mem.p_process is None  # not a speed row
     head = side([r for i in range(4) for r in _levels(f"v{i}", 0.25 if i == 0 else 0.0)])
     assert _rows(compare_sides(base, head, cfg))["v0:tpot_ms"].verdict == "regressed"  # 28% is beyond the MDE
 
