@@ -8,6 +8,8 @@ from bench.compare import Comparison, Row
 from bench.report.markdown import md_code
 from bench.report.markdown import md_escape as _esc
 
+FEW_DF = 4  # below it Student's t needs a change of 5.8 standard errors or more to reach p 0.01 (2 df: 9.9)
+
 ICON = {"regressed": "❌ regressed", "improved": "✅ improved", "unchanged": "unchanged",
         "inconclusive": "❔ inconclusive"}
 
@@ -66,6 +68,11 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
         lines += [f"{single} speed comparisons have one process on a side: noise between processes (a "
                   "neighbour's burst of load) is not seen in their intervals, so they give no verdict unless "
                   "--min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` measure it.", ""]
+    few = min((r.process_df for r in c.rows if r.process_df is not None), default=None)
+    if few is not None and few < FEW_DF:
+        lines += [f"The noise between processes is estimated from {few} degrees of freedom: the t test on process "
+                  "levels then calls only large changes. More processes (`[measure] rounds`, `ab --rounds 3`) or "
+                  "more cells in the matrix sharpen it.", ""]
     if any(v is not None for v in c.load.values()):
         lines += ["Machine load while measuring (median share of all CPUs used by other processes): " +
                   ", ".join(f"{k} {_pct(v)}" for k, v in c.load.items()) + ".", ""]

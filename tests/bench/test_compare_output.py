@@ -205,3 +205,14 @@ def test_the_noise_table_lists_the_process_noise_of_each_device_once():
             for i, (dev, sd, df) in enumerate([("cpu", 0.02, 8), ("cuda", 0.1, 2), ("cpu", 0.02, 8)])]
     c = Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=rows)
     assert "| TPOT ms | 2.0% | 2.0% (8 df) / 10.0% (2 df) | 10.0% | 3 |" in markdown_summary(c).splitlines()
+
+
+@pytest.mark.parametrize(("df", "said"), [(2, True), (3, True), (4, False), (None, False)])
+def test_a_process_noise_estimate_from_few_degrees_of_freedom_is_said(df, said):
+    rows = [Row(CELL, "tpot_ms", "TPOT ms", "ms", "lower", "speed", "inconclusive", cv=0.02,
+                process_sd=None if df is None else 0.03, process_df=df, mde=0.2)]
+    text = markdown_summary(Comparison("a", "b", dataclasses.asdict(GateConfig()), [], False, rows=rows))
+    line = (f"The noise between processes is estimated from {df} degrees of freedom: the t test on process levels "
+            "then calls only large changes. More processes (`[measure] rounds`, `ab --rounds 3`) or more cells in "
+            "the matrix sharpen it.")
+    assert (line in text.splitlines()) == said
