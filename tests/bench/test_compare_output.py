@@ -215,4 +215,8 @@ def test_a_process_noise_estimate_from_few_degrees_of_freedom_is_said(df, said):
     line = (f"The noise between processes is estimated from {df} degrees of freedom: the t test on process levels "
             "then calls only large changes. More processes (`[measure] rounds`, `ab --rounds 3`) or more cells in "
             "the matrix sharpen it.")
-    assert (line in text.splitlines()) == said
+    lines = text.splitlines()
+    assert (line in lines) == said and lines[0] == "## infermatrix regression gate"
+    if said:
+        at = lines.index(line)
+        assert lines[at - 1] == lines[at + 1] == "" and lines[at - 2].startswith("Ratio of medians")
