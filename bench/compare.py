@@ -79,15 +79,14 @@ def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
 
 def _ceilings(run: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     """(device, figure, unit) -> value of the roofline ceilings a run.json holds (positive numbers only)."""
-    out = {}
-    for device, c in sorted((run.get("roofline") or {}).items()):
-        c = c if isinstance(c, dict) else {}
-        figures = [("copy bandwidth", "GB/s", (c.get("memory") or {}).get("bandwidth_gbps"))]
-        figures += [(f"{dtype} matmul", "TFLOP/s", (m or {}).get("tflops") if isinstance(m, dict) else None)
-                    for dtype, m in sorted((c.get("matmul") or {}).items())]
-        out.update({(device, name, unit): float(v) for name, unit, v in figures
-                    if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0})
-    return out
+    from bench.merge import ceiling_figures
+
+    def label(path: str) -> tuple[str, str]:  # "memory.bandwidth_gbps", "matmul.<dtype>.tflops"
+        return ("copy bandwidth", "GB/s") if path.startswith("memory.") else (f"{path[7:-7]} matmul", "TFLOP/s")
+
+    return {(device, *label(path)): float(v) for device, c in sorted((run.get("roofline") or {}).items())
+            for path, v in ceiling_figures(c).items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
 
 
 def ceiling_pairs(base_run: dict[str, Any], head_run: dict[str, Any]) -> list[dict[str, Any]]:

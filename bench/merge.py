@@ -73,10 +73,15 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
 
 # The measured figures a record's fractions divide by (``bench.metrics.roofline.cell_roofline``), by path in
 # a device's ceilings: the copy bandwidth, and each dtype's matmul rate.
-def _ceiling_figures(ceilings: dict[str, Any]) -> dict[str, Any]:
-    figures = {"memory.bandwidth_gbps": (ceilings.get("memory") or {}).get("bandwidth_gbps")}
-    for dtype, m in sorted((ceilings.get("matmul") or {}).items()):
-        figures[f"matmul.{dtype}.tflops"] = (m or {}).get("tflops")
+# (``compare`` sets two runs' side by side with these too.)
+def ceiling_figures(ceilings: Any) -> dict[str, Any]:
+    def table(x: Any) -> dict[str, Any]:
+        return x if isinstance(x, dict) else {}
+
+    ceilings = table(ceilings)
+    figures = {"memory.bandwidth_gbps": table(ceilings.get("memory")).get("bandwidth_gbps")}
+    for dtype, m in sorted(table(ceilings.get("matmul")).items()):
+        figures[f"matmul.{dtype}.tflops"] = table(m).get("tflops")
     return figures
 
 
@@ -102,7 +107,7 @@ def merged_ceilings(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[st
                 first[device] = (d, ceilings)
                 continue
             where, theirs = first[device]
-            a, b = _ceiling_figures(theirs), _ceiling_figures(ceilings)
+            a, b = ceiling_figures(theirs), ceiling_figures(ceilings)
             differences += [f"{d}: {device} {k} is {b.get(k)!r}, {a.get(k)!r} in {where}"
                             for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
     return {**({"roofline": {device: c for device, (_, c) in first.items()}} if first else {}),

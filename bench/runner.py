@@ -92,15 +92,13 @@ def _cuda_unusable_here() -> bool:
     return torch is not None and bool(torch.cuda._is_in_bad_fork())
 
 
-def _child(argv: list[str], log_path: str, uses_cuda: bool = False, phase_path: str | None = None,
-           environ: dict[str, str] | None = None) -> None:
+def _child(argv: list[str], log_path: str, uses_cuda: bool, phase_path: str, environ: dict[str, str]) -> None:
     """Entry point of a job's process: own process group, dies with its parent, the starter's environment,
     output to the log.
     """
     os.setsid()
     note = _die_with_parent()
-    if environ is not None:
-        _adopt_environment(environ)
+    _adopt_environment(environ)
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
