@@ -72,3 +72,9 @@ import optimize.registry  # noqa: E402, F401
 
 # Checked by the runner's children: True means a CUDA child must be spawned instead.
 CUDA_INITIALISED = torch.cuda.is_initialized()
+
+from bench.metrics.resident import resident_file_pages  # noqa: E402
+
+# What a fresh process that imported all this has resident of its libraries; each job makes these
+# pages resident again before its first memory reading (a fork leaves them out of its RSS).
+RESIDENT_FILE_PAGES = resident_file_pages()

@@ -94,11 +94,16 @@ def _cuda_unusable_here() -> bool:
 
 def _child(argv: list[str], log_path: str, uses_cuda: bool, phase_path: str, environ: dict[str, str]) -> None:
     """Entry point of a job's process: own process group, dies with its parent, the starter's environment,
-    output to the log.
+    the server's library pages resident (``bench.metrics.resident``), output to the log.
     """
     os.setsid()
-    note = _die_with_parent()
+    notes = [_die_with_parent()]
     _adopt_environment(environ)
+    server = sys.modules.get("bench.preload")  # None in a spawned job, which has imported nothing yet
+    if server is not None:
+        from bench.metrics.resident import make_resident
+
+        notes.append(make_resident(server.RESIDENT_FILE_PAGES))
     fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -112,7 +117,7 @@ def _child(argv: list[str], log_path: str, uses_cuda: bool, phase_path: str, env
     from bench.cell import main
 
     code = main(argv)
-    if note:
+    for note in filter(None, notes):
         _add_note(out_path, note)
     sys.stdout.flush()
     sys.stderr.flush()

@@ -401,6 +401,21 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
         InputError: the tokenizer's ids do not fit the model's vocabulary.
 
     """
+    ids = encoded_eval_text(ref, text, trust_remote_code, cache_dir)
+    if int(ids.max()) >= vocab_size:
+        raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the ids of tokenizer "
+                         f"{ref.tokenizer}; give its own tokenizer with --tokenizer DIR")
+    return ids
+
+
+def encoded_eval_text(ref: ModelRef, text: str | None = None, trust_remote_code: bool = False,
+                      cache_dir: Path | None = None):
+    """The evaluation text encoded by the model's tokenizer, read from the cache or encoded and kept there.
+
+    Raises:
+        NotApplicable: the model has no tokenizer.
+
+    """
     import torch
 
     if ref.tokenizer is None:
@@ -417,9 +432,6 @@ def eval_token_ids(ref: ModelRef, vocab_size: int, text: str | None = None, trus
         ids = torch.tensor(encoded, dtype=torch.long)
         if path is not None:
             _write_token_cache(path, ids)
-    if int(ids.max()) >= vocab_size:
-        raise InputError(f"model {ref.spec!r} has vocabulary {vocab_size}, too small for the ids of tokenizer "
-                         f"{ref.tokenizer}; give its own tokenizer with --tokenizer DIR")
     return ids
 
 

@@ -161,12 +161,13 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
     A Llama of 40M parameters (160 MB of fp32 weights, so the load dominates) saved to a
     directory; the harness's fp32 cell (``rss_increase_bytes``: peak RSS less the RSS before
     the load) and ``ci/benchmarks/direct_generate.py`` (VmHWM less VmRSS after its imports)
-    load it and generate the same tokens. Measured: 209 vs 227 MiB, 194 vs 172 and 194 vs 179 alone;
-    256 vs 193 once inside the parallel suite (the other tests' processes around it). A busy machine
-    adds to a process's growth (pages faulted again, allocator state), never takes the weights away:
-    each side's figure is the smallest of its attempts, and a disagreement is measured again, both
-    sides, up to three times. A peak read before the run, or in another process, misses the weights:
-    safetensors maps them lazily, and only generation makes them resident.
+    load it and generate the same tokens. Measured: 173 vs 171, 177 vs 177 and 173 vs 174 MiB. Before
+    a job made the fork server's library pages resident again (``bench.metrics.resident``), the
+    harness counted those it touched as growth: 194 vs 172 and 194 vs 179, and 256 vs 193 once inside
+    the parallel suite. A busy machine adds to a process's growth (allocator state), never takes the
+    weights away: each side's figure is the smallest of its attempts, and a disagreement is measured
+    again, both sides, up to three times. A peak read before the run, or in another process, misses
+    the weights: safetensors maps them lazily, and only generation makes them resident.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -198,10 +199,10 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
         print(json.dumps({"harness_growth_mib": harness[-1] / mib, "direct_growth_mib": direct[-1] / mib,
                           "weights_mib": weights / mib}))
         harness_growth, direct_growth = min(harness), min(direct)
-        if abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib:
+        if abs(harness_growth - direct_growth) <= 0.10 * direct_growth + 16 * mib:
             break
     assert direct_growth >= 0.9 * weights  # the weights dominate both sides' growth: the comparison means something
-    assert abs(harness_growth - direct_growth) <= 0.15 * direct_growth + 32 * mib, (harness, direct)
+    assert abs(harness_growth - direct_growth) <= 0.10 * direct_growth + 16 * mib, (harness, direct)
 
 
 # Every cell of the matrix gets it: ten times what a cell of this shape takes on a loaded 2-core
