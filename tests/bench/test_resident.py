@@ -98,6 +98,85 @@ def test_make_resident_of_nothing_is_nothing():
     assert resident.make_resident([]) is None
 
 
+@pytest.fixture
+def mapped_file(tmp_path):
+    """A 16 MiB file mapped into this process, none of its pages touched yet: (address, bytes)."""
+    import ctypes
+    import mmap
+
+    path = tmp_path / "weights.bin"
+    path.write_bytes(os.urandom(16 * MIB))
+    with open(path, "r+b") as f:
+        mapped = mmap.mmap(f.fileno(), 0)
+    view = ctypes.c_char.from_buffer(mapped)
+    address = ctypes.addressof(view)
+    del view  # an exported buffer keeps the map from closing
+    yield address, len(mapped)
+    mapped.close()
+
+
+def _listed_bytes(address: int, length: int) -> int:
+    """Bytes of [address, address + length) among this process's resident file pages."""
+    return sum(max(0, min(a + n, address + length) - max(a, address)) for a, n in resident.resident_file_pages())
+
+
+def _rss_file() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("RssFile:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no RssFile in /proc/self/status")
+
+
+@pytest.mark.parametrize("way", ["madvise", "read"])
+def test_make_resident_faults_the_pages_in_and_the_listing_sees_them(mapped_file, monkeypatch, way):
+    """In this process: an untouched mapping is listed as nothing; made resident (by madvise, or page by page
+    through /proc/self/mem where the kernel refuses the advice), every page of it is listed and in RssFile."""
+    address, length = mapped_file
+    if way == "read":
+        monkeypatch.setattr(resident, "MADV_POPULATE_READ", -1)  # refused with EINVAL, as before Linux 5.14
+    assert _listed_bytes(address, length) == 0
+    before = _rss_file()
+    assert resident.make_resident([(address, length)]) is None
+    assert _listed_bytes(address, length) == length
+    assert _rss_file() - before >= length - MIB
+
+
+def test_a_run_no_longer_mapped_is_passed_over_and_counted(mapped_file, monkeypatch):
+    address, length = mapped_file
+    gone = (0x10000, 2 * PAGE)  # below any mapping Linux allows (vm.mmap_min_addr)
+    # A fault maps the pages around it too where the page cache holds them (large folios): only the pages asked
+    # for are checked. The mapping's first and last page are at least 16 MiB apart.
+    last = address + length - PAGE
+    note = resident.make_resident([(address, PAGE), gone, (0x20000, PAGE), (last, PAGE)])
+    assert note == "2 of 4 runs of the fork server's library pages could not be made resident"
+    assert _listed_bytes(address, PAGE) == _listed_bytes(last, PAGE) == PAGE
+    middle = address + length // 2
+    assert _listed_bytes(middle, PAGE) == 0
+    monkeypatch.setattr(resident, "MADV_POPULATE_READ", -1)
+    note = resident.make_resident([(middle, PAGE), gone])
+    assert note == "2 of the fork server's library pages could not be made resident"  # the gone run's 2 pages
+    assert _listed_bytes(middle, PAGE) == PAGE
+
+
+def test_the_fallback_says_so_when_proc_self_mem_cannot_be_opened(monkeypatch):
+    monkeypatch.setattr(resident, "MADV_POPULATE_READ", -1)
+
+    def refused(path, flags):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(resident.os, "open", refused)
+    assert resident.make_resident([(0x10000, PAGE)]) == (
+        "the fork server's library pages were not made resident: /proc/self/mem (Permission denied)")
+
+
+def test_the_listing_is_empty_where_proc_cannot_tell(monkeypatch):
+    def missing(path, mode="r"):
+        raise FileNotFoundError(2, "No such file or directory", path)
+
+    monkeypatch.setattr(resident, "open", missing, raising=False)
+    assert resident.resident_file_pages() == []
+
+
 def _cell_records(tmp_path, name: str, cache: Path) -> list[dict]:
     run_dir = tmp_path / name
     proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", "--model", "synthetic:llama-tiny", "--variants",
