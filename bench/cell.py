@@ -328,6 +328,12 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
         figures, logits = _roofline(state, cell, metrics, manifest)
         metrics.update(figures)
         parts = [f"prefill FLOPs counted by torch.utils.flop_counter on the architecture, {logits}"]
+        ceilings = figures["roofline_ceilings"]
+        if "matmul_dtype" in ceilings:
+            parts.append(f"prefill fraction of the fastest measured {ceilings['matmul_dtype']} matmul "
+                         f"({ceilings['matmul_backend']}); the recipe computes in {cell.recipe.matmul_dtype}")
+        else:
+            parts.append(f"no prefill fraction: no {cell.recipe.matmul_dtype} matmul could be measured on this device")
         if "roofline_fraction" in figures:
             kv = "KV shape read off a real cache"
             if state.generate_kwargs.get("cache_implementation") == "quantized":
@@ -443,17 +449,13 @@ def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> t
         except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
             state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")
     read = {**metrics, "weights_bytes": metrics["weights_bytes"] - (embed or 0)}
-    dtype = "float32"
-    if state.backend == "torch":
-        param = next((p for p in state.model.parameters() if p.is_floating_point()), None)
-        dtype = str(param.dtype).removeprefix("torch.") if param is not None else dtype
     last_only = last_logits_only(state)
     logits = ("the LM head on the last position only (generate's logits_to_keep=1)" if last_only
               else "the LM head on every position (the model computes every position's logits)")
     scenario = cell.scenario
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
                                              cell.cache_path, last_logits_only=last_only)}
-    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, dtype)
+    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, cell.recipe.matmul_dtype)
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed
     return out, logits

@@ -48,6 +48,14 @@ class Step:
         """True when the step must not change greedy outputs (checked when a variant is built)."""
         return False
 
+    def matmul_dtype(self, before: str) -> str:
+        """The dtype the variant's matrix products compute in after this step, given the one before it.
+
+        The roofline divides a prefill's achieved rate by the measured matmul rate of this dtype
+        ("int8" for integer matmuls). Steps that leave the arithmetic alone keep ``before``.
+        """
+        return before
+
     def to_dict(self) -> dict[str, Any]:
         data = {"technique": self.technique}
         data.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
@@ -84,6 +92,14 @@ class Recipe:
     @property
     def lossless(self) -> bool:
         return all(s.is_lossless() for s in self.steps)
+
+    @property
+    def matmul_dtype(self) -> str:
+        """What the variant's matrix products compute in: each step's answer in turn, from the fp32 reference."""
+        dtype = "float32"
+        for step in self.steps:
+            dtype = step.matmul_dtype(dtype)
+        return dtype
 
     @property
     def saved_steps(self) -> tuple[Step, ...]:

@@ -45,16 +45,81 @@ def measure_bandwidth(device: str, cfg: RooflineConfig = RooflineConfig()) -> di
             "bandwidth_best_gbps": 2 * n_bytes / best / 1e9, "method": "tensor.copy_, (read + write) / median time"}
 
 
+def _rates(n: int, times: list[float]) -> dict[str, Any]:
+    """An n x n x n matmul's rate: 2 n^3 operations (FLOPs, or int8 multiply-adds x 2) over the median time."""
+    return {"n": n, "tflops": 2 * n**3 / statistics.median(times) / 1e12, "tflops_best": 2 * n**3 / min(times) / 1e12}
+
+
 def measure_matmul(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
-    """Dense matmul rate: 2 n^3 FLOPs over the median time."""
+    """Dense matmul rate of torch; ``int8`` is ``torch._int_mm`` (int8 x int8 -> int32)."""
     import torch
 
     n = cfg.matmul_n_cuda if device == "cuda" else cfg.matmul_n_cpu
+    if dtype == "int8":
+        a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
+        b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
+        return _rates(n, _timed(lambda: torch._int_mm(a, b), device, cfg.reps))
     a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
-    times = _timed(lambda: a @ b, device, cfg.reps)
-    return {"n": n, "tflops": 2 * n**3 / statistics.median(times) / 1e12,
-            "tflops_best": 2 * n**3 / min(times) / 1e12}
+    return _rates(n, _timed(lambda: a @ b, device, cfg.reps))
+
+
+ORT_MATMUL = {"float32": "MatMul", "int8": "MatMulInteger"}  # ONNX Runtime's CPU kernels measured beside torch's
+
+
+def measure_ort_matmul(dtype: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any] | None:
+    """ONNX Runtime's CPU matmul rate on torch's thread count; None where onnxruntime is not installed.
+
+    ``float32`` is ``MatMul``; ``int8`` is ``MatMulInteger`` (uint8 activations x int8 weights ->
+    int32, the pair its quantized graphs run). The second operand is a constant, as a model's
+    weights are, so the kernel may pack it once, as it does for a model.
+    """
+    try:
+        import onnxruntime as ort
+        from onnx import TensorProto, helper, numpy_helper
+    except ImportError:
+        return None
+    import numpy as np
+    import torch
+
+    n, rng = cfg.matmul_n_cpu, np.random.default_rng(0)
+    if dtype == "int8":
+        a = rng.integers(0, 256, (n, n), dtype=np.uint8)
+        b, a_type, c_type = rng.integers(-128, 128, (n, n), dtype=np.int8), TensorProto.UINT8, TensorProto.INT32
+    else:
+        a = rng.standard_normal((n, n), dtype=np.float32)
+        b, a_type, c_type = rng.standard_normal((n, n), dtype=np.float32), TensorProto.FLOAT, TensorProto.FLOAT
+    graph = helper.make_graph([helper.make_node(ORT_MATMUL[dtype], ["a", "b"], ["c"])], "matmul",
+                              [helper.make_tensor_value_info("a", a_type, [n, n])],
+                              [helper.make_tensor_value_info("c", c_type, [n, n])],
+                              initializer=[numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return _rates(n, _timed(lambda: session.run(None, {"a": a}), "cpu", cfg.reps))
+
+
+def matmul_ceiling(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any] | None:
+    """The fastest measured matmul of ``dtype`` on ``device``: torch's, and on the CPU ONNX Runtime's too.
+
+    torch's CPU matmul is not the machine's best everywhere (its fp32 GEMM reached 185 GFLOP/s on
+    a 2-core AMD EPYC where ONNX Runtime's reached 313), and a ceiling below what a variant
+    reaches reads as a fraction above 1. None where no back end runs ``dtype`` here.
+    """
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        figures["torch"] = measure_matmul(device, dtype, cfg)
+    except (RuntimeError, NotImplementedError):  # int8 without a kernel on this device
+        pass
+    if device == "cpu" and dtype in ORT_MATMUL:
+        ort = measure_ort_matmul(dtype, cfg)
+        if ort is not None:
+            figures["onnxruntime"] = ort
+    if not figures:
+        return None
+    backend = max(figures, key=lambda name: figures[name]["tflops"])
+    return {**figures[backend], "backend": backend, "by_backend": {k: v["tflops"] for k, v in figures.items()}}
 
 
 def cpu_has_bf16() -> bool:
@@ -67,7 +132,7 @@ def cpu_has_bf16() -> bool:
 
 
 def measure_ceilings(device: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
-    """Bandwidth and matmul rates: fp32 always; bf16 and fp16 on CUDA; bf16 on CPUs with native bf16."""
+    """Bandwidth and matmul rates: fp32 and int8 always; bf16 and fp16 on CUDA; bf16 on CPUs with native bf16."""
     import torch
 
     dtypes = ["float32"]
@@ -76,8 +141,10 @@ def measure_ceilings(device: str, cfg: RooflineConfig = RooflineConfig()) -> dic
     elif cpu_has_bf16():
         dtypes.append("bfloat16")
     out: dict[str, Any] = {"device": device, "memory": measure_bandwidth(device, cfg), "matmul": {}}
-    for dtype in dtypes:
-        out["matmul"][dtype] = measure_matmul(device, dtype, cfg)
+    for dtype in [*dtypes, "int8"]:
+        ceiling = matmul_ceiling(device, dtype, cfg)
+        if ceiling is not None:
+            out["matmul"][dtype] = ceiling
     out["torch_threads"] = torch.get_num_threads()
     return out
 
@@ -117,14 +184,17 @@ def cell_roofline(metrics: dict[str, Any], scenario: dict[str, Any], shape: dict
     # A counted figure ("prefill_flops", for this batch x prompt) wins over the Llama formula.
     total = shape["prefill_flops"] if "prefill_flops" in shape else prefill_flops(shape, b, p)
     flops = total * metrics["prefill_tokens_per_s"] / (b * p)
-    peak_flops = ceilings["matmul"].get(compute_dtype, ceilings["matmul"]["float32"])["tflops"] * 1e12
-    out: dict[str, Any] = {
-        "prefill_tflops": flops / 1e12,
-        "prefill_flops_fraction": flops / peak_flops,
-        "roofline_ceilings": {"bandwidth_gbps": ceilings["memory"]["bandwidth_gbps"],
-                              "matmul_tflops": peak_flops / 1e12,
-                              "matmul_dtype": compute_dtype if compute_dtype in ceilings["matmul"] else "float32"},
-    }
+    out: dict[str, Any] = {"prefill_tflops": flops / 1e12,
+                           "roofline_ceilings": {"bandwidth_gbps": ceilings["memory"]["bandwidth_gbps"]}}
+    # A float dtype without its own ceiling (bf16 on a CPU without native bf16) is emulated in fp32 arithmetic:
+    # fp32's rate bounds it. int8 without one has no bound measured here: no fraction rather than a wrong one.
+    ceiling_dtype = compute_dtype if compute_dtype in ceilings["matmul"] else \
+        None if compute_dtype == "int8" else "float32"
+    if ceiling_dtype is not None:
+        ceiling = ceilings["matmul"][ceiling_dtype]
+        out["prefill_flops_fraction"] = flops / (ceiling["tflops"] * 1e12)
+        out["roofline_ceilings"].update(matmul_tflops=ceiling["tflops"], matmul_dtype=ceiling_dtype,
+                                        matmul_backend=ceiling.get("backend", "torch"))
     if "decode_tokens_per_s" not in metrics:
         return out
     if "kv_cache_bytes_per_token" not in metrics:  # a silent 0 would leave the KV cache out of every step

@@ -171,7 +171,9 @@ def environment_lines(run: dict[str, Any], records: list[dict[str, Any]] | None 
 def ceiling_texts(run: dict[str, Any]) -> dict[str, str]:
     out = {}
     for device, c in (run.get("roofline") or {}).items():
-        rates = ", ".join(f"{d} {m['tflops'] * 1e3:.0f} GFLOP/s" for d, m in c.get("matmul", {}).items())
+        rates = ", ".join(f"{d} {m['tflops'] * 1e3:.0f} {'GOP/s' if d == 'int8' else 'GFLOP/s'}"
+                          + (f" ({m['backend']})" if m.get("backend", "torch") != "torch" else "")
+                          for d, m in c.get("matmul", {}).items())
         out[device] = f"copy {c['memory']['bandwidth_gbps']:.1f} GB/s" + (f"; matmul {rates}" if rates else "")
     return out
 
@@ -233,8 +235,10 @@ def reading_notes(noisy_mark: str) -> list[str]:
         "overlapping intervals, or between such figures, are ties.",
         "roofline: the decode step's bytes (weights, and the KV cache of every sequence) x steps/s over the "
         "copy bandwidth measured at the start of the run; prefill FLOP frac: the prompt pass's FLOP/s (counted "
-        "as the variant runs it) over the measured matmul rate of its compute dtype. The ceilings are torch's "
-        "own large copy and matmul, so kernels that beat them read above 1.",
+        "as the variant runs it) over the measured matmul rate of the dtype its recipe computes in (int8 for "
+        "integer products). The ceilings are a large copy and the fastest large matmul measured at the start of "
+        "the run (torch's, or ONNX Runtime's on the CPU where it was faster, named beside its rate): a kernel "
+        "that beats them reads above 1.",
         "Drift is against the fp32 reference: perplexity ratio, mean KL divergence (nats per token), "
         "top-1 agreement; gen match / gen prefix: greedy continuations identical to the reference's, and "
         "the mean tokens shared before they diverge (through the KV cache).",

@@ -42,6 +42,9 @@ class BnbInt8(Step):
     summary = "bitsandbytes LLM.int8 linear layers (int8 weights, fp16 outlier decomposition)"
     threshold: float = 6.0  # activation magnitude above which a column stays fp16; 0 disables outliers
 
+    def matmul_dtype(self, before: str) -> str:
+        return "int8"  # int8 x int8 products; only outlier columns go through fp16
+
     def validate(self) -> None:
         if not self.threshold >= 0:
             raise RecipeError(f"bnb-int8.threshold must be >= 0 (0 turns outliers off), got {self.threshold}")
@@ -70,6 +73,9 @@ class BnbNF4(Step):
     compute_dtype: str = "float32"  # dtype of the matmul inputs and outputs
     double_quant: bool = True  # quantize the per-block absmax scales too (saves ~0.37 bit per weight)
     quant_type: str = "nf4"
+
+    def matmul_dtype(self, before: str) -> str:
+        return self.compute_dtype  # 4-bit weights dequantized to it for each product
 
     def validate(self) -> None:
         if self.compute_dtype not in COMPUTE_DTYPES:

@@ -22,6 +22,9 @@ class Cast(Step):
     summary = "cast weights and compute to fp16 or bf16"
     dtype: str = "bfloat16"
 
+    def matmul_dtype(self, before: str) -> str:
+        return self.dtype
+
     def validate(self) -> None:
         if self.dtype not in DTYPES:
             raise RecipeError(f"cast.dtype must be one of {DTYPES}, got {self.dtype!r}")

@@ -111,6 +111,9 @@ class OrtInt8Dynamic(Step):
     per_channel: bool = False  # one scale per output column of each weight, else per tensor
     weight_type: str = "qint8"
 
+    def matmul_dtype(self, before: str) -> str:
+        return "int8"  # MatMulInteger: uint8 activations x int8 weights
+
     def validate(self) -> None:
         if self.weight_type not in WEIGHT_TYPES:
             raise RecipeError(f"ort-int8-dynamic.weight_type must be one of {WEIGHT_TYPES}, got {self.weight_type!r}")
@@ -209,6 +212,9 @@ class OrtInt8Static(Step):
     calibration_tokens: int = 128  # tokens per window
     per_channel: bool = True  # weight scales per output column
     method: str = "minmax"
+
+    def matmul_dtype(self, before: str) -> str:
+        return "int8"  # the CPU provider fuses each DQ -> MatMul -> Q into an int8 kernel
 
     def validate(self) -> None:
         if self.calibration_samples < 1:

@@ -30,6 +30,9 @@ class TorchInt8Dynamic(Step):
     api: str = "torch.ao"
     include_lm_head: bool = True  # the LM head is the largest matrix of a small model: worth quantizing
 
+    def matmul_dtype(self, before: str) -> str:
+        return "int8"  # activations quantized per call, int8 x int8 products (FBGEMM / torchao)
+
     def validate(self) -> None:
         if self.api not in APIS:
             raise RecipeError(f"torch-int8-dynamic.api must be one of {APIS}, got {self.api!r}")

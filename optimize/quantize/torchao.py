@@ -42,6 +42,11 @@ class TorchAO(Step):
     scheme: str = "int8-weight-only"
     group_size: int = 128  # int4 only: inputs sharing one scale and zero point
 
+    def matmul_dtype(self, before: str) -> str:
+        # int8 dynamic multiplies int8 by int8; int4 weight-only computes in bf16 (its only layout); int8
+        # weight-only dequantizes to the activations' dtype.
+        return {"int8-dynamic": "int8", "int4-weight-only": "bfloat16"}.get(self.scheme, before)
+
     def validate(self) -> None:
         if self.scheme not in SCHEMES:
             raise RecipeError(f"torchao.scheme must be one of {SCHEMES}, got {self.scheme!r}")

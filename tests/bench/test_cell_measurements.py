@@ -122,8 +122,10 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
 
     def roofline(state, c, metrics, manifest):
         seen.append((state.name, c.cache_dir, manifest))
-        figures = {"prefill_flops_fraction": 0.5}
-        return ({"roofline_fraction": 0.25, **figures} if "decode_tokens_per_s" in metrics else figures), "HOW"
+        if "decode_tokens_per_s" not in metrics:  # the prefill sweep; here with no ceiling of its dtype
+            return {"prefill_tflops": 1.0, "roofline_ceilings": {"bandwidth_gbps": 1.0}}, "HOW"
+        ceilings = {"bandwidth_gbps": 1.0, "matmul_dtype": "float32", "matmul_backend": "onnxruntime"}
+        return {"roofline_fraction": 0.25, "prefill_flops_fraction": 0.5, "roofline_ceilings": ceilings}, "HOW"
 
     monkeypatch.setattr(cell, "_roofline", roofline)
     metrics, method = {"decode_tokens_per_s": 10.0, "prefill_tokens_per_s": 5.0}, {}
@@ -132,7 +134,8 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
                        {"embedding_table_bytes": 8})
     assert metrics["roofline_fraction"] == 0.25 and method["roofline"] == (
         "decode bytes/step = weights (less an untied input embedding) + batch x mean context x KV bytes/token "
-        "(KV shape read off a real cache); prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW")
+        "(KV shape read off a real cache); prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW; "
+        "prefill fraction of the fastest measured float32 matmul (onnxruntime); the recipe computes in float32")
     quantized = SimpleNamespace(labels=[], name="STATE", generate_kwargs={"cache_implementation": "quantized"})
     cell._add_roofline(quantized, c, dict(metrics), method)
     assert method["roofline"].startswith(
@@ -143,5 +146,7 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
     assert seen == [("STATE", "CACHE", {"embedding_table_bytes": 8}), ("STATE", "CACHE", None)]
     prefill_only, method = {"prefill_tokens_per_s": 5.0}, {}  # the prefill sweep: its FLOP figures, no decode words
     cell._add_roofline(SimpleNamespace(labels=[], name="STATE", generate_kwargs={}), c, prefill_only, method)
-    assert prefill_only == {"prefill_tokens_per_s": 5.0, "prefill_flops_fraction": 0.5}
-    assert method["roofline"] == "prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW"
+    assert prefill_only == {"prefill_tokens_per_s": 5.0, "prefill_tflops": 1.0,
+                            "roofline_ceilings": {"bandwidth_gbps": 1.0}}
+    assert method["roofline"] == ("prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW; no "
+                                  "prefill fraction: no float32 matmul could be measured on this device")

@@ -213,7 +213,7 @@ def test_both_reports_say_what_the_roofline_columns_divide_by(run):
     for text in (md, html):
         assert "How to read this" in text
         assert "over the copy bandwidth measured at the start of the run" in text
-        assert "over the measured matmul rate of its compute dtype" in text
+        assert "over the measured matmul rate of the dtype its recipe computes in (int8 for integer products)" in text
     assert "- `~` marks a noisy figure" in md and "<li>~ marks a noisy figure" in html
 
 

@@ -1,5 +1,6 @@
 """Roofline arithmetic: bytes and FLOPs per cell against measured ceilings."""
 
+import dataclasses
 import json
 
 import pytest
@@ -160,14 +161,16 @@ def test_ceilings_measure_the_dtypes_the_device_runs(monkeypatch):
     from bench.metrics import roofline
 
     monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: {"bandwidth_gbps": 1.0})
-    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: {"dtype": dtype})
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: {"tflops": 1.0, "dtype": dtype})
+    monkeypatch.setattr(roofline, "measure_ort_matmul", lambda dtype, cfg: None)  # onnxruntime not installed
     monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
     cpu = roofline.measure_ceilings("cpu")
     assert cpu["device"] == "cpu" and cpu["memory"] == {"bandwidth_gbps": 1.0}
-    assert cpu["matmul"] == {"float32": {"dtype": "float32"}} and cpu["torch_threads"] >= 1
+    assert cpu["matmul"] == {d: {"tflops": 1.0, "dtype": d, "backend": "torch", "by_backend": {"torch": 1.0}}
+                             for d in ("float32", "int8")} and cpu["torch_threads"] >= 1
     monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: True)
-    assert list(roofline.measure_ceilings("cpu")["matmul"]) == ["float32", "bfloat16"]
-    assert list(roofline.measure_ceilings("cuda")["matmul"]) == ["float32", "bfloat16", "float16"]
+    assert list(roofline.measure_ceilings("cpu")["matmul"]) == ["float32", "bfloat16", "int8"]
+    assert list(roofline.measure_ceilings("cuda")["matmul"]) == ["float32", "bfloat16", "float16", "int8"]
 
 
 @pytest.mark.parametrize("flags, expected", [("fpu sse avx512f", False), ("fpu avx512_bf16", True),
@@ -219,7 +222,7 @@ def test_cell_roofline_uses_the_measured_rate_of_the_compute_dtype_exactly():
     assert out["prefill_tflops"] == pytest.approx(flops / 1e12, rel=1e-12)
     assert out["prefill_flops_fraction"] == pytest.approx(flops / 0.4e12, rel=1e-12)
     assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.4, rel=1e-12),
-                                        "matmul_dtype": "bfloat16"}
+                                        "matmul_dtype": "bfloat16", "matmul_backend": "torch"}
 
 
 def test_missing_kv_bytes_message_is_exact():
@@ -271,11 +274,18 @@ def test_ceilings_pass_the_device_and_config_on(monkeypatch):
 
     seen = []
     monkeypatch.setattr(roofline, "measure_bandwidth", lambda device, cfg: seen.append(("bw", device, cfg)) or {})
-    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: seen.append((dtype, device, cfg)) or {})
+    monkeypatch.setattr(roofline, "measure_matmul",
+                        lambda device, dtype, cfg: seen.append((dtype, device, cfg)) or {"tflops": 1.0})
+    monkeypatch.setattr(roofline, "measure_ort_matmul",
+                        lambda dtype, cfg: seen.append(("ort", dtype, cfg)) or {"tflops": 1.0})
     monkeypatch.setattr(roofline, "cpu_has_bf16", lambda: False)
     cfg = roofline.RooflineConfig(reps=1)
     roofline.measure_ceilings("cpu", cfg)
-    assert seen == [("bw", "cpu", cfg), ("float32", "cpu", cfg)]
+    assert seen == [("bw", "cpu", cfg), ("float32", "cpu", cfg), ("ort", "float32", cfg), ("int8", "cpu", cfg),
+                    ("ort", "int8", cfg)]
+    seen.clear()
+    roofline.measure_ceilings("cuda", cfg)  # ONNX Runtime's CPU kernels are no ceiling of a GPU
+    assert [x[0] for x in seen] == ["bw", "float32", "bfloat16", "float16", "int8"]
 
 
 def test_ceiling_timing_uses_the_shared_loop_one_warmup_then_exact_reps(monkeypatch):
@@ -387,7 +397,7 @@ def test_a_prefill_only_cell_has_prefill_figures_and_needs_no_decode_inputs():
                                                         "new_tokens": 1}, {"prefill_flops": 8e12}, CEILINGS, "float32")
     assert out == {"prefill_tflops": 2.0, "prefill_flops_fraction": pytest.approx(20.0),
                    "roofline_ceilings": {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.1),
-                                         "matmul_dtype": "float32"}}
+                                         "matmul_dtype": "float32", "matmul_backend": "torch"}}
 
 
 def _tiny_llama(tie: bool):
@@ -472,7 +482,10 @@ def test_a_prefill_sweep_run_records_its_flop_fraction(tmp_path, cache_dir):
     assert rec["status"] == "ok" and "roofline_fraction" not in m and "decode_bandwidth_gbps" not in m
     assert m["prefill_tflops"] > 0
     assert m["prefill_flops_fraction"] == pytest.approx(m["prefill_tflops"] / ceilings["matmul"]["float32"]["tflops"])
-    assert rec["method"]["roofline"].endswith("the LM head on the last position only (generate's logits_to_keep=1)")
+    assert rec["method"]["roofline"].endswith("the LM head on the last position only (generate's logits_to_keep=1); "
+                                              "prefill fraction of the fastest measured float32 matmul "
+                                              f"({ceilings['matmul']['float32']['backend']}); the recipe computes in "
+                                              "float32")
     assert ceilings["torch_threads"] == rec["method"]["torch_threads"] == 1  # the ceiling of the cell's own threads
 
 
@@ -512,12 +525,14 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     from bench.cells import Cell
     from bench.scenarios import GenerateScenario
     from optimize import introspect
+    from optimize.quantize.cast import Cast
     from optimize.recipe import Recipe
 
     model = _tiny_llama(tie=False).to(torch.bfloat16)
     ceilings = {"memory": {"bandwidth_gbps": 20.0},
                 "matmul": {"float32": {"tflops": 0.1}, "bfloat16": {"tflops": 0.4}}}
-    c = Cell(model="m", recipe=Recipe(name="bf16"), device="cpu", cache_dir=str(tmp_path),
+    c = Cell(model="m", recipe=Recipe(name="bf16", steps=(Cast(dtype="bfloat16"),)), device="cpu",
+             cache_dir=str(tmp_path),
              scenario=GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=4), ceilings=ceilings)
     metrics = {"prefill_tokens_per_s": 32.0, "decode_tokens_per_s": 8.0, "weights_bytes": 10**6,
                "kv_cache_bytes_per_token": 100.0}
@@ -529,14 +544,15 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     assert out["decode_bytes_per_step"] == step
     assert out["decode_bandwidth_gbps"] == pytest.approx(step * 4 / 1e9)  # 8 tok/s at batch 2: 4 steps/s
     assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": pytest.approx(0.4),
-                                        "matmul_dtype": "bfloat16"}
+                                        "matmul_dtype": "bfloat16", "matmul_backend": "torch"}
     [entry] = (tmp_path / "flops").glob("*.json")  # counted into the cell's own cache
     flops = json.loads(entry.read_text())["prefill_flops"]
     assert flops == introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=True)
     assert out["prefill_flops_fraction"] == pytest.approx(flops / 0.4e12)  # 32 tok/s: one 2 x 16 prompt a second
     assert how == "the LM head on the last position only (generate's logits_to_keep=1)" and state.labels == []
     fp32_state = SimpleNamespace(model=_tiny_llama(tie=False), backend="torch", labels=[])
-    assert cell_mod._roofline(fp32_state, c, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
+    fp32 = dataclasses.replace(c, recipe=Recipe(name="fp32"))
+    assert cell_mod._roofline(fp32_state, fp32, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
 
 
 def test_an_onnx_cell_roofline_takes_the_table_size_from_its_manifest(tmp_path):
@@ -600,3 +616,65 @@ def test_a_torch_model_without_float_weights_is_held_to_the_fp32_ceiling(tmp_pat
     out, _ = cell_mod._roofline(SimpleNamespace(model=model, backend="torch", labels=[]), c,
                                 {"prefill_tokens_per_s": 8.0, "weights_bytes": 4})
     assert out["roofline_ceilings"]["matmul_dtype"] == "float32" and out["prefill_flops_fraction"] > 0
+
+
+def test_a_matmul_ceiling_is_the_fastest_back_end_and_says_which(monkeypatch):
+    from bench.metrics import roofline
+
+    rates = {"torch": {"n": 64, "tflops": 0.19, "tflops_best": 0.2}, "onnxruntime": {"n": 64, "tflops": 0.32,
+                                                                                     "tflops_best": 0.33}}
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: rates["torch"])
+    monkeypatch.setattr(roofline, "measure_ort_matmul", lambda dtype, cfg: rates["onnxruntime"])
+    assert roofline.matmul_ceiling("cpu", "float32") == {"n": 64, "tflops": 0.32, "tflops_best": 0.33,
+                                                         "backend": "onnxruntime",
+                                                         "by_backend": {"torch": 0.19, "onnxruntime": 0.32}}
+    rates["torch"] = {"n": 64, "tflops": 1.7, "tflops_best": 1.8}
+    assert roofline.matmul_ceiling("cpu", "int8")["backend"] == "torch"
+    # bf16: ONNX Runtime's CPU provider has no fast kernel to measure; torch's alone
+    assert roofline.matmul_ceiling("cpu", "bfloat16")["by_backend"] == {"torch": 1.7}
+
+    def no_kernel(device, dtype, cfg):
+        raise RuntimeError("_int_mm: no kernel for this device")
+
+    monkeypatch.setattr(roofline, "measure_matmul", no_kernel)
+    assert roofline.matmul_ceiling("cpu", "int8")["by_backend"] == {"onnxruntime": 0.32}
+    monkeypatch.setattr(roofline, "measure_ort_matmul", lambda dtype, cfg: None)
+    assert roofline.matmul_ceiling("cpu", "int8") is None  # nothing measured: no ceiling, not a wrong one
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_real_matmul_ceilings_of_torch_and_onnx_runtime_on_a_small_matrix(dtype):
+    pytest.importorskip("onnxruntime")
+    from bench.metrics import roofline
+
+    cfg = roofline.RooflineConfig(matmul_n_cpu=64, reps=2)
+    for figures in (roofline.measure_matmul("cpu", dtype, cfg), roofline.measure_ort_matmul(dtype, cfg)):
+        assert figures["n"] == 64 and 0 < figures["tflops"] <= figures["tflops_best"]
+
+
+def test_ort_matmul_rate_is_two_n_cubed_over_the_median_time(monkeypatch):
+    pytest.importorskip("onnxruntime")
+    from bench.metrics import roofline
+
+    monkeypatch.setattr(roofline, "_timed", lambda fn, device, reps: [fn() and 0.5, 0.25, 1.0])
+    cfg = roofline.RooflineConfig(matmul_n_cpu=32, reps=3)
+    assert roofline.measure_ort_matmul("int8", cfg) == {"n": 32, "tflops": 2 * 32**3 / 0.5 / 1e12,
+                                                        "tflops_best": 2 * 32**3 / 0.25 / 1e12}
+
+
+def test_an_int8_recipe_is_divided_by_the_int8_ceiling_and_gets_no_fraction_without_one():
+    metrics = {"prefill_tokens_per_s": 1.0}
+    scenario = {"name": "prefill", "batch_size": 1, "prompt_tokens": 1, "new_tokens": 1}
+    ceilings = {"memory": {"bandwidth_gbps": 20.0},
+                "matmul": {"float32": {"tflops": 0.2}, "int8": {"tflops": 1.6, "backend": "onnxruntime"}}}
+    out = cell_roofline(metrics, scenario, {"prefill_flops": 0.8e12}, ceilings, "int8")
+    assert out["prefill_flops_fraction"] == pytest.approx(0.5)
+    assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0, "matmul_tflops": 1.6, "matmul_dtype": "int8",
+                                        "matmul_backend": "onnxruntime"}
+    del ceilings["matmul"]["int8"]
+    out = cell_roofline(metrics, scenario, {"prefill_flops": 0.8e12}, ceilings, "int8")
+    assert "prefill_flops_fraction" not in out and out["prefill_tflops"] == pytest.approx(0.8)
+    assert out["roofline_ceilings"] == {"bandwidth_gbps": 20.0}
+    # a float dtype without its own ceiling is emulated in fp32 arithmetic: fp32's rate bounds it
+    assert cell_roofline(metrics, scenario, {"prefill_flops": 0.8e12}, ceilings, "float16")["roofline_ceilings"][
+        "matmul_dtype"] == "float32"

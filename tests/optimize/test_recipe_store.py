@@ -39,6 +39,26 @@ def test_steps_out_of_stage_order_are_rejected():
         Recipe(name="x", steps=(Cast(), MagnitudePrune()))
 
 
+@pytest.mark.parametrize(("name", "dtype"), [
+    ("fp32", "float32"), ("bf16", "bfloat16"), ("fp16", "float16"), ("torch-int8-dynamic", "int8"),
+    ("torchao-int8-wo", "float32"),  # weight-only: dequantized to the activations' dtype
+    ("torchao-int4-wo", "bfloat16"), ("bnb-int8", "int8"), ("bnb-nf4", "float32"), ("onnx-fp32", "float32"),
+    ("onnx-fp16", "float16"), ("onnx-int8-dynamic", "int8"), ("onnx-int8-static", "int8"),
+    ("prune-2of4", "float32"), ("prune-2of4-fp16", "float16"), ("static-kv", "float32"), ("kv-int4", "float32")])
+def test_a_recipe_says_what_its_matrix_products_compute_in(name, dtype):
+    assert builtin_variant(name).matmul_dtype == dtype
+
+
+def test_the_last_step_that_changes_the_arithmetic_decides_it():
+    from optimize.quantize.bnb import BnbNF4
+    from optimize.quantize.torchao import TorchAO
+
+    assert Recipe(name="x", steps=(BnbNF4(compute_dtype="bfloat16"),)).matmul_dtype == "bfloat16"
+    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-weight-only"))).matmul_dtype == \
+        "bfloat16"
+    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-dynamic"))).matmul_dtype == "int8"
+
+
 def test_every_builtin_variant_uses_registered_techniques():
     known = techniques()
     for name, info in variants().items():
