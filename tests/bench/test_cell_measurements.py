@@ -65,19 +65,29 @@ def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(mo
 
 
 def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory(peak_rss_resets):
-    """Real memory, no stand-ins: 96 MiB held and freed during 'load', 32 MiB during the 'run'."""
+    """Real memory, no stand-ins: 96 MiB held and freed during 'load', 32 MiB during the 'run'.
+
+    Each buffer is its own anonymous mapping, touched page by page and unmapped after: memory an
+    earlier test freed into the allocator's heap would otherwise serve the 'run' without growing the RSS.
+    """
+    import mmap
+
     import numpy as np
 
     from bench.metrics import memory
 
+    def touched(nbytes: int) -> mmap.mmap:
+        buffer = mmap.mmap(-1, nbytes)  # fresh pages from the kernel, resident once written
+        np.frombuffer(buffer, dtype=np.uint8)[:] = 1
+        return buffer
+
     mib = 2**20
     baseline = memory.rss_bytes()
-    transient = np.ones(96 * mib // 8)  # touched: resident
-    del transient
+    touched(96 * mib).close()
     load = cell._close_load_window("cpu")
-    during_run = np.ones(32 * mib // 8)
+    during_run = touched(32 * mib)
     rss_during_run = memory.rss_bytes()
-    del during_run
+    during_run.close()
     out = cell._measure_memory("cpu", baseline, load)
     assert out["load_peak_memory_bytes"] >= baseline + 90 * mib
     assert out["peak_memory_bytes"] == max(out["load_peak_memory_bytes"], memory.peak_rss_bytes())

@@ -678,3 +678,44 @@ def test_an_int8_recipe_is_divided_by_the_int8_ceiling_and_gets_no_fraction_with
     # a float dtype without its own ceiling is emulated in fp32 arithmetic: fp32's rate bounds it
     assert cell_roofline(metrics, scenario, {"prefill_flops": 0.8e12}, ceilings, "float16")["roofline_ceilings"][
         "matmul_dtype"] == "float32"
+
+
+def test_int8_is_timed_on_torchs_integer_kernel(monkeypatch):
+    import torch
+
+    from bench.metrics import roofline
+
+    seen = []
+    real = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: seen.append((a.dtype, b.dtype, tuple(a.shape))) or real(a, b))
+    out = roofline.measure_matmul("cpu", "int8", roofline.RooflineConfig(matmul_n_cpu=32, reps=2))
+    assert out["n"] == 32 and seen and set(seen) == {(torch.int8, torch.int8, (32, 32))}  # warm-up + 2 timed
+    assert len(seen) == 3
+
+
+@pytest.mark.parametrize(("dtype", "op", "a_type"), [("float32", "MatMul", "float32"),
+                                                     ("int8", "MatMulInteger", "uint8")])
+def test_onnx_runtimes_ceiling_runs_its_kernel_on_the_cells_threads_on_the_cpu(monkeypatch, dtype, op, a_type):
+    """The session gets torch's thread count (the cells' ONNX sessions get the same) and the CPU provider; the
+    graph is one product whose second operand is a constant, as a model's weights are."""
+    ort = pytest.importorskip("onnxruntime")
+    import onnx
+    import torch
+
+    from bench.metrics import roofline
+
+    sessions = []
+    real = ort.InferenceSession
+
+    def recording(model_bytes, options, providers):
+        sessions.append((onnx.load_from_string(model_bytes), options.intra_op_num_threads, providers))
+        return real(model_bytes, options, providers=providers)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    roofline.measure_ort_matmul(dtype, roofline.RooflineConfig(matmul_n_cpu=16, reps=1))
+    [(model, threads, providers)] = sessions
+    assert threads == 1 and providers == ["CPUExecutionProvider"]
+    assert [n.op_type for n in model.graph.node] == [op]
+    assert [i.name for i in model.graph.input] == ["a"] and [i.name for i in model.graph.initializer] == ["b"]
+    assert onnx.helper.tensor_dtype_to_np_dtype(model.graph.input[0].type.tensor_type.elem_type).name == a_type
