@@ -272,8 +272,9 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
 _MEMORY_METHOD = {
     "cuda": "cuda max_memory_allocated over the cell (load included), and over warm-up and repetitions alone "
             "(serving, after a second reset); NVML per process",
-    "cpu": "peak RSS of the cell process (getrusage; load included) and its increase over pre-load RSS; serving: "
-           "VmHWM over warm-up and repetitions alone, after a /proc/self/clear_refs reset",
+    "cpu": "peak RSS of the cell process (getrusage; load included) and its increase over pre-load RSS, read with the "
+           "fork server's resident library pages resident again; serving: VmHWM over warm-up and repetitions alone, "
+           "after a /proc/self/clear_refs reset",
 }
 _NO_SERVING_WINDOW = "; serving peak not measured: /proc/self/clear_refs cannot reset the peak here"
 

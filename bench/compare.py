@@ -284,6 +284,10 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
         if row.verdict in ("regressed", "improved") and diffs and not allow_env_mismatch:
             row.note = f"{row.verdict} withheld: environments differ"
             row.verdict = "inconclusive"
+        elif row.verdict in ("regressed", "improved") and not allow_env_mismatch and \
+                (how := method_difference(base.ok[row.cell], head.ok[row.cell], row.kind)):
+            row.note = f"{row.verdict} withheld: measured differently ({how})"
+            row.verdict = "inconclusive"
         elif row.verdict in ("regressed", "improved") and row.kind == "speed" and \
                 min(row.blocks_base, row.blocks_head) < cfg.min_processes:
             row.note = (f"{row.verdict} withheld: {min(row.blocks_base, row.blocks_head)} process(es) on a side, "
@@ -380,6 +384,20 @@ def _measure_row(key: str, m: GatedMetric, b: list[list[float]], h: list[list[fl
                process_sd=None if noise is None else math.sqrt(noise.var), process_df=noise and noise.df,
                mde=_clean(gs.mde(cv, len(pb), len(ph), cfg.level, cfg.power, cfg.fdr, noise and noise.var,
                                  (len(b), len(h)))))  # infinite when untested
+
+
+# The record's words for how a kind of figure was taken; a change in them is a change of method, not of the code
+# measured (a harness whose memory figures began counting the library pages a fresh process has resident).
+METHOD_KEYS = {"speed": ("clock", "token_timestamps", "tpot"), "memory": ("memory",)}
+
+
+def method_difference(base: list[dict[str, Any]], head: list[dict[str, Any]], kind: str) -> str | None:
+    """The first ``method`` entry behind ``kind``'s figures that the two sides' records state differently."""
+    for key in METHOD_KEYS.get(kind, ()):
+        words = [{str((r.get("method") or {}).get(key)) for r in side} for side in (base, head)]
+        if words[0] != words[1]:
+            return f"method.{key}: {' / '.join(sorted(words[0]))!r} in base, {' / '.join(sorted(words[1]))!r} in head"
+    return None
 
 
 def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
