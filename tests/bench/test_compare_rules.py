@@ -366,13 +366,16 @@ def _measured(records: list[dict], **method) -> list[dict]:
 def test_a_change_of_measuring_method_withholds_the_verdicts_of_the_figures_it_took():
     """A harness whose memory figures began counting more pages moves every cell's memory: that is no
     regression of the code measured. Speed rows, taken the same way, keep theirs."""
-    base = side(_measured([record("v0", _steady([3.0] * 5), peak_memory=4.0e8)] + _separated("v1", 1.0)))
-    head = side(_measured([record("v0", _steady([3.0] * 5), peak_memory=4.4e8)] + _separated("v1", 1.3),
+    base = side(_measured([record("v0", _steady([3.0] * 5), peak_memory=4.0e8),
+                           record("v2", _steady([3.0] * 5), peak_memory=4.4e8)] + _separated("v1", 1.0)))
+    head = side(_measured([record("v0", _steady([3.0] * 5), peak_memory=4.4e8),
+                           record("v2", _steady([3.0] * 5), peak_memory=4.0e8)] + _separated("v1", 1.3),
                           memory="peak RSS, library pages resident"))
     rows = _rows(compare_sides(base, head, gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.05)))
     assert (rows["v0:peak_memory_bytes"].verdict, rows["v0:peak_memory_bytes"].note) == (
         "inconclusive", "regressed withheld: measured differently (method.memory: 'peak RSS' in base, 'peak RSS, "
                         "library pages resident' in head)")
+    assert rows["v2:peak_memory_bytes"].note.startswith("improved withheld: measured differently (method.memory")
     assert rows["v1:tpot_ms"].verdict == "regressed"
     allowed = compare_sides(base, head, gs.GateConfig(n_resamples=500, min_processes=1, fdr=0.05),
                             allow_env_mismatch=True)
@@ -392,6 +395,7 @@ def test_method_difference_reads_every_record_of_a_side_and_only_its_kinds_words
     assert method_difference([old], [old], "memory") is None
     assert method_difference([old], [new], "speed") is None  # the clock is the same
     assert method_difference([old, new], [new], "memory") == "method.memory: 'a / b' in base, 'b' in head"
+    assert method_difference([old], [new, old], "memory") == "method.memory: 'a' in base, 'a / b' in head"
     assert method_difference([{}], [{"method": {"memory": "b"}}], "memory") == (
         "method.memory: 'None' in base, 'b' in head")  # records from before the method was written down
     assert method_difference([old], [new], "status") is None
