@@ -108,18 +108,24 @@ def matmul_ceiling(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig
     reaches reads as a fraction above 1. None where no back end runs ``dtype`` here.
     """
     figures: dict[str, dict[str, Any]] = {}
+    errors: dict[str, str] = {}
     try:
         figures["torch"] = measure_matmul(device, dtype, cfg)
     except (RuntimeError, NotImplementedError):  # int8 without a kernel on this device
         pass
     if device == "cpu" and dtype in ORT_MATMUL:
-        ort = measure_ort_matmul(dtype, cfg)
-        if ort is not None:
-            figures["onnxruntime"] = ort
+        try:
+            ort = measure_ort_matmul(dtype, cfg)
+        except Exception as exc:  # a second opinion only: its failure must not cost torch's ceiling
+            errors["onnxruntime"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+        else:
+            if ort is not None:
+                figures["onnxruntime"] = ort
     if not figures:
         return None
     backend = max(figures, key=lambda name: figures[name]["tflops"])
-    return {**figures[backend], "backend": backend, "by_backend": {k: v["tflops"] for k, v in figures.items()}}
+    out = {**figures[backend], "backend": backend, "by_backend": {k: v["tflops"] for k, v in figures.items()}}
+    return {**out, "errors": errors} if errors else out
 
 
 def cpu_has_bf16() -> bool:

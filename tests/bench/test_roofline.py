@@ -641,6 +641,16 @@ def test_a_matmul_ceiling_is_the_fastest_back_end_and_says_which(monkeypatch):
     monkeypatch.setattr(roofline, "measure_ort_matmul", lambda dtype, cfg: None)
     assert roofline.matmul_ceiling("cpu", "int8") is None  # nothing measured: no ceiling, not a wrong one
 
+    def broken(dtype, cfg):
+        raise RuntimeError("[ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an implementation\nmore")
+
+    monkeypatch.setattr(roofline, "measure_ort_matmul", broken)
+    monkeypatch.setattr(roofline, "measure_matmul", lambda device, dtype, cfg: rates["torch"])
+    assert roofline.matmul_ceiling("cpu", "float32") == {  # torch's stands; why ONNX Runtime's is missing is kept
+        "n": 64, "tflops": 1.7, "tflops_best": 1.8, "backend": "torch", "by_backend": {"torch": 1.7},
+        "errors": {"onnxruntime": "RuntimeError: [ONNXRuntimeError] : 9 : NOT_IMPLEMENTED : Could not find an "
+                                  "implementation"}}
+
 
 @pytest.mark.parametrize("dtype", ["float32", "int8"])
 def test_real_matmul_ceilings_of_torch_and_onnx_runtime_on_a_small_matrix(dtype):
