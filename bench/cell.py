@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench import job_phase
 from bench.results import new_record, utc_now, write_json_atomic
-from optimize.errors import InputError, NotApplicable
+from optimize.errors import InputError, NotApplicable, exception_line
 
 if TYPE_CHECKING:
     from bench.cells import Cell
@@ -343,7 +343,7 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
                             f"KV bytes/token ({kv})")
         method["roofline"] = "; ".join(parts)
     except Exception as exc:
-        method["roofline_error"] = f"roofline not computed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        method["roofline_error"] = f"roofline not computed: {exception_line(exc)}"
         state.labels.append(method["roofline_error"])
 
 

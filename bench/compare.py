@@ -82,7 +82,10 @@ def _ceilings(run: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     from bench.merge import ceiling_figures
 
     def label(path: str) -> tuple[str, str]:  # "memory.bandwidth_gbps", "matmul.<dtype>.tflops"
-        return ("copy bandwidth", "GB/s") if path.startswith("memory.") else (f"{path[7:-7]} matmul", "TFLOP/s")
+        if path.startswith("memory."):
+            return "copy bandwidth", "GB/s"
+        dtype = path[7:-7]
+        return f"{dtype} matmul", "TOP/s" if dtype == "int8" else "TFLOP/s"  # int8: operations, not FLOPs
 
     return {(device, *label(path)): float(v) for device, c in sorted((run.get("roofline") or {}).items())
             for path, v in ceiling_figures(c).items()

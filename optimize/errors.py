@@ -15,3 +15,9 @@ class NotApplicable(Exception):
     Cells that hit it are recorded as ``status: "skipped"`` with the reason, never as a
     silent fallback.
     """
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: first line of the message`` (at most ``limit`` characters of it); the type alone for an empty one."""
+    lines = str(exc).splitlines()
+    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from optimize.errors import InputError, NotApplicable
+from optimize.errors import InputError, NotApplicable, exception_line
 from optimize.reference import BUILTIN_DIR, EVAL_TEXT
 
 BUILTIN_MODELS = {"pycode": BUILTIN_DIR}
@@ -315,7 +315,7 @@ def fetch_hub_model(spec: str) -> ModelRef:
         path = Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
     except Exception as exc:  # network errors, missing repos, offline cache misses
         raise InputError(f"model {spec!r} is neither a built-in, a synthetic, a local directory nor a reachable "
-                         f"hub id ({type(exc).__name__}: {str(exc).splitlines()[0][:200]})") from None
+                         f"hub id ({exception_line(exc)})") from None
     own = has_tokenizer_files(path)
     return ModelRef(spec, "pretrained", str(path), _dir_fingerprint(path), own, True, str(path) if own else None)
 

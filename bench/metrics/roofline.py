@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from bench.metrics.timing import RepeatConfig, clock_for, repeat, time_call
+from optimize.errors import exception_line
 
 
 @dataclass(frozen=True)
@@ -117,7 +118,7 @@ def matmul_ceiling(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig
         try:
             ort = measure_ort_matmul(dtype, cfg)
         except Exception as exc:  # a second opinion only: its failure must not cost torch's ceiling
-            errors["onnxruntime"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}"
+            errors["onnxruntime"] = exception_line(exc)
         else:
             if ort is not None:
                 figures["onnxruntime"] = ort

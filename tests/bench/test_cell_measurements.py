@@ -160,3 +160,21 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
                             "roofline_ceilings": {"bandwidth_gbps": 1.0}}
     assert method["roofline"] == ("prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW; no "
                                   "prefill fraction: no float32 matmul could be measured on this device")
+
+
+def test_a_roofline_failing_with_an_empty_message_is_a_note_not_a_lost_cell(monkeypatch):
+    """The note names the exception's type, and its message's first line where it has one."""
+    def empty(*args):
+        raise KeyError()
+
+    monkeypatch.setattr(cell, "_roofline", empty)
+    method, state = {}, SimpleNamespace(labels=[], name="STATE", generate_kwargs={})
+    cell._add_roofline(state, _cell({"cpu": {}}), {"prefill_tokens_per_s": 5.0}, method)
+    assert method["roofline_error"] == "roofline not computed: KeyError" and state.labels == [method["roofline_error"]]
+
+    def two_lines(*args):
+        raise RuntimeError("first\nsecond")
+
+    monkeypatch.setattr(cell, "_roofline", two_lines)
+    cell._add_roofline(state, _cell({"cpu": {}}), {"prefill_tokens_per_s": 5.0}, method)
+    assert method["roofline_error"] == "roofline not computed: RuntimeError: first"

@@ -529,6 +529,10 @@ def test_ceiling_pairs_set_each_ceiling_both_runs_measured_side_by_side():
                "xpu": {"memory": {"bandwidth_gbps": 0}}}
     assert ceiling_pairs({"roofline": hostile}, {"roofline": hostile}) == []
     assert ceiling_pairs({}, {"roofline": None}) == []  # ab and partial runs measure none
+    with_int8 = _roofline(40.0, 0.2)
+    with_int8["cpu"]["matmul"]["int8"] = {"n": 2048, "tflops": 1.7}
+    assert ceiling_pairs({"roofline": with_int8}, {"roofline": with_int8})[2] == {
+        "device": "cpu", "figure": "int8 matmul", "unit": "TOP/s", "base": 1.7, "head": 1.7, "ratio": 1.0}
 
 
 def test_a_comparison_of_runs_on_a_slower_machine_says_so(tmp_path, capsys):
