@@ -329,12 +329,12 @@ def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, 
         figures, logits = _roofline(state, cell, metrics, manifest)
         metrics.update(figures)
         parts = [f"prefill FLOPs counted by torch.utils.flop_counter on the architecture, {logits}"]
-        ceilings = figures["roofline_ceilings"]
+        ceilings, computes_in = figures["roofline_ceilings"], cell.recipe.matmul_dtype(cell.device)
         if "matmul_dtype" in ceilings:
             parts.append(f"prefill fraction of the fastest measured {ceilings['matmul_dtype']} matmul "
-                         f"({ceilings['matmul_backend']}); the recipe computes in {cell.recipe.matmul_dtype}")
+                         f"({ceilings['matmul_backend']}); the variant computes in {computes_in} here")
         else:
-            parts.append(f"no prefill fraction: no {cell.recipe.matmul_dtype} matmul could be measured on this device")
+            parts.append(f"no prefill fraction: no {computes_in} matmul could be measured on this device")
         if "roofline_fraction" in figures:
             kv = "KV shape read off a real cache"
             if state.generate_kwargs.get("cache_implementation") == "quantized":
@@ -456,7 +456,7 @@ def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> t
     scenario = cell.scenario
     shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
                                              cell.cache_path, last_logits_only=last_only)}
-    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, cell.recipe.matmul_dtype)
+    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, cell.recipe.matmul_dtype(cell.device))
     if embed is not None:  # unknown: left out, and the label says the whole table was counted
         out["embedding_bytes_not_read"] = embed
     return out, logits

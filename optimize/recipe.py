@@ -48,11 +48,13 @@ class Step:
         """True when the step must not change greedy outputs (checked when a variant is built)."""
         return False
 
-    def matmul_dtype(self, before: str) -> str:
-        """The dtype the variant's matrix products compute in after this step, given the one before it.
+    def matmul_dtype(self, before: str, device: str) -> str:
+        """The dtype the variant's matrix products compute in on ``device`` after this step, given the one before it.
 
         The roofline divides a prefill's achieved rate by the measured matmul rate of this dtype
-        ("int8" for integer matmuls). Steps that leave the arithmetic alone keep ``before``.
+        ("int8" for integer matmuls). Steps that leave the arithmetic alone keep ``before``; a
+        step whose library computes in another dtype than it is configured for on some device
+        (bitsandbytes' 4-bit CPU kernel) answers with what the device runs.
         """
         return before
 
@@ -93,12 +95,11 @@ class Recipe:
     def lossless(self) -> bool:
         return all(s.is_lossless() for s in self.steps)
 
-    @property
-    def matmul_dtype(self) -> str:
-        """What the variant's matrix products compute in: each step's answer in turn, from the fp32 reference."""
+    def matmul_dtype(self, device: str) -> str:
+        """What the variant's matrix products compute in on ``device``: each step's answer in turn, from fp32."""
         dtype = "float32"
         for step in self.steps:
-            dtype = step.matmul_dtype(dtype)
+            dtype = step.matmul_dtype(dtype, device)
         return dtype
 
     @property

@@ -219,7 +219,7 @@ class OnnxExport(Step):
         if self.opset != 0 and self.opset < MIN_OPSET:
             raise RecipeError(f"onnx-export.opset must be 0 (exporter default) or >= {MIN_OPSET}, got {self.opset}")
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return self.dtype  # the graph's weights and activations
 
     def is_lossless(self) -> bool:

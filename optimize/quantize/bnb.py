@@ -12,7 +12,9 @@ Two behaviours a reader of the results should know:
   (on CUDA too), and logs that on every call; we note it once in the labels instead.
 - On CPUs with AVX512-BF16, each 4-bit layer repacks its weight at its first forward into
   tiles of 32 output rows with bf16 absmax per 64-input block; that needs
-  ``out_features % 32 == 0`` and ``in_features % 64 == 0``, which we check up front.
+  ``out_features % 32 == 0`` and ``in_features % 64 == 0``, which we check up front. Its
+  kernel computes in bf16 whatever ``compute_dtype`` says (fp32 inputs are cast to bf16 and
+  the outputs back): the labels say so, and the roofline compares it with the bf16 ceiling.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class BnbInt8(Step):
     summary = "bitsandbytes LLM.int8 linear layers (int8 weights, fp16 outlier decomposition)"
     threshold: float = 6.0  # activation magnitude above which a column stays fp16; 0 disables outliers
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return "int8"  # int8 x int8 products; only outlier columns go through fp16
 
     def validate(self) -> None:
@@ -74,7 +76,9 @@ class BnbNF4(Step):
     double_quant: bool = True  # quantize the per-block absmax scales too (saves ~0.37 bit per weight)
     quant_type: str = "nf4"
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
+        if device == "cpu" and _cpu_repacks_4bit():
+            return "bfloat16"  # the AVX512-BF16 kernel casts activations to bf16 whatever compute_dtype says
         return self.compute_dtype  # 4-bit weights dequantized to it for each product
 
     def validate(self) -> None:
@@ -97,6 +101,9 @@ class BnbNF4(Step):
         change = _change(self.technique, state, model, bnb.nn.Linear4bit)
         if state.device == "cpu" and _cpu_repacks_4bit():
             _require_cpu_4bit_shapes(model)
+            if self.compute_dtype != "bfloat16":
+                state.labels.append(f"bitsandbytes 4-bit CPU kernel (AVX512-BF16): activations and products in bf16, "
+                                    f"not compute_dtype {self.compute_dtype}")
         return {"quant_type": self.quant_type, "compute_dtype": self.compute_dtype, "double_quant": self.double_quant,
                 "quantized_linears": change["modules_touched"], "lm_head": "not quantized", **change}
 
@@ -139,9 +146,16 @@ def _change(technique: str, state, model, layer_class) -> dict:
 
 
 def _cpu_repacks_4bit() -> bool:
-    """Whether bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first forward."""
-    from bitsandbytes.functional import has_avx512bf16
+    """Whether bitsandbytes repacks 4-bit weights for its AVX512-BF16 CPU kernel at the first forward.
 
+    That kernel takes bf16 activations and bf16 block scales whatever ``compute_dtype`` is (its
+    ``gemv_4bit`` casts an fp32 input to bf16 and the result back), so on such a CPU the products
+    are bf16 ones. False where bitsandbytes is not installed (the step is then skipped anyway).
+    """
+    try:
+        from bitsandbytes.functional import has_avx512bf16
+    except ImportError:
+        return False
     return bool(has_avx512bf16())
 
 

@@ -22,7 +22,7 @@ class Cast(Step):
     summary = "cast weights and compute to fp16 or bf16"
     dtype: str = "bfloat16"
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return self.dtype
 
     def validate(self) -> None:

@@ -111,7 +111,7 @@ class OrtInt8Dynamic(Step):
     per_channel: bool = False  # one scale per output column of each weight, else per tensor
     weight_type: str = "qint8"
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return "int8"  # MatMulInteger: uint8 activations x int8 weights
 
     def validate(self) -> None:
@@ -213,7 +213,7 @@ class OrtInt8Static(Step):
     per_channel: bool = True  # weight scales per output column
     method: str = "minmax"
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return "int8"  # the CPU provider fuses each DQ -> MatMul -> Q into an int8 kernel
 
     def validate(self) -> None:

@@ -30,7 +30,7 @@ class TorchInt8Dynamic(Step):
     api: str = "torch.ao"
     include_lm_head: bool = True  # the LM head is the largest matrix of a small model: worth quantizing
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         return "int8"  # activations quantized per call, int8 x int8 products (FBGEMM / torchao)
 
     def validate(self) -> None:

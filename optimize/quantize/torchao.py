@@ -42,7 +42,7 @@ class TorchAO(Step):
     scheme: str = "int8-weight-only"
     group_size: int = 128  # int4 only: inputs sharing one scale and zero point
 
-    def matmul_dtype(self, before: str) -> str:
+    def matmul_dtype(self, before: str, device: str) -> str:
         # int8 dynamic multiplies int8 by int8; int4 weight-only computes in bf16 (its only layout); int8
         # weight-only dequantizes to the activations' dtype.
         return {"int8-dynamic": "int8", "int4-weight-only": "bfloat16"}.get(self.scheme, before)

@@ -145,7 +145,7 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
     assert metrics["roofline_fraction"] == 0.25 and method["roofline"] == (
         "decode bytes/step = weights (less an untied input embedding) + batch x mean context x KV bytes/token "
         "(KV shape read off a real cache); prefill FLOPs counted by torch.utils.flop_counter on the architecture, HOW; "
-        "prefill fraction of the fastest measured float32 matmul (onnxruntime); the recipe computes in float32")
+        "prefill fraction of the fastest measured float32 matmul (onnxruntime); the variant computes in float32 here")
     quantized = SimpleNamespace(labels=[], name="STATE", generate_kwargs={"cache_implementation": "quantized"})
     cell._add_roofline(quantized, c, dict(metrics), method)
     assert method["roofline"].startswith(

@@ -484,8 +484,8 @@ def test_a_prefill_sweep_run_records_its_flop_fraction(tmp_path, cache_dir):
     assert m["prefill_flops_fraction"] == pytest.approx(m["prefill_tflops"] / ceilings["matmul"]["float32"]["tflops"])
     assert rec["method"]["roofline"].endswith("the LM head on the last position only (generate's logits_to_keep=1); "
                                               "prefill fraction of the fastest measured float32 matmul "
-                                              f"({ceilings['matmul']['float32']['backend']}); the recipe computes in "
-                                              "float32")
+                                              f"({ceilings['matmul']['float32']['backend']}); the variant computes in "
+                                              "float32 here")
     assert ceilings["torch_threads"] == rec["method"]["torch_threads"] == 1  # the ceiling of the cell's own threads
 
 
@@ -515,7 +515,7 @@ def test_stored_ceilings_are_reused_only_when_taken_on_the_cells_threads(tmp_pat
     assert json.loads((tmp_path / RUN).read_text())["roofline"] == {"cpu": fresh}
 
 
-def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path):
+def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path, monkeypatch):
     """bf16 weights: the bf16 matmul ceiling; the untied input table left out of the bytes; the count cached."""
     from types import SimpleNamespace
 
@@ -525,6 +525,7 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     from bench.cells import Cell
     from bench.scenarios import GenerateScenario
     from optimize import introspect
+    from optimize.quantize import bnb
     from optimize.quantize.cast import Cast
     from optimize.recipe import Recipe
 
@@ -553,6 +554,12 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     fp32_state = SimpleNamespace(model=_tiny_llama(tie=False), backend="torch", labels=[])
     fp32 = dataclasses.replace(c, recipe=Recipe(name="fp32"))
     assert cell_mod._roofline(fp32_state, fp32, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
+    # bitsandbytes' 4-bit kernel on an AVX512-BF16 CPU computes in bf16 though its recipe says fp32
+    monkeypatch.setattr(bnb, "_cpu_repacks_4bit", lambda: True)
+    nf4 = dataclasses.replace(c, recipe=Recipe(name="nf4", steps=(bnb.BnbNF4(),)))
+    assert cell_mod._roofline(fp32_state, nf4, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "bfloat16"
+    assert cell_mod._roofline(fp32_state, dataclasses.replace(nf4, device="cuda"), metrics, None)[0][
+        "roofline_ceilings"]["matmul_dtype"] == "float32"
 
 
 def test_an_onnx_cell_roofline_takes_the_table_size_from_its_manifest(tmp_path):

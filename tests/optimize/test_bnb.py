@@ -80,6 +80,44 @@ def test_4bit_loads_linear4bit_layers_with_packed_weights(states, kind):
     assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight.dtype == torch.float32
 
 
+@pytest.mark.parametrize("kind", ["nf4", "fp4"])
+def test_4bit_on_an_avx512_bf16_cpu_computes_in_bf16_and_says_so(states, kind):
+    """bitsandbytes' AVX512-BF16 kernel casts fp32 activations to bf16: its products are bf16 ones."""
+    import bitsandbytes as bnb
+    import torch
+    from bitsandbytes.functional import dequantize_4bit
+
+    if not bnb_step._cpu_repacks_4bit():
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes dequantizes to compute_dtype here")
+    assert states[kind].labels == ["bitsandbytes 4-bit CPU kernel (AVX512-BF16): activations and products in bf16, "
+                                   "not compute_dtype float32"]
+    assert BnbNF4(quant_type=kind).matmul_dtype("float32", "cpu") == "bfloat16"
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.randn(128, 256, generator=generator) / 16
+    layer = bnb.nn.Linear4bit(256, 128, bias=False, compute_dtype=torch.float32, quant_type=kind)
+    layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type=kind)
+    layer = layer.to("cpu").eval()  # quantizes
+    w = dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()  # before the kernel repacks it
+    x = torch.randn(8, 256, generator=generator)
+    with torch.no_grad():
+        y = layer(x)
+    assert layer.weight.quant_state.packing_format_for_cpu and y.dtype == torch.float32
+    exact, in_bf16 = x @ w.t(), (x.bfloat16() @ w.bfloat16().t()).float()
+    scale = exact.abs().max().item()
+    assert (y - exact).abs().max().item() > 1e-4 * scale  # fp32 arithmetic would agree to ~1e-6 of the scale
+    assert (y - in_bf16).abs().max().item() < 2e-2 * scale  # bf16 rounding: a few parts in 1000
+
+
+def test_4bit_matmul_dtype_is_compute_dtype_where_the_kernel_honours_it(monkeypatch):
+    monkeypatch.setattr(bnb_step, "_cpu_repacks_4bit", lambda: True)
+    assert BnbNF4().matmul_dtype("float32", "cpu") == "bfloat16"
+    assert BnbNF4(compute_dtype="bfloat16").matmul_dtype("float32", "cpu") == "bfloat16"
+    assert BnbNF4().matmul_dtype("float32", "cuda") == "float32"
+    assert BnbNF4(compute_dtype="float16").matmul_dtype("float32", "cuda") == "float16"
+    monkeypatch.setattr(bnb_step, "_cpu_repacks_4bit", lambda: False)
+    assert BnbNF4().matmul_dtype("float32", "cpu") == "float32"
+
+
 @pytest.mark.parametrize(("kind", "fraction_saved"), [("int8", 3 / 4), ("nf4", 7 / 8), ("fp4", 7 / 8)])
 def test_quantized_linear_weights_shrink_as_their_bit_width_says(reference, states, kind, fraction_saved):
     from bench.metrics.memory import torch_weights_bytes

@@ -46,17 +46,29 @@ def test_steps_out_of_stage_order_are_rejected():
     ("onnx-fp16", "float16"), ("onnx-int8-dynamic", "int8"), ("onnx-int8-static", "int8"),
     ("prune-2of4", "float32"), ("prune-2of4-fp16", "float16"), ("static-kv", "float32"), ("kv-int4", "float32")])
 def test_a_recipe_says_what_its_matrix_products_compute_in(name, dtype):
-    assert builtin_variant(name).matmul_dtype == dtype
+    assert builtin_variant(name).matmul_dtype("cuda") == dtype
+
+
+def test_on_the_cpu_bnb_nf4_computes_in_what_bitsandbytes_runs_there(monkeypatch):
+    from optimize.quantize import bnb
+
+    monkeypatch.setattr(bnb, "_cpu_repacks_4bit", lambda: True)  # an AVX512-BF16 CPU: its 4-bit kernel is bf16
+    assert builtin_variant("bnb-nf4").matmul_dtype("cpu") == "bfloat16"
+    assert builtin_variant("bnb-nf4").matmul_dtype("cuda") == "float32"
+    assert builtin_variant("fp32").matmul_dtype("cpu") == "float32"
+    monkeypatch.setattr(bnb, "_cpu_repacks_4bit", lambda: False)
+    assert builtin_variant("bnb-nf4").matmul_dtype("cpu") == "float32"
 
 
 def test_the_last_step_that_changes_the_arithmetic_decides_it():
     from optimize.quantize.bnb import BnbNF4
     from optimize.quantize.torchao import TorchAO
 
-    assert Recipe(name="x", steps=(BnbNF4(compute_dtype="bfloat16"),)).matmul_dtype == "bfloat16"
-    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-weight-only"))).matmul_dtype == \
+    assert Recipe(name="x", steps=(BnbNF4(compute_dtype="bfloat16"),)).matmul_dtype("cuda") == "bfloat16"
+    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-weight-only"))).matmul_dtype("cpu") == \
         "bfloat16"
-    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-dynamic"))).matmul_dtype == "int8"
+    assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-dynamic"))).matmul_dtype("cpu") == \
+        "int8"
 
 
 def test_every_builtin_variant_uses_registered_techniques():
