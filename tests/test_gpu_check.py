@@ -143,8 +143,11 @@ def test_the_cuda_test_files_gpu_check_collects_hold_every_cuda_marked_test(requ
     """gpu-check collects only the files its grep finds: every test the ``cuda`` marker selects must be in one."""
     script = (ROOT / "ci" / "gpu-check").read_text()
     [command] = re.findall(r"^CUDA_TEST_FILES=\$\((.*)\)$", script, flags=re.M)
-    found = set(subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
-                               check=True).stdout.split())
+    listed = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True,
+                            check=True).stdout.split()
+    # the end-to-end file last: a time limit that stops its cold start must not cost the quick tests
+    assert listed[-1] == "tests/bench/test_cuda_e2e.py" and len(listed) == len(set(listed)), listed
+    found = set(listed)
     test_files = {str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")}
     from tests.conftest import COLLECTED
 
@@ -156,3 +159,49 @@ def test_the_cuda_test_files_gpu_check_collects_hold_every_cuda_marked_test(requ
                               "-p", "no:cacheprovider", "tests"], cwd=ROOT, capture_output=True, text=True).stdout
         marked = {line.split("::")[0] for line in out.splitlines() if "::" in line}
     assert len(marked) >= 5 and marked <= found, sorted(marked - found)
+
+
+def _gpu_deps():
+    spec = importlib.util.spec_from_file_location("gpu_dependencies", ROOT / "ci" / "gpu_dependencies.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_deps_names_what_is_missing_or_at_another_version(tmp_path):
+    from packaging.requirements import Requirement
+
+    deps = _gpu_deps()
+    import numpy
+
+    reqs = [Requirement(r) for r in ("numpy>=1", "numpy<1", "no-such-package-infermatrix>=1", "pytest<1",
+                                     "psutil")]
+    assert deps.unmet(reqs) == ["no-such-package-infermatrix (not installed)",
+                                f"pytest {pytest.__version__} (needs <1)"]  # numpy once: its first line is met
+    assert deps.unmet([Requirement("numpy<1")]) == [f"numpy {numpy.__version__} (needs <1)"]
+    pyproject = tmp_path / "pyproject.toml"
+    pyproject.write_text('[project]\ndependencies = ["numpy>=1", "tomli>=2; python_version < \'3.0\'"]\n'
+                         '[project.optional-dependencies]\ntest = ["pytest>=8", "ruff>=0.6"]\n')
+    assert [str(r) for r in deps.requirements(pyproject)] == ["numpy>=1", "pytest>=8"]  # marker false, linter not
+    names = {r.name for r in deps.requirements()}
+    assert {"torch", "transformers", "psutil", "scipy", "nvidia-ml-py", "pytest"} <= names and "ruff" not in names
+
+
+def test_gpu_check_refuses_a_cpu_dry_run_where_nvidia_smi_lists_a_gpu(tmp_path):
+    """A torch that sees no CUDA on a GPU host (a CPU build, an old driver): exit 2 before any run, saying why."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "nvidia-smi"
+    fake.write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-00000000-0000-0000-0000-000000000000)'\n")
+    fake.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "OUT": str(out), "INFERMATRIX_CACHE": str(tmp_path / "cache"), "PYTHON": sys.executable,
+           "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+    env.pop("GPU_CHECK_WHEELS", None)
+    proc = subprocess.run(["bash", str(ROOT / "ci" / "gpu-check")], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    log = (out / "log.txt").read_text()
+    assert "nvidia-smi lists a GPU but" in log and "torch sees no CUDA device" in log and "built for CUDA" in log
+    assert "gpu-check: all " in log and " dependencies met" in log
+    assert not (out / "run").exists() and "dry run" not in log
