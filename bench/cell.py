@@ -13,6 +13,7 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -132,8 +133,12 @@ def _cache(job: dict[str, Any]) -> Path | None:
     return Path(job["cache_dir"]) if job.get("cache_dir") else None
 
 
-def measure(job: dict[str, Any]) -> dict[str, Any]:
-    """Run one cell (its job file, ``Cell.to_dict``) and return its record (status ok, skipped or failed)."""
+def measure(job: dict[str, Any], provisional: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    """Run one cell (its job file, ``Cell.to_dict``) and return its record (status ok, skipped or failed).
+
+    ``provisional`` is given the record as it stands once the speed and memory figures are taken,
+    before drift is scored (see ``bench.job_phase``).
+    """
     from bench.cells import Cell
     from bench.metrics import memory
 
@@ -144,7 +149,7 @@ def measure(job: dict[str, Any]) -> dict[str, Any]:
     record = new_record(cell)
     record["started_at"] = utc_now()
     try:
-        record.update(_measure(cell, record, baseline_rss, t_start))
+        record.update(_measure(cell, record, baseline_rss, t_start, provisional))
     except NotApplicable as exc:
         record.update(status="skipped", error=str(exc))
     except Exception as exc:  # any failure of the measured code becomes a failed record
@@ -186,7 +191,8 @@ def _fill_caches(cell: Cell) -> None:
     os.waitpid(pid, 0)
 
 
-def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: float) -> dict[str, Any]:
+def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: float,
+             provisional: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
     """Load the variant, then each measurement in turn: latency, memory, roofline, drift."""
     import torch
 
@@ -201,7 +207,6 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     # Memory figures are read before drift runs: drift's own buffers must not count.
     metrics.update(_measure_memory(cell.device, baseline_rss, load_peaks))
     _add_roofline(state, cell, metrics, method, artifact.manifest)
-    drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
     method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
                   + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
                   torch_threads=torch.get_num_threads())
@@ -209,10 +214,22 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
         from optimize.export.onnx import intra_op_threads
 
         method["ort_intra_op_threads"] = intra_op_threads(state.model)
+    if provisional is not None and cell.drift:
+        kept = {**record, **_ok_result(state, artifact, metrics, samples, method, load_s, 0.0, t_start)}
+        kept["timing_s"]["total"] = time.perf_counter() - t_start  # the runner adds the drift it did not finish
+        provisional(kept)
+    drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
+    return _ok_result(state, artifact, metrics, samples, method, load_s, drift_s, t_start)
+
+
+def _ok_result(state, artifact, metrics, samples, method, load_s: float, drift_s: float,
+               t_start: float) -> dict[str, Any]:
+    """The fields of a measured cell's record (copies: drift adds to ``metrics`` and ``method`` afterwards)."""
     warmup = sum(samples["warmup_wall_s"])
     compiled = method.get("compiled_decode_step") or {}
     timing_extra = {"compile_and_capture": compiled["compile_and_capture_s"]} if compiled else {}
     warmup += compiled.get("compile_call_wall_s", 0.0)
+    metrics, method = dict(metrics), dict(method)
     return {
         "status": "ok",
         "metrics": metrics,
@@ -496,12 +513,21 @@ def probe(job: dict[str, Any]) -> dict[str, Any]:
 JOBS = {"--build": build, "--reference": reference, "--roofline": roofline, "--probe": probe}
 
 
-def main(argv: list[str]) -> int:
+def main(argv: list[str], notes: Sequence[str] = ()) -> int:
+    """Run the job ``argv`` names ([--kind] SPEC OUT) and write its result to OUT, ``notes`` in its labels."""
     run = JOBS.get(argv[0], measure) if argv else measure
     spec_path, out_path = (argv[1:] if argv[0] in JOBS else argv)[:2]
     job = json.loads(Path(spec_path).read_text())
-    result = run(job)
-    write_json_atomic(Path(out_path), result)
+
+    def labelled(result: dict[str, Any]) -> dict[str, Any]:
+        return {**result, "labels": [*result.get("labels", []), *notes]} if notes else result
+
+    if run is measure:
+        keep = job_phase.provisional_path(Path(out_path))
+        result = measure(job, lambda provisional: write_json_atomic(keep, labelled(provisional)))
+    else:
+        result = run(job)
+    write_json_atomic(Path(out_path), labelled(result))
     return 0
 
 

@@ -6,6 +6,12 @@ timed call, how many calls are done) in a small file beside its log, rewritten i
 each step: two system calls, outside any timed region. The file lives in the page cache, so
 it survives the job's SIGKILL; the parent quotes it in the failed record's error
 ("timed out after 240 s (process group killed) while measuring: 37 repetitions done ...").
+
+A cell's figures are complete before its drift is scored, which can take longer than its
+measurement (a compiled decode step compiles again for drift's batch) or meet a native crash.
+So the cell writes its record as it stands at that point beside its result
+(``provisional_path``); a job that then ends without its result still yields the speed and
+memory figures, with the drift marked failed and why.
 """
 
 from __future__ import annotations
@@ -35,6 +41,11 @@ def enter(phase: str, detail: str = "") -> None:
         os.pwrite(_fd, data, 0)
     except OSError:  # a full disk must not fail the measurement; the parent then quotes an older phase
         pass
+
+
+def provisional_path(out_path: Path) -> Path:
+    """Where a job keeps the result it would return if it ended now (beside ``out_path``, its final result)."""
+    return out_path.with_name(out_path.name.removesuffix(".out.json") + ".provisional.json")
 
 
 def describe(path: Path, now: float | None = None) -> str:

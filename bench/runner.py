@@ -116,25 +116,11 @@ def _child(argv: list[str], log_path: str, uses_cuda: bool, phase_path: str, env
         return
     from bench.cell import main
 
-    code = main(argv)
-    for note in filter(None, notes):
-        _add_note(out_path, note)
+    code = main(argv, [note for note in notes if note])  # process-level notes go into the result's labels
     sys.stdout.flush()
     sys.stderr.flush()
     if code:
         sys.exit(code)
-
-
-def _add_note(out_path: Path, note: str) -> None:
-    """Put a process-level note into the job's result (a cell record's ``labels``)."""
-    from bench.results import write_json_atomic
-
-    try:
-        result = json.loads(out_path.read_text())
-    except (OSError, ValueError):
-        return
-    result.setdefault("labels", []).append(note)
-    write_json_atomic(out_path, result)
 
 
 def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
@@ -187,8 +173,9 @@ def probe_torch(work_dir) -> dict[str, Any]:
 def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float, method: str,
                  uses_cuda: bool) -> dict[str, Any]:
     spec_path, out_path, log_path, phase_path = paths
-    out_path.unlink(missing_ok=True)
-    phase_path.unlink(missing_ok=True)
+    provisional = job_phase.provisional_path(out_path)
+    for stale in (out_path, phase_path, provisional):
+        stale.unlink(missing_ok=True)
     flags = [] if kind == "cell" else [f"--{kind}"]
     t0 = time.perf_counter()
     argv = [*flags, str(spec_path), str(out_path)]
@@ -219,6 +206,7 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
         result = json.loads(out_path.read_text())
         result.setdefault("timing_s", {})["process_wall"] = wall_s
         phase_path.unlink(missing_ok=True)  # kept only where a job ended without its result
+        provisional.unlink(missing_ok=True)
         return result
     elif returncode < 0:
         error = f"cell process died with signal {signal.Signals(-returncode).name}"
@@ -226,7 +214,30 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
         error = f"cell process exited with code {returncode} and no result"
     error += job_phase.describe(phase_path)  # what it was doing: the job cannot say so itself
     tail = _tail(log_path)
-    return {"status": "failed", "error": error + (f"\n{tail}" if tail else ""), "timing_s": {"process_wall": wall_s}}
+    error += f"\n{tail}" if tail else ""
+    kept = _provisional_result(provisional, error, wall_s)
+    if kept is not None:
+        return kept
+    return {"status": "failed", "error": error, "timing_s": {"process_wall": wall_s}}
+
+
+def _provisional_result(path: Path, error: str, wall_s: float) -> dict[str, Any] | None:
+    """The record a cell kept before scoring drift, with the drift failed by ``error``; None where it kept none.
+
+    Its speed and memory figures were complete when it was written; only drift, which the job
+    did not finish (a timeout, a crash), is missing, and ``drift_error`` says why, as it does
+    for drift that raised. The drift's wall time is from the record's writing to the job's end.
+    """
+    try:
+        result = json.loads(path.read_text())
+        written = path.stat().st_mtime
+    except (OSError, ValueError):
+        return None
+    timing = result.setdefault("timing_s", {})
+    drift_s = max(0.0, time.time() - written)
+    timing.update(process_wall=wall_s, drift=drift_s, total=timing.get("total", 0.0) + drift_s)
+    result.update(drift_ok=False, drift_error=error)
+    return result
 
 
 def _kill_group(proc) -> None:

@@ -306,8 +306,8 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
         if point(r, objective.key) is None:
             missing.insert(0, f"no {objective.label} measured (the objective)")
         if missing:
-            drift_err = (r.get("drift_error") or "").strip().splitlines()
-            extra = f"; drift failed: {drift_err[-1][:160]}" if drift_err else ""
+            drift_err = error_cause(r.get("drift_error"))
+            extra = f"; drift failed: {drift_err[:160]}" if drift_err else ""
             d.verdicts[name] = Verdict(name, "missing", "; ".join(missing) + extra)
         elif broken:
             d.verdicts[name] = Verdict(name, "violates", "; ".join(broken))

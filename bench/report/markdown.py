@@ -289,7 +289,7 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if r.get("drift_violations"):
             out.append((name, f"drift over budget: {'; '.join(r['drift_violations'])}"))
         if r.get("drift_error"):
-            out.append((name, f"drift failed: {r['drift_error'].strip().splitlines()[-1][:300]}"))
+            out.append((name, f"drift failed: {error_cause(r['drift_error'])[:300]}"))
     return list(dict.fromkeys(out))
 
 

@@ -29,6 +29,9 @@ class FaultyForCausalLM(LlamaForCausalLM):
             type(self).prefills += 1
         if type(self).prefills < self.config.fault_on_prefill:
             fault = None  # behave until the generate call the fault is due in
+        batch = getattr(self.config, "fault_min_batch", 1)
+        if ids is not None and ids.shape[0] < batch or str(self.dtype) not in self.config.fault_dtypes:
+            fault = None  # a batched pass (drift's windows) of a variant of another dtype than the reference's
         if fault == "raise":
             raise RuntimeError("faulty model: forward raised on purpose")
         if fault == "abort":
@@ -44,13 +47,19 @@ class FaultyForCausalLM(LlamaForCausalLM):
 '''
 
 
-def make_faulty(base: Path, out: Path, fault: str, on_call: int = 1) -> Path:
+def make_faulty(base: Path, out: Path, fault: str, on_call: int = 1, min_batch: int = 1,
+                dtypes: tuple[str, ...] = ("torch.float32", "torch.bfloat16", "torch.float16")) -> Path:
     """Copy the model at ``base`` to ``out`` with a forward that does ``fault`` from the ``on_call``-th
-    generate call of its process on (each generate call runs one forward over the prompt)."""
+    generate call of its process on (each generate call runs one forward over the prompt), only in
+    forward passes of at least ``min_batch`` sequences and while its weights are of one of ``dtypes``
+    (``min_batch=2, dtypes=("torch.bfloat16",)``: a bf16 variant's drift passes, not its timed batch-1
+    calls nor the fp32 reference pass)."""
     shutil.copytree(base, out)
     config = json.loads((out / "config.json").read_text())
     config["fault"] = fault
     config["fault_on_prefill"] = on_call
+    config["fault_min_batch"] = min_batch
+    config["fault_dtypes"] = list(dtypes)
     config["auto_map"] = {"AutoModelForCausalLM": "modeling_faulty.FaultyForCausalLM"}
     (out / "config.json").write_text(json.dumps(config))
     (out / "modeling_faulty.py").write_text(MODELING)

@@ -158,9 +158,12 @@ def test_failed_die_with_parent_setting_becomes_a_label(monkeypatch, tmp_path):
     monkeypatch.setattr(runner.ctypes, "get_errno", lambda: 1)
     note = runner._die_with_parent()
     assert note and "PR_SET_PDEATHSIG failed (Operation not permitted)" in note
-    out = tmp_path / "cell.out.json"
-    out.write_text(json.dumps({"status": "ok", "labels": ["bf16"]}))
-    runner._add_note(out, note)
+    from bench import cell as cell_mod
+
+    spec, out = tmp_path / "torch.probe.json", tmp_path / "torch.probe.out.json"
+    spec.write_text(json.dumps({"probe_id": "torch"}))
+    monkeypatch.setitem(cell_mod.JOBS, "--probe", lambda job: {"status": "ok", "labels": ["bf16"]})
+    assert cell_mod.main(["--probe", str(spec), str(out)], [note]) == 0  # what the job's process runs
     assert json.loads(out.read_text())["labels"] == ["bf16", note]
 
 

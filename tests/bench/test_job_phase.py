@@ -80,3 +80,27 @@ def test_the_phase_outlives_a_sigkilled_process(tmp_path):
     os.kill(pid, signal.SIGKILL)
     os.waitpid(pid, 0)
     assert job_phase.describe(path).startswith(" while measuring: 7 repetitions done (last step ")
+
+
+def test_a_kept_provisional_record_becomes_an_ok_record_whose_drift_failed(tmp_path):
+    """What the runner makes of the record a cell kept before drift, when the job then ends without a result."""
+    from bench.runner import _provisional_result
+
+    path = job_phase.provisional_path(tmp_path / "0123abcd.cell.out.json")
+    assert path == tmp_path / "0123abcd.cell.provisional.json"
+    error = "timed out after 9 s (process group killed) while scoring drift (last step 8.0 s before the end)\nlog"
+    assert _provisional_result(path, error, 9.0) is None  # none kept: the runner records a failed cell
+    path.write_text('{"status": "ok", "timing_s": {"to')  # cut short: no record rather than a broken one
+    assert _provisional_result(path, error, 9.0) is None
+    kept = {"status": "ok", "cell_id": "0123abcd", "metrics": {"tpot_ms": {"p50": 1.0}},
+            "timing_s": {"measure": 1.5, "total": 2.0}}
+    path.write_text(json.dumps(kept))
+    written = time.time() - 3.0
+    os.utime(path, (written, written))
+    result = _provisional_result(path, error, 9.0)
+    drift = result["timing_s"]["drift"]
+    assert 3.0 <= drift < 60 and result["timing_s"] == {"measure": 1.5, "total": 2.0 + drift, "process_wall": 9.0,
+                                                        "drift": drift}
+    assert result["drift_ok"] is False and result["drift_error"] == error
+    assert {k: result[k] for k in ("status", "cell_id", "metrics")} == {k: kept[k] for k in ("status", "cell_id",
+                                                                                              "metrics")}

@@ -246,6 +246,46 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
     assert len(read_records(run_dir)) == 4
 
 
+def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memory_figures(tmp_path, cache_dir):
+    """Drift runs after the figures are taken; a timeout or a crash in it (a compiled step compiling again
+    for drift's batch, a native fault) costs the drift alone: the record is ok, its drift failed, and why."""
+    from optimize.models import resolve_model
+
+    base = Path(resolve_model("builtin:pycode", cache_dir).path)  # drift scores text: a model with a tokenizer
+    faults = {name: make_faulty(base, tmp_path / f"drift-{name}", name, min_batch=2, dtypes=("torch.bfloat16",))
+              for name in ("hang", "abort")}
+    matrix = narrow(load_matrix(), models=[str(m) for m in faults.values()], variants=["fp32", "bf16"], devices=["cpu"],
+                    batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
+                    repeat={"warmup": 1, "min_reps": 3, "max_reps": 3, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
+                    drift=True)
+    matrix = dataclasses.replace(matrix, drift=dataclasses.replace(matrix.drift, context=32, max_tokens=256))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    start_run(matrix, run_dir, shard=None, launcher="local", environment={})
+    everything = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir))
+    records = {Path(r["model"]).name.removeprefix("drift-"): r for r in everything if r["variant"] == "bf16"}
+    fp32 = [r for r in everything if r["variant"] == "fp32"]
+    assert len(fp32) == 2 and all(r["status"] == "ok" and r["drift_ok"] is True for r in fp32)  # fp32 never faults
+    for name, record in records.items():
+        validate_record(record)
+        assert record["status"] == "ok" and record["error"] is None, (name, record.get("error"))
+        assert record.get("drift_ok") is False and "kld_mean" not in record["metrics"], (name, record)
+        assert len(record["samples"]["e2e_ms"]) == 3 and record["metrics"]["tpot_ms"]["p50"] > 0
+        assert record["metrics"]["peak_memory_bytes"] > 0 and record["metrics"]["prefill_flops_fraction"] > 0
+        assert record["method"]["memory"] and record["method"]["torch_threads"] >= 1
+        assert record["timing_s"]["drift"] > 0 and record["timing_s"]["process_wall"] > record["timing_s"]["measure"]
+    hang = records["hang"]["drift_error"].splitlines()[0]
+    assert hang.startswith(f"timed out after {HANG_TIMEOUT_S} s (process group killed) while scoring drift"), hang
+    assert records["hang"]["timing_s"]["drift"] >= HANG_TIMEOUT_S / 2  # the drift's wall time, up to the kill
+    assert records["abort"]["drift_error"].startswith("cell process died with signal SIGABRT while scoring drift")
+    # kept where a job ended without its result (the two bf16 cells); a finished job's is removed (fp32's)
+    assert len(list((run_dir / "logs").glob("*.provisional.json"))) == 2
+    from bench.report.markdown import note_items
+
+    notes = [text for _, text in note_items(list(records.values()))]
+    assert f"drift failed: {hang}" in notes  # the cause, not the log tail's last line
+
+
 CELL_TIMEOUT_S = 1200
 
 
