@@ -52,14 +52,23 @@ def _rates(n: int, times: list[float]) -> dict[str, Any]:
 
 
 def measure_matmul(device: str, dtype: str, cfg: RooflineConfig = RooflineConfig()) -> dict[str, Any]:
-    """Dense matmul rate of torch; ``int8`` is ``torch._int_mm`` (int8 x int8 -> int32)."""
+    """Dense matmul rate of torch; ``int8`` is ``torch._int_mm`` (int8 x int8 -> int32).
+
+    The int8 kernel's speed depends on the second operand's layout (cuBLAS's fast int8 path takes
+    it column-major; a row-major one went about 5x slower on one GPU): both are timed and the
+    faster kept, with ``b_layout`` naming it.
+    """
     import torch
 
     n = cfg.matmul_n_cuda if device == "cuda" else cfg.matmul_n_cpu
     if dtype == "int8":
         a = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
         b = torch.randint(-128, 128, (n, n), dtype=torch.int8, device=device)
-        return _rates(n, _timed(lambda: torch._int_mm(a, b), device, cfg.reps))
+        layouts = {"row-major": b, "column-major": b.t().contiguous().t()}
+        rates = {name: _rates(n, _timed(lambda m=m: torch._int_mm(a, m), device, cfg.reps))
+                 for name, m in layouts.items()}
+        fastest = max(rates, key=lambda name: rates[name]["tflops"])
+        return {**rates[fastest], "b_layout": fastest}
     a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
     return _rates(n, _timed(lambda: a @ b, device, cfg.reps))

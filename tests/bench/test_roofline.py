@@ -697,17 +697,33 @@ def test_an_int8_recipe_is_divided_by_the_int8_ceiling_and_gets_no_fraction_with
         "matmul_dtype"] == "float32"
 
 
-def test_int8_is_timed_on_torchs_integer_kernel(monkeypatch):
+def test_int8_is_timed_on_torchs_integer_kernel_in_both_layouts_of_its_second_operand(monkeypatch):
     import torch
 
     from bench.metrics import roofline
 
-    seen = []
+    seen, seconds = [], {True: 1.0, False: 0.5}  # row-major second operand 1 s a call, column-major 0.5 s
     real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: seen.append((a.dtype, b.dtype, tuple(a.shape))) or real(a, b))
+
+    def int_mm(a, b):
+        seen.append((a.dtype, b.dtype, tuple(a.shape), a.is_contiguous(), b.is_contiguous(), b.t().is_contiguous()))
+        return real(a, b)
+
+    def timed(fn, device, reps):
+        fn()
+        return [seconds[seen[-1][4]]] * reps
+
+    monkeypatch.setattr(torch, "_int_mm", int_mm)
+    monkeypatch.setattr(roofline, "_timed", timed)
     out = roofline.measure_matmul("cpu", "int8", roofline.RooflineConfig(matmul_n_cpu=32, reps=2))
-    assert out["n"] == 32 and seen and set(seen) == {(torch.int8, torch.int8, (32, 32))}  # warm-up + 2 timed
-    assert len(seen) == 3
+    row = (torch.int8, torch.int8, (32, 32), True, True, False)
+    assert seen == [row, (*row[:4], False, True)]  # int8 x int8; the second operand row- then column-major
+    assert out == {"n": 32, "tflops": 2 * 32**3 / 0.5 / 1e12, "tflops_best": 2 * 32**3 / 0.5 / 1e12,
+                   "b_layout": "column-major"}
+    seconds.update({True: 0.25})
+    seen.clear()
+    assert roofline.measure_matmul("cpu", "int8", roofline.RooflineConfig(matmul_n_cpu=32, reps=2))["b_layout"] == \
+        "row-major"
 
 
 @pytest.mark.parametrize(("dtype", "op", "a_type"), [("float32", "MatMul", "float32"),
