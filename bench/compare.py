@@ -270,6 +270,10 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
                 side = "base" if b is None else "head"
                 raise InputError(f"cell {key}: metric {m.key} has no samples in {side} "
                                  f"({base.run_dir if b is None else head.run_dir})")
+            for side, blocks, run_dir in (("base", b, base.run_dir), ("head", h, head.run_dir)):
+                if min(min(block) for block in blocks) <= 0:  # a ratio of medians needs positive figures
+                    raise InputError(f"cell {key}: metric {m.key} has a value <= 0 in {side} ({run_dir}): "
+                                     "no ratio can be formed; the record is not a measurement")
             row = _measure_row(key, m, b, h, cfg, noise.get((m.key, base.ok[key][0]["device"])))
             noisy = [s for s, recs in (("base", base.ok[key]), ("head", head.ok[key]))
                      if any(r.get("noisy") for r in recs)]
@@ -278,6 +282,9 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
             out.rows.append(row)
             if row.p is not None:
                 tested.append(row)
+    if not out.rows:  # a gate that compared nothing must not pass
+        raise InputError(f"no cell is recorded in both {base.run_dir} and {head.run_dir} "
+                         f"({len(out.unmatched)} in one run only): nothing to compare")
     for row, q in zip(tested, gs.bh_adjust([r.p for r in tested]), strict=True):
         row.q = q
     for row in out.rows:

@@ -46,14 +46,19 @@ def nonempty(flag: str, convert=str):
 
 
 
-def output_file(path: Path | None, what: str = "--out") -> Path | None:
+def output_file(path: Path | None, what: str = "--out", stdout: bool = False) -> Path | None:
     """``path`` if a file can be written there; else an ``InputError`` naming it. Checked before any work.
 
     Refused: a run directory's own files (``run.json``, ``results.jsonl`` and its torn lines), a
     directory, a file that cannot be written, a folder where nothing can be created. A device or
-    pipe (``/dev/stdout``) is taken as it is.
+    pipe (``/dev/stdout``) is taken as it is. ``-`` is standard output where the setting writes
+    text (``stdout``), and refused elsewhere rather than taken as a file named "-".
     """
-    if path is None or str(path) == "-":
+    if path is not None and str(path) == "-":
+        if stdout:
+            return path
+        raise InputError(f"{what} -: this setting writes a file, not standard output; give a path")
+    if path is None:
         return path
     from bench.results import RESULTS, RUN, TORN
 
@@ -98,8 +103,8 @@ def write_output(path: Path, data: str | bytes, what: str = "--out") -> None:
 
 
 def emit(text: str, out: Path | None) -> None:
-    """Write a command's text output to ``out`` (its folder created), or to stdout without one."""
-    if out:
+    """Write a command's text output to ``out`` (its folder created), or to stdout without one or with ``-``."""
+    if out and str(out) != "-":
         write_output(out, text)
     else:
         sys.stdout.write(text)

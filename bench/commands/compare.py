@@ -57,7 +57,7 @@ def check_outputs(args: argparse.Namespace) -> None:
     """Refuse output files that cannot be written (or are a run's own files) before any comparing."""
     from bench.commands import output_file
 
-    output_file(args.json, "--json")
+    output_file(args.json, "--json", stdout=True)
     summary, what = _summary_file(args)
     output_file(summary, what)
 

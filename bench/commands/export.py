@@ -21,7 +21,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--direction", choices=("smaller", "bigger"),
                    help="github-action-benchmark only: smaller (latency, memory, drift: customSmallerIsBetter) "
                         f"or bigger (tokens/s, top-1: customBiggerIsBetter) (default: {DEFAULT_DIRECTION})")
-    p.add_argument("--out", type=nonempty("--out", Path), help="write here (default: print)")
+    p.add_argument("--out", type=nonempty("--out", Path), help="write here (default, or '-': print)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,7 +34,7 @@ def main(args: argparse.Namespace) -> int:
             raise InputError(f"--{dest} is for --to {target} only, not --to {args.to}")
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
-    output_file(args.out)
+    output_file(args.out, stdout=True)
     data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
             else github_action_benchmark(args.run, args.direction or DEFAULT_DIRECTION))
     if not (data["benchmarks"] if args.to == "pytest-benchmark" else data):  # a CI tracker would record nothing

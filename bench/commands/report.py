@@ -16,7 +16,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "drift, a figure per scenario group that has both: speed-vs-drift.png for a run of one "
                         "group, else speed-vs-drift-MODEL-DEVICE-SCENARIO-bBATCH-pPROMPT-nNEW.png")
     p.add_argument("--out", type=nonempty("--out", Path),
-                   help="one text format: write to this file (default: print it); several formats or png: "
+                   help="one text format: write to this file (default, or '-': print it); several formats or png: "
                         "write report.md, report.html, results.csv, report.json and the png figures into this "
                         "directory (default: the run directory)")
 
@@ -30,10 +30,13 @@ def main(args: argparse.Namespace) -> int:
     if not (args.run / RUN).exists():
         raise InputError(f"{args.run} is not a run directory (no {RUN})")
     if len(formats) == 1 and formats[0] != "png":
-        output_file(args.out)
+        output_file(args.out, stdout=True)
         text = render(args.run, formats[0])
         emit(text, args.out)
         return 0
+    if args.out is not None and str(args.out) == "-":
+        raise InputError("--out -: several formats (or png) are written as files into a folder; give a folder, "
+                         "or one text format to print it")
     output_dir(args.out or args.run, "--out" if args.out else "the run directory")
     try:
         written = write_reports(args.run, formats, args.out)

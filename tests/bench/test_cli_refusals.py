@@ -232,3 +232,22 @@ def test_report_help_names_the_png_files_report_writes(tmp_path):
     assert pngs(one, tmp_path / "out1") == ["speed-vs-drift.png"]
     assert pngs(two, tmp_path / "out2") == ["speed-vs-drift-org-tiny-cpu-generate-b1-p128-n32.png",
                                             "speed-vs-drift-org-tiny-cpu-generate-b8-p128-n32.png"]
+
+
+def test_a_dash_is_standard_output_where_text_is_written_and_refused_where_a_file_is(tmp_path):
+    """``--out -`` prints (report, export), as ``compare --json -`` does; a setting that writes a file refuses it."""
+    from tests.bench.records import record, write_run
+
+    run = write_run(tmp_path / "run", [record("fp32", model="org/tiny"), record("int8", model="org/tiny")])
+    report = _cli("report", run, "--out", "-", cwd=tmp_path)
+    assert report.returncode == 0 and report.stdout == _cli("report", run, cwd=tmp_path).stdout
+    assert report.stdout.startswith("# infermatrix run")
+    export = _cli("export", run, "--to", "pytest-benchmark", "--out", "-", cwd=tmp_path)
+    assert export.returncode == 0 and '"benchmarks"' in export.stdout
+    assert not (tmp_path / "-").exists()  # no file named "-"
+    _refused(_cli("report", run, "--format", "md,csv", "--out", "-", cwd=tmp_path),
+             "infermatrix report: error: --out -: several formats (or png) are written as files into a folder; "
+             "give a folder, or one text format to print it")
+    _refused(_cli("history", "add", run, "--db", "-", cwd=tmp_path),
+             "infermatrix history: error: --db -: this setting writes a file, not standard output; give a path")
+    assert not (tmp_path / "-").exists()

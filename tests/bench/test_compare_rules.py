@@ -259,6 +259,26 @@ def test_unmatched_cells_are_listed_eight_at_most():
     assert {r.cell.split()[1] for r in c.rows} == {"v0"}
 
 
+def test_a_comparison_of_no_common_cell_is_refused_not_passed():
+    """--allow-unmatched skips the cells in one run only; when that leaves nothing, the gate has nothing to pass."""
+    base = side([record("v1", _steady([3.0] * 5))])
+    head = side([record("w", _steady([3.0] * 5))])
+    with pytest.raises(InputError, match=r"^no cell is recorded in both \S+ and \S+ \(2 in one run only\): "
+                                         r"nothing to compare$"):
+        compare_sides(base, head, ONE, allow_unmatched=True)
+
+
+@pytest.mark.parametrize("where", ["base", "head"])
+def test_a_figure_of_zero_is_refused_rather_than_read_as_an_infinite_change(where):
+    bad = record("fp32", _steady([3.0] * 5))
+    bad["samples"]["tpot_ms"][2] = 0.0
+    good = record("fp32", _steady([3.0] * 5))
+    sides = {"base": side([bad if where == "base" else good]), "head": side([bad if where == "head" else good])}
+    with pytest.raises(InputError, match=rf"^cell .*fp32.*: metric tpot_ms has a value <= 0 in {where} \(.*\): "
+                                         "no ratio can be formed"):
+        compare_sides(sides["base"], sides["head"], ONE)
+
+
 def test_metric_blocks_take_raw_samples_or_one_figure_per_process():
     with_samples = record("fp32", {"tpot_ms": [3, 4]})
     per_process = {"metrics": {"peak_memory_bytes": 4e8}}  # no samples at all
