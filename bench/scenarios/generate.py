@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -47,8 +49,13 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
     def once() -> GenerateSample:
         return time_generate(lambda stamper: greedy_generate(state, prompts, scenario.new_tokens, [stamper]), clock)
 
-    compile_call = _compile_call(state, once)
-    result = repeat(once, repeat_cfg)
+    skipped: list[str] = []
+    # inductor counts a CPU graph's skip without logging it: its reason is known
+    unlogged = "(reason not logged)" if state.device == "cuda" else "the compiled graph runs on the CPU"
+    watch = _cudagraph_skips(skipped, unlogged) if _uses_cuda_graphs(state) else nullcontext()
+    with watch:
+        compile_call = _compile_call(state, once)
+        result = repeat(once, repeat_cfg)
     runs: list[GenerateSample] = result.samples
     b, p, n = scenario.batch_size, scenario.prompt_tokens, scenario.new_tokens
     prefill_rates = [b * p / (s.ttft_ms / 1e3) for s in runs]
@@ -82,7 +89,52 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
             "compile_call_wall_s": compile_call, "compile_and_capture_s": max(compile_call - steady_s, 0.0),
             "how": "one generate call before warm-up compiles (and on CUDA graph-captures) the decode step; "
                    "compile_and_capture_s = its wall time - the median measured e2e"}
+        if _uses_cuda_graphs(state):
+            # inductor falls back to plain kernel launches where it cannot graph a step, and only logs why
+            method["compiled_decode_step"]["cudagraph_skips"] = len(skipped)
+            if skipped:
+                state.labels.append(f"CUDA graphs not used ({len(skipped)} compiled graph(s) skipped by inductor: "
+                                    f"{skipped[0][:200]})")
     return metrics, samples, method
+
+
+CUDAGRAPH_LOG = "torch._inductor.cudagraph_utils.__cudagraphs"  # inductor's "cudagraphs" log artifact
+
+
+def _uses_cuda_graphs(state) -> bool:
+    """Whether the variant's compiled decode step asks for CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
+    config = state.generate_kwargs.get("compile_config")
+    return config is not None and getattr(config, "mode", None) in ("reduce-overhead", "max-autotune")
+
+
+class _Messages(logging.Handler):
+    def __init__(self, into: list[str]):
+        super().__init__(logging.WARNING)
+        self.into = into
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.into.append(record.getMessage())
+
+
+@contextmanager
+def _cudagraph_skips(into: list[str], unlogged: str):
+    """Collect, into ``into``, why inductor ran a compiled graph without CUDA graphs while the block ran.
+
+    Each such skip bumps ``counters["inductor"]["cudagraph_skips"]``; a graph with CUDA tensors
+    also logs its reason on the ``cudagraphs`` artifact logger (at warning level, on by default),
+    a CPU-only one does not: a skip without a message is counted with ``unlogged`` as its reason.
+    """
+    from torch._dynamo.utils import counters
+
+    before = counters["inductor"]["cudagraph_skips"]
+    logger, handler = logging.getLogger(CUDAGRAPH_LOG), _Messages(into)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        unseen = counters["inductor"]["cudagraph_skips"] - before - len(into)
+        into.extend([unlogged] * max(unseen, 0))
 
 
 def _compile_call(state, once) -> float | None:

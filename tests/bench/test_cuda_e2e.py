@@ -69,3 +69,5 @@ def test_cli_run_on_cuda_records_cuda_event_timing_and_cuda_memory(cuda_only, tm
     graphs = records["static-kv-bf16-cudagraphs"]
     assert graphs["timing_s"]["compile_and_capture"] > 0
     assert graphs["method"]["compiled_decode_step"]["compile_call_wall_s"] > graphs["metrics"]["e2e_ms"]["p50"] / 1e3
+    # the decode step was replayed as a CUDA graph: inductor skipped none (it falls back silently otherwise)
+    assert graphs["method"]["compiled_decode_step"]["cudagraph_skips"] == 0, graphs["labels"]

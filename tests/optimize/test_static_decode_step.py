@@ -78,6 +78,41 @@ def test_inductor_compiled_decode_step_reproduces_eager_tokens_and_times_compile
     assert torch.equal(greedy_generate(state, prompts, NEW), eager_tokens)
 
 
+@pytest.mark.slow
+def test_a_decode_step_asking_for_cuda_graphs_records_whether_inductor_skipped_them(tiny_ref, cache_dir, prompts):
+    """On the CPU inductor cannot graph the step and says so only in its counters: the record says it."""
+    torch._dynamo.reset()
+    recipe = Recipe(name="graphs", steps=(KVCache(mode="static", compile=True, compile_mode="reduce-overhead"),))
+    state, _ = load_variant(tiny_ref, recipe, "cpu", VariantStore(cache_dir))
+    scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=NEW)
+    _, _, method = scenario.run(state, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2, budget_s=0))
+    assert method["compiled_decode_step"]["cudagraph_skips"] == 1  # one graph, compiled once, not graphed
+    assert state.labels[-1] == ("CUDA graphs not used (1 compiled graph(s) skipped by inductor: the compiled graph "
+                                "runs on the CPU)")
+    eager = Recipe(name="default-mode", steps=(KVCache(mode="static", compile=True),))
+    state, _ = load_variant(tiny_ref, eager, "cpu", VariantStore(cache_dir))
+    _, _, method = scenario.run(state, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2, budget_s=0))
+    assert "cudagraph_skips" not in method["compiled_decode_step"]  # no CUDA graphs asked for: nothing to say
+    assert not any("CUDA graphs" in label for label in state.labels)
+
+
+def test_cudagraph_skips_are_collected_with_their_logged_reasons():
+    from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    from bench.scenarios.generate import _cudagraph_skips
+
+    outside: list[str] = []
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to an earlier graph")  # before: not counted
+    with _cudagraph_skips(outside, "the compiled graph runs on the CPU"):
+        log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
+        counters["inductor"]["cudagraph_skips"] += 1  # a CPU graph: counted, not logged
+    assert outside == ["skipping cudagraphs due to mutated inputs (1 instances)",
+                       "the compiled graph runs on the CPU"]
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs after the block")
+    assert len(outside) == 2  # the handler is gone
+
+
 def test_static_cache_without_compile_stays_eager(tiny_ref, cache_dir):
     state, _ = load_variant(tiny_ref, Recipe(name="static", steps=(KVCache(mode="static"),)), "cpu",
                             VariantStore(cache_dir))
