@@ -205,11 +205,12 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     metrics["rss_baseline_bytes"] = baseline_rss
     job_phase.enter("reading memory and roofline figures")
     # Memory figures are read before drift runs: drift's own buffers must not count.
-    metrics.update(_measure_memory(cell.device, baseline_rss, load_peaks))
+    figures, missing = _measure_memory(cell.device, baseline_rss, load_peaks)
+    metrics.update(figures)
     _add_roofline(state, cell, metrics, method, artifact.manifest)
     method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
                   + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
-                  torch_threads=torch.get_num_threads())
+                  torch_threads=torch.get_num_threads(), **missing)
     if state.backend == "onnxruntime":
         from optimize.export.onnx import intra_op_threads
 
@@ -311,19 +312,22 @@ def _close_load_window(device: str) -> dict[str, Any]:
     return {"peak_rss_bytes": memory.peak_rss_bytes(), "reset": memory.reset_peak_rss()}
 
 
-def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dict[str, Any]:
+def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
     """Peak memory of the whole cell so far (load included), of its load, and of the run alone (serving).
 
     CUDA: allocator and NVML figures, the host's peak RSS beside them; CPU: the process's RSS.
+    With them, ``method`` entries saying why a figure is missing (``nvml``): apart from
+    ``method.memory``, whose words ``compare`` reads as how the gated figures were taken.
     """
     from bench.metrics import memory
 
     if device == "cuda":
-        run = memory.cuda_memory()
+        run, nvml_missing = memory.cuda_memory()
         allocated, reserved = "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"
         peaks = {key: max(load[key], run[key]) for key in (allocated, reserved)}
         return {**run, **peaks, "peak_memory_bytes": peaks[allocated], "load_peak_memory_bytes": load[allocated],
-                "serving_peak_memory_bytes": run[allocated], "host_peak_rss_bytes": memory.peak_rss_bytes()}
+                "serving_peak_memory_bytes": run[allocated], "host_peak_rss_bytes": memory.peak_rss_bytes()}, \
+            {} if nvml_missing is None else {"nvml": f"no per-process figure: {nvml_missing}"}
     serving = memory.vm_hwm_bytes() if load["reset"] else None
     # The reset restarted getrusage's peak too; VmHWM and getrusage may differ by a few pages.
     peak = max(load["peak_rss_bytes"], memory.peak_rss_bytes(), serving or 0)
@@ -331,7 +335,7 @@ def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> dic
            "load_peak_memory_bytes": load["peak_rss_bytes"]}
     if serving is not None:
         out["serving_peak_memory_bytes"] = serving
-    return out
+    return out, {}
 
 
 def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any],

@@ -6,6 +6,8 @@ import os
 import resource
 from typing import Any
 
+from optimize.errors import exception_line
+
 
 def rss_bytes() -> int:
     import psutil
@@ -61,33 +63,66 @@ def cuda_peaks() -> dict[str, int]:
             "cuda_max_reserved_bytes": int(torch.cuda.max_memory_reserved())}
 
 
-def cuda_memory() -> dict[str, int | None]:
-    """Allocator peaks since the last reset, and this process's device memory from NVML."""
-    return {**cuda_peaks(), "nvml_process_bytes": nvml_process_bytes()}
+def cuda_memory() -> tuple[dict[str, int | None], str | None]:
+    """Allocator peaks since the last reset, and this process's device memory from NVML; why NVML had none."""
+    used, why_not = nvml_process_memory()
+    return {**cuda_peaks(), "nvml_process_bytes": used}, why_not
 
 
-def nvml_process_bytes() -> int | None:
-    """Device memory NVML attributes to this process (includes the CUDA context); None if unknown."""
+def nvml_process_memory() -> tuple[int | None, str | None]:
+    """Device memory NVML attributes to this process (the CUDA context included), or None and why not.
+
+    The device is found by its UUID (torch's, which NVML knows whatever ``CUDA_VISIBLE_DEVICES``
+    says), else by the index ``CUDA_VISIBLE_DEVICES`` maps torch's device to. NVML lists processes
+    by their PIDs in the host's namespace: in a container the process is then not found.
+    """
     try:
         import pynvml
-
+    except ImportError:
+        return None, "nvidia-ml-py is not installed"
+    try:
         pynvml.nvmlInit()
+    except Exception as exc:  # no driver library, or not permitted
+        return None, f"NVML did not start ({exception_line(exc)})"
+    try:
+        handle = _nvml_handle(pynvml)
+        listed = pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+        for proc in listed:
+            if proc.pid == os.getpid():
+                if proc.usedGpuMemory is None:
+                    return None, "NVML lists this process without its memory (not permitted here)"
+                return int(proc.usedGpuMemory), None
+        return None, (f"NVML lists {len(listed)} process(es) on the device, none with this process's PID "
+                      f"{os.getpid()} (a container's PIDs are not the host's)")
+    except Exception as exc:
+        return None, f"NVML could not read the device's processes ({exception_line(exc)})"
+    finally:
         try:
-            import torch
-
-            index = torch.cuda.current_device()
-            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-            if visible:
-                index = int(visible.split(",")[index])
-            handle = pynvml.nvmlDeviceGetHandleByIndex(index)
-            for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-                if proc.pid == os.getpid():
-                    return int(proc.usedGpuMemory) if proc.usedGpuMemory is not None else None
-        finally:
             pynvml.nvmlShutdown()
-    except Exception:  # NVML missing or not permitted (containers often hide PIDs)
-        return None
-    return None
+        except Exception:  # noqa: BLE001  (nothing to report: the figure is read)
+            pass
+
+
+def _nvml_handle(pynvml):
+    """NVML's handle of torch's current device: by UUID where NVML knows it, else by the visible index."""
+    import torch
+
+    index = torch.cuda.current_device()
+    try:
+        uuid = str(torch.cuda.get_device_properties(index).uuid)
+    except Exception:  # noqa: BLE001  (older torch: no uuid; the index below)
+        uuid = ""
+    for name in dict.fromkeys(filter(None, [f"GPU-{uuid.removeprefix('GPU-')}" if uuid else "", uuid])):
+        try:
+            return pynvml.nvmlDeviceGetHandleByUUID(name)
+        except Exception:  # noqa: BLE001  (not this spelling)
+            continue
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    if visible:
+        entry = visible[index]
+        return pynvml.nvmlDeviceGetHandleByIndex(int(entry)) if entry.isdigit() else \
+            pynvml.nvmlDeviceGetHandleByUUID(entry)  # GPU-... or MIG-...
+    return pynvml.nvmlDeviceGetHandleByIndex(index)
 
 
 def tensor_bytes(t) -> int:

@@ -24,14 +24,14 @@ def test_memory_on_cpu_is_the_peak_rss_its_increase_and_the_load_and_serving_win
     monkeypatch.setattr(memory, "vm_hwm_bytes", lambda: 4990)
     load = cell._close_load_window("cpu")
     assert load == {"peak_rss_bytes": 9000, "reset": True}
-    assert cell._measure_memory("cpu", 1200, load) == {"peak_memory_bytes": 9000, "rss_increase_bytes": 7800,
-                                                       "load_peak_memory_bytes": 9000,
-                                                       "serving_peak_memory_bytes": 4990}
+    assert cell._measure_memory("cpu", 1200, load) == ({"peak_memory_bytes": 9000, "rss_increase_bytes": 7800,
+                                                        "load_peak_memory_bytes": 9000,
+                                                        "serving_peak_memory_bytes": 4990}, {})
     # A run whose peak passes the load's sets the cell's peak; the serving peak never exceeds it.
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 4980)
-    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True})["peak_memory_bytes"] == 4990
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True})[0]["peak_memory_bytes"] == 4990
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 6000)
-    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True}) == {
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": True})[0] == {
         "peak_memory_bytes": 6000, "rss_increase_bytes": 4800, "load_peak_memory_bytes": 3000,
         "serving_peak_memory_bytes": 4990}
 
@@ -41,8 +41,8 @@ def test_memory_on_cpu_without_a_peak_reset_has_no_serving_figure(monkeypatch):
 
     monkeypatch.setattr(memory, "peak_rss_bytes", lambda: 5000)
     monkeypatch.setattr(memory, "vm_hwm_bytes", lambda: (_ for _ in ()).throw(AssertionError("not read")))
-    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": False}) == {
-        "peak_memory_bytes": 5000, "rss_increase_bytes": 3800, "load_peak_memory_bytes": 3000}
+    assert cell._measure_memory("cpu", 1200, {"peak_rss_bytes": 3000, "reset": False}) == ({
+        "peak_memory_bytes": 5000, "rss_increase_bytes": 3800, "load_peak_memory_bytes": 3000}, {})
 
 
 def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(monkeypatch):
@@ -57,11 +57,15 @@ def test_memory_on_cuda_is_the_allocator_peak_over_both_windows_plus_host_rss(mo
     assert calls == ["reset"]  # the host's peak RSS stays the whole cell's
     assert load == {"cuda_max_allocated_bytes": 800, "cuda_max_reserved_bytes": 850}
     run = {"cuda_max_allocated_bytes": 700, "cuda_max_reserved_bytes": 900, "nvml_process_bytes": 1100}
-    monkeypatch.setattr(memory, "cuda_memory", lambda: run)
-    assert cell._measure_memory("cuda", 1200, load) == {
+    monkeypatch.setattr(memory, "cuda_memory", lambda: (run, None))
+    assert cell._measure_memory("cuda", 1200, load) == ({
         "cuda_max_allocated_bytes": 800, "cuda_max_reserved_bytes": 900, "nvml_process_bytes": 1100,
         "peak_memory_bytes": 800, "load_peak_memory_bytes": 800, "serving_peak_memory_bytes": 700,
-        "host_peak_rss_bytes": 5000}
+        "host_peak_rss_bytes": 5000}, {})
+    # NVML had no figure: the method says why, beside method.memory (whose words compare reads)
+    monkeypatch.setattr(memory, "cuda_memory", lambda: ({**run, "nvml_process_bytes": None}, "NVML did not start"))
+    figures, notes = cell._measure_memory("cuda", 1200, load)
+    assert figures["nvml_process_bytes"] is None and notes == {"nvml": "no per-process figure: NVML did not start"}
 
 
 def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory(peak_rss_resets):
@@ -88,7 +92,7 @@ def test_the_serving_peak_excludes_a_load_transient_and_sees_the_runs_own_memory
     during_run = touched(32 * mib)
     rss_during_run = memory.rss_bytes()
     during_run.close()
-    out = cell._measure_memory("cpu", baseline, load)
+    out, _ = cell._measure_memory("cpu", baseline, load)
     assert out["load_peak_memory_bytes"] >= baseline + 90 * mib
     assert out["peak_memory_bytes"] == max(out["load_peak_memory_bytes"], memory.peak_rss_bytes())
     # The kernel's RSS counters are batched per CPU: the two readings may differ by a few pages.

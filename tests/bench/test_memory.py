@@ -229,7 +229,7 @@ def test_nvml_process_bytes_is_none_when_nvml_fails(monkeypatch):
         raise pynvml.NVMLError(pynvml.NVML_ERROR_DRIVER_NOT_LOADED)
 
     monkeypatch.setattr(pynvml, "nvmlInit", fail)
-    assert memory.nvml_process_bytes() is None
+    assert memory.nvml_process_memory() == (None, "NVML did not start (NVMLError_DriverNotLoaded: Driver Not Loaded)")
 
 
 def test_peak_rss_converts_linux_kib_to_bytes(monkeypatch):
@@ -320,28 +320,57 @@ def fake_nvml(monkeypatch):
     procs = {5: [Proc(1, 999), Proc(os.getpid(), 123 * 2**20)], 1: [Proc(os.getpid(), 7)]}
     monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
     monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    uuids = {"GPU-aaaa": ("handle", 5)}  # what NVML knows each device by
+
+    def by_uuid(name):
+        if name not in uuids:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NOT_FOUND)
+        calls.append(f"uuid {name}")
+        return uuids[name]
+
+    props = SimpleNamespace(uuid="")  # no UUID from torch: the visible index is used
     monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("handle", i))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", by_uuid)
     monkeypatch.setattr(pynvml, "nvmlDeviceGetComputeRunningProcesses", lambda h: procs.get(h[1], []))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
-    return SimpleNamespace(calls=calls, procs=procs)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: props)
+    return SimpleNamespace(calls=calls, procs=procs, props=props, uuids=uuids)
 
 
-def test_nvml_process_bytes_maps_the_visible_index_to_nvml(fake_nvml, monkeypatch):
+def test_nvml_process_memory_maps_the_visible_index_to_nvml(fake_nvml, monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")  # torch's device 1 is NVML's device 5
-    assert memory.nvml_process_bytes() == 123 * 2**20
+    assert memory.nvml_process_memory() == (123 * 2**20, None)
     assert fake_nvml.calls == ["init", "shutdown"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
-    assert memory.nvml_process_bytes() == 7  # no remapping: NVML's device 1
+    assert memory.nvml_process_memory() == (7, None)  # no remapping: NVML's device 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "GPU-0000,GPU-aaaa")  # devices named by UUID
+    assert memory.nvml_process_memory() == (123 * 2**20, None)
 
 
-def test_nvml_process_bytes_is_none_when_the_process_is_not_listed_or_hidden(fake_nvml, monkeypatch):
+def test_nvml_process_memory_finds_the_device_by_torchs_uuid_first(fake_nvml, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")  # the index would say NVML's device 1
+    fake_nvml.props.uuid = "aaaa"  # torch's spelling, without NVML's prefix
+    assert memory.nvml_process_memory() == (123 * 2**20, None)
+    assert fake_nvml.calls == ["init", "uuid GPU-aaaa", "shutdown"]
+
+
+def test_nvml_process_memory_says_why_when_the_process_is_not_listed_or_hidden(fake_nvml, monkeypatch):
     import os
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
-    fake_nvml.procs[5] = [Proc(1, 999)]
-    assert memory.nvml_process_bytes() is None
+    fake_nvml.procs[5] = [Proc(1, 999), Proc(2, 999)]
+    assert memory.nvml_process_memory() == (None, f"NVML lists 2 process(es) on the device, none with this process's "
+                                                  f"PID {os.getpid()} (a container's PIDs are not the host's)")
     fake_nvml.procs[5] = [Proc(os.getpid(), None)]  # containers often hide the figure
-    assert memory.nvml_process_bytes() is None
+    assert memory.nvml_process_memory() == (None, "NVML lists this process without its memory (not permitted here)")
+    assert fake_nvml.calls[-1] == "shutdown"
+
+
+def test_nvml_process_memory_without_nvidia_ml_py_says_so(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # import fails
+    assert memory.nvml_process_memory() == (None, "nvidia-ml-py is not installed")
 
 
 def test_cuda_memory_reads_the_allocator_peaks(monkeypatch):
@@ -352,9 +381,9 @@ def test_cuda_memory_reads_the_allocator_peaks(monkeypatch):
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: calls.append("reset"))
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1000)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2000)
-    monkeypatch.setattr(memory, "nvml_process_bytes", lambda: 3000)
+    monkeypatch.setattr(memory, "nvml_process_memory", lambda: (3000, None))
     memory.reset_cuda_peaks()
     assert calls == ["sync", "reset"]
-    assert memory.cuda_memory() == {"cuda_max_allocated_bytes": 1000, "cuda_max_reserved_bytes": 2000,
-                                    "nvml_process_bytes": 3000}
+    assert memory.cuda_memory() == ({"cuda_max_allocated_bytes": 1000, "cuda_max_reserved_bytes": 2000,
+                                     "nvml_process_bytes": 3000}, None)
     assert calls == ["sync", "reset", "sync"]
