@@ -69,10 +69,6 @@ import scipy.stats  # noqa: E402, F401  (every cell's summaries use it: 1.5 s to
 import bench.cell  # noqa: E402, F401
 import bench.scenarios  # noqa: E402, F401
 import optimize.registry  # noqa: E402, F401
-
-# Checked by the runner's children: True means a CUDA child must be spawned instead.
-CUDA_INITIALISED = torch.cuda.is_initialized()
-
 from bench.metrics.resident import resident_file_pages  # noqa: E402
 
 # What a fresh process that imported all this has resident of its libraries; each job makes these

@@ -27,6 +27,10 @@ from optimize.recipe import Step
 from optimize.registry import register
 
 SCHEMES = ("int8-weight-only", "int4-weight-only", "int8-dynamic")
+# torchao's int8 x int8 product on CUDA is torch._int_mm, which takes only more than 16 rows; for fewer,
+# torchao's safe_int_mm catches the error and multiplies the int8 values as fp32 (its fallback path).
+CUDA_SMALL_M_FALLBACK = ("torchao int8-dynamic on CUDA: a product of 16 rows or fewer (a decode step at batch <= 16) "
+                         "runs as an fp32 matmul of the int8 values (torch._int_mm takes more than 16 rows)")
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm int4 kernel supports
 
 
@@ -86,6 +90,8 @@ class TorchAO(Step):
         introspect.require_effect(f"torchao {self.scheme}", change, shrinks=True)
         if conv1d:
             state.labels.append(f"torchao: {conv1d} Conv1D layers converted to equivalent Linear first")
+        if self.scheme == "int8-dynamic" and state.device == "cuda":
+            state.labels.append(CUDA_SMALL_M_FALLBACK)
         report = {"scheme": self.scheme, "quantized_linears": len(targets) - len(left),
                   "unquantized_linears": len(left), "conv1d_converted": conv1d, "lm_head": "not quantized", **change}
         if self.scheme == "int4-weight-only":

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from optimize.errors import NotApplicable, RecipeError
-from optimize.quantize.torchao import TorchAO  # importing registers "torchao"
+from optimize.quantize.torchao import CUDA_SMALL_M_FALLBACK, TorchAO  # importing registers "torchao"
 from tests.optimize.helpers import agreement, linear_fp32_bytes, load_step, logits_of
 
 INT8_SCHEMES = ("int8-weight-only", "int8-dynamic")
@@ -94,6 +94,23 @@ def test_int8_schemes_on_cuda_generate_close_to_reference(cuda_only, tiny_ref, c
     reference = load_step(tiny_ref, cache_dir, None, device="cuda")
     corr, _ = agreement(logits_of(state, tiny_prompts), logits_of(reference, tiny_prompts))
     assert corr > 0.999, corr
+    fallback = [label for label in state.labels if label.startswith("torchao int8-dynamic on CUDA")]
+    assert fallback == ([CUDA_SMALL_M_FALLBACK] if scheme == "int8-dynamic" else [])
+
+
+@pytest.mark.cuda
+def test_the_cuda_int8_kernel_takes_more_than_16_rows_as_the_int8_dynamic_label_says(cuda_only):
+    import torch
+
+    b = torch.ones(64, 64, dtype=torch.int8, device="cuda")
+    assert torch._int_mm(torch.ones(17, 64, dtype=torch.int8, device="cuda"), b).dtype == torch.int32
+    with pytest.raises(RuntimeError):
+        torch._int_mm(torch.ones(16, 64, dtype=torch.int8, device="cuda"), b)
+
+
+@pytest.mark.parametrize("scheme", INT8_SCHEMES)
+def test_on_the_cpu_no_small_product_fallback_is_claimed(int8_states, scheme):
+    assert CUDA_SMALL_M_FALLBACK not in int8_states[scheme].labels
 
 
 @pytest.mark.cuda
