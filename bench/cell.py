@@ -112,12 +112,15 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
 def reference(job: dict[str, Any]) -> dict[str, Any]:
     """Run the fp32 reference pass that drift compares against (cached on disk)."""
     from bench.metrics.drift import DriftConfig, ensure_reference
+    from bench.metrics.drift_config import random_weights_reason
     from optimize.models import default_cache_dir, resolve_model
 
     t0 = time.perf_counter()
     job_phase.enter("the fp32 reference pass for drift")
     try:
         ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
+        if job["drift"].get("random_weights") == "skip" and not ref.trained:
+            raise NotApplicable(random_weights_reason(ref.spec))
         path = ensure_reference(ref, DriftConfig(**job["drift"]), _cache(job) or default_cache_dir(), job["device"],
                                 job.get("eval_text"), job["trust_remote_code"])
         info = json.loads((path / "reference.json").read_text())
@@ -397,10 +400,14 @@ def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> flo
     if not cell.drift:
         return 0.0
     from bench.metrics.drift_cell import cell_drift
+    from bench.metrics.drift_config import random_weights_reason
     from optimize.models import no_tokenizer_reason
 
     if state.ref.tokenizer is None:  # drift scores text: without a tokenizer it is skipped, timings stay
         record["drift_skipped"] = no_tokenizer_reason(state.ref)
+    elif cell.drift.random_weights == "skip" and not state.ref.trained:
+        record["drift_skipped"] = random_weights_reason(cell.model)
+    if record.get("drift_skipped"):
         method["drift"] = {"skipped": record["drift_skipped"]}
         return 0.0
 

@@ -61,7 +61,7 @@ class Matrix:
             "name": self.name, "models": list(self.models), "variants": list(self.variants),
             "devices": list(self.devices), "scenarios": [dict(s) for s in self.scenarios],
             "measure": self.measure.to_dict(),
-            "drift": {**dataclasses.asdict(self.drift), "budget": {k: v for k, v in dataclasses.asdict(
+            "drift": {**_drift_dict(self.drift), "budget": {k: v for k, v in dataclasses.asdict(
                 self.drift_budget).items() if v is not None}},
             "description": self.description, "recipe": [r.to_dict() for r in self.recipes.values()],
             "exclude": [dict(e) for e in self.exclude], "trust_remote_code": self.trust_remote_code,
@@ -453,6 +453,15 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
 def _excluded(cell: Cell, rules) -> bool:
     flat = {"model": cell.model, "variant": cell.recipe.name, "device": cell.device, **cell.scenario.to_dict()}
     return any(all(flat.get(k) == v for k, v in rule.items()) for rule in rules)
+
+
+# Settings added after runs were recorded, left out of a matrix's description at their default value:
+# the description (and its hash, which a run's cells are expanded against) of an older run stays its own.
+LATER_DRIFT_DEFAULTS = {"random_weights": "score"}
+
+
+def _drift_dict(drift: DriftConfig) -> dict[str, Any]:
+    return {k: v for k, v in dataclasses.asdict(drift).items() if LATER_DRIFT_DEFAULTS.get(k, object()) != v}
 
 
 def expand(matrix: Matrix, resolve_device=None) -> list[Cell]:

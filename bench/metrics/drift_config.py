@@ -19,6 +19,13 @@ SCORINGS = ("auto", "full-window", "through-cache")
 # (each scored token sees at least context/2 earlier ones): perplexities comparable with its figures.
 PROTOCOLS = ("all-but-first", "llama.cpp")
 DEFAULT_PROTOCOL = PROTOCOLS[0]
+RANDOM_WEIGHTS = ("score", "skip")
+
+
+def random_weights_reason(model: str) -> str:
+    """Why a cell of ``model`` (random weights) skips drift under ``[drift] random_weights = "skip"``."""
+    return (f"{model} has random weights and [drift] random_weights is \"skip\": its drift would test the "
+            "mechanics only")
 
 
 def _is_int(value: Any) -> bool:
@@ -45,6 +52,9 @@ class DriftConfig:
     # the cache for variants with a step that changes the KV cache and keeps one.
     scoring: str = "auto"
     protocol: str = DEFAULT_PROTOCOL
+    # "score": drift of a model with random weights (synthetic:*) is measured too, though it tests the
+    # mechanics only; "skip": such a model's cells skip drift (and its reference pass), saying why.
+    random_weights: str = "score"
 
     def validate(self) -> None:
         for key in ("context", "max_tokens", "batch_windows", "gen_prompts", "gen_prompt_tokens", "gen_new_tokens"):
@@ -58,6 +68,9 @@ class DriftConfig:
             raise InputError(f"drift enabled must be true or false, got {self.enabled!r}")
         if self.scoring not in SCORINGS:
             raise InputError(f"drift scoring must be one of {', '.join(map(repr, SCORINGS))}, got {self.scoring!r}")
+        if self.random_weights not in RANDOM_WEIGHTS:
+            raise InputError(f"drift random_weights must be one of {', '.join(map(repr, RANDOM_WEIGHTS))}, "
+                             f"got {self.random_weights!r}")
         if self.protocol not in PROTOCOLS:
             raise InputError(f"drift protocol must be one of {', '.join(map(repr, PROTOCOLS))}, "
                              f"got {self.protocol!r}")

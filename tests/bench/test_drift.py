@@ -504,3 +504,53 @@ def test_the_reference_key_is_the_documented_payloads_hash(tiny_ref, tmp_path):
                "method_version": METHOD_VERSION}
     key = hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:20]
     assert reference_path(tiny_ref, SMALL, tmp_path, "cuda", str(text)) == tmp_path / "drift" / key
+
+
+def test_random_weights_setting_is_validated_and_left_out_of_a_matrix_description_at_its_default():
+    from bench.matrix import parse_matrix
+    from bench.orchestrate import matrix_hash
+
+    with pytest.raises(InputError) as exc:
+        DriftConfig(random_weights="maybe").validate()
+    assert str(exc.value) == "drift random_weights must be one of 'score', 'skip', got 'maybe'"
+    base = {"name": "m", "models": ["synthetic:llama-tiny"], "variants": ["fp32"]}
+    default = parse_matrix(base, "m.toml")
+    scored = parse_matrix({**base, "drift": {"random_weights": "score"}}, "m.toml")
+    skipped = parse_matrix({**base, "drift": {"random_weights": "skip"}}, "m.toml")
+    # a run recorded before the setting existed describes (and hashes) its matrix as it did
+    assert "random_weights" not in default.to_dict()["drift"] and matrix_hash(default) == matrix_hash(scored)
+    assert skipped.to_dict()["drift"]["random_weights"] == "skip" and matrix_hash(skipped) != matrix_hash(default)
+
+
+@pytest.mark.slow
+def test_random_weights_skip_skips_drift_and_the_reference_pass_of_random_models_only(tmp_path, cache_dir):
+    """A speed-only model in a matrix with a trained one: its cells say why they have no drift, the trained one's
+    cells measure it; no reference pass is spent on the random model."""
+    import json
+    import subprocess
+    import sys
+
+    matrix = tmp_path / "m.toml"
+    matrix.write_text('name = "m"\nmodels = ["synthetic:llama-tiny", "builtin:pycode"]\nvariants = ["fp32"]\n'
+                      'devices = ["cpu"]\n[[scenarios]]\nname = "generate"\nbatch_size = [1]\nprompt_tokens = [16]\n'
+                      'new_tokens = [4]\n[measure]\nwarmup = 0\nmin_reps = 2\nmax_reps = 2\nbudget_s = 0\n'
+                      'roofline = false\n[drift]\ncontext = 64\nmax_tokens = 256\ngen_prompts = 2\n'
+                      'gen_new_tokens = 4\nrandom_weights = "skip"\n')
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "bench.cli", "run", str(matrix), "--out", str(out), "--quiet",
+                           "--cache-dir", str(cache_dir), "--no-report"], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    records = {r["model"]: r for r in map(json.loads, (out / "results.jsonl").read_text().splitlines())}
+    tiny, trained = records["synthetic:llama-tiny"], records["builtin:pycode"]
+    assert tiny["status"] == trained["status"] == "ok"
+    assert tiny["drift_skipped"] == ('synthetic:llama-tiny has random weights and [drift] random_weights is "skip": '
+                                     "its drift would test the mechanics only")
+    assert tiny["method"]["drift"] == {"skipped": tiny["drift_skipped"]} and "kld_mean" not in tiny["metrics"]
+    assert "drift_skipped" not in trained and trained["drift_ok"] is True and trained["metrics"]["kld_mean"] == 0.0
+    # each reference job's model and outcome (the trained model's may be stored already: then it ran no job)
+    jobs = {json.loads(spec.read_text())["model"]: json.loads(spec.with_name(spec.name.replace(".json", ".out.json"))
+                                                             .read_text())
+            for spec in (out / "logs").glob("*.reference.json")}
+    assert jobs["synthetic:llama-tiny"]["status"] == "skipped"
+    assert jobs["synthetic:llama-tiny"]["error"] == tiny["drift_skipped"]
+    assert jobs.get("builtin:pycode", {"status": "ok"})["status"] == "ok"
