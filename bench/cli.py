@@ -1,7 +1,8 @@
 """The ``infermatrix`` command: subcommands are thin add_arguments()/main() pairs.
 
 Exit codes: 0 success, 1 a check failed (a cell failed, a gate tripped), 2 bad usage or
-input. Heavy libraries are imported by the subcommand that needs them, never here.
+input, 3 an internal error (a bug: its traceback follows). Heavy libraries are imported by
+the subcommand that needs them, never here.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse, with a usage error as one line (the cause, and where the usage is) instead of the usage text."""
 
     def error(self, message: str):
-        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        self.exit(2, f"{self.prog}: error: {one_line(message)} (see '{self.prog} --help')\n")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,6 +51,11 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def one_line(message: object) -> str:
+    """``message`` as one line: a line break inside it (a path may hold one) is written as its escape."""
+    return str(message).replace("\r", "\\r").replace("\n", "\\n")
+
+
 def _one_line_warnings() -> None:
     """The project's own warnings (corrupt records, rebuilt artifacts) as one plain line each, and each text
     once per command (a report in four formats reads the records four times; it warns once).
@@ -58,7 +64,7 @@ def _one_line_warnings() -> None:
     if not getattr(plain, "infermatrix", False):
         def fmt(message, category, filename, lineno, line=None):
             if category.__module__.split(".")[0] in ("bench", "optimize"):
-                return f"infermatrix: warning: {message}\n"
+                return f"infermatrix: warning: {one_line(message)}\n"
             return plain(message, category, filename, lineno, line)
 
         fmt.infermatrix = True
@@ -96,20 +102,32 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return int(importlib.import_module(args._module).main(args) or 0)
     except InputError as exc:
-        print(f"infermatrix {args.command}: error: {exc}", file=sys.stderr)
+        print(f"infermatrix {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
     except OSError as exc:
         from bench.results import RecordWriteError
 
         if not isinstance(exc, RecordWriteError):
-            raise
-        print(f"infermatrix {args.command}: error: {exc}; the records written before it are intact",
+            return _internal_error(exc)
+        print(f"infermatrix {args.command}: error: {one_line(exc)}; the records written before it are intact",
               file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         kept = "; finished cells are in the run directory" if args.command in ("run", "ab") else ""
         print(f"infermatrix: interrupted{kept}", file=sys.stderr)
         return 130
+    except Exception as exc:
+        return _internal_error(exc)
+
+
+def _internal_error(exc: Exception) -> int:
+    """A bug: its cause in one line, then its traceback; exit 3, never 1, which reads as a failed check."""
+    import traceback
+
+    first = (str(exc).splitlines() or [""])[0]  # the traceback below has the rest
+    print(f"infermatrix: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
+    traceback.print_exception(exc, file=sys.stderr)
+    return 3
 
 
 if __name__ == "__main__":

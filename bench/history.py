@@ -68,15 +68,20 @@ def add_run(db: Path, run_dir: Path, commit: str | None = None) -> dict[str, Any
     side = load_side(run_dir)
     env = side.run.get("environment", {})
     commit = commit or (env.get("git") or {}).get("commit")
+    started = side.run.get("started")
     with connect(db) as con:
+        # UNIQUE (run_dir, started) holds NULLs apart: a run with no start time is looked for by hand (IS matches NULL)
+        if con.execute("SELECT 1 FROM runs WHERE run_dir = ? AND started IS ?",
+                       (str(Path(run_dir).resolve()), started)).fetchone():
+            raise InputError(f"{run_dir} (started {started}) is already in {db}")
         try:
             cur = con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint) "
                               "VALUES (?, ?, ?, ?, ?, ?)",
-                              (str(Path(run_dir).resolve()), commit, side.run.get("started"),
+                              (str(Path(run_dir).resolve()), commit, started,
                                utc_now(), json.dumps(env, default=str),
                                json.dumps(environment_fingerprint(env), sort_keys=True, default=str)))
         except sqlite3.IntegrityError:
-            raise InputError(f"{run_dir} (started {side.run.get('started')}) is already in {db}") from None
+            raise InputError(f"{run_dir} (started {started}) is already in {db}") from None
         rows = []
         for cell, records in side.ok.items():
             for m in gated_metrics():

@@ -53,6 +53,10 @@ def merge_runs(run_dirs: list[Path], out: Path, allow_env_mismatch: bool = False
                              f"{run_dirs[0]}: refusing to merge")
     if (out / RUN).exists():
         raise InputError(f"--out {out} already holds a run")
+    for d in run_dirs:
+        if out.resolve().is_relative_to(Path(d).resolve()):
+            raise InputError(f"--out {str(out)!r} lies in {str(d)!r}, a run it merges: choose a folder outside "
+                             "every run")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"--out {out} exists and is not an empty directory")
     # Built in a temporary sibling and renamed into place: a failed merge leaves no partial output.
@@ -140,7 +144,12 @@ def _kept_records(run_dirs: list[Path]) -> dict[str, tuple[Path, list[dict[str, 
     kept: dict[str, tuple[Path, list[dict[str, Any]]]] = {}
     for d in run_dirs:
         mine: dict[str, list[dict[str, Any]]] = {}
-        for record in read_records(d, latest_only=False):
+        # strict: a complete line that is not a record is refused, not left out of a run that would look whole
+        try:
+            found = read_records(d, latest_only=False, strict=True)
+        except InputError as exc:
+            raise InputError(f"{exc}: refusing to merge (the merged run would lack that line's cell)") from None
+        for record in found:
             mine.setdefault(record["cell_id"], []).append(record)
         for cid, records in mine.items():
             if cid in kept:

@@ -4,10 +4,12 @@ Records are appended whole or not at all: one ``O_APPEND`` write of a line endin
 newline, its byte count checked, fsynced; a short write (a full disk) is cut back off and
 raised. A torn last line left by a crash is moved to ``results.jsonl.torn`` (with a
 warning naming the line) before the next append, so it never glues onto a new record.
+A last line that is a whole record short of its newline gets the newline and stays.
 The loader skips corrupt lines with a warning giving their numbers and why (not JSON, NaN
 or an out-of-range number, a field missing or of the wrong type by the record schema) and
-keeps the good ones. When a cell was re-run (``--resume`` after a failure), the latest record for its
-``cell_id`` is the one that counts.
+keeps the good ones; a line repeating an earlier record whole is dropped with a warning
+(one measurement read twice is not two). When a cell was re-run (``--resume`` after a
+failure), the latest record for its ``cell_id`` is the one that counts.
 """
 
 from __future__ import annotations
@@ -39,8 +41,14 @@ class CorruptRecordWarning(UserWarning):
     """A line of results.jsonl that is not a whole record; it is skipped, the others load."""
 
 
+class DuplicateRecordWarning(UserWarning):
+    """A line of results.jsonl that repeats an earlier record whole; it is counted once."""
+
+
 class RecordWriteError(OSError):
     """A record could not be written whole (a full disk, an I/O error); nothing of it was kept."""
+
+
 SCHEMA_PATH = Path(__file__).parent / "schema" / "cell-record.schema.json"
 RUN_SCHEMA_PATH = Path(__file__).parent / "schema" / "run.schema.json"
 
@@ -81,28 +89,42 @@ def failed_record(cell: Cell, error: str, **timing_s: float) -> dict[str, Any]:
 
 
 def repair_torn_tail(run_dir: Path) -> int | None:
-    """Move a last line without its newline (a write cut short by a crash) to ``results.jsonl.torn``.
+    """Settle a last line without its newline before the next append.
+
+    A whole record that lacks only its newline (it reads as the loader reads every line) gets the newline and
+    stays; anything else (a write cut short by a crash) is moved to ``results.jsonl.torn`` with a warning.
 
     Returns:
-        The torn line's number, or None when the file ends cleanly.
+        The torn line's number, or None when the file ends cleanly or its last record was completed.
+
+    Raises:
+        InputError: results.jsonl is there but no regular file (a folder, a pipe) or cannot be read.
 
     """
     path = Path(run_dir) / RESULTS
-    if not path.exists():
+    if not _regular_file(path, "the run's records"):
         return None
-    with path.open("r+b") as fh:
-        data = fh.read()
-        if not data or data.endswith(b"\n"):
-            return None
-        start = data.rfind(b"\n") + 1
-        line_no = data.count(b"\n") + 1  # every newline is before the torn line
-        with (Path(run_dir) / TORN).open("ab") as torn:
-            torn.write(data[start:] + b"\n")
-            torn.flush()
-            os.fsync(torn.fileno())
-        fh.truncate(start)
-        fh.flush()
-        os.fsync(fh.fileno())
+    try:
+        with path.open("r+b") as fh:
+            data = fh.read()
+            if not data or data.endswith(b"\n"):
+                return None
+            start = data.rfind(b"\n") + 1
+            line_no = data.count(b"\n") + 1  # every newline is before the torn line
+            if _line_problem(data[start:])[1] is None:  # whole, only its newline missing: complete it
+                fh.write(b"\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+                return None
+            with (Path(run_dir) / TORN).open("ab") as torn:
+                torn.write(data[start:] + b"\n")
+                torn.flush()
+                os.fsync(torn.fileno())
+            fh.truncate(start)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        raise InputError(f"{path}: the run's records cannot be repaired ({exc.strerror or exc})") from None
     warnings.warn(f"{path}:{line_no}: torn last line ({len(data) - start} bytes, no newline) moved to {TORN}",
                   CorruptRecordWarning, stacklevel=2)
     return line_no
@@ -116,7 +138,10 @@ def append_record(run_dir: Path, record: dict[str, Any]) -> None:
 
     """
     line = (json.dumps(record, sort_keys=True, allow_nan=False, default=str) + "\n").encode()
-    repair_torn_tail(run_dir)
+    try:
+        repair_torn_tail(run_dir)
+    except InputError as exc:  # the file cannot take a record: this write fails, the records before it stand
+        raise RecordWriteError(f"could not write the record of cell {record.get('cell_id')}: {exc}") from None
     fd = os.open(Path(run_dir) / RESULTS, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         before = os.fstat(fd).st_size
@@ -247,11 +272,34 @@ def _regular_file(path: Path, what: str) -> bool:
     return True
 
 
-def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]]:
+def _line_problem(raw: bytes) -> tuple[Any, str | None]:
+    """(the record, None) when a line of results.jsonl reads as a record, else (None, why not)."""
+    try:
+        rec = loads_strict(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        return None, f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
+    why = schema_problem(rec)
+    return (rec, None) if why is None else (None, why)
+
+
+def _listed(items: list[str]) -> str:
+    return ", ".join(items[:10]) + (f" and {len(items) - 10} more" if len(items) > 10 else "")
+
+
+def read_records(run_dir: Path, latest_only: bool = True, strict: bool = False) -> list[dict[str, Any]]:
     """Records of a run, in file order.
 
     Corrupt lines (torn, not JSON, not a record) are skipped with one ``CorruptRecordWarning``
-    naming their line numbers; every good line still loads.
+    naming their line numbers; every good line still loads. A record that repeats an earlier one
+    whole (a results.jsonl appended to itself, or concatenated with a copy) is one measurement, not
+    two: it is dropped with one ``DuplicateRecordWarning`` naming its lines.
+
+    Args:
+        run_dir: the run directory.
+        latest_only: keep only the latest record of each cell.
+        strict: refuse (``InputError`` naming the file, line and why) a complete line that is not a record;
+            only a last line without its newline (a write cut short) is still skipped with a warning.
+
     """
     path = Path(run_dir) / RESULTS
     if not _regular_file(path, "the run's records"):
@@ -260,24 +308,30 @@ def read_records(run_dir: Path, latest_only: bool = True) -> list[dict[str, Any]
         data = path.read_bytes()
     except OSError as exc:
         raise InputError(f"{path}: the run's records cannot be read ({exc.strerror})") from None
-    records, bad = [], []
-    for number, raw in enumerate(data.split(b"\n"), start=1):
+    records, bad, repeated, seen = [], [], [], {}
+    lines = data.split(b"\n")
+    for number, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            rec = loads_strict(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-            why = f"not valid JSON ({type(exc).__name__}: {str(exc)[:80]})"
-        else:
-            why = schema_problem(rec)
-        if why is None:
-            records.append(rec)
-        else:
+        rec, why = _line_problem(raw)
+        if why is not None:
+            torn = number == len(lines)  # the last line, without its newline
+            if strict and not torn:
+                raise InputError(f"{path}:{number}: not a record ({why})")
             bad.append(f"{number} ({why})")
+            continue
+        key = json.dumps(rec, sort_keys=True)
+        if key in seen:
+            repeated.append(f"{number} (repeats {seen[key]})")
+            continue
+        seen[key] = number
+        records.append(rec)
     if bad:
-        shown = ", ".join(bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        warnings.warn(f"{path}: skipped {len(bad)} corrupt line(s): {shown}; the other {len(records)} records "
-                      "loaded", CorruptRecordWarning, stacklevel=2)
+        warnings.warn(f"{path}: skipped {len(bad)} corrupt line(s): {_listed(bad)}; the other {len(records)} "
+                      "records loaded", CorruptRecordWarning, stacklevel=2)
+    if repeated:
+        warnings.warn(f"{path}: dropped {len(repeated)} duplicate record(s), each the same as an earlier line: "
+                      f"lines {_listed(repeated)}", DuplicateRecordWarning, stacklevel=2)
     if not latest_only:
         return records
     latest = {r["cell_id"]: r for r in records}

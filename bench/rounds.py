@@ -86,8 +86,9 @@ def pool(ok: list[dict[str, Any]]) -> dict[str, Any]:
         if isinstance(value, dict) and "p50" in value:
             source = samples.get(key.removesuffix(SUMMARY_SUFFIX))
             if source is None:  # its repetitions are not kept: nothing to pool
-                rec["labels"].append(f"{key}: the last round's figures alone (its repetitions "
-                                                    "are not kept, so the rounds cannot be pooled)")
+                # labels is optional on read (records written before it was kept lack it)
+                rec["labels"] = [*rec.get("labels", []), f"{key}: the last round's figures alone (its "
+                                 "repetitions are not kept, so the rounds cannot be pooled)"]
             else:
                 metrics[key] = _pooled_summary(_flat(source), per_round)
         elif _number(value) and key in samples:  # a rate: the median over repetitions

@@ -16,8 +16,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
     add = sub.add_parser("add", help="append a run's key metrics with its commit and environment")
     add.add_argument("run", type=nonempty("RUN", Path), help="run directory")
-    add.add_argument("--commit", help="commit the run measured (default: HEAD of the git repository here, "
-                                      "else the commit recorded in the run)")
+    add.add_argument("--commit", help="commit the run measured (default: the commit recorded in the run, "
+                                      "else HEAD of the git repository here)")
     add.add_argument("--partial", action="store_true",
                      help="add a run that has not ended or lacks cells of its matrix (refused otherwise: once "
                           "added, the finished run could not be)")
@@ -34,9 +34,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _head_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except OSError:
+    except (OSError, subprocess.TimeoutExpired):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def _commit_of(run_dir: Path) -> tuple[str | None, str | None]:
+    """(the commit the run recorded in run.json's environment.git.commit, else HEAD here; a warning when HEAD
+    differs from the recorded commit, else None): the run measured the recorded one, whatever is checked out here.
+    """
+    from bench.results import read_run
+
+    recorded = ((read_run(run_dir).get("environment") or {}).get("git") or {}).get("commit")
+    head = _head_commit()
+    if recorded and head and head != recorded:
+        return recorded, (f"{run_dir} recorded commit {recorded[:12]}, HEAD here is {head[:12]}: added under the "
+                          "recorded commit (--commit names another)")
+    return recorded or head, None
 
 
 def _short_of_cells(run_dir: Path) -> str | None:
@@ -71,7 +85,10 @@ def main(args: argparse.Namespace) -> int:
                              "it holds with --partial (a run is added once)")
         if short:
             print(f"infermatrix history: warning: {args.run}: {short}; adding the cells it holds", file=sys.stderr)
-        info = history.add_run(args.db, args.run, args.commit or _head_commit())
+        commit, differs = (args.commit, None) if args.commit else _commit_of(args.run)
+        info = history.add_run(args.db, args.run, commit)
+        if differs:
+            print(f"infermatrix history: warning: {differs}", file=sys.stderr)
         print(f"added {args.run} (commit {info['commit'] or 'unknown'}): {info['cells']} cells, "
               f"{info['metrics']} figures to {args.db}")
         return 0

@@ -70,6 +70,45 @@ def test_usage_errors_are_one_line_not_the_usage_text(args, parts, capsys):
     assert err.startswith(parts[0]) and all(part in err for part in parts), err
 
 
+@pytest.mark.parametrize("error", [ZeroDivisionError("division by zero\nmore"), KeyError("labels"),
+                                   PermissionError(13, "Permission denied")])
+def test_an_unexpected_error_is_exit_3_never_the_failed_check_s_1(monkeypatch, capsys, error):
+    """A crash that exits 1 reads as "regressed" to a CI gate; a bug has its own code and its traceback."""
+    import bench.commands.env
+
+    def crash(args):
+        raise error
+
+    monkeypatch.setattr(bench.commands.env, "main", crash)
+    assert main(["env"]) == 3
+    err = capsys.readouterr().err
+    first = str(error).splitlines()[0]
+    assert err.startswith(f"infermatrix: internal error: {type(error).__name__}: {first}\nTraceback (most recent "
+                          "call last):\n"), err
+    assert "in crash" in err  # the traceback reaches where it was raised
+
+
+def test_an_interrupt_is_not_an_internal_error(monkeypatch, capsys):
+    import bench.commands.env
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench.commands.env, "main", interrupted)
+    assert main(["env"]) == 130 and capsys.readouterr().err == "infermatrix: interrupted\n"
+
+
+def test_a_line_break_in_an_error_is_written_as_its_escape(tmp_path, capsys):
+    """One line per error, even where a path holds a newline."""
+    odd = tmp_path / "two\nlines"
+    assert main(["report", str(odd)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "two\\nlines" in err, err
+    assert main(["merge", str(odd), "--out", str(tmp_path / "m\rx")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "two\\nlines" in err, err
+
+
 def test_unknown_model_exits_2(tmp_path):
     proc = _cli("run", "--model", "synthetic:llama-999", "--device", "cpu", "--out", str(tmp_path / "r"))
     assert proc.returncode == 2

@@ -102,3 +102,53 @@ def test_a_run_short_of_cells_is_added_only_when_asked_and_then_with_a_warning(t
     assert len({p["cell"] for p in history.series(db, "tpot_ms")}) == 2
     assert cli(["history", "add", str(tmp_path / "nowhere", ), "--db", str(db)]) == 2
     assert capsys.readouterr().err.endswith("nowhere is not a run directory (no run.json)\n")
+
+
+def test_the_run_s_recorded_commit_wins_over_head_of_the_repository_here(tmp_path, capsys, monkeypatch):
+    """Seen: added from inside an unrelated repository, the run was filed under that repository's HEAD."""
+    from tests.bench.gitrepo import git
+
+    repo = tmp_path / "other"
+    repo.mkdir()
+    git(repo, "init", "-q")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "unrelated")
+    head = git(repo, "rev-parse", "HEAD").strip()
+    monkeypatch.chdir(repo)
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    assert cli(["history", "add", str(run), "--db", str(tmp_path / "h.sqlite")]) == 0
+    assert history.series(tmp_path / "h.sqlite", "ttft_ms")[0]["commit"] == "ab" * 20
+    assert capsys.readouterr().err == (f"infermatrix history: warning: {run} recorded commit {'ab' * 6}, HEAD here "
+                                       f"is {head[:12]}: added under the recorded commit (--commit names another)\n")
+
+
+def test_a_run_recording_no_commit_takes_head_here(tmp_path, capsys, monkeypatch):
+    import json
+
+    from tests.bench.gitrepo import git
+
+    monkeypatch.chdir(tmp_path)
+    git(tmp_path, "init", "-q")
+    git(tmp_path, "commit", "-q", "--allow-empty", "-m", "here")
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    meta = json.loads((run / "run.json").read_text())
+    meta["environment"]["git"] = {"commit": None, "dirty": None}
+    (run / "run.json").write_text(json.dumps(meta))
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 0
+    assert history.series(tmp_path / "h.sqlite", "ttft_ms")[0]["commit"] == git(tmp_path, "rev-parse", "HEAD").strip()
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_a_run_without_a_start_time_is_added_once(tmp_path, capsys, monkeypatch):
+    """UNIQUE (run_dir, started) holds two NULL starts apart: such a run was added twice."""
+    import json
+
+    monkeypatch.chdir(tmp_path)
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    meta = json.loads((run / "run.json").read_text())
+    meta.pop("started", None)
+    (run / "run.json").write_text(json.dumps(meta))
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 0
+    capsys.readouterr()
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 2
+    assert capsys.readouterr().err == f"infermatrix history: error: {run} (started None) is already in h.sqlite\n"
+    assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 1

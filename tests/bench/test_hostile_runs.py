@@ -55,11 +55,18 @@ BROKEN = [  # (how record 0 is broken, the reason the warning gives)
     (lambda r: r.update(samples=None), "samples: None is not of type 'object'"),
     (lambda r: r.update(status="weird"), "status: 'weird' is not one of ['ok', 'failed', 'skipped']"),
     (lambda r: r.update(variant=5), "variant: 5 is not of type 'string'"),
-    (lambda r: r["samples"].update(ttft_ms=["a"]), "samples/ttft_ms/0: 'a' is not of type 'number', 'array'"),
+    (lambda r: r["samples"].update(ttft_ms=["a"]), "samples/ttft_ms/0: 'a' is not of type 'number'"),
     (lambda r: r["samples"].update(tpot_ms=[1.0, -2.0]),
      "samples/tpot_ms/1: -2.0 is less than or equal to the minimum of 0"),
     (lambda r: r.update(error=["a"]), "error: ['a'] is not of type 'string', 'null'"),
     (lambda r: r["metrics"]["ttft_ms"].update(p50="fast"), "metrics/ttft_ms/p50: 'fast' is not of type 'number'"),
+    # each of these once passed the schema and crashed a reader
+    (lambda r: r["samples"].update(ttft_ms=[[1.0, 2.0]]), "samples/ttft_ms/0: [1.0, 2.0] is not of type 'number'"),
+    (lambda r: r.update(load=0.5), "load: 0.5 is not of type 'object'"),
+    (lambda r: r.update(noise="x"), "noise: 'x' is not of type 'object'"),
+    (lambda r: r["method"].update(repeat="x"), "method/repeat: 'x' is not of type 'object'"),
+    (lambda r: r["method"].update(drift=[1]), "method/drift: [1] is not of type 'object'"),
+    (lambda r: r.update(rounds={"x": 1}), "rounds: 'configured' is a required property"),
 ]
 
 
@@ -132,13 +139,20 @@ def test_run_files_that_are_no_regular_file_are_refused_before_reading(run, caps
     (lambda j: j.update(roofline="fast"), "roofline: 'fast' is not of type 'object', 'null'"),
     (lambda j: j["roofline"]["cpu"]["memory"].update(bandwidth_gbps="fast"),
      "roofline/cpu/memory/bandwidth_gbps: 'fast' is not of type 'number'"),
-    (lambda j: j["environment"].update(libraries=[]), "environment/libraries: [] is not of type 'object'")])
+    (lambda j: j["environment"].update(libraries=[]), "environment/libraries: [] is not of type 'object'"),
+    # each of these once passed the schema and crashed a reader
+    (lambda j: j["environment"].update(env_vars=["x"]), "environment/env_vars: ['x'] is not of type 'object'"),
+    (lambda j: j["environment"].update(torch="2.1"), "environment/torch: '2.1' is not of type 'object', 'null'"),
+    (lambda j: j["environment"].update(gpus=[{"name": 1}]), "environment/gpus/0/name: 1 is not of type 'string'"),
+    (lambda j: j.update(missing_shards=[2]), "missing_shards/0: 2 is not of type 'string'"),
+    (lambda j: j["matrix"].update(measure=[1]), "matrix/measure: [1] is not of type 'object'")])
 def test_a_run_description_of_the_wrong_shape_is_named_with_where_it_breaks(run, capsys, change, where):
     data = json.loads((run / RUN).read_text())
     change(data)
     (run / RUN).write_text(json.dumps(data))
     for argv in (["report", str(run)], ["export", str(run), "--to", "pytest-benchmark"],
-                 ["compare", str(run), str(run)]):
+                 ["compare", str(run), str(run)], ["select", str(run)],
+                 ["history", "add", str(run), "--db", str(run / "h.sqlite")]):
         err = _one_line_error(capsys, cli(argv))
         assert err.endswith(f"{run / RUN} is not a run description ({where}); it cannot be resumed or reported"), err
 
@@ -252,3 +266,42 @@ def test_resume_of_a_run_recorded_without_an_environment_runs_on(run, capsys):
     before = (run / RESULTS).read_bytes()
     assert cli(["run", "--resume", str(run), "--quiet"]) == 0  # every cell is recorded ok: nothing to run
     assert (run / RESULTS).read_bytes() == before
+
+
+def test_a_compare_of_records_breaking_the_schema_skips_them_instead_of_crashing(run, capsys):
+    """Seen: samples of lists and a load that is no table passed the schema; compare crashed with exit 1."""
+    records = _records(run)
+    records[0]["samples"]["ttft_ms"] = [[1.0, 2.0]]
+    records[1]["load"] = 0.5
+    (run / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.warns(CorruptRecordWarning, match=r"skipped 2 corrupt line\(s\): 1 \(samples/ttft_ms/0: .* 2 \(load"):
+        code = cli(["compare", str(EXAMPLE), str(run), "--allow-unmatched", "--min-processes", "1"])
+    assert code == 0 and "Traceback" not in capsys.readouterr().err
+
+
+def test_a_run_concatenated_with_itself_compares_as_the_run_did(run, tmp_path, capsys):
+    """One process's records read twice are not two processes: n and blocks as in the run itself."""
+    doubled = tmp_path / "doubled"
+    shutil.copytree(run, doubled)
+    (doubled / RESULTS).write_bytes((run / RESULTS).read_bytes() * 2)
+    lines = len(_records(run))
+    with pytest.warns(UserWarning, match=f"dropped {lines} duplicate record\\(s\\)"):
+        assert cli(["compare", str(run), str(doubled), "--min-processes", "1", "--json", str(tmp_path / "c.json")]) == 0
+    rows = json.loads((tmp_path / "c.json").read_text())["rows"]
+    assert rows and all((r["n_head"], r["blocks_head"]) == (r["n_base"], r["blocks_base"]) for r in rows)
+
+
+def test_resume_completes_a_whole_last_record_missing_its_newline_instead_of_measuring_it_again(run, capsys):
+    whole = (run / RESULTS).read_bytes()
+    (run / RESULTS).write_bytes(whole.removesuffix(b"\n"))
+    assert cli(["run", "--resume", str(run), "--quiet"]) == 0  # every cell is recorded ok: nothing to run
+    assert (run / RESULTS).read_bytes() == whole and not (run / "results.jsonl.torn").exists()
+
+
+@pytest.mark.parametrize("make", ["dir", "fifo"])
+def test_resume_of_a_run_whose_records_are_no_regular_file_is_refused(run, capsys, make):
+    path = run / RESULTS
+    path.unlink()
+    path.mkdir() if make == "dir" else os.mkfifo(path)
+    err = _one_line_error(capsys, cli(["run", "--resume", str(run), "--quiet"]))
+    assert err == f"infermatrix run: error: {path}: the run's records is not a regular file"

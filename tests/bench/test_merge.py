@@ -419,3 +419,47 @@ def test_a_merge_short_of_a_shard_resumed_to_the_end_is_whole_for_report_and_his
     assert "missing shards" not in report and "not recorded" not in report
     assert cli(["history", "add", str(merged), "--db", str(db)]) == 0
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("line, why", [
+    (json.dumps({**_ok("v1"), "schema_version": 2}), "schema_version: 1 was expected"),
+    ('{"cell_id": "b", "status": "ok", "n"', "not valid JSON (JSONDecodeError: Expecting ':' delimiter: line 1 "
+                                             "column 37 (char 36))")])
+def test_a_complete_line_a_shard_cannot_read_is_refused_naming_it(tmp_path, capsys, line, why):
+    """Seen: the line was dropped and the merged run claimed to be whole; the cell it held had no record."""
+    from bench.cli import main as cli
+
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    b = _shard(tmp_path, "b", [_ok("v2")], 2)
+    with (b / "results.jsonl").open("a") as fh:
+        fh.write(line + "\n")
+    assert cli(["merge", str(a), str(b), "--out", str(tmp_path / "m")]) == 2
+    assert capsys.readouterr().err == (f"infermatrix merge: error: {b / 'results.jsonl'}:2: not a record ({why}): "
+                                       "refusing to merge (the merged run would lack that line's cell)\n")
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_torn_last_line_of_a_shard_is_left_out_with_a_warning(tmp_path):
+    from bench.results import CorruptRecordWarning
+
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    with (a / "results.jsonl").open("a") as fh:
+        fh.write('{"cell_id": "b", "sta')  # a write a crash cut short
+    with pytest.warns(CorruptRecordWarning, match=r"skipped 1 corrupt line\(s\): 2 \(not valid JSON"):
+        assert merge_runs([a], tmp_path / "m")["cells"] == 1
+
+
+@pytest.mark.parametrize("where, empty_dir", [("a/sub", False), ("a/empty", True)])
+def test_an_output_inside_a_run_it_merges_is_refused(tmp_path, capsys, where, empty_dir):
+    from bench.cli import main as cli
+
+    a = _shard(tmp_path, "a", [_ok("v0")], 1)
+    b = _shard(tmp_path, "b", [_ok("v1")], 2)
+    out = tmp_path / where
+    if empty_dir:
+        out.mkdir()
+    before = sorted(p.name for p in a.iterdir())
+    assert cli(["merge", str(b), str(a), "--out", str(out)]) == 2
+    assert capsys.readouterr().err == (f"infermatrix merge: error: --out {str(out)!r} lies in {str(a)!r}, a run it "
+                                       "merges: choose a folder outside every run\n")
+    assert sorted(p.name for p in a.iterdir()) == before

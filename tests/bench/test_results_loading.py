@@ -15,6 +15,7 @@ from bench.results import (
     RUN,
     SCHEMA_VERSION,
     CorruptRecordWarning,
+    DuplicateRecordWarning,
     RecordWriteError,
     append_record,
     failed_record,
@@ -272,8 +273,11 @@ def test_schema_problems_name_where_the_record_breaks_and_cut_long_messages():
     assert schema_problem(A1) is None
     assert schema_problem({**A1, "metrics": {"ttft_ms": {"p50": "fast"}}}) == \
         "metrics/ttft_ms: 'n' is a required property"
-    assert schema_problem({**A1, "samples": {"tpot_ms": [[1.0, -1.0]]}}) == \
-        "samples/tpot_ms/0/1: -1.0 is less than or equal to the minimum of 0"
+    assert schema_problem({**A1, "samples": {"itl_ms": [[1.0, -1.0]]}}) == \
+        "samples/itl_ms/0/1: -1.0 is less than or equal to the minimum of 0"
+    # a gated sample is one figure per repetition: the gate and history read it as numbers
+    assert schema_problem({**A1, "samples": {"tpot_ms": [[1.0, 2.0]]}}) == \
+        "samples/tpot_ms/0: [1.0, 2.0] is not of type 'number'"
     no_id = {k: v for k, v in A1.items() if k != "cell_id"}
     assert schema_problem(no_id) == "'cell_id' is a required property"  # the top: no place to name
     long = schema_problem({**A1, "variant": "x" * 400})
@@ -370,3 +374,63 @@ def test_the_range_a_metric_may_take_comes_from_the_record_schema(key, stat, dom
     from bench.results import metric_domain
 
     assert metric_domain(key, stat) == domain
+
+
+# --- a whole last record short of its newline, repeated records, strict reading -------------------------------
+
+def test_a_whole_last_record_without_its_newline_gets_the_newline_and_stays(tmp_path, recwarn):
+    (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n" + json.dumps(B2))  # the write's newline never landed
+    assert repair_torn_tail(tmp_path) is None
+    assert (tmp_path / RESULTS).read_text() == json.dumps(A1) + "\n" + json.dumps(B2) + "\n"
+    assert not (tmp_path / "results.jsonl.torn").exists() and not recwarn.list  # nothing moved, nothing to warn of
+    append_record(tmp_path, rec("c"))
+    assert [r["cell_id"][0] for r in read_records(tmp_path)] == ["a", "b", "c"]
+
+
+@pytest.mark.parametrize("tail", [json.dumps({**B2, "schema_version": 2}), json.dumps(B2).replace("2}", "NaN}")])
+def test_a_last_line_that_parses_but_is_no_record_is_still_torn(tmp_path, tail):
+    """The same check the reader makes: a line the reader would skip is not completed into the file."""
+    (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n" + tail)
+    with pytest.warns(CorruptRecordWarning, match=r"results.jsonl:2: torn last line"):
+        assert repair_torn_tail(tmp_path) == 2
+    assert (tmp_path / RESULTS).read_text() == json.dumps(A1) + "\n"
+    assert (tmp_path / "results.jsonl.torn").read_text() == tail + "\n"
+
+
+@pytest.mark.parametrize("make", ["dir", "fifo"])
+def test_repairing_a_results_file_that_is_no_regular_file_is_bad_input(tmp_path, make):
+    path = tmp_path / RESULTS
+    path.mkdir() if make == "dir" else os.mkfifo(path)
+    with pytest.raises(InputError) as exc:
+        repair_torn_tail(tmp_path)
+    assert str(exc.value) == f"{path}: the run's records is not a regular file"
+
+
+def test_a_record_repeated_whole_is_read_once_with_a_warning_naming_its_lines(tmp_path):
+    a_round, b_round = rec("a", n=1), rec("a", n=2)  # two rounds of one cell: different records, both kept
+    _write_lines(tmp_path, *(json.dumps(r) for r in (a_round, b_round, B2, a_round, B2)))
+    with pytest.warns(UserWarning) as recorder:
+        records = read_records(tmp_path, latest_only=False)
+    assert records == [a_round, b_round, B2]
+    (w,) = recorder.list
+    assert w.category is DuplicateRecordWarning
+    if "mutmut" not in sys.modules:  # mutation testing puts a frame of its own between caller and callee
+        assert w.filename == __file__
+    assert str(w.message) == (f"{tmp_path / RESULTS}: dropped 2 duplicate record(s), each the same as an earlier "
+                              "line: lines 4 (repeats 1), 5 (repeats 3)")
+
+
+def test_a_copy_of_a_record_with_its_keys_in_another_order_is_the_same_record(tmp_path):
+    _write_lines(tmp_path, json.dumps(A1), json.dumps(dict(reversed(A1.items()))))
+    with pytest.warns(DuplicateRecordWarning, match="dropped 1 duplicate"):
+        assert read_records(tmp_path, latest_only=False) == [A1]
+
+
+def test_strict_reading_refuses_a_complete_line_that_is_no_record_but_skips_a_torn_tail(tmp_path):
+    _write_lines(tmp_path, json.dumps(A1), json.dumps({**B2, "schema_version": 2}))
+    with pytest.raises(InputError) as exc:
+        read_records(tmp_path, strict=True)
+    assert str(exc.value) == f"{tmp_path / RESULTS}:2: not a record (schema_version: 1 was expected)"
+    (tmp_path / RESULTS).write_text(json.dumps(A1) + "\n" + TORN)  # a write cut short: left out, as ever
+    with pytest.warns(CorruptRecordWarning, match="skipped 1 corrupt line"):
+        assert read_records(tmp_path, strict=True) == [A1]

@@ -86,6 +86,21 @@ def test_per_process_figures_are_the_median_over_rounds_and_other_fields_the_lat
     assert pool(rounds)["metrics"]["tpot_ms"]["n"] == 10
 
 
+def test_rounds_written_without_labels_pool_and_the_report_reads_them(tmp_path):
+    """labels is not required of a record on read; pooling once indexed it and crashed report, select and export."""
+    from bench.report.write import render
+
+    rounds = [_round("fp32", i, 100.0 + i) for i in range(2)]
+    for r in rounds:
+        del r["labels"], r["samples"]["ttft_ms"]  # a summary without its repetitions: a label is added
+    assert pool(rounds)["labels"] == ["ttft_ms: the last round's figures alone (its repetitions are not kept, so "
+                                      "the rounds cannot be pooled)"]
+    assert all("labels" not in r for r in rounds)  # the rounds themselves are left as read
+    run = _with_rounds(write_run(tmp_path / "run", rounds), 2)
+    (row,) = json.loads(render(run, "json"))["groups"][0]["rows"]
+    assert row["rounds"]["ok"] == 2 and row["metrics"]["tpot_ms"]["n"] == 10
+
+
 def test_configured_rounds_reads_the_runs_matrix_and_takes_one_for_anything_else():
     assert configured_rounds({"matrix": {"measure": {"rounds": 3}}}) == 3
     assert configured_rounds({"matrix": {"measure": {"rounds": 1}}}) == 1
