@@ -64,11 +64,11 @@ def test_every_cuda_memory_metric_is_catalogued(monkeypatch):
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: 1)
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2)
-    monkeypatch.setattr(memory, "nvml_process_bytes", lambda: None)
+    monkeypatch.setattr(memory, "nvml_process_memory", lambda: (None, "NVML did not start"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
     from bench import cell
 
-    assert_catalogued(set(cell._measure_memory("cuda", 0, cell._close_load_window("cuda"))), "a CUDA cell")
+    assert_catalogued(set(cell._measure_memory("cuda", 0, cell._close_load_window("cuda"))[0]), "a CUDA cell")
 
 
 def test_lookups_give_direction_kind_and_intervals():
