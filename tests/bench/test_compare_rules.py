@@ -225,7 +225,8 @@ def test_status_rows_for_cells_that_did_not_run_ok_on_both_sides(tmp_path):
 
 def test_a_cell_judged_on_its_ok_records_after_a_failed_try(tmp_path):
     ok = record("fp32", _steady([3.0] * 5))
-    side_ = _run(tmp_path, "run", [record("fp32", {}, status="failed"), ok, record("fp32", {}, status="failed")])
+    tries = [{**record("fp32", {}, status="failed"), "error": f"try {i}"} for i in (1, 2)]  # two tries, two records
+    side_ = _run(tmp_path, "run", [tries[0], ok, tries[1]])
     (key,) = side_.ok
     assert side_.not_ok == {} and side_.ok[key] == [ok] and side_.keys == {key}
     only_failed = _run(tmp_path, "failed", [record("fp32", {}, status="failed")])
