@@ -218,6 +218,8 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
         from optimize.export.onnx import intra_op_threads
 
         method["ort_intra_op_threads"] = intra_op_threads(state.model)
+        if cell.device == "cuda":
+            method["memory"] = _onnx_runtime_cuda_memory(metrics)
     if provisional is not None and cell.drift:
         kept = {**record, **_ok_result(state, artifact, metrics, samples, method, load_s, 0.0, t_start)}
         kept["timing_s"]["total"] = time.perf_counter() - t_start  # the runner adds the drift it did not finish
@@ -339,6 +341,26 @@ def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> tup
     if serving is not None:
         out["serving_peak_memory_bytes"] = serving
     return out, {}
+
+
+def _onnx_runtime_cuda_memory(metrics: dict[str, Any]) -> str:
+    """An ONNX Runtime cell's device memory on CUDA, in place in ``metrics``; the method's text for it.
+
+    ONNX Runtime keeps its weights and activations in its own CUDA arena, which torch's allocator
+    does not see (it holds only the I/O-bound inputs and outputs): the allocator's peak alone would
+    leave the model out. NVML's figure for the process covers the arena (and the CUDA context);
+    without one, the figure is a lower bound, the allocator's peak plus the graph's weights.
+    """
+    nvml = metrics.get("nvml_process_bytes")
+    if nvml is not None:
+        serving = max(nvml, metrics["serving_peak_memory_bytes"])
+        metrics.update(serving_peak_memory_bytes=serving, peak_memory_bytes=max(serving, metrics["peak_memory_bytes"]))
+        return ("NVML device memory of the cell process after warm-up and repetitions (ONNX Runtime's CUDA arena is "
+                "outside torch's allocator; the CUDA context included); load: torch's allocator only")
+    for key in ("peak_memory_bytes", "serving_peak_memory_bytes"):
+        metrics[key] += metrics["weights_bytes"]
+    return ("a lower bound: torch's allocator peak (the I/O-bound inputs and outputs) plus the graph's weight bytes "
+            "(ONNX Runtime's CUDA arena is outside torch's allocator, and NVML had no figure: see method.nvml)")
 
 
 def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any],

@@ -182,3 +182,19 @@ def test_a_roofline_failing_with_an_empty_message_is_a_note_not_a_lost_cell(monk
     monkeypatch.setattr(cell, "_roofline", two_lines)
     cell._add_roofline(state, _cell({"cpu": {}}), {"prefill_tokens_per_s": 5.0}, method)
     assert method["roofline_error"] == "roofline not computed: RuntimeError: first"
+
+
+def test_onnx_runtime_on_cuda_counts_its_own_arena_not_only_torchs_allocator():
+    """torch's allocator holds only the I/O-bound buffers of an ONNX Runtime cell: the weights live in ORT's arena."""
+    base = {"peak_memory_bytes": 300, "load_peak_memory_bytes": 100, "serving_peak_memory_bytes": 300,
+            "cuda_max_allocated_bytes": 300, "weights_bytes": 5000}
+    metrics = {**base, "nvml_process_bytes": 9000}
+    text = cell._onnx_runtime_cuda_memory(metrics)
+    assert metrics == {**base, "nvml_process_bytes": 9000, "peak_memory_bytes": 9000, "serving_peak_memory_bytes": 9000}
+    assert text.startswith("NVML device memory of the cell process")
+    assert metrics["peak_memory_bytes"] == max(metrics["load_peak_memory_bytes"], metrics["serving_peak_memory_bytes"])
+    without = {**base, "nvml_process_bytes": None}
+    text = cell._onnx_runtime_cuda_memory(without)
+    assert (without["peak_memory_bytes"], without["serving_peak_memory_bytes"]) == (5300, 5300)
+    assert text.startswith("a lower bound: torch's allocator peak") and "method.nvml" in text
+    assert without["cuda_max_allocated_bytes"] == 300  # the allocator's own figure stays what it measured
