@@ -220,7 +220,7 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
         method["ort_intra_op_threads"] = intra_op_threads(state.model)
         if cell.device == "cuda":
             method["memory"] = _onnx_runtime_cuda_memory(metrics)
-    if provisional is not None and cell.drift:
+    if provisional is not None and cell.drift and _drift_skip_reason(state, cell) is None:
         kept = {**record, **_ok_result(state, artifact, metrics, samples, method, load_s, 0.0, t_start)}
         kept["timing_s"]["total"] = time.perf_counter() - t_start  # the runner adds the drift it did not finish
         provisional(kept)
@@ -417,20 +417,28 @@ def check_context(config, scenario) -> None:
                             f" = {needed} exceeds the model's context of {limit} positions (max_position_embeddings)")
 
 
+def _drift_skip_reason(state, cell: Cell) -> str | None:
+    """Why this cell's drift is not scored (the timings stand), or None."""
+    from bench.metrics.drift_config import random_weights_reason
+    from optimize.models import no_tokenizer_reason
+
+    if state.ref.tokenizer is None:  # drift scores text
+        return no_tokenizer_reason(state.ref)
+    if cell.drift.random_weights == "skip" and not state.ref.trained:
+        return random_weights_reason(cell.model)
+    return None
+
+
 def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> float:
     """Accuracy drift after the speed and memory figures are taken, so it cannot disturb them."""
     if not cell.drift:
         return 0.0
     from bench.metrics.drift_cell import cell_drift
-    from bench.metrics.drift_config import random_weights_reason
-    from optimize.models import no_tokenizer_reason
 
-    if state.ref.tokenizer is None:  # drift scores text: without a tokenizer it is skipped, timings stay
-        record["drift_skipped"] = no_tokenizer_reason(state.ref)
-    elif cell.drift.random_weights == "skip" and not state.ref.trained:
-        record["drift_skipped"] = random_weights_reason(cell.model)
-    if record.get("drift_skipped"):
-        method["drift"] = {"skipped": record["drift_skipped"]}
+    skipped = _drift_skip_reason(state, cell)
+    if skipped:
+        record["drift_skipped"] = skipped
+        method["drift"] = {"skipped": skipped}
         return 0.0
 
     t0 = time.perf_counter()
@@ -555,12 +563,14 @@ def main(argv: list[str], notes: Sequence[str] = ()) -> int:
     def labelled(result: dict[str, Any]) -> dict[str, Any]:
         return {**result, "labels": [*result.get("labels", []), *notes]} if notes else result
 
+    keep = job_phase.provisional_path(Path(out_path))
     if run is measure:
-        keep = job_phase.provisional_path(Path(out_path))
         result = measure(job, lambda provisional: write_json_atomic(keep, labelled(provisional)))
     else:
         result = run(job)
+    job_phase.enter("writing the result")
     write_json_atomic(Path(out_path), labelled(result))
+    keep.unlink(missing_ok=True)  # the result is whole: a death from here on must not read as drift's
     return 0
 
 

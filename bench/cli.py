@@ -1,7 +1,8 @@
 """The ``infermatrix`` command: subcommands are thin add_arguments()/main() pairs.
 
 Exit codes: 0 success, 1 a check failed (a cell failed, a gate tripped), 2 bad usage or
-input, 3 an internal error (a bug: its traceback follows). Heavy libraries are imported by
+input, 3 an internal error (a bug: its traceback follows); 141 when the reader of the output
+closed it (``| head``). Heavy libraries are imported by
 the subcommand that needs them, never here.
 """
 
@@ -9,10 +10,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 import warnings
 
 from optimize.errors import InputError
+
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
 # name: (module, one-line help)
 COMMANDS = {
@@ -104,6 +108,12 @@ def _run(args: argparse.Namespace) -> int:
     except InputError as exc:
         print(f"infermatrix {args.command}: error: {one_line(exc)}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # The reader of the output closed it (`| head`): not a bug. Python's advice: point stdout at devnull,
+        # so flushing it at exit raises nothing more; 141 is the shell's status for a writer killed by SIGPIPE.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except OSError as exc:
         from bench.results import RecordWriteError
 

@@ -320,11 +320,14 @@ def read_records(run_dir: Path, latest_only: bool = True, strict: bool = False) 
                 raise InputError(f"{path}:{number}: not a record ({why})")
             bad.append(f"{number} ({why})")
             continue
-        key = json.dumps(rec, sort_keys=True)
-        if key in seen:
+        # A record a cell's process stamped with its start time is one measurement: the same again is a copy.
+        # Records made in the parent (a build's skip, given to each cell on every resume) repeat legitimately.
+        key = json.dumps(rec, sort_keys=True) if rec.get("started_at") else None
+        if key is not None and key in seen:
             repeated.append(f"{number} (repeats {seen[key]})")
             continue
-        seen[key] = number
+        if key is not None:
+            seen[key] = number
         records.append(rec)
     if bad:
         warnings.warn(f"{path}: skipped {len(bad)} corrupt line(s): {_listed(bad)}; the other {len(records)} "

@@ -39,13 +39,24 @@ def _head_commit() -> str | None:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def recorded_commit(run: dict) -> str | None:
+    """The revision a run measured, as its run.json records it: an ``ab`` side's commit, else the commit of the
+    repository the run belongs to (``environment.user_repository``), else the harness's own checkout's.
+    """
+    env = run.get("environment") or {}
+    for where in (run.get("ab"), env.get("user_repository"), env.get("git")):
+        if isinstance(where, dict) and isinstance(where.get("commit"), str) and where["commit"]:
+            return where["commit"]
+    return None
+
+
 def _commit_of(run_dir: Path) -> tuple[str | None, str | None]:
-    """(the commit the run recorded in run.json's environment.git.commit, else HEAD here; a warning when HEAD
-    differs from the recorded commit, else None): the run measured the recorded one, whatever is checked out here.
+    """(the commit the run recorded (``recorded_commit``), else HEAD here; a warning when HEAD differs from the
+    recorded commit, else None): the run measured the recorded one, whatever is checked out here.
     """
     from bench.results import read_run
 
-    recorded = ((read_run(run_dir).get("environment") or {}).get("git") or {}).get("commit")
+    recorded = recorded_commit(read_run(run_dir))
     head = _head_commit()
     if recorded and head and head != recorded:
         return recorded, (f"{run_dir} recorded commit {recorded[:12]}, HEAD here is {head[:12]}: added under the "

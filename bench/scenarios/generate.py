@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
@@ -49,7 +49,7 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
     def once() -> GenerateSample:
         return time_generate(lambda stamper: greedy_generate(state, prompts, scenario.new_tokens, [stamper]), clock)
 
-    skipped: list[str] = []
+    skipped = GraphSkips()
     # inductor counts a CPU graph's skip without logging it: its reason is known
     unlogged = "(reason not logged)" if state.device == "cuda" else "the compiled graph runs on the CPU"
     watch = _cudagraph_skips(skipped, unlogged) if _uses_cuda_graphs(state) else nullcontext()
@@ -91,10 +91,10 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
                    "compile_and_capture_s = its wall time - the median measured e2e"}
         if _uses_cuda_graphs(state):
             # inductor falls back to plain kernel launches where it cannot graph a step, and only logs why
-            method["compiled_decode_step"]["cudagraph_skips"] = len(skipped)
-            if skipped:
-                state.labels.append(f"CUDA graphs not used ({len(skipped)} compiled graph(s) skipped by inductor: "
-                                    f"{skipped[0][:200]})")
+            method["compiled_decode_step"]["cudagraph_skips"] = skipped.count
+            if skipped.count:
+                state.labels.append(f"CUDA graphs not used ({skipped.count} compiled graph(s) skipped by inductor: "
+                                    f"{skipped.reasons[0][:200]})")
     return metrics, samples, method
 
 
@@ -107,6 +107,14 @@ def _uses_cuda_graphs(state) -> bool:
     return config is not None and getattr(config, "mode", None) in ("reduce-overhead", "max-autotune")
 
 
+@dataclass
+class GraphSkips:
+    """How many compiled graphs inductor ran without CUDA graphs, and the reasons it logged."""
+
+    count: int = 0
+    reasons: list[str] = field(default_factory=list)
+
+
 class _Messages(logging.Handler):
     def __init__(self, into: list[str]):
         super().__init__(logging.WARNING)
@@ -117,24 +125,26 @@ class _Messages(logging.Handler):
 
 
 @contextmanager
-def _cudagraph_skips(into: list[str], unlogged: str):
-    """Collect, into ``into``, why inductor ran a compiled graph without CUDA graphs while the block ran.
+def _cudagraph_skips(into: GraphSkips, unlogged: str):
+    """Count, into ``into``, the compiled graphs inductor ran without CUDA graphs while the block ran, and why.
 
-    Each such skip bumps ``counters["inductor"]["cudagraph_skips"]``; a graph with CUDA tensors
-    also logs its reason on the ``cudagraphs`` artifact logger (at warning level, on by default),
-    a CPU-only one does not: a skip without a message is counted with ``unlogged`` as its reason.
+    The count is ``counters["inductor"]["cudagraph_skips"]``'s increase (the logger also carries
+    warnings that skip nothing). A graph with CUDA tensors logs its reason on the ``cudagraphs``
+    artifact logger (at warning level, on by default), a CPU-only one does not: ``unlogged`` is
+    then the reason.
     """
     from torch._dynamo.utils import counters
 
     before = counters["inductor"]["cudagraph_skips"]
-    logger, handler = logging.getLogger(CUDAGRAPH_LOG), _Messages(into)
+    logger, handler = logging.getLogger(CUDAGRAPH_LOG), _Messages(into.reasons)
     logger.addHandler(handler)
     try:
         yield
     finally:
         logger.removeHandler(handler)
-        unseen = counters["inductor"]["cudagraph_skips"] - before - len(into)
-        into.extend([unlogged] * max(unseen, 0))
+        into.count = counters["inductor"]["cudagraph_skips"] - before
+        if into.count and not into.reasons:
+            into.reasons.append(unlogged)
 
 
 def _compile_call(state, once) -> float | None:

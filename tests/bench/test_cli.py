@@ -98,6 +98,22 @@ def test_an_interrupt_is_not_an_internal_error(monkeypatch, capsys):
     assert main(["env"]) == 130 and capsys.readouterr().err == "infermatrix: interrupted\n"
 
 
+@pytest.mark.parametrize("args", [["report", "reports/example"], ["report", "reports/example", "--format", "html"]])
+def test_a_reader_that_closed_the_output_is_exit_141_not_an_internal_error(args):
+    """``infermatrix report DIR | head``: the reader went away; no traceback, the shell's SIGPIPE status."""
+    import os
+    from pathlib import Path
+
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before the first byte
+    try:
+        proc = subprocess.run([sys.executable, "-m", "bench.cli", *args], stdout=write, stderr=subprocess.PIPE,
+                              text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (141, "")
+
+
 def test_a_line_break_in_an_error_is_written_as_its_escape(tmp_path, capsys):
     """One line per error, even where a path holds a newline."""
     odd = tmp_path / "two\nlines"

@@ -152,3 +152,14 @@ def test_a_run_without_a_start_time_is_added_once(tmp_path, capsys, monkeypatch)
     assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 2
     assert capsys.readouterr().err == f"infermatrix history: error: {run} (started None) is already in h.sqlite\n"
     assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 1
+
+
+def test_the_recorded_commit_is_the_ab_sides_then_the_users_repository_then_the_harness():
+    from bench.commands.history import recorded_commit
+
+    env = {"git": {"commit": "1" * 40}, "user_repository": {"path": "/x", "commit": "2" * 40}}
+    assert recorded_commit({"environment": env, "ab": {"side": "head", "commit": "3" * 40}}) == "3" * 40
+    assert recorded_commit({"environment": env}) == "2" * 40  # what was benchmarked, not the harness
+    assert recorded_commit({"environment": {**env, "user_repository": {"path": "/x", "commit": None}}}) == "1" * 40
+    assert recorded_commit({"environment": {"git": None, "user_repository": "?"}}) is None
+    assert recorded_commit({}) is None

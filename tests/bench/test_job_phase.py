@@ -104,3 +104,22 @@ def test_a_kept_provisional_record_becomes_an_ok_record_whose_drift_failed(tmp_p
     assert result["drift_ok"] is False and result["drift_error"] == error
     assert {k: result[k] for k in ("status", "cell_id", "metrics")} == {k: kept[k] for k in ("status", "cell_id",
                                                                                               "metrics")}
+
+
+def test_the_job_removes_its_provisional_record_once_its_result_is_written(tmp_path, monkeypatch):
+    """A death after the result is whole (at exit, say) must not turn the finished record into a failed drift."""
+    from bench import cell as cell_mod
+
+    spec, out = tmp_path / "c.cell.json", tmp_path / "c.cell.out.json"
+    spec.write_text("{}")
+    kept = job_phase.provisional_path(out)
+
+    def measure(job, provisional):
+        provisional({"status": "ok", "cell_id": "c", "labels": []})  # before drift
+        assert kept.exists()
+        return {"status": "ok", "cell_id": "c", "labels": [], "drift_ok": True}
+
+    monkeypatch.setattr(cell_mod, "measure", measure)
+    assert cell_mod.main([str(spec), str(out)], ["a note"]) == 0
+    assert json.loads(out.read_text()) == {"status": "ok", "cell_id": "c", "labels": ["a note"], "drift_ok": True}
+    assert not kept.exists()

@@ -406,12 +406,16 @@ def test_repairing_a_results_file_that_is_no_regular_file_is_bad_input(tmp_path,
     assert str(exc.value) == f"{path}: the run's records is not a regular file"
 
 
+STAMPED = {"started_at": "2026-12-02T10:00:00Z"}  # a cell process's record: one measurement, stamped when it began
+
+
 def test_a_record_repeated_whole_is_read_once_with_a_warning_naming_its_lines(tmp_path):
-    a_round, b_round = rec("a", n=1), rec("a", n=2)  # two rounds of one cell: different records, both kept
-    _write_lines(tmp_path, *(json.dumps(r) for r in (a_round, b_round, B2, a_round, B2)))
+    # two rounds of one cell: different records, both kept
+    a_round, b_round, b2 = rec("a", n=1, **STAMPED), rec("a", n=2, **STAMPED), {**B2, **STAMPED}
+    _write_lines(tmp_path, *(json.dumps(r) for r in (a_round, b_round, b2, a_round, b2)))
     with pytest.warns(UserWarning) as recorder:
         records = read_records(tmp_path, latest_only=False)
-    assert records == [a_round, b_round, B2]
+    assert records == [a_round, b_round, b2]
     (w,) = recorder.list
     assert w.category is DuplicateRecordWarning
     if "mutmut" not in sys.modules:  # mutation testing puts a frame of its own between caller and callee
@@ -421,9 +425,20 @@ def test_a_record_repeated_whole_is_read_once_with_a_warning_naming_its_lines(tm
 
 
 def test_a_copy_of_a_record_with_its_keys_in_another_order_is_the_same_record(tmp_path):
-    _write_lines(tmp_path, json.dumps(A1), json.dumps(dict(reversed(A1.items()))))
+    a1 = {**A1, **STAMPED}
+    _write_lines(tmp_path, json.dumps(a1), json.dumps(dict(reversed(a1.items()))))
     with pytest.warns(DuplicateRecordWarning, match="dropped 1 duplicate"):
-        assert read_records(tmp_path, latest_only=False) == [A1]
+        assert read_records(tmp_path, latest_only=False) == [a1]
+
+
+def test_an_unstamped_outcome_written_again_is_another_outcome_not_a_copy(tmp_path, recwarn):
+    """A build's skip is given to its cells by the parent, unstamped, once per run and again on each resume."""
+    skipped = rec("a", status="skipped", error="build: fp16 needs CUDA")
+    failed = rec("a", status="failed", error="build: boom")
+    _write_lines(tmp_path, *(json.dumps(r) for r in (skipped, failed, skipped)))
+    assert read_records(tmp_path, latest_only=False) == [skipped, failed, skipped]
+    assert read_records(tmp_path) == [skipped]  # the newest outcome stands
+    assert not [w for w in recwarn if w.category is DuplicateRecordWarning]
 
 
 def test_strict_reading_refuses_a_complete_line_that_is_no_record_but_skips_a_torn_tail(tmp_path):

@@ -98,19 +98,25 @@ def test_a_decode_step_asking_for_cuda_graphs_records_whether_inductor_skipped_t
 
 def test_cudagraph_skips_are_collected_with_their_logged_reasons():
     from torch._dynamo.utils import counters
-    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+    from torch._inductor.cudagraph_utils import cudagraphs_log, log_cudagraph_skip_and_bump_counter
 
-    from bench.scenarios.generate import _cudagraph_skips
+    from bench.scenarios.generate import GraphSkips, _cudagraph_skips
 
-    outside: list[str] = []
+    seen = GraphSkips()
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to an earlier graph")  # before: not counted
-    with _cudagraph_skips(outside, "the compiled graph runs on the CPU"):
+    with _cudagraph_skips(seen, "the compiled graph runs on the CPU"):
         log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (1 instances)")
         counters["inductor"]["cudagraph_skips"] += 1  # a CPU graph: counted, not logged
-    assert outside == ["skipping cudagraphs due to mutated inputs (1 instances)",
-                       "the compiled graph runs on the CPU"]
+        cudagraphs_log.warning("a dynamic shape may cost recompilations")  # logged, skips nothing
+    assert seen.count == 2
+    assert seen.reasons == ["skipping cudagraphs due to mutated inputs (1 instances)",
+                            "a dynamic shape may cost recompilations"]
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs after the block")
-    assert len(outside) == 2  # the handler is gone
+    assert (seen.count, len(seen.reasons)) == (2, 2)  # the handler is gone
+    silent = GraphSkips()
+    with _cudagraph_skips(silent, "the compiled graph runs on the CPU"):
+        counters["inductor"]["cudagraph_skips"] += 1
+    assert (silent.count, silent.reasons) == (1, ["the compiled graph runs on the CPU"])
 
 
 def test_static_cache_without_compile_stays_eager(tiny_ref, cache_dir):
