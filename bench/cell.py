@@ -112,15 +112,16 @@ def validate_build(ref, recipe, device: str, store, job: dict[str, Any]) -> dict
 def reference(job: dict[str, Any]) -> dict[str, Any]:
     """Run the fp32 reference pass that drift compares against (cached on disk)."""
     from bench.metrics.drift import DriftConfig, ensure_reference
-    from bench.metrics.drift_config import random_weights_reason
+    from bench.metrics.drift_config import random_weights_skip
     from optimize.models import default_cache_dir, resolve_model
 
     t0 = time.perf_counter()
     job_phase.enter("the fp32 reference pass for drift")
     try:
         ref = resolve_model(job["model"], _cache(job), job.get("tokenizer"))
-        if job["drift"].get("random_weights") == "skip" and not ref.trained:
-            raise NotApplicable(random_weights_reason(ref.spec))
+        skipped = random_weights_skip(DriftConfig(**job["drift"]).random_weights, ref)
+        if skipped:
+            raise NotApplicable(skipped)
         path = ensure_reference(ref, DriftConfig(**job["drift"]), _cache(job) or default_cache_dir(), job["device"],
                                 job.get("eval_text"), job["trust_remote_code"])
         info = json.loads((path / "reference.json").read_text())
@@ -230,12 +231,11 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
 
 def _ok_result(state, artifact, metrics, samples, method, load_s: float, drift_s: float,
                t_start: float) -> dict[str, Any]:
-    """The fields of a measured cell's record (copies: drift adds to ``metrics`` and ``method`` afterwards)."""
+    """The fields of a measured cell's record."""
     warmup = sum(samples["warmup_wall_s"])
     compiled = method.get("compiled_decode_step") or {}
     timing_extra = {"compile_and_capture": compiled["compile_and_capture_s"]} if compiled else {}
     warmup += compiled.get("compile_call_wall_s", 0.0)
-    metrics, method = dict(metrics), dict(method)
     return {
         "status": "ok",
         "metrics": metrics,
@@ -419,14 +419,12 @@ def check_context(config, scenario) -> None:
 
 def _drift_skip_reason(state, cell: Cell) -> str | None:
     """Why this cell's drift is not scored (the timings stand), or None."""
-    from bench.metrics.drift_config import random_weights_reason
+    from bench.metrics.drift_config import random_weights_skip
     from optimize.models import no_tokenizer_reason
 
     if state.ref.tokenizer is None:  # drift scores text
         return no_tokenizer_reason(state.ref)
-    if cell.drift.random_weights == "skip" and not state.ref.trained:
-        return random_weights_reason(cell.model)
-    return None
+    return random_weights_skip(cell.drift.random_weights, state.ref)
 
 
 def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> float:

@@ -22,9 +22,11 @@ DEFAULT_PROTOCOL = PROTOCOLS[0]
 RANDOM_WEIGHTS = ("score", "skip")
 
 
-def random_weights_reason(model: str) -> str:
-    """Why a cell of ``model`` (random weights) skips drift under ``[drift] random_weights = "skip"``."""
-    return (f"{model} has random weights and [drift] random_weights is \"skip\": its drift would test the "
+def random_weights_skip(random_weights: str, ref) -> str | None:
+    """Why drift of the resolved model ``ref`` is skipped under ``[drift] random_weights`` (None: it is scored)."""
+    if random_weights != "skip" or ref.trained:
+        return None
+    return (f"{ref.spec} has random weights and [drift] random_weights is \"skip\": its drift would test the "
             "mechanics only")
 
 
