@@ -80,6 +80,7 @@ def pool(ok: list[dict[str, Any]]) -> dict[str, Any]:
     samples = {key: [x for r in ok for x in r["samples"][key]] for key in rec["samples"]
                if all(isinstance(r["samples"].get(key), list) for r in ok)}
     rec["samples"] = samples
+    _drift_from_a_round_that_scored_it(rec, ok)
     metrics = rec["metrics"]
     for key, value in list(metrics.items()):
         per_round = [r["metrics"].get(key) for r in ok]
@@ -102,6 +103,30 @@ def pool(ok: list[dict[str, Any]]) -> dict[str, Any]:
 
         rec.update(noise_mark(samples, target))
     return rec
+
+
+def _drift_from_a_round_that_scored_it(rec: dict[str, Any], ok: list[dict[str, Any]]) -> None:
+    """Where the latest ok round's drift failed (a timeout or crash while scoring it, say) and an
+    earlier ok round scored it, the cell's drift is that round's, and a label says so.
+
+    Drift is a property of the variant, not of the process: a failure to score it in one round
+    does not undo another round's figures. Within-budget or over, the latest scored round's stands.
+    """
+    if rec.get("drift_ok") is not False or rec.get("drift_violations"):
+        return
+    scored = [r for r in ok if r.get("drift_ok") is True or r.get("drift_violations")]
+    if not scored:
+        return
+    donor = scored[-1]
+    for key, value in donor["metrics"].items():  # drift's figures: those the failed round lacks
+        rec["metrics"].setdefault(key, copy.deepcopy(value))
+    if "drift" in (donor.get("method") or {}):
+        rec.setdefault("method", {})["drift"] = copy.deepcopy(donor["method"]["drift"])
+    failure = error_cause(rec.pop("drift_error", None)) or "no cause recorded"
+    rec.update(drift_ok=donor["drift_ok"], drift_violations=list(donor.get("drift_violations") or []))
+    where = f"round {donor['round']}" if donor.get("round") is not None else "an earlier round"
+    rec["labels"] = [*rec.get("labels", []), f"drift: {where}'s figures (the latest round's drift failed: "
+                     f"{failure[:200]})"]
 
 
 def _pooled_summary(values: list[float], per_round: list[Any]) -> dict[str, Any]:

@@ -86,6 +86,31 @@ def test_per_process_figures_are_the_median_over_rounds_and_other_fields_the_lat
     assert pool(rounds)["metrics"]["tpot_ms"]["n"] == 10
 
 
+def test_a_round_whose_drift_failed_takes_the_drift_another_round_scored():
+    """Seen: a cell's latest round timed out while scoring drift; the pooled cell showed "drift failed"
+    and no KLD, though its first round had scored it."""
+    scored, failed = _round("bf16", 0, 100.0, kld=0.02), _round("bf16", 1, 110.0, kld=None)
+    scored["method"]["drift"] = {"protocol_name": "all-but-first"}
+    failed.update(drift_ok=False, drift_error="timed out after 240 s (process group killed) while scoring drift\nlog")
+    p = pool([scored, failed])
+    assert p["drift_ok"] is True and p["drift_violations"] == [] and "drift_error" not in p
+    assert p["metrics"]["kld_mean"] == 0.02 and p["metrics"]["top1_agreement"] == 0.98
+    assert p["method"]["drift"] == {"protocol_name": "all-but-first"}
+    assert p["labels"] == ["drift: round 0's figures (the latest round's drift failed: timed out after 240 s "
+                           "(process group killed) while scoring drift)"]
+    assert p["metrics"]["decode_tokens_per_s_summary"]["n"] == 10  # the speed figures pool as before
+    over = _round("bf16", 0, 100.0, kld=0.5)
+    over.update(drift_ok=False, drift_violations=["kld_mean 0.5 > 0.1"])
+    p = pool([over, failed])  # a round over its budget scored drift: its verdict stands
+    assert p["drift_ok"] is False and p["drift_violations"] == ["kld_mean 0.5 > 0.1"]
+    assert p["metrics"]["kld_mean"] == 0.5
+    p = pool([failed, _round("bf16", 2, 100.0, kld=0.03)])  # the latest round scored it: nothing to take
+    assert p["drift_ok"] is True and p["metrics"]["kld_mean"] == 0.03 and p["labels"] == []
+    again = dict(failed, round=2)
+    p = pool([failed, again])  # no round scored it: drift failed, as each round says
+    assert p["drift_ok"] is False and "kld_mean" not in p["metrics"] and p["drift_error"].startswith("timed out")
+
+
 def test_rounds_written_without_labels_pool_and_the_report_reads_them(tmp_path):
     """labels is not required of a record on read; pooling once indexed it and crashed report, select and export."""
     from bench.report.write import render

@@ -264,6 +264,10 @@ def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memor
     start_run(matrix, run_dir, shard=None, launcher="local", environment={})
     everything = execute(matrix, run_dir, LocalLauncher(run_dir / "logs"), cache_dir=str(cache_dir))
     records = {Path(r["model"]).name.removeprefix("drift-"): r for r in everything if r["variant"] == "bf16"}
+    for record in everything:  # the phases add up to the total, a killed drift's wall time included
+        timing = record["timing_s"]
+        phases = sum(timing[k] for k in ("load", "warmup", "measure", "drift", "overhead"))
+        assert timing["overhead"] >= 0 and phases == pytest.approx(timing["total"], abs=0.005), timing
     fp32 = [r for r in everything if r["variant"] == "fp32"]
     assert len(fp32) == 2 and all(r["status"] == "ok" and r["drift_ok"] is True for r in fp32)  # fp32 never faults
     for name, record in records.items():
