@@ -112,7 +112,9 @@ def _nvml_handle(pynvml):
         uuid = str(torch.cuda.get_device_properties(index).uuid)
     except Exception:  # noqa: BLE001  (older torch: no uuid; the index below)
         uuid = ""
-    for name in dict.fromkeys(filter(None, [f"GPU-{uuid.removeprefix('GPU-')}" if uuid else "", uuid])):
+    bare = uuid.removeprefix("GPU-").removeprefix("MIG-")
+    # NVML's spellings: GPU-<uuid> for a whole GPU, MIG-<uuid> for a MIG instance (torch reports either bare)
+    for name in dict.fromkeys(filter(None, [f"GPU-{bare}", f"MIG-{bare}", uuid] if uuid else [])):
         try:
             return pynvml.nvmlDeviceGetHandleByUUID(name)
         except Exception:  # noqa: BLE001  (not this spelling)

@@ -352,6 +352,10 @@ def test_nvml_process_memory_finds_the_device_by_torchs_uuid_first(fake_nvml, mo
     fake_nvml.props.uuid = "aaaa"  # torch's spelling, without NVML's prefix
     assert memory.nvml_process_memory() == (123 * 2**20, None)
     assert fake_nvml.calls == ["init", "uuid GPU-aaaa", "shutdown"]
+    fake_nvml.uuids["MIG-bbbb"] = fake_nvml.uuids.pop("GPU-aaaa")  # a MIG instance: NVML's MIG- spelling
+    fake_nvml.props.uuid = "bbbb"
+    assert memory.nvml_process_memory() == (123 * 2**20, None)
+    assert fake_nvml.calls[-2:] == ["uuid MIG-bbbb", "shutdown"]
 
 
 def test_nvml_process_memory_says_why_when_the_process_is_not_listed_or_hidden(fake_nvml, monkeypatch):
