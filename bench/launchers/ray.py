@@ -27,6 +27,35 @@ def _run_remote(kind: str, spec: dict[str, Any], timeout_s: float, cwd: str) -> 
         return run_job(kind, spec, Path(tmp), timeout_s)
 
 
+class RayNodesWarning(UserWarning):
+    """The cluster's nodes differ in CPUs: CPU cells run on the largest only."""
+
+
+def node_cpus(nodes: list[dict[str, Any]]) -> int:
+    """The CPUs a CPU cell asks for: every CPU of the largest live node (``ray.nodes()``).
+
+    Not the cluster's total (``available_resources``), which no single node has where there
+    are several: Ray would hold every CPU cell as infeasible, and the run would wait forever.
+    Where nodes differ, those with fewer CPUs run no CPU cell (two cells must never share a
+    node's cores), and a warning says so.
+    """
+    import warnings
+
+    counts = {node.get("NodeManagerAddress") or str(k): int((node.get("Resources") or {}).get("CPU", 0))
+              for k, node in enumerate(nodes) if node.get("Alive", True)}
+    counts = {name: n for name, n in counts.items() if n > 0}
+    if not counts:
+        return 1
+    largest = max(counts.values())
+    smaller = sorted(name for name, n in counts.items() if n < largest)
+    if smaller:
+        warnings.warn(RayNodesWarning(
+            f"Ray nodes differ in CPUs ({', '.join(f'{name}: {n}' for name, n in sorted(counts.items()))}): "
+            f"a CPU cell asks for {largest}, every CPU of the largest node, so {', '.join(smaller)} run no CPU cell"),
+            stacklevel=2)
+    return largest
+
+
 class RayLauncher:
     name = "ray"
 
@@ -41,7 +70,7 @@ class RayLauncher:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
-        self.cpus_per_cell = cpus_per_cell or max(1, int(ray.available_resources().get("CPU", 1)))
+        self.cpus_per_cell = cpus_per_cell or node_cpus(ray.nodes())
         self._task = ray.remote(_run_remote)
 
     def _options(self, spec: dict[str, Any]) -> dict[str, Any]:

@@ -163,3 +163,23 @@ def test_ray_launcher_produces_the_same_records_as_local(full_run, matrix_file, 
         assert r["scenario"] == local[cid]["scenario"] and r["recipe"] == local[cid]["recipe"]
         assert r["metrics"].keys() == local[cid]["metrics"].keys()
     assert json.loads((out / "run.json").read_text())["launcher"] == "ray"
+
+
+def test_a_ray_cpu_cell_asks_for_one_nodes_cpus_never_the_clusters_total():
+    """Asked for the cluster's total CPUs (what ``available_resources`` sums), a cell fits no node of a
+    cluster of several: Ray holds it as infeasible and the run waits forever."""
+    from bench.launchers.ray import RayNodesWarning, node_cpus
+
+    def node(address, cpus, alive=True):
+        return {"NodeManagerAddress": address, "Alive": alive, "Resources": {"CPU": float(cpus), "GPU": 1.0}}
+
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # alike nodes: no warning
+        assert node_cpus([node("10.0.0.1", 16), node("10.0.0.2", 16), node("10.0.0.3", 64, alive=False)]) == 16
+        assert node_cpus([node("10.0.0.1", 8)]) == 8
+        assert node_cpus([]) == 1  # nothing known: one CPU, as Ray's default task asks
+    with pytest.warns(RayNodesWarning, match=r"10\.0\.0\.1: 8, 10\.0\.0\.2: 32\): a CPU cell asks for 32, every CPU "
+                                             r"of the largest node, so 10\.0\.0\.1 run no CPU cell"):
+        assert node_cpus([node("10.0.0.1", 8), node("10.0.0.2", 32), {"Alive": True, "Resources": {"GPU": 1.0}}]) == 32
