@@ -56,6 +56,16 @@ def node_cpus(nodes: list[dict[str, Any]]) -> int:
     return largest
 
 
+def gpu_cell_cpus(nodes: list[dict[str, Any]]) -> int | None:
+    """The CPUs a CUDA cell asks for beside its GPU: its node's CPUs shared equally among the node's
+    GPUs (the smallest such share of any live GPU node), so that cells on one multi-GPU node never
+    crowd one another's launch threads; None where no live node has a GPU.
+    """
+    shares = [int(res.get("CPU", 0)) // int(res["GPU"]) for node in nodes if node.get("Alive", True)
+              for res in [node.get("Resources") or {}] if int(res.get("GPU", 0)) > 0]
+    return max(1, min(shares)) if shares else None
+
+
 class RayLauncher:
     name = "ray"
 
@@ -70,12 +80,14 @@ class RayLauncher:
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(include_dashboard=False, log_to_driver=False, num_cpus=os.cpu_count())
-        self.cpus_per_cell = cpus_per_cell or node_cpus(ray.nodes())
+        nodes = ray.nodes()
+        self.cpus_per_cell = cpus_per_cell or node_cpus(nodes)
+        self.cpus_per_gpu_cell = gpu_cell_cpus(nodes)
         self._task = ray.remote(_run_remote)
 
     def _options(self, spec: dict[str, Any]) -> dict[str, Any]:
         if spec.get("device") == "cuda":
-            return {"num_gpus": 1, "num_cpus": 1}
+            return {"num_gpus": 1, "num_cpus": self.cpus_per_gpu_cell or 1}
         return {"num_cpus": self.cpus_per_cell}
 
     def run(self, jobs: list[tuple[str, dict[str, Any], float]]) -> Iterator[tuple[dict[str, Any], dict[str, Any]]]:
@@ -83,6 +95,10 @@ class RayLauncher:
         ray = self._ray
         pending = {}
         for kind, spec, timeout_s in jobs:
+            if spec.get("device") == "cuda" and self.cpus_per_gpu_cell is None:
+                # Ray would hold the task as infeasible, and the run would wait for it forever
+                yield spec, {"status": "failed", "error": "no live Ray node has a GPU: a CUDA job cannot be placed"}
+                continue
             ref = self._task.options(**self._options(spec)).remote(kind, spec, timeout_s, os.getcwd())
             pending[ref] = spec
         while pending:

@@ -183,3 +183,37 @@ def test_a_ray_cpu_cell_asks_for_one_nodes_cpus_never_the_clusters_total():
     with pytest.warns(RayNodesWarning, match=r"10\.0\.0\.1: 8, 10\.0\.0\.2: 32\): a CPU cell asks for 32, every CPU "
                                              r"of the largest node, so 10\.0\.0\.1 run no CPU cell"):
         assert node_cpus([node("10.0.0.1", 8), node("10.0.0.2", 32), {"Alive": True, "Resources": {"GPU": 1.0}}]) == 32
+
+
+def test_a_ray_cuda_cell_gets_its_share_of_the_nodes_cpus_and_fails_at_once_where_no_node_has_a_gpu(monkeypatch):
+    import sys
+    from types import SimpleNamespace
+
+    from bench.launchers.ray import RayLauncher, gpu_cell_cpus
+
+    def node(cpus, gpus, alive=True):
+        return {"Alive": alive, "Resources": {"CPU": float(cpus), **({"GPU": float(gpus)} if gpus else {})}}
+
+    assert gpu_cell_cpus([node(64, 8), node(16, 1), node(96, 0)]) == 8  # the smallest share of a GPU node
+    assert gpu_cell_cpus([node(4, 8)]) == 1 and gpu_cell_cpus([node(96, 0), node(8, 8, alive=False)]) is None
+    submitted = []
+
+    class Task:
+        def options(self, **options):
+            return SimpleNamespace(remote=lambda kind, spec, *rest: submitted.append((spec, options)) or len(submitted))
+
+    nodes = [node(32, 0)]
+    fake = SimpleNamespace(is_initialized=lambda: True, nodes=lambda: nodes, remote=lambda fn: Task(),
+                           wait=lambda refs, num_returns: (refs[:1], refs[1:]), get=lambda ref: {"status": "ok"})
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    jobs = [("cell", {"device": "cuda", "id": 1}, 60.0), ("cell", {"device": "cpu", "id": 2}, 60.0)]
+    out = list(RayLauncher().run(jobs))  # a cluster without GPUs: the CUDA job fails, never waits forever
+    assert out[0] == ({"device": "cuda", "id": 1},
+                      {"status": "failed", "error": "no live Ray node has a GPU: a CUDA job cannot be placed"})
+    assert out[1] == ({"device": "cpu", "id": 2}, {"status": "ok"}) and submitted == [(jobs[1][1], {"num_cpus": 32})]
+    nodes[:] = [node(32, 0), node(64, 8)]
+    submitted.clear()
+    with pytest.warns(UserWarning, match="run no CPU cell"):
+        launcher = RayLauncher()
+    assert [o for _, o in launcher.run(jobs)] == [{"status": "ok"}] * 2
+    assert [o for _, o in submitted] == [{"num_gpus": 1, "num_cpus": 8}, {"num_cpus": 64}]
