@@ -8,6 +8,7 @@ would otherwise take for style tags and drop.
 
 from __future__ import annotations
 
+import errno
 import re
 import sys
 from typing import Any
@@ -42,6 +43,20 @@ def error_cause(error: str | None) -> str:
     return lines[0]
 
 
+def console(**kwargs):
+    """A rich Console whose lost reader (``| head``) raises BrokenPipeError, which the command turns into
+    exit 141; rich's own handling exits 1, the code of a failed check.
+    """
+    from rich.console import Console
+
+    class _Console(Console):
+        def on_broken_pipe(self) -> None:
+            self.quiet = True  # nothing more to write: its buffer would raise again at exit
+            raise BrokenPipeError(errno.EPIPE, "the reader of the output closed it")
+
+    return _Console(**kwargs)
+
+
 class Progress:
     def __init__(self, quiet: bool = False):
         self.quiet = quiet
@@ -55,7 +70,7 @@ class Progress:
 
             self._bar = RichProgress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                      TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     auto_refresh=False, transient=False)
+                                     auto_refresh=False, transient=False, console=console())
             self._bar.start()
         return self
 

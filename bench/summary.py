@@ -51,10 +51,10 @@ def drift_lines(records: list[dict[str, Any]]) -> list[str]:
 
 
 def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
 
+    from bench.progress import console as rich_console
     from bench.progress import error_cause
 
     rounds = max(((r.get("rounds") or {}).get("configured", 1) for r in records), default=1)
@@ -64,7 +64,7 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
         table.add_column(h, justify="right" if h not in ("model", "variant", "status") else "left")
     for row in summary_rows(records):
         table.add_row(*(escape(str(cell)) for cell in row))  # paths and names may hold [brackets]
-    console = Console(width=200)
+    console = rich_console(width=200)
     console.print(table)
     for r in records:
         if r["status"] != "ok" and r.get("error"):

@@ -18,9 +18,10 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps({n: {"recipe": v.recipe.to_dict(), "description": v.recipe.description,
                               "applies": v.applies} for n, v in infos.items()}, indent=1))
         return 0
-    from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
+
+    from bench.progress import console
 
     table = Table(title="built-in variants")
     for col in ("name", "steps", "what it does", "applies on"):
@@ -28,5 +29,5 @@ def main(args: argparse.Namespace) -> int:
     for name, info in infos.items():
         steps = " -> ".join(s.technique for s in info.recipe.steps) or "(reference)"
         table.add_row(*(escape(text) for text in (name, steps, info.recipe.description, info.applies)))
-    Console(width=160).print(table)
+    console(width=160).print(table)
     return 0

@@ -98,9 +98,11 @@ def test_an_interrupt_is_not_an_internal_error(monkeypatch, capsys):
     assert main(["env"]) == 130 and capsys.readouterr().err == "infermatrix: interrupted\n"
 
 
-@pytest.mark.parametrize("args", [["report", "reports/example"], ["report", "reports/example", "--format", "html"]])
+@pytest.mark.parametrize("args", [["report", "reports/example"], ["report", "reports/example", "--format", "html"],
+                                  ["variants"]])
 def test_a_reader_that_closed_the_output_is_exit_141_not_an_internal_error(args):
-    """``infermatrix report DIR | head``: the reader went away; no traceback, the shell's SIGPIPE status."""
+    """``infermatrix report DIR | head``: the reader went away; no traceback, the shell's SIGPIPE status.
+    A rich table (``variants``, the run's summary) too: rich's own handler exits 1, a failed check's code."""
     import os
     from pathlib import Path
 
