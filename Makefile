@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# PyPI's Linux torch is the CUDA build (~3 GB of NVIDIA libraries): a machine without a GPU takes the CPU
+# wheel, from an index or wheel folder pip is configured with where one has it, else from PyTorch's CPU index.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: demo test lint install clean browser mutation
 
@@ -15,7 +18,9 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install -q -e '.[gpu,ray,test]'; \
 	else \
 		echo "no GPU: CPU torch 2.13.0 and onnxruntime"; \
-		$(PY) -m pip install -q torch==2.13.0 && $(PY) -m pip install -q -e '.[cpu,ray,test]'; \
+		{ $(PY) -m pip install -q 'torch==2.13.0+cpu' 2>/dev/null \
+		  || $(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX); } \
+		&& $(PY) -m pip install -q -e '.[cpu,ray,test]'; \
 	fi
 	touch $(STAMP)
 
