@@ -259,8 +259,10 @@ def load_variant(ref: ModelRef, recipe: Recipe, device: str, store: VariantStore
                  trust_remote_code: bool = False) -> tuple[VariantState, Artifact]:
     """Build (or reuse) the saved part of ``recipe`` and apply its runtime steps on ``device``."""
     artifact = store.get_or_build(ref, recipe, device, trust_remote_code)
+    # The saved steps' reports come from the artifact's manifest (they ran when it was built); runtime steps add theirs.
     state = VariantState(ref=ref, device=device, source_dir=artifact.path, trust_remote_code=trust_remote_code,
-                         labels=list(artifact.manifest.get("labels", [])))
+                         labels=list(artifact.manifest.get("labels", [])),
+                         reports=[dict(r) for r in artifact.manifest.get("reports", [])])
     if recipe.backend == "onnxruntime":
         from optimize.export.onnx import load_ort_model, ort_label
 

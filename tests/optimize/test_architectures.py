@@ -92,7 +92,10 @@ def test_every_cpu_variant_is_ok_or_skipped_with_its_reason(arch, cache_dir):
         assert tokens.shape == (2, 12 + NEW_TOKENS), (arch, name)
         if _recipe(name).lossless:
             assert torch.equal(tokens, expected_tokens), f"{arch} {name}: lossless variant changed greedy tokens"
-        reports = {r["technique"]: r for r in list(artifact.manifest.get("reports", [])) + state.reports}
+        # every step's report, saved (from the manifest) and runtime, in recipe order: what a cell records
+        assert [r["technique"] for r in state.reports] == [s.technique for s in _recipe(name).steps], (arch, name)
+        assert state.reports[:len(artifact.manifest.get("reports", []))] == artifact.manifest.get("reports", [])
+        reports = {r["technique"]: r for r in state.reports}
         if name in QUANTIZERS:
             report = reports[_recipe(name).steps[0].technique]
             # every linear-like layer; torch-int8-dynamic adds an untied LM head (a tied one would grow the bytes)
