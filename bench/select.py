@@ -111,6 +111,8 @@ def parse_where(text: str) -> Constraint:
         raise InputError(f"--where {text!r}: {exc}") from None
     if m.shape not in BOUNDABLE:
         raise InputError(f"--where {text!r}: {key} is not a number a bound can apply to")
+    if stat is not None and m.shape != "summary" and m.ci_key and metric(m.ci_key).shape == "summary":
+        key, m = m.ci_key, metric(m.ci_key)  # a rate's statistics: its per-repetition summary's
     if stat is not None:
         if m.shape != "summary":
             raise InputError(f"--where {text!r}: {key} is one figure per cell; statistics ({', '.join(STATS)}) "

@@ -209,6 +209,11 @@ def test_where_bounds_any_catalogue_figure_in_its_stored_unit():
     assert _one([a, b], constraints=[parse_where("peak_memory_bytes<=314572799")]).chosen is None
     median = a["metrics"]["tpot_ms"]["p50"]
     assert parse_where("tpot_ms.p50<=5").value(a) == parse_where("tpot_ms<=5").value(a) == median
+    # a rate's statistic is its per-repetition summary's (decode_tokens_per_s is the median alone)
+    slowest = parse_where("decode_tokens_per_s.min>=99")
+    assert slowest.key == "decode_tokens_per_s_summary" and slowest.value(b) == min(b["samples"]["decode_tokens_per_s"])
+    assert _one([a, b], constraints=[slowest]).chosen == "b" and _one([a, b], constraints=[slowest]).verdicts[
+        "a"].outcome == "violates"
 
 
 def test_where_on_a_real_run_judges_each_variant_by_its_own_figure(capsys):
