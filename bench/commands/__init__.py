@@ -16,7 +16,7 @@ from pathlib import Path
 from optimize.atomic import folder_problem
 from optimize.errors import InputError
 
-__all__ = ["folder_problem", "names", "nonempty", "output_dir", "output_file", "write_output"]
+__all__ = ["folder", "folder_problem", "names", "nonempty", "output_dir", "output_file", "write_output"]
 
 
 def names(flag: str, what: str):
@@ -44,6 +44,20 @@ def nonempty(flag: str, convert=str):
         return convert(text)
     return parse
 
+
+
+def folder(flag: str, convert=Path):
+    """A folder flag's value: not empty, and not ``-``, which stands for standard output where one
+    text output is written and cannot be a folder (it would be a folder named "-" in the working one).
+    """
+    parse_nonempty = nonempty(flag, convert)
+
+    def parse(text: str):
+        if text.strip() == "-":
+            raise argparse.ArgumentTypeError(f"{flag} is a folder, and '-' means standard output, which a folder "
+                                             "cannot be (write ./- for a folder of that name)")
+        return parse_nonempty(text)
+    return parse
 
 
 def output_file(path: Path | None, what: str = "--out", stdout: bool = False) -> Path | None:

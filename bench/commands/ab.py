@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.commands import nonempty
+from bench.commands import folder, nonempty
 from bench.commands.compare import add_gate_arguments, check_outputs, emit, gate_config
 
 
@@ -29,9 +29,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=2,
                    help="fresh processes per cell and side, interleaved A B / B A (default 2; more narrows the MDE)")
     p.add_argument("--seed", type=int, default=0, help="seed of the per-round cell order")
-    p.add_argument("--out", type=nonempty("--out", Path),
+    p.add_argument("--out", type=folder("--out"),
                    help="directory for the two runs (default reports/ab/TIMESTAMP)")
-    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
+    p.add_argument("--cache-dir", type=folder("--cache-dir", str),
                    help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--repo", type=nonempty("--repo", Path), default=Path("."),
                    help="the git repository (default: the one here)")

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.commands import names, nonempty
+from bench.commands import folder, names, nonempty
 from bench.commands.run import _fetch_hub_models, check_cache_dirs
 
 if TYPE_CHECKING:
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variants", type=names("--variants", "variant"), required=True,
                    help="variant names, comma-separated")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto", help="target device")
-    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
+    p.add_argument("--cache-dir", type=folder("--cache-dir", str),
                    help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow the model's own modelling code to run")
 

@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench.commands import nonempty
+from bench.commands import folder, nonempty
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("runs", nargs="+", type=nonempty("RUN", Path), help="shard run directories")
-    p.add_argument("--out", type=nonempty("--out", Path), required=True, help="merged run directory to create")
+    p.add_argument("--out", type=folder("--out"), required=True, help="merged run directory to create")
     p.add_argument("--allow-env-mismatch", action="store_true",
                    help="merge shards from different CPU models or libraries (recorded; compare reports it)")
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.commands import names, nonempty, output_dir
+from bench.commands import folder, names, nonempty, output_dir
 from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
@@ -58,9 +58,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-tokens", type=_ints("--prompt-tokens"), help="prompt lengths in tokens, e.g. 128")
     p.add_argument("--new-tokens", type=_ints("--new-tokens"), help="generated tokens per request, e.g. 32")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), help="device (default: the matrix's, usually auto)")
-    p.add_argument("--out", type=nonempty("--out", Path),
+    p.add_argument("--out", type=folder("--out"),
                    help="run directory to create (default: reports/runs/TIMESTAMP-NAME)")
-    p.add_argument("--resume", type=nonempty("--resume", Path), metavar="DIR",
+    p.add_argument("--resume", type=folder("--resume"), metavar="DIR",
                    help="continue the run in DIR with the settings it was started with: skip cells recorded ok")
     p.add_argument("--shard", metavar="I/N", help="run only shard I of N (deterministic, balanced; see 'merge')")
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
@@ -88,7 +88,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt-source", choices=("auto", "eval-text", "random"),
                    help="prompts from the evaluation text, or seeded random ids within the vocabulary "
                         "(default auto: random only where the model has no tokenizer)")
-    p.add_argument("--cache-dir", type=nonempty("--cache-dir"),
+    p.add_argument("--cache-dir", type=folder("--cache-dir", str),
                    help="variant store and model cache (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--quiet", action="store_true", help="no progress bar: plain lines for CI logs")
     p.add_argument("--no-report", action="store_true",
@@ -97,7 +97,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="with --resume: measure the remaining cells although this machine differs from where the run "
                         "started (CPU, GPUs, driver, threads, library versions); run.json records the difference and "
                         "compare withholds its verdicts on the run")
-    p.add_argument("--logs-dir", type=nonempty("--logs-dir", Path), metavar="DIR",
+    p.add_argument("--logs-dir", type=folder("--logs-dir"), metavar="DIR",
                    help="where each job's spec, output and log go (default: the run directory's logs/)")
 
 
@@ -253,8 +253,8 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
     cache = Path(args.cache_dir) if args.cache_dir else default_cache_dir()
     # builds and cache writes killed by an earlier timeout or crash left these (this host's only)
     folders = [cache / sub for sub in ("variants", "models", "flops", "tokens", "drift")]
-    for folder in folders + sorted(cache.glob("drift/*/variants")):
-        sweep_stale_tmp(folder)
+    for stale in folders + sorted(cache.glob("drift/*/variants")):
+        sweep_stale_tmp(stale)
     sweep_stale_tmp(run_dir)  # a run.json write cut short by a kill; the lock keeps other writers out
     recorded_torch = (read_run(run_dir).get("environment") or {}).get("torch")
     resolve = device_resolver(recorded_torch or probe_torch(run_dir / "logs"))

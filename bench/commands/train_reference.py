@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-from pathlib import Path
 
-from bench.commands import nonempty
+from bench.commands import folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from optimize.reference.train import TrainConfig
 
-    p.add_argument("--out", type=nonempty("--out", Path), required=True,
+    p.add_argument("--out", type=folder("--out"), required=True,
                    help="output model directory, new or empty; it appears only when complete")
     defaults = TrainConfig()
     for f in dataclasses.fields(TrainConfig):

@@ -257,6 +257,21 @@ def test_an_empty_value_is_refused_not_taken_as_the_flag_left_out(tmp_path, caps
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("argv", [["run", "--out", "-"], ["run", "--resume", "-"], ["run", "--logs-dir", "-"],
+                                  ["run", "--cache-dir", "-"], ["build", "--variants", "fp32", "--cache-dir", "-"],
+                                  ["ab", "HEAD~1", "--out", "-"], ["merge", "a", "--out", "-"],
+                                  ["train-reference", "--out", "-"]])
+def test_a_folder_setting_refuses_the_dash_that_means_standard_output(tmp_path, capsys, monkeypatch, argv):
+    """Seen: ``run --out -`` ran the whole default matrix into a folder named "-" and exited 0."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli(argv)
+    flag = argv[argv.index("-") - 1]
+    _refused(exc.value.code, capsys.readouterr().err,
+             f"argument {flag}: {flag} is a folder, and '-' means standard output, which a folder cannot be")
+    assert list(tmp_path.iterdir()) == []
+
+
 # --- --resume keeps the settings the run was started with ---------------------------------------
 
 
