@@ -20,7 +20,7 @@ from typing import Any
 from bench import gate_stats as gs
 from bench.cells import identity
 from bench.results import RUN, read_records, read_run
-from optimize.errors import InputError
+from optimize.errors import InputError, clip
 from optimize.libraries import libraries
 
 
@@ -425,7 +425,7 @@ def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
     else:
         verdict, note = "inconclusive", f"{status['status']} in {'head' if b_ok else 'base'}: {first}"
     return [Row(cell=key, metric="status", label="status", unit="", direction="", kind="status", verdict=verdict,
-                note=note[:300])]
+                note=clip(note, 300))]
 
 
 def compare_runs(base_dir: Path, head_dir: Path, cfg: gs.GateConfig = gs.GateConfig(), **kwargs) -> Comparison:

@@ -13,6 +13,8 @@ import re
 import sys
 from typing import Any
 
+from optimize.errors import clip
+
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Fault)\b")
 PARENT_MESSAGES = ("timed out after", "cell process died", "cell process exited")
 
@@ -97,13 +99,13 @@ class Progress:
             self._say(f"build {info['variant']}: {info['status']}" + (f" ({how})" if info["status"] == "ok" else ""))
         elif kind == "roofline":
             if "error" in info:
-                self._say(f"roofline {info['device']}: failed ({error_cause(info['error'])[:200]})")
+                self._say(f"roofline {info['device']}: failed ({clip(error_cause(info['error']), 200)})")
             else:
                 self._say(f"roofline {info['device']}: copy {info['bandwidth_gbps']:.1f} GB/s, "
                           f"fp32 matmul {info['tflops'] * 1e3:.0f} GFLOP/s")
         elif kind == "reference":
             ok = info["status"] == "ok"
-            detail = f"{info.get('reference_s') or 0:.1f} s" if ok else error_cause(info.get("error"))[:200]
+            detail = f"{info.get('reference_s') or 0:.1f} s" if ok else clip(error_cause(info.get("error")), 200)
             self._say(f"drift reference pass {info['model']}: {info['status']} ({detail})")
         elif kind == "cell":
             s = info["scenario"]
@@ -112,7 +114,7 @@ class Progress:
             cause = error_cause(info.get("error"))
             which = f" round {info['round'] + 1}" if isinstance(info.get("round"), int) else ""  # [measure] rounds
             self._say(f"{info['variant']} b{s['batch_size']} p{s['prompt_tokens']} n{s['new_tokens']} "
-                      f"{info['device']}{which}: {info['status']}{extra}" + (f" ({cause[:160]})" if cause else ""))
+                      f"{info['device']}{which}: {info['status']}{extra}" + (f" ({clip(cause, 160)})" if cause else ""))
         counted = info.get("counted", True)
         if self._bar and self._task is not None and counted and kind in ("build", "reference", "cell"):
             self._bar.advance(self._task)

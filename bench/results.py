@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from optimize.atomic import write_atomic
-from optimize.errors import InputError
+from optimize.errors import InputError, clip
 
 if TYPE_CHECKING:
     from bench.cells import Cell
@@ -102,7 +102,7 @@ def repair_torn_tail(run_dir: Path) -> int | None:
 
     """
     path = Path(run_dir) / RESULTS
-    if not _regular_file(path, "the run's records"):
+    if not _regular_file(path, "the run's records file"):
         return None
     try:
         with path.open("r+b") as fh:
@@ -124,7 +124,7 @@ def repair_torn_tail(run_dir: Path) -> int | None:
             fh.flush()
             os.fsync(fh.fileno())
     except OSError as exc:
-        raise InputError(f"{path}: the run's records cannot be repaired ({exc.strerror or exc})") from None
+        raise InputError(f"{path}: the run's records file cannot be repaired ({exc.strerror or exc})") from None
     warnings.warn(f"{path}:{line_no}: torn last line ({len(data) - start} bytes, no newline) moved to {TORN}",
                   CorruptRecordWarning, stacklevel=2)
     return line_no
@@ -254,7 +254,7 @@ def schema_problem(value: Any, schema_path: Path = SCHEMA_PATH, for_reading: boo
     if error is None:
         return None
     where = "/".join(str(p) for p in error.absolute_path)
-    return f"{where + ': ' if where else ''}{error.message[:160]}"
+    return f"{where + ': ' if where else ''}{clip(error.message, 160)}"
 
 
 def _regular_file(path: Path, what: str) -> bool:
@@ -302,12 +302,12 @@ def read_records(run_dir: Path, latest_only: bool = True, strict: bool = False) 
 
     """
     path = Path(run_dir) / RESULTS
-    if not _regular_file(path, "the run's records"):
+    if not _regular_file(path, "the run's records file"):
         return []
     try:
         data = path.read_bytes()
     except OSError as exc:
-        raise InputError(f"{path}: the run's records cannot be read ({exc.strerror})") from None
+        raise InputError(f"{path}: the run's records file cannot be read ({exc.strerror})") from None
     records, bad, repeated, seen = [], [], [], {}
     lines = data.split(b"\n")
     for number, raw in enumerate(lines, start=1):

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.progress import error_cause
 from bench.stats import summarize
+from optimize.errors import clip
 
 # The sample a summary metric is computed from, where its name differs (a rate's summary).
 SUMMARY_SUFFIX = "_summary"
@@ -54,7 +55,7 @@ def cell_records(records: list[dict[str, Any]], rounds: int = 1) -> list[dict[st
         if rounds > 1 or len(recs) > 1:
             rec["rounds"] = {"configured": rounds, "ok": len(ok),
                              "not_ok": [{"round": r.get("round"), "status": r["status"],
-                                         "error": error_cause(r.get("error"))[:300] or None}
+                                         "error": clip(error_cause(r.get("error")), 300) or None}
                                         for r in recs if r["status"] != "ok"]}
         out.append(rec)
     return out
@@ -126,7 +127,7 @@ def _drift_from_a_round_that_scored_it(rec: dict[str, Any], ok: list[dict[str, A
     rec.update(drift_ok=donor["drift_ok"], drift_violations=list(donor.get("drift_violations") or []))
     where = f"round {donor['round']}" if donor.get("round") is not None else "an earlier round"
     rec["labels"] = [*rec.get("labels", []), f"drift: {where}'s figures (the latest round's drift failed: "
-                     f"{failure[:200]})"]
+                     f"{clip(failure, 200)})"]
 
 
 def _pooled_summary(values: list[float], per_round: list[Any]) -> dict[str, Any]:

@@ -37,7 +37,7 @@ from bench.catalogue import (
 )
 from bench.progress import error_cause
 from bench.report.table import Group, drift_on_random_weights, group_records
-from optimize.errors import InputError
+from optimize.errors import InputError, clip
 
 DRIFT_AXIS = "kld_mean"
 DEFAULT_OBJECTIVE = "decode_tokens_per_s"
@@ -300,7 +300,7 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
     for r in group.records():
         name = r["variant"]
         if r["status"] != "ok":
-            cause = error_cause(r.get("error"))[:200] or "(no error)"  # a traceback's exception line
+            cause = clip(error_cause(r.get("error")), 200) or "(no error)"  # a traceback's exception line
             d.verdicts[name] = Verdict(name, r["status"], f"{r['status']}: {cause}")
             continue
         broken = [v for v in (c.violation(r) for c in constraints) if v]
@@ -309,7 +309,7 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
             missing.insert(0, f"no {objective.label} measured (the objective)")
         if missing:
             drift_err = error_cause(r.get("drift_error"))
-            extra = f"; drift failed: {drift_err[:160]}" if drift_err else ""
+            extra = f"; drift failed: {clip(drift_err, 160)}" if drift_err else ""
             d.verdicts[name] = Verdict(name, "missing", "; ".join(missing) + extra)
         elif broken:
             d.verdicts[name] = Verdict(name, "violates", "; ".join(broken))

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.catalogue import METRICS, point
+from optimize.errors import clip
 
 # Metric columns of the end-of-run table (catalogue keys); labels and formats come from the catalogue.
 SUMMARY_METRICS = ["ttft_ms", "tpot_ms", "prefill_tokens_per_s", "decode_tokens_per_s", "peak_memory_bytes",
@@ -46,7 +47,8 @@ def drift_lines(records: list[dict[str, Any]]) -> list[str]:
         if r.get("drift_violations"):
             lines.append(f"{name} over its drift budget: {'; '.join(r['drift_violations'])}")
         else:
-            lines.append(f"{name} drift failed: {error_cause(r.get('drift_error'))[:200] or '(no error recorded)'}")
+            cause = clip(error_cause(r.get("drift_error")), 200) or "(no error recorded)"
+            lines.append(f"{name} drift failed: {cause}")
     return list(dict.fromkeys(lines))
 
 
@@ -68,7 +70,7 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     console.print(table)
     for r in records:
         if r["status"] != "ok" and r.get("error"):
-            console.print(f"{r['variant']} ({r['status']}): {error_cause(r['error'])[:200]}", markup=False)
+            console.print(f"{r['variant']} ({r['status']}): {clip(error_cause(r['error']), 200)}", markup=False)
     for line in drift_lines(records):
         console.print(line, markup=False)
     print(f"results: {run_dir / 'results.jsonl'}")

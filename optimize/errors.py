@@ -17,7 +17,14 @@ class NotApplicable(Exception):
     """
 
 
-def exception_line(exc: BaseException, limit: int = 200) -> str:
+def clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` characters, an ellipsis marking the cut (a cut message must not
+    read as whole: "set 'HF_HUB_OFFLINE" was the end of one).
+    """
+    return text if len(text) <= limit else text[:max(limit - 1, 0)] + "\u2026"
+
+
+def exception_line(exc: BaseException, limit: int = 300) -> str:
     """``Type: first line of the message`` (at most ``limit`` characters of it); the type alone for an empty one."""
     lines = str(exc).splitlines()
-    return f"{type(exc).__name__}: {lines[0][:limit]}" if lines else type(exc).__name__
+    return f"{type(exc).__name__}: {clip(lines[0], limit)}" if lines else type(exc).__name__

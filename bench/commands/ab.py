@@ -16,6 +16,7 @@ from pathlib import Path
 
 from bench.commands import folder, nonempty
 from bench.commands.compare import add_gate_arguments, check_outputs, emit, gate_config
+from optimize.errors import clip
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -48,7 +49,7 @@ def _printer(quiet: bool):
                   file=sys.stderr, flush=True)
         elif kind == "cell" and not quiet:
             rate = info.get("metrics", {}).get("decode_tokens_per_s")
-            what = f"decode {rate:.1f} tok/s" if isinstance(rate, (int, float)) else (info.get("error") or "")[:120]
+            what = f"decode {rate:.1f} tok/s" if isinstance(rate, (int, float)) else clip(info.get("error") or "", 120)
             print(f"{info['side']:4} {info['variant']}: {info['status']} {what}", file=sys.stderr, flush=True)
     return on_event
 

@@ -25,6 +25,7 @@ from bench.report.table import (
 )
 from bench.rounds import configured_rounds, short_of_rounds
 from bench.select import decide, default_objective, front_text
+from optimize.errors import clip
 from optimize.libraries import libraries
 
 LIBRARIES = libraries("report")
@@ -279,7 +280,7 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         name = f"{r['model']} / {r['variant']} / {r['device']}"
         if r["status"] != "ok":
             cause = error_cause(r.get("error"))  # a traceback's exception line, not its first line
-            out.append((name, f"{r['status']}: {cause[:300]}" if cause else r["status"]))
+            out.append((name, f"{r['status']}: {clip(cause, 300)}" if cause else r["status"]))
         for x in (r.get("rounds") or {}).get("not_ok", []) if r["status"] == "ok" else []:
             which = f"round {x['round'] + 1}" if isinstance(x["round"], int) else "a round"
             out.append((name, f"{which} {x['status']}" + (f": {x['error']}" if x["error"] else "")
@@ -289,7 +290,7 @@ def note_items(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
         if r.get("drift_violations"):
             out.append((name, f"drift over budget: {'; '.join(r['drift_violations'])}"))
         if r.get("drift_error"):
-            out.append((name, f"drift failed: {error_cause(r['drift_error'])[:300]}"))
+            out.append((name, f"drift failed: {clip(error_cause(r['drift_error']), 300)}"))
     return list(dict.fromkeys(out))
 
 

@@ -12,7 +12,7 @@ from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
 from bench.scenarios.base import Footprint, Scenario
 from bench.stats import summarize
-from optimize.errors import InputError
+from optimize.errors import InputError, clip
 
 
 @dataclass(frozen=True)
@@ -94,7 +94,7 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
             method["compiled_decode_step"]["cudagraph_skips"] = skipped.count
             if skipped.count:
                 state.labels.append(f"CUDA graphs not used ({skipped.count} compiled graph(s) skipped by inductor: "
-                                    f"{skipped.reasons[0][:200]})")
+                                    f"{clip(skipped.reasons[0], 200)})")
     return metrics, samples, method
 
 

@@ -129,7 +129,7 @@ def test_run_files_that_are_no_regular_file_are_refused_before_reading(run, caps
     for argv in (["report", str(run)], ["select", str(run)], ["compare", str(run), str(run)],
                  ["export", str(run), "--to", "pytest-benchmark"]):
         err = _one_line_error(capsys, cli(argv))
-        assert err.endswith(f"{path}: the run's records is not a regular file") if name == RESULTS else \
+        assert err.endswith(f"{path}: the run's records file is not a regular file") if name == RESULTS else \
             err.endswith(f"{path}: the run description is not a regular file"), err
 
 
@@ -304,4 +304,4 @@ def test_resume_of_a_run_whose_records_are_no_regular_file_is_refused(run, capsy
     path.unlink()
     path.mkdir() if make == "dir" else os.mkfifo(path)
     err = _one_line_error(capsys, cli(["run", "--resume", str(run), "--quiet"]))
-    assert err == f"infermatrix run: error: {path}: the run's records is not a regular file"
+    assert err == f"infermatrix run: error: {path}: the run's records file is not a regular file"

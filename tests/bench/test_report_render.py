@@ -106,7 +106,7 @@ def test_the_status_column_says_when_a_variant_drifted_past_its_budget_or_its_dr
     assert status == ["ok", "ok, over budget", "ok, drift failed"]
     notes = note_items([over, broken])
     assert notes == [("tiny / q4 / cpu", "drift over budget: kld_mean 0.3 > 0.1; top1_agreement 0.7 < 0.9"),
-                     ("tiny / q8 / cpu", "drift failed: " + ("RuntimeError: " + "m" * 400)[:300])]
+                     ("tiny / q8 / cpu", "drift failed: " + ("RuntimeError: " + "m" * 400)[:299] + "\u2026")]
 
 
 def test_columns_no_row_has_are_left_out_and_status_always_stays():
@@ -130,7 +130,7 @@ def test_notes_give_the_first_line_of_an_error_cut_at_300_characters_and_each_la
     older = record("fp32", steps=0, model="older")
     del older["labels"]  # a record from before labels
     assert note_items([long, silent, labelled, older]) == [
-        ("tiny / big / cpu", "failed: " + "x" * 300), ("tiny / quiet / cpu", "skipped"),
+        ("tiny / big / cpu", "failed: " + "x" * 299 + "\u2026"), ("tiny / quiet / cpu", "skipped"),
         ("tiny / fp32 / cpu", "noisy neighbour"), ("tiny / fp32 / cpu", "thermal")]
 
 

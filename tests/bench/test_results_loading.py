@@ -307,7 +307,7 @@ def test_run_files_that_are_no_regular_file_or_cannot_be_looked_at(tmp_path, mon
     (tmp_path / RESULTS).mkdir()
     with pytest.raises(InputError) as exc:
         read_records(tmp_path)
-    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records is not a regular file"
+    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records file is not a regular file"
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(InputError) as exc:
@@ -325,7 +325,7 @@ def test_run_files_that_are_no_regular_file_or_cannot_be_looked_at(tmp_path, mon
     monkeypatch.setattr(type(tmp_path), "read_bytes", refused)
     with pytest.raises(InputError) as exc:
         read_records(tmp_path)
-    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records cannot be read (Permission denied)"
+    assert str(exc.value) == f"{tmp_path / RESULTS}: the run's records file cannot be read (Permission denied)"
 
 
 def test_a_line_that_is_not_json_names_the_parser_s_reason_cut_short(tmp_path):
@@ -403,7 +403,7 @@ def test_repairing_a_results_file_that_is_no_regular_file_is_bad_input(tmp_path,
     path.mkdir() if make == "dir" else os.mkfifo(path)
     with pytest.raises(InputError) as exc:
         repair_torn_tail(tmp_path)
-    assert str(exc.value) == f"{path}: the run's records is not a regular file"
+    assert str(exc.value) == f"{path}: the run's records file is not a regular file"
 
 
 STAMPED = {"started_at": "2026-12-02T10:00:00Z"}  # a cell process's record: one measurement, stamped when it began

@@ -163,7 +163,7 @@ def test_rounds_are_told_where_asked_for_or_where_a_cell_has_several_records():
     assert cell_records(one, rounds=2)[0]["rounds"] == {"configured": 2, "ok": 1, "not_ok": []}
     [a] = cell_records(retried, rounds=1)  # a resumed run of one round: a failed record, then the ok one
     assert a["status"] == "ok" and a["rounds"]["ok"] == 1 and not short_of_rounds(a)
-    assert [x["error"] for x in a["rounds"]["not_ok"]] == ["CUDA out of memory", "x" * 300]
+    assert [x["error"] for x in a["rounds"]["not_ok"]] == ["CUDA out of memory", "x" * 299 + "\u2026"]
     no_error = _failed_round("b", 0)
     no_error["error"] = None
     [b] = cell_records([no_error, _failed_round("b", 1), _failed_round("b", 2, "last")], rounds=3)

@@ -470,8 +470,8 @@ def test_two_missing_figures_are_both_named_and_long_errors_are_cut():
     crash = record("crash", status="failed", error="F" * 300 + "\nsecond")
     d = _one([record("ok", kld=0.0), none, crash], constraints=cons)
     assert d.verdicts["none"].reason == ("no decode tok/s measured (the objective); no KLD mean measured "
-                                         "(--where kld_mean<=0.05 needs it); drift failed: " + "E" * 160)
-    assert d.verdicts["crash"].reason == "failed: " + "F" * 200
+                                         "(--where kld_mean<=0.05 needs it); drift failed: " + "E" * 159 + "\u2026")
+    assert d.verdicts["crash"].reason == "failed: " + "F" * 199 + "\u2026"
 
 
 def test_point_bounds_print_no_sample_count_and_stat_bounds_need_the_metric():
