@@ -71,10 +71,11 @@ class AbSide:
     cells: dict[str, Cell] = dataclasses.field(default_factory=dict)  # by Cell.key
 
 
-def side_matrix(worktree: Path, matrix: str | None) -> Matrix:
+def side_matrix(worktree: Path, matrix: str | None, rev: str = "that revision") -> Matrix:
     """The side's matrix (from its worktree), speed-only, local model paths made absolute."""
     if matrix and not (worktree / matrix).exists():
-        raise InputError(f"matrix {matrix!r} does not exist at that revision")
+        raise InputError(f"matrix {matrix!r} does not exist at {rev} (each side reads the matrix committed "
+                         "at its revision: commit it, or name one both revisions have)")
     m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
     models = tuple(str((worktree / s).resolve()) if not s.startswith(("builtin:", "synthetic:")) and
                    (worktree / s).exists() else s for s in m.models)

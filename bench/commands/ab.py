@@ -110,7 +110,8 @@ def main(args: argparse.Namespace) -> int:
                 tree = Path(tmp) / name
                 trees.append(tree)  # before adding it: a failed add may leave a registration to remove
                 git(repo, "worktree", "add", "--detach", "--force", str(tree), sha)
-                sides[name] = AbSide(name, revs[name], sha, tree, out / name, side_matrix(tree, matrix))
+                at = f"{revs[name]} ({sha[:10]})"
+                sides[name] = AbSide(name, revs[name], sha, tree, out / name, side_matrix(tree, matrix, at))
             print(f"ab: base {revs['base']} ({shas['base'][:10]}) vs head {head_rev} ({shas['head'][:10]}), "
                   f"matrix {matrix or 'built-in default'}; runs in {out}", file=sys.stderr, flush=True)
             torch_env = probe_torch(Path(tmp))

@@ -424,7 +424,7 @@ def test_ab_relative_matrix_outside_the_repository_exits_2(repo, tmp_path, capsy
 
 
 @pytest.mark.parametrize(("matrix", "needle"), [
-    ("nosuch.toml", "'nosuch.toml' does not exist at that revision"),
+    ("nosuch.toml", "'nosuch.toml' does not exist at HEAD~1 ("),  # the base's revision, named
     ("bench.toml", "'stpes' is not a matrix key"),  # refused in the base's worktree, after it was added
 ])
 def test_failed_ab_leaves_no_worktree_in_the_repository(repo, tmp_path, capsys, matrix, needle):
