@@ -173,6 +173,9 @@ _METRICS = [
 
 METRICS: dict[str, Metric] = {m.key: m for m in _METRICS}
 assert len(METRICS) == len(_METRICS), "duplicate metric key"
+# Every figure drift scoring adds to a record: the drift metrics and the facts about how they were scored.
+DRIFT_KEYS = frozenset(k for k, m in METRICS.items() if m.kind == "drift" or k.startswith("drift_")
+                       or k == "scored_tokens")
 
 
 def metric(key: str, shapes: tuple[str, ...] | None = None) -> Metric:

@@ -17,6 +17,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from bench.catalogue import DRIFT_KEYS
 from bench.progress import error_cause
 from bench.stats import summarize
 from optimize.errors import clip
@@ -119,8 +120,9 @@ def _drift_from_a_round_that_scored_it(rec: dict[str, Any], ok: list[dict[str, A
     if not scored:
         return
     donor = scored[-1]
-    for key, value in donor["metrics"].items():  # drift's figures: those the failed round lacks
-        rec["metrics"].setdefault(key, copy.deepcopy(value))
+    for key, value in donor["metrics"].items():  # drift's figures (a figure of another kind stays the latest's)
+        if key in DRIFT_KEYS:
+            rec["metrics"][key] = copy.deepcopy(value)
     if "drift" in (donor.get("method") or {}):
         rec.setdefault("method", {})["drift"] = copy.deepcopy(donor["method"]["drift"])
     failure = error_cause(rec.pop("drift_error", None)) or "no cause recorded"

@@ -92,7 +92,10 @@ def test_a_round_whose_drift_failed_takes_the_drift_another_round_scored():
     scored, failed = _round("bf16", 0, 100.0, kld=0.02), _round("bf16", 1, 110.0, kld=None)
     scored["method"]["drift"] = {"protocol_name": "all-but-first"}
     failed.update(drift_ok=False, drift_error="timed out after 240 s (process group killed) while scoring drift\nlog")
+    scored["metrics"].update(drift_wall_s=3.0, scored_tokens=8160, prefill_flops_fraction=0.4)  # the last: no drift's
     p = pool([scored, failed])
+    assert p["metrics"]["drift_wall_s"] == 3.0 and p["metrics"]["scored_tokens"] == 8160
+    assert "prefill_flops_fraction" not in p["metrics"]  # the latest round did not measure it: not taken
     assert p["drift_ok"] is True and p["drift_violations"] == [] and "drift_error" not in p
     assert p["metrics"]["kld_mean"] == 0.02 and p["metrics"]["top1_agreement"] == 0.98
     assert p["method"]["drift"] == {"protocol_name": "all-but-first"}
