@@ -115,12 +115,12 @@ def test_a_failed_roofline_is_a_note_and_keeps_the_timings(monkeypatch):
         raise KeyError("no such layer")
 
     def long_error(*_):
-        raise ValueError("x" * 300 + "\nsecond line")
+        raise ValueError("x" * 400 + "\nsecond line")
 
     monkeypatch.setattr(cell, "_roofline", long_error)
     method: dict = {}
     cell._add_roofline(SimpleNamespace(labels=[]), _cell({"cpu": {}}), {"prefill_tokens_per_s": 5.0}, method)
-    assert method == {"roofline_error": "roofline not computed: ValueError: " + "x" * 200}  # first line, cut
+    assert method == {"roofline_error": "roofline not computed: ValueError: " + "x" * 299 + "\u2026"}  # first line, cut
 
     monkeypatch.setattr(cell, "_roofline", broken)
     state = SimpleNamespace(labels=[])
