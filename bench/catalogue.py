@@ -230,6 +230,24 @@ def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
     return None
 
 
+def repetition_summary(record: dict[str, Any], key: str) -> dict[str, Any] | None:
+    """The summary over repetitions behind the metric: the recorded one (its own, or its ``ci_key``'s),
+    else, for a rate, one computed from the record's samples of it (a generate cell keeps its
+    prefill rate's repetitions but no summary of them); None where neither is there.
+    """
+    summary = _summary(record, key)
+    m = METRICS.get(key)
+    if summary is not None or m is None or not m.ci_key:  # a summary metric missing is not measured
+        return summary
+    values = (record.get("samples") or {}).get(key)
+    if isinstance(values, list) and values and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        from bench.stats import summarize
+
+        return summarize([float(v) for v in values])
+    return None
+
+
 def _summary(record: dict[str, Any], key: str) -> dict[str, Any] | None:
     """The summary over repetitions behind the metric's point value (its own, or its ``ci_key``'s)."""
     metrics = record.get("metrics") or {}

@@ -32,6 +32,7 @@ from bench.catalogue import (
     interval,
     metric,
     point,
+    repetition_summary,
     sample_count,
     too_few_repetitions,
 )
@@ -67,7 +68,7 @@ class Constraint:
     def value(self, record: dict[str, Any]) -> float | None:
         if self.stat in (None, "p50"):
             return point(record, self.key)
-        summary = (record.get("metrics") or {}).get(self.key)
+        summary = repetition_summary(record, self.key)  # a rate's: its repetitions' summary
         value = summary.get(self.stat) if isinstance(summary, dict) else None
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
         return float(value) if ok else None
@@ -83,14 +84,14 @@ class Constraint:
         if not over:
             return None
         op = ">" if self.side == "max" else "<"
-        n = sample_count(record, self.key) if self.stat else None
+        n = (repetition_summary(record, self.key) or {}).get("n") if self.stat else None
         of = f" over {n} samples" if n else ""  # repetitions; for ITL, every token gap of every repetition
         return f"{label} {m.format(value)}{of} {op} {m.format(self.bound)} ({self.flag or self.key})"
 
     def to_dict(self) -> dict[str, Any]:
         summary = metric(self.key).shape == "summary"
         return {"metric": self.key, "side": self.side, "bound": self.bound, "flag": self.flag, "given": self.given,
-                "stat": (self.stat or "p50") if summary else None}
+                "stat": (self.stat or "p50") if summary else self.stat}
 
 
 WHERE = re.compile(r"^\s*([A-Za-z0-9_]+)(?:\.([A-Za-z0-9]+))?\s*(<=|>=)\s*(\S+)\s*$")
@@ -111,10 +112,8 @@ def parse_where(text: str) -> Constraint:
         raise InputError(f"--where {text!r}: {exc}") from None
     if m.shape not in BOUNDABLE:
         raise InputError(f"--where {text!r}: {key} is not a number a bound can apply to")
-    if stat is not None and m.shape != "summary" and m.ci_key and metric(m.ci_key).shape == "summary":
-        key, m = m.ci_key, metric(m.ci_key)  # a rate's statistics: its per-repetition summary's
     if stat is not None:
-        if m.shape != "summary":
+        if m.shape != "summary" and not m.ci_key:  # a rate (with a ci_key) has a value per repetition
             raise InputError(f"--where {text!r}: {key} is one figure per cell; statistics ({', '.join(STATS)}) "
                              "apply to metrics with a value per repetition")
         if stat not in STATS:

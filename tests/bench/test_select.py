@@ -211,7 +211,12 @@ def test_where_bounds_any_catalogue_figure_in_its_stored_unit():
     assert parse_where("tpot_ms.p50<=5").value(a) == parse_where("tpot_ms<=5").value(a) == median
     # a rate's statistic is its per-repetition summary's (decode_tokens_per_s is the median alone)
     slowest = parse_where("decode_tokens_per_s.min>=99")
-    assert slowest.key == "decode_tokens_per_s_summary" and slowest.value(b) == min(b["samples"]["decode_tokens_per_s"])
+    assert slowest.value(b) == min(b["samples"]["decode_tokens_per_s"])
+    assert parse_where("decode_tokens_per_s.p50>=99").value(b) == b["metrics"]["decode_tokens_per_s"]
+    # a generate cell keeps its prefill rate's repetitions but no summary of them: computed from those
+    assert "prefill_tokens_per_s_summary" not in b["metrics"]
+    assert parse_where("prefill_tokens_per_s.min>=1").value(b) == min(b["samples"]["prefill_tokens_per_s"])
+    assert "over 5 samples" in parse_where("prefill_tokens_per_s.max<=1").violation(b)
     assert _one([a, b], constraints=[slowest]).chosen == "b" and _one([a, b], constraints=[slowest]).verdicts[
         "a"].outcome == "violates"
 
