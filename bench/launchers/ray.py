@@ -28,7 +28,7 @@ def _run_remote(kind: str, spec: dict[str, Any], timeout_s: float, cwd: str) -> 
 
 
 class RayNodesWarning(UserWarning):
-    """The cluster's nodes differ in CPUs: CPU cells run on the largest only."""
+    """What the cluster's nodes mean for the cells: nodes too small for a CPU cell, no GPU for a CUDA one."""
 
 
 def node_cpus(nodes: list[dict[str, Any]]) -> int:
@@ -94,11 +94,13 @@ class RayLauncher:
         """Submit every job, then yield ``(spec, result)`` in completion order (``ray.wait`` blocks)."""
         ray = self._ray
         pending = {}
+        if self.cpus_per_gpu_cell is None and any(spec.get("device") == "cuda" for _, spec, _ in jobs):
+            import warnings
+
+            # An autoscaling cluster starts a GPU node for the waiting tasks; a fixed one never will.
+            warnings.warn(RayNodesWarning("no live Ray node has a GPU: the CUDA jobs wait until one joins the "
+                                          "cluster (Ray reports them infeasible until then)"), stacklevel=2)
         for kind, spec, timeout_s in jobs:
-            if spec.get("device") == "cuda" and self.cpus_per_gpu_cell is None:
-                # Ray would hold the task as infeasible, and the run would wait for it forever
-                yield spec, {"status": "failed", "error": "no live Ray node has a GPU: a CUDA job cannot be placed"}
-                continue
             ref = self._task.options(**self._options(spec)).remote(kind, spec, timeout_s, os.getcwd())
             pending[ref] = spec
         while pending:
