@@ -127,7 +127,7 @@ def _drift_from_a_round_that_scored_it(rec: dict[str, Any], ok: list[dict[str, A
         rec.setdefault("method", {})["drift"] = copy.deepcopy(donor["method"]["drift"])
     failure = error_cause(rec.pop("drift_error", None)) or "no cause recorded"
     rec.update(drift_ok=donor["drift_ok"], drift_violations=list(donor.get("drift_violations") or []))
-    where = f"round {donor['round']}" if donor.get("round") is not None else "an earlier round"
+    where = f"round {donor['round'] + 1}" if isinstance(donor.get("round"), int) else "an earlier round"  # 1-based
     rec["labels"] = [*rec.get("labels", []), f"drift: {where}'s figures (the latest round's drift failed: "
                      f"{clip(failure, 200)})"]
 

@@ -99,7 +99,7 @@ def test_a_round_whose_drift_failed_takes_the_drift_another_round_scored():
     assert p["drift_ok"] is True and p["drift_violations"] == [] and "drift_error" not in p
     assert p["metrics"]["kld_mean"] == 0.02 and p["metrics"]["top1_agreement"] == 0.98
     assert p["method"]["drift"] == {"protocol_name": "all-but-first"}
-    assert p["labels"] == ["drift: round 0's figures (the latest round's drift failed: timed out after 240 s "
+    assert p["labels"] == ["drift: round 1's figures (the latest round's drift failed: timed out after 240 s "
                            "(process group killed) while scoring drift)"]
     assert p["metrics"]["decode_tokens_per_s_summary"]["n"] == 10  # the speed figures pool as before
     over = _round("bf16", 0, 100.0, kld=0.5)
