@@ -7,6 +7,8 @@ STAMP := $(VENV)/.installed
 # PyPI's Linux torch is the CUDA build (~3 GB of NVIDIA libraries): a machine without a GPU takes the CPU
 # wheel, from an index or wheel folder pip is configured with where one has it, else from PyTorch's CPU index.
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+# Only Linux x86_64 has both builds under one version (the CPU one labelled +cpu); elsewhere torch==2.13.0 is the CPU build.
+TORCH_CPU := $(if $(filter Linux-x86_64,$(shell uname -s)-$(shell uname -m)),torch==2.13.0+cpu,torch==2.13.0)
 
 .PHONY: demo test lint install clean browser mutation
 
@@ -18,7 +20,7 @@ $(STAMP): pyproject.toml Makefile
 		$(PY) -m pip install -q -e '.[gpu,ray,test]'; \
 	else \
 		echo "no GPU: CPU torch 2.13.0 and onnxruntime"; \
-		{ $(PY) -m pip install -q 'torch==2.13.0+cpu' 2>/dev/null \
+		{ $(PY) -m pip install -q '$(TORCH_CPU)' 2>/dev/null \
 		  || $(PY) -m pip install -q torch==2.13.0 --index-url $(TORCH_CPU_INDEX); } \
 		&& $(PY) -m pip install -q -e '.[cpu,ray,test]'; \
 	fi
