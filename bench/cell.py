@@ -521,12 +521,12 @@ def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> t
     return out, logits
 
 
-def _elem_bytes(state) -> float:
+def _elem_bytes(state) -> int:
     """Bytes per element of the KV cache: the graph's past-key inputs (ONNX), else the first float weight."""
     if state.backend == "onnxruntime":
         from optimize.export.onnx import onnx_kv_element_bytes
 
-        return float(onnx_kv_element_bytes(state.onnx_dir, _ort_session(state)))
+        return int(onnx_kv_element_bytes(state.onnx_dir, _ort_session(state)))  # whole bytes, as torch's
     return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 
