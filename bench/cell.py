@@ -158,7 +158,7 @@ def measure(job: dict[str, Any], provisional: Callable[[dict[str, Any]], None] |
         record.update(status="skipped", error=str(exc))
     except Exception as exc:  # any failure of the measured code becomes a failed record
         record.update(status="failed", error=error_tail(exc))
-    record["timing_s"]["total"] = time.perf_counter() - t_start
+    record["timing_s"].setdefault("total", time.perf_counter() - t_start)  # an ok record's is its phases' sum
     return record
 
 
@@ -221,11 +221,11 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
         method["ort_intra_op_threads"] = intra_op_threads(state.model)
         if cell.device == "cuda":
             method["memory"] = _onnx_runtime_cuda_memory(metrics)
-    if provisional is not None and cell.drift and _drift_skip_reason(state, cell) is None:
-        kept = {**record, **_ok_result(state, artifact, metrics, samples, method, load_s, 0.0, t_start)}
-        kept["timing_s"]["total"] = time.perf_counter() - t_start  # the runner adds the drift it did not finish
-        provisional(kept)
-    drift_s = _add_drift(state, cell, artifact.path, record, metrics, method)
+    skipped = _drift_skip_reason(state, cell) if cell.drift else None
+    if provisional is not None and cell.drift and skipped is None:
+        # the runner adds the drift it did not finish to its drift and total
+        provisional({**record, **_ok_result(state, artifact, metrics, samples, method, load_s, 0.0, t_start)})
+    drift_s = _add_drift(state, cell, artifact.path, record, metrics, method, skipped)
     return _ok_result(state, artifact, metrics, samples, method, load_s, drift_s, t_start)
 
 
@@ -245,11 +245,11 @@ def _ok_result(state, artifact, metrics, samples, method, load_s: float, drift_s
         "labels": state.labels,
         "build": {"reused": artifact.reused, "manifest_build_s": artifact.manifest.get("build_s"),
                   "reports": state.reports},
-        # The phases add up to the total the caller sets at once: overhead is the rest (preparing the
-        # model and prompts, the memory and roofline readings); compile_and_capture is a part of warmup.
+        # The phases add up to the total, read once: overhead is the rest (preparing the model and prompts,
+        # the store lookup, the memory and roofline readings); compile_and_capture is a part of warmup.
         "timing_s": {"load": load_s, "warmup": warmup, "measure": metrics["measured_wall_s"], "drift": drift_s,
                      "overhead": elapsed - load_s - warmup - metrics["measured_wall_s"] - drift_s,
-                     **timing_extra},
+                     "total": elapsed, **timing_extra},
     }
 
 
@@ -430,13 +430,14 @@ def _drift_skip_reason(state, cell: Cell) -> str | None:
     return random_weights_skip(cell.drift.random_weights, state.ref)
 
 
-def _add_drift(state, cell: Cell, artifact_path, record, metrics, method) -> float:
-    """Accuracy drift after the speed and memory figures are taken, so it cannot disturb them."""
+def _add_drift(state, cell: Cell, artifact_path, record, metrics, method, skipped: str | None) -> float:
+    """Accuracy drift after the speed and memory figures are taken, so it cannot disturb them; ``skipped``
+    is why it is not scored (``_drift_skip_reason``), or None.
+    """
     if not cell.drift:
         return 0.0
     from bench.metrics.drift_cell import cell_drift
 
-    skipped = _drift_skip_reason(state, cell)
     if skipped:
         record["drift_skipped"] = skipped
         method["drift"] = {"skipped": skipped}

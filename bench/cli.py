@@ -14,7 +14,7 @@ import os
 import sys
 import warnings
 
-from optimize.errors import InputError
+from optimize.errors import InputError, exception_line
 
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
 
@@ -134,8 +134,7 @@ def _internal_error(exc: Exception) -> int:
     """A bug: its cause in one line, then its traceback; exit 3, never 1, which reads as a failed check."""
     import traceback
 
-    first = (str(exc).splitlines() or [""])[0]  # the traceback below has the rest
-    print(f"infermatrix: internal error: {type(exc).__name__}: {first}", file=sys.stderr)
+    print(f"infermatrix: internal error: {exception_line(exc)}", file=sys.stderr)  # the traceback has the rest
     traceback.print_exception(exc, file=sys.stderr)
     return 3
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,8 +40,6 @@ def node_cpus(nodes: list[dict[str, Any]]) -> int:
     Where nodes differ, those with fewer CPUs run no CPU cell (two cells must never share a
     node's cores), and a warning says so.
     """
-    import warnings
-
     counts = {node.get("NodeManagerAddress") or str(k): int((node.get("Resources") or {}).get("CPU", 0))
               for k, node in enumerate(nodes) if node.get("Alive", True)}
     counts = {name: n for name, n in counts.items() if n > 0}
@@ -95,8 +94,6 @@ class RayLauncher:
         ray = self._ray
         pending = {}
         if self.cpus_per_gpu_cell is None and any(spec.get("device") == "cuda" for _, spec, _ in jobs):
-            import warnings
-
             # An autoscaling cluster starts a GPU node for the waiting tasks; a fixed one never will.
             warnings.warn(RayNodesWarning("no live Ray node has a GPU: the CUDA jobs wait until one joins the "
                                           "cluster (Ray reports them infeasible until then)"), stacklevel=2)
