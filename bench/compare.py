@@ -327,9 +327,11 @@ def _significant(row: Row, cfg: gs.GateConfig) -> bool:
 def _check_load(row: Row, base: Side, head: Side) -> None:
     """Withhold a speed verdict that the two sides' machine load could explain (recorded load only).
 
-    Other processes using a share L of the CPUs leave a process at most 1 - L of them, so going
-    from L_other to L_blamed can slow it by at most (1 - L_other) / (1 - L_blamed). A change whose
-    whole interval lies beyond that factor is more than the load could make, and stands with a note.
+    Other processes using a share L of the CPUs leave a single-threaded process at most 1 - L of
+    them, so going from L_other to L_blamed can slow it by at most (1 - L_other) / (1 - L_blamed):
+    a change whose whole interval lies beyond that factor is more than the load could make, and
+    stands with a note. A cell measured with several threads gets no such bound: each parallel
+    region waits for its slowest thread, and one that a neighbour preempts stalls them all.
     """
     b, h = _other_cpu(base.ok[row.cell]), _other_cpu(head.ok[row.cell])
     if b is None or h is None or row.kind != "speed":
@@ -338,15 +340,22 @@ def _check_load(row: Row, base: Side, head: Side) -> None:
     name, blamed, other = ("head", h, b) if row.verdict == "regressed" else ("base", b, h)
     if blamed - other <= LOAD_MARGIN:
         return
-    explained = (1 - other) / (1 - blamed) if blamed < 1 else math.inf
-    size = row.low if row.ratio > 1 else 1 / row.high  # the interval's end nearest no change, as a factor
     load = f"the {name} side ran while other processes used {blamed:.0%} of the CPUs ({other:.0%} for the other side)"
-    if size > explained:
-        row.note = f"{row.verdict} although {load}: that explains at most {explained:.2f}x, the change is at least " \
-                   f"{size:.2f}x"
-        return
+    if blamed < 1 and _single_threaded(base.ok[row.cell] + head.ok[row.cell]):
+        explained = (1 - other) / (1 - blamed)
+        size = row.low if row.ratio > 1 else 1 / row.high  # the interval's end nearest no change, as a factor
+        if size > explained:
+            row.note = f"{row.verdict} although {load}: that explains at most {explained:.2f}x, the change is at " \
+                       f"least {size:.2f}x"
+            return
     row.note = f"{row.verdict} withheld: {load}"
     row.verdict = "inconclusive"
+
+
+def _single_threaded(records: list[dict[str, Any]]) -> bool:
+    """True when every record was measured with one intra-op thread (torch's, and ONNX Runtime's where used)."""
+    return all((r.get("method") or {}).get("torch_threads") == 1
+               and (r.get("method") or {}).get("ort_intra_op_threads", 1) == 1 for r in records)
 
 
 def _other_cpu(records: list[dict[str, Any]]) -> float | None:

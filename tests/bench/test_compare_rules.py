@@ -176,26 +176,32 @@ def test_an_improvement_measured_while_the_base_was_busier_is_withheld(base_busy
     assert c.load == finite and json.loads(c.to_json())["load"] == finite
 
 
-@pytest.mark.parametrize(("factor", "verdict"), [(2.5, "inconclusive"), (4.0, "improved"), (1 / 4.0, "regressed")])
-def test_a_change_larger_than_the_load_could_make_stands(factor, verdict):
-    # Base 70% busy, head 10%: the load leaves base 30% of the CPUs against 90%, a slowdown of at most 3x.
-    # A 2.5x change the load explains; a 4x one (either way: a regression when head ran under the load)
-    # it cannot, and the verdict stands with the bound in its note.
+@pytest.mark.parametrize(("factor", "threads", "verdict"), [
+    (2.5, {"torch_threads": 1}, "inconclusive"),
+    (4.0, {"torch_threads": 1}, "improved"),
+    (1 / 4.0, {"torch_threads": 1}, "regressed"),  # head the busy, slow side
+    (4.0, {"torch_threads": 2}, "inconclusive"),  # several threads: the load bounds nothing
+    (4.0, {"torch_threads": 1, "ort_intra_op_threads": 2}, "inconclusive"),
+    (4.0, {}, "inconclusive"),  # threads not recorded
+])
+def test_a_change_larger_than_the_load_could_make_stands(factor, threads, verdict):
+    # The busy side at 70%, the other at 10%: the load leaves a single-threaded process 30% of the CPUs
+    # against 90%, a slowdown of at most 3x. A 2.5x change the load explains; a 4x one it cannot, and
+    # the verdict stands with the bound in its note.
     fast = [3.0 * (1 + i / 100) for i in range(5)]
-    slow = [factor * t for t in fast]
-    busy_side, quiet_side = (slow, fast) if factor > 1 else (fast, slow)
-    base = side([_loaded("v0", busy_side, 0.70)])
-    head = side([_loaded("v0", quiet_side, 0.10)])
-    if factor < 1:  # the regression: the head side is the busy, slow one
-        base, head = side([_loaded("v0", fast, 0.10)]), side([_loaded("v0", [t / factor for t in fast], 0.70)])
-    rows = _rows(compare_sides(base, head, ONE))
+    busy = _loaded("v0", [max(factor, 1 / factor) * t for t in fast], 0.70)
+    quiet = _loaded("v0", fast, 0.10)
+    base, head = (busy, quiet) if factor > 1 else (quiet, busy)
+    for r in (base, head):
+        r["method"] = dict(threads)
+    rows = _rows(compare_sides(side([base]), side([head]), ONE))
+    who, called = ("base", "improved") if factor > 1 else ("head", "regressed")
+    load = f"the {who} side ran while other processes used 70% of the CPUs (10% for the other side)"
     for key in ("v0:tpot_ms", "v0:decode_tokens_per_s"):
         row = rows[key]
         assert row.verdict == verdict, row.note
-        who = "base" if factor > 1 else "head"
-        load = f"the {who} side ran while other processes used 70% of the CPUs (10% for the other side)"
         if verdict == "inconclusive":
-            assert row.note == f"improved withheld: {load}"
+            assert row.note == f"{called} withheld: {load}"
         else:
             size = row.low if row.ratio > 1 else 1 / row.high
             assert size > 3.0

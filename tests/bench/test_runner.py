@@ -206,7 +206,9 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
 
 
 # Every cell of the matrix gets it: ten times what a cell of this shape takes on a loaded 2-core
-# machine (1-2 s), and the test waits it out once, for the hanging cell.
+# machine (1-2 s), and the test waits it out once, for the hanging cell. The cells run one torch
+# thread: with two, a neighbour that preempts one stalls the other at every parallel region, and a
+# cell that takes 1 s alone took over 20 s beside the rest of the suite.
 HANG_TIMEOUT_S = 20
 
 
@@ -219,7 +221,7 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
               "abort"), make_faulty(base, tmp_path / "faulty-hang", "hang", on_call=3)]
     matrix = narrow(load_matrix(), models=[str(m) for m in models] + ["synthetic:llama-tiny"], variants=["fp32"],
                     devices=["cpu"],
-                    batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
+                    batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True, threads=1,
                     repeat={"warmup": 1, "min_reps": 3, "max_reps": 3, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
                     drift=False)
     run_dir = tmp_path / "run"
@@ -255,7 +257,7 @@ def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memor
     faults = {name: make_faulty(base, tmp_path / f"drift-{name}", name, min_batch=2, dtypes=("torch.bfloat16",))
               for name in ("hang", "abort")}
     matrix = narrow(load_matrix(), models=[str(m) for m in faults.values()], variants=["fp32", "bf16"], devices=["cpu"],
-                    batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True,
+                    batch_size=[1], prompt_tokens=[16], new_tokens=[4], trust_remote_code=True, threads=1,
                     repeat={"warmup": 1, "min_reps": 3, "max_reps": 3, "budget_s": 0}, timeout_s=HANG_TIMEOUT_S,
                     drift=True)
     matrix = dataclasses.replace(matrix, drift=dataclasses.replace(matrix.drift, context=32, max_tokens=256))
