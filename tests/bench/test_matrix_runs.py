@@ -218,3 +218,15 @@ def test_a_ray_cuda_cell_gets_its_share_of_the_nodes_cpus_and_a_warning_where_no
         launcher = RayLauncher()
     assert [o for _, o in launcher.run(jobs)] == [{"status": "ok"}] * 2
     assert [o for _, o in submitted] == [{"num_gpus": 1, "num_cpus": 8}, {"num_cpus": 64}]
+    # More threads than the largest node's CPUs: each CPU cell would time its threads' contention
+    nodes[:] = [node(4, 1)]
+    threads = [("cell", {"device": "cuda", "measure": {"threads": 64}}, 60.0),  # a CUDA cell's are not checked
+               ("cell", {"device": "cpu", "measure": {"threads": 4}}, 60.0)]
+    with pytest.warns(UserWarning, match=r"threads 8 is more than the 4 CPUs a CPU cell gets \(every CPU of the "
+                                         r"largest Ray node\)"):
+        list(RayLauncher().run([*threads, ("cell", {"device": "cpu", "measure": {"threads": 8}}, 60.0)]))
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert len(list(RayLauncher().run(threads))) == 2
