@@ -327,11 +327,14 @@ def _significant(row: Row, cfg: gs.GateConfig) -> bool:
 def _check_load(row: Row, base: Side, head: Side) -> None:
     """Withhold a speed verdict that the two sides' machine load could explain (recorded load only).
 
-    Other processes using a share L of the CPUs leave a single-threaded process at most 1 - L of
-    them, so going from L_other to L_blamed can slow it by at most (1 - L_other) / (1 - L_blamed):
-    a change whose whole interval lies beyond that factor is more than the load could make, and
-    stands with a note. A cell measured with several threads gets no such bound: each parallel
-    region waits for its slowest thread, and one that a neighbour preempts stalls them all.
+    Other processes using a share L of the CPUs keep all of them busy at most a share L of the
+    time, so a single-threaded process that may run on every CPU waits at most that long: load
+    slows it by at most 1 / (1 - L). A change beyond that factor by more than the threshold is
+    more than the load could make, and stands with a note. The bound counts CPU time only (a
+    neighbour on a sibling hyperthread, or sharing the memory bandwidth, slows a process only
+    while it runs, which L counts). A multi-threaded cell gets none: each parallel region waits
+    for its slowest thread, and one that a neighbour preempts stalls them all; nor does a run
+    confined to some of the CPUs, where L, a share of them all, understates its own CPUs' load.
     """
     b, h = _other_cpu(base.ok[row.cell]), _other_cpu(head.ok[row.cell])
     if b is None or h is None or row.kind != "speed":
@@ -341,14 +344,15 @@ def _check_load(row: Row, base: Side, head: Side) -> None:
     if blamed - other <= LOAD_MARGIN:
         return
     load = f"the {name} side ran while other processes used {blamed:.0%} of the CPUs ({other:.0%} for the other side)"
-    if blamed < 1 and _single_threaded(base.ok[row.cell] + head.ok[row.cell]):
-        explained = (1 - other) / (1 - blamed)
-        size = row.low if row.ratio > 1 else 1 / row.high  # the interval's end nearest no change, as a factor
-        if size > explained:
-            row.note = f"{row.verdict} although {load}: that explains at most {explained:.2f}x, the change is at " \
-                       f"least {size:.2f}x"
+    notes = [row.note] if row.note else []
+    if blamed < 1 and _single_threaded(base.ok[row.cell] + head.ok[row.cell]) and _every_cpu(base, head):
+        explained = 1 / (1 - blamed)
+        size = row.low if row.low > 1 else 1 / row.high  # the interval's end nearest no change, as a factor
+        if size > explained * (1 + row.threshold):
+            row.note = "; ".join([*notes, f"{row.verdict} although {load}: that load explains at most "
+                                          f"{explained:.2f}x, the change is at least {size:.2f}x"])
             return
-    row.note = f"{row.verdict} withheld: {load}"
+    row.note = "; ".join([*notes, f"{row.verdict} withheld: {load}"])
     row.verdict = "inconclusive"
 
 
@@ -356,6 +360,13 @@ def _single_threaded(records: list[dict[str, Any]]) -> bool:
     """True when every record was measured with one intra-op thread (torch's, and ONNX Runtime's where used)."""
     return all((r.get("method") or {}).get("torch_threads") == 1
                and (r.get("method") or {}).get("ort_intra_op_threads", 1) == 1 for r in records)
+
+
+def _every_cpu(*sides: Side) -> bool:
+    """True when each run could use every CPU of its machine (its recorded affinity is all its cores)."""
+    envs = [side.run.get("environment") or {} for side in sides]
+    return all(isinstance(e.get("cpu_affinity"), int) and e.get("cpu_affinity") == e.get("cpu_logical_cores")
+               for e in envs)
 
 
 def _other_cpu(records: list[dict[str, Any]]) -> float | None:

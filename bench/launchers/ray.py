@@ -97,13 +97,13 @@ class RayLauncher:
             # An autoscaling cluster starts a GPU node for the waiting tasks; a fixed one never will.
             warnings.warn(RayNodesWarning("no live Ray node has a GPU: the CUDA jobs wait until one joins the "
                                           "cluster (Ray reports them infeasible until then)"), stacklevel=2)
-        threads = max((int((spec.get("measure") or {}).get("threads") or 0) for _, spec, _ in jobs
-                       if spec.get("device") != "cuda"), default=0)
+        # a cell's threads are in its measure settings, a ceiling job's at the top of its spec
+        threads = max((int((spec.get("measure") or {}).get("threads") or spec.get("threads") or 0)
+                       for _, spec, _ in jobs if spec.get("device") != "cuda"), default=0)
         if threads > self.cpus_per_cell:
             warnings.warn(RayNodesWarning(
-                f"threads {threads} is more than the {self.cpus_per_cell} CPUs a CPU cell gets (every CPU of the "
-                "largest Ray node): each such cell's threads share cores, and its figures time that contention"),
-                stacklevel=2)
+                f"threads {threads} is more than the {self.cpus_per_cell} CPUs a CPU job asks for: its threads "
+                "share cores, and its figures time that contention"), stacklevel=2)
         for kind, spec, timeout_s in jobs:
             ref = self._task.options(**self._options(spec)).remote(kind, spec, timeout_s, os.getcwd())
             pending[ref] = spec

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -173,8 +174,6 @@ def test_a_ray_cpu_cell_asks_for_one_nodes_cpus_never_the_clusters_total():
     def node(address, cpus, alive=True):
         return {"NodeManagerAddress": address, "Alive": alive, "Resources": {"CPU": float(cpus), "GPU": 1.0}}
 
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # alike nodes: no warning
         assert node_cpus([node("10.0.0.1", 16), node("10.0.0.2", 16), node("10.0.0.3", 64, alive=False)]) == 16
@@ -222,11 +221,11 @@ def test_a_ray_cuda_cell_gets_its_share_of_the_nodes_cpus_and_a_warning_where_no
     nodes[:] = [node(4, 1)]
     threads = [("cell", {"device": "cuda", "measure": {"threads": 64}}, 60.0),  # a CUDA cell's are not checked
                ("cell", {"device": "cpu", "measure": {"threads": 4}}, 60.0)]
-    with pytest.warns(UserWarning, match=r"threads 8 is more than the 4 CPUs a CPU cell gets \(every CPU of the "
-                                         r"largest Ray node\)"):
-        list(RayLauncher().run([*threads, ("cell", {"device": "cpu", "measure": {"threads": 8}}, 60.0)]))
-    import warnings
-
+    for job in (("cell", {"device": "cpu", "measure": {"threads": 8}}, 60.0),
+                ("roofline", {"device": "cpu", "threads": 8}, 60.0)):  # a ceiling job: threads at the top
+        with pytest.warns(UserWarning, match=r"threads 8 is more than the 4 CPUs a CPU job asks for: its threads "
+                                             r"share cores"):
+            list(RayLauncher().run([*threads, job]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert len(list(RayLauncher().run(threads))) == 2
