@@ -36,6 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="variant store (default: $INFERMATRIX_CACHE or ~/.cache/infermatrix)")
     p.add_argument("--repo", type=nonempty("--repo", Path), default=Path("."),
                    help="the git repository (default: the one here)")
+    p.add_argument("--threads", type=int, metavar="N",
+                   help="intra-op threads per cell on both sides, over the matrix's [measure] threads (0: torch's "
+                        "default); 1 halves the noise on a shared 2-core machine (README, regression gate)")
     p.add_argument("--quiet", action="store_true", help="no per-cell lines")
     add_gate_arguments(p)
 
@@ -76,9 +79,10 @@ def _in_repo(matrix: str, repo: Path) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from bench.ab import AbSide, git, remove_worktrees, repo_root, resolve_rev, run_interleaved, side_matrix
-    from bench.commands.run import check_cache_dirs
+    from bench.commands.run import check_cache_dirs, check_threads
     from bench.compare import compare_runs
     from bench.env import device_resolver, environment
+    from bench.matrix import narrow
     from bench.orchestrate import make_launcher
     from bench.runner import probe_torch
     from optimize.errors import InputError
@@ -111,7 +115,11 @@ def main(args: argparse.Namespace) -> int:
                 trees.append(tree)  # before adding it: a failed add may leave a registration to remove
                 git(repo, "worktree", "add", "--detach", "--force", str(tree), sha)
                 at = f"{revs[name]} ({sha[:10]})"
-                sides[name] = AbSide(name, revs[name], sha, tree, out / name, side_matrix(tree, matrix, at))
+                m = side_matrix(tree, matrix, at)
+                if args.threads is not None:
+                    m = narrow(m, threads=args.threads)
+                    check_threads(m, "local")
+                sides[name] = AbSide(name, revs[name], sha, tree, out / name, m)
             print(f"ab: base {revs['base']} ({shas['base'][:10]}) vs head {head_rev} ({shas['head'][:10]}), "
                   f"matrix {matrix or 'built-in default'}; runs in {out}", file=sys.stderr, flush=True)
             torch_env = probe_torch(Path(tmp))

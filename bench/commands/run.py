@@ -229,14 +229,14 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
 
     if matrix is None:
         matrix, run = resume_run(run_dir, shard)
-        _check_threads(matrix, args.launcher)
+        check_threads(matrix, args.launcher)
         if run.get("shard") and not shard:
             from bench.orchestrate import Shard
 
             shard = Shard.parse(run["shard"])
     else:
         check_new_run_dir(run_dir)
-        _check_threads(matrix, args.launcher)
+        check_threads(matrix, args.launcher)
         # the models first: an unreachable hub id or a model that cannot give the prompts asked for is
         # refused in a second, not after the fork server's imports (the probe below)
         _check_text_prompts(matrix, _fetch_hub_models(matrix.models))
@@ -365,7 +365,7 @@ def _check_resume_environment(run_dir: Path, run: dict, todo: int, allow: bool, 
           "run.json's environment_differences: compare withholds its verdicts on this run", file=sys.stderr)
 
 
-def _check_threads(matrix, launcher: str) -> None:
+def check_threads(matrix, launcher: str) -> None:
     """Refuse more threads per cell than this machine lets the run use (local cells only: a Ray node may
     have more cores than the host that parses the matrix); each cell would time its own contention.
     """

@@ -31,7 +31,7 @@ prompt_tokens = [384]
 new_tokens = [16]
 
 [measure]
-threads = 1  # one torch thread: a busy neighbour takes the other core instead of stalling the measured one
+threads = 2  # the test's --threads 1 overrides it: a busy neighbour then takes the other core instead of stalling
 warmup = 1
 min_reps = 5
 max_reps = 5
@@ -74,7 +74,7 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     # working directory it started in, and this checkout's code must be the one measured.
     out = tmp_path / "ab"
     rc = cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--quiet", "--rounds", "3",
-              "--json", str(tmp_path / "c.json")])
+              "--threads", "1", "--json", str(tmp_path / "c.json")])
     captured = capsys.readouterr()
     assert rc == 1, captured.out + captured.err
     regressed = [line for line in captured.err.splitlines() if line.startswith("regressed:")]
@@ -86,6 +86,7 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     for side in ("base", "head"):
         records = [json.loads(line) for line in (out / side / "results.jsonl").read_text().splitlines()]
         assert Counter(r["variant"] for r in records) == {"serve": 3, "fp32": 3}
+        assert {r["method"]["torch_threads"] for r in records} == {1}  # --threads over the matrix's 2
         run = json.loads((out / side / "run.json").read_text())
         assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
     head_serve = next(json.loads(line) for line in (out / "head" / "results.jsonl").read_text().splitlines()
@@ -105,3 +106,15 @@ def test_ab_bad_revision_and_not_a_repository(repo, tmp_path, capsys):
     (tmp_path / "plain").mkdir()
     assert cli(["ab", "HEAD~1", "--repo", str(tmp_path / "plain"), "--out", str(tmp_path / "y")]) == 2
     assert "not inside a git repository" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("threads", "cause"), [
+    ("-1", "threads must be a whole number >= 0 (0: torch's default), got -1"),
+    ("4096", "threads must be at most the "),
+])
+def test_ab_threads_out_of_range_exits_2_before_anything_runs(repo, tmp_path, capsys, threads, cause):
+    out = tmp_path / "ab"
+    argv = ["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out), "--threads", threads]
+    assert cli(argv) == 2
+    assert cause in capsys.readouterr().err
+    assert not out.exists() and len(_git(repo, "worktree", "list").splitlines()) == 1

@@ -501,7 +501,7 @@ def test_build_with_a_cache_dir_ignores_an_unusable_default_cache_but_run_does_n
 def test_more_threads_than_usable_cpus_is_refused_from_the_flag_the_matrix_and_a_resume(tmp_path, capsys,
                                                                                        monkeypatch):
     """Seen: --threads 100000 was accepted, then the ceilings' job and every cell failed on mmap ENOMEM."""
-    from bench.commands.run import _check_threads
+    from bench.commands.run import check_threads
     from bench.matrix import load_matrix
     from bench.orchestrate import start_run
 
@@ -524,6 +524,6 @@ def test_more_threads_than_usable_cpus_is_refused_from_the_flag_the_matrix_and_a
     rc, err = _run(capsys, "--resume", run_dir, "--quiet")
     _refused(rc, err, needle)
     assert sorted(p.name for p in run_dir.iterdir()) == before
-    _check_threads(matrix, "ray")  # a Ray node may have more cores than this host: not judged here
+    check_threads(matrix, "ray")  # a Ray node may have more cores than this host: not judged here
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(usable + 1)))
-    _check_threads(matrix, "local")
+    check_threads(matrix, "local")

@@ -126,3 +126,8 @@ def test_gate_script_takes_the_merge_base_with_the_target_branch(tmp_path):
     assert done.returncode == 0, done.stderr
     args = (tmp_path / "gate" / "args.txt").read_text().split()
     assert args[:3] == ["ab", base, "HEAD"] and "--markdown" in args and "--json" in args
+    assert args[3:5] == ["--threads", "1"]  # one thread by default: a shared runner's steadiest figures
+    for threads, passed in (("", None), ("0", "0"), ("2", "2")):  # empty: the matrix's own threads
+        assert _gate(tmp_path, INFERMATRIX=str(fake), GATE_THREADS=threads).returncode == 0
+        args = (tmp_path / "gate" / "args.txt").read_text().split()
+        assert (args[args.index("--threads") + 1] if "--threads" in args else None) == passed
