@@ -12,7 +12,7 @@
 #   GATE_OUT     output directory (default reports/gate)
 #   GATE_ROUNDS  processes per cell and side (default 2)
 #   GATE_THREADS intra-op threads per cell (default 1: on a shared runner a preempted thread stalls
-#                a multi-threaded cell, doubling the noise; empty: the matrix's own [measure] threads)
+#                a multi-threaded cell, doubling the noise; "matrix": the matrix's own [measure] threads)
 #   GATE_ARGS    extra options for `infermatrix ab` (e.g. --speed-threshold 0.1)
 #   INFERMATRIX  the command (default: infermatrix)
 set -uo pipefail
@@ -35,7 +35,7 @@ mkdir -p "$OUT_DIR"
 rm -rf "$OUT_DIR/runs"
 ARGS=(ab "$BASE_REV" "$HEAD_REV")
 [ -n "${GATE_MATRIX:-}" ] && ARGS+=("$GATE_MATRIX")
-[ -n "${GATE_THREADS-1}" ] && ARGS+=(--threads "${GATE_THREADS-1}")
+[ "${GATE_THREADS:-1}" != matrix ] && ARGS+=(--threads "${GATE_THREADS:-1}")
 ARGS+=(--rounds "${GATE_ROUNDS:-2}" --out "$OUT_DIR/runs" --quiet
        --markdown "$OUT_DIR/summary.md" --json "$OUT_DIR/gate.json" "${EXTRA[@]}")
 : > "$OUT_DIR/summary.md"

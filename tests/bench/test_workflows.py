@@ -73,6 +73,8 @@ def test_gate_workflows_run_ab_against_the_merge_base_and_post_the_summary(name,
     gate = next(s for s in steps(job) if s.get("id") == "gate")
     assert gate["env"]["GATE_BRANCH"] == "${{ github.base_ref }}" and "ci/gate.sh" in gate["run"]
     assert "GATE_BASE" not in gate["env"]  # so the script takes the merge base
+    # a shared CPU runner measures one thread per cell (the script's default); a GPU runner the matrix's own
+    assert gate["env"].get("GATE_THREADS") == (None if runner == "ubuntu-latest" else "matrix")
     comment = next(s for s in steps(job) if "gh pr comment" in s.get("run", ""))
     assert "always()" in comment["if"] and "gate/summary.md" in comment["run"]
     assert steps(job)[-1]["run"].startswith("exit") and steps(job)[-1]["if"] == "always()"
@@ -127,7 +129,7 @@ def test_gate_script_takes_the_merge_base_with_the_target_branch(tmp_path):
     args = (tmp_path / "gate" / "args.txt").read_text().split()
     assert args[:3] == ["ab", base, "HEAD"] and "--markdown" in args and "--json" in args
     assert args[3:5] == ["--threads", "1"]  # one thread by default: a shared runner's steadiest figures
-    for threads, passed in (("", None), ("0", "0"), ("2", "2")):  # empty: the matrix's own threads
+    for threads, passed in (("matrix", None), ("", "1"), ("0", "0"), ("2", "2")):  # "matrix": its own threads
         assert _gate(tmp_path, INFERMATRIX=str(fake), GATE_THREADS=threads).returncode == 0
         args = (tmp_path / "gate" / "args.txt").read_text().split()
         assert (args[args.index("--threads") + 1] if "--threads" in args else None) == passed
