@@ -358,8 +358,8 @@ def _check_load(row: Row, base: Side, head: Side) -> None:
 
 def _single_threaded(records: list[dict[str, Any]]) -> bool:
     """True when every record was measured with one intra-op thread (torch's, and ONNX Runtime's where used)."""
-    return all((r.get("method") or {}).get("torch_threads") == 1
-               and (r.get("method") or {}).get("ort_intra_op_threads", 1) == 1 for r in records)
+    methods = [r.get("method") or {} for r in records]
+    return all(m.get("torch_threads") == 1 and m.get("ort_intra_op_threads", 1) == 1 for m in methods)
 
 
 def _every_cpu(*sides: Side) -> bool:

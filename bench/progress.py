@@ -9,6 +9,7 @@ would otherwise take for style tags and drop.
 from __future__ import annotations
 
 import errno
+import functools
 import re
 import sys
 from typing import Any
@@ -49,14 +50,20 @@ def console(**kwargs):
     """A rich Console whose lost reader (``| head``) raises BrokenPipeError, which the command turns into
     exit 141; rich's own handling exits 1, the code of a failed check.
     """
+    return _console_class()(**kwargs)
+
+
+@functools.cache
+def _console_class():
+    """The Console subclass, made once (rich is imported only by the commands that print tables)."""
     from rich.console import Console
 
-    class _Console(Console):
+    class PipeConsole(Console):
         def on_broken_pipe(self) -> None:
             self.quiet = True  # nothing more to write: its buffer would raise again at exit
             raise BrokenPipeError(errno.EPIPE, "the reader of the output closed it")
 
-    return _Console(**kwargs)
+    return PipeConsole
 
 
 class Progress:
