@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from bench import job_phase
 from bench.results import new_record, utc_now, write_json_atomic
-from optimize.errors import InputError, NotApplicable, exception_line
+from optimize.errors import InputError, NotApplicable
 
 if TYPE_CHECKING:
     from bench.cells import Cell
@@ -200,27 +200,29 @@ def _measure(cell: Cell, record: dict[str, Any], baseline_rss: int, t_start: flo
     """Load the variant, then each measurement in turn: latency, memory, roofline, drift."""
     import torch
 
+    from bench.metrics import memory_cell
+    from bench.metrics.roofline_cell import add_roofline
+
     _seed(cell.measure.seed)
     if cell.measure.threads:
         torch.set_num_threads(cell.measure.threads)  # before loading: every kernel then runs on these threads
     state, artifact, load_s = _load(cell, record)
-    load_peaks = _close_load_window(cell.device)
+    load_peaks = memory_cell.close_load_window(cell.device)
     metrics, samples, method = _measure_latency(state, cell, record)
     metrics["rss_baseline_bytes"] = baseline_rss
     job_phase.enter("reading memory and roofline figures")
     # Memory figures are read before drift runs: drift's own buffers must not count.
-    figures, missing = _measure_memory(cell.device, baseline_rss, load_peaks)
+    figures, missing = memory_cell.measure_memory(cell.device, baseline_rss, load_peaks)
     metrics.update(figures)
-    _add_roofline(state, cell, metrics, method, artifact.manifest)
-    method.update(memory=_MEMORY_METHOD["cuda" if cell.device == "cuda" else "cpu"]
-                  + ("" if "serving_peak_memory_bytes" in metrics else _NO_SERVING_WINDOW),
-                  torch_threads=torch.get_num_threads(), **missing)
+    add_roofline(state, cell, metrics, method, artifact.manifest)
+    method.update(memory=memory_cell.memory_method(cell.device, metrics), torch_threads=torch.get_num_threads(),
+                  **missing)
     if state.backend == "onnxruntime":
         from optimize.export.onnx import intra_op_threads
 
         method["ort_intra_op_threads"] = intra_op_threads(state.model)
         if cell.device == "cuda":
-            method["memory"] = _onnx_runtime_cuda_memory(metrics)
+            method["memory"] = memory_cell.onnx_runtime_cuda_memory(metrics)
     skipped = _drift_skip_reason(state, cell) if cell.drift else None
     if provisional is not None and cell.drift and skipped is None:
         # the runner adds the drift it did not finish to its drift and total
@@ -276,6 +278,7 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     """Time the cell's scenario under the machine-load monitor: (metrics, samples, method)."""
     from bench.metrics import memory
     from bench.metrics.load import machine_load, noise_mark
+    from bench.metrics.roofline_cell import kv_bytes_per_token
     from bench.prompts import prompt_ids
     from bench.scenarios import Footprint
 
@@ -293,107 +296,6 @@ def _measure_latency(state, cell: Cell, record: dict[str, Any]):
     metrics["kv_cache_bytes_per_token"] = footprint.kv_bytes_per_token
     method["prompt_source"] = prompt_source
     return metrics, samples, method
-
-
-_MEMORY_METHOD = {
-    "cuda": "cuda max_memory_allocated over the cell (load included), and over warm-up and repetitions alone "
-            "(serving, after a second reset); NVML per process",
-    "cpu": "peak RSS of the cell process (getrusage; load included) and its increase over pre-load RSS, read with the "
-           "fork server's resident library pages resident again; serving: VmHWM over warm-up and repetitions alone, "
-           "after a /proc/self/clear_refs reset",
-}
-_NO_SERVING_WINDOW = "; serving peak not measured: /proc/self/clear_refs cannot reset the peak here"
-
-
-def _close_load_window(device: str) -> dict[str, Any]:
-    """The load's memory peaks; then the peaks are reset, so that the run's own can be read after it.
-
-    Returns the load's figures; on the CPU also ``reset``, False where the peak RSS cannot be
-    reset (the cell then has no serving figure, only the whole cell's peak).
-    """
-    from bench.metrics import memory
-
-    if device == "cuda":
-        load = memory.cuda_peaks()
-        memory.reset_cuda_peaks()
-        return load
-    return {"peak_rss_bytes": memory.peak_rss_bytes(), "reset": memory.reset_peak_rss()}
-
-
-def _measure_memory(device: str, baseline_rss: int, load: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
-    """Peak memory of the whole cell so far (load included), of its load, and of the run alone (serving).
-
-    CUDA: allocator and NVML figures, the host's peak RSS beside them; CPU: the process's RSS.
-    With them, ``method`` entries saying why a figure is missing (``nvml``): apart from
-    ``method.memory``, whose words ``compare`` reads as how the gated figures were taken.
-    """
-    from bench.metrics import memory
-
-    if device == "cuda":
-        run, nvml_missing = memory.cuda_memory()
-        allocated, reserved = "cuda_max_allocated_bytes", "cuda_max_reserved_bytes"
-        peaks = {key: max(load[key], run[key]) for key in (allocated, reserved)}
-        return {**run, **peaks, "peak_memory_bytes": peaks[allocated], "load_peak_memory_bytes": load[allocated],
-                "serving_peak_memory_bytes": run[allocated], "host_peak_rss_bytes": memory.peak_rss_bytes()}, \
-            {} if nvml_missing is None else {"nvml": f"no per-process figure: {nvml_missing}"}
-    serving = memory.vm_hwm_bytes() if load["reset"] else None
-    # The reset restarted getrusage's peak too; VmHWM and getrusage may differ by a few pages.
-    peak = max(load["peak_rss_bytes"], memory.peak_rss_bytes(), serving or 0)
-    out = {"peak_memory_bytes": peak, "rss_increase_bytes": peak - baseline_rss,
-           "load_peak_memory_bytes": load["peak_rss_bytes"]}
-    if serving is not None:
-        out["serving_peak_memory_bytes"] = serving
-    return out, {}
-
-
-def _onnx_runtime_cuda_memory(metrics: dict[str, Any]) -> str:
-    """An ONNX Runtime cell's device memory on CUDA, in place in ``metrics``; the method's text for it.
-
-    ONNX Runtime keeps its weights and activations in its own CUDA arena, which torch's allocator
-    does not see (it holds only the I/O-bound inputs and outputs): the allocator's peak alone would
-    leave the model out. NVML's figure for the process covers the arena (and the CUDA context);
-    without one, the figure is a lower bound, the allocator's peak plus the graph's weights.
-    """
-    nvml = metrics.get("nvml_process_bytes")
-    if nvml is not None:
-        serving = max(nvml, metrics["serving_peak_memory_bytes"])
-        metrics.update(serving_peak_memory_bytes=serving, peak_memory_bytes=max(serving, metrics["peak_memory_bytes"]))
-        return ("NVML device memory of the cell process after warm-up and repetitions (ONNX Runtime's CUDA arena is "
-                "outside torch's allocator; the CUDA context included); load: torch's allocator only")
-    for key in ("peak_memory_bytes", "serving_peak_memory_bytes"):
-        metrics[key] += metrics["weights_bytes"]
-    return ("a lower bound: torch's allocator peak (the I/O-bound inputs and outputs) plus the graph's weight bytes "
-            "(ONNX Runtime's CUDA arena is outside torch's allocator, and NVML had no figure: see method.nvml)")
-
-
-def _add_roofline(state, cell: Cell, metrics: dict[str, Any], method: dict[str, Any],
-                  manifest: dict[str, Any] | None = None) -> None:
-    """Achieved fractions of the run's measured ceilings: prefill FLOP/s, and decode bandwidth where the cell decoded.
-
-    Optional: a failure is a note in the record, never the loss of the timings already taken.
-    """
-    if not cell.ceilings or "prefill_tokens_per_s" not in metrics:
-        return
-    try:
-        figures, logits = _roofline(state, cell, metrics, manifest)
-        metrics.update(figures)
-        parts = [f"prefill FLOPs counted by torch.utils.flop_counter on the architecture, {logits}"]
-        ceilings, computes_in = figures["roofline_ceilings"], cell.recipe.matmul_dtype(cell.device)
-        if "matmul_dtype" in ceilings:
-            parts.append(f"prefill fraction of the fastest measured {ceilings['matmul_dtype']} matmul "
-                         f"({ceilings['matmul_backend']}); the variant computes in {computes_in} here")
-        else:
-            parts.append(f"no prefill fraction: no {computes_in} matmul could be measured on this device")
-        if "roofline_fraction" in figures:
-            kv = "KV shape read off a real cache"
-            if state.generate_kwargs.get("cache_implementation") == "quantized":
-                kv += "; a quantized cache's bytes, scales and full-precision tail included, held over this decode"
-            parts.insert(0, "decode bytes/step = weights (less an untied input embedding) + batch x mean context x "
-                            f"KV bytes/token ({kv})")
-        method["roofline"] = "; ".join(parts)
-    except Exception as exc:
-        method["roofline_error"] = f"roofline not computed: {exception_line(exc)}"
-        state.labels.append(method["roofline_error"])
 
 
 def check_memory(state, scenario, footprint) -> None:
@@ -458,77 +360,6 @@ def _add_drift(state, cell: Cell, artifact_path, record, metrics, method, skippe
     record["drift_ok"] = drift["drift_ok"]
     record["drift_violations"] = drift["violations"]
     return time.perf_counter() - t0
-
-
-def kv_bytes_per_token(state, scenario) -> float:
-    """Bytes the variant's KV cache stores per token of context (every layer's, one sequence's).
-
-    At the cache's stored element size (the graph's past inputs or the first float weight); for a
-    quantized cache, what it holds over ``scenario``'s decode, scales and full-precision recent
-    tokens included (``optimize.introspect.quantized_kv_bytes_per_token``); 0 for a variant that
-    keeps no cache (``use_cache=False``: every step recomputes the prefix, and there is nothing to
-    hold or to read).
-    """
-    if state.generate_kwargs.get("use_cache") is False:
-        return 0.0
-    geometry = _kv_geometry(state)
-    if state.generate_kwargs.get("cache_implementation") == "quantized":
-        from optimize.introspect import quantized_kv_bytes_per_token
-
-        return quantized_kv_bytes_per_token(state.model, geometry, state.generate_kwargs.get("cache_config") or {},
-                                            scenario.prompt_tokens, scenario.new_tokens)
-    return geometry.bytes_per_token(_elem_bytes(state))
-
-
-def _kv_geometry(state):
-    """KV-cache shape: off the graph's past inputs (ONNX) or a real one-token cache (torch)."""
-    from optimize import introspect
-
-    if state.backend == "onnxruntime":
-        from optimize.export.onnx import onnx_kv_geometry
-
-        return onnx_kv_geometry(state.onnx_dir, _ort_session(state))
-    return introspect.kv_geometry(state.model)
-
-
-def _ort_session(state):
-    """The loaded ONNX Runtime session: the graph's inputs without parsing the file inside the measured window."""
-    return getattr(state.model, "session", None)
-
-
-def _roofline(state, cell, metrics, manifest: dict[str, Any] | None = None) -> tuple[dict, str]:
-    """The cell's roofline figures, and how its prefill's LM head was counted (the method's words)."""
-    from bench.generation import last_logits_only
-    from bench.metrics.memory import untied_embedding_bytes
-    from bench.metrics.roofline import cell_roofline
-    from optimize.introspect import prefill_flops
-
-    embed = None
-    if "decode_tokens_per_s" in metrics:
-        try:
-            embed = untied_embedding_bytes(state, manifest)
-        except LookupError as exc:  # the estimate stays, counting the whole table as read, and says so
-            state.labels.append(f"decode bandwidth counts the whole input embedding table as read: {exc}")
-    read = {**metrics, "weights_bytes": metrics["weights_bytes"] - (embed or 0)}
-    last_only = last_logits_only(state)
-    logits = ("the LM head on the last position only (generate's logits_to_keep=1)" if last_only
-              else "the LM head on every position (the model computes every position's logits)")
-    scenario = cell.scenario
-    shape = {"prefill_flops": prefill_flops(state.model.config, scenario.batch_size, scenario.prompt_tokens,
-                                             cell.cache_path, last_logits_only=last_only)}
-    out = cell_roofline(read, scenario.to_dict(), shape, cell.ceilings, cell.recipe.matmul_dtype(cell.device))
-    if embed is not None:  # unknown: left out, and the label says the whole table was counted
-        out["embedding_bytes_not_read"] = embed
-    return out, logits
-
-
-def _elem_bytes(state) -> int:
-    """Bytes per element of the KV cache: the graph's past-key inputs (ONNX), else the first float weight."""
-    if state.backend == "onnxruntime":
-        from optimize.export.onnx import onnx_kv_element_bytes
-
-        return int(onnx_kv_element_bytes(state.onnx_dir, _ort_session(state)))  # whole bytes, as torch's
-    return next(p for p in state.model.parameters() if p.is_floating_point()).element_size()
 
 
 def roofline(job: dict[str, Any]) -> dict[str, Any]:

@@ -66,9 +66,10 @@ def test_every_cuda_memory_metric_is_catalogued(monkeypatch):
     monkeypatch.setattr(torch.cuda, "max_memory_reserved", lambda: 2)
     monkeypatch.setattr(memory, "nvml_process_memory", lambda: (None, "NVML did not start"))
     monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: None)
-    from bench import cell
+    from bench.metrics import memory_cell
 
-    assert_catalogued(set(cell._measure_memory("cuda", 0, cell._close_load_window("cuda"))[0]), "a CUDA cell")
+    figures, _ = memory_cell.measure_memory("cuda", 0, memory_cell.close_load_window("cuda"))
+    assert_catalogued(set(figures), "a CUDA cell")
 
 
 def test_lookups_give_direction_kind_and_intervals():

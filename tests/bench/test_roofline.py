@@ -109,8 +109,8 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
 
     from onnx import TensorProto, helper
 
-    from bench.cell import _roofline
     from bench.cells import Cell
+    from bench.metrics.roofline_cell import roofline_figures
     from bench.scenarios import GenerateScenario
     from optimize.recipe import Recipe
 
@@ -128,7 +128,7 @@ def test_onnx_embedding_not_found_labels_the_variant_and_counts_the_table(tmp_pa
                "prefill_tokens_per_s": 1.0}
     cell = Cell(model="m", recipe=Recipe(name="onnx"), device="cpu",
                 scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), ceilings=CEILINGS)
-    out, _ = _roofline(state, cell, metrics)
+    out, _ = roofline_figures(state, cell, metrics)
     assert "embedding_bytes_not_read" not in out
     assert out["decode_bytes_per_step"] == 1e9  # the whole table counted as read, and said so:
     assert len(state.labels) == 1
@@ -437,8 +437,8 @@ def test_a_cell_counts_its_prefill_as_its_backend_runs_it(tmp_path, monkeypatch)
     """A transformers variant: the last position's logits (generate's logits_to_keep=1); an ONNX graph: all of them."""
     from types import SimpleNamespace
 
-    from bench import cell as cell_mod
     from bench.cells import Cell
+    from bench.metrics.roofline_cell import roofline_figures
     from bench.scenarios import PrefillScenario
     from optimize import introspect
     from optimize.recipe import Recipe
@@ -450,11 +450,11 @@ def test_a_cell_counts_its_prefill_as_its_backend_runs_it(tmp_path, monkeypatch)
     last = introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=True)
     every = introspect.prefill_flops(model.config, 2, 16, tmp_path, last_logits_only=False)
     torch_state = SimpleNamespace(model=model, backend="torch", labels=[])
-    out, how = cell_mod._roofline(torch_state, c, metrics)
+    out, how = roofline_figures(torch_state, c, metrics)
     assert out["prefill_tflops"] == pytest.approx(last / 1e12)  # 32 tokens/s = one prompt of 2 x 16 per second
     assert "last position only" in how and "roofline_fraction" not in out and torch_state.labels == []
     onnx_state = SimpleNamespace(model=SimpleNamespace(config=model.config), backend="onnxruntime", labels=[])
-    out, how = cell_mod._roofline(onnx_state, c, metrics)
+    out, how = roofline_figures(onnx_state, c, metrics)
     assert out["prefill_tflops"] == pytest.approx(every / 1e12) and "every position" in how
 
 
@@ -521,8 +521,8 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
 
     import torch
 
-    from bench import cell as cell_mod
     from bench.cells import Cell
+    from bench.metrics.roofline_cell import roofline_figures
     from bench.scenarios import GenerateScenario
     from optimize import introspect
     from optimize.quantize import bnb
@@ -538,7 +538,7 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     metrics = {"prefill_tokens_per_s": 32.0, "decode_tokens_per_s": 8.0, "weights_bytes": 10**6,
                "kv_cache_bytes_per_token": 100.0}
     state = SimpleNamespace(model=model, backend="torch", labels=[])
-    out, how = cell_mod._roofline(state, c, metrics, None)
+    out, how = roofline_figures(state, c, metrics, None)
     embed = 500 * 64 * 2  # vocabulary x hidden x 2 bytes: decode reads one row of it per token
     assert out["embedding_bytes_not_read"] == embed
     step = 10**6 - embed + 2 * (16 + 4 / 2) * 100.0
@@ -553,12 +553,12 @@ def test_a_torch_cell_roofline_reads_its_dtype_embedding_and_flop_cache(tmp_path
     assert how == "the LM head on the last position only (generate's logits_to_keep=1)" and state.labels == []
     fp32_state = SimpleNamespace(model=_tiny_llama(tie=False), backend="torch", labels=[])
     fp32 = dataclasses.replace(c, recipe=Recipe(name="fp32"))
-    assert cell_mod._roofline(fp32_state, fp32, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
+    assert roofline_figures(fp32_state, fp32, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "float32"
     # bitsandbytes' 4-bit kernel on an AVX512-BF16 CPU computes in bf16 though its recipe says fp32
     monkeypatch.setattr(bnb, "_cpu_repacks_4bit", lambda: True)
     nf4 = dataclasses.replace(c, recipe=Recipe(name="nf4", steps=(bnb.BnbNF4(),)))
-    assert cell_mod._roofline(fp32_state, nf4, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "bfloat16"
-    assert cell_mod._roofline(fp32_state, dataclasses.replace(nf4, device="cuda"), metrics, None)[0][
+    assert roofline_figures(fp32_state, nf4, metrics, None)[0]["roofline_ceilings"]["matmul_dtype"] == "bfloat16"
+    assert roofline_figures(fp32_state, dataclasses.replace(nf4, device="cuda"), metrics, None)[0][
         "roofline_ceilings"]["matmul_dtype"] == "float32"
 
 
@@ -566,8 +566,8 @@ def test_an_onnx_cell_roofline_takes_the_table_size_from_its_manifest(tmp_path):
     """The graph is never parsed (its directory does not even exist): the manifest's figure is used."""
     from types import SimpleNamespace
 
-    from bench import cell as cell_mod
     from bench.cells import Cell
+    from bench.metrics.roofline_cell import roofline_figures
     from bench.scenarios import GenerateScenario
     from optimize.recipe import Recipe
 
@@ -579,7 +579,7 @@ def test_an_onnx_cell_roofline_takes_the_table_size_from_its_manifest(tmp_path):
              scenario=GenerateScenario(batch_size=1, prompt_tokens=8, new_tokens=2), ceilings=CEILINGS)
     metrics = {"prefill_tokens_per_s": 8.0, "decode_tokens_per_s": 1.0, "weights_bytes": 10**6,
                "kv_cache_bytes_per_token": 0.0}
-    out, how = cell_mod._roofline(state, c, metrics, {"embedding_table_bytes": 4096})
+    out, how = roofline_figures(state, c, metrics, {"embedding_table_bytes": 4096})
     assert out["embedding_bytes_not_read"] == 4096 and out["decode_bytes_per_step"] == 10**6 - 4096
     assert out["roofline_ceilings"]["matmul_dtype"] == "float32"
     assert how == "the LM head on every position (the model computes every position's logits)"
@@ -610,8 +610,8 @@ def test_a_torch_model_without_float_weights_is_held_to_the_fp32_ceiling(tmp_pat
 
     import torch
 
-    from bench import cell as cell_mod
     from bench.cells import Cell
+    from bench.metrics.roofline_cell import roofline_figures
     from bench.scenarios import PrefillScenario
     from optimize.recipe import Recipe
 
@@ -620,7 +620,7 @@ def test_a_torch_model_without_float_weights_is_held_to_the_fp32_ceiling(tmp_pat
                             _supports_logits_to_keep=lambda: True)
     c = Cell(model="m", recipe=Recipe(name="int"), device="cpu", cache_dir=str(tmp_path),
              scenario=PrefillScenario(batch_size=1, prompt_tokens=8), ceilings=CEILINGS)
-    out, _ = cell_mod._roofline(SimpleNamespace(model=model, backend="torch", labels=[]), c,
+    out, _ = roofline_figures(SimpleNamespace(model=model, backend="torch", labels=[]), c,
                                 {"prefill_tokens_per_s": 8.0, "weights_bytes": 4})
     assert out["roofline_ceilings"]["matmul_dtype"] == "float32" and out["prefill_flops_fraction"] > 0
 

@@ -70,7 +70,7 @@ def test_a_cell_reads_the_kv_cache_off_the_loaded_session_never_parsing_the_grap
     """Parsing model.onnx holds the graph, embedded weights included, in memory: seen as an onnx-fp32 serving
     peak of 2005 MiB on a 134M model that an independent ORT process serves in 1141 MiB."""
     import optimize.export.onnx as export
-    from bench.cell import _elem_bytes, _kv_geometry
+    from bench.metrics.roofline_cell import kv_element_bytes, kv_geometry
 
     state, artifact = variant(FP32)
     from_file = (onnx_kv_geometry(artifact.path), onnx_kv_element_bytes(artifact.path))
@@ -80,7 +80,7 @@ def test_a_cell_reads_the_kv_cache_off_the_loaded_session_never_parsing_the_grap
 
     monkeypatch.setattr(export, "_read_past_keys", no_parse)
     monkeypatch.setattr("onnx.load", no_parse)
-    assert (_kv_geometry(state), _elem_bytes(state)) == (from_file[0], from_file[1]) == \
+    assert (kv_geometry(state), kv_element_bytes(state)) == (from_file[0], from_file[1]) == \
         (KVGeometry(2, 2, 32, "onnx graph"), 4)
 
 
@@ -91,11 +91,11 @@ def test_nothing_parses_the_graph_after_the_load_of_an_onnx_cell(tiny_ref, cache
     import onnx
     from transformers import AutoModelForCausalLM
 
-    import bench.cell as cell_module
+    import bench.metrics.memory_cell as memory_cell
     import optimize.export.onnx as export
 
     parsed, window = [], {"open": False}
-    real_load, real_close = onnx.load, cell_module._close_load_window
+    real_load, real_close = onnx.load, memory_cell.close_load_window
 
     def load(*args, **kwargs):
         if window["open"]:
@@ -109,7 +109,7 @@ def test_nothing_parses_the_graph_after_the_load_of_an_onnx_cell(tiny_ref, cache
 
     export._read_past_keys.cache_clear()  # a parse cached by an earlier test would hide one in the window
     monkeypatch.setattr(onnx, "load", load)
-    monkeypatch.setattr(cell_module, "_close_load_window", close)
+    monkeypatch.setattr(memory_cell, "close_load_window", close)
     ceilings = {"device": "cpu", "memory": {"bandwidth_gbps": 30.0}, "matmul": {"float32": {"tflops": 0.2}}}
     record = _onnx_cell(cache_dir, ceilings=ceilings)
     assert record["status"] == "ok", record["error"]

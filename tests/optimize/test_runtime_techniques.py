@@ -38,7 +38,7 @@ def test_lossless_variants_reproduce_reference_greedy_tokens(variant, tiny_ref, 
 
 def test_kv_bytes_per_token_follow_the_cache_each_variant_keeps(tiny_ref, cache_dir):
     """The tiny Llama: 2 layers x K and V x 2 KV heads x head dim 32; none for a variant that keeps no cache."""
-    from bench.cell import kv_bytes_per_token
+    from bench.metrics.roofline_cell import kv_bytes_per_token
     from bench.scenarios.generate import GenerateScenario
 
     scenario = GenerateScenario(batch_size=1, prompt_tokens=16, new_tokens=8)
