@@ -50,6 +50,8 @@ class Metric:
         scale: the displayed value is the stored value times this (bytes shown as MiB).
         ci_key: a sibling summary metric holding the interval of a scalar (e.g. a rate's median).
         stderr_key: a sibling metric with the standard error of a scalar mean.
+        scales_with: a rate this figure is a fixed multiple of (a roofline figure of its rate's median):
+            its interval is that rate's, scaled, and it summarises the rate's repetitions.
         description: one line for documentation.
 
     """
@@ -64,6 +66,7 @@ class Metric:
     scale: float = 1.0
     ci_key: str | None = None
     stderr_key: str | None = None
+    scales_with: str | None = None
     description: str = ""
 
     def better(self, a: float, b: float) -> bool:
@@ -124,12 +127,14 @@ _METRICS = [
     _m("embedding_bytes_not_read", "bytes", None, "embedding not read MiB", ".1f", "size", scale=1 / MIB),
     # Roofline: how close the measured rate comes to the device's measured ceilings.
     _m("decode_bytes_per_step", "bytes", None, "bytes/step MiB", ".1f", "size", scale=1 / MIB),
-    _m("decode_bandwidth_gbps", "GB/s", "higher", "BW GB/s", ".2f", "speed"),
-    _m("roofline_fraction", "ratio", "higher", "roofline", ".2f", "speed",
+    _m("decode_bandwidth_gbps", "GB/s", "higher", "BW GB/s", ".2f", "speed", scales_with="decode_tokens_per_s",
+       description="bytes read per decode step x decode steps/s"),
+    _m("roofline_fraction", "ratio", "higher", "roofline", ".2f", "speed", scales_with="decode_tokens_per_s",
        description="decode bandwidth achieved / measured copy bandwidth"),
-    _m("prefill_tflops", "TFLOP/s", "higher", "prefill TFLOP/s", ".3f", "speed",
+    _m("prefill_tflops", "TFLOP/s", "higher", "prefill TFLOP/s", ".3f", "speed", scales_with="prefill_tokens_per_s",
        description="prompt-pass FLOPs (counted as the variant runs it) / TTFT"),
     _m("prefill_flops_fraction", "ratio", "higher", "prefill FLOP frac", ".2f", "speed",
+       scales_with="prefill_tokens_per_s",
        description="prefill FLOP/s achieved / measured matmul rate of the compute dtype"),
     _m("roofline_ceilings", "", None, "ceilings", "", "info", shape="object"),
     # Drift against the fp32 reference.
@@ -215,15 +220,21 @@ def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
     """The 95% interval of the metric's point value, or None when the record has none.
 
     Summaries give their order-statistic CI of the median; scalars take their summary's
-    (``ci_key``) or mean +- 1.96 standard errors (``stderr_key``).
+    (``ci_key``: recorded, or computed from the record's samples of the rate), their rate's scaled
+    (``scales_with``), or mean +- 1.96 standard errors (``stderr_key``).
     """
     metrics = record.get("metrics") or {}
     m = METRICS.get(key)
-    summary = metrics.get(key) if m is None or m.shape == "summary" else metrics.get(m.ci_key or "")
+    value = point(record, key)
+    if m is not None and m.scales_with:
+        rate, rate_ci = point(record, m.scales_with), interval(record, m.scales_with)
+        if value is None or not rate or rate_ci is None:
+            return None
+        return rate_ci[0] * value / rate, rate_ci[1] * value / rate
+    summary = repetition_summary(record, key)
     if isinstance(summary, dict) and isinstance(summary.get("ci95_p50"), list) and len(summary["ci95_p50"]) == 2:
         low, high = summary["ci95_p50"]
         return float(low), float(high)
-    value = point(record, key)
     stderr = metrics.get(m.stderr_key) if m and m.stderr_key else None
     if value is not None and isinstance(stderr, (int, float)):
         return value - 1.96 * stderr, value + 1.96 * stderr
@@ -233,10 +244,13 @@ def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
 def repetition_summary(record: dict[str, Any], key: str) -> dict[str, Any] | None:
     """The summary over repetitions behind the metric: the recorded one (its own, or its ``ci_key``'s),
     else, for a rate, one computed from the record's samples of it (a generate cell keeps its
-    prefill rate's repetitions but no summary of them); None where neither is there.
+    prefill rate's repetitions but no summary of them); a roofline figure's is its rate's
+    (``scales_with``); None where neither is there.
     """
-    summary = _summary(record, key)
     m = METRICS.get(key)
+    if m is not None and m.scales_with:
+        return repetition_summary(record, m.scales_with)
+    summary = _summary(record, key)
     if summary is not None or m is None or not m.ci_key:  # a summary metric missing is not measured
         return summary
     values = (record.get("samples") or {}).get(key)
@@ -258,7 +272,7 @@ def _summary(record: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 def sample_count(record: dict[str, Any], key: str) -> int | None:
     """How many repetitions the metric's point value summarises, when known."""
-    summary = _summary(record, key)
+    summary = repetition_summary(record, key)
     return int(summary["n"]) if summary and "n" in summary else None
 
 
@@ -269,7 +283,7 @@ MIN_CI_COVERAGE = 0.9
 
 def interval_coverage(record: dict[str, Any], key: str) -> float | None:
     """The true coverage of the metric's interval of the median (``ci_coverage``), when recorded."""
-    summary = _summary(record, key)
+    summary = repetition_summary(record, key)
     cov = summary.get("ci_coverage") if summary else None
     return float(cov) if isinstance(cov, (int, float)) and not isinstance(cov, bool) else None
 

@@ -6,11 +6,12 @@ Per group (one model, device and scenario; see ``bench.report.table``):
    constraint or the objective needs lose with "not measured";
 2. constraints are bounds on point values (the p50 of latencies, drift means): a cell over
    a bound loses with the figure and the bound;
-3. among the rest, the best objective value wins, but every cell whose objective interval
-   (95% CI of the median) overlaps the best one's is *tied* with it: differences inside the
-   noise are not wins. So is every cell whose figure, or the best one's, rests on too few
-   repetitions for its interval to mean anything (*not told apart*). Ties are broken by lower
-   KLD, then lower peak memory; the choice is then not called best, and says so;
+3. among the rest, the candidates are the cells no other clearly beats on the objective (its
+   interval, the 95% CI of the median, entirely on the better side of theirs): differences
+   inside the noise are not wins. The best point value is always a candidate, and every two
+   candidates are *tied*: their intervals overlap, or one figure rests on too few repetitions
+   for its interval to mean anything (*not told apart*). Ties are broken by the Pareto front,
+   lower KLD, then lower peak memory; the choice is then not called best, and says so;
 4. the Pareto front is taken over the objective and KLD (speed against drift): a cell is
    dominated when another is at least as good on both (within noise) and clearly better
    (intervals apart) on one. A figure on too few repetitions is never judged at least as
@@ -321,8 +322,10 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
     on_axes = [r for r in feasible if all(point(r, m.key) is not None for m in axes)]
     front = pareto_front(on_axes, axes) if on_axes else []
     d.front = [r["variant"] for r in front]
-    best = max(feasible, key=lambda r: point(r, objective.key) * (1 if objective.direction == "higher" else -1))
-    level = [r for r in feasible if r is best or _compare(r, best, objective) == 0]
+    # The candidates: every cell no other clearly beats on the objective (the best point's among them).
+    # Judging ties against the best point alone would let a cell it overlaps win on drift though
+    # another candidate is clearly faster than it.
+    level = [r for r in feasible if not any(_compare(o, r, objective) > 0 for o in feasible if o is not r)]
     winner = min(level, key=lambda r: _tie_key(r, d.front, objective))
     d.chosen = winner["variant"]
     dominated = {id(r) for r in on_axes if any(dominates(o, r, axes) for o in on_axes if o is not r)}

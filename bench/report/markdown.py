@@ -33,7 +33,7 @@ LIBRARIES = libraries("report")
 # (header, catalogue key or a special column); latencies carry their CI and n.
 MD_COLUMNS = [("TTFT p50 ms [95% CI]", "ttft_ms"), ("TPOT p50 ms [95% CI]", "tpot_ms"), ("n", "n"),
               ("speedup", "speedup"), ("decode tok/s [95% CI]", "decode_tokens_per_s"),
-              ("prefill tok/s", "prefill_tokens_per_s"), ("roofline", "roofline_fraction"),
+              ("prefill tok/s [95% CI]", "prefill_tokens_per_s"), ("roofline", "roofline_fraction"),
               ("prefill FLOP frac", "prefill_flops_fraction"),
               ("peak MiB", "peak_memory_bytes"), ("serving peak MiB", "serving_peak_memory_bytes"),
               ("weights MiB", "weights_bytes"), ("ppl ratio", "ppl_ratio"),

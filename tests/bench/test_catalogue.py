@@ -89,6 +89,32 @@ def test_lookups_give_direction_kind_and_intervals():
     assert point(rec, "weights_bytes") is None and interval(rec, "weights_bytes") is None
 
 
+def test_a_rate_kept_as_samples_and_its_roofline_figures_have_the_rates_interval():
+    """A generate cell keeps its prefill rate's repetitions but no summary of them: the interval is computed
+    from them; a roofline figure is a fixed multiple of its rate's median, so its interval is the rate's, scaled."""
+    from bench.catalogue import interval_coverage, sample_count
+    from bench.stats import summarize
+
+    prefill = [900.0, 950.0, 1000.0, 1050.0, 1100.0]
+    rec = {"metrics": {"prefill_tokens_per_s": 1000.0, "prefill_tflops": 2.0, "prefill_flops_fraction": 0.5,
+                       "decode_tokens_per_s": 10.0, "decode_tokens_per_s_summary": {
+                           "p50": 10.0, "n": 7, "ci95_p50": [9.0, 12.0], "ci_coverage": 0.98},
+                       "decode_bandwidth_gbps": 40.0, "roofline_fraction": 0.25},
+           "samples": {"prefill_tokens_per_s": prefill}}
+    ci = summarize(prefill)["ci95_p50"]
+    assert interval(rec, "prefill_tokens_per_s") == (ci[0], ci[1]) == (900.0, 1100.0)
+    assert interval(rec, "prefill_tflops") == pytest.approx((1.8, 2.2))
+    assert interval(rec, "prefill_flops_fraction") == pytest.approx((0.45, 0.55))
+    assert interval(rec, "decode_bandwidth_gbps") == pytest.approx((36.0, 48.0))
+    assert interval(rec, "roofline_fraction") == pytest.approx((0.225, 0.3))
+    assert sample_count(rec, "prefill_tflops") == 5 and sample_count(rec, "roofline_fraction") == 7
+    assert interval_coverage(rec, "roofline_fraction") == 0.98
+    # Without the rate's repetitions (or its figure) there is no interval, never a zero-width one.
+    bare = {"metrics": {"prefill_tokens_per_s": 1000.0, "prefill_tflops": 2.0, "roofline_fraction": 0.25}}
+    assert interval(bare, "prefill_tokens_per_s") is None and interval(bare, "prefill_tflops") is None
+    assert interval(bare, "roofline_fraction") is None and sample_count(bare, "prefill_tflops") is None
+
+
 def test_a_metric_added_to_the_catalogue_reaches_the_csv_and_select(monkeypatch):
     from bench.catalogue import Metric
     from bench.report.csv import csv_report

@@ -47,6 +47,30 @@ def test_differences_inside_the_noise_are_ties_broken_by_drift_then_memory():
     assert d.chosen == "b" and not d.ties and d.verdicts["a"].reason.startswith("dominated by b")
 
 
+def test_a_cell_clearly_beaten_by_another_is_no_candidate_though_it_overlaps_the_best_point():
+    """Candidates are the cells no other clearly beats: w overlaps x (the best point) but t is clearly
+    faster than w, so w cannot be chosen on its lower drift, nor t be called tied with it."""
+    x = record("x", decode=200, noise=0.05, kld=0.05)   # [190, 210]
+    w = record("w", decode=189, noise=0.02, kld=0.0)    # [185.2, 192.8]
+    t = record("t", decode=199, noise=0.01, kld=0.03)   # [197.0, 201.0]
+    d = _one([x, w, t])
+    assert d.chosen == "t" and d.ties == []  # x is tied with t on speed, but t has less drift: x is dominated
+    assert d.verdicts["w"].outcome == "lost" and "tied" not in d.verdicts["w"].reason
+    assert d.verdicts["t"].reason == ("decode tok/s 199.0 [197.0, 201.0] is tied within noise with x; the choice "
+                                      "rests on the tie-break: lower KLD than x")
+
+
+def test_prefill_and_roofline_objectives_judge_noise_as_their_latency_does(tmp_path):
+    """prefill tok/s is batch x prompt / TTFT: a 1% TTFT difference inside the noise is a tie either way."""
+    a = record("a", decode=100, noise=0.05, kld=0.001, peak_mib=300)
+    b = record("b", decode=100, noise=0.05, kld=0.001, peak_mib=500)
+    b["samples"]["prefill_tokens_per_s"] = [x * 1.01 for x in b["samples"]["prefill_tokens_per_s"]]
+    b["metrics"]["prefill_tokens_per_s"] *= 1.01
+    for objective in ("ttft_ms", "prefill_tokens_per_s", "roofline_fraction"):
+        d = _one([a, b], objective=objective)
+        assert (d.chosen, d.ties) == ("a", ["b"]), objective  # tied; a has the lower peak memory
+
+
 def test_a_slower_and_less_accurate_variant_is_dominated():
     d = _one([record("good", decode=200, kld=0.001), record("bad", decode=100, kld=0.05),
               record("same-speed-worse-drift", decode=201, noise=0.05, kld=0.1)])
