@@ -114,7 +114,12 @@ def environment(with_torch: bool = True, user_path: Path | None = None) -> dict[
     env = {
         "hostname": platform.node(),
         "platform": platform.platform(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "release": platform.release(),
         "python": sys.version.split()[0],
+        "python_implementation": platform.python_implementation(),
+        "python_compiler": platform.python_compiler(),
         "cpu_model": cpu_model(),
         "cpu_flags": cpu_flags(),
         "cpu_logical_cores": os.cpu_count(),

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import datetime
 import math
-import platform
 from pathlib import Path
 from typing import Any, Literal
 
 from bench.catalogue import METRICS, interval, interval_coverage, point
-from bench.results import read_run
+from bench.results import read_run, recorded_revision
 from bench.rounds import read_cell_records
 from optimize.errors import InputError
 
@@ -70,16 +69,18 @@ def pytest_benchmark_json(run_dir: Path) -> dict[str, Any]:
                             "min_time": 0, "warmup": bool((r.get("method") or {}).get("repeat", {}).get("warmup"))},
                 "stats": {**stats.as_dict(), "data": data, "iterations": 1},
             })
-    git = env.get("git") or {}
+    revision = recorded_revision(run)
     return {
+        # The measuring machine's, as run.json recorded them ("" where a run predates a field): never this host's.
         "machine_info": {"node": env.get("hostname", ""), "processor": env.get("cpu_model", ""),
-                         "machine": platform.machine(), "python_implementation": "CPython",
-                         "python_version": env.get("python", ""), "python_compiler": "",
-                         "release": "", "system": env.get("platform", ""),
+                         **{k: env.get(k) or "" for k in ("machine", "system", "release", "python_implementation",
+                                                          "python_compiler")},
+                         "python_version": env.get("python", ""),
                          "cpu": {"brand_raw": env.get("cpu_model", ""), "count": env.get("cpu_logical_cores")},
                          "gpus": [g.get("name") for g in env.get("gpus", [])]},
-        "commit_info": {"id": git.get("commit") or "", "dirty": bool(git.get("dirty")), "project": "infermatrix",
-                        "branch": "", "time": run.get("started") or "", "author_time": run.get("started") or ""},
+        # The revision measured (an ab side's, the user's repository's); commit times are not recorded.
+        "commit_info": {"id": revision["commit"] or "", "dirty": bool(revision["dirty"]), "project": "infermatrix",
+                        "branch": (run.get("ab") or {}).get("rev") or "", "time": "", "author_time": ""},
         "benchmarks": benchmarks,
         "datetime": run.get("ended") or run.get("started") or datetime.datetime.now(datetime.timezone.utc).isoformat(),
         "version": pb_version,

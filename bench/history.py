@@ -19,7 +19,7 @@ from optimize.atomic import write_file
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY, run_dir TEXT NOT NULL, commit_sha TEXT, started TEXT, added TEXT NOT NULL,
-    environment TEXT NOT NULL, fingerprint TEXT NOT NULL, UNIQUE (run_dir, started));
+    environment TEXT NOT NULL, fingerprint TEXT NOT NULL, identity TEXT, UNIQUE (run_dir, started));
 CREATE TABLE IF NOT EXISTS metrics (
     run_id INTEGER NOT NULL REFERENCES runs(id), cell TEXT NOT NULL, metric TEXT NOT NULL,
     median REAL NOT NULL, n INTEGER NOT NULL, unit TEXT, direction TEXT, PRIMARY KEY (run_id, cell, metric));
@@ -46,6 +46,7 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
             Path(db).parent.mkdir(parents=True, exist_ok=True)
             con = sqlite3.connect(db)
             con.executescript(SCHEMA)
+            _add_identity(con)
         else:
             con = sqlite3.connect(f"{Path(db).absolute().as_uri()}?mode=ro", uri=True)
         for table, columns in (("runs", "run_dir, commit_sha, started, fingerprint"),
@@ -56,30 +57,43 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
     return con
 
 
+def _add_identity(con: sqlite3.Connection) -> None:
+    """The runs' identity column (``bench.results.run_identity``), added to a database made before it had one;
+    unique where known (a database's earlier rows have none).
+    """
+    if "identity" not in {row[1] for row in con.execute("PRAGMA table_info(runs)")}:
+        con.execute("ALTER TABLE runs ADD COLUMN identity TEXT")
+    con.execute("CREATE UNIQUE INDEX IF NOT EXISTS runs_identity ON runs (identity)")
+
+
 def add_run(db: Path, run_dir: Path, commit: str | None = None) -> dict[str, Any]:
     """Append a run's gated metrics (median over all its repetitions per cell) to ``db``.
 
     Returns:
-        {"run_id", "commit", "cells", "metrics"}; a run already added is not added twice.
+        {"run_id", "commit", "cells", "metrics"}; a run already added is not added twice, from this
+        directory or from a copy of it elsewhere (an artifact downloaded to a new path each job).
 
     """
+    from bench.results import run_identity
     from optimize.errors import InputError
 
     side = load_side(run_dir)
     env = side.run.get("environment", {})
     commit = commit or (env.get("git") or {}).get("commit")
-    started = side.run.get("started")
+    started, identity = side.run.get("started"), run_identity(side.run)
     with connect(db) as con:
         # UNIQUE (run_dir, started) holds NULLs apart: a run with no start time is looked for by hand (IS matches NULL)
-        if con.execute("SELECT 1 FROM runs WHERE run_dir = ? AND started IS ?",
-                       (str(Path(run_dir).resolve()), started)).fetchone():
-            raise InputError(f"{run_dir} (started {started}) is already in {db}")
+        there = con.execute("SELECT run_dir FROM runs WHERE (run_dir = ? AND started IS ?) OR identity = ?",
+                            (str(Path(run_dir).resolve()), started, identity)).fetchone()
+        if there:
+            raise InputError(f"{run_dir} (started {started}) is already in {db}"
+                             + ("" if there[0] == str(Path(run_dir).resolve()) else f", added from {there[0]}"))
         try:
-            cur = con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint) "
-                              "VALUES (?, ?, ?, ?, ?, ?)",
+            cur = con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint, "
+                              "identity) VALUES (?, ?, ?, ?, ?, ?, ?)",
                               (str(Path(run_dir).resolve()), commit, started,
                                utc_now(), json.dumps(env, default=str),
-                               json.dumps(environment_fingerprint(env), sort_keys=True, default=str)))
+                               json.dumps(environment_fingerprint(env), sort_keys=True, default=str), identity))
         except sqlite3.IntegrityError:
             raise InputError(f"{run_dir} (started {started}) is already in {db}") from None
         rows = []

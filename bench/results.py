@@ -53,6 +53,35 @@ SCHEMA_PATH = Path(__file__).parent / "schema" / "cell-record.schema.json"
 RUN_SCHEMA_PATH = Path(__file__).parent / "schema" / "run.schema.json"
 
 
+def recorded_revision(run: dict[str, Any]) -> dict[str, Any]:
+    """The revision a run measured, as its run.json records it: an ``ab`` side's commit (a clean worktree),
+    else the commit of the repository the run belongs to (``environment.user_repository``), else the
+    harness's own checkout's; ``{"commit": None, "dirty": None}`` when none is recorded.
+    """
+    env = run.get("environment") or {}
+    ab = run.get("ab")
+    for where in (ab, env.get("user_repository"), env.get("git")):
+        if isinstance(where, dict) and isinstance(where.get("commit"), str) and where["commit"]:
+            dirty = False if where is ab else where.get("dirty")
+            return {"commit": where["commit"], "dirty": dirty if isinstance(dirty, bool) else None}
+    return {"commit": None, "dirty": None}
+
+
+def run_identity(run: dict[str, Any]) -> str | None:
+    """What makes two run directories one run (a copy, an artifact downloaded to another path): its start,
+    host, matrix, shard, ``ab`` side and the revision it measured (the two sides of an ``ab`` job start
+    together). None for a run.json without a start time (nothing to tell runs apart by).
+    """
+    import hashlib
+
+    if not run.get("started"):
+        return None
+    env = run.get("environment") or {}
+    key = [run["started"], env.get("hostname"), run.get("matrix_hash"), run.get("shard"), run.get("ab"),
+           recorded_revision(run)["commit"]]
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
 def utc_now() -> str:
     """The current UTC time as run.json and records write it (ISO 8601, seconds, ``Z``)."""
     import time

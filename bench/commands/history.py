@@ -40,14 +40,10 @@ def _head_commit() -> str | None:
 
 
 def recorded_commit(run: dict) -> str | None:
-    """The revision a run measured, as its run.json records it: an ``ab`` side's commit, else the commit of the
-    repository the run belongs to (``environment.user_repository``), else the harness's own checkout's.
-    """
-    env = run.get("environment") or {}
-    for where in (run.get("ab"), env.get("user_repository"), env.get("git")):
-        if isinstance(where, dict) and isinstance(where.get("commit"), str) and where["commit"]:
-            return where["commit"]
-    return None
+    """The commit a run measured (``bench.results.recorded_revision``)."""
+    from bench.results import recorded_revision
+
+    return recorded_revision(run)["commit"]
 
 
 def _commit_of(run_dir: Path) -> tuple[str | None, str | None]:

@@ -60,7 +60,9 @@ def write_run(run_dir: Path, records: list[dict], name: str = "handmade") -> Pat
         "ended": "2026-01-01T00:01:00Z", "launcher": "local", "shard": None,
         "environment": {"cpu_model": "Test CPU", "cpu_logical_cores": 2, "ram_bytes": 2**34, "gpus": [],
                         "libraries": {"torch": "2.x"}, "git": {"commit": "0123456789abcdef", "dirty": False},
-                        "hostname": "host", "python": "3.11", "platform": "Linux"},
+                        "hostname": "host", "python": "3.11", "platform": "Linux-6.1.0-x86_64-with-glibc2.36",
+                        "machine": "x86_64", "system": "Linux", "release": "6.1.0", "python_implementation": "CPython",
+                        "python_compiler": "GCC 12.2.0"},
         "roofline": {"cpu": {"memory": {"bandwidth_gbps": 25.0}, "matmul": {"float32": {"tflops": 0.3}}}},
     })
     for r in records:

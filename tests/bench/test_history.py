@@ -163,3 +163,62 @@ def test_the_recorded_commit_is_the_ab_sides_then_the_users_repository_then_the_
     assert recorded_commit({"environment": {**env, "user_repository": {"path": "/x", "commit": None}}}) == "1" * 40
     assert recorded_commit({"environment": {"git": None, "user_repository": "?"}}) is None
     assert recorded_commit({}) is None
+
+
+def test_a_copy_of_a_run_added_is_refused_naming_where_it_came_from(tmp_path, capsys, monkeypatch):
+    """CI downloads a run's artifact to a new path each job: keyed by path, a copy was added again and every
+    figure of it showed twice."""
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    assert cli(["history", "add", str(run), "--db", "h.sqlite"]) == 0
+    shutil.copytree(run, tmp_path / "copy")
+    capsys.readouterr()
+    assert cli(["history", "add", str(tmp_path / "copy"), "--db", "h.sqlite"]) == 2
+    assert capsys.readouterr().err == (f"infermatrix history: error: {tmp_path / 'copy'} (started 2026-01-01T00:00:00Z)"
+                                       f" is already in h.sqlite, added from {run.resolve()}\n")
+    assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 1
+    # The other side of an ab job started in the same second on the same host: another run.
+    other = synthetic_run(tmp_path / "base", np.random.default_rng(1), cells=1, commit="cd" * 20)
+    assert cli(["history", "add", str(other), "--db", "h.sqlite"]) == 0
+    assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 2
+
+
+def test_a_database_made_before_runs_had_an_identity_takes_new_runs_and_keeps_its_own(tmp_path, capsys):
+    import shutil
+    import sqlite3
+
+    db = tmp_path / "old.sqlite"
+    con = sqlite3.connect(db)
+    con.executescript(history.SCHEMA.replace(" identity TEXT,", ""))
+    con.execute("INSERT INTO runs (run_dir, commit_sha, started, added, environment, fingerprint) "
+                "VALUES ('/old', 'x', '2025-01-01T00:00:00Z', '2025-01-01T00:00:00Z', '{}', '{}')")
+    con.commit()
+    con.close()
+    run = synthetic_run(tmp_path / "run", np.random.default_rng(0), cells=1, commit="ab" * 20)
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 0
+    shutil.copytree(run, tmp_path / "copy")
+    assert cli(["history", "add", str(tmp_path / "copy"), "--db", str(db)]) == 2
+    with sqlite3.connect(db) as con:
+        assert con.execute("SELECT run_dir, identity IS NULL FROM runs ORDER BY id").fetchall() == [
+            ("/old", 1), (str(run.resolve()), 0)]
+
+
+def test_a_runs_identity_is_its_start_host_matrix_shard_ab_side_and_revision():
+    from bench.results import run_identity
+
+    run = {"started": "2026-01-01T00:00:00Z", "matrix_hash": "m", "shard": None,
+           "environment": {"hostname": "h", "git": {"commit": "1" * 40}}}
+    assert run_identity(run) == run_identity(json_copy(run)) and len(run_identity(run)) == 20
+    for change in ({"started": "2026-01-01T00:00:01Z"}, {"matrix_hash": "n"}, {"shard": [1, 2]},
+                   {"ab": {"side": "base", "commit": "2" * 40}}, {"environment": {"hostname": "g"}},
+                   {"environment": {"hostname": "h", "git": {"commit": "3" * 40}}}):
+        assert run_identity({**run, **change}) != run_identity(run), change
+    assert run_identity({**run, "started": None}) is None
+
+
+def json_copy(value):
+    import json
+
+    return json.loads(json.dumps(value))

@@ -128,8 +128,8 @@ def page(tmp_path) -> Node:
 
 
 HEADERS = ["variant", "TTFT p50 ms [95% CI]", "TPOT p50 ms [95% CI]", "n", "speedup", "decode tok/s [95% CI]",
-           "prefill tok/s [95% CI]", "roofline", "peak MiB", "weights MiB", "ppl ratio", "KLD mean", "top-1", "gen match",
-           "gen prefix", "status"]
+           "prefill tok/s [95% CI]", "roofline", "peak MiB", "weights MiB", "ppl ratio", "KLD mean", "top-1",
+           "gen match", "gen prefix", "status"]
 
 
 def _rows(table: Node) -> dict[str, list[Node]]:
