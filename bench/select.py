@@ -465,6 +465,14 @@ def front_text(d: Decision) -> str:
     return f"none: no variant has both {d.objective.label} and KLD"
 
 
+def _none_chosen(d: Decision) -> str:
+    """Why nothing was chosen: the constraints ruled every measured variant out, or none has the figures."""
+    if any(v.outcome == "violates" for v in d.verdicts.values()):
+        return "no variant satisfies the constraints"
+    return f"no variant has the figures to judge (ok, with {d.objective.label}" + \
+        (" and every constrained figure)" if d.constraints else ")")
+
+
 def format_decisions(decisions: list[Decision]) -> str:
     """Plain text: chosen variant, why each other lost, the Pareto front."""
     lines = []
@@ -478,7 +486,7 @@ def format_decisions(decisions: list[Decision]) -> str:
         if d.chosen:
             lines.append(f"  chosen: {d.chosen}: {d.verdicts[d.chosen].reason}")
         else:
-            lines.append("  chosen: none: no variant satisfies the constraints")
+            lines.append(f"  chosen: none: {_none_chosen(d)}")
         for v in d.verdicts.values():
             if v.outcome != "chosen":
                 lines.append(f"  - {v.variant} [{v.outcome}]: {v.reason}")

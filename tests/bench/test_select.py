@@ -519,6 +519,18 @@ def test_point_bounds_print_no_sample_count_and_stat_bounds_need_the_metric():
     assert format_decisions([_one([record("a")])]).splitlines()[1] == "  objective: decode tok/s (higher is better)"
 
 
+def test_nothing_chosen_says_whether_constraints_or_missing_figures_are_why():
+    """Every cell failed, or lacked the objective: "no variant satisfies the constraints" was printed with none."""
+    failed = [record("a", status="failed", error="boom"), record("b", decode=None)]
+    assert format_decisions([_one(failed)]).splitlines()[2] == (
+        "  chosen: none: no variant has the figures to judge (ok, with decode tok/s)")
+    d = _one(failed, constraints=constraints_from({"max_ttft_ms": 5}))
+    assert format_decisions([d]).splitlines()[2] == (
+        "  chosen: none: no variant has the figures to judge (ok, with decode tok/s and every constrained figure)")
+    d = _one([*failed, record("c")], constraints=constraints_from({"max_ttft_ms": 5}))
+    assert format_decisions([d]).splitlines()[2] == "  chosen: none: no variant satisfies the constraints"
+
+
 def test_flag_constraints_accept_their_edge_values_and_refuse_the_rest():
     assert constraints_from({"max_kld": 0})[0].bound == 0  # lossless variants only: a legitimate bound
     assert constraints_from({"min_top1": 1})[0].bound == 1
