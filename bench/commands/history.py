@@ -80,6 +80,7 @@ def _short_of_cells(run_dir: Path) -> str | None:
 
 def main(args: argparse.Namespace) -> int:
     from bench import history
+    from bench.catalogue import metric
     from bench.commands import output_file
     from bench.compare import gated_metrics
     from optimize.errors import InputError
@@ -108,9 +109,11 @@ def main(args: argparse.Namespace) -> int:
         raise InputError(f"--plot {str(args.plot)!r} must end in {' or '.join(history.PLOT_SUFFIXES)}")
     output_file(args.plot, "--plot")
     points = history.series(args.db, args.metric, args.cell)
-    print(f"{'commit':10} {'started':20} {'median':>12} {'n':>4}  cell")
+    shown = metric(args.metric)  # the reports' display unit and format (bytes as MiB)
+    print(f"{'commit':10} {'started':20} {'median ' + shown.shown_unit:>14} {'n':>4}  cell")
     for p in points:
-        print(f"{(p['commit'] or '?')[:10]:10} {p['started'] or '?':20} {p['median']:12.4g} {p['n']:4}  {p['cell']}")
+        print(f"{(p['commit'] or '?')[:10]:10} {p['started'] or '?':20} {shown.format(p['median']):>14} {p['n']:4}  "
+              f"{p['cell']}")
     if args.plot and points:
         print(f"plot: {history.plot(points, args.metric, args.plot)}")
     elif args.plot:

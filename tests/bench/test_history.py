@@ -67,6 +67,12 @@ def test_the_cell_filter_matches_its_text_literally(tmp_path, capsys):
     assert cli(["history", "show", "--db", str(db), "--metric", "tpot_ms", "--cell", "kv_int4"]) == 0
     rows = capsys.readouterr().out.splitlines()[1:]
     assert len(rows) == 1 and rows[0].endswith("kv_int4 cpu generate 1/16/8")
+    # The figure in the reports' display unit and format, the unit in the header (bytes shown as MiB).
+    assert cli(["history", "show", "--db", str(db), "--metric", "peak_memory_bytes", "--cell", "kv_int4"]) == 0
+    head, row = capsys.readouterr().out.splitlines()
+    assert head.split() == ["commit", "started", "median", "MiB", "n", "cell"]
+    peak = history.series(db, "peak_memory_bytes", cell="kv_int4")[0]["median"]
+    assert row.split()[2:4] == [f"{peak / 2**20:.1f}", "1"]
 
 
 def test_a_plot_of_no_figures_says_so_instead_of_writing_nothing_silently(tmp_path, capsys):
