@@ -21,7 +21,7 @@ from typing import Any
 
 from bench.cells import Cell
 from bench.matrix import DEFAULT_MATRIX, Matrix, expand, load_matrix
-from bench.orchestrate import build_id, build_job, start_run
+from bench.orchestrate import build_id, build_job, finish_run, start_run
 from bench.results import append_record, failed_record
 from optimize.errors import InputError
 
@@ -170,4 +170,6 @@ def run_interleaved(base: AbSide, head: AbSide, launcher, *, rounds: int, seed: 
         record["ab"] = {"side": name, "position": position}
         append_record(s.run_dir, record)
         on_event("cell", {**record, "side": name})
+    for s in sides.values():  # each side is a whole run: reports, select and history add take it as ended
+        finish_run(s.run_dir)
     return unmatched

@@ -89,6 +89,9 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
         assert {r["method"]["torch_threads"] for r in records} == {1}  # --threads over the matrix's 2
         run = json.loads((out / side / "run.json").read_text())
         assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
+        assert run["ended"] >= run["started"]  # a whole run: reports, select and history add take it as ended
+    assert cli(["history", "add", str(out / "head"), "--db", str(tmp_path / "h.sqlite")]) == 0
+    assert cli(["history", "add", str(out / "base"), "--db", str(tmp_path / "h.sqlite")]) == 0  # its own run
     head_serve = next(json.loads(line) for line in (out / "head" / "results.jsonl").read_text().splitlines()
                       if '"serve"' in line)
     assert head_serve["recipe"]["steps"][0]["mode"] == "none"  # the head's recipe came from the head's worktree
