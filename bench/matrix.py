@@ -22,7 +22,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, as a package
 
 from bench.cells import Cell, MeasureConfig
 from bench.metrics.drift_config import DriftBudget, DriftConfig
-from bench.metrics.timing import RepeatConfig
+from bench.metrics.timing import MAX_COUNT, RepeatConfig
 from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
@@ -33,6 +33,10 @@ DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
             "exclude", "trust_remote_code", "eval_text", "tokenizer", "prompt_source"}
 DEVICES = ("auto", "cpu", "cuda")
+# A cell's longest timeout: the runner waits on its process with poll(), which takes at most 2**31 - 1 ms.
+MAX_TIMEOUT_S = 2_147_483
+TIMEOUT_ALLOWED = f"must be a finite number of seconds > 0 and at most {MAX_TIMEOUT_S} (24 days: the longest wait " \
+                  "the runner's poll takes)"
 # A run name becomes a directory under reports/runs/: no separators, no leading dot.
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,99}")
 
@@ -77,6 +81,10 @@ class Matrix:
 
 def _err(where: str, key: str, msg: str) -> InputError:
     return InputError(f"{where}: '{key}' {msg}")
+
+
+def _timeout_ok(value: Any) -> bool:
+    return _number(value) and 0 < value <= MAX_TIMEOUT_S
 
 
 def _bool(data: dict, key: str, where: str, default: bool) -> bool:
@@ -244,12 +252,14 @@ def _parse_measure(raw: Any, where: str) -> MeasureConfig:
             raise _err(f"{where} [measure]", key, f"must be a finite non-negative number, got {value!r}")
         if isinstance(getattr(base, key), int) and not isinstance(value, int):
             raise _err(f"{where} [measure]", key, f"must be an integer, got {value!r}")
-    if "timeout_s" in raw and not (_number(raw["timeout_s"]) and raw["timeout_s"] > 0):
-        raise _err(f"{where} [measure]", "timeout_s",
-                   f"must be a finite number of seconds > 0, got {raw['timeout_s']!r}")
+    if "timeout_s" in raw and not _timeout_ok(raw["timeout_s"]):
+        raise _err(f"{where} [measure]", "timeout_s", f"{TIMEOUT_ALLOWED}, got {raw['timeout_s']!r}")
     rounds = raw.get("rounds", base.rounds)
     if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
         raise _err(f"{where} [measure]", "rounds", f"must be a whole number >= 1, got {rounds!r}")
+    for key in ("rounds", "seed", "threads"):
+        if raw.get(key, 0) > MAX_COUNT:
+            raise _err(f"{where} [measure]", key, f"must be at most {MAX_COUNT}, got {raw[key]}")
     repeat = dataclasses.replace(base.repeat, **{k: v for k, v in raw.items() if k in repeat_fields})
     try:
         repeat.validate({k: f"'{k}'" for k in repeat_fields})
@@ -426,8 +436,8 @@ def narrow(matrix: Matrix, *, models=None, variants=None, devices=None, batch_si
         rep.validate({k: f"--{k.replace('_', '-')}" for k in repeat or {}})  # the flags given, by name
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InputError(f"threads must be a whole number >= 0 (0: torch's default), got {threads!r}")
-        if timeout_s is not None and not (_number(timeout_s) and timeout_s > 0):
-            raise InputError(f"timeout_s must be a finite number of seconds > 0, got {timeout_s!r}")
+        if timeout_s is not None and not _timeout_ok(timeout_s):
+            raise InputError(f"timeout_s {TIMEOUT_ALLOWED}, got {timeout_s!r}")
         changes["measure"] = dataclasses.replace(
             matrix.measure, repeat=rep, timeout_s=matrix.measure.timeout_s if timeout_s is None else float(timeout_s),
             threads=matrix.measure.threads if threads is None else threads)

@@ -106,6 +106,8 @@ def time_generate(generate: Callable[[TokenStamper], Any], clock) -> GenerateSam
     return GenerateSample(token_ms=times[:-1], e2e_ms=times[-1])
 
 
+# The largest repetition count (and scenario count, bench.scenarios.base): 32-bit.
+MAX_COUNT = 2**31 - 1
 # What each repetition setting allows, as its error says it.
 REPEAT_ALLOWED = {"warmup": "a whole number >= 0", "min_reps": "a whole number >= 1",
                   "max_reps": "a whole number >= 1", "budget_s": "a finite number of seconds >= 0",
@@ -151,6 +153,9 @@ class RepeatConfig:
             if not good:
                 raise InputError(f"{name(field_name)} must be {REPEAT_ALLOWED[field_name]}, "
                                  f"got {getattr(self, field_name)!r}")
+        for field_name in ("warmup", "min_reps", "max_reps"):
+            if getattr(self, field_name) > MAX_COUNT:  # run.json holds 64-bit integers; no run repeats 2**31 times
+                raise InputError(f"{name(field_name)} must be at most {MAX_COUNT}, got {getattr(self, field_name)}")
         if self.min_reps > self.max_reps and "max_reps" in (names or {}) and "min_reps" not in names:
             raise InputError(f"{name('max_reps')} must be >= {name('min_reps')} ({self.min_reps}), "
                              f"got {self.max_reps}")  # the setting given is the one named wrong

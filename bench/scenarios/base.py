@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from bench.metrics.timing import MAX_COUNT
+
 
 @dataclass(frozen=True)
 class Footprint:
@@ -18,6 +20,20 @@ class Footprint:
 
     weights_bytes: int
     kv_bytes_per_token: float
+
+
+# The largest count a scenario setting may hold (MAX_COUNT): torch and tokenizers index tokens with 32-bit
+# integers (and run.json's integers must stay within 64 bits, which a TOML or --flag value need not).
+
+
+def check_count(what: str, key: str, value: int, least: int = 1) -> None:
+    """``InputError`` unless ``least <= value <= MAX_COUNT`` ("scenario prompt_tokens must be >= 1, got 0")."""
+    from optimize.errors import InputError
+
+    if value < least:
+        raise InputError(f"{what} {key} must be >= {least}, got {value}")
+    if value > MAX_COUNT:
+        raise InputError(f"{what} {key} must be at most {MAX_COUNT} (a 32-bit count), got {value}")
 
 
 class Scenario:

@@ -10,7 +10,7 @@ from typing import ClassVar
 
 from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
-from bench.scenarios.base import Footprint, Scenario
+from bench.scenarios.base import Footprint, Scenario, check_count
 from bench.stats import summarize
 from optimize.errors import InputError, clip
 
@@ -26,8 +26,7 @@ class GenerateScenario(Scenario):
 
     def validate(self) -> None:
         for key in ("batch_size", "prompt_tokens", "new_tokens"):
-            if getattr(self, key) < 1:
-                raise InputError(f"scenario {key} must be >= 1, got {getattr(self, key)}")
+            check_count("scenario", key, getattr(self, key))
         if self.new_tokens < 2:
             raise InputError(f"new_tokens must be >= 2 so decode can be timed, got {self.new_tokens}")
 

@@ -13,7 +13,7 @@ from typing import ClassVar
 
 from bench.generation import last_logits_only
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
-from bench.scenarios.base import Footprint, Scenario
+from bench.scenarios.base import Footprint, Scenario, check_count
 from bench.scenarios.generate import GenerateScenario, greedy_generate
 from bench.stats import summarize
 from optimize.errors import InputError, NotApplicable
@@ -32,8 +32,7 @@ class PrefillScenario(Scenario):
 
     def validate(self) -> None:
         for key in ("batch_size", "prompt_tokens"):
-            if getattr(self, key) < 1:
-                raise InputError(f"prefill {key} must be >= 1, got {getattr(self, key)}")
+            check_count("prefill", key, getattr(self, key))
 
     def run(self, state, prompts, repeat_cfg: RepeatConfig,
             footprint: Footprint | None = None) -> tuple[dict, dict, dict]:

@@ -9,6 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from bench.matrix import DEFAULT_MATRIX
+
+TIMEOUT = ("must be a finite number of seconds > 0 and at most 2147483 (24 days: the longest wait the "
+           "runner's poll takes)")
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -156,6 +161,10 @@ def test_an_empty_item_in_a_comma_list_is_refused_naming_the_flag(tmp_path, argv
     (["--warmup", "-1"], "--warmup must be a whole number >= 0, got -1"),
     (["--max-reps", "2"], "--max-reps must be >= min_reps (5), got 2"),  # the default matrix's min_reps
     (["--min-reps", "3", "--max-reps", "2"], "--min-reps must be <= --max-reps (2), got 3"),
+    (["--warmup", "99999999999999999999"], "--warmup must be at most 2147483647, got 99999999999999999999"),
+    (["--timeout-s", "3000000"], f"timeout_s {TIMEOUT}, got 3000000.0"),
+    (["--prompt-tokens", "9" * 22], f"{DEFAULT_MATRIX} (with the command-line flags) scenarios[0]: scenario "
+                                    f"prompt_tokens must be at most 2147483647 (a 32-bit count), got {'9' * 22}"),
 ])
 def test_repetition_flags_out_of_range_name_the_flag_and_value(tmp_path, flags, cause):
     proc = _cli("run", "--model", "synthetic:llama-tiny", "--variants", "fp32", "--out", tmp_path / "out", *flags)
@@ -168,8 +177,12 @@ def test_repetition_flags_out_of_range_name_the_flag_and_value(tmp_path, flags, 
     ("min_reps = -1", "'min_reps' must be a whole number >= 1, got -1"),
     ("warmup = -1", "'warmup' must be a whole number >= 0, got -1"),
     ("max_reps = 2", "'min_reps' must be <= 'max_reps' (2), got 5"),
-    ("timeout_s = 0", "'timeout_s' must be a finite number of seconds > 0, got 0"),
-    ("timeout_s = -1", "'timeout_s' must be a finite number of seconds > 0, got -1"),
+    ("timeout_s = 0", f"'timeout_s' {TIMEOUT}, got 0"),
+    ("timeout_s = -1", f"'timeout_s' {TIMEOUT}, got -1"),
+    # past what the runner can wait on, or run.json can hold: refused before anything is written
+    ("timeout_s = 3e6", f"'timeout_s' {TIMEOUT}, got 3000000.0"),
+    ("max_reps = 3000000000", "'max_reps' must be at most 2147483647, got 3000000000"),
+    ("seed = 99999999999999999", "'seed' must be at most 2147483647, got 99999999999999999"),
 ])
 def test_repetition_keys_out_of_range_name_the_key_value_and_range(tmp_path, line, cause):
     matrix = tmp_path / "m.toml"
