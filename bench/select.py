@@ -7,8 +7,9 @@ Per group (one model, device and scenario; see ``bench.report.table``):
 2. constraints are bounds on point values (the p50 of latencies, drift means): a cell over
    a bound loses with the figure and the bound;
 3. among the rest, the candidates are the cells no other clearly beats on the objective (its
-   interval, the 95% CI of the median, entirely on the better side of theirs): differences
-   inside the noise are not wins. The best point value is always a candidate, and every two
+   interval, the 95% CI of the median, entirely on the better side of theirs, or overlapping
+   with repetitions whose ranks are apart: Mann-Whitney p < 0.01 on at least 5 a side):
+   differences inside the noise are not wins. The best point value is always a candidate, and every two
    candidates are *tied*: their intervals overlap, or one figure rests on too few repetitions
    for its interval to mean anything (*not told apart*). Ties are broken by the Pareto front,
    lower KLD, then lower peak memory; the choice is then not called best, and says so;
@@ -211,23 +212,62 @@ class Decision:
                 "variants": [v.to_dict() for v in self.verdicts.values()]}
 
 
+# [min, max] of n repetitions holds the median with probability 1 - 2 / 2**n: the fewest whose interval
+# covers at least MIN_CI_COVERAGE (5 for 90%: 93.75%).
+REPETITIONS_NEEDED = next(n for n in range(1, 64) if 1 - 2 / 2**n >= MIN_CI_COVERAGE)
+
+
 def overlap(a: tuple[float, float] | None, b: tuple[float, float] | None) -> bool:
     """True when two intervals overlap (no interval: only equal points count as a tie, handled by callers)."""
     return a is not None and b is not None and a[0] <= b[1] and b[0] <= a[1]
 
 
+# Two figures whose intervals overlap are still apart when their repetitions' ranks are (Mann-Whitney U,
+# two-sided, as asv judges a change): overlapping 95% intervals alone are far stricter than a 5% test.
+RANK_ALPHA = 0.01
+
+
+def rank_p(a: dict[str, Any], b: dict[str, Any], m: Metric) -> float | None:
+    """Two-sided Mann-Whitney p of the two records' repetitions of ``m`` (a roofline figure: its rate's),
+    or None where either has fewer than REPETITIONS_NEEDED of them (its ranks say too little).
+    """
+    key = m.scales_with or m.key
+    xa, xb = ((r.get("samples") or {}).get(key) for r in (a, b))
+    if not all(isinstance(x, list) and len(x) >= REPETITIONS_NEEDED and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in x) for x in (xa, xb)):
+        return None
+    from scipy.stats import mannwhitneyu
+
+    return float(mannwhitneyu(xa, xb, alternative="two-sided").pvalue)
+
+
+def _ranks_apart(a: dict[str, Any], b: dict[str, Any], m: Metric) -> bool:
+    p = rank_p(a, b, m)
+    return p is not None and p < RANK_ALPHA
+
+
 def _compare(record_a, record_b, m: Metric) -> int:
     """+1 when a is clearly better than b, -1 clearly worse, 0 when tied.
 
-    Tied: within noise (intervals overlap), equal, or not to be told apart (either figure rests on
-    too few repetitions for its interval to mean anything).
+    Clearly: intervals apart, or overlapping with repetitions whose ranks are apart (``RANK_ALPHA``).
+    Tied: within noise, equal, or not to be told apart (either figure rests on too few repetitions
+    for its interval to mean anything).
     """
     va, vb = point(record_a, m.key), point(record_b, m.key)
-    if va == vb or overlap(interval(record_a, m.key), interval(record_b, m.key)):
+    if va == vb:
+        return 0
+    if overlap(interval(record_a, m.key), interval(record_b, m.key)) and not _ranks_apart(record_a, record_b, m):
         return 0
     if too_few_repetitions(record_a, m.key) or too_few_repetitions(record_b, m.key):
         return 0
     return 1 if m.better(va, vb) else -1
+
+
+def _apart_note(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
+    """' (intervals overlap, ranks apart: Mann-Whitney p 0.0011)' where that is why a and b differ, else ''."""
+    if not overlap(interval(a, m.key), interval(b, m.key)) or _compare(a, b, m) == 0:
+        return ""
+    return f" (intervals overlap, ranks apart: Mann-Whitney p {rank_p(a, b, m):.2g})"
 
 
 def _at_least_as_good(a: dict[str, Any], b: dict[str, Any], m: Metric) -> bool:
@@ -243,13 +283,8 @@ def _at_least_as_good(a: dict[str, Any], b: dict[str, Any], m: Metric) -> bool:
 def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
     """How a dominating record compares with b on one metric, in a verdict's words (never worse: it dominates)."""
     if _compare(dominator, b, m) > 0:
-        return "better"
+        return "better" + _apart_note(dominator, b, m)
     return "equal" if point(dominator, m.key) == point(b, m.key) else "tied within noise"
-
-
-# [min, max] of n repetitions holds the median with probability 1 - 2 / 2**n: the fewest whose interval
-# covers at least MIN_CI_COVERAGE (5 for 90%: 93.75%).
-REPETITIONS_NEEDED = next(n for n in range(1, 64) if 1 - 2 / 2**n >= MIN_CI_COVERAGE)
 
 
 def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
@@ -355,7 +390,7 @@ def decide(group: Group, objective: Metric, constraints: list[Constraint]) -> De
                     f"{m.label} {_describe(dom, m)} vs {_describe(r, m)}: {_versus(dom, r, m)}" for m in axes) + ")"
             else:
                 v.reason = (f"{objective.label} {_describe(r, objective)} vs {d.chosen}'s "
-                            f"{_describe(winner, objective)}"
+                            f"{_describe(winner, objective)}" + _apart_note(winner, r, objective)
                             + (" (on the Pareto front: less drift)" if name in d.front else ""))
         d.verdicts[name] = v
     order = {r["variant"]: i for i, r in enumerate(group.records())}

@@ -6,8 +6,10 @@ import json
 
 import pytest
 
+from bench.catalogue import metric
 from bench.cli import main
 from bench.select import constraints_from, format_decisions, parse_where, select
+from bench.stats import summarize
 from optimize.errors import InputError
 from tests.bench.example_records import example_records, first_repetitions
 from tests.bench.records import record, write_run
@@ -58,6 +60,31 @@ def test_a_cell_clearly_beaten_by_another_is_no_candidate_though_it_overlaps_the
     assert d.verdicts["w"].outcome == "lost" and "tied" not in d.verdicts["w"].reason
     assert d.verdicts["t"].reason == ("decode tok/s 199.0 [197.0, 201.0] is tied within noise with x; the choice "
                                       "rests on the tie-break: lower KLD than x")
+
+
+def test_overlapping_intervals_whose_repetitions_rank_apart_are_a_clear_difference():
+    """Seen: bf16 and int8 1.29x and 1.52x faster than fp32 by the report's speedup, Mann-Whitney p 0.001, yet
+    'tied within noise' with fp32 (a few slow repetitions widened its interval), so fp32 won on drift."""
+    from bench.select import rank_p
+
+    fp32 = record("fp32", decode=130, kld=0.0, steps=0, reps=9)
+    fast = record("bf16", decode=164, kld=0.001, reps=9)
+    fp32["samples"]["decode_tokens_per_s"] = [118, 120, 125, 128, 130, 131, 132, 166, 168]
+    fast["samples"]["decode_tokens_per_s"] = [158, 161, 164, 165, 167, 169, 170, 171, 172]
+    for r in (fp32, fast):
+        r["metrics"]["decode_tokens_per_s_summary"] = summarize(r["samples"]["decode_tokens_per_s"])
+        r["metrics"]["decode_tokens_per_s"] = r["metrics"]["decode_tokens_per_s_summary"]["p50"]
+    assert fp32["metrics"]["decode_tokens_per_s_summary"]["ci95_p50"][1] > 161  # the intervals overlap
+    p = rank_p(fp32, fast, metric("decode_tokens_per_s"))
+    assert p < 0.01
+    d = _one([fp32, fast])
+    assert d.chosen == "bf16" and d.ties == [] and d.front == ["fp32", "bf16"]
+    assert d.verdicts["fp32"].reason == (
+        f"decode tok/s 130.0 [120.0, 166.0] vs bf16's 167.0 [161.0, 171.0] (intervals overlap, ranks apart: "
+        f"Mann-Whitney p {p:.2g}) (on the Pareto front: less drift)")
+    # The same figures on 4 repetitions a side rank nothing: tied, and drift chooses.
+    few = [record("fp32", decode=130, kld=0.0, steps=0, reps=4), record("bf16", decode=164, kld=0.001, reps=4)]
+    assert rank_p(*few, metric("decode_tokens_per_s")) is None and _one(few).chosen == "fp32"
 
 
 def test_prefill_and_roofline_objectives_judge_noise_as_their_latency_does(tmp_path):
