@@ -316,6 +316,22 @@ def _parse_exclude(raw: Any, where: str) -> tuple[dict[str, Any], ...]:
     return tuple(raw)
 
 
+_WHAT = {"name": "scenario kind"}
+
+
+def _check_exclude_names(rules: tuple[dict[str, Any], ...], names: dict[str, tuple[str, ...]], where: str) -> None:
+    """A rule naming a model, variant, device or scenario kind the matrix does not have would match no cell:
+    a typo (``bf61``), refused with the names it has (a device may be cpu or cuda where the matrix says auto).
+    """
+    for i, rule in enumerate(rules):
+        for key, have in names.items():
+            known = (*have, *DEVICES) if key == "device" else have
+            if key in rule and rule[key] not in known:
+                raise _err(f"{where} exclude[{i}]", key,
+                           f"= {rule[key]!r} names no {_WHAT.get(key, key)} of this matrix, so it would match no "
+                           f"cell{did_you_mean(rule[key], known)}; the matrix has: {', '.join(sorted(set(have)))}")
+
+
 def _check_variants(variants: tuple[str, ...], recipes: dict[str, Recipe], where: str) -> tuple[str, ...]:
     from optimize.registry import variant_names
 
@@ -355,7 +371,10 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
     variants = _check_variants(_str_list(data, "variants", where, ["fp32"]), recipes, where)
     devices = _check_devices(_str_list(data, "devices", where, ["auto"]), where)
     models = _check_models(_str_list(data, "models", where, ["builtin:pycode"]), where)
+    scenarios = _parse_scenarios(data.get("scenarios", [{"name": "generate"}]), where)
     exclude = _parse_exclude(data.get("exclude", []), where)
+    _check_exclude_names(exclude, {"model": models, "variant": variants, "device": devices,
+                                   "name": tuple(sc["name"] for sc in scenarios)}, where)
     drift_table = dict(data.get("drift", {})) if isinstance(data.get("drift", {}), dict) else data["drift"]
     budget = drift_table.pop("budget", {}) if isinstance(drift_table, dict) else {}
     return Matrix(
@@ -366,7 +385,7 @@ def parse_matrix(data: dict[str, Any], where: str) -> Matrix:
         models=models,
         variants=variants,
         devices=devices,
-        scenarios=_parse_scenarios(data.get("scenarios", [{"name": "generate"}]), where),
+        scenarios=scenarios,
         measure=_parse_measure(data.get("measure", {}), where),
         recipes=recipes,
         exclude=tuple(exclude),

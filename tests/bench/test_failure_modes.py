@@ -275,6 +275,27 @@ def test_unknown_recipe_key_is_an_error_with_did_you_mean():
         parse_matrix({"recipe": [table], "variants": ["mine"]}, "m.toml")
 
 
+@pytest.mark.parametrize(("rule", "cause"), [
+    ({"variant": "bf61"}, "'variant' = 'bf61' names no variant of this matrix, so it would match no cell (did you mean "
+                          "'bf16'?); the matrix has: bf16, fp32"),
+    ({"model": "builtin:pycod"}, "'model' = 'builtin:pycod' names no model of this matrix, so it would match no cell "
+                                 "(did you mean 'builtin:pycode'?); the matrix has: builtin:pycode"),
+    ({"device": "gpu"}, "'device' = 'gpu' names no device of this matrix, so it would match no cell (did you mean "
+                        "'cpu'?); the matrix has: auto"),
+    ({"name": "prefil"}, "'name' = 'prefil' names no scenario kind of this matrix, so it would match no cell (did "
+                         "you mean 'prefill'?); the matrix has: decode, prefill"),
+])
+def test_an_exclude_rule_naming_what_the_matrix_lacks_is_refused(rule, cause):
+    """A typo (bf61) matched no cell in silence: the run measured the cells the rule meant to leave out."""
+    data = {"variants": ["fp32", "bf16"], "scenarios": [{"name": "prefill"}, {"name": "decode"}], "exclude": [rule]}
+    with pytest.raises(InputError) as err:
+        parse_matrix(data, "m.toml")
+    assert str(err.value) == f"m.toml exclude[0]: {cause}"
+    # What a rule may name: any of the matrix's, and cpu or cuda where the matrix says auto.
+    for ok in ({"variant": "bf16"}, {"device": "cpu"}, {"device": "cuda"}, {"name": "decode"}):
+        assert parse_matrix({**data, "exclude": [ok]}, "m.toml").exclude == (ok,)
+
+
 def test_unknown_exclude_key_is_an_error_with_did_you_mean():
     with pytest.raises(InputError, match=r"exclude\[0\]: 'varient'.*did you mean 'variant'"):
         parse_matrix({"exclude": [{"varient": "fp32"}]}, "m.toml")
