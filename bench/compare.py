@@ -79,15 +79,9 @@ def environment_diffs(base: dict[str, Any], head: dict[str, Any]) -> list[str]:
 
 def _ceilings(run: dict[str, Any]) -> dict[tuple[str, str, str], float]:
     """(device, figure, unit) -> value of the roofline ceilings a run.json holds (positive numbers only)."""
-    from bench.merge import ceiling_figures
+    from bench.merge import ceiling_figures, ceiling_label
 
-    def label(path: str) -> tuple[str, str]:  # "memory.bandwidth_gbps", "matmul.<dtype>.tflops"
-        if path.startswith("memory."):
-            return "copy bandwidth", "GB/s"
-        dtype = path[7:-7]
-        return f"{dtype} matmul", "TOP/s" if dtype == "int8" else "TFLOP/s"  # int8: operations, not FLOPs
-
-    return {(device, *label(path)): float(v) for device, c in sorted((run.get("roofline") or {}).items())
+    return {(device, *ceiling_label(path)): float(v) for device, c in sorted((run.get("roofline") or {}).items())
             for path, v in ceiling_figures(c).items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,37 @@ def ceiling_figures(ceilings: Any) -> dict[str, Any]:
     return figures
 
 
+def ceiling_label(path: str) -> tuple[str, str]:
+    """A ``ceiling_figures`` path in words, with its unit: ("copy bandwidth", "GB/s"), ("float32 matmul", "TFLOP/s")."""
+    if path.startswith("memory."):
+        return "copy bandwidth", "GB/s"
+    dtype = path[7:-7]  # "matmul.<dtype>.tflops"
+    return f"{dtype} matmul", "TOP/s" if dtype == "int8" else "TFLOP/s"  # int8: operations, not FLOPs
+
+
+# Ceilings measured within this of each other are one machine's noise (two measurements are never equal);
+# ``compare`` flags ceilings beyond its speed threshold, 5% by default, likewise.
+CEILING_TOLERANCE = 0.05
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+
+
+def ceiling_difference(path: str, theirs: Any, ours: Any) -> str | None:
+    """'copy bandwidth 20.5 GB/s, 15.9' with the change, where two runs' figures differ beyond CEILING_TOLERANCE
+    (or one is missing); None where they agree.
+    """
+    name, unit = ceiling_label(path)
+    if _number(theirs) and _number(ours):
+        if abs(ours / theirs - 1) <= CEILING_TOLERANCE:
+            return None
+        return f"{name} {ours:.4g} {unit} ({ours / theirs - 1:+.1%}), {theirs:.4g}"
+    if theirs == ours:
+        return None
+    return f"{name} {ours if _number(ours) else 'not measured'}, {theirs if _number(theirs) else 'not measured'}"
+
+
 def merged_ceilings(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[str, Any]:
     """What the merged run.json says of the runs' roofline ceilings.
 
@@ -98,8 +130,8 @@ def merged_ceilings(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[st
     - ``roofline``: per device, the ceilings of the first run that measured it (what the report shows
       and a resume of the merged run reuses);
     - ``shard_rooflines``: every run's ceilings, with its directory and shard;
-    - ``roofline_differences``: one line per figure a run measured differently from the first run that
-      measured that device, as ``environment_differences`` has them; left out when every cell shares one.
+    - ``roofline_differences``: one line per figure a run measured beyond ``CEILING_TOLERANCE`` from the
+      first run that measured that device, as ``environment_differences`` has them; left out when none is.
 
     A device a run has no ceilings for gives its cells no fractions: no difference.
     """
@@ -112,8 +144,8 @@ def merged_ceilings(run_dirs: list[Path], runs: list[dict[str, Any]]) -> dict[st
                 continue
             where, theirs = first[device]
             a, b = ceiling_figures(theirs), ceiling_figures(ceilings)
-            differences += [f"{d}: {device} {k} is {b.get(k)!r}, {a.get(k)!r} in {where}"
-                            for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
+            said = (ceiling_difference(k, a.get(k), b.get(k)) for k in sorted(set(a) | set(b)))
+            differences += [f"{d}: {device} {line} in {where}" for line in said if line]
     return {**({"roofline": {device: c for device, (_, c) in first.items()}} if first else {}),
             "shard_rooflines": [{"run": str(d), "shard": r.get("shard"), "roofline": r.get("roofline")}
                                 for d, r in zip(run_dirs, runs, strict=True)],
