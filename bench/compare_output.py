@@ -65,9 +65,11 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   "inconclusive).", ""]
     single = sum(1 for r in c.rows if r.kind == "speed" and (r.blocks_base == 1 or r.blocks_head == 1))
     if single:
+        verdicts = ("they give verdicts (--min-processes 1)" if cfg.get("min_processes", 2) <= 1
+                    else "they give no verdict unless --min-processes 1")
         lines += [f"{single} speed comparisons have one process on a side: noise between processes (a "
-                  "neighbour's burst of load) is not seen in their intervals, so they give no verdict unless "
-                  "--min-processes 1; `[measure] rounds >= 2` or `infermatrix ab` measure it.", ""]
+                  f"neighbour's burst of load) is not seen in their intervals, so {verdicts}; "
+                  "`[measure] rounds >= 2` or `infermatrix ab` measure it.", ""]
     few = min((r.process_df for r in c.rows if r.process_df is not None), default=None)
     if few is not None and few < FEW_DF:
         lines += [f"The noise between processes is estimated from {few} degrees of freedom: the t test on process "

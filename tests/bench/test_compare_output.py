@@ -166,6 +166,9 @@ def test_the_whole_summary_with_every_section():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a median of no figures would warn: the noise table must not take one
         assert markdown_summary(c) == FULL
+    c.config["min_processes"] = 1  # asked for: said so, not asked for again
+    assert "so they give verdicts (--min-processes 1); `[measure] rounds" in markdown_summary(c)
+    assert "unless --min-processes 1" not in markdown_summary(c)
 
 
 @pytest.mark.parametrize(("hosts", "said"), [
