@@ -19,7 +19,7 @@ from typing import Any
 
 from bench import gate_stats as gs
 from bench.cells import identity
-from bench.results import RUN, read_records, read_run
+from bench.results import read_records, read_run, require_run_dir
 from optimize.errors import InputError, clip
 from optimize.libraries import libraries
 
@@ -118,8 +118,7 @@ class Side:
 
 def load_side(run_dir: Path) -> Side:
     run_dir = Path(run_dir)
-    if not (run_dir / RUN).exists():
-        raise InputError(f"{run_dir} is not a run directory (no {RUN})")
+    require_run_dir(run_dir)
     ok: dict[str, list[dict[str, Any]]] = defaultdict(list)
     not_ok: dict[str, dict[str, Any]] = {}
     for record in read_records(run_dir, latest_only=False):

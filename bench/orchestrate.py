@@ -17,7 +17,16 @@ from typing import Any
 from bench import __version__
 from bench.cells import Cell
 from bench.matrix import Matrix, expand, parse_matrix
-from bench.results import RUN, append_record, failed_record, read_records, read_run, utc_now, write_json_atomic
+from bench.results import (
+    RUN,
+    append_record,
+    failed_record,
+    read_records,
+    read_run,
+    require_run_dir,
+    utc_now,
+    write_json_atomic,
+)
 from bench.runner import JOB_TIMEOUTS, cell_result_to_record
 from optimize.errors import InputError
 from optimize.registry import recipe_from_dict
@@ -144,8 +153,7 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
 
     Call with the run's lock held: a merged run's ``missing_shards`` are settled against its records first.
     """
-    if not (Path(run_dir) / RUN).exists():
-        raise InputError(f"--resume {run_dir}: no {RUN} there, not a run directory")
+    require_run_dir(run_dir, "--resume")
     run = read_run(run_dir)
     m = dict(run["matrix"])
     source = m.pop("source", str(run_dir))

@@ -374,6 +374,23 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_atomic(path, json.dumps(data, indent=1, sort_keys=True, default=str) + "\n")
 
 
+def require_run_dir(run_dir: Path, flag: str | None = None) -> None:
+    """``InputError`` unless ``run_dir`` holds a run.json: "DIR is not a run directory (no run.json)" (with
+    ``flag``: "--resume DIR: no run.json there, ..."), or, while a run that has taken the directory's lock
+    has not written its run.json yet, that it is being started and by which process.
+    """
+    from bench.runlock import holder_pid
+
+    if os.path.lexists(Path(run_dir) / RUN):  # one that is no regular file is read_run's to refuse, by name
+        return
+    pid = holder_pid(run_dir)
+    if pid is not None:
+        raise InputError(f"{f'{flag} ' if flag else ''}{run_dir}: a run is starting there (infermatrix, PID {pid}) "
+                         f"and has not written its {RUN} yet; wait for it")
+    raise InputError(f"{flag} {run_dir}: no {RUN} there, not a run directory" if flag
+                     else f"{run_dir} is not a run directory (no {RUN})")
+
+
 def read_run(run_dir: Path) -> dict[str, Any]:
     """run.json of ``run_dir``; a missing or corrupt one is an ``InputError`` naming the file."""
     path = Path(run_dir) / RUN

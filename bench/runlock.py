@@ -23,6 +23,23 @@ from optimize.errors import InputError
 LOCK = ".infermatrix.lock"
 
 
+def holder_pid(run_dir: Path) -> int | None:
+    """The PID of the run holding ``run_dir``'s lock, or None when none does; read from /proc/locks, which
+    takes no lock (a probe that locked, however briefly, could refuse a run starting at that moment).
+    """
+    try:
+        st = (Path(run_dir) / LOCK).stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    file = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in table.splitlines():  # "1: FLOCK  ADVISORY  WRITE 25102 fe:00:2147162 0 EOF"
+        fields = line.split()
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == file and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
 class RunLock:
     """Exclusive lock on a run directory; a context manager, released on close or exit."""
 

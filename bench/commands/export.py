@@ -26,14 +26,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.export import github_action_benchmark, pytest_benchmark_json
-    from bench.results import RUN
+    from bench.results import require_run_dir
     from optimize.errors import InputError
 
     for dest, target in TARGET_FLAGS.items():
         if getattr(args, dest) is not None and args.to != target:
             raise InputError(f"--{dest} is for --to {target} only, not --to {args.to}")
-    if not (args.run / RUN).exists():
-        raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    require_run_dir(args.run)
     output_file(args.out, stdout=True)
     data = (pytest_benchmark_json(args.run) if args.to == "pytest-benchmark"
             else github_action_benchmark(args.run, args.direction or DEFAULT_DIRECTION))

@@ -63,11 +63,9 @@ def _commit_of(run_dir: Path) -> tuple[str | None, str | None]:
 def _short_of_cells(run_dir: Path) -> str | None:
     """Why a run is not whole ('it has not ended; 3 of 10 cells have no record'), or None when it is."""
     from bench.orchestrate import unrecorded_cells, unrecorded_count
-    from bench.results import RUN, read_records, read_run
-    from optimize.errors import InputError
+    from bench.results import read_records, read_run, require_run_dir
 
-    if not (run_dir / RUN).exists():
-        raise InputError(f"{run_dir} is not a run directory (no {RUN})")
+    require_run_dir(run_dir)
     run, records = read_run(run_dir), read_records(run_dir)
     why = [] if run.get("ended") else ["it has not ended (interrupted, or still running)"]
     if run.get("missing_shards"):

@@ -23,12 +23,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.report.write import parse_formats, render, write_reports
-    from bench.results import RUN
+    from bench.results import require_run_dir
     from optimize.errors import InputError
 
     formats = parse_formats(args.format)
-    if not (args.run / RUN).exists():
-        raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    require_run_dir(args.run)
     if len(formats) == 1 and formats[0] != "png":
         output_file(args.out, stdout=True)
         text = render(args.run, formats[0])

@@ -138,10 +138,9 @@ def main(args: argparse.Namespace) -> int:
     if args.allow_env_mismatch and not args.resume:
         raise InputError("--allow-env-mismatch applies to --resume only (a new run has one environment)")
     if args.resume:
-        from bench.orchestrate import RUN
+        from bench.results import require_run_dir
 
-        if not (args.resume / RUN).is_file():
-            raise InputError(f"--resume {args.resume}: no {RUN} there, not a run directory")
+        require_run_dir(args.resume, "--resume")
         lock = RunLock(args.resume).acquire()  # held for the whole run, taken before anything else
         return _locked(lock, lambda: _run(args, args.resume, shard, None))
     matrix = _matrix(args)

@@ -39,13 +39,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from bench.orchestrate import unrecorded_cells, unrecorded_count
-    from bench.results import RUN, read_run
+    from bench.results import read_run, require_run_dir
     from bench.rounds import read_cell_records
     from bench.select import CONSTRAINT_FLAGS, constraints_from, format_decisions, parse_where, select
-    from optimize.errors import InputError
 
-    if not (args.run / RUN).exists():
-        raise InputError(f"{args.run} is not a run directory (no {RUN})")
+    require_run_dir(args.run)
     run = read_run(args.run)  # a corrupt run description is refused here as by every other reader
     constraints = constraints_from({name: getattr(args, name) for name in CONSTRAINT_FLAGS})
     constraints += [parse_where(text) for text in args.where]

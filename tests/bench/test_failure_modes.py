@@ -204,8 +204,10 @@ def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
 # --- 4. one run per run directory --------------------------------------------------------
 
 
-def test_second_run_on_a_locked_directory_exits_2_naming_the_holders_pid(tmp_path):
-    from bench.runlock import RunLock
+def test_second_run_on_a_locked_directory_exits_2_naming_the_holders_pid(tmp_path, capsys):
+    from bench.cli import main as cli
+    from bench.results import require_run_dir
+    from bench.runlock import RunLock, holder_pid
 
     run_dir = tmp_path / "run"
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -222,11 +224,23 @@ def test_second_run_on_a_locked_directory_exits_2_naming_the_holders_pid(tmp_pat
         proc = _cli("run", str(_matrix_file(tmp_path)), "--out", str(run_dir), "--quiet")
         _one_line_exit_2(proc, f"PID {holder.pid}")
         assert not (run_dir / "run.json").exists()
+        # Seen: between a run's lock and its run.json (the ceilings take seconds), a resume, report or select
+        # of the directory said "not a run directory".
+        assert holder_pid(run_dir) == holder.pid
+        starting = f"a run is starting there (infermatrix, PID {holder.pid}) and has not written its run.json yet"
+        for argv, said in ((["run", "--resume", str(run_dir)], f"--resume {run_dir}: {starting}"),
+                           (["report", str(run_dir)], f"{run_dir}: {starting}"),
+                           (["select", str(run_dir)], f"{run_dir}: {starting}")):
+            assert cli(argv) == 2
+            assert capsys.readouterr().err.endswith(f"error: {said}; wait for it\n"), argv
     finally:
         holder.kill()
         holder.wait()
     with RunLock(run_dir):  # the kernel dropped the dead holder's lock
-        pass
+        assert holder_pid(run_dir) == os.getpid()
+    assert holder_pid(run_dir) is None
+    with pytest.raises(InputError, match=r"run is not a run directory \(no run.json\)$"):
+        require_run_dir(run_dir)
 
 
 def test_two_runs_started_together_on_one_directory_record_each_cell_once(tmp_path, cache_dir):
