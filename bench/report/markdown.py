@@ -268,8 +268,10 @@ def drift_protocols(records: list[dict[str, Any]]) -> list[str]:
         name = drift_protocol_name(r)
         if name:
             drift = r["method"]["drift"]
+            # the protocol's words name the window length `context`: said as the number (escaped, backticks show)
+            protocol = str(drift["protocol"]).replace("`context`", str(drift.get("context")))
             out.append(f"{name}, windows of {drift.get('context')} tokens, {drift.get('scored_tokens')} scored "
-                       f"tokens: {drift['protocol']}")
+                       f"tokens: {protocol}")
     return list(dict.fromkeys(out))
 
 

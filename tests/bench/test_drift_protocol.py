@@ -232,7 +232,9 @@ def test_a_run_with_the_llama_cpp_protocol_says_so_in_records_and_reports(tmp_pa
         assert r["metrics"]["scored_tokens"] == WINDOWS * SCORED_PER_WINDOW
     assert records["fp32"]["metrics"]["kld_mean"] < 1e-6 < records["bf16"]["metrics"]["kld_mean"]
     line = f"- Drift protocol: llama.cpp, windows of 64 tokens, {WINDOWS * SCORED_PER_WINDOW} scored tokens: "
-    assert line + md_escape(PROTOCOL_LLAMA_CPP) + "\n" in (out / "report.md").read_text()  # once: both share it
+    said = md_escape(PROTOCOL_LLAMA_CPP.replace("`context`", "64"))  # the window length as its number
+    assert "windows of 64 tokens from the start" in said and "`" not in PROTOCOL_LLAMA_CPP.replace("`context`", "")
+    assert line + said + "\n" in (out / "report.md").read_text()  # once: both share it
     assert (out / "report.md").read_text().count("- Drift protocol:") == 1
     assert "<h2>Drift protocol</h2>" in (out / "report.html").read_text()
     import csv
