@@ -233,6 +233,8 @@ def interval(record: dict[str, Any], key: str) -> tuple[float, float] | None:
         return rate_ci[0] * value / rate, rate_ci[1] * value / rate
     summary = repetition_summary(record, key)
     if isinstance(summary, dict) and isinstance(summary.get("ci95_p50"), list) and len(summary["ci95_p50"]) == 2:
+        if summary.get("ci_coverage") == 0:  # one repetition: [x, x] covers nothing, so there is no interval
+            return None
         low, high = summary["ci95_p50"]
         return float(low), float(high)
     stderr = metrics.get(m.stderr_key) if m and m.stderr_key else None

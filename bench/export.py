@@ -121,7 +121,7 @@ def github_action_benchmark(run_dir: Path, direction: Literal["smaller", "bigger
             ci, label = interval(r, key), _interval_label(r, key)
             if ci is not None and label is not None:
                 entry["range"] = f"{label} [{m.format(ci[0])}, {m.format(ci[1])}]"
-            elif ci is not None:
+            elif ci is not None or interval_coverage(r, key) == 0:
                 extra += "; one repetition: no interval"
             entry["extra"] = extra
             out.append(entry)

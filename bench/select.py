@@ -246,6 +246,12 @@ def _ranks_apart(a: dict[str, Any], b: dict[str, Any], m: Metric) -> bool:
     return p is not None and p < RANK_ALPHA
 
 
+def _span(record: dict[str, Any], m: Metric) -> tuple[float, float] | None:
+    """The figure's interval; a figure without one (a single repetition) spans its own point."""
+    ci, value = interval(record, m.key), point(record, m.key)
+    return ci if ci is not None or value is None else (value, value)
+
+
 def _compare(record_a, record_b, m: Metric) -> int:
     """+1 when a is clearly better than b, -1 clearly worse, 0 when tied.
 
@@ -256,7 +262,7 @@ def _compare(record_a, record_b, m: Metric) -> int:
     va, vb = point(record_a, m.key), point(record_b, m.key)
     if va == vb:
         return 0
-    if overlap(interval(record_a, m.key), interval(record_b, m.key)) and not _ranks_apart(record_a, record_b, m):
+    if overlap(_span(record_a, m), _span(record_b, m)) and not _ranks_apart(record_a, record_b, m):
         return 0
     if too_few_repetitions(record_a, m.key) or too_few_repetitions(record_b, m.key):
         return 0
@@ -265,7 +271,7 @@ def _compare(record_a, record_b, m: Metric) -> int:
 
 def _apart_note(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
     """' (intervals overlap, ranks apart: Mann-Whitney p 0.0011)' where that is why a and b differ, else ''."""
-    if not overlap(interval(a, m.key), interval(b, m.key)) or _compare(a, b, m) == 0:
+    if not overlap(_span(a, m), _span(b, m)) or _compare(a, b, m) == 0:
         return ""
     return f" (intervals overlap, ranks apart: Mann-Whitney p {rank_p(a, b, m):.2g})"
 
@@ -289,7 +295,7 @@ def _versus(dominator: dict[str, Any], b: dict[str, Any], m: Metric) -> str:
 
 def _too_few(a: dict[str, Any], b: dict[str, Any], m: Metric) -> str | None:
     """Why two figures whose intervals do not overlap still tie (too few repetitions), or None."""
-    if overlap(interval(a, m.key), interval(b, m.key)) or not (too_few_repetitions(a, m.key)
+    if overlap(_span(a, m), _span(b, m)) or not (too_few_repetitions(a, m.key)
                                                                 or too_few_repetitions(b, m.key)):
         return None
     counts = [x for x in (sample_count(a, m.key), sample_count(b, m.key)) if x is not None]

@@ -149,7 +149,9 @@ def _cell(row: Row, key: str) -> str:
     cover = (f"; it holds the median {fig.coverage:.2%} of the time ({fig.n} repetition{'s' * (fig.n != 1)})"
              if fig.coverage is not None and fig.coverage < 0.95 else "")
     title = (f' title="95% CI width {fig.rel_ci_width:.0%} of the value (noisy above {NOISY_REL_CI:.0%}){cover}"'
-             if fig.rel_ci_width is not None else "")
+             if fig.rel_ci_width is not None else
+             ' title="no interval: one repetition ([x, x] holds the median 0% of the time)"' if fig.coverage == 0
+             else "")
     mark = ' <span class="mark">~</span>' if fig.noisy else ""
     return f'<td class="{cls}" data-v="{_num_attr(fig.value)}"{title}>{esc(m.format(fig.value))}{mark}{ci}</td>'
 

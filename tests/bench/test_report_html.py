@@ -349,9 +349,8 @@ def test_a_figure_on_too_few_repetitions_says_how_often_its_interval_holds_the_m
                         "html"))
     rows = _rows(page.one("table", class_="sortable"))
     one, two = rows["one"][HEADERS.index("TPOT p50 ms [95% CI]")], rows["two"][HEADERS.index("TPOT p50 ms [95% CI]")]
-    assert one.attrs["class"] == "num noisy" and one.text() == "10.00 ~ [10.00, 10.00]"  # no width, still marked
-    assert one.attrs["title"] == ("95% CI width 0% of the value (noisy above 10%); it holds the median 0.00% of the "
-                                  "time (1 repetition)")
+    assert one.attrs["class"] == "num noisy" and one.text() == "10.00 ~"  # no interval ([x, x] covers nothing), marked
+    assert one.attrs["title"] == "no interval: one repetition ([x, x] holds the median 0% of the time)"
     assert two.attrs["title"].endswith("; it holds the median 50.00% of the time (2 repetitions)")
 
 

@@ -192,11 +192,12 @@ def test_a_figure_on_fewer_than_five_repetitions_is_marked_noisy_whatever_its_wi
                                                record("q4", reps=5, noise=0.01)]), "md")
     rows = {line.split(" | ")[0][2:]: line for line in text.splitlines() if line.startswith("| q") or
             line.startswith("| fp32")}
-    assert "| 10.00 [10.00, 10.00] ~ |" in rows["fp32"]  # a zero-width interval of one repetition
+    assert "| 10.00 ~ |" in rows["fp32"]  # one repetition: no interval ([x, x] covers nothing), still marked
     assert "| 10.00 [9.90, 10.10] ~ |" in rows["q8"]  # 2% wide, but [min, max] of 4 holds the median 87.5%
-    # q4's own figures are unmarked; its speedup is marked: the reference it divides rests on one repetition
+    # q4's own figures are unmarked; its speedup is marked, with no interval: the reference it divides rests
+    # on one repetition
     cells = rows["q4"].strip("| ").split(" | ")
-    assert cells[4].endswith("] ~") and not any("~" in c for c in cells[:4] + cells[5:])
+    assert cells[4].endswith("x ~") and not any("~" in c for c in cells[:4] + cells[5:])
     assert "Fewer than 6 repetitions cannot reach 95%" in text and "fewer than 5 repetitions" in text
 
 

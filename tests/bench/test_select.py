@@ -599,22 +599,23 @@ def test_every_broken_bound_is_named_and_a_drift_objective_is_one_axis():
 def test_figures_on_too_few_repetitions_are_never_told_apart(reps):
     """One repetition gives a zero-width interval: 180 tok/s against 100 would read as a clear win."""
     few = f"{reps} {'repetition is' if reps == 1 else 'repetitions are'} too few for an interval, which needs 5"
-    fast_ci, slow_ci = ("[180.0, 180.0]", "[100.0, 100.0]") if reps == 1 else ("[176.4, 183.6]", "[98.0, 102.0]")
+    # one repetition has no interval ([x, x] covers nothing): its figure is shown alone
+    fast_ci, slow_ci = ("", "") if reps == 1 else (" [176.4, 183.6]", " [98.0, 102.0]")
     d = _one([record("fast", decode=180, kld=0.001, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
     assert d.chosen == "fast" and d.ties == ["slow"]  # tied; the better point value breaks the tie
-    assert d.verdicts["slow"].reason == (f"not told apart from fast on decode tok/s (100.0 {slow_ci} vs 180.0 "
+    assert d.verdicts["slow"].reason == (f"not told apart from fast on decode tok/s (100.0{slow_ci} vs 180.0"
                                          f"{fast_ci}; {few}); fast won the tie-break: better objective point value")
     # not "best": the choice says the figures could not be told apart, why, and that the tie-break chose
-    assert d.verdicts["fast"].reason == (f"decode tok/s 180.0 {fast_ci} could not be told apart from slow ({few}); "
+    assert d.verdicts["fast"].reason == (f"decode tok/s 180.0{fast_ci} could not be told apart from slow ({few}); "
                                          "the choice rests on the tie-break: better objective point value than slow")
     # Tied on speed for want of repetitions, clearly less drift: the choice falls to the tie-break, and the
     # faster median is neither dominated nor called slower.
     d = _one([record("fast", decode=180, kld=0.01, reps=reps), record("slow", decode=100, kld=0.001, reps=reps)])
     assert d.chosen == "slow" and d.ties == ["fast"] and d.front == ["fast", "slow"]
     assert d.verdicts["fast"].outcome == "tie" and d.verdicts["fast"].dominated_by is None
-    assert d.verdicts["fast"].reason == (f"not told apart from slow on decode tok/s (180.0 {fast_ci} vs 100.0 "
+    assert d.verdicts["fast"].reason == (f"not told apart from slow on decode tok/s (180.0{fast_ci} vs 100.0"
                                          f"{slow_ci}; {few}); slow won the tie-break: lower KLD")
-    assert d.verdicts["slow"].reason == (f"decode tok/s 100.0 {slow_ci} could not be told apart from fast ({few}); "
+    assert d.verdicts["slow"].reason == (f"decode tok/s 100.0{slow_ci} could not be told apart from fast ({few}); "
                                          "the choice rests on the tie-break: lower KLD than fast")
     five = _one([record("fast", decode=180, kld=0.01), record("slow", decode=100, kld=0.001)])
     assert five.chosen == "fast" and not five.ties  # 5 repetitions (93.75%) tell them apart
@@ -627,7 +628,7 @@ def test_a_summary_without_its_count_still_says_why_two_figures_tie():
         del r["metrics"]["decode_tokens_per_s_summary"]["n"]
     d = _one([a, b])
     assert d.ties == ["b"] and d.verdicts["b"].reason.startswith(
-        "not told apart from a on decode tok/s (100.0 [100.0, 100.0] vs 180.0 [180.0, 180.0]; too few repetitions "
+        "not told apart from a on decode tok/s (100.0 vs 180.0; too few repetitions "
         "for an interval, which needs 5)")
 
 
@@ -659,7 +660,7 @@ def test_one_side_on_too_few_repetitions_is_enough_to_tie_and_the_fewer_count_is
     d = _one([slow, fast] if few_first else [fast, slow])
     assert d.chosen == "fast" and d.ties == ["slow"]
     few = "1 repetition is too few for an interval, which needs 5"
-    assert d.verdicts["slow"].reason == ("not told apart from fast on decode tok/s (100.0 [100.0, 100.0] vs 180.0 "
+    assert d.verdicts["slow"].reason == ("not told apart from fast on decode tok/s (100.0 vs 180.0 "
                                          f"[176.4, 183.6]; {few}); fast won the tie-break: better objective point "
                                          "value")
     assert d.verdicts["fast"].reason == ("decode tok/s 180.0 [176.4, 183.6] could not be told apart from slow "
