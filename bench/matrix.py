@@ -187,7 +187,17 @@ def _str_list(data: dict, key: str, where: str, default=None) -> tuple[str, ...]
     if not isinstance(value, list) or not value or not all(isinstance(v, str) and v and "\0" not in v
                                                            for v in value):
         raise _err(where, key, f"must be a non-empty list of strings, got {value!r}")
-    return tuple(value)
+    return tuple(_distinct(value, where, key))
+
+
+def _distinct(values: list, where: str, key: str) -> list:
+    """A list naming something twice is a typo (two lines copied, one not edited), refused: its cells were
+    measured once and the list read as if they had been measured twice.
+    """
+    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    if twice is not None:
+        raise _err(where, key, f"lists {twice!r} twice; each value may appear once, got {values!r}")
+    return values
 
 
 def _int_list(value: Any, where: str, key: str) -> list[int]:
@@ -197,7 +207,7 @@ def _int_list(value: Any, where: str, key: str) -> list[int]:
     if not isinstance(value, list) or not value or not all(isinstance(v, int) and not isinstance(v, bool)
                                                            for v in value):
         raise _err(where, key, f"must be an integer or a non-empty list of integers, got {value!r}")
-    return value
+    return _distinct(value, where, key)
 
 
 def _parse_scenarios(raw: Any, where: str) -> tuple[dict[str, Any], ...]:

@@ -63,7 +63,8 @@ def prompt_ids(ref, vocab_size: int, batch_size: int, prompt_tokens: int, seed: 
             raise  # the model's own tokenizer does not fit its vocabulary: a broken model directory
         return random_prompt_ids(vocab_size, batch_size, prompt_tokens, seed), "random"
     if len(stream) < prompt_tokens + 1:
-        raise InputError(f"evaluation text has {len(stream)} tokens, fewer than --prompt-tokens {prompt_tokens}")
+        raise InputError(f"the evaluation text is {len(stream)} tokens long; a prompt of {prompt_tokens} tokens "
+                         f"needs at least {prompt_tokens + 1}")
     gen = torch.Generator().manual_seed(seed)
     starts = torch.randint(0, len(stream) - prompt_tokens, (batch_size,), generator=gen)
     return torch.stack([stream[s : s + prompt_tokens] for s in starts.tolist()]), "eval-text"

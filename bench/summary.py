@@ -67,10 +67,16 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     for row in summary_rows(records):
         table.add_row(*(escape(str(cell)) for cell in row))  # paths and names may hold [brackets]
     console = rich_console(width=200)
+    if not records:  # a shard the matrix left empty: no table of nothing, and no results file to point at
+        print(f"no cells: nothing was measured in {run_dir}")
+        return
     console.print(table)
     for r in records:
         if r["status"] != "ok" and r.get("error"):
             console.print(f"{r['variant']} ({r['status']}): {clip(error_cause(r['error']), 200)}", markup=False)
     for line in drift_lines(records):
         console.print(line, markup=False)
+    if all(r["status"] == "skipped" for r in records):
+        console.print(f"nothing was measured: all {len(records)} cell{'s' * (len(records) != 1)} skipped, each with "
+                      "its reason above (a skip is what this machine cannot run, not a failure: exit 0)", markup=False)
     print(f"results: {run_dir / 'results.jsonl'}")

@@ -112,7 +112,7 @@ _VARIANTS: dict[str, tuple[list[dict], str, str]] = {
                         "CUDA (sparse kernels on sm80+, masked dense below); skipped on the CPU (fp16)"),
     "prune-ffn-25": ([{"technique": "prune-ffn", "ratio": 0.25}],
                      "structured: removes the 25% least important FFN neurons per layer (matrices shrink)",
-                     "everywhere (dense kernels)"),
+                     "CPU, CUDA (dense kernels); Llama-style gated FFNs only: skipped on GPT-2, OPT, GPT-NeoX, Phi"),
     "no-kv-cache": ([{"technique": "kv-cache", "mode": "none"}], "no KV cache: every step recomputes the prefix",
                     "everywhere"),
     "static-kv": ([{"technique": "kv-cache", "mode": "static", "compile": True}],

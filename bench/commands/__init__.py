@@ -16,7 +16,16 @@ from pathlib import Path
 from optimize.atomic import folder_problem
 from optimize.errors import InputError
 
-__all__ = ["folder", "folder_problem", "names", "nonempty", "output_dir", "output_file", "write_output"]
+__all__ = ["check_thread_count", "folder", "folder_problem", "names", "nonempty", "output_dir", "output_file",
+           "write_output"]
+
+
+def check_thread_count(threads: int, flag: str) -> None:
+    """Refuse more threads than the CPUs this process may run on (its affinity): they would only contend."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    if threads and usable and threads > usable:
+        raise InputError(f"threads must be at most the {usable} CPUs this process may run on, got {threads} "
+                         f"({flag}; 0 leaves it to torch)")
 
 
 def names(flag: str, what: str):
@@ -30,6 +39,9 @@ def names(flag: str, what: str):
         if not all(values):
             raise argparse.ArgumentTypeError(f"{flag} has an empty {what} name in {text!r} (a comma too many, "
                                              "or a name left out)")
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:
+            raise argparse.ArgumentTypeError(f"{flag} names {what} {twice!r} twice in {text!r}")
         return values
     return parse
 

@@ -13,7 +13,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from bench.commands import folder, names, nonempty, output_dir
+from bench.commands import check_thread_count, folder, names, nonempty, output_dir
 from bench.metrics.drift_config import PROTOCOLS
 from optimize.errors import InputError
 
@@ -238,7 +238,9 @@ def _run(args: argparse.Namespace, run_dir: Path, shard, matrix) -> int:
         check_threads(matrix, args.launcher)
         # the models first: an unreachable hub id or a model that cannot give the prompts asked for is
         # refused in a second, not after the fork server's imports (the probe below)
-        _check_text_prompts(matrix, _fetch_hub_models(matrix.models))
+        hub_refs = _fetch_hub_models(matrix.models)
+        _check_text_prompts(matrix, hub_refs)
+        _check_eval_text_length(matrix, hub_refs, Path(args.cache_dir) if args.cache_dir else None)
         with tempfile.TemporaryDirectory(prefix="infermatrix-probe-") as tmp:
             torch_env = probe_torch(Path(tmp))
         resolve = device_resolver(torch_env)
@@ -368,11 +370,8 @@ def check_threads(matrix, launcher: str) -> None:
     """Refuse more threads per cell than this machine lets the run use (local cells only: a Ray node may
     have more cores than the host that parses the matrix); each cell would time its own contention.
     """
-    threads = matrix.measure.threads
-    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    if launcher == "local" and threads and usable and threads > usable:
-        raise InputError(f"threads must be at most the {usable} CPUs this process may run on, got {threads} "
-                         "(--threads or [measure] threads; 0 leaves it to torch)")
+    if launcher == "local":
+        check_thread_count(matrix.measure.threads, "--threads or [measure] threads")
 
 
 def _check_text_prompts(matrix, hub_refs: dict) -> None:
@@ -387,6 +386,42 @@ def _check_text_prompts(matrix, hub_refs: dict) -> None:
         ref = hub_refs.get(spec) or peek_model(spec)
         if ref is not None and ref.tokenizer is None:
             raise InputError(f"prompt_source 'eval-text': {no_tokenizer_reason(ref)}")
+
+
+def _check_eval_text_length(matrix, hub_refs: dict, cache_dir: Path | None) -> None:
+    """A user's evaluation text too short for what the matrix reads from it is refused (``InputError``) before
+    anything is written, rather than fail every cell (or every drift score) of a model with the same cause:
+    the longest prompt, where prompts come from the text (``prompt_source = "eval-text"``, or ``auto`` with
+    the model's own or the built-in tokenizer), and drift's windows and generation prompts. A synthetic model
+    not yet built has the built-in tokenizer.
+    """
+    from optimize.models import encoded_eval_text, peek_model
+
+    if matrix.eval_text is None:
+        return
+    longest = max(p for grid in matrix.scenarios for p in grid["prompt_tokens"])
+    drift = matrix.drift
+    for spec in matrix.models:
+        ref = hub_refs.get(spec) or peek_model(spec, cache_dir, matrix.tokenizer) or (
+            peek_model("builtin:pycode", cache_dir) if spec.startswith("synthetic:") else None)
+        if ref is None or ref.tokenizer is None:
+            continue  # no text for it (random ids, no drift), or its cells say why
+        needs = []
+        if matrix.prompt_source == "eval-text" or (matrix.prompt_source == "auto" and (
+                ref.has_tokenizer or ref.kind in ("builtin", "synthetic"))):
+            needs.append((longest + 1, f"a prompt of {longest} tokens (the matrix's longest prompt_tokens)"))
+        if drift.enabled:
+            needs += [(drift.context, f"a drift window of {drift.context} tokens ([drift] context)"),
+                      (drift.gen_prompt_tokens, f"a drift generation prompt of {drift.gen_prompt_tokens} tokens")]
+        if not needs:
+            continue
+        need, what = max(needs)
+        tokens = len(encoded_eval_text(ref, matrix.eval_text, matrix.trust_remote_code, cache_dir))
+        if tokens < need:
+            raise InputError(f"eval_text {matrix.eval_text!r} is {tokens} tokens long with {spec}'s tokenizer; "
+                             f"{what} needs at least {need}: give a longer text"
+                             + (", shorter prompts or prompt_source = \"random\"" if "prompt_tokens" in what else
+                                " or a shorter [drift] setting (--no-drift measures speed alone)"))
 
 
 def _write_reports(run_dir: Path, formats: list[str] | None = None) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from bench.commands import folder
+from bench.commands import check_thread_count, folder
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,7 +30,9 @@ def main(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name, None) is not None}
-    summary = train_reference(args.out, TrainConfig(**overrides), CorpusConfig(root=args.stdlib_root))
+    config = TrainConfig(**overrides)
+    check_thread_count(config.threads, "--threads")  # more would only contend, and slow the training
+    summary = train_reference(args.out, config, CorpusConfig(root=args.stdlib_root))
     summary.pop("log")
     print(json.dumps(summary, indent=1))
     return 0

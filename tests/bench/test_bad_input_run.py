@@ -148,6 +148,37 @@ def test_empty_eval_text_is_refused_not_the_built_in_text(tmp_path, capsys):
     _refused(rc, err, "'eval_text' must name an existing text file: got an empty path")
 
 
+def test_eval_text_shorter_than_a_prompt_is_refused_before_anything_is_written(tmp_path, capsys):
+    """Seen: every cell failed with 'optimize.errors.InputError: ... fewer than --prompt-tokens 128', a flag
+    the user never gave; the run exited as if it had measured.
+    """
+    (tmp_path / "short.py").write_text("def f():\n    return 1\n")
+    matrix = _tiny(tmp_path, f'eval_text = "{tmp_path / "short.py"}"\nprompt_source = "eval-text"')
+    rc, err = _run(capsys, matrix, "--out", tmp_path / "out")
+    _refused(rc, err, f"eval_text '{tmp_path / 'short.py'}' is 7 tokens long with synthetic:llama-tiny's tokenizer; "
+                      "a prompt of 16 tokens (the matrix's longest prompt_tokens) needs at least 17: give a longer "
+                      'text, shorter prompts or prompt_source = "random"')
+    assert not (tmp_path / "out").exists()
+
+
+def test_eval_text_is_checked_for_what_the_matrix_reads_from_it():
+    from bench.commands.run import _check_eval_text_length
+    from bench.matrix import parse_matrix
+
+    text = str(ROOT / "optimize" / "errors.py")  # a few hundred tokens
+    base = {"models": ["synthetic:llama-tiny"], "eval_text": text,
+            "scenarios": [{"name": "generate", "prompt_tokens": [16, 4096], "new_tokens": 4}]}
+    with pytest.raises(InputError, match="a prompt of 4096 tokens"):  # the longest prompt of the grid
+        _check_eval_text_length(parse_matrix({**base, "drift": {"enabled": False}}, "m.toml"), {}, None)
+    # random prompts read no text; drift still reads its windows
+    _check_eval_text_length(parse_matrix({**base, "prompt_source": "random", "drift": {"enabled": False}}, "m.toml"),
+                            {}, None)
+    with pytest.raises(InputError, match=r"a drift window of 8192 tokens \(\[drift\] context\) needs at least "
+                                         r"8192: give a longer text or a shorter \[drift\] setting"):
+        _check_eval_text_length(parse_matrix({**base, "prompt_source": "random",
+                                              "drift": {"context": 8192, "max_tokens": 8192}}, "m.toml"), {}, None)
+
+
 # --- cache and logs directories ---------------------------------------------------------------
 
 

@@ -71,9 +71,12 @@ def test_merge_whose_output_fails_after_the_check_is_one_line_naming_out(shards,
     """A folder that passed the check but refuses the merged run's temporary sibling (it changed since, or
     the check could not tell): exit 2 naming --out, not a PermissionError traceback.
     """
+    import bench.commands  # noqa: F401  imported first: its own name for the check must stay the real one
     from bench.cli import main
 
     _needs("/sys")
+    # merge looks the check up in optimize.atomic when it runs; a module first imported under this patch
+    # (bench.commands takes the name at import) would keep the stand-in for every later test in the process
     monkeypatch.setattr("optimize.atomic.folder_problem", lambda folder: None)
     assert main(["merge", *map(str, shards), "--out", "/sys/x"]) == 2
     err = capsys.readouterr().err
@@ -143,6 +146,10 @@ def test_a_new_runs_own_lock_and_torn_run_json_do_not_make_its_folder_not_empty(
                                              "variant name in 'fp32, ,bf16' (a comma too many, or a name left out)"),
     (["run", "--variants", "fp32", "--batch-size", "1,,8"],
      "infermatrix run: error: argument --batch-size: --batch-size takes comma-separated integers, got '1,,8'"),
+    (["run", "--variants", "fp32,bf16,fp32"], "infermatrix run: error: argument --variants: --variants names "
+                                              "variant 'fp32' twice in 'fp32,bf16,fp32'"),
+    (["build", "--variants", "bf16, bf16"], "infermatrix build: error: argument --variants: --variants names "
+                                            "variant 'bf16' twice in 'bf16, bf16'"),
 ])
 def test_an_empty_item_in_a_comma_list_is_refused_naming_the_flag(tmp_path, argv, line):
     blocker = tmp_path / "afile"  # a cache that is a file: a later refusal, so that a regression runs no cell

@@ -64,6 +64,31 @@ def test_invalid_matrices_name_file_and_key(data, message):
     assert "file.toml" in str(exc.value) or "variant" in str(exc.value)
 
 
+@pytest.mark.parametrize("data, message", [
+    ({"variants": ["fp32", "bf16", "fp32"]}, "file.toml: 'variants' lists 'fp32' twice"),
+    ({"models": ["builtin:pycode", "builtin:pycode"]}, "'models' lists 'builtin:pycode' twice"),
+    ({"devices": ["cpu", "cpu"]}, "'devices' lists 'cpu' twice"),
+    ({"scenarios": [{"name": "generate", "batch_size": [1, 4, 1]}]}, "scenarios[0]: 'batch_size' lists 1 twice"),
+])
+def test_a_list_naming_something_twice_is_refused_not_measured_once_in_silence(data, message):
+    with pytest.raises(InputError) as exc:
+        parse_matrix(data, "file.toml")
+    assert message in str(exc.value)
+
+
+def test_devices_that_resolve_to_one_device_are_one_device():
+    """auto and cpu are two names, not a typo: on a CPU host they are one device, measured once."""
+    m = parse_matrix({"devices": ["auto", "cpu"]}, "file.toml")
+    assert {c.device for c in expand(m, cpu)} == {"cpu"} and len(expand(m, cpu)) == len(
+        expand(parse_matrix({}, "file.toml"), cpu))
+
+
+def test_a_flag_naming_a_size_twice_is_refused_with_the_flag_source():
+    with pytest.raises(InputError) as exc:
+        narrow(load_matrix(), batch_size=[2, 2])
+    assert "(with the command-line flags) scenarios[0]: 'batch_size' lists 2 twice" in str(exc.value)
+
+
 def test_flags_narrow_the_matrix():
     m = narrow(load_matrix(), models=["synthetic:llama-tiny"], variants=["bf16"], batch_size=[1, 8],
                new_tokens=[4], repeat={"min_reps": 2})

@@ -67,3 +67,24 @@ def test_a_variant_is_named_once_for_all_its_cells_and_qualified_where_the_run_h
         "torch-int8-dynamic (builtin:pycode, cpu) over its drift budget: kld_mean 0.0176904 > max_kld_mean 0.01",
         "torch-int8-dynamic (synthetic:llama-tiny, cpu) over its drift budget: kld_mean 0.0176904 > max_kld_mean "
         "0.01"]
+
+
+def test_a_run_whose_every_cell_skipped_says_nothing_was_measured(tmp_path, capsys):
+    from bench.commands.run import _exit_code
+    from bench.summary import print_summary
+
+    records = [{**r, "status": "skipped", "error": f"{r['variant']} needs a library this machine lacks"}
+               for r in example_records()[:2]]
+    print_summary(records, tmp_path)
+    assert _exit_code(records) == 0
+    out = capsys.readouterr().out
+    assert "fp32 (skipped): fp32 needs a library this machine lacks" in out
+    assert ("nothing was measured: all 2 cells skipped, each with its reason above (a skip is what this machine "
+            "cannot run, not a failure: exit 0)") in out
+
+
+def test_a_run_with_no_cells_prints_no_table_and_no_results_file(tmp_path, capsys):
+    from bench.summary import print_summary
+
+    print_summary([], tmp_path)
+    assert capsys.readouterr().out == f"no cells: nothing was measured in {tmp_path}\n"

@@ -94,6 +94,7 @@ BAD_SETTINGS = [
     (["--log-every", "0"], "--log-every 0: must be a positive integer"),
     (["--warmup-steps", "-1"], "--warmup-steps -1: must be an integer >= 0"),
     (["--threads", "-1"], "--threads -1: must be an integer >= 0 (0: torch's default)"),
+    (["--threads", "100000"], "CPUs this process may run on, got 100000 (--threads; 0 leaves it to torch)"),
     (["--seed", "-1"], "--seed -1: must be an integer in [0, 2**63)"),
     (["--lr", "nan"], "--lr nan: must be a finite positive number"),
     (["--lr", "inf"], "--lr inf: must be a finite positive number"),
