@@ -206,6 +206,7 @@ class Comparison:
     load: dict[str, float | None] = field(default_factory=dict)  # median share of CPU other processes used
     hosts: dict[str, list[str]] = field(default_factory=dict)  # the hosts each side's ok records name
     ceilings: list[dict[str, Any]] = field(default_factory=list)  # each run's roofline ceilings, side by side
+    same_run: str | None = None  # why BASE and HEAD are one run ("one directory", "copies of one run"), else None
 
     @property
     def regressed(self) -> list[Row]:
@@ -454,5 +455,16 @@ def _status_rows(key: str, base: Side, head: Side) -> list[Row] | None:
 
 
 def compare_runs(base_dir: Path, head_dir: Path, cfg: gs.GateConfig = gs.GateConfig(), **kwargs) -> Comparison:
-    """Load two run directories and compare them (see ``compare_sides``)."""
-    return compare_sides(load_side(base_dir), load_side(head_dir), cfg, **kwargs)
+    """Load two run directories and compare them (see ``compare_sides``); where they are one run (one
+    directory, or copies of one run) the comparison says so: nothing can regress against itself, and a gate
+    fed one run twice (a path variable set wrong) would pass every commit without a word.
+    """
+    from bench.results import run_identity
+
+    base, head = load_side(base_dir), load_side(head_dir)
+    out = compare_sides(base, head, cfg, **kwargs)
+    if Path(base_dir).resolve() == Path(head_dir).resolve():
+        out.same_run = "one directory"
+    elif run_identity(base.run) is not None and run_identity(base.run) == run_identity(head.run):
+        out.same_run = "copies of one run (the same start, host, matrix and revision)"
+    return out

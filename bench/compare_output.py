@@ -49,6 +49,9 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
     """Environment first, then counts, then the table (changed and inconclusive rows unless ``show_all``)."""
     cfg = c.config
     lines = ["## infermatrix regression gate", ""]
+    if c.same_run:
+        lines += [f"**BASE and HEAD are one run** ({c.same_run}): every figure is compared with itself, so "
+                  "nothing can regress; check the paths the gate was given.", ""]
     if c.env_diffs:
         lead = "Environments differ (compared anyway: --allow-env-mismatch)" if c.env_mismatch_allowed else \
             "**Environments differ: no regression or improvement is called** (use --allow-env-mismatch to override)"

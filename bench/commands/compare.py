@@ -87,6 +87,8 @@ def emit(comparison, args: argparse.Namespace) -> int:
                 f.write(text)
         except OSError as exc:
             raise InputError(f"{what} {summary}: could not append the summary ({exc.strerror or exc})") from None
+    if comparison.same_run:
+        print(f"warning: BASE and HEAD are one run ({comparison.same_run}): nothing can regress", file=sys.stderr)
     for row in comparison.regressed:
         change = f" {(row.ratio - 1) * 100:+.1f}%" if row.ratio is not None else ""
         print(f"regressed: {row.cell}: {row.label}{change} {row.note}".rstrip(),

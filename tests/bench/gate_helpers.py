@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import defaultdict
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import numpy as np
@@ -33,13 +35,20 @@ def record(variant: str, samples: dict[str, list[float]], peak_memory: float = 4
             "samples": samples if status == "ok" else {}, "method": {}, "labels": [], "timing_s": {}}
 
 
+_STARTS = itertools.count()
+
+
 def write_run(path: Path, records: list[dict], env: dict | None = None, commit: str = "0" * 40) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     environment = json.loads(json.dumps(env or ENV))
     environment["git"] = {"commit": commit, "dirty": False}
+    # each run its own start, a second after the one written before: two runs written here are two runs, not
+    # one run's copies (bench.results.run_identity), in the order they were written
+    start = datetime(2026, 1, 1, tzinfo=timezone.utc) + timedelta(seconds=next(_STARTS))
     (path / RUN).write_text(json.dumps({"schema_version": 1, "environment": environment, "matrix_hash": "m",
-                                        "matrix": {"name": "synthetic"}, "started": "2026-01-01T00:00:00Z",
-                                        "ended": "2026-01-01T00:01:00Z", "shard": None}))
+                                        "matrix": {"name": "synthetic"}, "started": f"{start:%Y-%m-%dT%H:%M:%SZ}",
+                                        "ended": f"{start + timedelta(minutes=1):%Y-%m-%dT%H:%M:%SZ}",
+                                        "shard": None}))
     (path / RESULTS).write_text("".join(json.dumps(r) + "\n" for r in records))
     return path
 

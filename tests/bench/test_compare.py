@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,20 @@ def test_gated_metrics_come_from_the_catalogue_with_a_direction():
     for m in gated:
         assert m.direction in ("lower", "higher") and m.direction == metric(m.key).direction
     assert {m.key: m.direction for m in gated}["decode_tokens_per_s"] == "higher"
+
+
+def test_a_run_compared_with_itself_or_its_copy_says_nothing_can_regress(tmp_path, capsys):
+    """A gate given one run twice (a path variable set wrong) passed every commit without a word."""
+    base, head = _runs(tmp_path)
+    assert cli(["compare", base, head]) == 0
+    out, err = capsys.readouterr()
+    assert "one run" not in out + err  # two runs: no note
+    shutil.copytree(base, tmp_path / "copy")
+    for other, why in ((base, "one directory"),
+                       (str(tmp_path / "copy"), "copies of one run (the same start, host, matrix and revision)")):
+        assert cli(["compare", base, other, "--json", str(tmp_path / "c.json")]) == 0
+        out, err = capsys.readouterr()
+        assert out.split("\n\n")[1] == (f"**BASE and HEAD are one run** ({why}): every figure is compared with "
+                                         "itself, so nothing can regress; check the paths the gate was given.")
+        assert err == f"warning: BASE and HEAD are one run ({why}): nothing can regress\n"
+        assert json.loads((tmp_path / "c.json").read_text())["same_run"] == why

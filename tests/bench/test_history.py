@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 
 from bench import history
@@ -182,11 +184,14 @@ def test_a_copy_of_a_run_added_is_refused_naming_where_it_came_from(tmp_path, ca
     shutil.copytree(run, tmp_path / "copy")
     capsys.readouterr()
     assert cli(["history", "add", str(tmp_path / "copy"), "--db", "h.sqlite"]) == 2
-    assert capsys.readouterr().err == (f"infermatrix history: error: {tmp_path / 'copy'} (started 2026-01-01T00:00:00Z)"
+    started = json.loads((run / "run.json").read_text())["started"]
+    assert capsys.readouterr().err == (f"infermatrix history: error: {tmp_path / 'copy'} (started {started})"
                                        f" is already in h.sqlite, added from {run.resolve()}\n")
     assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 1
     # The other side of an ab job started in the same second on the same host: another run.
     other = synthetic_run(tmp_path / "base", np.random.default_rng(1), cells=1, commit="cd" * 20)
+    meta = json.loads((other / "run.json").read_text())
+    (other / "run.json").write_text(json.dumps({**meta, "started": started}))
     assert cli(["history", "add", str(other), "--db", "h.sqlite"]) == 0
     assert len(history.series(tmp_path / "h.sqlite", "ttft_ms")) == 2
 
