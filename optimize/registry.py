@@ -201,9 +201,17 @@ def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:
     name = data.get("name")
     if not isinstance(name, str) or not name:
         raise RecipeError(f"{where}: an inline variant needs a non-empty 'name'")
-    if not name.isprintable() or name != name.strip():
-        raise RecipeError(f"{where}: variant name {name!r} has control characters or surrounding spaces (it is "
-                          "printed in terminals and reports as it is)")
+    if name != name.strip():
+        raise RecipeError(f"{where}: variant name {name!r} has surrounding spaces (it is printed in terminals and "
+                          "reports as it is)")
+    bad = next((c for c in name if not c.isprintable()), None)
+    if bad is not None:
+        import unicodedata
+
+        what = unicodedata.name(bad, "a control character")
+        raise RecipeError(f"{where}: variant name {name!r} holds U+{ord(bad):04X} ({what}), which does not print as "
+                          "it is (names are printed in terminals and reports); use letters, digits, '-', '_' or a "
+                          "plain space")
     if not isinstance(data.get("description", ""), str):
         raise RecipeError(f"{where}: 'description' must be a string, got {data['description']!r}")
     steps = data.get("steps", [])

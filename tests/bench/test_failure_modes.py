@@ -543,9 +543,15 @@ def test_shipped_tokenizer_output_goes_straight_into_generate():
     assert out.shape == (1, inputs["input_ids"].shape[1] + 3)
 
 
-@pytest.mark.parametrize("name", ["\x1b[31mred\x1b[0m", "a\x00b", "two\nlines", "bell\x07", " padded"])
-def test_a_variant_name_with_control_characters_or_padding_is_refused(name):
-    with pytest.raises(InputError, match="control characters or surrounding spaces"):
+@pytest.mark.parametrize(("name", "why"), [
+    ("\x1b[31mred\x1b[0m", "holds U+001B (a control character)"), ("a\x00b", "holds U+0000 (a control character)"),
+    ("two\nlines", "holds U+000A (a control character)"), ("bell\x07", "holds U+0007 (a control character)"),
+    (" padded", "has surrounding spaces"),
+    ("int8\u00a0w", "holds U+00A0 (NO-BREAK SPACE), which does not print as it is"),  # pasted from a web page
+    ("a\u200bb", "holds U+200B (ZERO WIDTH SPACE)"),
+])
+def test_a_variant_name_with_control_characters_or_padding_is_refused(name, why):
+    with pytest.raises(InputError, match=re.escape(f"variant name {name!r} {why}")):
         parse_matrix({"recipe": [{"name": name, "steps": []}], "variants": [name]}, "m.toml")
     assert parse_matrix({"recipe": [{"name": "int8 (κ=2)", "steps": []}], "variants": ["int8 (κ=2)"]},
                         "m.toml").variants  # any printable text stays a name
