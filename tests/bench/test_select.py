@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -85,6 +86,35 @@ def test_overlapping_intervals_whose_repetitions_rank_apart_are_a_clear_differen
     # The same figures on 4 repetitions a side rank nothing: tied, and drift chooses.
     few = [record("fp32", decode=130, kld=0.0, steps=0, reps=4), record("bf16", decode=164, kld=0.001, reps=4)]
     assert rank_p(*few, metric("decode_tokens_per_s")) is None and _one(few).chosen == "fp32"
+
+
+def test_a_rank_test_needs_five_finite_repetitions_a_side_and_p_strictly_below_alpha(monkeypatch):
+    from bench import select as sel
+    from bench.select import RANK_ALPHA, _compare, rank_p
+
+    m = metric("decode_tokens_per_s")
+    a, b = record("a", decode=100, reps=5), record("b", decode=130, reps=5)
+    a["samples"]["decode_tokens_per_s"] = [100.0, 101, 102, 103, 104]
+    b["samples"]["decode_tokens_per_s"] = [130.0, 131, 132, 133, 134]
+    assert rank_p(a, b, m) == pytest.approx(2 / 252)  # five a side suffice: the exact two-sided p of a split
+    for bad in (math.nan, math.inf, True, "104"):  # a value no rank can be given: no test
+        a["samples"]["decode_tokens_per_s"][-1] = bad
+        assert rank_p(a, b, m) is None, bad
+    # p equal to alpha is not below it: overlapping intervals stay tied
+    x, y = record("x", decode=100, noise=0.05, kld=0.001), record("y", decode=101, noise=0.05, kld=0.001)
+    monkeypatch.setattr(sel, "rank_p", lambda *_: RANK_ALPHA)
+    assert _compare(x, y, m) == 0
+    monkeypatch.setattr(sel, "rank_p", lambda *_: RANK_ALPHA / 2)
+    assert _compare(x, y, m) == -1 and _compare(y, x, m) == 1
+
+
+@pytest.mark.parametrize("few_first", [True, False])
+def test_a_figure_on_too_few_repetitions_ties_whichever_side_it_is_on(few_first):
+    from bench.select import _compare
+
+    few, many = record("few", decode=180, reps=2), record("many", decode=100, reps=9)
+    pair = (few, many) if few_first else (many, few)
+    assert _compare(*pair, metric("decode_tokens_per_s")) == 0  # intervals apart, but two repetitions say little
 
 
 def test_prefill_and_roofline_objectives_judge_noise_as_their_latency_does(tmp_path):
