@@ -169,6 +169,24 @@ def test_a_roofline_adds_its_figures_and_method(monkeypatch):
                                   "prefill fraction: no float32 matmul could be measured on this device")
 
 
+def test_the_roofline_method_names_the_dtype_the_variant_computes_in_on_its_own_device(monkeypatch):
+    """bitsandbytes' 4-bit kernel on an AVX512-BF16 CPU computes in bf16 whatever its recipe says; on CUDA it
+    computes in its compute dtype: the method must say what the cell's device runs."""
+    from optimize.quantize import bnb
+
+    monkeypatch.setattr(bnb, "_cpu_repacks_4bit", lambda: True)
+    monkeypatch.setattr(roofline_cell, "roofline_figures", lambda *a: ({"roofline_ceilings": {}}, "HOW"))
+    nf4 = dataclasses.replace(_cell({"cpu": {}}), recipe=Recipe(name="nf4", steps=(bnb.BnbNF4(),)))
+    said = {}
+    for device in ("cpu", "cuda"):
+        method: dict = {}
+        add_roofline(SimpleNamespace(labels=[], generate_kwargs={}), dataclasses.replace(nf4, device=device),
+                     {"prefill_tokens_per_s": 5.0}, method)
+        said[device] = method["roofline"].rsplit("; ", 1)[1]
+    assert said == {"cpu": "no prefill fraction: no bfloat16 matmul could be measured on this device",
+                    "cuda": "no prefill fraction: no float32 matmul could be measured on this device"}
+
+
 def test_a_roofline_failing_with_an_empty_message_is_a_note_not_a_lost_cell(monkeypatch):
     """The note names the exception's type, and its message's first line where it has one."""
     def empty(*args):
