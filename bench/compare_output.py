@@ -68,7 +68,7 @@ def markdown_summary(c: Comparison, show_all: bool = False) -> str:
                   "inconclusive).", ""]
     single = sum(1 for r in c.rows if r.kind == "speed" and (r.blocks_base == 1 or r.blocks_head == 1))
     if single:
-        verdicts = ("they give verdicts (--min-processes 1)" if cfg.get("min_processes", 2) <= 1
+        verdicts = ("they give verdicts (--min-processes 1)" if cfg["min_processes"] <= 1
                     else "they give no verdict unless --min-processes 1")
         lines += [f"{single} speed comparisons have one process on a side: noise between processes (a "
                   f"neighbour's burst of load) is not seen in their intervals, so {verdicts}; "

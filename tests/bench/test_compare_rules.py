@@ -215,6 +215,49 @@ def test_a_change_larger_than_the_load_could_make_stands(factor, threads, env, v
                                 f"the change is at least {size:.2f}x")
 
 
+def test_the_load_bound_reads_each_side_and_the_interval_end_nearest_no_change():
+    fast = [3.0 * (1 + i / 100) for i in range(5)]
+
+    def pair(factor, busy, base_env=None, head_env=None):
+        base, head = _loaded("v0", fast, 0.10), _loaded("v0", [factor * t for t in fast], busy)
+        for r in (base, head):
+            r["method"] = dict(ONE_THREAD)
+        return _rows(compare_sides(side([base], {**ENV, **(base_env or {})}), side([head], {**ENV, **(head_env or {})}),
+                                   ONE, allow_env_mismatch=True))["v0:tpot_ms"]
+
+    # 40% load explains at most 1.67x; a 1.9x regression (its interval's low end, between 1 and 2x, is the
+    # end nearest no change) is more than that and stands
+    row = pair(1.9, 0.40)
+    assert 1.75 < row.low < 2 and row.verdict == "regressed" and "explains at most 1.67x" in row.note
+    # one side confined to some of the CPUs (either one): the bound holds for neither side
+    withheld = ("regressed withheld: the head side ran while other processes used 70% of the CPUs (10% for the "
+                "other side)")
+    assert pair(4.0, 0.70).verdict == "regressed"
+    assert pair(4.0, 0.70, base_env={"cpu_affinity": 1}).note == withheld
+    assert pair(4.0, 0.70, head_env={"cpu_affinity": 1}).note == withheld
+    # every CPU busy the whole time: no bound at all (1 / (1 - 1) is none), withheld
+    row = pair(4.0, 1.0)
+    assert row.verdict == "inconclusive" and row.note == ("regressed withheld: the head side ran while other "
+                                                          "processes used 100% of the CPUs (10% for the other side)")
+
+
+def test_a_verdict_withheld_for_load_keeps_its_noisy_mark_before_the_reason():
+    fast = [3.0 * (1 + i / 100) for i in range(5)]
+    base, head = _loaded("v0", fast, 0.10), _loaded("v0", [1.3 * t for t in fast], 0.70)
+    head["noisy"] = True
+    row = _rows(compare_sides(side([base]), side([head]), ONE))["v0:tpot_ms"]
+    assert row.note == ("marked noisy in head; regressed withheld: the head side ran while other processes used "
+                        "70% of the CPUs (10% for the other side)")
+
+
+def test_figures_below_one_are_measurements_and_are_compared():
+    """A TPOT of 0.4 ms is a fast model, not a broken record: only a value <= 0 has no ratio."""
+    fast = [0.4 * (1 + i / 100) for i in range(5)]
+    rows = _rows(compare_sides(side([record("v0", _steady(fast))]),
+                               side([record("v0", _steady([1.3 * t for t in fast]))]), ONE))
+    assert rows["v0:tpot_ms"].verdict == "regressed" and rows["v0:tpot_ms"].ratio == pytest.approx(1.3)
+
+
 def test_a_verdict_that_stands_beside_its_load_keeps_its_noisy_mark():
     fast = [3.0 * (1 + i / 100) for i in range(5)]
     base, head = _loaded("v0", fast, 0.10), _loaded("v0", [4 * t for t in fast], 0.70)
