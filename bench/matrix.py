@@ -27,7 +27,7 @@ from bench.scenarios import SCENARIOS
 from optimize.errors import InputError, RecipeError
 from optimize.models import check_model_spec
 from optimize.recipe import Recipe
-from optimize.registry import did_you_mean, recipe_from_dict
+from optimize.registry import did_you_mean, first_repeat, recipe_from_dict
 
 DEFAULT_MATRIX = Path(__file__).parent / "matrices" / "default.toml"
 TOP_KEYS = {"name", "description", "models", "variants", "devices", "scenarios", "measure", "drift", "recipe",
@@ -194,7 +194,7 @@ def _distinct(values: list, where: str, key: str) -> list:
     """A list naming something twice is a typo (two lines copied, one not edited), refused: its cells were
     measured once and the list read as if they had been measured twice.
     """
-    twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+    twice = first_repeat(values)
     if twice is not None:
         raise _err(where, key, f"lists {twice!r} twice; each value may appear once, got {values!r}")
     return values

@@ -59,6 +59,9 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     from bench.progress import console as rich_console
     from bench.progress import error_cause
 
+    if not records:  # a shard the matrix left empty: no table of nothing, and no results file to point at
+        print(f"no cells: nothing was measured in {run_dir}")
+        return
     rounds = max(((r.get("rounds") or {}).get("configured", 1) for r in records), default=1)
     over = "the repetitions of every ok round" if rounds > 1 else "repetitions"
     table = Table(title=escape(f"{run_dir} (p50 over {over})"))
@@ -67,9 +70,6 @@ def print_summary(records: list[dict[str, Any]], run_dir: Path) -> None:
     for row in summary_rows(records):
         table.add_row(*(escape(str(cell)) for cell in row))  # paths and names may hold [brackets]
     console = rich_console(width=200)
-    if not records:  # a shard the matrix left empty: no table of nothing, and no results file to point at
-        print(f"no cells: nothing was measured in {run_dir}")
-        return
     console.print(table)
     for r in records:
         if r["status"] != "ok" and r.get("error"):

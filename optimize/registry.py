@@ -57,6 +57,11 @@ def did_you_mean(name: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def first_repeat(values):
+    """The first value a list names a second time, or None (a list of names or sizes given twice is a typo)."""
+    return next((v for i, v in enumerate(values) if v in values[:i]), None)
+
+
 def techniques() -> dict[str, type[Step]]:
     _load()
     return dict(_TECHNIQUES)

@@ -39,7 +39,9 @@ def names(flag: str, what: str):
         if not all(values):
             raise argparse.ArgumentTypeError(f"{flag} has an empty {what} name in {text!r} (a comma too many, "
                                              "or a name left out)")
-        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        from optimize.registry import first_repeat
+
+        twice = first_repeat(values)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{flag} names {what} {twice!r} twice in {text!r}")
         return values

@@ -406,22 +406,23 @@ def _check_eval_text_length(matrix, hub_refs: dict, cache_dir: Path | None) -> N
             peek_model("builtin:pycode", cache_dir) if spec.startswith("synthetic:") else None)
         if ref is None or ref.tokenizer is None:
             continue  # no text for it (random ids, no drift), or its cells say why
-        needs = []
+        needs = []  # (tokens, what needs them, what to change)
         if matrix.prompt_source == "eval-text" or (matrix.prompt_source == "auto" and (
                 ref.has_tokenizer or ref.kind in ("builtin", "synthetic"))):
-            needs.append((longest + 1, f"a prompt of {longest} tokens (the matrix's longest prompt_tokens)"))
+            needs.append((longest + 1, f"a prompt of {longest} tokens (the matrix's longest prompt_tokens)",
+                          ", shorter prompts or prompt_source = \"random\""))
         if drift.enabled:
-            needs += [(drift.context, f"a drift window of {drift.context} tokens ([drift] context)"),
-                      (drift.gen_prompt_tokens, f"a drift generation prompt of {drift.gen_prompt_tokens} tokens")]
+            shorter = " or a shorter [drift] setting (--no-drift measures speed alone)"
+            needs += [(drift.context, f"a drift window of {drift.context} tokens ([drift] context)", shorter),
+                      (drift.gen_prompt_tokens, f"a drift generation prompt of {drift.gen_prompt_tokens} tokens",
+                       shorter)]
         if not needs:
             continue
-        need, what = max(needs)
+        need, what, advice = max(needs)
         tokens = len(encoded_eval_text(ref, matrix.eval_text, matrix.trust_remote_code, cache_dir))
         if tokens < need:
             raise InputError(f"eval_text {matrix.eval_text!r} is {tokens} tokens long with {spec}'s tokenizer; "
-                             f"{what} needs at least {need}: give a longer text"
-                             + (", shorter prompts or prompt_source = \"random\"" if "prompt_tokens" in what else
-                                " or a shorter [drift] setting (--no-drift measures speed alone)"))
+                             f"{what} needs at least {need}: give a longer text{advice}")
 
 
 def _write_reports(run_dir: Path, formats: list[str] | None = None) -> None:
