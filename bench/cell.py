@@ -26,7 +26,13 @@ if TYPE_CHECKING:
 
 
 def error_tail(exc: BaseException, lines: int = 12) -> str:
-    """The traceback's last ``lines`` lines; an exception message longer than that is kept from its start."""
+    """The traceback's last ``lines`` lines; an exception message longer than that is kept from its start.
+
+    Bad input (``InputError``) is its message alone: it names the parameter and the fix, and a traceback
+    into the harness (or its module path, ``optimize.errors.InputError:``) only hides that.
+    """
+    if isinstance(exc, InputError):
+        return str(exc)
     text = "".join(traceback.format_exception(exc)).rstrip().splitlines()
     own = "".join(traceback.format_exception_only(exc)).rstrip().splitlines()
     return "\n".join(own[:lines] if len(own) >= lines else text[-lines:])
@@ -70,7 +76,7 @@ def build_outcome(exc: Exception) -> dict[str, str]:
     """A build's status and error for what it raised: skipped where the technique does not apply here."""
     if isinstance(exc, NotApplicable):
         return {"status": "skipped", "error": str(exc)}
-    return {"status": "failed", "error": str(exc) if isinstance(exc, InputError) else error_tail(exc)}
+    return {"status": "failed", "error": error_tail(exc)}
 
 
 VALIDATION_PROMPTS, VALIDATION_PROMPT_TOKENS, VALIDATION_NEW_TOKENS = 2, 16, 8

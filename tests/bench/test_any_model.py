@@ -181,6 +181,7 @@ def _hub_snapshot(tiny_ref, tmp_path):
     return snapshot
 
 
+@pytest.mark.slow
 def test_a_hub_id_found_in_the_offline_hub_cache_runs(tiny_ref, tmp_path, cache_dir):
     """The hub path of a user without network: the model sits in the hub cache under its id."""
     snapshot = _hub_snapshot(tiny_ref, tmp_path)
@@ -210,6 +211,7 @@ def test_an_unreachable_hub_id_is_one_line_exit_2_before_any_cell(tmp_path):
     assert _forked_nothing(tmp_path / "cache")  # refused before the fork server's imports
 
 
+@pytest.mark.slow
 def test_a_resumed_run_fetches_the_hub_models_its_remaining_cells_need(tiny_ref, tmp_path, cache_dir):
     """A resume whose hub cache was cleared: exit 2 at once, not a failed record per cell; with the model
     back it runs what is left; a run with nothing left needs no model."""

@@ -97,6 +97,7 @@ def drifting_run(rng, cells: int, shift_sd: float, slowed: dict[str, float] | No
             for _ in range(2) for i in range(cells)]
 
 
+@pytest.mark.slow
 def test_two_runs_on_a_machine_that_drifts_between_processes_are_never_regressed(monkeypatch):
     # Identical code, run after run: 8 cells, 2 processes a side, 8% between processes, 3% within.
     rng = np.random.default_rng(21)

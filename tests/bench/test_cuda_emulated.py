@@ -124,6 +124,7 @@ print(json.dumps(record))
     assert record["device"] == "cuda"
 
 
+@pytest.mark.slow
 def test_cuda_jobs_are_spawned_when_the_fork_server_initialised_cuda(tmp_path):
     """A server poisoned by an import (as torchao did on the H200): CUDA jobs respawn and say so; CPU jobs fork.
 

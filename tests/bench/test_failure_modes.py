@@ -163,6 +163,7 @@ def test_loader_names_corrupt_lines_and_keeps_the_good_ones(tmp_path):
         assert number in message, message
 
 
+@pytest.mark.slow
 def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
     from bench.results import TORN
 
@@ -243,6 +244,7 @@ def test_second_run_on_a_locked_directory_exits_2_naming_the_holders_pid(tmp_pat
         require_run_dir(run_dir)
 
 
+@pytest.mark.slow
 def test_two_runs_started_together_on_one_directory_record_each_cell_once(tmp_path, cache_dir):
     run_dir = tmp_path / "run"
     path = _matrix_file(tmp_path)

@@ -77,6 +77,7 @@ def full_run(matrix_file, tmp_path_factory, cache_dir) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_sigkilled_run_resumes_with_every_cell_exactly_once(full_run, matrix_file):
     lines = _lines(full_run)
     ids = [r["cell_id"] for r in lines]
@@ -119,6 +120,7 @@ def _render_md(run_dir: Path) -> str:
     return render(run_dir, "md")
 
 
+@pytest.mark.slow
 def test_two_shards_merged_equal_the_unsharded_run(full_run, matrix_file, tmp_path):
     shards = []
     for i in (1, 2):
@@ -149,6 +151,7 @@ def test_merge_refuses_runs_of_different_matrices(full_run, tmp_path):
     assert "ran a different matrix" in output
 
 
+@pytest.mark.slow
 def test_ray_launcher_produces_the_same_records_as_local(full_run, matrix_file, tmp_path):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
     out = tmp_path / "ray"

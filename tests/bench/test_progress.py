@@ -57,6 +57,21 @@ def test_error_tail_keeps_the_start_of_a_long_message():
     assert error_cause(short_tail) == "ValueError: the cause"
 
 
+def test_a_cells_bad_input_is_its_message_alone():
+    """Seen in a cell's record: 'optimize.errors.InputError: evaluation text has 7 tokens, ...' after a
+    traceback into the harness; bad input names its parameter and fix, and that is the whole line."""
+    from bench.cell import error_tail
+    from optimize.errors import InputError, RecipeError
+
+    for kind in (InputError, RecipeError):
+        try:
+            raise kind("evaluation text has 7 tokens, fewer than the 128 of the longest prompt")
+        except InputError as exc:
+            tail = error_tail(exc)
+        assert tail == "evaluation text has 7 tokens, fewer than the 128 of the longest prompt"
+        assert error_cause(tail) == tail
+
+
 def test_error_cause_keeps_the_parents_own_message_first():
     assert error_cause("cell process died with signal SIGSEGV\n" + TRACE) == "cell process died with signal SIGSEGV"
     assert error_cause(SKIP) == SKIP

@@ -7,6 +7,8 @@ import json
 import platform
 import re
 
+import pytest
+
 from bench.cli import main as cli
 from bench.compare import environment_changes
 from bench.env import environment
@@ -36,6 +38,7 @@ def test_this_machine_is_what_a_run_started_here_recorded(tmp_path):
     assert environment_changes(env, {**environment(with_torch=False), "torch": probe_torch(tmp_path / "p2")}) == []
 
 
+@pytest.mark.slow
 def test_a_resume_on_another_cpu_is_refused_then_recorded_when_allowed(tmp_path, capsys, cache_dir):
     run_dir, env = _started_elsewhere(tmp_path, "Other CPU @ 1.0GHz")
     elsewhere = {"cpu": {"memory": {"bandwidth_gbps": 1.0}, "matmul": {"float32": {"tflops": 0.001}},

@@ -155,6 +155,7 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     assert math.exp(ratios["ttft"][0]) == pytest.approx(1.0, rel=0.15), result
 
 
+@pytest.mark.slow
 def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir):
     """A cell's memory growth over its pre-load baseline against a plain process's, both as the kernel counts it.
 
@@ -212,6 +213,7 @@ def test_harness_memory_agrees_with_independent_measurement(tmp_path, cache_dir)
 HANG_TIMEOUT_S = 20
 
 
+@pytest.mark.slow
 def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, cache_dir):
     """Each failure is its cell's record, saying what the process was doing when it ended (a hung or
     crashed process cannot say so itself: the parent reads the phase the job kept beside its log)."""
@@ -248,6 +250,7 @@ def test_failing_cells_are_recorded_and_the_matrix_goes_on(tmp_path, tiny_ref, c
     assert len(read_records(run_dir)) == 4
 
 
+@pytest.mark.slow(seconds=55)
 def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memory_figures(tmp_path, cache_dir):
     """Drift runs after the figures are taken; a timeout or a crash in it (a compiled step compiling again
     for drift's batch, a native fault) costs the drift alone: the record is ok, its drift failed, and why."""
@@ -295,6 +298,7 @@ def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memor
 CELL_TIMEOUT_S = 1200
 
 
+@pytest.mark.slow
 def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tmp_path, tiny_ref, cache_dir):
     """The cell leads its own session, out of the terminal's reach: SIGINT to the command must end it.
 

@@ -74,6 +74,7 @@ def _record(status: str) -> dict:
     return skipped
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", ["ok", "skipped"])
 @pytest.mark.parametrize("for_reading", [True, False], ids=["read", "write"])
 def test_the_compiled_record_check_agrees_with_jsonschema_on_every_broken_record(status, for_reading):
