@@ -14,16 +14,6 @@ COLLECTED = pytest.StashKey[list]()
 def pytest_collection_modifyitems(session, config, items):
     """Keep every collected test, before ``-m`` and ``-k`` deselect any (tests/test_gpu_check.py reads them)."""
     config.stash[COLLECTED] = list(items)
-    # The slow tests first (a stable sort: each keeps its place among its kind). xdist's workers then end
-    # together, not one of them alone on a two-minute test that happened to be collected last (the
-    # gpu-check dry run, tests/test_gpu_check.py, is last by path).
-    # Longest first among them where a test says how long it takes (``slow(seconds=...)``, measured here):
-    # the last test a worker starts bounds how long the other waits for it.
-    def order(item):
-        slow = item.get_closest_marker("slow")
-        return (slow is None, -(slow.kwargs.get("seconds", 0) if slow else 0))
-
-    items.sort(key=order)
 
 
 @pytest.fixture

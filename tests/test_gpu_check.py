@@ -100,7 +100,7 @@ def test_gpu_wheels_pins_the_versions_this_environment_runs():
     assert all("==" in p for p in pins) and len(pins) == len(set(pins))
 
 
-@pytest.mark.slow(seconds=110)
+@pytest.mark.slow
 def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_path):
     """The whole script on the CPU, wheels step included: outputs within 8 files, 2 folders deep."""
     wheels = tmp_path / "wheels"

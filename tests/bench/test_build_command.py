@@ -105,7 +105,7 @@ def test_an_error_raised_while_output_goes_to_the_log_still_reaches_the_console(
     assert err.strip().splitlines() == [refusal]
 
 
-@pytest.mark.slow(seconds=40)
+@pytest.mark.slow
 def test_a_run_measures_the_recipe_whose_runtime_steps_can_run_and_skips_the_other_on_one_artifact(tmp_path):
     """prune-2of4 and prune-2of4-fp16 share one artifact and one build job in a run.
 

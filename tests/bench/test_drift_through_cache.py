@@ -168,7 +168,7 @@ def test_quantized_cache_kld_matches_plain_transformers_fed_token_by_token(built
     assert quantized_kv["kld_mean"] == pytest.approx(independent, rel=0.05)
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled-decode-step"])
 def test_static_cache_scores_near_the_reference(load, reference, compile):
     from optimize.kvcache import KVCache

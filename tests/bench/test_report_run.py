@@ -46,7 +46,7 @@ def _run(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=900)
 
 
-@pytest.mark.slow(seconds=45)
+@pytest.mark.slow
 def test_run_writes_reports_at_the_end_and_its_metrics_are_catalogued(tmp_path, cache_dir):
     matrix = tmp_path / "m.toml"
     matrix.write_text(MATRIX)

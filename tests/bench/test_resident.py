@@ -191,7 +191,7 @@ def _cell_records(tmp_path, name: str, cache: Path) -> list[dict]:
     return records
 
 
-@pytest.mark.slow(seconds=50)
+@pytest.mark.slow
 def test_a_cells_memory_starts_where_a_fresh_process_that_imported_the_same_would(tmp_path):
     """The cell's pre-load RSS against a fresh interpreter's after importing what the fork server imports.
 
