@@ -15,6 +15,7 @@ from pathlib import Path
 
 from optimize.atomic import folder_problem
 from optimize.errors import InputError
+from optimize.registry import first_repeat
 
 __all__ = ["check_thread_count", "folder", "folder_problem", "names", "nonempty", "output_dir", "output_file",
            "write_output"]
@@ -39,8 +40,6 @@ def names(flag: str, what: str):
         if not all(values):
             raise argparse.ArgumentTypeError(f"{flag} has an empty {what} name in {text!r} (a comma too many, "
                                              "or a name left out)")
-        from optimize.registry import first_repeat
-
         twice = first_repeat(values)
         if twice is not None:
             raise argparse.ArgumentTypeError(f"{flag} names {what} {twice!r} twice in {text!r}")
