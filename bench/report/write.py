@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from optimize.errors import InputError
+from optimize.registry import first_repeat
 
 FORMATS = {"md": "report.md", "html": "report.html", "csv": "results.csv", "json": "report.json",
            "png": "speed-vs-drift.png"}
@@ -12,12 +13,17 @@ RUN_END_FORMATS = ("md", "html", "csv")
 
 
 def parse_formats(text: str) -> list[str]:
-    """``"md,html"`` -> ``["md", "html"]``; unknown or empty names (``md,,html``) raise InputError."""
+    """``"md,html"`` -> ``["md", "html"]``; unknown or empty names (``md,,html``) and a format named twice
+    (``md,md``: a typo, as in every other comma list) raise InputError.
+    """
     names = [x.strip() for x in text.split(",")]
     bad = [x for x in names if x not in FORMATS]
     if bad:
         raise InputError(f"--format {text!r}: allowed formats are {', '.join(FORMATS)} (comma-separated)")
-    return list(dict.fromkeys(names))
+    twice = first_repeat(names)
+    if twice is not None:
+        raise InputError(f"--format names format {twice!r} twice in {text!r}")
+    return names
 
 
 def _load(run_dir: Path) -> tuple[dict, list[dict]]:

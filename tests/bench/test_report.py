@@ -110,6 +110,11 @@ def test_report_command_writes_each_format(run, tmp_path, capsys):
         assert main(["report", str(run), "--format", text]) == 2
         assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
             f"--format {text!r}: allowed formats are md, html, csv, json, png (comma-separated)")
+    # A format named twice is a typo, refused as in every other comma list.
+    assert main(["report", str(run), "--format", "md,html,md", "--out", str(tmp_path / "twice")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "--format names format 'md' twice in 'md,html,md'")
+    assert not (tmp_path / "twice").exists()
     assert main(["report", str(tmp_path / "nowhere")]) == 2
 
 
