@@ -37,13 +37,21 @@ class FaultyForCausalLM(LlamaForCausalLM):
         if fault == "abort":
             os.abort()
         if fault == "hang":
-            marker = os.environ.get("FAULTY_HANG_MARKER")  # where a test learns which process hangs
-            if marker:
-                with open(marker + ".tmp", "w") as f:
-                    f.write(str(os.getpid()))
-                os.replace(marker + ".tmp", marker)
+            _tell_pid(os.environ.get("FAULTY_HANG_MARKER"))  # where a test learns which process hangs
             time.sleep(3600)
+        gate = os.environ.get("FAULTY_GATE")
+        if fault == "gate" and gate and os.path.exists(gate):  # held while the test keeps the gate file
+            _tell_pid(gate + ".pid")
+            while os.path.exists(gate):
+                time.sleep(0.05)
         return super().forward(*args, **kwargs)
+
+
+def _tell_pid(marker):
+    if marker:
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
 '''
 
 

@@ -11,14 +11,17 @@ import time
 import warnings
 from pathlib import Path
 
+import psutil
 import pytest
 
 from bench.matrix import expand, load_matrix
 from bench.results import read_records, validate_record
+from tests.bench.faulty import make_faulty
 
 MATRIX = """
 name = "small"
-models = ["synthetic:llama-tiny"]
+models = [MODEL]
+trust_remote_code = true
 variants = ["fp32", "bf16"]
 devices = ["cpu"]
 
@@ -52,25 +55,40 @@ def _lines(run_dir: Path) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def matrix_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("matrix") / "small.toml"
-    path.write_text(MATRIX)
+def matrix_file(tmp_path_factory, tiny_ref) -> Path:
+    """The tiny Llama behind its own modelling code, whose bf16 forward waits while ``FAULTY_GATE`` names a
+    file that exists: a test holds the run at a known cell, however fast the cells before it finish."""
+    root = tmp_path_factory.mktemp("matrix")
+    model = make_faulty(Path(tiny_ref.path), root / "gated", "gate", dtypes=("torch.bfloat16",))
+    path = root / "small.toml"
+    path.write_text(MATRIX.replace("MODEL", json.dumps(str(model))))
     return path
 
 
 @pytest.fixture(scope="module")
 def full_run(matrix_file, tmp_path_factory, cache_dir) -> Path:
-    """The unsharded run, killed with SIGKILL after its first cell and resumed."""
-    run_dir = tmp_path_factory.mktemp("runs") / "full"
-    proc = _infermatrix("run", str(matrix_file), "--out", str(run_dir), "--quiet")
+    """The unsharded run, killed with SIGKILL while its first bf16 cell is held, and resumed.
+
+    Seen: killed once its first record appeared, the run had written all four before the kill landed.
+    """
+    root = tmp_path_factory.mktemp("runs")
+    run_dir, gate = root / "full", root / "gate"
+    gate.touch()
+    proc = _infermatrix("run", str(matrix_file), "--out", str(run_dir), "--quiet",
+                        env={**os.environ, "FAULTY_GATE": str(gate)})
+    held = Path(f"{gate}.pid")
     deadline = time.time() + 300
-    while not _lines(run_dir) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.5)  # test-side polling only; the harness itself never polls
-    assert len(_lines(run_dir)) >= 1, "no cell finished before the deadline"
+    while not held.exists():  # test-side polling only; the harness itself never polls
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()[0]
+        time.sleep(0.1)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_with = len(_lines(run_dir))
-    assert killed_with < 4, "the run finished before it could be killed"
+    cell = psutil.Process(int(held.read_text()))  # in a session of its own: the kill did not reach it
+    cell.kill()
+    psutil.wait_procs([cell], timeout=60)
+    gate.unlink()
+    killed_with = _lines(run_dir)
+    assert [r["recipe"]["name"] for r in killed_with] == ["fp32", "fp32"], killed_with  # the cells before the held one
     resumed = _infermatrix("run", "--resume", str(run_dir), "--quiet")
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
