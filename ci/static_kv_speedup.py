@@ -1,4 +1,4 @@
-"""Print, per model, the static-KV CUDA-graph decode rate against eager bf16 (issue 10's target).
+"""Print, per model, the static-KV CUDA-graph decode rate against eager bf16 (the README's GPU target).
 
 Usage: ``python ci/static_kv_speedup.py RUN_DIR``. Target on ``synthetic:llama-1b`` bf16,
 batch 1: decode tokens/s at least 3x eager bf16's and a roofline fraction of at least 0.3.

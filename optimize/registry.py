@@ -186,13 +186,25 @@ def _typed_param(cls, spec: dataclasses.Field, value: Any, where: str) -> Any:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         if not (isinstance(default, bool) and isinstance(value, bool)):
-            raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+            raise RecipeError(f"{where}: {name} must be {_TOML_KINDS.get(type(default), type(default).__name__)}, "
+                              f"got {_toml(value)}")
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
     if not isinstance(value, type(default)):
-        raise RecipeError(f"{where}: {name} must be {type(default).__name__}, got {value!r}")
+        raise RecipeError(f"{where}: {name} must be {_TOML_KINDS.get(type(default), type(default).__name__)}, "
+                          f"got {_toml(value)}")
     return value
+
+
+# a recipe's settings are written in TOML: its words, not Python's, say what a setting takes
+_TOML_KINDS = {bool: "true or false (a TOML boolean, unquoted)", int: "a whole number", float: "a number",
+               str: "a string (quoted)"}
+
+
+def _toml(value: Any) -> str:
+    """``value`` as TOML spells it (``true``, not Python's ``True``)."""
+    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:

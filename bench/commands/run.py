@@ -135,6 +135,11 @@ def main(args: argparse.Namespace) -> int:
         output_dir(args.logs_dir, "--logs-dir")
     if args.ray_address and args.launcher != "ray":
         raise InputError("--ray-address needs --launcher ray")
+    if args.launcher == "ray":  # Ray would retry an address that does not answer forever
+        from bench.launchers.ray import check_address
+
+        check_address(*((args.ray_address, "--ray-address") if args.ray_address else
+                        (os.environ.get("RAY_ADDRESS"), "RAY_ADDRESS")))
     if args.allow_env_mismatch and not args.resume:
         raise InputError("--allow-env-mismatch applies to --resume only (a new run has one environment)")
     if args.resume:

@@ -9,7 +9,11 @@ machine's cores.
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import socket
+import subprocess
+import sys
 import tempfile
 import warnings
 from collections.abc import Iterator
@@ -26,6 +30,52 @@ def _run_remote(kind: str, spec: dict[str, Any], timeout_s: float, cwd: str) -> 
         os.chdir(cwd)  # same relative paths as the driver when the node shares its filesystem
     with tempfile.TemporaryDirectory(prefix="infermatrix-") as tmp:
         return run_job(kind, spec, Path(tmp), timeout_s)
+
+
+CONNECT_TIMEOUT_S = 60.0
+
+# the connection a run makes, in a child that can be killed: ray.init retries a silent address forever
+_PROBE = """
+import sys
+import ray
+try:
+    ray.init(address=sys.argv[1], log_to_driver=False, logging_level="ERROR")
+except Exception as exc:
+    print(" ".join(f"{type(exc).__name__}: {exc}".split()), flush=True)
+    sys.exit(1)
+ray.shutdown()
+"""
+
+
+def check_address(address: str | None, label: str = "--ray-address", timeout_s: float = CONNECT_TIMEOUT_S) -> None:
+    """Refuse a cluster address that no Ray cluster answers at, before anything is written.
+
+    ``ray.init`` retries a GCS it cannot reach forever, inside native code that Ctrl-C does not
+    interrupt. A ``host:port`` (or ``ray://host:port``) is first tried with a TCP connection (a refused
+    or unroutable address fails in seconds); then a child process connects as the run will, and is
+    killed after ``timeout_s`` (a port that listens but is no Ray cluster's: the dashboard's, say).
+    ``None``, ``auto`` and ``local`` are Ray's own to resolve, and fail fast where no cluster runs.
+    """
+    if importlib.util.find_spec("ray") is None:
+        raise InputError("--launcher ray needs Ray: pip install 'infermatrix[ray]'")
+    if not address or address in ("auto", "local"):
+        return
+    scheme, sep, rest = address.partition("://")
+    host, colon, port = (rest if sep else address).rpartition(":")
+    if (not sep or scheme == "ray") and colon and port.isdigit():
+        try:
+            socket.create_connection((host.strip("[]"), int(port)), timeout=min(timeout_s, 10.0)).close()
+        except OSError as exc:
+            raise InputError(f"{label} {address}: no Ray cluster there ({exc.strerror or exc})") from None
+    try:
+        probe = subprocess.run([sys.executable, "-c", _PROBE, address], capture_output=True, text=True,
+                               timeout=timeout_s, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise InputError(f"{label} {address}: no Ray cluster answered within {timeout_s:g} s "
+                         "(a Ray cluster's address is its GCS port, 6379 unless started with another)") from None
+    if probe.returncode != 0:
+        lines = (probe.stdout or probe.stderr).strip().splitlines()
+        raise InputError(f"{label} {address}: Ray could not connect: {lines[-1] if lines else probe.returncode}")
 
 
 class RayNodesWarning(UserWarning):
@@ -74,6 +124,7 @@ class RayLauncher:
         except ImportError:
             raise InputError("--launcher ray needs Ray: pip install 'infermatrix[ray]'") from None
         self._ray = ray
+        address = address or os.environ.get("RAY_ADDRESS")  # Ray's own variable, as ray.init reads it
         if not ray.is_initialized():
             if address:
                 ray.init(address=address, log_to_driver=False)

@@ -1,4 +1,4 @@
-"""Put each bug of issue 17's table back in, one at a time, and check that a test fails.
+"""Put back, one at a time, bugs the suite once missed, and check that a test now fails for each.
 
 Each bug is a textual replacement in one source file; the file is restored afterwards.
 Usage: python ci/mutation/reinsert_bugs.py (from the repository root).

@@ -240,6 +240,51 @@ def test_ray_address_without_the_ray_launcher_exits_2_before_run_json_is_written
     assert not (tmp_path / "out").exists()
 
 
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as sock:  # bound, then released: nothing listens on it
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("where", ["flag", "env"])
+def test_a_ray_address_nothing_answers_at_exits_2_before_anything_is_written(tmp_path, capsys, monkeypatch, where):
+    """Seen: ``--ray-address`` of an unreachable cluster wrote run.json and the lock, then Ray retried its
+    connection forever (a warning every 35 s), and Ctrl-C did not end the command."""
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    address = f"127.0.0.1:{_closed_port()}"
+    args = ["--out", tmp_path / "out", "--launcher", "ray"]
+    if where == "flag":
+        args += ["--ray-address", address]
+    else:  # Ray's own variable, which ray.init reads where no address is given
+        monkeypatch.setenv("RAY_ADDRESS", address)
+    rc, err = _run(capsys, _tiny(tmp_path), *args)
+    label = "--ray-address" if where == "flag" else "RAY_ADDRESS"
+    _refused(rc, err, f"{label} {address}: no Ray cluster there (Connection refused)")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_port_that_listens_but_is_no_ray_cluster_is_refused_after_the_connect_timeout():
+    """A listening port that is not Ray's GCS (the dashboard's, a typo) holds ``ray.init`` forever: the
+    connection is tried in a child process, which is killed at the timeout."""
+    import socket
+
+    import psutil
+
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install '.[ray]'")
+    from bench.launchers.ray import check_address
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()  # accepts the connection, never answers Ray's protocol
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        before = set(psutil.Process().children(recursive=True))
+        with pytest.raises(InputError, match=rf"--ray-address {address}: no Ray cluster answered within 3 s"):
+            check_address(address, timeout_s=3)
+    assert set(psutil.Process().children(recursive=True)) <= before  # the probe is gone, not orphaned
+
+
 # --- empty values: refused, never taken as the flag left out -----------------------------------
 
 

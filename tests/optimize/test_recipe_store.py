@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -69,6 +70,17 @@ def test_the_last_step_that_changes_the_arithmetic_decides_it():
         "bfloat16"
     assert Recipe(name="x", steps=(Cast(dtype="bfloat16"), TorchAO(scheme="int8-dynamic"))).matmul_dtype("cpu") == \
         "int8"
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"include_lm_head": "no"}, "include_lm_head must be true or false (a TOML boolean, unquoted), got 'no'"),
+    ({"include_lm_head": 1}, "include_lm_head must be true or false (a TOML boolean, unquoted), got 1"),
+    ({"version": True}, "version must be a whole number, got true"),  # TOML's spelling, not Python's True
+])
+def test_a_step_setting_of_the_wrong_type_says_what_toml_it_takes(setting, message):
+    step = {"technique": "torch-int8-dynamic", **setting}
+    with pytest.raises(RecipeError, match=f"step 0: torch-int8-dynamic.{re.escape(message)}$"):
+        recipe_from_dict({"name": "r", "steps": [step]}, "recipe[0]")
 
 
 def test_every_builtin_variant_uses_registered_techniques():
