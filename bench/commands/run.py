@@ -66,7 +66,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--launcher", choices=("local", "ray"), default="local",
                    help="local: cells one after another here; ray: each cell a Ray task (pip install '.[ray]')")
     p.add_argument("--ray-address", type=nonempty("--ray-address"),
-                   help="existing Ray cluster address (default: start a local Ray instance)")
+                   help="an existing Ray cluster: HOST:PORT of its GCS, or ray://HOST:PORT (default: $RAY_ADDRESS, "
+                        "else a local Ray instance)")
     p.add_argument("--warmup", type=int, help="warm-up runs per cell")
     p.add_argument("--min-reps", type=int, help="minimum measured repetitions per cell")
     p.add_argument("--max-reps", type=int, help="maximum measured repetitions per cell")
