@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 a check failed (a cell failed, a gate tripped), 2 bad usage or
 input, 3 an internal error (a bug: its traceback follows); 141 when the reader of the output
-closed it (``| head``). Heavy libraries are imported by
+closed it (``| head``); 130 on Ctrl-C, 143 on SIGTERM, 129 on SIGHUP, each after the command's
+clean-up (a running cell's process group killed). Heavy libraries are imported by
 the subcommand that needs them, never here.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import signal
 import sys
 import warnings
 
@@ -95,11 +97,45 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+class Terminated(BaseException):
+    """SIGTERM or SIGHUP (a CI job cancelled, a terminal closed), raised in the main thread as Ctrl-C's
+    KeyboardInterrupt is, so the same clean-up runs: the running cell's process group is killed and
+    every finished record kept, rather than the command vanishing mid-cell.
+    """
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated(signum)
+
+
+def _catch_termination() -> dict[int, object]:
+    """Turn SIGTERM and SIGHUP into ``Terminated`` where they would end the process outright; the handlers
+    replaced, to put back when the command returns (a caller in this process keeps its own).
+    """
+    replaced = {}
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        try:
+            if signal.getsignal(sig) == signal.SIG_DFL:
+                replaced[sig] = signal.signal(sig, _raise_terminated)
+        except ValueError:  # not the main thread: signals are not this thread's to handle
+            break
+    return replaced
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
-    with warnings.catch_warnings():  # the command's warning display, undone when it returns
-        _one_line_warnings()
-        return _run(args)
+    replaced = _catch_termination()
+    try:
+        with warnings.catch_warnings():  # the command's warning display, undone when it returns
+            _one_line_warnings()
+            return _run(args)
+    finally:
+        for sig, handler in replaced.items():
+            signal.signal(sig, handler)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -115,15 +151,18 @@ def _run(args: argparse.Namespace) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return EXIT_BROKEN_PIPE
     except OSError as exc:
-        from bench.results import RecordWriteError
+        from bench.results import RunWriteError
 
-        if not isinstance(exc, RecordWriteError):
+        if not isinstance(exc, RunWriteError):
             return _internal_error(exc)
-        print(f"infermatrix {args.command}: error: {one_line(exc)}; the records written before it are intact",
-              file=sys.stderr)
+        kept = "; the records written before it are intact" if args.command in ("run", "ab") else ""
+        print(f"infermatrix {args.command}: error: {one_line(exc)}{kept}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Terminated) as exc:
         kept = "; finished cells are in the run directory" if args.command in ("run", "ab") else ""
+        if isinstance(exc, Terminated):
+            print(f"infermatrix: terminated by {signal.Signals(exc.signum).name}{kept}", file=sys.stderr)
+            return 128 + exc.signum
         print(f"infermatrix: interrupted{kept}", file=sys.stderr)
         return 130
     except Exception as exc:

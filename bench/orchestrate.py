@@ -19,6 +19,7 @@ from bench.cells import Cell
 from bench.matrix import Matrix, expand, parse_matrix
 from bench.results import (
     RUN,
+    RunWriteError,
     append_record,
     failed_record,
     read_records,
@@ -144,7 +145,7 @@ def start_run(matrix: Matrix, run_dir: Path, *, shard: Shard | None, launcher: s
         "ended": None,
         **(extra or {}),
     }
-    write_json_atomic(run_dir / RUN, run)
+    write_run_json(run_dir, run, "the run's start")
     return run
 
 
@@ -168,7 +169,7 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
                          f"{'--shard ' + recorded if recorded else 'no --shard'} or start a new run")
     settled = settle_missing_shards(run_dir, run)
     if settled != run:  # a resume stopped after recording the missing shards' cells, before run.json said so
-        write_json_atomic(run_dir / RUN, settled)
+        write_run_json(run_dir, settled, "the shards still missing")
     return matrix, settled
 
 
@@ -374,7 +375,7 @@ def _ceilings(run_dir: Path, launcher, devices: list[str], on_event, threads: in
     if missing:
         run = read_run(run_dir)
         run["roofline"] = known
-        write_json_atomic(run_dir / RUN, run)
+        write_run_json(run_dir, run, "the roofline ceilings")
     return known
 
 
@@ -406,7 +407,18 @@ def finish_run(run_dir: Path) -> None:
     """Set ``ended``; a merged run's ``missing_shards`` keep only the shards still lacking records (one write)."""
     run = settle_missing_shards(run_dir, read_run(run_dir))
     run["ended"] = utc_now()
-    write_json_atomic(run_dir / RUN, run)
+    write_run_json(run_dir, run, "the run's end; --resume writes it")
+
+
+def write_run_json(run_dir: Path, run: dict[str, Any], what: str) -> None:
+    """``run`` as ``run_dir``'s run.json, written whole; a write the disk or the folder refuses is a
+    ``RunWriteError`` that says what the write was for, never a traceback (it is no bug).
+    """
+    path = run_dir / RUN
+    try:
+        write_json_atomic(path, run)
+    except OSError as exc:
+        raise RunWriteError(f"could not write {path} ({what}): {exc.strerror or exc}") from None
 
 
 def settle_missing_shards(run_dir: Path, run: dict[str, Any]) -> dict[str, Any]:

@@ -45,7 +45,13 @@ class DuplicateRecordWarning(UserWarning):
     """A line of results.jsonl that repeats an earlier record whole; it is counted once."""
 
 
-class RecordWriteError(OSError):
+class RunWriteError(OSError):
+    """A file of the run directory could not be written (a full disk, a folder made read-only or immutable
+    mid-run): the run stops with this one line, exit 1, and what was written before it is intact.
+    """
+
+
+class RecordWriteError(RunWriteError):
     """A record could not be written whole (a full disk, an I/O error); nothing of it was kept."""
 
 

@@ -4,8 +4,9 @@ Each job is forked from a server that has only imported torch and transformers (
 initialised CUDA: see ``bench.preload``). The parent never polls: it blocks on the child's
 exit while the child runs, and kills the child's process group at the timeout,
 so the measured process has every core to itself. Children die with their parent
-(PR_SET_PDEATHSIG), so a killed run leaves no orphan competing with the next one; where
-that cannot be set, the record says so.
+(PR_SET_PDEATHSIG: a job's parent is the fork server, which exits when the run does, since no
+job keeps the server's "alive" pipe open), so a killed run leaves no orphan competing with the
+next one; where that cannot be set, the record says so.
 
 If a CUDA job finds that the server had initialised CUDA after all (a library touched the
 device while being imported), it runs no code and asks to be started again: that job and
@@ -26,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import job_phase
-from bench.results import failed_record
+from bench.results import RunWriteError, failed_record
 
 LOG_TAIL_LINES = 15
 PRELOAD = ["bench.preload"]  # modules the fork server imports once
@@ -73,6 +74,24 @@ def _die_with_parent() -> str | None:
     return None
 
 
+def _release_server_alive_fd() -> None:
+    """Close this job's copy of the write end of the fork server's "alive" pipe.
+
+    multiprocessing hands one to every child (so a child could start processes through the same
+    server), and the server exits only once every copy is closed. Kept open, a run killed by
+    SIGKILL or SIGTERM left the server up for as long as its job ran, so the job's death signal,
+    which follows the server, never came: the orphan went on measuring past its own timeout,
+    beside the ``--resume`` that followed.
+    """
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    fd = getattr(server, "_forkserver_alive_fd", None)
+    if fd is not None:
+        os.close(fd)
+        server._forkserver_alive_fd = None  # a process this job starts through multiprocessing gets its own server
+
+
 def _adopt_environment(environ: dict[str, str]) -> None:
     """Take the environment of the process that started the job, as it is now.
 
@@ -98,6 +117,7 @@ def _child(argv: list[str], log_path: str, uses_cuda: bool, phase_path: str, env
     """
     os.setsid()
     notes = [_die_with_parent()]
+    _release_server_alive_fd()  # else the server, and so this job, outlive a killed run
     _adopt_environment(environ)
     server = sys.modules.get("bench.preload")  # None in a spawned job, which has imported nothing yet
     if server is not None:
@@ -143,12 +163,15 @@ def run_job(kind: str, spec: dict[str, Any], work_dir: Path, timeout_s: float) -
     ``{"status": "failed", "error": ...}`` with the cause and the log's last lines. The
     result's ``method.process_start`` says how the process was started.
     """
-    work_dir.mkdir(parents=True, exist_ok=True)
     keys = {"cell": "cell_id", "build": "build_id", "reference": "reference_id", "roofline": "device",
             "probe": "probe_id"}
     name = spec[keys[kind]]
     paths = tuple(work_dir / f"{name}.{kind}.{ext}" for ext in ("json", "out.json", "log", "phase.json"))
-    paths[0].write_text(json.dumps(spec))
+    try:
+        work_dir.mkdir(parents=True, exist_ok=True)
+        paths[0].write_text(json.dumps(spec))
+    except OSError as exc:  # the logs folder made read-only, a full disk: every later job would fail alike
+        raise RunWriteError(f"could not write {paths[0]} (the job's settings): {exc.strerror or exc}") from None
     uses_cuda = spec.get("device") == "cuda" or kind == "probe"  # the probe asks torch about the device
     method = SPAWN_AFTER_CUDA if uses_cuda and _SERVER_HAS_CUDA else FORKSERVER
     result = _run_process(kind, name, paths, timeout_s, method, uses_cuda)

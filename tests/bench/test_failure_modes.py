@@ -202,6 +202,56 @@ def test_resume_after_a_torn_line_keeps_every_record(tmp_path, cache_dir):
     assert (run_dir / TORN).exists()
 
 
+# run.json's last write refused, as by a folder made read-only or immutable mid-run, or a full disk
+REFUSE_THE_END = """
+import runpy
+import bench.orchestrate as orchestrate
+
+real = orchestrate.write_json_atomic
+
+
+def refused(path, data):
+    if data.get("ended"):
+        raise PermissionError(1, "Operation not permitted", str(path) + ".tmp")
+    real(path, data)
+
+
+orchestrate.write_json_atomic = refused
+runpy.run_module("bench.cli", run_name="__main__", alter_sys=True)
+"""
+
+
+def test_a_run_json_write_refused_at_the_end_is_one_line_exit_1_and_resume_finishes_it(tmp_path, cache_dir):
+    """Seen: the run directory made immutable after the last record: exit 3, "internal error" and a
+    traceback, for a fault of the disk that no code can fix."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-c", REFUSE_THE_END, "run", str(_matrix_file(tmp_path)), "--out",
+                           str(run_dir), "--quiet", "--no-report"], capture_output=True, text=True, timeout=400,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"infermatrix run: error: could not write {run_dir / 'run.json'} (the run's end; --resume writes it): "
+        "Operation not permitted; the records written before it are intact")
+    assert "Traceback" not in proc.stderr
+    assert [r["status"] for r in read_records(run_dir)] == ["ok"] and json.loads((run_dir / "run.json")
+                                                                                 .read_text())["ended"] is None
+    resumed = _cli("run", "--resume", str(run_dir), "--quiet", "--no-report")
+    assert resumed.returncode == 0, resumed.stderr
+    assert json.loads((run_dir / "run.json").read_text())["ended"] and len(read_records(run_dir)) == 1
+
+
+def test_a_jobs_settings_that_cannot_be_written_stop_the_run_with_one_line(tmp_path):
+    """The logs folder unwritable mid-run: every later job would fail alike, so the run stops, naming it."""
+    from bench.results import RunWriteError
+    from bench.runner import run_job
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    with pytest.raises(RunWriteError, match=rf"could not write {re.escape(str(blocker))}/logs/c\.cell\.json "
+                                            r"\(the job's settings\): "):
+        run_job("cell", {"cell_id": "c"}, blocker / "logs", 60.0)
+
+
 # --- 4. one run per run directory --------------------------------------------------------
 
 

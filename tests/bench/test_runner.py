@@ -298,6 +298,41 @@ def test_a_cell_that_dies_or_hangs_while_scoring_drift_keeps_its_speed_and_memor
 CELL_TIMEOUT_S = 1200
 
 
+def _hanging_run(tmp_path, tiny_ref, prefix: list[str]):
+    """``infermatrix run`` (``prefix`` is how Python is started) of one cell whose forward hangs, in a session
+    of its own; returns the command's process and the hanging cell's, once the cell hangs."""
+    import os
+    import time
+
+    import psutil
+
+    from tests.bench.test_failure_modes import _matrix_file
+
+    model = make_faulty(Path(tiny_ref.path), tmp_path / "faulty-hang", "hang")
+    matrix = _matrix_file(tmp_path, extra="trust_remote_code = true")
+    # a cell timeout far past the waits of the tests, which leaves a busy machine minutes to take the cell down
+    matrix.write_text(matrix.read_text().replace('"synthetic:llama-tiny"', json.dumps(str(model)))
+                      .replace("timeout_s = 120", f"timeout_s = {CELL_TIMEOUT_S}"))
+    marker = tmp_path / "hanging.pid"
+    cli = subprocess.Popen([*prefix, "run", str(matrix), "--out", str(tmp_path / "run"), "--quiet"],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "FAULTY_HANG_MARKER": str(marker), "PYTHONFAULTHANDLER": "1"},
+                           cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    deadline = time.monotonic() + 300
+    while not marker.exists():
+        assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
+        time.sleep(0.2)
+    return cli, psutil.Process(int(marker.read_text()))
+
+
+def _still_running(procs) -> list:
+    """Of ``procs``, those alive 60 s on (a zombie has ended; only its parent has not reaped it yet)."""
+    import psutil
+
+    _, alive = psutil.wait_procs(procs, timeout=60)
+    return [p for p in alive if p.status() != psutil.STATUS_ZOMBIE]
+
+
 @pytest.mark.slow
 def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tmp_path, tiny_ref, cache_dir):
     """The cell leads its own session, out of the terminal's reach: SIGINT to the command must end it.
@@ -307,32 +342,15 @@ def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tm
     """
     import os
     import signal
-    import time
 
     import psutil
 
-    from tests.bench.test_failure_modes import _matrix_file
-
-    model = make_faulty(Path(tiny_ref.path), tmp_path / "faulty-hang", "hang")
-    matrix = _matrix_file(tmp_path, extra="trust_remote_code = true")
-    # a cell timeout far past the wait below, which leaves a busy machine minutes to take the cell down
-    matrix.write_text(matrix.read_text().replace('"synthetic:llama-tiny"', json.dumps(str(model)))
-                      .replace("timeout_s = 120", f"timeout_s = {CELL_TIMEOUT_S}"))
-    marker = tmp_path / "hanging.pid"
     # SIGINT as a terminal's user has it: a suite started as a background job of a non-interactive shell
     # (`(make test &)`) runs with SIGINT ignored, which every process it starts inherits and Python keeps.
     as_in_a_terminal = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler); "
                         "runpy.run_module('bench.cli', run_name='__main__', alter_sys=True)")
-    cli = subprocess.Popen([sys.executable, "-c", as_in_a_terminal, "run", str(matrix), "--out",
-                            str(tmp_path / "run"), "--quiet"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                           text=True, env={**os.environ, "FAULTY_HANG_MARKER": str(marker), "PYTHONFAULTHANDLER": "1"},
-                           cwd=Path(__file__).resolve().parents[2], start_new_session=True)
+    cli, cell = _hanging_run(tmp_path, tiny_ref, [sys.executable, "-c", as_in_a_terminal])
     try:
-        deadline = time.monotonic() + 300
-        while not marker.exists():
-            assert cli.poll() is None and time.monotonic() < deadline, cli.communicate()
-            time.sleep(0.2)
-        cell = psutil.Process(int(marker.read_text()))
         started = [p for p in psutil.Process(cli.pid).children(recursive=True)]
         assert cell in started  # forked from the command's fork server, in a session of its own
         assert os.getsid(cell.pid) != os.getsid(cli.pid)
@@ -349,5 +367,40 @@ def test_ctrl_c_takes_the_running_cell_down_and_exits_130_without_a_traceback(tm
     assert cli.returncode == 130, err
     assert "infermatrix: interrupted; finished cells are in the run directory" in err
     assert "Traceback" not in err, err
-    gone, alive = psutil.wait_procs(started, timeout=30)  # the fork server ends once the command has
-    assert not [p for p in alive if p.status() != psutil.STATUS_ZOMBIE], [(p.pid, p.cmdline()) for p in alive]
+    alive = _still_running(started)  # the fork server ends once the command has
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_run_terminated_or_killed_leaves_no_job_running(tmp_path, tiny_ref, cache_dir, sig):
+    """SIGTERM (a CI job cancelled) ends the command as Ctrl-C does; SIGKILL cannot be caught, but the job
+    still dies with the fork server, which exits with the command.
+
+    Seen: after either, the job went on measuring at 200% CPU past its own timeout: its death signal follows
+    the fork server, which every job kept up through its copy of the server's "alive" pipe; the
+    ``--resume`` that followed timed out its cells beside it.
+    """
+    import os
+    import signal
+
+    cli, cell = _hanging_run(tmp_path, tiny_ref, [sys.executable, "-m", "bench.cli"])
+    server = cell.parent()  # the fork server
+    try:
+        cli.send_signal(getattr(signal, sig))
+        cli.wait(timeout=300)  # not communicate(): an orphan would hold the output pipes open
+        alive = _still_running([cell, server])
+    finally:
+        if cli.poll() is None:
+            os.killpg(cli.pid, signal.SIGKILL)
+        for proc in (cell, server):  # where the test fails: no orphan left hanging for an hour
+            if proc.is_running():
+                proc.kill()
+    assert not alive, [(p.pid, p.cmdline()) for p in alive]
+    _, err = cli.communicate(timeout=60)
+    if sig == "SIGKILL":
+        assert cli.returncode == -signal.SIGKILL
+    else:
+        assert cli.returncode == 128 + signal.SIGTERM, err
+        assert "infermatrix: terminated by SIGTERM; finished cells are in the run directory" in err
+        assert "Traceback" not in err, err
