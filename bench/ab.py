@@ -12,7 +12,9 @@ only: drift and roofline ceilings do not vary between processes and are not meas
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import signal
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,10 +29,25 @@ from optimize.errors import InputError
 
 
 def git(repo: Path, *args: str) -> str:
-    out = subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True, timeout=120)
-    if out.returncode != 0:
-        raise InputError(f"git {' '.join(args)}: {out.stderr.strip().splitlines()[-1] if out.stderr.strip() else ''}")
-    return out.stdout.strip()
+    """The output of git; its whole process group is killed if this is interrupted (Ctrl-C, SIGTERM, the timeout).
+
+    Seen: interrupted during ``worktree add``, only git itself was killed; the ``git reset`` it had
+    started went on filling the worktree after ab had ended, so its folder could not be removed.
+    """
+    proc = subprocess.Popen(["git", "-C", str(repo), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=120)
+    except BaseException:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        raise
+    if proc.returncode != 0:
+        raise InputError(f"git {' '.join(args)}: {stderr.strip().splitlines()[-1] if stderr.strip() else ''}")
+    return stdout.strip()
 
 
 def repo_root(path: Path) -> Path:
@@ -55,9 +72,16 @@ def remove_worktrees(repo: Path, trees: list[Path]) -> None:
     directory is gone; ``worktree prune`` is not used, as it would also drop the user's own
     registrations of worktrees that are only unreachable for now (an unmounted disk).
     """
-    for tree in trees:
-        subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", str(tree)], capture_output=True,
-                       timeout=120)
+    # A second Ctrl-C or SIGTERM waits until every tree is removed (seen: one interrupted this loop and left a
+    # registration); ``--force`` twice also removes a tree still locked by an interrupted ``worktree add``.
+    signals = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        for tree in trees:
+            subprocess.run(["git", "-C", str(repo), "worktree", "remove", "--force", "--force", str(tree)],
+                           capture_output=True, timeout=120)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 @dataclass

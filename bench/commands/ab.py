@@ -78,13 +78,9 @@ def _in_repo(matrix: str, repo: Path) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    from bench.ab import AbSide, git, remove_worktrees, repo_root, resolve_rev, run_interleaved, side_matrix
-    from bench.commands.run import check_cache_dirs, check_threads
-    from bench.compare import compare_runs
-    from bench.env import device_resolver, environment
-    from bench.matrix import narrow
-    from bench.orchestrate import make_launcher
-    from bench.runner import probe_torch
+    from bench.ab import repo_root
+    from bench.commands.run import _locked, check_cache_dirs
+    from bench.runlock import LOCK, RunLock
     from optimize.errors import InputError
 
     if args.rounds < 1:
@@ -102,8 +98,27 @@ def main(args: argparse.Namespace) -> int:
     out = args.out or Path("reports") / "ab" / time.strftime("%Y%m%d-%H%M%S")
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a directory")
-    if out.exists() and any(out.iterdir()):
+    if out.exists() and any(path.name != LOCK for path in out.iterdir()):  # a lock alone: its holder is named
         raise InputError(f"--out {out} already exists and is not empty")
+    # Seen: two jobs on one --out (the default's name is the second it starts in) each pooled the other's records
+    lock = RunLock(out).acquire()
+    if any(path.name != LOCK for path in out.iterdir()):  # a job that took the lock and ended in between
+        lock.discard()
+        lock.release()
+        raise InputError(f"--out {out} already exists and is not empty")
+    return _locked(lock, lambda: _ab(args, cfg, repo, head_rev, matrix, out))
+
+
+def _ab(args: argparse.Namespace, cfg, repo: Path, head_rev: str, matrix: str | None, out: Path) -> int:
+    """The A/B job itself, holding ``out``'s lock."""
+    from bench.ab import AbSide, git, remove_worktrees, resolve_rev, run_interleaved, side_matrix
+    from bench.commands.run import check_threads
+    from bench.compare import compare_runs
+    from bench.env import device_resolver, environment
+    from bench.matrix import narrow
+    from bench.orchestrate import make_launcher
+    from bench.runner import probe_torch
+
     shas = {"base": resolve_rev(repo, args.base), "head": resolve_rev(repo, head_rev)}
     revs = {"base": args.base, "head": head_rev}
     with tempfile.TemporaryDirectory(prefix="infermatrix-ab-") as tmp:

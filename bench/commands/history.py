@@ -70,6 +70,8 @@ def _short_of_cells(run_dir: Path) -> str | None:
     why = [] if run.get("ended") else ["it has not ended (interrupted, or still running)"]
     if run.get("missing_shards"):
         why.append(f"it was merged without shards {', '.join(run['missing_shards'])}")
+    if run.get("shard") and run["shard"] != "1/1":  # its records are whole for the shard, not for the matrix
+        why.append(f"it is shard {run['shard']} of its matrix (add the run 'infermatrix merge' makes of the shards)")
     missing = unrecorded_cells(run, records)
     if missing:
         why.append(unrecorded_count(missing, records))

@@ -121,3 +121,28 @@ def test_ab_threads_out_of_range_exits_2_before_anything_runs(repo, tmp_path, ca
     assert cli(argv) == 2
     assert cause in capsys.readouterr().err
     assert not out.exists() and len(_git(repo, "worktree", "list").splitlines()) == 1
+
+
+def test_two_ab_jobs_on_one_out_the_second_exits_2_naming_the_first(repo, tmp_path, capsys):
+    """Seen: two jobs on one --out (the default's name is the second they start in) both passed, each side's
+    results.jsonl holding the other job's records too, pooled into both verdicts."""
+    import os
+
+    from bench.runlock import RunLock
+
+    out = tmp_path / "ab"
+    with RunLock(out).acquire():  # the first job's, as it holds it for its whole run
+        assert cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(out)]) == 2
+        assert f"in use by another infermatrix run (PID {os.getpid()})" in capsys.readouterr().err
+    assert len(_git(repo, "worktree", "list").splitlines()) == 1
+
+
+def test_worktrees_are_removed_even_when_locked_by_an_interrupted_add(repo, tmp_path):
+    """An add cut short leaves its tree locked ("initializing"), which one --force does not remove."""
+    from bench.ab import remove_worktrees
+
+    tree = tmp_path / "tmp-ab" / "head"
+    _git(repo, "worktree", "add", "--detach", "--lock", str(tree), "HEAD")
+    assert len(_git(repo, "worktree", "list").splitlines()) == 2
+    remove_worktrees(repo, [tree, tmp_path / "tmp-ab" / "never-added"])
+    assert len(_git(repo, "worktree", "list").splitlines()) == 1 and not tree.exists()

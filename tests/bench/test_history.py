@@ -112,6 +112,22 @@ def test_a_run_short_of_cells_is_added_only_when_asked_and_then_with_a_warning(t
     assert capsys.readouterr().err.endswith("nowhere is not a run directory (no run.json)\n")
 
 
+def test_a_shard_is_short_of_its_matrix_cells_so_it_is_not_added_as_a_whole_run(tmp_path, capsys):
+    """Seen: a shard was added without --partial, then the merged run too: each figure twice in `history show`."""
+    import json
+
+    run = synthetic_run(tmp_path / "s1", np.random.default_rng(0), cells=2, commit="ef" * 20)
+    meta = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**meta, "shard": "1/2"}))
+    db = tmp_path / "h.sqlite"
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 2
+    assert (f"{run}: it is shard 1/2 of its matrix (add the run 'infermatrix merge' makes of the shards)"
+            in capsys.readouterr().err)
+    assert not db.exists()
+    (run / "run.json").write_text(json.dumps({**meta, "shard": "1/1"}))  # the whole matrix
+    assert cli(["history", "add", str(run), "--db", str(db)]) == 0
+
+
 def test_the_run_s_recorded_commit_wins_over_head_of_the_repository_here(tmp_path, capsys, monkeypatch):
     """Seen: added from inside an unrelated repository, the run was filed under that repository's HEAD."""
     from tests.bench.gitrepo import git
