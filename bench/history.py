@@ -36,11 +36,14 @@ def connect(db: Path, create: bool = True) -> sqlite3.Connection:
         with open(db, "rb") as f:
             header = f.read(16)
     except FileNotFoundError:
-        header = b""
+        header = None  # a new database, where ``create``
     except OSError as exc:
         raise InputError(f"--db {db}: {exc.strerror}") from None
-    if header[:16] != b"SQLite format 3\x00" and (header or not create):  # SQLite would take a short file as empty
-        raise InputError(f"--db {db}: not an infermatrix history database (not an SQLite file)")
+    # SQLite would take a short or empty file as an empty database: a history artifact whose download failed
+    # (0 bytes) would then be replaced by a new database, every earlier run lost
+    if header != b"SQLite format 3\x00" and (header is not None or not create):
+        raise InputError(f"--db {db}: not an infermatrix history database "
+                         f"({'an empty file' if header == b'' else 'not an SQLite file'})")
     try:
         if create:
             Path(db).parent.mkdir(parents=True, exist_ok=True)

@@ -216,7 +216,16 @@ def test_history_show_never_writes_into_the_file_it_reads(tmp_path, capsys):
     empty = tmp_path / "empty.sqlite"
     empty.write_bytes(b"")
     err = _one_line_error(capsys, cli(["history", "show", "--db", str(empty), "--metric", "tpot_ms"]))
-    assert f"--db {empty}: not an infermatrix history database" in err and empty.read_bytes() == b""
+    assert f"--db {empty}: not an infermatrix history database (an empty file)" in err and empty.read_bytes() == b""
+
+
+def test_history_add_refuses_an_empty_file_rather_than_start_a_new_database_in_it(run, tmp_path, capsys):
+    """A history artifact whose download failed is 0 bytes: taken as a new database, every earlier run is lost
+    at the next upload. A missing file is a new database."""
+    empty = tmp_path / "empty.sqlite"
+    empty.write_bytes(b"")
+    err = _one_line_error(capsys, cli(["history", "add", str(run), "--db", str(empty)]))
+    assert f"--db {empty}: not an infermatrix history database (an empty file)" in err and empty.read_bytes() == b""
 
 
 @pytest.mark.parametrize("to", ["pytest-benchmark", "github-action-benchmark"])
