@@ -277,6 +277,10 @@ def compare_sides(base: Side, head: Side, cfg: gs.GateConfig = gs.GateConfig(), 
             if row.p is not None:
                 tested.append(row)
     if not out.rows:  # a gate that compared nothing must not pass
+        both = base.keys & head.keys
+        if both:  # recorded in both, ok in neither
+            raise InputError(f"none of the {len(both)} cells recorded in both {base.run_dir} and {head.run_dir} "
+                             "is ok in either (failed or skipped on both sides): nothing to compare")
         raise InputError(f"no cell is recorded in both {base.run_dir} and {head.run_dir} "
                          f"({len(out.unmatched)} in one run only): nothing to compare")
     for row, q in zip(tested, gs.bh_adjust([r.p for r in tested]), strict=True):

@@ -372,6 +372,14 @@ def test_a_comparison_of_no_common_cell_is_refused_not_passed():
         compare_sides(base, head, ONE, allow_unmatched=True)
 
 
+def test_a_comparison_whose_every_common_cell_failed_on_both_sides_says_so():
+    """Seen: "no cell is recorded in both", of two runs that recorded every cell, failed."""
+    failed = [record(v, {}, status="failed") for v in ("v1", "v2")]
+    with pytest.raises(InputError, match=r"^none of the 2 cells recorded in both \S+ and \S+ is ok in either "
+                                         r"\(failed or skipped on both sides\): nothing to compare$"):
+        compare_sides(side(failed), side([dict(r) for r in failed]), ONE)
+
+
 @pytest.mark.parametrize("where", ["base", "head"])
 def test_a_figure_of_zero_is_refused_rather_than_read_as_an_infinite_change(where):
     bad = record("fp32", _steady([3.0] * 5))
