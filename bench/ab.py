@@ -12,7 +12,6 @@ only: drift and roofline ceilings do not vary between processes and are not meas
 from __future__ import annotations
 
 import dataclasses
-import os
 import random
 import signal
 import subprocess
@@ -39,10 +38,9 @@ def git(repo: Path, *args: str) -> str:
     try:
         stdout, stderr = proc.communicate(timeout=120)
     except BaseException:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        from bench.runner import kill_group
+
+        kill_group(proc)
         proc.wait()
         raise
     if proc.returncode != 0:

@@ -212,12 +212,12 @@ def _run_process(kind: str, name: str, paths: tuple[Path, ...], timeout_s: float
         proc.join(timeout_s)
         timed_out = proc.exitcode is None
         if timed_out:
-            _kill_group(proc)
+            kill_group(proc)
             proc.join()
     except BaseException:
         # Ctrl-C (or any error) in the parent: the child is in its own session, out of the terminal's
         # reach, so take its group down now rather than leave it measuring for nobody.
-        _kill_group(proc)
+        kill_group(proc)
         if proc.pid is not None:
             proc.join()
         raise
@@ -263,8 +263,10 @@ def _provisional_result(path: Path, error: str, wall_s: float) -> dict[str, Any]
     return result
 
 
-def _kill_group(proc) -> None:
-    """SIGKILL the job's process group (the child leads its own: its helpers go too)."""
+def kill_group(proc) -> None:
+    """SIGKILL the process group ``proc`` leads (a job's, a git's started in a session of its own): its
+    helpers go too.
+    """
     if proc.pid is None:
         return
     try:

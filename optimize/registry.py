@@ -186,14 +186,12 @@ def _typed_param(cls, spec: dataclasses.Field, value: Any, where: str) -> Any:
         return value
     if isinstance(default, bool) or isinstance(value, bool):
         if not (isinstance(default, bool) and isinstance(value, bool)):
-            raise RecipeError(f"{where}: {name} must be {_TOML_KINDS.get(type(default), type(default).__name__)}, "
-                              f"got {_toml(value)}")
+            raise _wrong_type(where, name, default, value)
         return value
     if isinstance(default, float) and isinstance(value, int):
         return float(value)
     if not isinstance(value, type(default)):
-        raise RecipeError(f"{where}: {name} must be {_TOML_KINDS.get(type(default), type(default).__name__)}, "
-                          f"got {_toml(value)}")
+        raise _wrong_type(where, name, default, value)
     return value
 
 
@@ -202,9 +200,11 @@ _TOML_KINDS = {bool: "true or false (a TOML boolean, unquoted)", int: "a whole n
                str: "a string (quoted)"}
 
 
-def _toml(value: Any) -> str:
-    """``value`` as TOML spells it (``true``, not Python's ``True``)."""
-    return ("true" if value else "false") if isinstance(value, bool) else repr(value)
+def _wrong_type(where: str, name: str, default: Any, value: Any) -> RecipeError:
+    """A setting of another type than its default's, in TOML's words (``true``, not Python's ``True``)."""
+    given = ("true" if value else "false") if isinstance(value, bool) else repr(value)
+    return RecipeError(f"{where}: {name} must be {_TOML_KINDS.get(type(default), type(default).__name__)}, "
+                       f"got {given}")
 
 
 def recipe_from_dict(data: dict[str, Any], where: str = "variant") -> Recipe:

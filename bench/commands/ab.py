@@ -79,7 +79,7 @@ def _in_repo(matrix: str, repo: Path) -> str:
 
 def main(args: argparse.Namespace) -> int:
     from bench.ab import repo_root
-    from bench.commands.run import _locked, check_cache_dirs
+    from bench.commands.run import check_cache_dirs, locked
     from bench.runlock import LOCK, RunLock
     from optimize.errors import InputError
 
@@ -101,16 +101,16 @@ def main(args: argparse.Namespace) -> int:
     if out.exists() and any(path.name != LOCK for path in out.iterdir()):  # a lock alone: its holder is named
         raise InputError(f"--out {out} already exists and is not empty")
     # Seen: two jobs on one --out (the default's name is the second it starts in) each pooled the other's records
-    lock = RunLock(out).acquire()
-    if any(path.name != LOCK for path in out.iterdir()):  # a job that took the lock and ended in between
-        lock.discard()
-        lock.release()
-        raise InputError(f"--out {out} already exists and is not empty")
-    return _locked(lock, lambda: _ab(args, cfg, repo, head_rev, matrix, out))
+    return locked(RunLock(out).acquire(), lambda: _ab(args, cfg, repo, head_rev, matrix, out))
 
 
 def _ab(args: argparse.Namespace, cfg, repo: Path, head_rev: str, matrix: str | None, out: Path) -> int:
     """The A/B job itself, holding ``out``'s lock."""
+    from bench.runlock import LOCK
+    from optimize.errors import InputError
+
+    if any(path.name != LOCK for path in out.iterdir()):  # a job that took the lock and ended in between
+        raise InputError(f"--out {out} already exists and is not empty")
     from bench.ab import AbSide, git, remove_worktrees, resolve_rev, run_interleaved, side_matrix
     from bench.commands.run import check_threads
     from bench.compare import compare_runs

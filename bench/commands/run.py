@@ -148,15 +148,15 @@ def main(args: argparse.Namespace) -> int:
 
         require_run_dir(args.resume, "--resume")
         lock = RunLock(args.resume).acquire()  # held for the whole run, taken before anything else
-        return _locked(lock, lambda: _run(args, args.resume, shard, None))
+        return locked(lock, lambda: _run(args, args.resume, shard, None))
     matrix = _matrix(args)
     run_dir = plan_run_dir(args.out, matrix)
     check_new_run_dir(run_dir)  # a finished run is refused before the lock, which would write into it
     lock = RunLock(run_dir).acquire()  # before probing: a second run on this directory exits 2 at once
-    return _locked(lock, lambda: _run(args, run_dir, shard, matrix))  # _run checks again, under the lock
+    return locked(lock, lambda: _run(args, run_dir, shard, matrix))  # _run checks again, under the lock
 
 
-def _locked(lock, run) -> int:
+def locked(lock, run) -> int:
     """``run()`` while holding ``lock``; a refusal (``InputError``) removes what taking the lock created."""
     try:
         return run()
