@@ -36,6 +36,10 @@ def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
 
     model = state.model
     input_ids = input_ids.to(state.device)
+    if state.decoder is not None:  # the variant's own decode loop (a static cache's compiled step)
+        out = state.decoder.generate(model, input_ids, new_tokens, logits_processor)
+        assert out.shape == (input_ids.shape[0], input_ids.shape[1] + new_tokens), out.shape
+        return out
     kwargs = generate_kwargs(state, new_tokens)
     with torch.inference_mode():
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),

@@ -54,9 +54,14 @@ class KVCache(Step):
         elif self.mode == "static":
             state.generate_kwargs["cache_implementation"] = "static"
             if self.compile:
-                state.generate_kwargs["compile_config"] = decode_step_compile_config(self.compile_mode)
+                from optimize.decode import StaticDecoder
+
+                config = decode_step_compile_config(self.compile_mode)
+                state.generate_kwargs["compile_config"] = config  # what generate() would compile (drift's path)
+                state.decoder = StaticDecoder(config)
                 state.labels.append(f"decode step compiled (torch.compile mode={self.compile_mode}, fullgraph); "
-                                    "prefill eager; compile and capture timed apart")
+                                    "prefill eager; greedy decode loop of its own (no per-token sync); "
+                                    "compile and capture timed apart")
             else:
                 # transformers would compile a static cache's decode step on CUDA by itself: eager means eager.
                 state.generate_kwargs["disable_compile"] = True

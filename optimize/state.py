@@ -27,6 +27,7 @@ class VariantState:
     labels: list[str] = field(default_factory=list)  # honest notes for reports, e.g. "masked dense"
     reports: list[dict[str, Any]] = field(default_factory=list)  # one per applied step
     trust_remote_code: bool = False
+    decoder: Any = None  # a decode loop of the variant's own (optimize.decode); None: the model's generate()
     _model: Any = None
 
     @property
