@@ -39,28 +39,30 @@ class StaticDecoder:
         self.compile_config = compile_config
         self._model = None
         self._step = None
+        self._end: tuple[int, ...] = ()
         self._cache = None
         self._cache_key: tuple | None = None
 
-    def generate(self, model, input_ids, new_tokens: int, logits_processor=None):
+    def generate(self, model, input_ids, new_tokens: int, logits_processor=None, never_end: bool = True):
         """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens), on the model's device.
 
         ``logits_processor`` (a list of processors) is called once per token with the tokens
         so far and that step's float32 scores (B, V), as ``generate()`` calls it; the scores
         are valid until the next step (a CUDA graph's output buffer is reused), so a
-        processor that keeps them copies them.
+        processor that keeps them copies them. ``never_end=False`` leaves the end-of-sequence
+        tokens' scores as they are (teacher forcing scores the raw logits).
         """
         import torch
         from transformers import LogitsProcessorList
 
         processors = LogitsProcessorList(logits_processor or [])
         batch, prompt = input_ids.shape
-        end = end_ids(model)
+        end = end_ids(model) if never_end else ()
         length = prompt + new_tokens
         device = input_ids.device
         with torch.inference_mode():  # the cache's tensors are made and reset under it
             cache = self._reset_cache(model, batch, length)
-            step = self._compiled_step(model)
+            step = self._compiled_step(model, end)
             tokens = torch.empty(batch, length, dtype=torch.long, device=device)
             tokens[:, :prompt] = input_ids
             slots = torch.arange(length, device=device)
@@ -78,6 +80,11 @@ class StaticDecoder:
                 position += 1
         return tokens
 
+    @property
+    def cache(self):
+        """The static cache of the last call (None before the first)."""
+        return self._cache
+
     def _reset_cache(self, model, batch: int, length: int):
         from transformers import StaticCache
 
@@ -89,13 +96,12 @@ class StaticDecoder:
             self._cache.reset()  # zeroes the tensors in place: a captured graph keeps reading them
         return self._cache
 
-    def _compiled_step(self, model):
-        if self._step is not None and self._model is model:
+    def _compiled_step(self, model, end: tuple[int, ...]):
+        if self._step is not None and self._model is model and self._end == end:
             return self._step
         import torch
 
         with_positions = "position_ids" in inspect.signature(model.forward).parameters
-        end = end_ids(model)
 
         def one_token(token, position, cache, length: int):
             """One decode step: the forward on ``token`` (B, 1) at ``position`` (1,); its float32 logits (B, V)."""
@@ -110,7 +116,7 @@ class StaticDecoder:
 
         config = self.compile_config
         self._step = one_token if config is None else torch.compile(one_token, **config.to_dict())
-        self._model = model
+        self._model, self._end = model, end
         return self._step
 
 

@@ -8,7 +8,9 @@ prefill, then one token per decode step, each step reading the cache the earlier
 wrote. A logits processor forces the window's next token (teacher forcing) and the raw
 logits of every step (``output_logits``, before any processor) are scored. With a
 one-token prefill the scored tokens are exactly those of the full-window path (every
-token but each window's first), so the reference's log-probs are reused unchanged.
+token but each window's first), so the reference's log-probs are reused unchanged. A variant
+that decodes with a loop of its own (a static cache's compiled step, ``optimize.decode``) is
+scored through that loop the same way.
 
 A forward pre-hook reads the cache before each step: its class, and for quantized caches
 how many positions it holds quantized, so the record can say how many scored tokens were
@@ -28,6 +30,9 @@ CHUNK_TOKENS = 1  # generate feeds one token per decode step
 LOGITS_BUDGET_BYTES = 256 * 2**20
 PATH = ("model.generate with the variant's generate kwargs; a logits processor forces the window's next token "
         "(teacher forcing); raw logits of every step (output_logits) are scored")
+DECODER_PATH = ("the variant's own decode loop (optimize.decode: its static cache and compiled one-token step); "
+                "a logits processor forces the window's next token (teacher forcing); raw logits of every step are "
+                "scored")
 
 
 def resolve_scoring(requested: str, state) -> tuple[str, str]:
@@ -90,6 +95,17 @@ class _CacheProbe:
         if cache is not None and self.settings is None:
             self.settings = cache_settings(cache)
         self.quantized_before.append(quantized_positions(cache) if cache is not None else 0)
+
+
+class _RawScores:
+    """Logits processor, first in the list: a copy of every step's scores before any other processor."""
+
+    def __init__(self) -> None:
+        self.scores: list[Any] = []
+
+    def __call__(self, input_ids, scores):
+        self.scores.append(scores.clone())  # the step's buffer is reused by the next step
+        return scores
 
 
 class _ForceNext:
@@ -167,6 +183,8 @@ class CacheScorer:
 
     def _forced_logits(self, ids):
         """(b, T) windows -> (b, T-1, V) float32 raw logits of generate's steps, forced along ``ids``."""
+        if self.state.decoder is not None:
+            return self._forced_through_decoder(ids)
         import torch
         from transformers import LogitsProcessorList
 
@@ -191,6 +209,20 @@ class CacheScorer:
                 self.probe.settings = cache_settings(out.past_key_values)  # the cache generate used
             return torch.stack(out.logits, dim=1).float()
 
+    def _forced_through_decoder(self, ids):
+        """``_forced_logits`` through the variant's own decode loop (``optimize.decode``): what it generates with."""
+        import torch
+
+        raw = _RawScores()
+        with _one_cpu_thread(self.state.device):
+            out = self.state.decoder.generate(self.state.model, ids[:, :PREFILL_TOKENS], ids.shape[1] - PREFILL_TOKENS,
+                                              [raw, _ForceNext(ids)], never_end=False)
+        if not torch.equal(out, ids):
+            raise RuntimeError("teacher forcing failed: the decode loop did not follow the evaluation window")
+        if self.probe.settings is None:
+            self.probe.settings = cache_settings(self.state.decoder.cache)
+        return torch.stack(raw.scores, dim=1)
+
     def method(self, windows: int, first_scored_row: int = 0) -> dict[str, Any]:
         """How the figures were taken, and how many scored tokens read quantized cache entries.
 
@@ -203,7 +235,7 @@ class CacheScorer:
         assert not q or len(q) == -(-windows // self.batch) * self.steps_per_window, (len(q), windows, self.batch)
         scored = sum(weights)
         return {
-            "path": PATH,
+            "path": DECODER_PATH if self.state.decoder is not None else PATH,
             "prefill_tokens": PREFILL_TOKENS,
             "chunk_tokens": CHUNK_TOKENS,
             "batch_windows": self.batch,

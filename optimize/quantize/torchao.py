@@ -27,11 +27,37 @@ from optimize.recipe import Step
 from optimize.registry import register
 
 SCHEMES = ("int8-weight-only", "int4-weight-only", "int8-dynamic")
-# torchao's int8 x int8 product on CUDA is torch._int_mm, which takes only more than 16 rows; for fewer,
+# torchao's int8 x int8 product on CUDA is torch._int_mm; where it refuses a product (torch's own check
+# wants more than 16 rows, and cuBLAS refuses more shapes on some CUDA versions: 17 rows on CUDA 13),
 # torchao's safe_int_mm catches the error and multiplies the int8 values as fp32 (its fallback path).
-CUDA_SMALL_M_FALLBACK = ("torchao int8-dynamic on CUDA: a product of 16 rows or fewer (a decode step at batch <= 16) "
-                         "runs as an fp32 matmul of the int8 values (torch._int_mm takes more than 16 rows)")
+# Which row counts it refuses is probed on the device the variant is loaded on.
+INT_MM_PROBE_ROWS = (1, 2, 4, 8, 16, 17, 24, 32, 64, 128)
+CUDA_SMALL_M_FALLBACK = "torchao int8-dynamic on CUDA: torch._int_mm refuses products of"
+
+
+def int_mm_refused_rows(device: str, rows=INT_MM_PROBE_ROWS) -> list[int]:
+    """The row counts among ``rows`` for which ``torch._int_mm`` refuses a (rows x 64) x (64 x 64) int8 product."""
+    import torch
+
+    b = torch.ones(64, 64, dtype=torch.int8, device=device)
+    refused = []
+    for m in rows:
+        try:
+            torch._int_mm(torch.ones(m, 64, dtype=torch.int8, device=device), b)
+        except RuntimeError:
+            refused.append(m)
+    return refused
+
+
+def small_product_label(refused: list[int]) -> str:
+    """What the int8-dynamic variant says when ``torch._int_mm`` refused some probed row counts here."""
+    return (f"{CUDA_SMALL_M_FALLBACK} {', '.join(map(str, refused))} rows here (probed: "
+            f"{', '.join(map(str, INT_MM_PROBE_ROWS))}); torchao runs those (a decode step's rows are its batch "
+            "size) as fp32 matmuls of the int8 values")
+
+
 GROUP_SIZES = (32, 64, 128, 256)  # what the tinygemm int4 kernel supports
+TINYGEMM_IN_MULTIPLE = 1024  # torchao's tile_packed_to_4d layout pads in_features to a multiple of this
 
 
 @register
@@ -87,11 +113,19 @@ class TorchAO(Step):
             state.labels.append(note)
         change = introspect.change_report(len(targets) - len(left), len(targets), before,
                                           introspect.weights_bytes(model))
-        introspect.require_effect(f"torchao {self.scheme}", change, shrinks=True)
+        try:
+            introspect.require_effect(f"torchao {self.scheme}", change, shrinks=True)
+        except NotApplicable as exc:
+            narrow = [name for name, m in targets.items() if m.in_features % TINYGEMM_IN_MULTIPLE]
+            if self.scheme != "int4-weight-only" or not narrow:
+                raise
+            raise NotApplicable(f"{exc}: the tinygemm layout pads each layer's inputs to a multiple of "
+                                f"{TINYGEMM_IN_MULTIPLE}; {len(narrow)} of {len(targets)} layers have a count that is not, "
+                                f"e.g. {narrow[0]} with {targets[narrow[0]].in_features}") from None
         if conv1d:
             state.labels.append(f"torchao: {conv1d} Conv1D layers converted to equivalent Linear first")
-        if self.scheme == "int8-dynamic" and state.device == "cuda":
-            state.labels.append(CUDA_SMALL_M_FALLBACK)
+        if self.scheme == "int8-dynamic" and state.device == "cuda" and (refused := int_mm_refused_rows("cuda")):
+            state.labels.append(small_product_label(refused))
         report = {"scheme": self.scheme, "quantized_linears": len(targets) - len(left),
                   "unquantized_linears": len(left), "conv1d_converted": conv1d, "lm_head": "not quantized", **change}
         if self.scheme == "int4-weight-only":

@@ -177,6 +177,8 @@ def test_static_cache_scores_near_the_reference(load, reference, compile):
     assert m["drift_through_cache"] is True
     through = m["drift_method"]["through_cache"]
     assert through["cache"]["class"] == "StaticCache"
+    # the compiled step is scored through the loop it is timed in, the eager one through generate()
+    assert through["path"].startswith("the variant's own decode loop") is compile
     # a compiled decode step would trace the probe hook, so the quantized count is not observed there
     assert through["quantized_positions_observed"] is (not compile)
     assert ("drift_kv_quantized_scored_tokens" in m) is (not compile)
