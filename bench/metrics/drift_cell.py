@@ -22,8 +22,9 @@ if TYPE_CHECKING:
 
 # Figures copied into the record's metrics; the method dict goes to record["method"]["drift"].
 DRIFT_METHOD_KEY = "drift_method"
-# Bumped when a variant's figures change meaning: 2 = KV-cache variants scored through their cache.
-SCORING_VERSION = 2
+# Bumped when a variant's figures change meaning: 2 = KV-cache variants scored through their cache;
+# 3 = a variant with a decode loop of its own (static-kv compiled) scored through that loop.
+SCORING_VERSION = 3
 
 
 def _variant_key(reference: Path, cell: Cell, artifact_path: Path, batch_windows: int) -> str:
