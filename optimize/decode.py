@@ -8,7 +8,10 @@ only what a greedy step needs: the prompt's forward runs eagerly and fills the c
 each token is one call of the compiled step (the model's forward on one token plus the
 float32 logits of its last position, end-of-sequence made impossible), the logits
 processors, an argmax and two small in-place writes. Nothing waits for the device until the
-caller reads the tokens.
+caller reads the tokens. The compiled step's guards are checked in full at the first step of
+each call; the later steps of the call skip those that tell no two compiled versions apart
+(``torch.compiler.set_stance(skip_guard_eval_unsafe=True)``: about 0.1 ms a token on a 2.4 GHz
+EPYC core), since nothing they check changes between the steps of one call.
 
 What it computes is ``generate()``'s greedy decoding with ``cache_implementation="static"``:
 the same cache class, the same positions, a mask with the same ones (the prompt and every
@@ -74,11 +77,30 @@ class StaticDecoder:
             position = slots[prompt : prompt + 1].clone()  # the step's input buffer, advanced in place
             token = _choose(processors, tokens, prompt, first)
             del first
-            for i in range(prompt + 1, length):
+
+            def advance(token, i: int):
                 # no name holds the last step's logits: a CUDA graph's replay writes over them
                 token = _choose(processors, tokens, i, step(token, position, cache, length))
-                position += 1
+                position.add_(1)
+                return token
+
+            if length > prompt + 1:
+                token = advance(token, prompt + 1)  # the first step checks every guard of the compiled step
+            # The others skip the guards that tell no two compiled versions apart: nothing they check
+            # (the model, the cache object, the shapes) changes between the steps of one call.
+            with self._known_guards():
+                for i in range(prompt + 2, length):
+                    token = advance(token, i)
         return tokens
+
+    def _known_guards(self):
+        import contextlib
+
+        import torch
+
+        if self.compile_config is None:
+            return contextlib.nullcontext()
+        return torch.compiler.set_stance(skip_guard_eval_unsafe=True)
 
     @property
     def cache(self):

@@ -117,6 +117,29 @@ def test_decode_steps_read_nothing_back_from_the_device(tiny_ref, cache_dir, mon
     assert at_step[-1] - at_step[0] >= NEW - 1, (at_step, reads)
 
 
+def test_only_the_first_decode_step_of_a_call_checks_every_guard(tiny_ref, cache_dir):
+    """Steps after the first run under ``skip_guard_eval_unsafe``: the compiled step's full guard check once a call."""
+    from torch._dynamo import eval_frame
+
+    state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
+    prompts, _ = prompt_ids(tiny_ref, state.model.config.vocab_size, 2, 12)
+    skipping: list[bool] = []
+
+    def processor(input_ids, scores):
+        skipping.append(eval_frame._stance.skip_guard_eval_unsafe)
+        return scores
+
+    for _ in range(2):  # the first call compiles
+        skipping.clear()
+        greedy_generate(state, prompts, NEW, [processor])
+        assert skipping == [False, False] + [True] * (NEW - 2)  # prefill, first step, then the rest
+    assert not eval_frame._stance.skip_guard_eval_unsafe  # put back
+    eager = StaticDecoder()  # nothing compiled: no guards to skip
+    skipping.clear()
+    eager.generate(state.model, prompts.to(state.device), NEW, [processor])
+    assert skipping == [False] * NEW
+
+
 @pytest.mark.cuda
 def test_on_cuda_the_graphed_loop_never_waits_for_the_device_and_keeps_eager_tokens(cuda_only, tiny_ref, cache_dir):
     """The CUDA-graph decode step: eager fp32's tokens, and no synchronisation from the first token to the last."""
