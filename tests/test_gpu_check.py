@@ -109,7 +109,8 @@ def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_pa
                  {"gpu_check_probe/__init__.py": b"", **_dist_info("gpu_check_probe", "1.0")})
     out = tmp_path / "out"
     env = {**os.environ, "OUT": str(out), "INFERMATRIX_CACHE": str(tmp_path / "cache"),
-           "GPU_CHECK_WHEELS": str(wheels), "GPU_CHECK_BUDGET_S": "1500", "PYTHON": sys.executable}
+           "GPU_CHECK_WHEELS": str(wheels), "GPU_CHECK_BUDGET_S": "1500", "PYTHON": sys.executable,
+           "GPU_CHECK_PROFILE": "1"}
     env.pop("CUDA_VISIBLE_DEVICES", None)
     # The script runs as on a GPU host, not as part of this suite's xdist worker
     for name in [n for n in env if n.startswith("PYTEST_")]:
@@ -137,6 +138,13 @@ def test_gpu_check_dry_run_returns_every_output_a_remote_runner_can_fetch(tmp_pa
     tests = (out / "cuda-tests.txt").read_text().strip().splitlines()[-1]
     assert re.fullmatch(r"\d+ skipped, \d+ deselected.*", tests), tests  # the CUDA tests ran, none failed
     assert f"gpu-check: cuda tests: {tests}\n" in log
+    # GPU_CHECK_PROFILE=1: both decode paths profiled, into log.txt (no file more)
+    profile = log[log.index("gpu-check: decode profile of synthetic:llama-tiny on cpu"):]
+    for variant in ("bf16", "static-kv-bf16-cudagraphs"):
+        section = profile[profile.index(f"===== synthetic:llama-tiny {variant} on cpu"):]
+        assert re.search(r"^decode: [\d.]+ ms/token \([\d.]+ tok/s at batch 1\)", section, re.M), section[:500]
+        assert "by self CPU time (one call, 66 tokens):" in section
+    assert "decode profile failed" not in profile
 
 
 def test_the_cuda_test_files_gpu_check_collects_hold_every_cuda_marked_test(request):
