@@ -166,7 +166,7 @@ def test_through_the_cache_the_llama_cpp_protocol_scores_the_same_rows(tiny_ref,
 def test_quantized_reads_are_counted_over_scored_rows_only():
     from bench.metrics.drift_incremental import CacheScorer
 
-    state = SimpleNamespace(generate_kwargs={}, device="cpu")
+    state = SimpleNamespace(generate_kwargs={}, device="cpu", decoder=None)
     scorer = CacheScorer(state)
     # 3 windows in batches of 2, 4 steps per window: steps 0..3 read 0, 2, 3, 4 quantized positions
     scorer.batch, scorer.steps_per_window, scorer.observed = 2, 4, True

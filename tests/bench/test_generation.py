@@ -22,7 +22,7 @@ class _RewritingModel:
 
 def test_generate_call_cannot_rewrite_the_variants_cache_settings():
     settings = {"cache_implementation": "quantized", "cache_config": {"backend": "quanto", "nbits": 4}}
-    state = SimpleNamespace(model=_RewritingModel(), device="cpu", generate_kwargs=settings)
+    state = SimpleNamespace(model=_RewritingModel(), device="cpu", generate_kwargs=settings, decoder=None)
     for _ in range(2):  # the second call sees the settings the variant was built with
         out = greedy_generate(state, torch.ones(2, 3, dtype=torch.long), 4)
         assert out.shape == (2, 7)
