@@ -59,7 +59,54 @@ def resolve_rev(repo: Path, rev: str) -> str:
     try:
         return git(repo, "rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
     except InputError:
-        raise InputError(f"revision {rev!r} is not a commit of {repo}") from None
+        hint = ""
+        if git(repo, "rev-parse", "--is-shallow-repository") == "true":
+            hint = (" (a shallow clone: fetch the history it needs, e.g. `git fetch --deepen=1`, or check out with "
+                    "fetch-depth: 2 or 0)")
+        raise InputError(f"revision {rev!r} is not a commit of {repo}{hint}") from None
+
+
+TEMP_PREFIX = "infermatrix-ab-"  # ab's temporary folder, holding its worktrees base/ and head/
+OWNER = "owner.pid"  # in that folder: the PID of the ab job that made it
+
+
+def sweep_stale_worktrees(repo: Path) -> list[Path]:
+    """Remove the worktrees of ``repo`` that an ab job killed outright (SIGKILL, a lost machine) left behind.
+
+    They are those in a folder ``infermatrix-ab-*`` whose owner PID is not alive (another ab job's
+    are kept); the folder goes too. Returns the worktrees removed.
+    """
+    import shutil
+
+    stale = []
+    for line in git(repo, "worktree", "list", "--porcelain").splitlines():
+        if not line.startswith("worktree "):
+            continue
+        tree = Path(line.removeprefix("worktree "))
+        if tree.name not in ("base", "head") or not tree.parent.name.startswith(TEMP_PREFIX):
+            continue
+        if not _owner_alive(tree.parent / OWNER):
+            stale.append(tree)
+    remove_worktrees(repo, stale)
+    for folder in {tree.parent for tree in stale}:
+        shutil.rmtree(folder, ignore_errors=True)
+    return stale
+
+
+def _owner_alive(pid_file: Path) -> bool:
+    import os
+
+    try:
+        pid = int(pid_file.read_text())
+    except (OSError, ValueError):
+        return False  # no owner written (killed at once) or its folder gone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
 
 
 def remove_worktrees(repo: Path, trees: list[Path]) -> None:
@@ -90,6 +137,7 @@ class AbSide:
     worktree: Path
     run_dir: Path
     matrix: Matrix | None = None
+    repo: Path | None = None  # the repository the worktree was checked out of
     cells: dict[str, Cell] = dataclasses.field(default_factory=dict)  # by Cell.key
 
 
@@ -98,7 +146,10 @@ def side_matrix(worktree: Path, matrix: str | None, rev: str = "that revision") 
     if matrix and not (worktree / matrix).exists():
         raise InputError(f"matrix {matrix!r} does not exist at {rev} (each side reads the matrix committed "
                          "at its revision: commit it, or name one both revisions have)")
-    m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
+    try:
+        m = load_matrix(worktree / matrix if matrix else DEFAULT_MATRIX)
+    except InputError as exc:  # it names the temporary worktree, gone when the user reads this: name the revision
+        raise InputError(str(exc).replace(f"{worktree}/", f"{rev}:")) from None
     models = tuple(str((worktree / s).resolve()) if not s.startswith(("builtin:", "synthetic:")) and
                    (worktree / s).exists() else s for s in m.models)
     eval_text = str((worktree / m.eval_text).resolve()) if m.eval_text and (worktree / m.eval_text).exists() \
@@ -169,7 +220,10 @@ def run_interleaved(base: AbSide, head: AbSide, launcher, *, rounds: int, seed: 
                          f"them): {'; '.join(unmatched[:8])}")
     for s in sides.values():
         s.run_dir.mkdir(parents=True, exist_ok=True)
-        start_run(s.matrix, s.run_dir, shard=None, launcher=launcher.name, environment=environment,
+        # what this side measured: a clean checkout of its commit, not the checkout ab was started from
+        side_env = {**environment, "user_repository": {"path": str(s.repo) if s.repo else None, "commit": s.sha,
+                                                       "dirty": False}}
+        start_run(s.matrix, s.run_dir, shard=None, launcher=launcher.name, environment=side_env,
                   extra={"ab": {"side": s.name, "rev": s.rev, "commit": s.sha, "rounds": rounds, "seed": seed}})
     blocked = {name: prepare(s, launcher, cache_dir, on_event) for name, s in sides.items()}
     keys = sorted(set(base.cells) & set(head.cells))

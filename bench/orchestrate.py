@@ -156,6 +156,9 @@ def resume_run(run_dir: Path, shard: Shard | None = None) -> tuple[Matrix, dict[
     """
     require_run_dir(run_dir, "--resume")
     run = read_run(run_dir)
+    if isinstance(run.get("ab"), dict):  # its worktree is gone, and its cells ran interleaved with the other side's
+        raise InputError(f"--resume {run_dir}: it is the {run['ab'].get('side')} side of an 'infermatrix ab' job, "
+                         "which resumes only as a whole: run the job again")
     m = dict(run["matrix"])
     source = m.pop("source", str(run_dir))
     for key in ("eval_text", "tokenizer"):

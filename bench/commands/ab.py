@@ -111,7 +111,17 @@ def _ab(args: argparse.Namespace, cfg, repo: Path, head_rev: str, matrix: str | 
 
     if any(path.name != LOCK for path in out.iterdir()):  # a job that took the lock and ended in between
         raise InputError(f"--out {out} already exists and is not empty")
-    from bench.ab import AbSide, git, remove_worktrees, resolve_rev, run_interleaved, side_matrix
+    from bench.ab import (
+        OWNER,
+        TEMP_PREFIX,
+        AbSide,
+        git,
+        remove_worktrees,
+        resolve_rev,
+        run_interleaved,
+        side_matrix,
+        sweep_stale_worktrees,
+    )
     from bench.commands.run import check_threads
     from bench.compare import compare_runs
     from bench.env import device_resolver, environment
@@ -121,7 +131,11 @@ def _ab(args: argparse.Namespace, cfg, repo: Path, head_rev: str, matrix: str | 
 
     shas = {"base": resolve_rev(repo, args.base), "head": resolve_rev(repo, head_rev)}
     revs = {"base": args.base, "head": head_rev}
-    with tempfile.TemporaryDirectory(prefix="infermatrix-ab-") as tmp:
+    if swept := sweep_stale_worktrees(repo):
+        print(f"ab: removed {len(swept)} worktree(s) an ab job killed before it could clean up left in {repo}: "
+              f"{', '.join(map(str, swept))}", file=sys.stderr, flush=True)
+    with tempfile.TemporaryDirectory(prefix=TEMP_PREFIX) as tmp:
+        (Path(tmp) / OWNER).write_text(str(os.getpid()))  # a later job sweeps the worktrees of a killed one
         trees: list[Path] = []
         try:
             sides = {}
@@ -134,7 +148,7 @@ def _ab(args: argparse.Namespace, cfg, repo: Path, head_rev: str, matrix: str | 
                 if args.threads is not None:
                     m = narrow(m, threads=args.threads)
                     check_threads(m, "local")
-                sides[name] = AbSide(name, revs[name], sha, tree, out / name, m)
+                sides[name] = AbSide(name, revs[name], sha, tree, out / name, m, repo=repo)
             print(f"ab: base {revs['base']} ({shas['base'][:10]}) vs head {head_rev} ({shas['head'][:10]}), "
                   f"matrix {matrix or 'built-in default'}; runs in {out}", file=sys.stderr, flush=True)
             torch_env = probe_torch(Path(tmp))

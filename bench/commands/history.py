@@ -89,8 +89,14 @@ def main(args: argparse.Namespace) -> int:
         output_file(args.db, "--db")
         short = _short_of_cells(args.run)
         if short and not args.partial:
-            raise InputError(f"{args.run}: {short}: finish it ('infermatrix run --resume {args.run}'), or add what "
-                             "it holds with --partial (a run is added once)")
+            from bench.results import read_run
+
+            side = read_run(args.run).get("ab")
+            # a side of an A/B job cannot be resumed alone: its worktree is gone, and its cells ran interleaved
+            finish = (f"it is the {side.get('side')} side of an 'infermatrix ab' job: run the job again"
+                      if isinstance(side, dict) else f"finish it ('infermatrix run --resume {args.run}')")
+            raise InputError(f"{args.run}: {short}: {finish}, or add what it holds with --partial (a run is added "
+                             "once)")
         if short:
             print(f"infermatrix history: warning: {args.run}: {short}; adding the cells it holds", file=sys.stderr)
         commit, differs = (args.commit, None) if args.commit else _commit_of(args.run)

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 from collections import Counter
 from pathlib import Path
 
@@ -89,6 +92,9 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
         assert {r["method"]["torch_threads"] for r in records} == {1}  # --threads over the matrix's 2
         run = json.loads((out / side / "run.json").read_text())
         assert run["ab"]["rev"] == ("HEAD~1" if side == "base" else "HEAD")
+        # the checkout measured, a clean worktree of the side's commit, not the one ab was started from
+        sha = _git(repo, "rev-parse", "HEAD~1" if side == "base" else "HEAD").strip()
+        assert run["environment"]["user_repository"] == {"path": str(repo), "commit": sha, "dirty": False}
         assert run["ended"] >= run["started"]  # a whole run: reports, select and history add take it as ended
     assert cli(["history", "add", str(out / "head"), "--db", str(tmp_path / "h.sqlite")]) == 0
     assert cli(["history", "add", str(out / "base"), "--db", str(tmp_path / "h.sqlite")]) == 0  # its own run
@@ -101,6 +107,18 @@ def test_ab_head_minus_one_exits_1_naming_the_slowed_cell(repo, tmp_path, cache_
     assert all(a[1] == b[1] and {a[2], b[2]} == {"base", "head"} for a, b in pairs)  # A B or B A, same cell
     assert {a[2] for a, _ in pairs} == {"base", "head"}  # each side goes first sometimes
     assert len(_git(repo, "worktree", "list").splitlines()) == 1  # the temporary worktrees are gone
+    # a side cut short resumes only with its job: neither history add nor run --resume sends the user elsewhere
+    cut = tmp_path / "cut"
+    shutil.copytree(out / "head", cut)
+    run = json.loads((cut / "run.json").read_text())
+    (cut / "run.json").write_text(json.dumps({k: v for k, v in run.items() if k != "ended"}))
+    capsys.readouterr()
+    assert cli(["history", "add", str(cut), "--db", str(tmp_path / "h2.sqlite")]) == 2
+    err = capsys.readouterr().err
+    assert "it is the head side of an 'infermatrix ab' job: run the job again, or add what it holds with --partial" \
+        in err and "--resume" not in err
+    assert cli(["run", "--resume", str(cut)]) == 2
+    assert "it is the head side of an 'infermatrix ab' job, which resumes only as a whole" in capsys.readouterr().err
 
 
 def test_ab_bad_revision_and_not_a_repository(repo, tmp_path, capsys):
@@ -146,3 +164,44 @@ def test_worktrees_are_removed_even_when_locked_by_an_interrupted_add(repo, tmp_
     assert len(_git(repo, "worktree", "list").splitlines()) == 2
     remove_worktrees(repo, [tree, tmp_path / "tmp-ab" / "never-added"])
     assert len(_git(repo, "worktree", "list").splitlines()) == 1 and not tree.exists()
+
+
+def test_a_matrix_error_at_a_revision_names_the_revision_not_the_temporary_worktree(repo, tmp_path, capsys):
+    (repo / "bench.toml").write_text(MATRIX.replace("warmup = 1", "warmup = 1\nbogus = 1"))
+    _git(repo, "commit", "-qam", "a typo")
+    sha = _git(repo, "rev-parse", "HEAD").strip()
+    assert cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(tmp_path / "ab")]) == 2
+    err = capsys.readouterr().err
+    assert f"HEAD ({sha[:10]}):bench.toml [measure]: 'bogus' is not a measure setting" in err
+    assert "infermatrix-ab-" not in err  # a folder removed before the user reads the message
+    assert len(_git(repo, "worktree", "list").splitlines()) == 1
+
+
+def test_worktrees_of_a_killed_ab_job_are_swept_by_the_next_and_a_live_jobs_kept(repo, tmp_path, capsys):
+    from bench.ab import OWNER, TEMP_PREFIX
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    killed, live, mine = tmp_path / f"{TEMP_PREFIX}killed" / "head", tmp_path / f"{TEMP_PREFIX}live" / "base", \
+        tmp_path / "mine" / "head"
+    for tree, owner in ((killed, dead.pid), (live, os.getpid()), (mine, dead.pid)):
+        _git(repo, "worktree", "add", "--detach", str(tree), "HEAD")
+        (tree.parent / OWNER).write_text(str(owner))
+    orphan = tmp_path / f"{TEMP_PREFIX}no-owner" / "base"  # killed before it wrote its PID
+    _git(repo, "worktree", "add", "--detach", str(orphan), "HEAD")
+    # a job that stops early (bad --threads) has swept them first
+    assert cli(["ab", "HEAD~1", "HEAD", "bench.toml", "--repo", str(repo), "--out", str(tmp_path / "ab"),
+                "--threads", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert f"ab: removed 2 worktree(s) an ab job killed before it could clean up left in {repo}" in err
+    listed = _git(repo, "worktree", "list")
+    assert str(live) in listed and str(mine) in listed and str(killed) not in listed and str(orphan) not in listed
+    assert not killed.parent.exists() and not orphan.parent.exists() and live.exists() and mine.exists()
+
+
+def test_a_shallow_clone_says_so_when_the_base_revision_is_missing(repo, tmp_path, capsys):
+    shallow = tmp_path / "shallow"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{repo}", str(shallow)], check=True)
+    assert cli(["ab", "HEAD~1", "--repo", str(shallow), "--out", str(tmp_path / "ab")]) == 2
+    err = capsys.readouterr().err
+    assert "revision 'HEAD~1' is not a commit of" in err and "a shallow clone: fetch the history it needs" in err
