@@ -43,7 +43,8 @@ def _fastest_call_ms(state, prompts, new_tokens: int, calls: int = 3) -> float:
 
 def profile(state, prompts, new_tokens: int) -> str:
     """Per-token cost and the profiler's tables for one variant, as text."""
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     for _ in range(3):
         greedy_generate(state, prompts, new_tokens + 2)

@@ -120,8 +120,8 @@ class TorchAO(Step):
             if self.scheme != "int4-weight-only" or not narrow:
                 raise
             raise NotApplicable(f"{exc}: the tinygemm layout pads each layer's inputs to a multiple of "
-                                f"{TINYGEMM_IN_MULTIPLE}; {len(narrow)} of {len(targets)} layers have a count that is not, "
-                                f"e.g. {narrow[0]} with {targets[narrow[0]].in_features}") from None
+                                f"{TINYGEMM_IN_MULTIPLE}; {len(narrow)} of {len(targets)} layers have a count "
+                                f"that is not, e.g. {narrow[0]} with {targets[narrow[0]].in_features}") from None
         if conv1d:
             state.labels.append(f"torchao: {conv1d} Conv1D layers converted to equivalent Linear first")
         if self.scheme == "int8-dynamic" and state.device == "cuda" and (refused := int_mm_refused_rows("cuda")):
