@@ -11,6 +11,11 @@ the harness (the evaluation text at the same seeded offset).
 config, e.g. a stored ``onnx-fp32`` artifact), loaded with optimum's ``ORTModelForCausalLM`` on
 ONNX Runtime's CPU provider with its KV cache.
 
+``--static-kv`` times the static-KV variant's decode instead: the same plain model, decoded by
+the project's static-cache loop (``optimize.decode``) with its one-token step compiled
+(``torch.compile``, default mode), timed from the outside like the rest; the warm-up calls
+compile it.
+
 ``--serve`` measures one window per line read from stdin, until stdin closes, each in a child
 forked from this process after it has imported the libraries and done nothing else: the child
 loads the model, warms up and times ``--reps`` calls, prints the window's JSON line and
@@ -41,6 +46,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0,
                    help="torch's (and ONNX Runtime's) intra-op threads (0: each library's default)")
     p.add_argument("--onnx-dir", help="time this exported ONNX graph (model.onnx + config) with ONNX Runtime")
+    p.add_argument("--static-kv", action="store_true",
+                   help="decode with the static-KV variant's loop and compiled one-token step")
     p.add_argument("--serve", action="store_true",
                    help="measure one window per line read from stdin, each in a freshly forked child")
     args = p.parse_args()
@@ -98,12 +105,21 @@ def _measure(args) -> dict:
         model = AutoModelForCausalLM.from_pretrained(ref.path, dtype=torch.float32).eval()
     ids, _ = prompt_ids(ref, model.config.vocab_size, args.batch_size, args.prompt_tokens)
     pad = model.config.pad_token_id if model.config.pad_token_id is not None else model.config.eos_token_id
+    decoder = None
+    if args.static_kv:
+        from optimize.decode import StaticDecoder
+        from optimize.kvcache import decode_step_compile_config
+
+        decoder = StaticDecoder(decode_step_compile_config("default"))
 
     def timed(n: int) -> float:
         t0 = time.perf_counter()
-        with torch.inference_mode():
-            model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False, pad_token_id=pad)
+        if decoder is not None:
+            decoder.generate(model, ids, n)
+        else:
+            with torch.inference_mode():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=pad)
         return time.perf_counter() - t0
 
     for _ in range(args.warmup):
@@ -124,7 +140,7 @@ def _window(args, timed, baseline_rss: int | None) -> dict:
     ttft_s, e2e_s = statistics.median(one), statistics.median(full)
     decode = args.batch_size * (args.new_tokens - 1)
     return {
-        "model": args.model, "onnx_dir": args.onnx_dir, "batch_size": args.batch_size,
+        "model": args.model, "onnx_dir": args.onnx_dir, "static_kv": args.static_kv, "batch_size": args.batch_size,
         "prompt_tokens": args.prompt_tokens,
         "new_tokens": args.new_tokens, "reps": args.reps, "torch_threads": torch.get_num_threads(),
         "ttft_ms": round(ttft_s * 1e3, 2), "e2e_ms": round(e2e_s * 1e3, 2),

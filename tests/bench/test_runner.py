@@ -46,8 +46,9 @@ class _Independent:
     between the two sides is the harness's, not the age or the start of a process.
     """
 
-    def __init__(self, onnx_dir: Path | None, log: Path):
+    def __init__(self, onnx_dir: Path | None, log: Path, static_kv: bool = False):
         graph = ["--onnx-dir", str(onnx_dir)] if onnx_dir else []
+        graph += ["--static-kv"] if static_kv else []
         self.log = log
         with log.open("w") as err:
             self.proc = subprocess.Popen(
@@ -84,9 +85,10 @@ def _stored_artifact(tiny_ref, variant: str, cache_dir) -> Path:
     return VariantStore(cache_dir).get_or_build(tiny_ref, builtin_variant(variant), "cpu").path
 
 
-# fp32: plain transformers; onnx-fp32: the exported graph in ONNX Runtime, through optimum
+# fp32: plain transformers; onnx-fp32: the exported graph in ONNX Runtime, through optimum; static-kv: the
+# static-cache loop with its compiled step (no per-token stamp on the independent side)
 @pytest.mark.truth
-@pytest.mark.parametrize("variant", ["fp32", "onnx-fp32"])
+@pytest.mark.parametrize("variant", ["fp32", "onnx-fp32", "static-kv"])
 def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, cache_dir, variant):
     """Harness and independent timing in interleaved windows: their ratio must be within 15% of 1.
 
@@ -114,7 +116,7 @@ def test_harness_timing_agrees_with_independent_measurement(tmp_path, tiny_ref, 
     ceilings = read_run(first)["roofline"]
     matrix = dataclasses.replace(base, measure=dataclasses.replace(base.measure, rounds=BATCH))
     onnx_dir = _stored_artifact(tiny_ref, variant, cache_dir) if variant.startswith("onnx") else None
-    independent = _Independent(onnx_dir, tmp_path / "independent.log")
+    independent = _Independent(onnx_dir, tmp_path / "independent.log", static_kv=variant == "static-kv")
     harness_windows, independent_windows = [], [independent.window()]
 
     def after_cell(kind: str, info: dict) -> None:
