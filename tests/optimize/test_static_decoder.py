@@ -54,6 +54,19 @@ def test_the_loop_reproduces_generate_with_a_static_cache_on_every_family(family
     assert torch.equal(again, expected), family
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_compiled_static_kv_variant_keeps_eager_tokens_on_every_family(family, cache_dir):
+    """The built-in ``static-kv`` (one graph for the decode step, no break allowed) on each architecture."""
+    ref = resolve_model(f"synthetic:{family}", cache_dir)
+    store = VariantStore(cache_dir)
+    eager, _ = load_variant(ref, Recipe(name="fp32"), "cpu", store)
+    prompts, _ = prompt_ids(ref, eager.model.config.vocab_size, 2, 12)
+    torch._dynamo.reset()
+    compiled, _ = load_variant(ref, builtin_variant("static-kv"), "cpu", store)
+    assert torch.equal(greedy_generate(compiled, prompts, NEW), greedy_generate(eager, prompts, NEW)), family
+
+
 def test_the_cache_is_kept_for_the_same_shape_and_replaced_for_another(tiny_ref, cache_dir):
     state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
     prompts, _ = prompt_ids(tiny_ref, state.model.config.vocab_size, 2, 12)
