@@ -6,9 +6,8 @@ Mistral (GQA) and Phi (partial rotary). Each variant must build and generate (``
 ``skipped`` with the reason this test expects; lossless variants must reproduce the
 reference's greedy tokens; techniques must say what they touched.
 
-``static-kv`` runs with its static cache but without ``torch.compile`` here: compiling costs
-about 30 s per model on this CPU and does not depend on the architecture (test_runtime_techniques
-compiles it on the Llama).
+``static-kv`` runs with its static cache but without ``torch.compile`` here (through
+``generate()``); test_static_decoder compiles it, in its own decode loop, on every architecture.
 """
 
 from __future__ import annotations
