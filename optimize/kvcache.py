@@ -56,9 +56,8 @@ class KVCache(Step):
             if self.compile:
                 from optimize.decode import StaticDecoder
 
-                config = decode_step_compile_config(self.compile_mode)
-                state.generate_kwargs["compile_config"] = config  # what generate() would compile (drift's path)
-                state.decoder = StaticDecoder(config)
+                # generate() is not called for this variant: the decoder holds the compile settings
+                state.decoder = StaticDecoder(decode_step_compile_config(self.compile_mode))
                 state.labels.append(f"decode step compiled (torch.compile mode={self.compile_mode}, fullgraph); "
                                     "prefill eager; greedy decode loop of its own (no per-token sync); "
                                     "compile and capture timed apart")
@@ -78,11 +77,11 @@ class KVCache(Step):
 
 
 def decode_step_compile_config(mode: str):
-    """Transformers' compile settings for the one-token decode step (``generate`` compiles it, not the prefill).
+    """Transformers' compile settings (``CompileConfig``) for the one-token decode step, not the prefill.
 
     Compiling the whole forward instead (prefill shapes included, with CUDA graphs) is what
-    crashed with SIGSEGV on an H200; transformers' own split calls the compiled step only
-    for decode, where every call has the same shapes against the static cache.
+    crashed with SIGSEGV on an H200; the decode loop (``optimize.decode``) calls the compiled
+    step only for decode, where every call has the same shapes against the static cache.
     """
     from transformers import CompileConfig
 

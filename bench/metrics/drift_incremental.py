@@ -163,9 +163,9 @@ class CacheScorer:
         vocab = model.config.vocab_size
         self.batch = batch_windows(len(windows), windows.shape[1], vocab)
         self.steps_per_window = windows.shape[1] - PREFILL_TOKENS
-        # A compiled decode step (compile_config) would trace the hook into its graph and recompile
-        # every step: the quantized positions are then not observed, and the record says so.
-        self.observed = isinstance(model, torch.nn.Module) and "compile_config" not in self.state.generate_kwargs
+        # A decode loop of the variant's own (a compiled step) would trace the hook into its graph and
+        # recompile every step: the quantized positions are then not observed, and the record says so.
+        self.observed = isinstance(model, torch.nn.Module) and self.state.decoder is None
         hook = model.register_forward_pre_hook(self.probe, with_kwargs=True) if self.observed else None
         try:
             for start in range(0, len(windows), self.batch):

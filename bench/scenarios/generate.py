@@ -102,8 +102,14 @@ CUDAGRAPH_LOG = "torch._inductor.cudagraph_utils.__cudagraphs"  # inductor's "cu
 
 def _uses_cuda_graphs(state) -> bool:
     """Whether the variant's compiled decode step asks for CUDA graphs (``reduce-overhead``, ``max-autotune``)."""
-    config = state.generate_kwargs.get("compile_config")
+    config = compiled_step_config(state)
     return config is not None and getattr(config, "mode", None) in ("reduce-overhead", "max-autotune")
+
+
+def compiled_step_config(state):
+    """The compile settings of the variant's compiled decode step (its decode loop's), or None."""
+    decoder = getattr(state, "decoder", None)
+    return getattr(decoder, "compile_config", None)
 
 
 @dataclass
@@ -148,7 +154,7 @@ def _cudagraph_skips(into: GraphSkips, unlogged: str):
 
 def _compile_call(state, once) -> float | None:
     """Run the call that compiles a compiled decode step, apart from warm-up and repetitions; its wall time."""
-    if "compile_config" not in state.generate_kwargs:
+    if compiled_step_config(state) is None:
         return None
     from bench import job_phase
 

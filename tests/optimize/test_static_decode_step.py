@@ -44,7 +44,7 @@ def test_only_the_one_token_decode_step_is_compiled_as_one_graph(tiny_ref, cache
     counters.clear()
     state, _ = load_variant(tiny_ref, Recipe(name="static-compiled", steps=(KVCache(mode="static", compile=True),)),
                             "cpu", VariantStore(cache_dir))
-    config = state.generate_kwargs["compile_config"]
+    config = state.decoder.compile_config
     assert config.fullgraph and config.dynamic is False
     config.backend = recording_backend
     tokens = greedy_generate(state, prompts, NEW)
