@@ -29,6 +29,14 @@ def last_logits_only(state) -> bool:
     return state.backend == "torch" and callable(supports) and bool(supports())
 
 
+def decode_loop(state) -> str:
+    """How ``greedy_generate`` produces the variant's tokens, as its records say (``method.decode_loop``)."""
+    if state.decoder is not None:
+        return ("the variant's own greedy loop (optimize.decode): prefill eager, then one call of the compiled "
+                "one-token step per token, no host read between tokens")
+    return "transformers generate() (greedy, min_new_tokens = new_tokens)"
+
+
 def greedy_generate(state, input_ids, new_tokens: int, logits_processor=None):
     """Greedy continuation of ``input_ids`` (B, P) -> (B, P + new_tokens)."""
     import torch

@@ -8,7 +8,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from bench.generation import generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
+from bench.generation import decode_loop, generate_kwargs, greedy_generate  # noqa: F401 (re-exported)
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
 from bench.scenarios.base import Footprint, Scenario, check_count
 from bench.stats import summarize
@@ -79,6 +79,7 @@ def _run_generate(state, scenario: GenerateScenario, prompts, repeat_cfg: Repeat
         "measured_wall_s": result.measured_wall_s,
     }
     method = {"clock": clock.name, "repeat": repeat_cfg.__dict__,
+              "decode_loop": decode_loop(state),
               "token_timestamps": "logits processor, once per generated token",
               "tpot": "(e2e - ttft) / (new_tokens - 1)", "rates": "median over repetitions"}
     if compile_call is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from bench.generation import last_logits_only
+from bench.generation import decode_loop, last_logits_only
 from bench.metrics.timing import GenerateSample, RepeatConfig, clock_for, repeat, time_generate
 from bench.scenarios.base import Footprint, Scenario, check_count
 from bench.scenarios.generate import GenerateScenario, greedy_generate
@@ -72,7 +72,7 @@ def _run_prefill(state, scenario: PrefillScenario, prompts, repeat_cfg: RepeatCo
     metrics = {"ttft_ms": summarize(ttft), "prefill_tokens_per_s": summarize(rates)["p50"],
                "prefill_tokens_per_s_summary": summarize(rates), "measured_wall_s": result.measured_wall_s}
     samples = {"ttft_ms": ttft, "prefill_tokens_per_s": rates, "warmup_wall_s": result.warmup_wall_s}
-    method = {"clock": clock.name, "repeat": repeat_cfg.__dict__,
+    method = {"clock": clock.name, "repeat": repeat_cfg.__dict__, "decode_loop": decode_loop(state),
               "prefill": "one-token greedy generate; the first token's logits mark the end of prefill"}
     return metrics, samples, method
 

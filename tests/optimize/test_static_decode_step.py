@@ -68,6 +68,7 @@ def test_inductor_compiled_decode_step_reproduces_eager_tokens_and_times_compile
     scenario = GenerateScenario(batch_size=2, prompt_tokens=16, new_tokens=NEW)
     metrics, samples, method = scenario.run(state, prompts, RepeatConfig(warmup=0, min_reps=2, max_reps=2, budget_s=0))
     compiled = method["compiled_decode_step"]
+    assert method["decode_loop"].startswith("the variant's own greedy loop")  # what the record says was timed
     # One graph for the whole call sequence: the extra call before the repetitions compiled it, and
     # no measured repetition recompiled (wall times are not compared: a busy machine reorders them).
     assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.generation import greedy_generate
+from bench.generation import decode_loop, greedy_generate
 from bench.prompts import prompt_ids
 from optimize.decode import StaticDecoder
 from optimize.kvcache import KVCache
@@ -91,6 +91,8 @@ def test_a_static_compiled_variant_decodes_with_the_loop_and_generate_does_not(t
     eager, _ = load_variant(tiny_ref, Recipe(name="static", steps=(KVCache(mode="static"),)), "cpu",
                             VariantStore(cache_dir))
     assert eager.decoder is None  # an eager static cache is measured in generate(), as transformers runs it
+    assert decode_loop(compiled).startswith("the variant's own greedy loop (optimize.decode)")
+    assert decode_loop(eager).startswith("transformers generate()")
 
 
 @pytest.mark.slow
