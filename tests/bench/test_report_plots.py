@@ -163,3 +163,18 @@ def test_labels_that_would_start_mathtext_are_drawn_literally():
     ax = plots.throughput_bars(g).axes[0]
     assert [t.get_text() for t in ax.get_yticklabels()] == [r"\$x\$", "fp32"]  # rows in the records' order
     assert plots.text("a$b") == r"a\$b"
+
+
+@pytest.mark.parametrize("klds", [(0.0, 3.9e-8), (0.0, 2e-3), (1e-8, 0.3), (0.0, 1.2e-4, 5.4e-3, 9.6e-3, 0.27)])
+def test_the_drift_axis_tick_labels_never_overlap(klds):
+    """Seen: over 1.3 decades (a lossless variant and KLD 3.9e-8) the 3e-9 and 4e-9 labels ran into each other."""
+    fig = plots.speed_vs_drift(_group(*(record(f"v{i}", decode=100 + 10 * i, kld=k) for i, k in enumerate(klds))))
+    fig.canvas.draw()
+    ax = fig.axes[0]
+    renderer = fig.canvas.get_renderer()
+    boxes = sorted((label.get_window_extent(renderer) for label in ax.xaxis.get_ticklabels(which="both")
+                    if label.get_visible() and label.get_text()
+                    and ax.get_xlim()[0] <= label.get_position()[0] <= ax.get_xlim()[1]), key=lambda b: b.x0)
+    assert boxes  # the axis is labelled
+    for left, right in zip(boxes, boxes[1:], strict=False):
+        assert left.x1 < right.x0, f"tick labels overlap: {left} {right}"
