@@ -123,6 +123,12 @@ class StaticDecoder:
             return self._step
         import torch
 
+        from optimize.errors import NotApplicable
+
+        if self.compile_config is not None and not getattr(model, "_can_compile_fullgraph", False):
+            raise NotApplicable(f"static-kv compile: {type(model).__name__} does not declare its forward compilable "
+                                "as one graph (transformers' _can_compile_fullgraph is false)")
+
         with_positions = "position_ids" in inspect.signature(model.forward).parameters
 
         def one_token(token, position, cache, length: int):

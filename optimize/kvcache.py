@@ -56,11 +56,8 @@ class KVCache(Step):
             if self.compile:
                 from optimize.decode import StaticDecoder
 
-                if not getattr(state.model, "_can_compile_fullgraph", False):
-                    raise NotApplicable(f"static-kv compile: {type(state.model).__name__} does not declare its forward "
-                                        "compilable as one graph (transformers' _can_compile_fullgraph is false)")
-
-                # generate() is not called for this variant: the decoder holds the compile settings
+                # generate() is not called for this variant: the decoder holds the compile settings (and
+                # checks, at its first call, that the model declares a forward compilable as one graph)
                 state.decoder = StaticDecoder(decode_step_compile_config(self.compile_mode))
                 state.labels.append(f"decode step compiled (torch.compile mode={self.compile_mode}, fullgraph); "
                                     "prefill eager; greedy decode loop of its own (no per-token sync); "

@@ -186,16 +186,14 @@ def test_on_cuda_the_graphed_loop_never_waits_for_the_device_and_keeps_eager_tok
 
 def test_a_model_that_does_not_declare_a_whole_graph_forward_is_not_compiled(tiny_ref, cache_dir, monkeypatch):
     """transformers' own flag says which models torch.compile can take as one graph with a static cache."""
-    from types import SimpleNamespace
-
     from optimize.errors import NotApplicable
 
-    state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
+    state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
     assert state.model._can_compile_fullgraph  # Llama declares it
     monkeypatch.setattr(type(state.model), "_can_compile_fullgraph", False)  # a model written without one in mind
-    fake = SimpleNamespace(model=state.model, generate_kwargs={}, labels=[], decoder=None)
+    prompts, _ = prompt_ids(tiny_ref, state.model.config.vocab_size, 2, 12)
     with pytest.raises(NotApplicable, match="LlamaForCausalLM does not declare its forward compilable as one"):
-        KVCache(mode="static", compile=True).apply(fake)
-    assert fake.decoder is None
-    KVCache(mode="static").apply(fake)  # the eager static cache (generate()'s) needs no such promise
-    assert fake.generate_kwargs["cache_implementation"] == "static"
+        greedy_generate(state, prompts, NEW)  # the cell records it skipped, with this reason
+    eager = greedy_generate(load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))[0], prompts,
+                            NEW)
+    assert torch.equal(StaticDecoder().generate(state.model, prompts, NEW), eager)  # an eager step makes no promise
