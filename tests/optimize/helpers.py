@@ -11,6 +11,19 @@ def load_step(ref, cache_dir, step, device="cpu"):
     return state
 
 
+def synthetic_fp32(name: str, cache_dir, batch: int = 2, tokens: int = 12):
+    """(ref, store, fp32 state, prompts (batch, tokens)) of the synthetic model ``name``."""
+    from bench.prompts import prompt_ids
+    from optimize.models import resolve_model
+    from optimize.store import VariantStore, load_variant
+
+    ref = resolve_model(f"synthetic:{name}", cache_dir)
+    store = VariantStore(cache_dir)
+    state, _ = load_variant(ref, Recipe(name="fp32"), "cpu", store)
+    prompts, _ = prompt_ids(ref, state.model.config.vocab_size, batch, tokens)
+    return ref, store, state, prompts
+
+
 def logits_of(state, ids):
     import torch
 

@@ -23,10 +23,10 @@ from bench.scenarios.generate import greedy_generate  # noqa: E402
 from optimize import introspect  # noqa: E402
 from optimize.errors import NotApplicable  # noqa: E402
 from optimize.kvcache import KVCache  # noqa: E402
-from optimize.models import resolve_model  # noqa: E402
 from optimize.recipe import Recipe  # noqa: E402
 from optimize.registry import variants  # noqa: E402
-from optimize.store import VariantStore, load_variant  # noqa: E402
+from optimize.store import load_variant  # noqa: E402
+from tests.optimize.helpers import synthetic_fp32  # noqa: E402
 
 ARCHITECTURES = ("llama-tiny", "llama-tied-tiny", "gpt2-tiny", "opt-tiny", "gpt-neox-tiny", "qwen2-tiny",
                  "mistral-tiny", "phi-tiny")
@@ -72,11 +72,8 @@ def _run(ref, name, store, prompts):
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHITECTURES)
 def test_every_cpu_variant_is_ok_or_skipped_with_its_reason(arch, cache_dir):
-    ref = resolve_model(f"synthetic:{arch}", cache_dir)
-    store = VariantStore(cache_dir)
-    reference, _ = load_variant(ref, Recipe(name="fp32"), "cpu", store)
-    prompts, source = prompt_ids(ref, reference.model.config.vocab_size, 2, 12)
-    assert source == "eval-text"
+    ref, store, reference, prompts = synthetic_fp32(arch, cache_dir)
+    assert prompt_ids(ref, reference.model.config.vocab_size, 2, 12)[1] == "eval-text"
     expected_tokens = greedy_generate(reference, prompts, NEW_TOKENS).cpu()
     linear_like = len(introspect.linear_layers(reference.model))
     outcomes = {}

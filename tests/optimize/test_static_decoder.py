@@ -9,10 +9,10 @@ from bench.generation import decode_loop, greedy_generate
 from bench.prompts import prompt_ids
 from optimize.decode import StaticDecoder
 from optimize.kvcache import KVCache
-from optimize.models import resolve_model
 from optimize.recipe import Recipe
 from optimize.registry import builtin_variant
 from optimize.store import VariantStore, load_variant
+from tests.optimize.helpers import synthetic_fp32
 
 NEW = 6
 FAMILIES = ("llama-tiny", "llama-tied-tiny", "gpt2-tiny", "opt-tiny", "gpt-neox-tiny", "qwen2-tiny", "mistral-tiny",
@@ -37,10 +37,8 @@ class Scores:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_loop_reproduces_generate_with_a_static_cache_on_every_family(family, cache_dir):
     """Tokens, and the float32 scores the processors see at every step, equal generate()'s with a static cache."""
-    ref = resolve_model(f"synthetic:{family}", cache_dir)
-    store = VariantStore(cache_dir)
+    ref, store, _, prompts = synthetic_fp32(family, cache_dir)
     static, _ = load_variant(ref, Recipe(name="static", steps=(KVCache(mode="static"),)), "cpu", store)
-    prompts, _ = prompt_ids(ref, static.model.config.vocab_size, 2, 12)
     want, seen = Scores(), Scores()
     expected = greedy_generate(static, prompts, NEW, [want])  # transformers' own loop (eager static cache)
     decoder = StaticDecoder()  # no compile: the loop alone
@@ -58,10 +56,7 @@ def test_the_loop_reproduces_generate_with_a_static_cache_on_every_family(family
 @pytest.mark.parametrize("family", FAMILIES)
 def test_the_compiled_static_kv_variant_keeps_eager_tokens_on_every_family(family, cache_dir):
     """The built-in ``static-kv`` (one graph for the decode step, no break allowed) on each architecture."""
-    ref = resolve_model(f"synthetic:{family}", cache_dir)
-    store = VariantStore(cache_dir)
-    eager, _ = load_variant(ref, Recipe(name="fp32"), "cpu", store)
-    prompts, _ = prompt_ids(ref, eager.model.config.vocab_size, 2, 12)
+    ref, store, eager, prompts = synthetic_fp32(family, cache_dir)
     torch._dynamo.reset()
     compiled, _ = load_variant(ref, builtin_variant("static-kv"), "cpu", store)
     assert torch.equal(greedy_generate(compiled, prompts, NEW), greedy_generate(eager, prompts, NEW)), family
