@@ -2,9 +2,9 @@
 
 Usage: ``python ci/decode_profile.py MATRIX MODEL VARIANT [VARIANT ...] [--device cuda] [--new-tokens N]``.
 Variants are the matrix's recipes or built-in names. For each: the variant is loaded as a
-cell loads it, three calls warm it up (a compiled step compiles and captures there), then
-the decode cost per token is the difference of two timed calls, ``new_tokens + 2`` and ``2``
-tokens, each the fastest of three (on CUDA, synchronised), divided by ``new_tokens``; then
+cell loads it, three calls warm it up (a compiled step compiles and captures there; the first
+call's time is printed at once, for a variant too slow to finish), then the decode cost per
+token is the difference of two timed calls, ``new_tokens + 2`` and ``2`` tokens, each the fastest of three (on CUDA, synchronised), divided by ``new_tokens``; then
 one call is profiled and its operators printed, by self CPU time (host work per token) and,
 on CUDA, by device time. ``ci/gpu-check`` runs it when ``GPU_CHECK_PROFILE=1``.
 """
@@ -46,7 +46,9 @@ def profile(state, prompts, new_tokens: int) -> str:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    for _ in range(3):
+    first = _fastest_call_ms(state, prompts, new_tokens + 2, calls=1)  # printed now: a slow variant may not finish
+    print(f"first call of {new_tokens + 2} tokens (cold): {first:.1f} ms", flush=True)
+    for _ in range(2):
         greedy_generate(state, prompts, new_tokens + 2)
     short, long = _fastest_call_ms(state, prompts, 2), _fastest_call_ms(state, prompts, new_tokens + 2)
     per_token = (long - short) / new_tokens
