@@ -4,9 +4,10 @@ Usage: ``python ci/decode_profile.py MATRIX MODEL VARIANT [VARIANT ...] [--devic
 Variants are the matrix's recipes or built-in names. For each: the variant is loaded as a
 cell loads it, three calls warm it up (a compiled step compiles and captures there; the first
 call's time is printed at once, for a variant too slow to finish), then the decode cost per
-token is the difference of two timed calls, ``new_tokens + 2`` and ``2`` tokens, each the fastest of three (on CUDA, synchronised), divided by ``new_tokens``; then
-one call is profiled and its operators printed, by self CPU time (host work per token) and,
-on CUDA, by device time. ``ci/gpu-check`` runs it when ``GPU_CHECK_PROFILE=1``.
+token is the difference of two timed calls, ``new_tokens + 2`` and ``2`` tokens, each the
+fastest of three (on CUDA, synchronised), divided by ``new_tokens``; then one call is profiled
+and its operators printed, by self CPU time (host work per token) and, on CUDA, by device time.
+``ci/gpu-check`` runs it when ``GPU_CHECK_PROFILE=1``.
 """
 
 from __future__ import annotations
