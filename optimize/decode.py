@@ -69,8 +69,11 @@ class StaticDecoder:
             tokens = torch.empty(batch, length, dtype=torch.long, device=device)
             tokens[:, :prompt] = input_ids
             slots = torch.arange(length, device=device)
-            out = model(input_ids=input_ids, attention_mask=(slots < prompt).long().expand(batch, -1),
-                        cache_position=slots[:prompt], past_key_values=cache, use_cache=True,
+            # No attention mask: causality alone hides the empty slots beyond the prompt from every prompt
+            # token (the same mask as generate()'s padded one, for unpadded prompts), and transformers then
+            # builds no padding mask (2 of the 3 ms the static cache's prefill took over a dynamic cache's,
+            # 12 ms, on a 2-core CPU).
+            out = model(input_ids=input_ids, cache_position=slots[:prompt], past_key_values=cache, use_cache=True,
                         **_prefill_extras(model, slots[:prompt], batch))
             first = _never_end(out.logits[:, -1, :].float(), end)
             del out

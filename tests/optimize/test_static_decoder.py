@@ -92,7 +92,7 @@ def test_a_static_compiled_variant_decodes_with_the_loop_and_generate_does_not(t
 
 @pytest.mark.slow
 def test_decode_steps_read_nothing_back_from_the_device(tiny_ref, cache_dir, monkeypatch):
-    """After the first token no step reads a tensor on the host (generate() does twice a token).
+    """No step reads a tensor on the host, nor does the prompt's pass (generate() does twice a token).
 
     On CUDA such a read waits for the device, so the host could not queue the next step while
     the GPU runs this one. Every Python-level way of reading a tensor is counted while the
@@ -123,9 +123,37 @@ def test_decode_steps_read_nothing_back_from_the_device(tiny_ref, cache_dir, mon
 
     assert torch.equal(generate(state), expected)
     assert len(at_step) == NEW and at_step[-1] == at_step[0], (at_step, reads)  # none between first and last
+    assert at_step[0] == 0, reads  # nor before the first: the prompt's pass queues its work as well
     state.decoder = None  # the same variant through generate(): the count would see its reads
     generate(state)
     assert at_step[-1] - at_step[0] >= NEW - 1, (at_step, reads)
+
+
+def test_the_prompts_pass_builds_a_causal_mask_alone(tiny_ref, cache_dir, monkeypatch):
+    """Causality hides the empty slots of the static cache from the prompt: no padding mask is built.
+
+    transformers builds a padding mask from a 2D attention mask (one vmapped function more per
+    element of a (B, 1, P, P + N) mask: 2 ms of the prefill's 12 on a 2-core CPU); the tokens stay
+    generate()'s (the family tests).
+    """
+    import transformers.masking_utils as masking
+
+    state, _ = load_variant(tiny_ref, builtin_variant("static-kv"), "cpu", VariantStore(cache_dir))
+    prompts, _ = prompt_ids(tiny_ref, state.model.config.vocab_size, 2, 12)
+    built: list[int] = []
+    made = masking.padding_mask_function
+
+    def counted(mask):
+        if not torch.compiler.is_compiling():  # the compiled step's mask is made inside its graph
+            built.append(mask.shape[-1])
+        return made(mask)
+
+    monkeypatch.setattr(masking, "padding_mask_function", counted)
+    greedy_generate(state, prompts, NEW)
+    assert built == []
+    state.decoder = None  # generate() with the same static cache: the count sees its padding masks
+    greedy_generate(state, prompts, NEW)
+    assert built, "the count missed generate()'s padding masks"
 
 
 def test_only_the_first_decode_step_of_a_call_checks_every_guard(tiny_ref, cache_dir):
