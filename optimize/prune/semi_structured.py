@@ -22,6 +22,7 @@ from optimize.registry import register
 GROUP = 4  # weights per group along the input dimension
 KEEP = 2  # non-zeros kept per group
 MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and later
+CUTLASS_MAJOR = 8  # torch's CUTLASS semi-structured kernels: compute capability 8.x alone; later GPUs need cuSPARSELt
 KERNEL_DTYPES = ("float16", "bfloat16")
 
 
@@ -92,9 +93,12 @@ def _no_kernels_reason(state) -> str | None:
     if state.device != "cuda" or not torch.cuda.is_available():
         return state.device
     capability = torch.cuda.get_device_capability()
+    cc = f"compute capability {capability[0]}.{capability[1]}"
     if capability < MIN_CAPABILITY:
-        name = torch.cuda.get_device_name()
-        return f"{name} (compute capability {capability[0]}.{capability[1]} < 8.0)"
+        return f"{torch.cuda.get_device_name()} ({cc} < 8.0)"
+    if _sparse_class()[1] == "cutlass" and capability[0] != CUTLASS_MAJOR:
+        # torch's CUTLASS kernels refuse any other at the first product (an H200 without cuSPARSELt)
+        return f"{torch.cuda.get_device_name()} ({cc}) without cuSPARSELt: torch's CUTLASS 2:4 kernels run on 8.x only"
     return None
 
 

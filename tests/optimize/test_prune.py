@@ -82,6 +82,33 @@ def test_sparse_kernels_on_cpu_label_masked_dense_honestly(tiny_ref, cache_dir, 
     assert generates(state, tiny_prompts)
 
 
+@pytest.mark.parametrize(("capability", "cusparselt", "force_cutlass", "reason"), [
+    ((9, 0), False, False, "NVIDIA H200 (compute capability 9.0) without cuSPARSELt: torch's CUTLASS 2:4 kernels "
+                           "run on 8.x only"),
+    ((9, 0), True, True, "NVIDIA H200 (compute capability 9.0) without cuSPARSELt: torch's CUTLASS 2:4 kernels "
+                         "run on 8.x only"),
+    ((7, 5), True, False, "NVIDIA H200 (compute capability 7.5 < 8.0)"),
+    ((9, 0), True, False, None),
+    ((8, 6), False, False, None),
+])
+def test_sparse_kernels_are_missing_where_torch_has_none_for_the_gpu(monkeypatch, capability, cusparselt,
+                                                                     force_cutlass, reason):
+    """On an H200, torch's CUTLASS kernels fail at the first product ("Supported only on GPUs with compute
+    capability 8.x"): without cuSPARSELt, or with CUTLASS forced, the step keeps masked dense weights."""
+    from types import SimpleNamespace
+
+    from torch.sparse import SparseSemiStructuredTensor
+
+    from optimize.prune import semi_structured
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: cusparselt)
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", force_cutlass)
+    assert semi_structured._no_kernels_reason(SimpleNamespace(device="cuda")) == reason
+
+
 def test_sparse_kernels_without_2of4_weights_is_a_recipe_error(tiny_ref, cache_dir):
     with pytest.raises(RecipeError, match="prune-2of4 before it"):
         build(tiny_ref, cache_dir, "kernels-alone", SparseKernels24())
