@@ -62,6 +62,26 @@ def test_the_compiled_static_kv_variant_keeps_eager_tokens_on_every_family(famil
     assert torch.equal(greedy_generate(compiled, prompts, NEW), greedy_generate(eager, prompts, NEW)), family
 
 
+@pytest.mark.slow
+def test_the_compiled_step_runs_torchao_weights_with_their_eager_tokens_and_drift(tiny_ref, cache_dir):
+    """Quantized weights under the compiled loop (torchao's tensor subclasses, traced as one graph).
+
+    A recipe of a torchao step then the static cache decodes with the loop and keeps the
+    eager quantized variant's tokens; it shares that variant's artifact.
+    """
+    from optimize.quantize.torchao import TorchAO
+
+    store = VariantStore(cache_dir)
+    prompts, _ = prompt_ids(tiny_ref, 256, 2, 12)
+    eager, eager_artifact = load_variant(tiny_ref, Recipe(name="ao", steps=(TorchAO(),)), "cpu", store)
+    torch._dynamo.reset()
+    recipe = Recipe(name="ao-static", steps=(TorchAO(), KVCache(mode="static", compile=True)))
+    compiled, artifact = load_variant(tiny_ref, recipe, "cpu", store)
+    assert decode_loop(compiled).startswith("the variant's own greedy loop"), decode_loop(compiled)
+    assert artifact.path == eager_artifact.path
+    assert torch.equal(greedy_generate(compiled, prompts, NEW), greedy_generate(eager, prompts, NEW))
+
+
 def test_the_cache_is_kept_for_the_same_shape_and_replaced_for_another(tiny_ref, cache_dir):
     state, _ = load_variant(tiny_ref, Recipe(name="fp32"), "cpu", VariantStore(cache_dir))
     prompts, _ = prompt_ids(tiny_ref, state.model.config.vocab_size, 2, 12)
