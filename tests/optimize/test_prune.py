@@ -109,6 +109,20 @@ def test_sparse_kernels_are_missing_where_torch_has_none_for_the_gpu(monkeypatch
     assert semi_structured._no_kernels_reason(SimpleNamespace(device="cuda")) == reason
 
 
+def test_sparse_kernels_on_an_h200_without_cusparselt_keep_masked_dense_weights(tiny_ref, cache_dir, monkeypatch):
+    """The step itself on such a GPU: the weights stay dense tensors and the variant says why."""
+    state, _ = build(tiny_ref, cache_dir, "p24-h200", SemiStructured24())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    monkeypatch.setattr(torch.backends.cusparselt, "is_available", lambda: False)
+    state.device = "cuda"  # chosen, as a cell on that GPU would; the kernel step decides before any product
+    report = SparseKernels24().apply(state)
+    assert report["sparse_kernels"] is False and "without cuSPARSELt" in report["reason"]
+    assert f"2:4 sparsity as masked dense weights: {report['reason']}" in state.labels
+    assert all(type(m.weight) is torch.nn.Parameter for _, m in prunable_linears(state.model))
+
+
 def test_sparse_kernels_without_2of4_weights_is_a_recipe_error(tiny_ref, cache_dir):
     with pytest.raises(RecipeError, match="prune-2of4 before it"):
         build(tiny_ref, cache_dir, "kernels-alone", SparseKernels24())
